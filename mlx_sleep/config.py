@@ -1,0 +1,180 @@
+"""Model and sleep settings.
+
+Both are plain dataclasses that round-trip through JSON (`to_dict` / `from_dict`) and validate
+themselves on construction, so a bad flag or a hand-edited config.json fails with one clear line
+instead of a shape error deep inside a layer.
+"""
+
+from dataclasses import asdict, dataclass, fields
+from typing import Optional, Tuple
+
+LAYER_TYPES = ("attn", "swa", "gdn", "jet")
+EVICTION_MODES = ("hard", "sliding")
+
+
+class ConfigError(ValueError):
+    """A setting is out of range or inconsistent; the message says which and what to do."""
+
+
+def _from_dict(cls, d: dict):
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"{cls.__name__}: unknown setting(s) {', '.join(unknown)}; "
+                          f"known: {', '.join(sorted(known))}")
+    return cls(**d)
+
+
+@dataclass
+class ModelConfig:
+    """The hybrid model: a stack of attention / Gated DeltaNet blocks, each followed by a SwiGLU MLP.
+
+    `layers` is a comma-separated pattern, one entry per block:
+      attn  causal attention (GQA, RoPE with global positions)
+      swa   attention restricted to the last `swa_window` positions
+      gdn   Gated DeltaNet with a short causal conv on q, k, v (Qwen3-Next / fla style)
+      jet   Gated DeltaNet whose values go through a dynamic causal conv (Jet-Nemotron)
+    `core` = (start, stop) is the looped range of blocks: blocks before it (the prelude) and after
+    it (the coda) run once per chunk, the core runs N times during sleep. None = whole stack.
+    """
+
+    vocab_size: int
+    hidden_size: int = 128
+    layers: str = "attn,gdn,attn,gdn"
+    intermediate_size: Optional[int] = None  # default: 4 * hidden_size * 2/3 rounded to 32 (SwiGLU)
+    num_heads: int = 4
+    num_kv_heads: Optional[int] = None  # default: num_heads (MHA)
+    head_dim: Optional[int] = None  # default: hidden_size // num_heads
+    attention_bias: bool = False
+    rope_theta: float = 10000.0
+    swa_window: Optional[int] = None
+    norm_eps: float = 1e-6
+    # Gated DeltaNet
+    gdn_k_heads: Optional[int] = None  # default: num_heads
+    gdn_v_heads: Optional[int] = None  # default: gdn_k_heads; a multiple of gdn_k_heads (GVA)
+    gdn_head_k_dim: Optional[int] = None  # default: head_dim
+    gdn_head_v_dim: Optional[int] = None  # default: gdn_head_k_dim
+    gdn_norm_eps: Optional[float] = None  # eps of the gated output RMSNorm; default: norm_eps
+    conv_size: int = 4
+    jet_generator_reduction: int = 8  # Jet dynamic-conv kernel generator width = hidden / this
+    mlp: bool = True
+    tie_embeddings: bool = True
+    core: Optional[Tuple[int, int]] = None
+
+    def __post_init__(self):
+        if isinstance(self.core, list):
+            self.core = tuple(self.core)
+        self.validate()
+
+    # -- derived sizes ---------------------------------------------------------------------
+    @property
+    def layer_types(self) -> list:
+        return [t.strip() for t in self.layers.split(",") if t.strip()]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_types)
+
+    @property
+    def core_range(self) -> Tuple[int, int]:
+        return tuple(self.core) if self.core is not None else (0, self.num_layers)
+
+    def resolved(self, name):
+        """The value of an optional size with its documented default applied."""
+        v = getattr(self, name)
+        if v is not None:
+            return v
+        defaults = {
+            "intermediate_size": lambda: 32 * max(1, round(self.hidden_size * 8 / 3 / 32)),
+            "num_kv_heads": lambda: self.num_heads,
+            "head_dim": lambda: self.hidden_size // self.num_heads,
+            "gdn_k_heads": lambda: self.num_heads,
+            "gdn_v_heads": lambda: self.resolved("gdn_k_heads"),
+            "gdn_head_k_dim": lambda: self.resolved("head_dim"),
+            "gdn_head_v_dim": lambda: self.resolved("gdn_head_k_dim"),
+            "gdn_norm_eps": lambda: self.norm_eps,
+        }
+        return defaults[name]()
+
+    def validate(self):
+        def need(ok, msg):
+            if not ok:
+                raise ConfigError(msg)
+
+        need(self.vocab_size >= 2, f"vocab_size must be >= 2 (got {self.vocab_size})")
+        need(self.hidden_size >= 1, f"hidden_size must be >= 1 (got {self.hidden_size})")
+        types = self.layer_types
+        need(len(types) >= 1, "layers must name at least one block, e.g. 'attn,gdn,attn,gdn'")
+        bad = [t for t in types if t not in LAYER_TYPES]
+        need(not bad, f"unknown layer type(s) {bad} in layers={self.layers!r}; "
+                      f"use {', '.join(LAYER_TYPES)}")
+        need(self.num_heads >= 1, f"num_heads must be >= 1 (got {self.num_heads})")
+        kv = self.resolved("num_kv_heads")
+        need(kv >= 1 and self.num_heads % kv == 0,
+             f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({kv})")
+        need(self.resolved("head_dim") >= 1,
+             f"head_dim is 0: hidden_size ({self.hidden_size}) < num_heads ({self.num_heads})")
+        hk, hv = self.resolved("gdn_k_heads"), self.resolved("gdn_v_heads")
+        need(hk >= 1 and hv % hk == 0,
+             f"gdn_v_heads ({hv}) must be a multiple of gdn_k_heads ({hk})")
+        need(self.conv_size >= 1, f"conv_size must be >= 1 (got {self.conv_size})")
+        if "swa" in types:
+            need(self.swa_window is not None and self.swa_window >= 1,
+                 "layers contain 'swa' but swa_window is not set (>= 1)")
+        if "jet" in types:
+            need(self.hidden_size // self.jet_generator_reduction >= 1,
+                 "jet_generator_reduction is larger than hidden_size")
+        start, stop = self.core_range
+        need(0 <= start < stop <= len(types),
+             f"core must be START:STOP with 0 <= START < STOP <= {len(types)} (got {start}:{stop})")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if d["core"] is not None:
+            d["core"] = list(d["core"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        return _from_dict(cls, d)
+
+
+@dataclass
+class SleepConfig:
+    """How the model sleeps: N passes over each window of L tokens before it is evicted.
+
+    loops     N, total passes over a context window (N = 1 is the plain hybrid)
+    window    L, the most tokens a window holds before it must be consolidated and evicted
+    eviction  "hard": clear all KV at a window boundary (only fast weights carry on);
+              "sliding": keep the last L-1 tokens' KV (from the final pass), so every query sees
+              itself plus at most L-1 earlier tokens, as in sliding-window attention
+    """
+
+    loops: int = 1
+    window: int = 64
+    eviction: str = "hard"
+
+    def __post_init__(self):
+        if not isinstance(self.loops, int) or self.loops < 1:
+            raise ConfigError(f"loops (N) must be an integer >= 1 (got {self.loops})")
+        if not isinstance(self.window, int) or self.window < 1:
+            raise ConfigError(f"window (L) must be an integer >= 1 (got {self.window})")
+        if self.eviction not in EVICTION_MODES:
+            raise ConfigError(f"eviction must be one of {', '.join(EVICTION_MODES)} "
+                              f"(got {self.eviction!r})")
+
+    @property
+    def attention_window(self) -> Optional[int]:
+        """The most keys a query may see (itself included), or None for unbounded."""
+        return self.window if self.eviction == "sliding" else None
+
+    @property
+    def keep_after_eviction(self) -> int:
+        return self.window - 1 if self.eviction == "sliding" else 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SleepConfig":
+        return _from_dict(cls, d)

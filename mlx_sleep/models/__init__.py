@@ -1,0 +1,3 @@
+from .hybrid import Block, HybridLM
+
+__all__ = ["Block", "HybridLM"]

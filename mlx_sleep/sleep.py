@@ -1,0 +1,262 @@
+"""The sleep engine: Algorithm 1 of "Language Models Need Sleep", in one place.
+
+Everything that sleeps goes through `run_chunk` (prelude once, core N times, coda once) and
+`evict`: the training loss (`sleep_loss`), evaluation (`sleep_forward`) and incremental inference
+(`SleepEngine`). That is what makes inference equal training: a consolidated window's state is
+computed by the same function, from the same chunk-start state, as in training.
+
+Algorithm 1, for a sequence split into chunks of length <= L:
+
+    S <- 0
+    for each chunk c:
+        h <- Embed(c)
+        if c holds no scored targets:   repeat N times: h, S <- Blocks(h, S)     (sleep)
+        else:                           h, S <- Blocks(h, S); loss += CE(Head(h))  (one pass)
+        evict the chunk's KV (hard: all of it; sliding: all but the last L-1 tokens)
+
+Within the N passes over a chunk, pass n+1 takes pass n's output features; the fast weights S
+(every state entry a layer lists in `carried`) carry over from pass to pass, while the attention
+KV and the short-conv state restart from their chunk-start values (same tokens, same positions).
+"""
+
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .config import SleepConfig
+
+State = List[dict]  # one dict of arrays per layer
+
+
+def chunk_bounds(length: int, window: int, rng: Optional[np.random.Generator] = None,
+                 min_len: int = 1) -> List[Tuple[int, int]]:
+    """Split [0, length) into chunks of at most `window` tokens.
+
+    Without `rng` the chunks are the fixed grid 0, L, 2L, ... With `rng` each chunk length is drawn
+    uniformly from [min_len, L], so a model trained that way also works when inference sleeps
+    before a window is full (an idle sleep)."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1 (got {window})")
+    bounds, start = [], 0
+    while start < length:
+        size = window if rng is None else int(rng.integers(min(min_len, window), window + 1))
+        bounds.append((start, min(start + size, length)))
+        start += size
+    return bounds
+
+
+def restart(mixer, chunk_start: dict, current: dict) -> dict:
+    """The state a layer starts a sleep pass with: chunk-start state, fast weights carried."""
+    return {**chunk_start, **{name: current[name] for name in mixer.carried}}
+
+
+def run_chunk(model, ids, state: State, offset: int, passes: int,
+              window: Optional[int] = None,
+              after_pass: Optional[Callable[[int, State], None]] = None):
+    """Run one chunk: prelude blocks once, core blocks `passes` times, coda blocks once.
+
+    ids [B, T] at global positions offset..offset+T-1; `window` bounds attention (sliding
+    eviction). `after_pass(n, state)` is called after core pass n (used to evaluate and cancel
+    between passes). Returns (features h [B, T, D], new state)."""
+    layers = model.layers
+    start, stop = model.core
+    state = list(state)
+    h = model.embed(ids)
+    for i in range(start):
+        h, state[i] = layers[i](h, state[i], offset, window)
+    chunk_start = state[start:stop]
+    for n in range(passes):
+        for i in range(start, stop):
+            s = state[i] if n == 0 else restart(layers[i].mixer, chunk_start[i - start], state[i])
+            h, state[i] = layers[i](h, s, offset, window)
+        if after_pass is not None:
+            after_pass(n, state)
+    for i in range(stop, len(layers)):
+        h, state[i] = layers[i](h, state[i], offset, window)
+    return h, state
+
+
+def evict(model, state: State, keep: int) -> State:
+    """Clear the KV of everything but the last `keep` tokens; fast weights stay."""
+    return [layer.mixer.evict(s, keep) for layer, s in zip(model.layers, state)]
+
+
+def _checkpointed_chunk(model, ids, state, offset, passes, window):
+    """run_chunk under mx.checkpoint: activations inside the chunk are recomputed on backward.
+    Parameters go in as arguments so gradients reach them; token ids stay a closure constant."""
+    def chunk(params, state):
+        model.update(params)
+        return run_chunk(model, ids, state, offset, passes, window)
+
+    return mx.checkpoint(chunk)(model.trainable_parameters(), state)
+
+
+def sleep_forward(model, inputs, mask, sleep: SleepConfig, *, state: Optional[State] = None,
+                  offset: int = 0, checkpoint: bool = False,
+                  bounds: Optional[Sequence[Tuple[int, int]]] = None):
+    """Algorithm 1's forward over a batch of sequences.
+
+    inputs [B, T] tokens; mask [B, T] (numpy or mx), nonzero where a target is scored: a chunk
+    with any scored position (in any row) is an answer chunk and gets one pass, every other chunk
+    is slept on with `sleep.loops` passes. Returns (answers, state): answers is a list of
+    (start, stop, logits [B, stop-start, V]) for the answer chunks, state the final state."""
+    B, T = inputs.shape
+    mask = np.asarray(mask)
+    if mask.shape != (B, T):
+        raise ValueError(f"mask shape {mask.shape} does not match inputs {(B, T)}")
+    state = model.initial_state(B) if state is None else state
+    bounds = chunk_bounds(T, sleep.window) if bounds is None else bounds
+    window, keep = sleep.attention_window, sleep.keep_after_eviction
+    answers = []
+    for a, b in bounds:
+        is_answer = bool(mask[:, a:b].any())
+        passes = 1 if is_answer else sleep.loops
+        if checkpoint:
+            h, state = _checkpointed_chunk(model, inputs[:, a:b], state, offset + a, passes, window)
+        else:
+            h, state = run_chunk(model, inputs[:, a:b], state, offset + a, passes, window)
+        if is_answer:
+            answers.append((a, b, model.head(h)))
+        state = evict(model, state, keep)
+    return answers, state
+
+
+def sleep_loss(model, inputs, targets, mask, sleep: SleepConfig, *, checkpoint: bool = False,
+               bounds=None):
+    """Masked cross-entropy of Algorithm 1, averaged over scored positions.
+
+    targets[:, p] is what position p must predict (not shifted). Returns (loss, n_scored)."""
+    answers, _ = sleep_forward(model, inputs, mask, sleep, checkpoint=checkpoint, bounds=bounds)
+    mask = mx.array(np.asarray(mask, dtype=np.float32))
+    total = mx.array(0.0)
+    for a, b, logits in answers:
+        ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets[:, a:b], reduction="none")
+        total = total + (ce * mask[:, a:b]).sum()
+    n_scored = mask.sum()
+    return total / mx.maximum(n_scored, 1.0), n_scored
+
+
+class SleepCancelled(Exception):
+    pass
+
+
+class SleepEngine:
+    """Incremental inference with sleep, on the same code as training.
+
+    Tokens fed while a window is live get one ordinary ("wake") pass each, which is what
+    generation needs. `consolidate()` sleeps on the live window: it recomputes the N passes from
+    the state saved at the window's start (exactly Algorithm 1 for that chunk), evicts, and starts
+    a new window. `feed` consolidates on its own when the window is full (a forced sleep); the
+    caller may consolidate earlier (an idle sleep). A cancelled consolidation changes nothing.
+
+        engine = SleepEngine(model, SleepConfig(loops=4, window=256))
+        logits = engine.feed(prompt_ids)      # [B, T, V]
+        engine.consolidate()                  # e.g. while the user is idle
+    """
+
+    def __init__(self, model, sleep: SleepConfig, batch_size: int = 1):
+        self.model, self.sleep, self.batch_size = model, sleep, batch_size
+        self.reset()
+
+    def reset(self):
+        """Forget everything: fast weights, KV and the live window."""
+        self.state = self.model.initial_state(self.batch_size)
+        self.window_start_state = self.state
+        self.window_start = 0  # global position of the live window's first token
+        self.window_ids: List[mx.array] = []
+        self.offset = 0  # global position of the next token
+        self.sleeps = 0  # completed consolidations
+
+    @property
+    def window_len(self) -> int:
+        return self.offset - self.window_start
+
+    def feed(self, ids) -> mx.array:
+        """Run tokens [B, T] (or [T]) through one wake pass; returns logits [B, T, V]. Sleeps
+        first whenever the window is full (L tokens) and more tokens arrive."""
+        ids = mx.array(ids) if not isinstance(ids, mx.array) else ids
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.shape[0] != self.batch_size:
+            raise ValueError(f"ids has batch size {ids.shape[0]}, engine was made for "
+                             f"{self.batch_size}")
+        L, logits, pos = self.sleep.window, [], 0
+        while pos < ids.shape[1]:
+            if self.window_len == L:
+                self.consolidate()
+            piece = ids[:, pos:pos + L - self.window_len]
+            h, self.state = run_chunk(self.model, piece, self.state, self.offset, 1,
+                                      self.sleep.attention_window)
+            logits.append(self.model.head(h))
+            self.window_ids.append(piece)
+            self.offset += piece.shape[1]
+            pos += piece.shape[1]
+        return mx.concatenate(logits, axis=1) if len(logits) > 1 else logits[0]
+
+    def consolidate(self, cancel: Optional[Callable[[], bool]] = None,
+                    on_pass: Optional[Callable[[int, int], None]] = None) -> bool:
+        """Sleep on the live window: N passes from its start state, then evict.
+
+        `cancel()` is polled between passes; if it returns True the engine is left exactly as it
+        was and False is returned. `on_pass(n, N)` reports progress. Returns True when done."""
+        if self.window_len == 0:
+            return True
+        loops = self.sleep.loops
+
+        def after_pass(n, state):
+            mx.eval(state)
+            if on_pass is not None:
+                on_pass(n + 1, loops)
+            if cancel is not None and n + 1 < loops and cancel():
+                raise SleepCancelled
+
+        if loops == 1:
+            state = self.state  # the wake pass was the one pass
+        else:
+            ids = mx.concatenate(self.window_ids, axis=1)
+            try:
+                _, state = run_chunk(self.model, ids, self.window_start_state, self.window_start,
+                                     loops, self.sleep.attention_window, after_pass)
+            except SleepCancelled:
+                return False
+        state = evict(self.model, state, self.sleep.keep_after_eviction)
+        mx.eval(state)
+        self.state = self.window_start_state = state
+        self.window_start, self.window_ids = self.offset, []
+        self.sleeps += 1
+        return True
+
+    # -- persistence (sessions build on these) ---------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything needed to resume: flat {name: array} plus integer metadata."""
+        arrays = dict(tree_flatten({"state": self.state, "window_start_state": self.window_start_state}))
+        if self.window_ids:
+            arrays["window_ids"] = mx.concatenate(self.window_ids, axis=1)
+        meta = {"offset": self.offset, "window_start": self.window_start, "sleeps": self.sleeps,
+                "batch_size": self.batch_size, "sleep": self.sleep.to_dict()}
+        return {"arrays": arrays, "meta": meta}
+
+    def load_state_dict(self, d: dict):
+        meta, arrays = d["meta"], dict(d["arrays"])
+        if meta["batch_size"] != self.batch_size:
+            raise ValueError(f"saved state has batch size {meta['batch_size']}, engine has "
+                             f"{self.batch_size}")
+        window_ids = arrays.pop("window_ids", None)
+        tree = tree_unflatten(list(arrays.items()))
+        fresh = self.model.initial_state(self.batch_size)
+        # Layers whose state is empty (attention right after eviction) are absent from the flat dict.
+        self.state = _fill(fresh, tree.get("state", []))
+        self.window_start_state = _fill(fresh, tree.get("window_start_state", []))
+        self.offset, self.window_start = meta["offset"], meta["window_start"]
+        self.sleeps = meta.get("sleeps", 0)
+        self.window_ids = [window_ids] if window_ids is not None else []
+
+
+def _fill(fresh: State, loaded) -> State:
+    if isinstance(loaded, dict):  # tree_unflatten makes a dict when indices are sparse
+        loaded = [loaded.get(str(i), loaded.get(i, {})) for i in range(len(fresh))]
+    loaded = list(loaded) + [{}] * (len(fresh) - len(loaded))
+    return [l if l else f for f, l in zip(fresh, loaded)]

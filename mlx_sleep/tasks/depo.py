@@ -1,0 +1,166 @@
+"""Depo (from Physics of Language Models Part 4.1, as "Language Models Need Sleep" uses it):
+a directed cycle given as shuffled edges, evicted before queries "k-th successor of v".
+
+Token layout (defaults: max_nodes=75, context_len=300, n_queries=10, so T = 320):
+
+    PAD .. PAD  a b ;  a b ;  ...  a b ;   v +k  v +k  ...  v +k
+    '---- context_len tokens, left-padded ---'  '- 2*n_queries -'
+
+  * token ids: 0 PAD "<pad>", 1 ";" (end of edge), 2 .. 1+max_hops the hop tokens
+    "+1" .. "+{max_hops}", then n_names node names "n0", "n1", ...
+    (vocab = 2 + max_hops + n_names = 146 by default).
+  * a cycle of n nodes (n uniform in [min_nodes, max_nodes] per sequence) has n edges
+    "a b ;" meaning b is the successor of a; their order is a random permutation. Each
+    sequence draws n distinct random names from the n_names pool, so no graph can be
+    memorised and the edges must be read from the context.
+  * the edge list (3n tokens) is left-padded with PAD to context_len, so the queries always
+    start at the same position and context_len is a multiple of the window: every context
+    chunk is all-context (it sleeps) and is evicted (hard) before the queries arrive.
+  * each query is two tokens [v, +k]; the model is scored at the "+k" position against the
+    k-th successor of v (k can exceed n: the walk goes round the cycle). difficulty = k.
+    Query nodes are distinct within a sequence when n >= n_queries. The whole query part
+    (2*n_queries tokens) is one chunk holding answers, so it must fit in one window; the
+    default n_queries is therefore min(10, window // 2) (10 at the paper's L = 75).
+  * T = context_len + 2*n_queries = 320 with the defaults. The paper's T = 360 presumably
+    counts longer query/answer encodings; ours keeps the paper's <= 300 left-padded edge
+    tokens, 10 queries and L = 75 (4 context chunks, then the answer chunk).
+
+Choices the paper leaves open: single-token node names (Physics of LM also has multi-token
+names), the ";" edge terminator, the name pool of 128, n uniform in [3, max_nodes].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .base import Batch, Task, check_choice, check_int
+
+PAD, SEP, HOP0 = 0, 1, 2  # HOP0 + (k - 1) is the token for "+k"
+EDGE_TOKENS = 3  # "a b ;"
+DEFAULT_EVAL_HOPS = (1, 2, 4, 8, 16)
+DEFAULT_QUERIES = 10  # the paper's; fewer when the window is too small to hold them
+
+
+@dataclass(frozen=True)
+class Depo(Task):
+    """Settings of the Depo task; see the module docstring for the layout."""
+
+    max_nodes: int = 75
+    min_nodes: int = 3  # n is uniform in [min_nodes, max_nodes] per sequence
+    n_names: int = 128  # node-name vocabulary, >= max_nodes
+    max_hops: int = 16  # training k is uniform in [1, max_hops]
+    n_queries: int | None = None  # None -> min(10, window // 2): the answer chunk fits a window
+    window: int = 75  # sleep window L
+    context_len: int = 300  # edges + left padding; a multiple of window
+    eviction: str = "hard"
+
+    name = "depo"
+
+    def __post_init__(self):
+        if self.n_queries is None:
+            object.__setattr__(self, "n_queries", min(DEFAULT_QUERIES, self.window // 2))
+        check_int("max_nodes", self.max_nodes, 2)
+        check_int("min_nodes", self.min_nodes, 2, self.max_nodes)
+        check_int("n_names", self.n_names, self.max_nodes)
+        check_int("max_hops", self.max_hops, 1)
+        check_int("n_queries", self.n_queries, 1)
+        check_int("window", self.window, 1)
+        check_int("context_len", self.context_len, 1)
+        check_choice("eviction", self.eviction, {"hard", "sliding"})
+        need = EDGE_TOKENS * self.max_nodes
+        if self.context_len < need:
+            raise ValueError(
+                f"context_len must be >= {EDGE_TOKENS}*max_nodes = {need} to hold the edge "
+                f"list ('a b ;' per edge); raise context_len or lower max_nodes "
+                f"(got context_len={self.context_len}, max_nodes={self.max_nodes})"
+            )
+        if self.context_len % self.window != 0:
+            raise ValueError(
+                f"context_len must be a multiple of window so every context chunk is evicted "
+                f"before the queries (got context_len={self.context_len}, window={self.window})"
+            )
+        if 2 * self.n_queries > self.window:
+            raise ValueError(
+                f"n_queries must be <= window // 2 = {self.window // 2} so the "
+                f"2*n_queries query tokens form one answer chunk (got {self.n_queries})"
+            )
+
+    @property
+    def seq_len(self) -> int:
+        return self.context_len + 2 * self.n_queries
+
+    @property
+    def vocab_size(self) -> int:
+        return HOP0 + self.max_hops + self.n_names
+
+    @property
+    def name_offset(self) -> int:
+        """Token id of node name 0."""
+        return HOP0 + self.max_hops
+
+    @property
+    def eval_difficulties(self) -> tuple[int, ...]:
+        return tuple(sorted({min(k, self.max_hops) for k in DEFAULT_EVAL_HOPS}))
+
+    def hop_token(self, k: int) -> int:
+        return HOP0 + k - 1
+
+    def token_names(self) -> list[str]:
+        return (
+            ["<pad>", ";"]
+            + [f"+{k}" for k in range(1, self.max_hops + 1)]
+            + [f"n{j}" for j in range(self.n_names)]
+        )
+
+    def sample(
+        self, rng: np.random.Generator, batch_size: int, difficulty: int | None = None
+    ) -> Batch:
+        if difficulty is not None:
+            check_int("difficulty (Depo hop count k)", difficulty, 1, self.max_hops)
+        B, C, Q = batch_size, self.context_len, self.n_queries
+        T = self.seq_len
+        inputs = np.full((B, T), PAD, dtype=np.int32)
+        targets = np.zeros((B, T), dtype=np.int32)
+        mask = np.zeros((B, T), dtype=np.float32)
+        diff = np.full((B, T), -1, dtype=np.int32)
+        hop_pos = C + 1 + 2 * np.arange(Q)  # position of each "+k" token
+
+        for b in range(B):
+            n = int(rng.integers(self.min_nodes, self.max_nodes + 1))
+            # names in cycle order: node names[i] -> names[(i + 1) % n]
+            names = self.name_offset + rng.choice(self.n_names, size=n, replace=False)
+            order = rng.permutation(n)
+            edges = np.stack(
+                [names[order], names[(order + 1) % n], np.full(n, SEP)], axis=1
+            )
+            inputs[b, C - EDGE_TOKENS * n : C] = edges.reshape(-1)
+
+            start = rng.choice(n, size=Q, replace=n < Q)
+            if difficulty is None:
+                k = rng.integers(1, self.max_hops + 1, size=Q)
+            else:
+                k = np.full(Q, difficulty)
+            inputs[b, hop_pos - 1] = names[start]
+            inputs[b, hop_pos] = HOP0 + k - 1
+            targets[b, hop_pos] = names[(start + k) % n]
+            mask[b, hop_pos] = 1.0
+            diff[b, hop_pos] = k
+        return Batch(inputs, targets, mask, diff)
+
+    def describe(self) -> str:
+        return (
+            f"Depo: a directed cycle of n nodes (n uniform in [{self.min_nodes}, "
+            f"{self.max_nodes}]; each sequence draws n distinct names from a pool of "
+            f"{self.n_names} single-token names) written as its n edges 'a b ;' (b follows a) "
+            f"in random order, left-padded with <pad> to {self.context_len} tokens, then "
+            f"{self.n_queries} queries 'v +k', each scored at the '+k' token against the k-th "
+            f"successor of v (k uniform in [1, {self.max_hops}] for training; k may exceed n, "
+            f"the walk wraps; query nodes distinct when n >= {self.n_queries}). T = "
+            f"{self.seq_len} (the paper says 360; our query encoding is 2 tokens per query), "
+            f"vocab = {self.vocab_size}. Window L = {self.window}: the context is "
+            f"{self.context_len // self.window} sleep chunks, all evicted ({self.eviction}) "
+            f"before the single answer chunk of {2 * self.n_queries} tokens. Evaluated at k in "
+            f"{self.eval_difficulties}."
+        )

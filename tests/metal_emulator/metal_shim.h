@@ -1,0 +1,929 @@
+// metal_shim.h -- a small, CPU-only stand-in for the parts of the Metal
+// Shading Language (and of MLX's Metal `utils.h`) that custom kernel bodies
+// written for `mx.fast.metal_kernel` use.
+//
+// It is compiled with g++ (C++20) together with the generated kernel and
+// the fiber driver in emulator.py.  The emulated execution model is:
+//
+//   * every threadgroup is run by one OS worker thread, each Metal thread of
+//     the group is a ucontext fiber with its own stack;
+//   * a fiber runs until it blocks on a synchronisation point
+//     (threadgroup_barrier, simdgroup_barrier or any simd_* / quad_*
+//     collective) and is resumed when every live thread of its scope has
+//     arrived;  the schedule is deterministic (lowest thread index first);
+//   * threadgroup memory is a per-group arena filled with 0xFF bytes (NaN for
+//     floats, -1 for ints) at the start of every group, so reading
+//     threadgroup memory that no thread wrote in an earlier barrier phase
+//     gives an obviously wrong value;
+//   * deadlocks (divergent barriers / simd collectives) and lanes of a
+//     simdgroup that call different collectives are reported as errors.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <bit>
+#include <cfloat>
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <type_traits>
+#include <vector>
+#include <sys/mman.h>
+#include <ucontext.h>
+
+namespace mtl_rt {
+struct GroupCtx;
+extern thread_local GroupCtx* tl_group;
+void* tg_slot(int slot, size_t bytes, size_t align);
+void tg_barrier();
+void sg_barrier();
+// Publish `bytes` of `src` for this lane and return a pointer to the 32 lane
+// slots of the current simd collective (`kind` identifies the collective for
+// divergence checks).
+const unsigned char* sg_exchange(int kind, const void* src, size_t bytes,
+                                 unsigned* lane, unsigned* active_mask);
+} // namespace mtl_rt
+
+namespace metal {
+
+typedef unsigned int uint;
+typedef unsigned short ushort;
+typedef unsigned char uchar;
+typedef unsigned long ulong;
+typedef _Float16 half;
+typedef _Float16 float16_t;
+
+// ---------------------------------------------------------------- bfloat16
+struct bfloat16_t;
+template <class T>
+struct is_fp_like
+    : std::bool_constant<std::is_same_v<std::remove_cv_t<T>, float> ||
+                         std::is_same_v<std::remove_cv_t<T>, double> ||
+                         std::is_same_v<std::remove_cv_t<T>, _Float16>> {};
+template <class T>
+inline constexpr bool is_fp_like_v = is_fp_like<T>::value;
+template <class T>
+inline constexpr bool is_int_like_v =
+    std::is_integral_v<T> && !std::is_same_v<T, bool>;
+
+struct bfloat16_t {
+  uint16_t bits_;
+  bfloat16_t() = default;
+  static inline uint16_t from_float(float f) {
+    uint32_t u = std::bit_cast<uint32_t>(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+      return uint16_t((u >> 16) | 0x40u); // quiet NaN
+    }
+    // round to nearest even (same as MLX)
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return uint16_t(u >> 16);
+  }
+  template <class T>
+    requires(std::is_arithmetic_v<T> || std::is_same_v<T, _Float16>)
+  constexpr bfloat16_t(T v) : bits_(from_float(static_cast<float>(v))) {}
+  operator float() const {
+    return std::bit_cast<float>(uint32_t(bits_) << 16);
+  }
+  static bfloat16_t from_bits(uint16_t b) {
+    bfloat16_t r;
+    r.bits_ = b;
+    return r;
+  }
+  bfloat16_t operator-() const { return from_bits(bits_ ^ 0x8000u); }
+  bfloat16_t operator+() const { return *this; }
+};
+
+#define MTL_BF16_BINOP(OP)                                                  \
+  inline bfloat16_t operator OP(bfloat16_t a, bfloat16_t b) {              \
+    return bfloat16_t(float(a) OP float(b));                               \
+  }                                                                        \
+  template <class U>                                                       \
+    requires is_fp_like_v<U>                                               \
+  inline float operator OP(bfloat16_t a, U b) {                            \
+    return float(a) OP float(b);                                           \
+  }                                                                        \
+  template <class U>                                                       \
+    requires is_fp_like_v<U>                                               \
+  inline float operator OP(U a, bfloat16_t b) {                            \
+    return float(a) OP float(b);                                           \
+  }                                                                        \
+  template <class U>                                                       \
+    requires is_int_like_v<U>                                              \
+  inline bfloat16_t operator OP(bfloat16_t a, U b) {                       \
+    return bfloat16_t(float(a) OP float(b));                               \
+  }                                                                        \
+  template <class U>                                                       \
+    requires is_int_like_v<U>                                              \
+  inline bfloat16_t operator OP(U a, bfloat16_t b) {                       \
+    return bfloat16_t(float(a) OP float(b));                               \
+  }                                                                        \
+  template <class U>                                                       \
+  inline bfloat16_t& operator OP##=(bfloat16_t & a, U b) {                 \
+    a = bfloat16_t(float(a) OP float(b));                                  \
+    return a;                                                              \
+  }                                                                        \
+  template <class U>                                                       \
+    requires(is_fp_like_v<U> || is_int_like_v<U>)                          \
+  inline U& operator OP##=(U & a, bfloat16_t b) {                          \
+    a = static_cast<U>(a OP float(b));                                     \
+    return a;                                                              \
+  }
+MTL_BF16_BINOP(+)
+MTL_BF16_BINOP(-)
+MTL_BF16_BINOP(*)
+MTL_BF16_BINOP(/)
+#undef MTL_BF16_BINOP
+
+#define MTL_BF16_CMP(OP)                                                    \
+  inline bool operator OP(bfloat16_t a, bfloat16_t b) {                    \
+    return float(a) OP float(b);                                           \
+  }                                                                        \
+  template <class U>                                                       \
+    requires(is_fp_like_v<U> || is_int_like_v<U>)                          \
+  inline bool operator OP(bfloat16_t a, U b) {                             \
+    return float(a) OP float(b);                                           \
+  }                                                                        \
+  template <class U>                                                       \
+    requires(is_fp_like_v<U> || is_int_like_v<U>)                          \
+  inline bool operator OP(U a, bfloat16_t b) {                             \
+    return float(a) OP float(b);                                           \
+  }
+MTL_BF16_CMP(==)
+MTL_BF16_CMP(!=)
+MTL_BF16_CMP(<)
+MTL_BF16_CMP(<=)
+MTL_BF16_CMP(>)
+MTL_BF16_CMP(>=)
+#undef MTL_BF16_CMP
+inline bfloat16_t& operator++(bfloat16_t& a) { return a += 1; }
+inline bfloat16_t& operator--(bfloat16_t& a) { return a -= 1; }
+
+typedef bfloat16_t bfloat;
+
+// ----------------------------------------------------------------- vectors
+template <class T, int N>
+struct vstore;
+template <class T>
+struct vstore<T, 2> {
+  union {
+    T v[2];
+    struct { T x, y; };
+    struct { T r, g; };
+  };
+};
+template <class T>
+struct vstore<T, 3> {
+  union {
+    T v[4]; // Metal's 3-vectors have the size and alignment of 4-vectors
+    struct { T x, y, z; };
+    struct { T r, g, b; };
+  };
+};
+template <class T>
+struct vstore<T, 4> {
+  union {
+    T v[4];
+    struct { T x, y, z, w; };
+    struct { T r, g, b, a; };
+  };
+};
+
+template <class T, int N>
+struct alignas(sizeof(T) * (N == 3 ? 4 : N)) vec : vstore<T, N> {
+  using value_type = T;
+  static constexpr int size = N;
+  vec() = default;
+  // scalar broadcast, e.g. float4(0) or `float4 x = 1.0f;`
+  template <class S>
+    requires(std::is_arithmetic_v<S> || is_fp_like_v<S> ||
+             std::is_same_v<S, bfloat16_t>)
+  vec(S s) {
+    for (int i = 0; i < N; ++i) this->v[i] = static_cast<T>(s);
+  }
+  // elementwise conversion, e.g. float4(half4)
+  template <class U>
+  explicit vec(const vec<U, N>& o) {
+    for (int i = 0; i < N; ++i) this->v[i] = static_cast<T>(o.v[i]);
+  }
+  // component-wise construction from scalars / smaller vectors
+  template <class A0, class A1, class... As>
+  vec(const A0& a0, const A1& a1, const As&... as) {
+    int i = 0;
+    put(i, a0);
+    put(i, a1);
+    (put(i, as), ...);
+  }
+  T& operator[](int i) { return this->v[i]; }
+  const T& operator[](int i) const { return this->v[i]; }
+  template <int... I>
+  vec<T, sizeof...(I)> swz() const {
+    vec<T, sizeof...(I)> r;
+    int k = 0;
+    ((r.v[k++] = this->v[I]), ...);
+    return r;
+  }
+
+ private:
+  template <class U, int M>
+  void put(int& i, const vec<U, M>& o) {
+    for (int j = 0; j < M; ++j) this->v[i++] = static_cast<T>(o.v[j]);
+  }
+  template <class S>
+  void put(int& i, const S& s) {
+    this->v[i++] = static_cast<T>(s);
+  }
+};
+
+template <class T>
+struct is_vec : std::false_type {};
+template <class T, int N>
+struct is_vec<vec<T, N>> : std::true_type {};
+template <class T>
+inline constexpr bool is_vec_v = is_vec<std::remove_cvref_t<T>>::value;
+template <class T>
+struct scalar_of { using type = T; };
+template <class T, int N>
+struct scalar_of<vec<T, N>> { using type = T; };
+
+#define MTL_VEC_BINOP(OP)                                                   \
+  template <class T, class U, int N>                                        \
+  inline auto operator OP(const vec<T, N>& a, const vec<U, N>& b) {        \
+    vec<decltype(a.v[0] OP b.v[0]), N> r;                                  \
+    for (int i = 0; i < N; ++i) r.v[i] = a.v[i] OP b.v[i];                 \
+    return r;                                                              \
+  }                                                                        \
+  template <class T, int N, class S>                                       \
+    requires(!is_vec_v<S>)                                                 \
+  inline vec<T, N> operator OP(const vec<T, N>& a, const S& s) {           \
+    vec<T, N> r;                                                           \
+    for (int i = 0; i < N; ++i) r.v[i] = static_cast<T>(a.v[i] OP s);      \
+    return r;                                                              \
+  }                                                                        \
+  template <class T, int N, class S>                                       \
+    requires(!is_vec_v<S>)                                                 \
+  inline vec<T, N> operator OP(const S& s, const vec<T, N>& a) {           \
+    vec<T, N> r;                                                           \
+    for (int i = 0; i < N; ++i) r.v[i] = static_cast<T>(s OP a.v[i]);      \
+    return r;                                                              \
+  }                                                                        \
+  template <class T, int N, class S>                                       \
+  inline vec<T, N>& operator OP##=(vec<T, N>& a, const S& s) {             \
+    a = a OP s;                                                            \
+    return a;                                                              \
+  }
+MTL_VEC_BINOP(+)
+MTL_VEC_BINOP(-)
+MTL_VEC_BINOP(*)
+MTL_VEC_BINOP(/)
+MTL_VEC_BINOP(%)
+MTL_VEC_BINOP(&)
+MTL_VEC_BINOP(|)
+MTL_VEC_BINOP(^)
+MTL_VEC_BINOP(<<)
+MTL_VEC_BINOP(>>)
+#undef MTL_VEC_BINOP
+
+#define MTL_VEC_CMP(OP)                                                     \
+  template <class T, class U, int N>                                        \
+  inline vec<bool, N> operator OP(const vec<T, N>& a, const vec<U, N>& b) { \
+    vec<bool, N> r;                                                        \
+    for (int i = 0; i < N; ++i) r.v[i] = a.v[i] OP b.v[i];                 \
+    return r;                                                              \
+  }                                                                        \
+  template <class T, int N, class S>                                       \
+    requires(!is_vec_v<S>)                                                 \
+  inline vec<bool, N> operator OP(const vec<T, N>& a, const S& s) {        \
+    vec<bool, N> r;                                                        \
+    for (int i = 0; i < N; ++i) r.v[i] = a.v[i] OP s;                      \
+    return r;                                                              \
+  }
+MTL_VEC_CMP(==)
+MTL_VEC_CMP(!=)
+MTL_VEC_CMP(<)
+MTL_VEC_CMP(<=)
+MTL_VEC_CMP(>)
+MTL_VEC_CMP(>=)
+#undef MTL_VEC_CMP
+template <class T, int N>
+inline vec<T, N> operator-(const vec<T, N>& a) {
+  vec<T, N> r;
+  for (int i = 0; i < N; ++i) r.v[i] = -a.v[i];
+  return r;
+}
+template <class T, int N>
+inline vec<T, N> operator!(const vec<T, N>& a) {
+  vec<T, N> r;
+  for (int i = 0; i < N; ++i) r.v[i] = !a.v[i];
+  return r;
+}
+
+#define MTL_VEC_TYPES(T, NAME) \
+  typedef vec<T, 2> NAME##2;   \
+  typedef vec<T, 3> NAME##3;   \
+  typedef vec<T, 4> NAME##4;
+MTL_VEC_TYPES(float, float)
+MTL_VEC_TYPES(_Float16, half)
+MTL_VEC_TYPES(bfloat16_t, bfloat)
+MTL_VEC_TYPES(int, int)
+MTL_VEC_TYPES(unsigned int, uint)
+MTL_VEC_TYPES(short, short)
+MTL_VEC_TYPES(unsigned short, ushort)
+MTL_VEC_TYPES(signed char, char)
+MTL_VEC_TYPES(unsigned char, uchar)
+MTL_VEC_TYPES(long, long)
+MTL_VEC_TYPES(unsigned long, ulong)
+MTL_VEC_TYPES(bool, bool)
+#undef MTL_VEC_TYPES
+
+// ------------------------------------------------------------- type utils
+template <class T>
+using compute_t =
+    std::conditional_t<std::is_same_v<T, bfloat16_t> ||
+                           std::is_same_v<T, _Float16>,
+                       float, T>;
+
+template <class To, class From>
+inline To as_type(const From& f) {
+  static_assert(sizeof(To) == sizeof(From), "as_type: size mismatch");
+  To t;
+  std::memcpy(&t, &f, sizeof(To));
+  return t;
+}
+
+template <class T>
+struct numeric_limits : std::numeric_limits<T> {};
+template <>
+struct numeric_limits<_Float16> {
+  static constexpr bool is_signed = true;
+  static _Float16 max() { return _Float16(65504.0f); }
+  static _Float16 min() { return _Float16(6.103515625e-05f); }
+  static _Float16 lowest() { return _Float16(-65504.0f); }
+  static _Float16 epsilon() { return _Float16(0.0009765625f); }
+  static _Float16 infinity() { return _Float16(INFINITY); }
+  static _Float16 quiet_NaN() { return _Float16(NAN); }
+};
+template <>
+struct numeric_limits<bfloat16_t> {
+  static constexpr bool is_signed = true;
+  static bfloat16_t max() { return bfloat16_t::from_bits(0x7f7f); }
+  static bfloat16_t min() { return bfloat16_t::from_bits(0x0080); }
+  static bfloat16_t lowest() { return bfloat16_t::from_bits(0xff7f); }
+  static bfloat16_t epsilon() { return bfloat16_t::from_bits(0x3c00); }
+  static bfloat16_t infinity() { return bfloat16_t::from_bits(0x7f80); }
+  static bfloat16_t quiet_NaN() { return bfloat16_t::from_bits(0x7fc0); }
+};
+
+// ------------------------------------------------------------------- math
+#define MTL_UNARY(NAME, EXPR)                                               \
+  template <class T>                                                        \
+    requires(!is_vec_v<T>)                                                  \
+  inline T NAME(T x_) {                                                     \
+    using C = compute_t<T>;                                                 \
+    C x = static_cast<C>(x_);                                               \
+    return static_cast<T>(EXPR);                                            \
+  }                                                                         \
+  template <class T, int N>                                                 \
+  inline vec<T, N> NAME(const vec<T, N>& a) {                               \
+    vec<T, N> r;                                                            \
+    for (int i = 0; i < N; ++i) r.v[i] = NAME(a.v[i]);                      \
+    return r;                                                               \
+  }
+MTL_UNARY(exp, std::exp(x))
+MTL_UNARY(exp2, std::exp2(x))
+MTL_UNARY(exp10, std::pow(C(10), x))
+MTL_UNARY(log, std::log(x))
+MTL_UNARY(log2, std::log2(x))
+MTL_UNARY(log10, std::log10(x))
+MTL_UNARY(log1p, std::log1p(x))
+MTL_UNARY(expm1, std::expm1(x))
+MTL_UNARY(sqrt, std::sqrt(x))
+MTL_UNARY(rsqrt, C(1) / std::sqrt(x))
+MTL_UNARY(cbrt, std::cbrt(x))
+MTL_UNARY(sin, std::sin(x))
+MTL_UNARY(cos, std::cos(x))
+MTL_UNARY(tan, std::tan(x))
+MTL_UNARY(asin, std::asin(x))
+MTL_UNARY(acos, std::acos(x))
+MTL_UNARY(atan, std::atan(x))
+MTL_UNARY(sinh, std::sinh(x))
+MTL_UNARY(cosh, std::cosh(x))
+MTL_UNARY(tanh, std::tanh(x))
+MTL_UNARY(asinh, std::asinh(x))
+MTL_UNARY(acosh, std::acosh(x))
+MTL_UNARY(atanh, std::atanh(x))
+MTL_UNARY(erf, std::erf(x))
+MTL_UNARY(erfc, std::erfc(x))
+MTL_UNARY(floor, std::floor(x))
+MTL_UNARY(ceil, std::ceil(x))
+MTL_UNARY(trunc, std::trunc(x))
+MTL_UNARY(round, std::round(x))
+MTL_UNARY(rint, std::nearbyint(x))
+MTL_UNARY(fract, x - std::floor(x))
+MTL_UNARY(saturate, std::min(std::max(x, C(0)), C(1)))
+MTL_UNARY(sign, (x > C(0) ? C(1) : (x < C(0) ? C(-1) : C(0))))
+MTL_UNARY(recip, C(1) / x)
+#undef MTL_UNARY
+
+template <class T>
+  requires(!is_vec_v<T>)
+inline T abs(T x) {
+  if constexpr (std::is_unsigned_v<T>) {
+    return x;
+  } else {
+    return x < T(0) ? T(-x) : x;
+  }
+}
+template <class T, int N>
+inline vec<T, N> abs(const vec<T, N>& a) {
+  vec<T, N> r;
+  for (int i = 0; i < N; ++i) r.v[i] = abs(a.v[i]);
+  return r;
+}
+template <class T>
+inline T fabs(T x) { return abs(x); }
+
+template <class T>
+inline bool isnan(T x) {
+  if constexpr (std::is_integral_v<T>) return false;
+  else return std::isnan(static_cast<float>(x));
+}
+template <class T>
+inline bool isinf(T x) {
+  if constexpr (std::is_integral_v<T>) return false;
+  else return std::isinf(static_cast<float>(x));
+}
+template <class T>
+inline bool isfinite(T x) {
+  if constexpr (std::is_integral_v<T>) return true;
+  else return std::isfinite(static_cast<float>(x));
+}
+template <class T>
+inline bool signbit(T x) { return std::signbit(static_cast<float>(x)); }
+
+// Binary functions: Metal requires matching argument types; be lenient and
+// use the C++ common type (so max(x, 0.0f) with half x works as in Metal).
+template <class A, class B>
+using common2_t = std::conditional_t<
+    std::is_same_v<A, B>, A,
+    std::conditional_t<is_vec_v<A>, A,
+                       std::conditional_t<is_vec_v<B>, B,
+                                          decltype(std::declval<A>() +
+                                                   std::declval<B>())>>>;
+
+template <class A, class B>
+inline auto max(A a, B b) {
+  using R = common2_t<A, B>;
+  if constexpr (is_vec_v<R>) {
+    R ra(a), rb(b), r;
+    for (int i = 0; i < R::size; ++i) r.v[i] = max(ra.v[i], rb.v[i]);
+    return r;
+  } else {
+    R x = static_cast<R>(a), y = static_cast<R>(b);
+    if constexpr (std::is_integral_v<R>) return x < y ? y : x;
+    else {
+      // Metal's fmax semantics: a NaN argument is ignored
+      if (isnan(x)) return y;
+      if (isnan(y)) return x;
+      return x < y ? y : x;
+    }
+  }
+}
+template <class A, class B>
+inline auto min(A a, B b) {
+  using R = common2_t<A, B>;
+  if constexpr (is_vec_v<R>) {
+    R ra(a), rb(b), r;
+    for (int i = 0; i < R::size; ++i) r.v[i] = min(ra.v[i], rb.v[i]);
+    return r;
+  } else {
+    R x = static_cast<R>(a), y = static_cast<R>(b);
+    if constexpr (std::is_integral_v<R>) return y < x ? y : x;
+    else {
+      if (isnan(x)) return y;
+      if (isnan(y)) return x;
+      return y < x ? y : x;
+    }
+  }
+}
+template <class A, class B>
+inline auto fmax(A a, B b) { return max(a, b); }
+template <class A, class B>
+inline auto fmin(A a, B b) { return min(a, b); }
+template <class A, class B, class C>
+inline auto max3(A a, B b, C c) { return max(max(a, b), c); }
+template <class A, class B, class C>
+inline auto min3(A a, B b, C c) { return min(min(a, b), c); }
+
+template <class X, class L, class H>
+inline X clamp(X x, L lo, H hi) {
+  return static_cast<X>(min(max(x, static_cast<X>(lo)), static_cast<X>(hi)));
+}
+
+#define MTL_BINARY(NAME, EXPR)                                              \
+  template <class A, class B>                                               \
+  inline auto NAME(A a_, B b_) {                                            \
+    using R = common2_t<A, B>;                                              \
+    if constexpr (is_vec_v<R>) {                                            \
+      R ra(a_), rb(b_), r;                                                  \
+      for (int i = 0; i < R::size; ++i) r.v[i] = NAME(ra.v[i], rb.v[i]);    \
+      return r;                                                             \
+    } else {                                                                \
+      using C = compute_t<R>;                                               \
+      C a = static_cast<C>(static_cast<R>(a_));                             \
+      C b = static_cast<C>(static_cast<R>(b_));                             \
+      return static_cast<R>(EXPR);                                          \
+    }                                                                       \
+  }
+MTL_BINARY(pow, std::pow(a, b))
+MTL_BINARY(powr, std::pow(a, b))
+MTL_BINARY(atan2, std::atan2(a, b))
+MTL_BINARY(fmod, std::fmod(a, b))
+MTL_BINARY(copysign, std::copysign(a, b))
+MTL_BINARY(step, (b < a ? C(0) : C(1)))
+MTL_BINARY(divide, a / b)
+MTL_BINARY(fdim, std::fdim(a, b))
+#undef MTL_BINARY
+
+template <class A, class B, class C>
+inline auto fma(A a, B b, C c) {
+  using R = common2_t<common2_t<A, B>, C>;
+  if constexpr (is_vec_v<R>) {
+    R ra(a), rb(b), rc(c), r;
+    for (int i = 0; i < R::size; ++i) r.v[i] = fma(ra.v[i], rb.v[i], rc.v[i]);
+    return r;
+  } else {
+    using K = compute_t<R>;
+    return static_cast<R>(std::fma(static_cast<K>(static_cast<R>(a)),
+                                   static_cast<K>(static_cast<R>(b)),
+                                   static_cast<K>(static_cast<R>(c))));
+  }
+}
+template <class A, class B, class C>
+inline auto mix(A x, B y, C a) {
+  return x + (y - x) * a;
+}
+template <class A, class B>
+inline A select(A a, B b, bool c) { return c ? static_cast<A>(b) : a; }
+template <class T, int N>
+inline vec<T, N> select(const vec<T, N>& a, const vec<T, N>& b,
+                        const vec<bool, N>& c) {
+  vec<T, N> r;
+  for (int i = 0; i < N; ++i) r.v[i] = c.v[i] ? b.v[i] : a.v[i];
+  return r;
+}
+template <class T, int N>
+inline auto dot(const vec<T, N>& a, const vec<T, N>& b) {
+  compute_t<T> s = 0;
+  for (int i = 0; i < N; ++i) s += compute_t<T>(a.v[i]) * compute_t<T>(b.v[i]);
+  return static_cast<T>(s);
+}
+template <class T, int N>
+inline T length(const vec<T, N>& a) { return sqrt(dot(a, a)); }
+template <class T, int N>
+inline vec<T, N> normalize(const vec<T, N>& a) { return a * rsqrt(dot(a, a)); }
+template <int N>
+inline bool all(const vec<bool, N>& a) {
+  for (int i = 0; i < N; ++i) if (!a.v[i]) return false;
+  return true;
+}
+template <int N>
+inline bool any(const vec<bool, N>& a) {
+  for (int i = 0; i < N; ++i) if (a.v[i]) return true;
+  return false;
+}
+inline bool all(bool b) { return b; }
+inline bool any(bool b) { return b; }
+
+template <class T>
+inline T popcount(T x) { return static_cast<T>(std::popcount(std::make_unsigned_t<T>(x))); }
+template <class T>
+inline T clz(T x) { return static_cast<T>(std::countl_zero(std::make_unsigned_t<T>(x))); }
+template <class T>
+inline T ctz(T x) { return static_cast<T>(std::countr_zero(std::make_unsigned_t<T>(x))); }
+template <class T>
+inline T mulhi(T a, T b) {
+  using W = std::conditional_t<std::is_signed_v<T>, int64_t, uint64_t>;
+  return static_cast<T>((W(a) * W(b)) >> (8 * sizeof(T)));
+}
+
+// precise:: and fast:: variants are the same functions on the CPU.
+namespace precise {
+using metal::abs; using metal::cos; using metal::divide; using metal::exp;
+using metal::exp2; using metal::fma; using metal::log; using metal::log2;
+using metal::max; using metal::min; using metal::pow; using metal::rsqrt;
+using metal::sin; using metal::sqrt; using metal::tanh; using metal::tan;
+using metal::log1p; using metal::expm1; using metal::powr; using metal::erf;
+using metal::sinh; using metal::cosh; using metal::atan; using metal::atan2;
+using metal::fmax; using metal::fmin; using metal::floor; using metal::ceil;
+using metal::recip;
+}
+namespace fast {
+using namespace precise;
+}
+
+// --------------------------------------------------------------- atomics
+enum memory_order {
+  memory_order_relaxed = __ATOMIC_RELAXED,
+  memory_order_acquire = __ATOMIC_ACQUIRE,
+  memory_order_release = __ATOMIC_RELEASE,
+  memory_order_acq_rel = __ATOMIC_ACQ_REL,
+  memory_order_seq_cst = __ATOMIC_SEQ_CST,
+};
+enum class thread_scope { thread_scope_thread, thread_scope_simdgroup, thread_scope_threadgroup, thread_scope_device };
+
+template <class T>
+struct atomic {
+  T value_;
+};
+typedef atomic<int> atomic_int;
+typedef atomic<unsigned int> atomic_uint;
+typedef atomic<float> atomic_float;
+typedef atomic<bool> atomic_bool;
+typedef atomic<unsigned long> atomic_ulong;
+typedef atomic<long> atomic_long;
+
+template <class T, class U>
+inline void atomic_store_explicit(atomic<T>* a, U v, memory_order = memory_order_relaxed) {
+  T t = static_cast<T>(v);
+  __atomic_store(&a->value_, &t, __ATOMIC_SEQ_CST);
+}
+template <class T>
+inline T atomic_load_explicit(const atomic<T>* a, memory_order = memory_order_relaxed) {
+  T t;
+  __atomic_load(const_cast<T*>(&a->value_), &t, __ATOMIC_SEQ_CST);
+  return t;
+}
+template <class T, class U>
+inline T atomic_exchange_explicit(atomic<T>* a, U v, memory_order = memory_order_relaxed) {
+  T t = static_cast<T>(v), old;
+  __atomic_exchange(&a->value_, &t, &old, __ATOMIC_SEQ_CST);
+  return old;
+}
+template <class T, class U>
+inline bool atomic_compare_exchange_weak_explicit(atomic<T>* a, T* expected, U desired,
+                                                  memory_order = memory_order_relaxed,
+                                                  memory_order = memory_order_relaxed) {
+  T d = static_cast<T>(desired);
+  return __atomic_compare_exchange(&a->value_, expected, &d, false, __ATOMIC_SEQ_CST,
+                                   __ATOMIC_SEQ_CST);
+}
+template <class T, class U>
+inline bool atomic_compare_exchange_strong_explicit(atomic<T>* a, T* expected, U desired,
+                                                    memory_order m1 = memory_order_relaxed,
+                                                    memory_order m2 = memory_order_relaxed) {
+  return atomic_compare_exchange_weak_explicit(a, expected, desired, m1, m2);
+}
+template <class T, class F>
+inline T atomic_rmw_(atomic<T>* a, F f) {
+  T old = atomic_load_explicit(a);
+  while (true) {
+    T nv = f(old);
+    if (__atomic_compare_exchange(&a->value_, &old, &nv, false, __ATOMIC_SEQ_CST,
+                                  __ATOMIC_SEQ_CST))
+      return old;
+  }
+}
+#define MTL_ATOMIC_RMW(NAME, EXPR)                                          \
+  template <class T, class U>                                              \
+  inline T atomic_fetch_##NAME##_explicit(atomic<T>* a, U v_,              \
+                                          memory_order = memory_order_relaxed) { \
+    T v = static_cast<T>(v_);                                              \
+    return atomic_rmw_(a, [&](T o) { return static_cast<T>(EXPR); });      \
+  }
+MTL_ATOMIC_RMW(add, o + v)
+MTL_ATOMIC_RMW(sub, o - v)
+MTL_ATOMIC_RMW(max, (o < v ? v : o))
+MTL_ATOMIC_RMW(min, (v < o ? v : o))
+MTL_ATOMIC_RMW(and, o & v)
+MTL_ATOMIC_RMW(or, o | v)
+MTL_ATOMIC_RMW(xor, o ^ v)
+#undef MTL_ATOMIC_RMW
+
+// ---------------------------------------------------------- barriers, simd
+enum class mem_flags : unsigned {
+  mem_none = 0,
+  mem_device = 1,
+  mem_threadgroup = 2,
+  mem_texture = 4,
+  mem_threadgroup_imageblock = 8,
+  mem_object_data = 16,
+};
+inline mem_flags operator|(mem_flags a, mem_flags b) {
+  return mem_flags(unsigned(a) | unsigned(b));
+}
+inline void threadgroup_barrier(mem_flags = mem_flags::mem_none) {
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  mtl_rt::tg_barrier();
+}
+inline void simdgroup_barrier(mem_flags = mem_flags::mem_none) {
+  mtl_rt::sg_barrier();
+}
+inline void atomic_thread_fence(mem_flags = mem_flags::mem_none, memory_order = memory_order_seq_cst,
+                                thread_scope = thread_scope::thread_scope_device) {
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+}
+
+namespace simd_detail {
+enum Kind {
+  k_sum = 1, k_prod, k_max, k_min, k_and, k_or, k_xor, k_pincl_sum, k_pexcl_sum,
+  k_pincl_prod, k_pexcl_prod, k_shuffle, k_shuffle_down, k_shuffle_up,
+  k_shuffle_xor, k_rot_down, k_rot_up, k_broadcast, k_broadcast_first, k_all,
+  k_any, k_is_first,
+  k_quad = 64,
+};
+
+template <class T>
+inline T lane_val(const unsigned char* slots, unsigned l) {
+  T t;
+  std::memcpy(&t, slots + 32 * l, sizeof(T));
+  return t;
+}
+
+// width 32 (simd_*) or 4 (quad_*): lanes [base, base+width) take part.
+template <class T, class F>
+inline T reduce(int kind, T x, int width, F f, bool inclusive_prefix,
+                bool exclusive_prefix, T identity) {
+  static_assert(sizeof(T) <= 32, "simd value too large");
+  unsigned lane, mask;
+  const unsigned char* s = mtl_rt::sg_exchange(kind, &x, sizeof(T), &lane, &mask);
+  unsigned base = lane / width * width;
+  T acc = identity;
+  bool first = true;
+  unsigned end = (inclusive_prefix || exclusive_prefix) ? lane + 1 : base + width;
+  for (unsigned l = base; l < end; ++l) {
+    if (!(mask >> l & 1u)) continue;
+    if (exclusive_prefix && l == lane) break;
+    T v = lane_val<T>(s, l);
+    acc = first ? v : static_cast<T>(f(acc, v));
+    first = false;
+  }
+  return first ? identity : acc;
+}
+
+template <class T>
+inline T from_lane(int kind, T x, int width, unsigned (*src)(unsigned, unsigned, int), unsigned arg) {
+  unsigned lane, mask;
+  const unsigned char* s = mtl_rt::sg_exchange(kind, &x, sizeof(T), &lane, &mask);
+  unsigned base = lane / width * width;
+  long l = src(lane - base, arg, width);
+  if (l < 0 || l >= width) return x; // out of range: own value (Metal)
+  unsigned sl = base + unsigned(l);
+  if (!(mask >> sl & 1u)) return x;   // inactive source lane: undefined
+  return lane_val<T>(s, sl);
+}
+inline unsigned src_idx(unsigned, unsigned a, int) { return a; }
+inline unsigned src_down(unsigned l, unsigned a, int) { return l + a; }
+inline unsigned src_up(unsigned l, unsigned a, int) { return l < a ? unsigned(-1) : l - a; }
+inline unsigned src_xor(unsigned l, unsigned a, int) { return l ^ a; }
+inline unsigned src_rdown(unsigned l, unsigned a, int w) { return (l + a) % w; }
+inline unsigned src_rup(unsigned l, unsigned a, int w) { return (l + w - a % w) % w; }
+} // namespace simd_detail
+
+#define MTL_SIMD_FAMILY(PFX, W, KQ)                                            \
+  template <class T> inline T PFX##_sum(T x) {                                 \
+    return simd_detail::reduce(simd_detail::k_sum + KQ, x, W,                  \
+                               [](T a, T b) { return a + b; }, false, false, T(0)); } \
+  template <class T> inline T PFX##_product(T x) {                             \
+    return simd_detail::reduce(simd_detail::k_prod + KQ, x, W,                 \
+                               [](T a, T b) { return a * b; }, false, false, T(1)); } \
+  template <class T> inline T PFX##_max(T x) {                                 \
+    return simd_detail::reduce(simd_detail::k_max + KQ, x, W,                  \
+                               [](T a, T b) { return metal::max(a, b); }, false, false, x); } \
+  template <class T> inline T PFX##_min(T x) {                                 \
+    return simd_detail::reduce(simd_detail::k_min + KQ, x, W,                  \
+                               [](T a, T b) { return metal::min(a, b); }, false, false, x); } \
+  template <class T> inline T PFX##_and(T x) {                                 \
+    return simd_detail::reduce(simd_detail::k_and + KQ, x, W,                  \
+                               [](T a, T b) { return a & b; }, false, false, x); } \
+  template <class T> inline T PFX##_or(T x) {                                  \
+    return simd_detail::reduce(simd_detail::k_or + KQ, x, W,                   \
+                               [](T a, T b) { return a | b; }, false, false, x); } \
+  template <class T> inline T PFX##_xor(T x) {                                 \
+    return simd_detail::reduce(simd_detail::k_xor + KQ, x, W,                  \
+                               [](T a, T b) { return a ^ b; }, false, false, x); } \
+  template <class T> inline T PFX##_prefix_inclusive_sum(T x) {                \
+    return simd_detail::reduce(simd_detail::k_pincl_sum + KQ, x, W,            \
+                               [](T a, T b) { return a + b; }, true, false, T(0)); } \
+  template <class T> inline T PFX##_prefix_exclusive_sum(T x) {                \
+    return simd_detail::reduce(simd_detail::k_pexcl_sum + KQ, x, W,            \
+                               [](T a, T b) { return a + b; }, false, true, T(0)); } \
+  template <class T> inline T PFX##_prefix_inclusive_product(T x) {            \
+    return simd_detail::reduce(simd_detail::k_pincl_prod + KQ, x, W,           \
+                               [](T a, T b) { return a * b; }, true, false, T(1)); } \
+  template <class T> inline T PFX##_prefix_exclusive_product(T x) {            \
+    return simd_detail::reduce(simd_detail::k_pexcl_prod + KQ, x, W,           \
+                               [](T a, T b) { return a * b; }, false, true, T(1)); } \
+  template <class T, class I> inline T PFX##_shuffle(T x, I l) {               \
+    return simd_detail::from_lane(simd_detail::k_shuffle + KQ, x, W,           \
+                                  simd_detail::src_idx, unsigned(l)); }        \
+  template <class T, class I> inline T PFX##_broadcast(T x, I l) {             \
+    return simd_detail::from_lane(simd_detail::k_broadcast + KQ, x, W,         \
+                                  simd_detail::src_idx, unsigned(l)); }        \
+  template <class T, class I> inline T PFX##_shuffle_down(T x, I d) {          \
+    return simd_detail::from_lane(simd_detail::k_shuffle_down + KQ, x, W,      \
+                                  simd_detail::src_down, unsigned(d)); }       \
+  template <class T, class I> inline T PFX##_shuffle_up(T x, I d) {            \
+    return simd_detail::from_lane(simd_detail::k_shuffle_up + KQ, x, W,        \
+                                  simd_detail::src_up, unsigned(d)); }         \
+  template <class T, class I> inline T PFX##_shuffle_xor(T x, I m) {           \
+    return simd_detail::from_lane(simd_detail::k_shuffle_xor + KQ, x, W,       \
+                                  simd_detail::src_xor, unsigned(m)); }        \
+  template <class T, class I> inline T PFX##_shuffle_rotate_down(T x, I d) {   \
+    return simd_detail::from_lane(simd_detail::k_rot_down + KQ, x, W,          \
+                                  simd_detail::src_rdown, unsigned(d)); }      \
+  template <class T, class I> inline T PFX##_shuffle_rotate_up(T x, I d) {     \
+    return simd_detail::from_lane(simd_detail::k_rot_up + KQ, x, W,            \
+                                  simd_detail::src_rup, unsigned(d)); }        \
+  template <class T> inline T PFX##_broadcast_first(T x) {                     \
+    unsigned lane, mask;                                                       \
+    const unsigned char* s = mtl_rt::sg_exchange(simd_detail::k_broadcast_first + KQ, \
+                                                 &x, sizeof(T), &lane, &mask); \
+    unsigned base = lane / W * W;                                              \
+    for (unsigned l = base; l < base + W; ++l)                                 \
+      if (mask >> l & 1u) return simd_detail::lane_val<T>(s, l);               \
+    return x; }                                                                \
+  inline bool PFX##_all(bool b) {                                              \
+    return simd_detail::reduce<bool>(simd_detail::k_all + KQ, b, W,            \
+                                     [](bool a, bool c) { return a && c; }, false, false, b); } \
+  inline bool PFX##_any(bool b) {                                              \
+    return simd_detail::reduce<bool>(simd_detail::k_any + KQ, b, W,            \
+                                     [](bool a, bool c) { return a || c; }, false, false, b); } \
+  inline bool PFX##_is_first() {                                               \
+    bool t = true;                                                             \
+    unsigned lane, mask;                                                       \
+    mtl_rt::sg_exchange(simd_detail::k_is_first + KQ, &t, 1, &lane, &mask);    \
+    unsigned base = lane / W * W;                                              \
+    for (unsigned l = base; l < base + W; ++l)                                 \
+      if (mask >> l & 1u) return l == lane;                                    \
+    return false; }
+
+MTL_SIMD_FAMILY(simd, 32, 0)
+MTL_SIMD_FAMILY(quad, 4, simd_detail::k_quad)
+#undef MTL_SIMD_FAMILY
+
+inline bool simd_is_helper_thread() { return false; }
+
+} // namespace metal
+
+// Names Metal code uses unqualified.
+using namespace metal;
+typedef metal::uint uint;
+typedef metal::half half;
+typedef metal::bfloat16_t bfloat16_t;
+typedef metal::bfloat16_t bfloat;
+typedef metal::half float16_t;
+typedef float float32_t;
+
+// ------------------------------------------------- a little of MLX utils.h
+template <class T>
+struct Limits {
+  static T max() { return metal::numeric_limits<T>::max(); }
+  static T min() { return metal::numeric_limits<T>::lowest(); }
+  static T finite_max() { return metal::numeric_limits<T>::max(); }
+  static T finite_min() { return metal::numeric_limits<T>::lowest(); }
+};
+#define MTL_FLOAT_LIMITS(T)                                                 \
+  template <>                                                               \
+  struct Limits<T> {                                                        \
+    static T max() { return metal::numeric_limits<T>::infinity(); }         \
+    static T min() { return -metal::numeric_limits<T>::infinity(); }        \
+    static T finite_max() { return metal::numeric_limits<T>::max(); }       \
+    static T finite_min() { return metal::numeric_limits<T>::lowest(); }    \
+  };
+MTL_FLOAT_LIMITS(float)
+MTL_FLOAT_LIMITS(_Float16)
+MTL_FLOAT_LIMITS(metal::bfloat16_t)
+#undef MTL_FLOAT_LIMITS
+
+template <typename IdxT = int64_t>
+inline IdxT elem_to_loc(IdxT elem, const int* shape, const int64_t* strides, int ndim) {
+  IdxT loc = 0;
+  for (int i = ndim - 1; i >= 0 && elem > 0; --i) {
+    loc += (elem % shape[i]) * IdxT(strides[i]);
+    elem /= shape[i];
+  }
+  return loc;
+}
+template <typename IdxT = int64_t>
+inline IdxT elem_to_loc(metal::uint3 elem, const int* shape, const int64_t* strides, int ndim) {
+  IdxT loc = elem.x * IdxT(strides[ndim - 1]) + elem.y * IdxT(strides[ndim - 2]);
+  for (int d = ndim - 3; d >= 0; --d) {
+    loc += (elem.z % shape[d]) * IdxT(strides[d]);
+    elem.z /= shape[d];
+  }
+  return loc;
+}
+inline int64_t elem_to_loc(uint32_t elem, const int* shape, const int64_t* strides, int ndim) {
+  return elem_to_loc<int64_t>(int64_t(elem), shape, strides, ndim);
+}
+inline int64_t elem_to_loc(int elem, const int* shape, const int64_t* strides, int ndim) {
+  return elem_to_loc<int64_t>(int64_t(elem), shape, strides, ndim);
+}
+
+#define METAL_FUNC inline
+#define METAL_CONST constexpr

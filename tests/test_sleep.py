@@ -1,0 +1,285 @@
+"""The sleep engine: Algorithm 1's pass semantics, training == inference, eviction, persistence."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from mlx_sleep import HybridLM, ModelConfig, SleepConfig, SleepEngine, sleep_forward, sleep_loss
+from mlx_sleep.config import ConfigError
+from mlx_sleep.sleep import chunk_bounds, evict, run_chunk
+
+V = 13
+
+
+def model_of(layers, seed=0, **kw):
+    mx.random.seed(seed)
+    cfg = ModelConfig(vocab_size=V, hidden_size=16, layers=layers, num_heads=2,
+                      gdn_v_heads=kw.pop("gdn_v_heads", 2), swa_window=kw.pop("swa_window", 3), **kw)
+    model = HybridLM(cfg)
+    mx.eval(model.parameters())
+    return model
+
+
+def flat(tree):
+    return {k: np.array(v) for k, v in tree_flatten(tree)}
+
+
+def assert_trees_close(a, b, atol=1e-5):
+    fa, fb = flat(a), flat(b)
+    assert fa.keys() == fb.keys(), (sorted(fa), sorted(fb))
+    for k in fa:
+        assert fa[k].shape == fb[k].shape, k
+        np.testing.assert_allclose(fa[k], fb[k], atol=atol, rtol=1e-4, err_msg=k)
+
+
+def tokens(B, T, seed=0):
+    return mx.array(np.random.default_rng(seed).integers(0, V, (B, T)), dtype=mx.int32)
+
+
+# -- pass semantics ------------------------------------------------------------------------
+
+def test_passes_carry_features_and_fast_weights_restart_kv_and_conv():
+    """Written out by hand for attn -> gdn: pass n+1 reads pass n's features, S carries over,
+    the attention KV and conv state restart from the chunk start."""
+    model = model_of("attn,gdn")
+    ids = tokens(2, 5)
+    attn, gdn = model.layers
+    start = model.initial_state(2)
+    start[1]["S"] = mx.random.normal(start[1]["S"].shape)  # a non-trivial chunk-start S
+    start[1]["conv"] = mx.random.normal(start[1]["conv"].shape)
+    h = model.embed(ids)
+    s_gdn = start[1]
+    for _ in range(3):
+        h, s_attn = attn(h, start[0], 7)
+        h, new = gdn(h, {"conv": start[1]["conv"], "S": s_gdn["S"]}, 7)
+        s_gdn = new
+    h_engine, state = run_chunk(model, ids, start, 7, passes=3)
+    assert_trees_close(h_engine, h)
+    assert_trees_close(state, [s_attn, s_gdn])
+
+
+def test_prelude_and_coda_run_once():
+    model = model_of("gdn,gdn,gdn", core=(1, 2))
+    ids = tokens(1, 4)
+    s0 = model.initial_state(1)
+    h, s_pre = model.layers[0](model.embed(ids), s0[0], 0)
+    s_core = s0[1]
+    for _ in range(4):
+        h, s_core = model.layers[1](h, {"conv": s0[1]["conv"], "S": s_core["S"]}, 0)
+    h, s_coda = model.layers[2](h, s0[2], 0)
+    h_engine, state = run_chunk(model, ids, s0, 0, passes=4)
+    assert_trees_close(h_engine, h)
+    assert_trees_close(state, [s_pre, s_core, s_coda])
+
+
+def test_chunk_bounds():
+    assert chunk_bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    rng = np.random.default_rng(0)
+    b = chunk_bounds(50, 6, rng=rng, min_len=2)
+    assert b[0][0] == 0 and b[-1][1] == 50
+    assert all(b1 == a2 for (_, b1), (a2, _) in zip(b, b[1:]))
+    assert all(1 <= y - x <= 6 for x, y in b) and len({y - x for x, y in b}) > 1
+
+
+# -- (a) inference == training ---------------------------------------------------------------
+
+@pytest.mark.parametrize("eviction", ["hard", "sliding"])
+@pytest.mark.parametrize("layers", ["attn,gdn,jet,swa", "gdn,attn"])
+def test_consolidated_state_equals_training_state(eviction, layers):
+    model = model_of(layers)
+    sleep = SleepConfig(loops=3, window=6, eviction=eviction)
+    ids = tokens(2, 18)
+    _, train_state = sleep_forward(model, ids, np.zeros((2, 18)), sleep)
+    engine = SleepEngine(model, sleep, batch_size=2)
+    for a, b in [(0, 5), (5, 6), (6, 13), (13, 18)]:  # pieces that straddle window boundaries
+        engine.feed(ids[:, a:b])
+    assert engine.sleeps == 2 and engine.window_len == 6
+    engine.consolidate()
+    assert_trees_close(engine.state, train_state)
+
+
+def test_wake_logits_equal_training_answer_logits():
+    """A window that holds answers takes one pass in training; the engine's wake pass is that pass."""
+    model = model_of("attn,gdn,jet")
+    sleep = SleepConfig(loops=4, window=5)
+    ids = tokens(1, 15)
+    mask = np.zeros((1, 15))
+    mask[:, 11:] = 1
+    answers, _ = sleep_forward(model, ids, mask, sleep)
+    (a, b, logits), = answers
+    engine = SleepEngine(model, sleep)
+    out = engine.feed(ids)
+    assert_trees_close(out[:, a:b], logits)
+
+
+# -- (b) under hard eviction earlier windows reach later outputs only through S -----------------
+
+def later_window_logits(model, ids, loops=2):
+    mask = np.zeros(ids.shape)
+    mask[:, 8:] = 1
+    (answers, _) = sleep_forward(model, ids, mask, SleepConfig(loops=loops, window=4))
+    return np.concatenate([np.array(l) for _, _, l in answers], axis=1)
+
+
+def test_hard_eviction_isolates_pure_attention_model():
+    model = model_of("attn,swa,attn")
+    a = tokens(1, 12, seed=1)
+    b = mx.concatenate([tokens(1, 8, seed=2), a[:, 8:]], axis=1)  # same last window, other past
+    np.testing.assert_array_equal(later_window_logits(model, a), later_window_logits(model, b))
+
+
+@pytest.mark.parametrize("layers", ["attn,gdn", "jet,attn"])
+def test_hard_eviction_hybrid_remembers_through_fast_weights(layers):
+    model = model_of(layers)
+    a = tokens(1, 12, seed=1)
+    b = mx.concatenate([tokens(1, 8, seed=2), a[:, 8:]], axis=1)
+    assert np.abs(later_window_logits(model, a) - later_window_logits(model, b)).max() > 1e-3
+
+
+@pytest.mark.parametrize("layers,reaches", [("attn,swa", False), ("attn,gdn", True), ("jet", True)])
+def test_gradients_reach_evicted_tokens_only_through_fast_weights(layers, reaches):
+    """Tokens 0-3 appear only in the first (evicted) window: their embedding rows get a gradient
+    from the later answers only through the fast weights."""
+    model = model_of(layers, tie_embeddings=False)
+    ids = mx.array([[0, 1, 2, 3, 4, 5, 6, 7]])
+    mask = np.zeros((1, 8))
+    mask[:, 4:] = 1
+    grad_fn = nn.value_and_grad(model, lambda m: sleep_loss(m, ids, ids, mask,
+                                                            SleepConfig(loops=2, window=4))[0])
+    _, grads = grad_fn(model)
+    first_window_rows = np.abs(np.array(grads["embed_tokens"]["weight"][:4])).max()
+    assert (first_window_rows > 0) == reaches
+
+
+# -- (c) N = 1 is the plain hybrid with the same eviction ----------------------------------------
+
+def test_n1_sliding_equals_plain_sliding_window_forward():
+    """N = 1 with sliding eviction is exactly ordinary sliding-window attention + SSM over the
+    whole sequence, with no chunking at all."""
+    model = model_of("attn,gdn,attn,jet")
+    L = 5
+    ids = tokens(2, 23)
+    h, state = model.embed(ids), model.initial_state(2)
+    for layer, s in zip(model.layers, state):
+        h, _ = layer(h, s, 0, window=L)
+    plain = model.head(h)
+    engine = SleepEngine(model, SleepConfig(loops=1, window=L, eviction="sliding"), batch_size=2)
+    out = mx.concatenate([engine.feed(ids[:, a:a + 3]) for a in range(0, 23, 3)], axis=1)
+    assert_trees_close(out, plain, atol=2e-5)
+
+
+def test_n1_hard_equals_plain_forward_per_window():
+    """N = 1 with hard eviction: each window is a plain forward that starts from the previous
+    window's fast weights (and nothing else)."""
+    model = model_of("attn,gdn")
+    L = 4
+    ids = tokens(1, 12)
+    engine = SleepEngine(model, SleepConfig(loops=1, window=L))
+    out = engine.feed(ids)
+    state = model.initial_state(1)
+    for a in range(0, 12, L):
+        h = model.embed(ids[:, a:a + L])
+        carried = [model.initial_state(1)[0], {"conv": mx.zeros_like(state[1]["conv"]), "S": state[1]["S"]}]
+        for i, layer in enumerate(model.layers):
+            h, state[i] = layer(h, carried[i], a)
+        assert_trees_close(out[:, a:a + L], model.head(h), atol=2e-5)
+
+
+def test_engine_n1_state_equals_training_n1_state():
+    model = model_of("attn,jet")
+    sleep = SleepConfig(loops=1, window=4, eviction="sliding")
+    ids = tokens(1, 12)
+    _, train_state = sleep_forward(model, ids, np.zeros((1, 12)), sleep)
+    engine = SleepEngine(model, sleep)
+    engine.feed(ids)
+    engine.consolidate()
+    assert_trees_close(engine.state, train_state)
+
+
+# -- engine behaviour --------------------------------------------------------------------------
+
+def test_feed_token_by_token_equals_feed_at_once():
+    model = model_of("attn,gdn,swa")
+    sleep = SleepConfig(loops=2, window=4, eviction="sliding")
+    ids = tokens(1, 10)
+    e1, e2 = SleepEngine(model, sleep), SleepEngine(model, sleep)
+    whole = e1.feed(ids)
+    steps = mx.concatenate([e2.feed(ids[:, t:t + 1]) for t in range(10)], axis=1)
+    assert_trees_close(steps, whole, atol=2e-5)
+    assert_trees_close(e2.state, e1.state)
+
+
+def test_cancelled_sleep_changes_nothing():
+    model = model_of("attn,gdn")
+    sleep = SleepConfig(loops=4, window=8)
+    ids = tokens(1, 6)
+    engine = SleepEngine(model, sleep)
+    engine.feed(ids)
+    before = flat(engine.state_dict()["arrays"]), dict(engine.state_dict()["meta"])
+    passes = []
+    done = engine.consolidate(cancel=lambda: len(passes) >= 2, on_pass=lambda n, N: passes.append(n))
+    assert not done and passes == [1, 2]
+    after = flat(engine.state_dict()["arrays"]), engine.state_dict()["meta"]
+    assert before[1] == after[1]
+    for k in before[0]:
+        np.testing.assert_array_equal(before[0][k], after[0][k])
+    assert engine.consolidate() and engine.window_len == 0 and engine.sleeps == 1
+
+
+def test_state_dict_round_trip_continues_identically():
+    model = model_of("attn,gdn,jet")
+    sleep = SleepConfig(loops=2, window=5, eviction="sliding")
+    ids = tokens(1, 16)
+    e1 = SleepEngine(model, sleep)
+    e1.feed(ids[:, :7])
+    e2 = SleepEngine(model, sleep)
+    e2.load_state_dict(e1.state_dict())
+    assert_trees_close(e2.feed(ids[:, 7:]), e1.feed(ids[:, 7:]))
+    assert e2.offset == e1.offset == 16 and e2.sleeps == e1.sleeps
+
+
+def test_checkpointing_gives_same_loss_and_gradients():
+    model = model_of("attn,gdn")
+    sleep = SleepConfig(loops=3, window=4)
+    ids = tokens(2, 12)
+    mask = np.zeros((2, 12))
+    mask[:, 9:] = 1
+
+    def grads(checkpoint):
+        fn = nn.value_and_grad(model, lambda m: sleep_loss(m, ids, ids, mask, sleep,
+                                                           checkpoint=checkpoint)[0])
+        return fn(model)
+
+    (l0, g0), (l1, g1) = grads(False), grads(True)
+    assert abs(l0.item() - l1.item()) < 1e-6
+    assert_trees_close(g0, g1, atol=1e-5)
+
+
+def test_more_loops_change_the_answer():
+    model = model_of("attn,gdn")
+    ids = tokens(1, 8)
+    mask = np.zeros((1, 8))
+    mask[:, 4:] = 1
+    l1 = sleep_loss(model, ids, ids, mask, SleepConfig(loops=1, window=4))[0].item()
+    l3 = sleep_loss(model, ids, ids, mask, SleepConfig(loops=3, window=4))[0].item()
+    assert abs(l1 - l3) > 1e-4
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(loops=0), "loops"), (dict(window=0), "window"), (dict(eviction="soft"), "eviction"),
+])
+def test_bad_sleep_settings(kw, msg):
+    with pytest.raises(ConfigError, match=msg):
+        SleepConfig(**kw)
+
+
+def test_evict_keeps_fast_weights():
+    model = model_of("attn,gdn")
+    engine = SleepEngine(model, SleepConfig(loops=1, window=4))
+    engine.feed(tokens(1, 4))
+    hard = evict(model, engine.state, 0)
+    assert hard[0] == {}
+    np.testing.assert_array_equal(np.array(hard[1]["S"]), np.array(engine.state[1]["S"]))
+    assert float(mx.abs(hard[1]["conv"]).max()) == 0.0
