@@ -94,43 +94,52 @@ def _checkpointed_chunk(model, ids, state, offset, passes, window):
     return mx.checkpoint(chunk)(model.trainable_parameters(), state)
 
 
-def sleep_forward(model, inputs, mask, sleep: SleepConfig, *, state: Optional[State] = None,
-                  offset: int = 0, checkpoint: bool = False,
-                  bounds: Optional[Sequence[Tuple[int, int]]] = None):
+def plan_chunks(mask, window: int, rng: Optional[np.random.Generator] = None, min_len: int = 1):
+    """Chunk bounds and, per chunk, whether it holds a scored target (an answer chunk: one pass)
+    or not (a context chunk: sleep). mask [B, T] numpy; a chunk is an answer chunk if any row
+    scores a position in it."""
+    mask = np.asarray(mask)
+    bounds = chunk_bounds(mask.shape[1], window, rng, min_len)
+    return bounds, [bool(mask[:, a:b].any()) for a, b in bounds]
+
+
+def sleep_forward(model, inputs, mask, sleep: SleepConfig, *, plan=None,
+                  state: Optional[State] = None, offset: int = 0, checkpoint: bool = False):
     """Algorithm 1's forward over a batch of sequences.
 
-    inputs [B, T] tokens; mask [B, T] (numpy or mx), nonzero where a target is scored: a chunk
-    with any scored position (in any row) is an answer chunk and gets one pass, every other chunk
-    is slept on with `sleep.loops` passes. Returns (answers, state): answers is a list of
+    inputs [B, T] tokens; mask [B, T] nonzero where a target is scored. `plan` = (bounds,
+    is_answer) from `plan_chunks` (computed from the mask when not given; pass it explicitly
+    under mx.compile, where the mask is not concrete). Answer chunks get one pass, context chunks
+    `sleep.loops` passes. Returns (answers, state): answers is a list of
     (start, stop, logits [B, stop-start, V]) for the answer chunks, state the final state."""
     B, T = inputs.shape
-    mask = np.asarray(mask)
-    if mask.shape != (B, T):
-        raise ValueError(f"mask shape {mask.shape} does not match inputs {(B, T)}")
+    bounds, is_answer = plan if plan is not None else plan_chunks(mask, sleep.window)
+    if bounds[-1][1] != T:
+        raise ValueError(f"chunk plan covers {bounds[-1][1]} tokens, inputs have {T}")
     state = model.initial_state(B) if state is None else state
-    bounds = chunk_bounds(T, sleep.window) if bounds is None else bounds
     window, keep = sleep.attention_window, sleep.keep_after_eviction
     answers = []
-    for a, b in bounds:
-        is_answer = bool(mask[:, a:b].any())
-        passes = 1 if is_answer else sleep.loops
+    for (a, b), answer in zip(bounds, is_answer):
+        passes = 1 if answer else sleep.loops
         if checkpoint:
             h, state = _checkpointed_chunk(model, inputs[:, a:b], state, offset + a, passes, window)
         else:
             h, state = run_chunk(model, inputs[:, a:b], state, offset + a, passes, window)
-        if is_answer:
+        if answer:
             answers.append((a, b, model.head(h)))
         state = evict(model, state, keep)
     return answers, state
 
 
-def sleep_loss(model, inputs, targets, mask, sleep: SleepConfig, *, checkpoint: bool = False,
-               bounds=None):
+def sleep_loss(model, inputs, targets, mask, sleep: SleepConfig, *, plan=None,
+               checkpoint: bool = False):
     """Masked cross-entropy of Algorithm 1, averaged over scored positions.
 
     targets[:, p] is what position p must predict (not shifted). Returns (loss, n_scored)."""
-    answers, _ = sleep_forward(model, inputs, mask, sleep, checkpoint=checkpoint, bounds=bounds)
-    mask = mx.array(np.asarray(mask, dtype=np.float32))
+    if plan is None:
+        plan = plan_chunks(mask, sleep.window)
+    answers, _ = sleep_forward(model, inputs, None, sleep, plan=plan, checkpoint=checkpoint)
+    mask = mask if isinstance(mask, mx.array) else mx.array(np.asarray(mask, dtype=np.float32))
     total = mx.array(0.0)
     for a, b, logits in answers:
         ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets[:, a:b], reduction="none")

@@ -2,8 +2,9 @@
 // Shading Language (and of MLX's Metal `utils.h`) that custom kernel bodies
 // written for `mx.fast.metal_kernel` use.
 //
-// It is compiled with g++ (C++20) together with the generated kernel and
-// the fiber driver in emulator.py.  The emulated execution model is:
+// It is included (as a precompiled header) by every kernel unit that
+// emulator.py generates; the fiber scheduler behind the mtl_rt:: functions
+// declared here lives in metal_runtime.cpp.  The emulated execution model is:
 //
 //   * every threadgroup is run by one OS worker thread, each Metal thread of
 //     the group is a ucontext fiber with its own stack;
@@ -38,7 +39,6 @@
 
 namespace mtl_rt {
 struct GroupCtx;
-extern thread_local GroupCtx* tl_group;
 void* tg_slot(int slot, size_t bytes, size_t align);
 void tg_barrier();
 void sg_barrier();
@@ -878,6 +878,26 @@ typedef metal::bfloat16_t bfloat16_t;
 typedef metal::bfloat16_t bfloat;
 typedef metal::half float16_t;
 typedef float float32_t;
+
+// Per-thread values of the Metal thread attributes (filled by the runtime).
+namespace mtl_rt {
+using metal::uint;
+using metal::uint3;
+struct Attrs {
+  uint3 thread_position_in_grid, thread_position_in_threadgroup,
+      threadgroup_position_in_grid, threads_per_threadgroup,
+      threadgroups_per_grid, threads_per_grid,
+      dispatch_threads_per_threadgroup, grid_origin, grid_size;
+  uint thread_index_in_threadgroup, thread_index_in_simdgroup,
+      simdgroup_index_in_threadgroup, simdgroups_per_threadgroup,
+      threads_per_simdgroup, thread_execution_width,
+      quadgroup_index_in_threadgroup, quadgroups_per_threadgroup,
+      thread_index_in_quadgroup, dispatch_simdgroups_per_threadgroup,
+      dispatch_quadgroups_per_threadgroup;
+};
+
+typedef void (*BodyFn)(void** args, const Attrs& a);
+} // namespace mtl_rt
 
 // ------------------------------------------------- a little of MLX utils.h
 template <class T>

@@ -1,0 +1,64 @@
+"""`mlx-sleep demo`: the paper's effect at a size a laptop CPU trains in minutes.
+
+Trains the same hybrid with N = 1 (the plain hybrid) and N > 1 sleep loops from the same seed on
+the same data stream for the same number of steps (equal training tokens), evaluates both by
+difficulty, prints a table and writes a plot. The setting was found by the search recorded in
+the README (benchmarks/demo_search.py); nothing here is tuned per N.
+"""
+
+import os
+import time
+
+from .config import ModelConfig, SleepConfig
+from .eval import format_table, plot
+from .io import write_json
+from .tasks import get_task
+from .train import TrainConfig, Trainer
+
+DEMO = dict(
+    task=dict(name="depo", max_nodes=6, min_nodes=4, n_names=16, max_hops=4, window=8,
+              context_len=24, n_queries=4),
+    model=dict(hidden_size=64, layers="attn,gdn,attn,gdn", num_heads=4),
+    train=dict(steps=600, batch_size=64, lr=2e-2, adam_lr=3e-3, warmup=50, eval_samples=512),
+    loops=(1, 3),
+)
+
+
+def run_demo(out: str, steps=None, loops=None, echo=print):
+    settings = {k: dict(v) if isinstance(v, dict) else v for k, v in DEMO.items()}
+    if steps is not None:
+        settings["train"]["steps"] = steps
+    loops = loops or settings["loops"]
+    task_kw = dict(settings["task"])
+    task = get_task(task_kw.pop("name"), **task_kw)
+    dname = "t (steps)" if task.name == "rule110" else "k (hops)"
+    echo(f"demo: {task.describe()}")
+    echo(f"model {settings['model']}, {settings['train']['steps']} steps of batch "
+         f"{settings['train']['batch_size']} for each N in {list(loops)}")
+    results, timing = {}, {}
+    for n in loops:
+        t0 = time.time()
+        echo(f"\ntraining N = {n}")
+        trainer = Trainer(os.path.join(out, f"N{n}"),
+                          ModelConfig(vocab_size=task.vocab_size, **settings["model"]),
+                          SleepConfig(loops=n, window=task.window, eviction=task.eviction),
+                          task, TrainConfig(seed=0, **settings["train"]))
+        evals = []
+        trainer.run(on_eval=lambda step, r: evals.append(r))
+        results[f"N = {n}"] = evals[-1]
+        timing[f"N = {n}"] = time.time() - t0
+    table = (f"### exact match (all queries of a sequence right)\n\n"
+             f"{format_table(results, dname, 'exact')}\n\n"
+             f"### per-query accuracy\n\n{format_table(results, dname, 'token')}\n")
+    echo("\n" + table)
+    os.makedirs(out, exist_ok=True)
+    png = os.path.join(out, "accuracy.png")
+    plot(results, png, f"{task.name}: accuracy by difficulty, equal training tokens",
+         dname, "token")
+    write_json(os.path.join(out, "results.json"),
+               {"settings": settings, "task": task.to_dict(), "results": results,
+                "seconds": timing})
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(table)
+    echo(f"wrote {png}, results.json and results.md to {out}")
+    return results

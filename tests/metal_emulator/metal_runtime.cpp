@@ -1,0 +1,378 @@
+// metal_runtime.cpp -- fiber scheduler that runs the threads of one Metal
+// threadgroup on one OS thread.  Compiled once into a shared library that the
+// kernel libraries (see emulator.py) call into for barriers, SIMD
+// collectives and threadgroup memory; `mtl_launch` runs a whole grid.
+#include "metal_shim.h"
+
+#include <mutex>
+#include <thread>
+
+namespace mtl_rt {
+
+using metal::uint;
+using metal::uint3;
+
+
+typedef void (*BodyFn)(void** args, const Attrs& a);
+
+enum FiberState { READY = 0, WAIT_TG = 1, WAIT_SG = 2, DONE = 3 };
+
+struct Fiber {
+  ucontext_t ctx;
+  FiberState state;
+  Attrs attrs;
+};
+
+struct SimdGroup {
+  int alive = 0;
+  int arrived = 0;
+  uint64_t gen = 0;
+  int kind = 0;
+  unsigned arrive_mask = 0;
+  unsigned result_mask[2] = {0, 0};
+  alignas(16) unsigned char slots[2][32 * 32];
+};
+
+static constexpr size_t kMaxThreadgroupMemory = 32768;
+static constexpr size_t kArenaBytes = 1 << 20;
+
+struct GroupCtx {
+  ucontext_t sched;
+  std::vector<Fiber> fibers;
+  std::vector<SimdGroup> sgs;
+  char* stacks = nullptr;
+  size_t stack_size = 0;
+  size_t stacks_bytes = 0;
+  int nthreads = 0;
+  int cur = 0;
+  int alive = 0;
+  int tg_arrived = 0;
+  uint64_t tg_gen = 0;
+  std::vector<void*> tg_slots;
+  unsigned char* arena = nullptr;
+  size_t arena_used = 0;
+  bool aborted = false;
+  std::string error;
+  BodyFn body = nullptr;
+  void** args = nullptr;
+
+  ~GroupCtx() {
+    if (stacks) munmap(stacks, stacks_bytes);
+    std::free(arena);
+  }
+};
+
+thread_local GroupCtx* tl_group = nullptr;
+
+[[noreturn]] static void fail(const std::string& msg) {
+  GroupCtx* g = tl_group;
+  g->error = msg;
+  g->aborted = true;
+  Fiber& f = g->fibers[g->cur];
+  swapcontext(&f.ctx, &g->sched);
+  std::abort(); // never resumed
+}
+
+static std::string where(const Attrs& a) {
+  char buf[160];
+  std::snprintf(buf, sizeof(buf),
+                "thread_position_in_grid=(%u,%u,%u) threadgroup=(%u,%u,%u) "
+                "thread_index_in_threadgroup=%u",
+                a.thread_position_in_grid.x, a.thread_position_in_grid.y,
+                a.thread_position_in_grid.z, a.threadgroup_position_in_grid.x,
+                a.threadgroup_position_in_grid.y,
+                a.threadgroup_position_in_grid.z, a.thread_index_in_threadgroup);
+  return buf;
+}
+
+static void block_current() {
+  GroupCtx* g = tl_group;
+  swapcontext(&g->fibers[g->cur].ctx, &g->sched);
+}
+
+static void release_tg(GroupCtx* g) {
+  g->tg_gen++;
+  g->tg_arrived = 0;
+  for (auto& f : g->fibers)
+    if (f.state == WAIT_TG) f.state = READY;
+}
+
+static void release_sg(GroupCtx* g, int sgi) {
+  SimdGroup& s = g->sgs[sgi];
+  s.result_mask[s.gen & 1] = s.arrive_mask;
+  s.gen++;
+  s.arrived = 0;
+  s.arrive_mask = 0;
+  int n = g->nthreads;
+  for (int i = sgi * 32; i < std::min(n, sgi * 32 + 32); ++i)
+    if (g->fibers[i].state == WAIT_SG) g->fibers[i].state = READY;
+}
+
+void tg_barrier() {
+  GroupCtx* g = tl_group;
+  Fiber& f = g->fibers[g->cur];
+  f.state = WAIT_TG;
+  if (++g->tg_arrived == g->alive) release_tg(g);
+  if (f.state != READY) block_current();
+}
+
+static const char* kind_name(int kind) {
+  static const char* names[] = {
+      "?", "sum", "product", "max", "min", "and", "or", "xor",
+      "prefix_inclusive_sum", "prefix_exclusive_sum",
+      "prefix_inclusive_product", "prefix_exclusive_product", "shuffle",
+      "shuffle_down", "shuffle_up", "shuffle_xor", "shuffle_rotate_down",
+      "shuffle_rotate_up", "broadcast", "broadcast_first", "all", "any",
+      "is_first"};
+  if (kind == 1000) return "simdgroup_barrier";
+  int k = kind % 64;
+  return k < int(sizeof(names) / sizeof(names[0])) ? names[k] : "?";
+}
+
+const unsigned char* sg_exchange(int kind, const void* src, size_t bytes,
+                                 unsigned* lane_out, unsigned* mask_out) {
+  GroupCtx* g = tl_group;
+  Fiber& f = g->fibers[g->cur];
+  unsigned lane = f.attrs.thread_index_in_simdgroup;
+  int sgi = f.attrs.simdgroup_index_in_threadgroup;
+  SimdGroup& s = g->sgs[sgi];
+  uint64_t my_gen = s.gen;
+  int buf = int(my_gen & 1);
+  if (bytes) std::memcpy(s.slots[buf] + 32 * lane, src, bytes);
+  if (s.arrived == 0) {
+    s.kind = kind;
+  } else if (s.kind != kind) {
+    std::string pfx = kind >= 64 && kind != 1000 ? "quad_" : "simd_";
+    std::string pfx0 = s.kind >= 64 && s.kind != 1000 ? "quad_" : "simd_";
+    fail("divergent SIMD-group collectives: lanes of simdgroup " +
+         std::to_string(sgi) + " called " +
+         (s.kind == 1000 ? std::string("") : pfx0) + kind_name(s.kind) +
+         " while lane " + std::to_string(lane) + " called " +
+         (kind == 1000 ? std::string("") : pfx) + kind_name(kind) + " (" +
+         where(f.attrs) +
+         "). Every active lane of a simdgroup must reach the same collective.");
+  }
+  s.arrived++;
+  s.arrive_mask |= 1u << lane;
+  f.state = WAIT_SG;
+  if (s.arrived == s.alive) release_sg(g, sgi);
+  if (f.state != READY) block_current();
+  *lane_out = lane;
+  *mask_out = s.result_mask[buf];
+  return s.slots[buf];
+}
+
+void sg_barrier() {
+  unsigned lane, mask;
+  sg_exchange(1000, nullptr, 0, &lane, &mask);
+}
+
+void* tg_slot(int slot, size_t bytes, size_t align) {
+  GroupCtx* g = tl_group;
+  if (slot >= int(g->tg_slots.size())) g->tg_slots.resize(slot + 1, nullptr);
+  void*& p = g->tg_slots[slot];
+  if (!p) {
+    size_t off = (g->arena_used + align - 1) / align * align;
+    if (off + bytes > kMaxThreadgroupMemory) {
+      fail("threadgroup memory exceeds the 32 KiB Metal limit (" +
+           std::to_string(off + bytes) + " bytes requested)");
+    }
+    p = g->arena + off;
+    g->arena_used = off + bytes;
+  }
+  return p;
+}
+
+static void fiber_main() {
+  GroupCtx* g = tl_group;
+  int i = g->cur;
+  g->body(g->args, g->fibers[i].attrs);
+  // thread exits: it no longer takes part in barriers / collectives
+  Fiber& f = g->fibers[i];
+  f.state = DONE;
+  g->alive--;
+  int sgi = f.attrs.simdgroup_index_in_threadgroup;
+  SimdGroup& s = g->sgs[sgi];
+  s.alive--;
+  if (s.arrived > 0 && s.arrived == s.alive) release_sg(g, sgi);
+  if (g->tg_arrived > 0 && g->tg_arrived == g->alive) release_tg(g);
+  swapcontext(&f.ctx, &g->sched);
+  std::abort();
+}
+
+static const char* state_name(FiberState s) {
+  switch (s) {
+    case WAIT_TG: return "threadgroup_barrier";
+    case WAIT_SG: return "a simd collective / simdgroup_barrier";
+    default: return "?";
+  }
+}
+
+struct Launch {
+  BodyFn body;
+  void** args;
+  long grid[3], tg[3], ngroups[3];
+  size_t stack_size;
+  std::atomic<long> next{0};
+  std::mutex err_mu;
+  std::string error;
+  std::atomic<bool> failed{false};
+};
+
+static bool run_group(GroupCtx& g, Launch& L, long gid) {
+  long bx = gid % L.ngroups[0];
+  long by = (gid / L.ngroups[0]) % L.ngroups[1];
+  long bz = gid / (L.ngroups[0] * L.ngroups[1]);
+  long b[3] = {bx, by, bz};
+  uint act[3];
+  for (int d = 0; d < 3; ++d)
+    act[d] = uint(std::min(L.tg[d], L.grid[d] - b[d] * L.tg[d]));
+  int n = int(act[0] * act[1] * act[2]);
+  g.nthreads = n;
+  g.alive = n;
+  g.tg_arrived = 0;
+  g.tg_gen = 0;
+  g.aborted = false;
+  g.error.clear();
+  g.body = L.body;
+  g.args = L.args;
+  g.tg_slots.assign(g.tg_slots.size(), nullptr);
+  if (g.arena_used) std::memset(g.arena, 0xFF, g.arena_used);
+  g.arena_used = 0;
+  int nsg = (n + 31) / 32;
+  g.sgs.resize(nsg);
+  for (int s = 0; s < nsg; ++s) {
+    SimdGroup& sg = g.sgs[s];
+    sg.alive = std::min(32, n - 32 * s);
+    sg.arrived = 0;
+    sg.gen = 0;
+    sg.arrive_mask = 0;
+    std::memset(sg.slots, 0xFF, sizeof(sg.slots));
+  }
+  uint dispatch_n = uint(L.tg[0] * L.tg[1] * L.tg[2]);
+  for (int i = 0; i < n; ++i) {
+    Fiber& f = g.fibers[i];
+    Attrs& a = f.attrs;
+    uint lx = i % act[0], ly = (i / act[0]) % act[1], lz = i / (act[0] * act[1]);
+    a.thread_position_in_threadgroup = uint3(lx, ly, lz);
+    a.threadgroup_position_in_grid = uint3(uint(bx), uint(by), uint(bz));
+    a.thread_position_in_grid =
+        uint3(uint(bx * L.tg[0] + lx), uint(by * L.tg[1] + ly), uint(bz * L.tg[2] + lz));
+    a.threads_per_threadgroup = uint3(act[0], act[1], act[2]);
+    a.dispatch_threads_per_threadgroup = uint3(uint(L.tg[0]), uint(L.tg[1]), uint(L.tg[2]));
+    a.threadgroups_per_grid =
+        uint3(uint(L.ngroups[0]), uint(L.ngroups[1]), uint(L.ngroups[2]));
+    a.threads_per_grid = uint3(uint(L.grid[0]), uint(L.grid[1]), uint(L.grid[2]));
+    a.grid_origin = uint3(0u, 0u, 0u);
+    a.grid_size = a.threads_per_grid;
+    a.thread_index_in_threadgroup = uint(i);
+    a.thread_index_in_simdgroup = uint(i % 32);
+    a.simdgroup_index_in_threadgroup = uint(i / 32);
+    a.simdgroups_per_threadgroup = uint(nsg);
+    a.threads_per_simdgroup = 32;
+    a.thread_execution_width = 32;
+    a.quadgroup_index_in_threadgroup = uint(i / 4);
+    a.quadgroups_per_threadgroup = uint((n + 3) / 4);
+    a.thread_index_in_quadgroup = uint(i % 4);
+    a.dispatch_simdgroups_per_threadgroup = (dispatch_n + 31) / 32;
+    a.dispatch_quadgroups_per_threadgroup = (dispatch_n + 3) / 4;
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = g.stacks + size_t(i) * g.stack_size + 4096;
+    f.ctx.uc_stack.ss_size = g.stack_size - 4096;
+    f.ctx.uc_link = nullptr;
+    makecontext(&f.ctx, fiber_main, 0);
+    f.state = READY;
+  }
+  tl_group = &g;
+  while (g.alive > 0) {
+    bool progressed = false;
+    for (int i = 0; i < n && !g.aborted; ++i) {
+      if (g.fibers[i].state != READY) continue;
+      g.cur = i;
+      swapcontext(&g.sched, &g.fibers[i].ctx);
+      progressed = true;
+    }
+    if (g.aborted) break;
+    if (!progressed) {
+      std::string msg = "deadlock in threadgroup (" + std::to_string(bx) + "," +
+                        std::to_string(by) + "," + std::to_string(bz) +
+                        "): no thread can make progress. Waiting threads:";
+      int shown = 0;
+      for (int i = 0; i < n && shown < 8; ++i) {
+        if (g.fibers[i].state == DONE) continue;
+        msg += "\n  thread_index_in_threadgroup=" + std::to_string(i) + " at " +
+               state_name(g.fibers[i].state);
+        shown++;
+      }
+      msg += "\n(a barrier or simd collective reached by only some of the "
+             "threads that must take part: divergent control flow?)";
+      g.error = msg;
+      g.aborted = true;
+      break;
+    }
+  }
+  tl_group = nullptr;
+  if (g.aborted) {
+    std::lock_guard<std::mutex> lk(L.err_mu);
+    if (L.error.empty()) L.error = g.error;
+    L.failed = true;
+    return false;
+  }
+  return true;
+}
+
+static void worker(Launch& L, long total, int tgsize) {
+  GroupCtx g;
+  g.stack_size = L.stack_size;
+  g.stacks_bytes = g.stack_size * size_t(tgsize);
+  void* m = mmap(nullptr, g.stacks_bytes, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (m == MAP_FAILED) {
+    std::lock_guard<std::mutex> lk(L.err_mu);
+    L.error = "could not allocate fiber stacks";
+    L.failed = true;
+    return;
+  }
+  g.stacks = static_cast<char*>(m);
+  for (int i = 0; i < tgsize; ++i) // guard page below every stack
+    mprotect(g.stacks + size_t(i) * g.stack_size, 4096, PROT_NONE);
+  g.fibers.resize(tgsize);
+  g.arena = static_cast<unsigned char*>(std::aligned_alloc(64, kArenaBytes));
+  std::memset(g.arena, 0xFF, kArenaBytes);
+  while (!L.failed) {
+    long gid = L.next.fetch_add(1);
+    if (gid >= total) break;
+    if (!run_group(g, L, gid)) break;
+  }
+}
+
+} // namespace mtl_rt
+
+extern "C" int mtl_launch(mtl_rt::BodyFn body, void** args, const long* dims,
+                          int nworkers, long stack_size, char* err,
+                          int errlen) {
+  mtl_rt::Launch L;
+  L.body = body;
+  L.args = args;
+  long total = 1;
+  for (int d = 0; d < 3; ++d) {
+    L.grid[d] = dims[d];
+    L.tg[d] = std::min(dims[3 + d], dims[d]); // MLX: min(threadgroup, grid)
+    if (L.grid[d] <= 0) return 0;
+    L.ngroups[d] = (L.grid[d] + L.tg[d] - 1) / L.tg[d];
+    total *= L.ngroups[d];
+  }
+  int tgsize = int(L.tg[0] * L.tg[1] * L.tg[2]);
+  L.stack_size = size_t(stack_size);
+  int w = int(std::max(1L, std::min<long>(nworkers, total)));
+  std::vector<std::thread> ts;
+  for (int i = 1; i < w; ++i)
+    ts.emplace_back([&] { mtl_rt::worker(L, total, tgsize); });
+  mtl_rt::worker(L, total, tgsize);
+  for (auto& t : ts) t.join();
+  if (L.failed) {
+    std::snprintf(err, size_t(errlen), "%s", L.error.c_str());
+    return 1;
+  }
+  return 0;
+}

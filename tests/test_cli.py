@@ -1,0 +1,69 @@
+"""The command line: train -> eval round trip, the demo at a tiny size, doctor, clear errors."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from mlx_sleep.cli import main
+
+TINY = ["--task", "rule110", "-o", "n_strings=2", "-o", "n_bits=4", "-o", "steps=1",
+        "--hidden-size", "16", "--heads", "2", "--steps", "3", "--batch-size", "8",
+        "--eval-samples", "16"]
+
+
+def run(*args):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_train_then_eval(tmp_path):
+    out = tmp_path / "run"
+    r = run("train", *TINY, "--loops", "2", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    r = run("eval", "--checkpoint", str(out), "--samples", "16", "--json", str(tmp_path / "r.json"),
+            "--plot", str(tmp_path / "r.png"))
+    assert r.exit_code == 0, r.output
+    assert "| t (steps) | N = 2 exact |" in r.output
+    saved = json.load(open(tmp_path / "r.json"))
+    assert saved["sleep"]["loops"] == 2 and set(saved["results"]) == {"1"}
+    assert (tmp_path / "r.png").stat().st_size > 1000
+    r = run("eval", "--checkpoint", str(out), "--samples", "8", "--loops", "4")
+    assert r.exit_code == 0 and "N = 4" in r.output
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--loops", "0"], "loops (N) must be an integer >= 1"),
+    (["--window", "0"], "window (L) must be an integer >= 1"),
+    (["--window", "1000"], "larger than the task's sequence length"),
+    (["-o", "n_bits=1"], "n_bits must be >= 3"),
+    (["-o", "nonsense"], "is not KEY=VALUE"),
+    (["--layers", "attn,lstm"], "unknown layer type"),
+    (["--core", "3:1"], "core must be START:STOP"),
+    (["--core", "x"], "is not START:STOP"),
+])
+def test_bad_settings_give_one_clear_line(tmp_path, extra, message):
+    r = CliRunner().invoke(main, ["train", *TINY, "--out", str(tmp_path / "o"), *extra])
+    assert r.exit_code != 0
+    assert message in r.output, r.output
+    assert "Traceback" not in r.output
+
+
+def test_eval_of_a_directory_that_is_not_a_run(tmp_path):
+    r = CliRunner().invoke(main, ["eval", "--checkpoint", str(tmp_path)])
+    assert r.exit_code == 1 and "not a training run" in r.output
+    assert "Traceback" not in r.output
+
+
+def test_demo_at_a_tiny_size(tmp_path):
+    r = run("demo", "--out", str(tmp_path), "--steps", "2", "-N", "1", "-N", "2")
+    assert r.exit_code == 0, r.output
+    assert "N = 1" in r.output and "N = 2" in r.output
+    results = json.load(open(tmp_path / "results.json"))
+    assert set(results["results"]) == {"N = 1", "N = 2"}
+    assert (tmp_path / "accuracy.png").exists()
+
+
+def test_doctor():
+    r = run("doctor")
+    assert r.exit_code == 0
+    assert "mlx " in r.output and "matmul" in r.output

@@ -1,0 +1,86 @@
+"""Training: optimizer split, learning, exact resume, run directories, clear errors."""
+
+import json
+import os
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from mlx_sleep.config import ConfigError, ModelConfig, SleepConfig
+from mlx_sleep.tasks import get_task
+from mlx_sleep.train import TrainConfig, Trainer, build_model, is_matrix_weight, load_run
+
+TASK = get_task("rule110", n_strings=2, n_bits=4, steps=1)
+
+
+def trainer(out, steps=6, loops=2, **kw):
+    return Trainer(str(out), ModelConfig(vocab_size=TASK.vocab_size, hidden_size=32, num_heads=2),
+                   SleepConfig(loops=loops, window=TASK.window), TASK,
+                   TrainConfig(steps=steps, batch_size=16, warmup=2, lr=2e-2, adam_lr=3e-3,
+                               eval_samples=32, checkpoint_every=3, log_every=1, **kw),
+                   progress=False)
+
+
+def test_muon_takes_block_matrices_and_adamw_the_rest():
+    model = build_model(ModelConfig(vocab_size=8, hidden_size=16, layers="attn,gdn,jet",
+                                    num_heads=2, tie_embeddings=False), 0)
+    split = {p: is_matrix_weight(p, w) for p, w in tree_flatten(model.parameters())}
+    assert split["layers.0.mixer.q_proj.weight"] and split["layers.1.mlp.down_proj.weight"]
+    assert split["layers.2.mixer.kernel_generator.w1.weight"]
+    for p in ("embed_tokens.weight", "lm_head.weight", "layers.1.mixer.conv_weight",
+              "layers.1.mixer.A_log", "layers.0.input_layernorm.weight",
+              "layers.2.mixer.kernel_generator.w2.bias"):
+        assert not split[p], p
+
+
+def test_training_lowers_the_loss(tmp_path):
+    t = trainer(tmp_path, steps=40, loops=1)
+    t.run()
+    losses = [json.loads(l)["loss"] for l in open(tmp_path / "metrics.jsonl") if '"loss"' in l]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.05
+
+
+@pytest.mark.parametrize("activation_checkpoint", [False, True])
+def test_resume_is_exact(tmp_path, activation_checkpoint):
+    straight = trainer(tmp_path / "a", activation_checkpoint=activation_checkpoint)
+    straight.run()
+    half = trainer(tmp_path / "b", activation_checkpoint=activation_checkpoint)
+    half.cfg.steps = 3
+    half.run()
+    resumed = trainer(tmp_path / "b", activation_checkpoint=activation_checkpoint)
+    assert resumed.step == 3
+    resumed.run()
+    a, b = dict(tree_flatten(straight.model.parameters())), dict(tree_flatten(resumed.model.parameters()))
+    for k in a:
+        np.testing.assert_array_equal(np.array(a[k]), np.array(b[k]), err_msg=k)
+
+
+def test_run_directory_and_load_run(tmp_path):
+    trainer(tmp_path, steps=3).run()
+    assert sorted(os.listdir(tmp_path / "checkpoint")) == ["model.safetensors",
+                                                           "optimizer.safetensors", "trainer.json"]
+    records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    assert any("eval" in r for r in records) and any("tokens_per_s" in r for r in records)
+    model, sleep, task, _ = load_run(str(tmp_path / "checkpoint"))  # either dir works
+    assert sleep.loops == 2 and task == TASK
+
+
+def test_other_settings_in_same_directory_refused(tmp_path):
+    trainer(tmp_path, steps=2).run()
+    with pytest.raises(ConfigError, match="different"):
+        trainer(tmp_path, steps=2, loops=3)
+
+
+def test_window_larger_than_sequence_refused(tmp_path):
+    with pytest.raises(ConfigError, match="larger than"):
+        Trainer(str(tmp_path), ModelConfig(vocab_size=8), SleepConfig(window=500), TASK,
+                TrainConfig(steps=1), progress=False)
+
+
+def test_load_run_on_a_non_run_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a training run"):
+        load_run(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        load_run(str(tmp_path / "missing"))
