@@ -7,8 +7,9 @@ Per head, with a_t (decay) and b_t (write strength) in (0, 1) computed from the 
 
 State layout follows MLX core: S [B, Hv, Dv, Dk]. The recurrence runs through
 `mx.fast.gated_delta_update` (Metal forward and backward kernels on Apple silicon, an ops
-fallback elsewhere). Key heads may be fewer than value heads (GVA): value head h reads key head
-h // (Hv / Hk).
+fallback elsewhere); a decode token (T == 1) takes one fused launch instead (`kernels.gdn_step`,
+with this same math as its fallback). Key heads may be fewer than value heads (GVA): value head h
+reads key head h // (Hv / Hk).
 
 State: {"conv": [B, W-1, C] raw (pre-conv) inputs of the last W-1 tokens, "S": fast weights}.
 Only S is carried from pass to pass during sleep; the conv state restarts from its chunk-start
@@ -19,6 +20,8 @@ import math
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from .. import kernels
 
 L2_EPS = 1e-6  # x / sqrt(sum(x^2) + eps), as flash-linear-attention's l2norm
 
@@ -112,11 +115,16 @@ class GatedDeltaNet(nn.Module):
     def __call__(self, x, state: dict, offset: int = 0, window=None):
         B, T, _ = x.shape
         q, k, v, conv_state = self.qkv(x, state["conv"])
+        gate = self.g_proj(x).reshape(B, T, self.v_heads, self.head_v_dim)
+        if T == 1:  # decode: gates, norms, update, readout and gated norm in one launch
+            o, S = kernels.gdn_step(q, k, v, self.a_proj(x), self.b_proj(x), self.A_log,
+                                    self.dt_bias, state["S"], gate, self.o_norm.weight,
+                                    self.o_norm.eps)
+            return self.o_proj(o.reshape(B, T, -1)), {"conv": conv_state, "S": S}
         q = l2_normalize(q) * self.head_k_dim ** -0.5
         k = l2_normalize(k)
         decay, beta = decay_and_beta(self.a_proj(x), self.b_proj(x), self.A_log, self.dt_bias)
         o, S = mx.fast.gated_delta_update(q, k, v, decay, beta, state["S"])
-        gate = self.g_proj(x).reshape(B, T, self.v_heads, self.head_v_dim)
         o = self.o_norm(o) * nn.silu(gate)
         return self.o_proj(o.reshape(B, T, -1)), {"conv": conv_state, "S": S}
 
@@ -156,6 +164,8 @@ class JetBlock(GatedDeltaNet):
         B, T, _ = x.shape
         q = nn.silu(self.q_proj(x)).reshape(B, T, self.k_heads, self.head_k_dim)
         k = nn.silu(self.k_proj(x)).reshape(B, T, self.k_heads, self.head_k_dim)
-        v, conv_state = causal_conv(self.v_proj(x), conv_state, self.kernel_generator(x))
-        v = nn.silu(v).reshape(B, T, self.v_heads, self.head_v_dim)
+        # causal_conv + SiLU, through a Metal kernel (forward and backward) where one runs
+        v, conv_state = kernels.dynamic_conv(self.v_proj(x), conv_state, self.kernel_generator(x),
+                                             silu=True)
+        v = v.reshape(B, T, self.v_heads, self.head_v_dim)
         return q, k, v, conv_state

@@ -1,0 +1,331 @@
+"""Custom Metal kernels, and the one place that decides whether they run.
+
+    dynamic_conv(x, conv_state, kernel, silu)   Jet's per-token causal conv (+ SiLU), a chunk or
+                                                one decode token; its VJP has a kernel too
+    gdn_step(q, k, v, a, b, ...)                one decode token of Gated DeltaNet: gates, L2
+                                                norms, delta rule, readout, gated RMSNorm
+
+Every kernel sits beside its ops fallback (the layer's own math), and a kernel is only trusted
+after it has matched that fallback once in this process: on first use it is built and run on a
+small input; a compile error or a mismatch warns once and the fallback serves the rest of the
+process. Without Metal (Linux, or a CPU default device) or with MLX_SLEEP_KERNELS=0 the
+fallbacks run and nothing is built.
+
+The SiLU after Jet's conv is fused (template flag SILU): unfused, the activation re-reads and
+re-writes y, which for W = 4 adds 2 to the 6 [B, T, C]-sized transfers of the conv (x, the four
+taps, y) plus a launch -- the whole cost at T = 1. The backward recomputes the pre-activation
+from taps it loads anyway (W multiply-adds) rather than storing it. benchmarks/kernels.py times
+the unfused variant too, so a Mac run can confirm this.
+
+Kernel bodies live in metal/*.metal (headers in metal/*.h) and are handed to
+`mx.fast.metal_kernel`, or to whatever factory `configure(factory=...)` injects -- the tests
+inject the CPU emulator in tests/metal_emulator, which runs these same sources on Linux.
+"""
+
+import functools
+import os
+import threading
+import warnings
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+ENV = "MLX_SLEEP_KERNELS"
+
+# A wheel ships the sources as the package mlx_sleep.metal; a source checkout (editable
+# install, tests) has them in metal/ at the repository root.
+_METAL_DIRS = (Path(__file__).resolve().parent / "metal",
+               Path(__file__).resolve().parent.parent / "metal")
+
+
+def metal_dir() -> Path:
+    for d in _METAL_DIRS:
+        if (d / "common.h").is_file():
+            return d
+    raise FileNotFoundError(f"Metal kernel sources not found in {', '.join(map(str, _METAL_DIRS))}")
+
+
+@functools.lru_cache(maxsize=None)
+def read_source(name: str) -> str:
+    return (metal_dir() / name).read_text()
+
+
+# ------------------------------------------------------------------------------ dispatch
+
+_factory = None  # None: mx.fast.metal_kernel
+_metal_available = None  # None: ask MLX
+
+
+def configure(factory=None, metal_available=None):
+    """Inject the kernel factory (signature of mx.fast.metal_kernel) and/or override Metal
+    detection, then forget every kernel's build and self-check. configure() restores defaults."""
+    global _factory, _metal_available
+    _factory, _metal_available = factory, metal_available
+    for k in KERNELS.values():
+        k.reset()
+
+
+def metal_available() -> bool:
+    if _metal_available is not None:
+        return _metal_available
+    return mx.metal.is_available() and mx.default_device() == mx.gpu
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV, "1") != "0" and metal_available()
+
+
+class Kernel:
+    """One Metal kernel: built lazily, self-checked on first use, or replaced by its fallback.
+
+    `check(kernel)` runs the kernel and its fallback on a small float32 input and returns
+    (max abs diff, tolerance)."""
+
+    def __init__(self, name, source, headers, inputs, outputs, check):
+        self.name, self.source, self.headers = name, source, headers
+        self.inputs, self.outputs, self.check = inputs, outputs, check
+        self.reset()
+
+    def reset(self):
+        self._fn, self.status = None, "not used yet"
+        self._lock = threading.Lock()  # an idle sleep may run in a background thread
+
+    def build(self):
+        factory = _factory or mx.fast.metal_kernel
+        header = "\n".join(read_source(h) for h in self.headers)
+        return factory(name=f"mlx_sleep_{self.name}", input_names=self.inputs,
+                       output_names=self.outputs, source=read_source(self.source), header=header)
+
+    def ready(self) -> bool:
+        """True if the kernel may run; builds and self-checks it the first time."""
+        if not enabled():
+            return False
+        if self._fn is None and self.status == "not used yet":
+            with self._lock:
+                if self.status == "not used yet":
+                    self._first_use()
+        return self._fn is not None
+
+    def _first_use(self):
+        try:
+            fn = self.build()
+            diff, tol = self.check(fn)
+        except Exception as e:  # compile errors surface on the first call
+            return self._give_up(f"failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        if not diff <= tol:  # also catches NaN
+            return self._give_up(f"self-check mismatch (max abs diff {diff:.3g} > {tol:.3g})")
+        self._fn, self.status = fn, f"ok (self-check max abs diff {diff:.2g})"
+
+    def _give_up(self, why):
+        self.status = f"fallback: {why}"
+        warnings.warn(f"mlx-sleep kernel '{self.name}' {why}; using the ops fallback for the "
+                      f"rest of this process", RuntimeWarning, stacklevel=4)
+
+    def __call__(self, **kwargs):
+        return self._fn(**kwargs)
+
+
+def _compare(out, ref, rtol=1e-4):
+    """(max abs diff, tolerance) over lists of arrays; float32 self-check inputs, so the bound is
+    a float32 one that leaves room for Metal's exp / rsqrt, relative to the largest value."""
+    diff = max(mx.abs(a.astype(mx.float32) - b.astype(mx.float32)).max().item()
+               for a, b in zip(out, ref))
+    scale = max(mx.abs(b.astype(mx.float32)).max().item() for b in ref)
+    return diff, rtol * max(1.0, scale)
+
+
+# ------------------------------------------------------------------- Jet dynamic causal conv
+
+def dynamic_conv_ops(x, conv_state, kernel, silu=False):
+    """The fallback: the layer's causal_conv (+ SiLU)."""
+    from .layers.gated_deltanet import causal_conv
+
+    y, new_state = causal_conv(x, conv_state, kernel)
+    return (nn.silu(y) if silu else y), new_state
+
+
+def _conv_forward(fn, x, conv_state, kernel, silu):
+    B, T, C = x.shape
+    W = kernel.shape[-1]
+    y_dtype = mx.result_type(x, conv_state, kernel)  # what the ops give
+    state_dtype = mx.result_type(x, conv_state)
+    return fn(inputs=[x, conv_state, kernel],
+              template=[("Ty", y_dtype), ("Tn", state_dtype), ("W", W), ("SILU", silu)],
+              grid=(C, max(T, W - 1), B), threadgroup=(min(C, 256), 1, 1),
+              output_shapes=[(B, T, C), (B, W - 1, C)], output_dtypes=[y_dtype, state_dtype])
+
+
+def _conv_backward(fn, x, conv_state, kernel, dy, dstate, silu):
+    B, T, C = x.shape
+    W = kernel.shape[-1]
+    return fn(inputs=[x, conv_state, kernel, dy, dstate],
+              template=[("Tx", x.dtype), ("Ts", conv_state.dtype), ("Tk", kernel.dtype),
+                        ("W", W), ("SILU", silu)],
+              grid=(C, T + W - 1, B), threadgroup=(min(C, 256), 1, 1),
+              output_shapes=[x.shape, conv_state.shape, kernel.shape],
+              output_dtypes=[x.dtype, conv_state.dtype, kernel.dtype])
+
+
+def _conv_backward_ops(x, conv_state, kernel, dy, dstate, silu):
+    _, grads = mx.vjp(lambda *p: dynamic_conv_ops(*p, silu=silu), [x, conv_state, kernel],
+                      [dy, dstate])
+    return grads
+
+
+def _conv_check_inputs():
+    # T=5 is shorter than no tile and not a multiple of any; C=40 leaves a partial threadgroup
+    keys = mx.random.split(mx.random.key(7), 5)
+    B, T, C, W = 2, 5, 40, 4
+    x = mx.random.normal((B, T, C), key=keys[0])
+    state = mx.random.normal((B, W - 1, C), key=keys[1])
+    kern = mx.random.normal((B, T, C, W), key=keys[2]) / 2
+    return x, state, kern, mx.random.normal((B, T, C), key=keys[3]), \
+        mx.random.normal((B, W - 1, C), key=keys[4])
+
+
+def _check_conv_forward(fn):
+    x, state, kern, _, _ = _conv_check_inputs()
+    out = [*_conv_forward(fn, x, state, kern, False), *_conv_forward(fn, x, state, kern, True)]
+    ref = [*dynamic_conv_ops(x, state, kern, False), *dynamic_conv_ops(x, state, kern, True)]
+    return _compare(out, ref)
+
+
+def _check_conv_backward(fn):
+    x, state, kern, dy, dstate = _conv_check_inputs()
+    return _compare(_conv_backward(fn, x, state, kern, dy, dstate, True),
+                    _conv_backward_ops(x, state, kern, dy, dstate, True))
+
+
+@functools.lru_cache(maxsize=None)
+def _conv_function(silu: bool):
+    """dynamic_conv as an mx.custom_function: Metal forward, and a Metal backward when that
+    kernel passed its own self-check (else the VJP of the ops fallback)."""
+
+    @mx.custom_function
+    def conv(x, conv_state, kernel):
+        return tuple(_conv_forward(KERNELS["dynamic_conv"], x, conv_state, kernel, silu))
+
+    @conv.vjp
+    def conv_vjp(primals, cotangents, outputs):
+        dy, dstate = cotangents
+        bwd = KERNELS["dynamic_conv_backward"]
+        if bwd.ready():
+            return tuple(_conv_backward(bwd, *primals, dy, dstate, silu))
+        return tuple(_conv_backward_ops(*primals, dy, dstate, silu))
+
+    return conv
+
+
+def dynamic_conv(x, conv_state, kernel, silu=False):
+    """Jet's dynamic causal convolution. x [B, T, C]; conv_state [B, W-1, C] (raw inputs of the
+    W-1 tokens before x); kernel [B, T, C, W] per token, tap W-1 = the current token.
+    Returns (act(y) [B, T, C], new conv_state [B, W-1, C]), act = SiLU if `silu`. Differentiable
+    in all three inputs. T == 1 is the decode step (one launch, state included)."""
+    if kernel.shape[-1] < 2 or not KERNELS["dynamic_conv"].ready():
+        return dynamic_conv_ops(x, conv_state, kernel, silu)
+    y, new_state = _conv_function(bool(silu))(x, conv_state, kernel)
+    return y, new_state
+
+
+# ------------------------------------------------------------------- fused GDN decode step
+
+def gdn_step_ops(q, k, v, a, b, A_log, dt_bias, state, gate, norm_weight, norm_eps):
+    """The fallback: GatedDeltaNet.__call__'s math after the projections."""
+    from .layers.gated_deltanet import decay_and_beta, l2_normalize
+
+    q = l2_normalize(q) * q.shape[-1] ** -0.5
+    k = l2_normalize(k)
+    decay, beta = decay_and_beta(a, b, A_log, dt_bias)
+    o, state = mx.fast.gated_delta_update(q, k, v, decay, beta, state)
+    return mx.fast.rms_norm(o, norm_weight, norm_eps) * nn.silu(gate), state
+
+
+def _gdn_step(fn, q, k, v, a, b, A_log, dt_bias, state, gate, norm_weight, norm_eps):
+    B, _, Hk, Dk = q.shape
+    Hv, Dv = v.shape[-2:]
+    R = min(Dv, 32)  # simdgroups per head: (32, R) threads <= 1024
+    out_dtype = mx.result_type(q, k, v, norm_weight, gate)
+    y, state = fn(inputs=[q, k, v, gate, a, b, A_log, dt_bias, state, norm_weight, norm_eps],
+                  template=[("StT", state.dtype), ("OutT", out_dtype), ("Hk", Hk), ("Hv", Hv),
+                            ("Dk", Dk), ("Dv", Dv), ("R", R)],
+                  grid=(32, R, B * Hv), threadgroup=(32, R, 1),
+                  output_shapes=[(B, 1, Hv, Dv), state.shape],
+                  output_dtypes=[out_dtype, state.dtype])
+    return y, state
+
+
+def _check_gdn_step(fn):
+    # Dk = 40 and Dv = 36 exercise the partial lanes and the second row pass; GVA 2:1
+    B, Hk, Hv, Dk, Dv = 2, 1, 2, 40, 36
+    keys = mx.random.split(mx.random.key(11), 8)
+    args = (mx.random.normal((B, 1, Hk, Dk), key=keys[0]),
+            mx.random.normal((B, 1, Hk, Dk), key=keys[1]),
+            mx.random.normal((B, 1, Hv, Dv), key=keys[2]),
+            mx.random.normal((B, 1, Hv), key=keys[3]),
+            mx.random.normal((B, 1, Hv), key=keys[4]),
+            mx.log(mx.random.uniform(1, 16, (Hv,), key=keys[5])),
+            mx.random.uniform(-5, -1, (Hv,), key=keys[6]),
+            mx.random.normal((B, Hv, Dv, Dk), key=keys[7]) / 4,
+            mx.random.normal((B, 1, Hv, Dv), key=keys[0]),
+            mx.ones((Dv,)) * 1.5, 1e-6)
+    return _compare(_gdn_step(fn, *args), gdn_step_ops(*args))
+
+
+@functools.lru_cache(maxsize=None)
+def _gdn_step_function(norm_eps: float):
+    """The kernel is for inference; should a T == 1 chunk meet mx.grad (sleep training may
+    sample one), its VJP is the ops fallback's, recomputed."""
+
+    @mx.custom_function
+    def step(*args):
+        return _gdn_step(KERNELS["gdn_step"], *args, norm_eps)
+
+    @step.vjp
+    def step_vjp(primals, cotangents, outputs):
+        _, grads = mx.vjp(lambda *p: gdn_step_ops(*p, norm_eps), list(primals), list(cotangents))
+        return tuple(grads)
+
+    return step
+
+
+def gdn_step(q, k, v, a, b, A_log, dt_bias, state, gate, norm_weight, norm_eps):
+    """One decode token of Gated DeltaNet, fused. q, k [B, 1, Hk, Dk] (after conv and SiLU, before
+    the L2 norm); v, gate [B, 1, Hv, Dv] (gate = g_proj output); a, b [B, 1, Hv] (a_proj, b_proj
+    outputs); A_log, dt_bias [Hv]; state [B, Hv, Dv, Dk]; the o_norm RMSNorm's weight and eps.
+    Returns (rmsnorm(o) * weight * silu(gate) [B, 1, Hv, Dv], new state)."""
+    if q.shape[1] != 1 or v.shape[-2] % q.shape[-2] or not KERNELS["gdn_step"].ready():
+        return gdn_step_ops(q, k, v, a, b, A_log, dt_bias, state, gate, norm_weight, norm_eps)
+    y, state = _gdn_step_function(float(norm_eps))(q, k, v, a, b, A_log, dt_bias, state, gate,
+                                                   norm_weight)
+    return y, state
+
+
+# ------------------------------------------------------------------------------ registry
+
+KERNELS = {k.name: k for k in (
+    Kernel("dynamic_conv", "dynamic_conv.metal", ["common.h", "dynamic_conv.h"],
+           ["x", "conv_state", "kern"], ["y", "new_state"], _check_conv_forward),
+    Kernel("dynamic_conv_backward", "dynamic_conv_backward.metal", ["common.h", "dynamic_conv.h"],
+           ["x", "conv_state", "kern", "dy", "dstate"], ["dx", "dconv_state", "dkern"],
+           _check_conv_backward),
+    Kernel("gdn_step", "gdn_step.metal", ["common.h"],
+           ["q", "k", "v", "gate", "a_in", "b_in", "A_log", "dt_bias", "state_in", "weight", "eps"],
+           ["y", "state_out"], _check_gdn_step),
+)}
+
+
+def kernel_report() -> list:
+    """Lines for `mlx-sleep doctor`: each kernel's status (runs the self-checks on Metal)."""
+    if os.environ.get(ENV, "1") == "0":
+        why = f"{ENV}=0: ops fallbacks forced"
+    elif not metal_available():
+        why = "no Metal device: ops fallbacks"
+    else:
+        why = "Metal: self-checked against the ops fallbacks"
+    lines = [f"kernels     {why} (sources: {metal_dir()})"]
+    for k in KERNELS.values():
+        k.ready()
+        status = k.status if enabled() else "fallback"
+        lines.append(f"  {k.name:<22}{status}")
+    return lines

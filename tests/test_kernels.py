@@ -1,0 +1,334 @@
+"""mlx_sleep.kernels: every Metal kernel, run on the CPU through tests/metal_emulator, against its
+ops fallback and a naive reference; plus the dispatch (self-check, forced fallback, no Metal).
+
+Tolerances (max abs error; inputs are O(1)): float32 1e-5 against the fallback and the naive
+float32 reference. In half precision the kernels accumulate in float32 and round once, the ops
+fallback rounds after every op, so both are compared to the float32 naive reference on the same
+(rounded) inputs with a bound a few ulps of the output's magnitude: float16 1e-2, bfloat16 6e-2.
+"""
+
+import math
+import warnings
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from mlx.utils import tree_flatten
+
+from mlx_sleep import kernels
+from tests.metal_emulator import metal_kernel
+
+TOL = {mx.float32: 1e-5, mx.float16: 1e-2, mx.bfloat16: 6e-2}
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    """The kernels run through the CPU emulator as if Metal were there."""
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    kernels.configure(factory=metal_kernel, metal_available=True)
+    yield
+    kernels.configure()
+
+
+def max_diff(a, b):
+    return mx.abs(a.astype(mx.float32) - b.astype(mx.float32)).max().item()
+
+
+def randn(shape, seed, dtype=mx.float32, scale=1.0):
+    return (scale * mx.random.normal(shape, key=mx.random.key(seed))).astype(dtype)
+
+
+# ------------------------------------------------------------------ naive references
+
+def naive_conv(x, conv_state, kern, silu):
+    """y[t] = sum_w kern[t, w] padded[t + w], token by token, in float32."""
+    x, conv_state, kern = (a.astype(mx.float32) for a in (x, conv_state, kern))
+    T, W = x.shape[1], kern.shape[-1]
+    seq = mx.concatenate([conv_state, x], axis=1)
+    ys = []
+    for t in range(T):
+        acc = mx.zeros(x[:, 0].shape)
+        for w in range(W):
+            acc = acc + kern[:, t, :, w] * seq[:, t + w]
+        ys.append(acc / (1 + mx.exp(-acc)) if silu else acc)
+    return mx.stack(ys, axis=1), seq[:, T:]
+
+
+def naive_gdn_step(q, k, v, a, b, A_log, dt_bias, S, gate, weight, eps):
+    """The decode step from the equations, head by head with explicit matrices, in float32."""
+    q, k, v, a, b, S, gate = (t.astype(mx.float32) for t in (q, k, v, a, b, S, gate))
+    B, _, Hk, Dk = q.shape
+    Hv, Dv = v.shape[-2:]
+    ys, S_new = [], []
+    for h in range(Hv):
+        kh = h // (Hv // Hk)
+        qh = q[:, 0, kh] / mx.sqrt((q[:, 0, kh] ** 2).sum(-1, keepdims=True) + 1e-6) / math.sqrt(Dk)
+        kt = k[:, 0, kh] / mx.sqrt((k[:, 0, kh] ** 2).sum(-1, keepdims=True) + 1e-6)
+        decay = mx.exp(-mx.exp(A_log[h]) * mx.log(1 + mx.exp(a[:, 0, h] + dt_bias[h])))
+        beta = 1 / (1 + mx.exp(-b[:, 0, h]))
+        kkT = kt[:, :, None] * kt[:, None, :]
+        Sh = decay[:, None, None] * (S[:, h] @ (mx.eye(Dk) - beta[:, None, None] * kkT)) \
+            + beta[:, None, None] * (v[:, 0, h][:, :, None] * kt[:, None, :])
+        o = (Sh @ qh[:, :, None])[..., 0]
+        o = o / mx.sqrt((o * o).mean(-1, keepdims=True) + eps) * weight
+        g = gate[:, 0, h]
+        ys.append(o * g / (1 + mx.exp(-g)))
+        S_new.append(Sh)
+    return mx.stack(ys, axis=1)[:, None], mx.stack(S_new, axis=1)
+
+
+# ------------------------------------------------------------------ Jet dynamic conv
+
+def conv_inputs(B, T, C, W, dtype, seed=0):
+    return (randn((B, T, C), seed, dtype), randn((B, W - 1, C), seed + 1, dtype),
+            randn((B, T, C, W), seed + 2, dtype, 0.5))
+
+
+CONV_SHAPES = [  # B, T, C, W
+    (1, 1, 8, 4),    # the decode step
+    (2, 2, 40, 4),   # T < W - 1: part of the new state comes from the old one
+    (2, 37, 12, 2),  # T a multiple of nothing, short conv
+    (1, 9, 300, 4),  # C over one threadgroup (256) with a partial second
+]
+
+
+@pytest.mark.parametrize("shape", CONV_SHAPES)
+def test_dynamic_conv_forward(emulated, shape):
+    x, state, kern = conv_inputs(*shape, mx.float32)
+    for silu in (True, False) if shape[1] == 1 else (True,):
+        y, new_state = kernels.dynamic_conv(x, state, kern, silu=silu)
+        y_ops, s_ops = kernels.dynamic_conv_ops(x, state, kern, silu=silu)
+        y_ref, s_ref = naive_conv(x, state, kern, silu)
+        assert y.shape == y_ops.shape and new_state.shape == s_ops.shape
+        assert max_diff(y, y_ops) < 1e-5 and max_diff(y, y_ref) < 1e-5
+        assert max_diff(new_state, s_ops) == 0 and max_diff(new_state, s_ref) == 0
+    assert kernels.KERNELS["dynamic_conv"].status.startswith("ok")
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+def test_dynamic_conv_half(emulated, dtype):
+    x, state, kern = conv_inputs(2, 11, 24, 4, dtype)
+    y, new_state = kernels.dynamic_conv(x, state, kern, silu=True)
+    y_ops, s_ops = kernels.dynamic_conv_ops(x, state, kern, silu=True)
+    y_ref, _ = naive_conv(x, state, kern, True)
+    assert y.dtype == y_ops.dtype == dtype and new_state.dtype == s_ops.dtype
+    assert max_diff(y, y_ref) < TOL[dtype] and max_diff(y_ops, y_ref) < TOL[dtype]
+    assert max_diff(new_state, s_ops) == 0
+    # the decode layer's case: a float32 state fed half-precision tokens
+    y, new_state = kernels.dynamic_conv(x[:, :1], state.astype(mx.float32), kern[:, :1], silu=True)
+    y_ops, s_ops = kernels.dynamic_conv_ops(x[:, :1], state.astype(mx.float32), kern[:, :1], True)
+    assert y.dtype == y_ops.dtype and new_state.dtype == s_ops.dtype == mx.float32
+    assert max_diff(y, y_ops) < TOL[dtype]
+
+
+def conv_vjps(fn, x, state, kern, silu, seed=9):
+    """Gradients of <y, dy> + <new_state, dstate> w.r.t. (x, conv_state, kern)."""
+    y, s = fn(x, state, kern, silu)
+    dy, ds = randn(y.shape, seed, y.dtype), randn(s.shape, seed + 1, s.dtype)
+    return mx.vjp(lambda *p: fn(*p, silu), [x, state, kern], [dy, ds])[1]
+
+
+@pytest.mark.parametrize("shape,silu", [((1, 1, 8, 4), True), ((2, 2, 40, 4), True),
+                                        ((2, 13, 12, 2), False), ((1, 6, 33, 4), True)])
+def test_dynamic_conv_gradients(emulated, shape, silu):
+    x, state, kern = conv_inputs(*shape, mx.float32)
+    grads = conv_vjps(kernels.dynamic_conv, x, state, kern, silu)
+    ops = conv_vjps(kernels.dynamic_conv_ops, x, state, kern, silu)
+    ref = conv_vjps(naive_conv, x, state, kern, silu)
+    for g, g_ops, g_ref in zip(grads, ops, ref):
+        assert g.shape == g_ops.shape
+        assert max_diff(g, g_ops) < 1e-5 and max_diff(g, g_ref) < 1e-5
+    assert kernels.KERNELS["dynamic_conv_backward"].status.startswith("ok")
+
+
+def test_dynamic_conv_gradients_bfloat16(emulated):
+    x, state, kern = conv_inputs(1, 7, 16, 4, mx.bfloat16)
+    grads = conv_vjps(kernels.dynamic_conv, x, state, kern, True)
+    ref = conv_vjps(naive_conv, x, state, kern, True)
+    for g, g_ref in zip(grads, ref):
+        assert g.dtype == mx.bfloat16
+        assert max_diff(g, g_ref) < TOL[mx.bfloat16]
+
+
+# ------------------------------------------------------------------ fused GDN step
+
+def gdn_inputs(B, Hk, Hv, Dk, Dv, dtype, seed=0):
+    f32 = mx.float32
+    return (randn((B, 1, Hk, Dk), seed, dtype), randn((B, 1, Hk, Dk), seed + 1, dtype),
+            randn((B, 1, Hv, Dv), seed + 2, dtype), randn((B, 1, Hv), seed + 3, dtype),
+            randn((B, 1, Hv), seed + 4, dtype),
+            mx.log(mx.random.uniform(1, 16, (Hv,), key=mx.random.key(seed + 5))),
+            mx.random.uniform(-6, -2, (Hv,), key=mx.random.key(seed + 6)),
+            randn((B, Hv, Dv, Dk), seed + 7, f32, 0.3), randn((B, 1, Hv, Dv), seed + 8, dtype),
+            1 + randn((Dv,), seed + 9, f32, 0.1), 1e-5)
+
+
+GDN_SHAPES = [  # B, Hk, Hv, Dk, Dv
+    (1, 2, 2, 8, 8),     # MHA-style heads, Dk < 32 lanes
+    (2, 1, 4, 8, 6),     # GVA 4:1
+    (1, 2, 4, 40, 36),   # GVA 2:1; Dk over 32 lanes, Dv over 32 rows (two row passes)
+    (1, 1, 2, 64, 64),   # full lanes, two key entries per lane
+]
+
+
+@pytest.mark.parametrize("shape", GDN_SHAPES)
+def test_gdn_step(emulated, shape):
+    args = gdn_inputs(*shape, mx.float32)
+    y, S = kernels.gdn_step(*args)
+    y_ops, S_ops = kernels.gdn_step_ops(*args)
+    y_ref, S_ref = naive_gdn_step(*args)
+    assert y.shape == y_ops.shape and S.shape == S_ops.shape and S.dtype == S_ops.dtype
+    assert max_diff(y, y_ops) < 1e-5 and max_diff(y, y_ref) < 1e-5
+    assert max_diff(S, S_ops) < 1e-5 and max_diff(S, S_ref) < 1e-5
+    assert kernels.KERNELS["gdn_step"].status.startswith("ok")
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+def test_gdn_step_half(emulated, dtype):
+    args = gdn_inputs(2, 1, 2, 16, 12, dtype)  # float32 state and norm weight, as in the layer
+    y, S = kernels.gdn_step(*args)
+    y_ops, S_ops = kernels.gdn_step_ops(*args)
+    y_ref, S_ref = naive_gdn_step(*args)
+    assert y.dtype == y_ops.dtype and S.dtype == S_ops.dtype
+    assert max_diff(y, y_ref) < TOL[dtype] and max_diff(y_ops, y_ref) < TOL[dtype]
+    assert max_diff(S, S_ref) < TOL[dtype]
+
+
+def test_gdn_step_gradient_uses_ops_vjp(emulated):
+    # inference kernel, but a T == 1 chunk under mx.grad must still differentiate
+    args = gdn_inputs(1, 1, 2, 8, 8, mx.float32)
+
+    def loss(step, q, S):
+        y, S = step(q, *args[1:7], S, *args[8:])
+        return (y * y).sum() + S.sum()
+
+    g = mx.grad(lambda q, S: loss(kernels.gdn_step, q, S), argnums=(0, 1))(args[0], args[7])
+    g_ops = mx.grad(lambda q, S: loss(kernels.gdn_step_ops, q, S), argnums=(0, 1))(args[0], args[7])
+    assert all(max_diff(a, b) < 1e-5 for a, b in zip(g, g_ops))
+
+
+# ------------------------------------------------------------------ through the layers
+
+def test_layers_route_through_kernels(emulated, monkeypatch):
+    """Jet chunk (forward + parameter grads) and decode tokens of both layers: kernels on ==
+    kernels off."""
+    from mlx_sleep.layers.gated_deltanet import GatedDeltaNet, JetBlock
+
+    mx.random.seed(3)
+    for layer in (JetBlock(16, 1, 2, 8, 6, 4, generator_reduction=4),
+                  GatedDeltaNet(16, 1, 2, 8, 6, 4)):
+        x = randn((1, 5, 16), 4)
+        state = layer.initial_state(1)
+        state["S"] = randn(state["S"].shape, 5, scale=0.3)
+
+        def run():
+            y, s = layer(x, state)  # a chunk
+            outs = [y]
+            for t in range(2):  # then decode tokens
+                y, s = layer(x[:, t:t + 1], s)
+                outs.append(y)
+            return [*outs, s["S"], s["conv"]], param_grads(layer, x, state)
+
+        on, grads_on = run()
+        monkeypatch.setenv(kernels.ENV, "0")
+        off, grads_off = run()
+        monkeypatch.delenv(kernels.ENV)
+        assert all(max_diff(a, b) < 1e-5 for a, b in zip(on, off))
+        for name, g in grads_on.items():
+            assert max_diff(g, grads_off[name]) < 1e-5, name
+    assert all(k.status.startswith("ok") for k in kernels.KERNELS.values())
+
+
+def param_grads(layer, x, state):
+    def loss(model):
+        y, s = model(x, state)
+        return (y * y).sum() + s["S"].sum()
+
+    return dict(tree_flatten(nn.value_and_grad(layer, loss)(layer)[1]))
+
+
+# ------------------------------------------------------------------ dispatch
+
+def test_every_metal_source_is_a_registered_kernel():
+    shipped = {p.name for p in Path(kernels.metal_dir()).glob("*.metal")}
+    assert shipped == {k.source for k in kernels.KERNELS.values()}
+
+
+def patched_factory(find, replace, calls=None):
+    """The emulator, with one kernel's source edited."""
+    def factory(**kw):
+        if calls is not None:
+            calls.append(kw["name"])
+        if kw["name"] == "mlx_sleep_dynamic_conv":
+            assert find in kw["source"]
+            kw["source"] = kw["source"].replace(find, replace)
+        return metal_kernel(**kw)
+    return factory
+
+
+@pytest.mark.parametrize("find,replace,why", [
+    ("SILU ? silu_f(acc) : acc", "SILU ? silu_f(acc) : 1.01f * acc", "self-check mismatch"),
+    ("const int T = x_shape[1];", "const int T = x_shape[1] +;", "failed"),  # compile error
+])
+def test_broken_kernel_warns_once_and_falls_back(monkeypatch, find, replace, why):
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    kernels.configure(factory=patched_factory(find, replace), metal_available=True)
+    try:
+        x, state, kern = conv_inputs(1, 3, 8, 4, mx.float32)
+        with pytest.warns(RuntimeWarning, match="dynamic_conv.*" + why):
+            y, _ = kernels.dynamic_conv(x, state, kern)
+        assert max_diff(y, kernels.dynamic_conv_ops(x, state, kern)[0]) == 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once per process: no second warning
+            kernels.dynamic_conv(x, state, kern)
+        assert kernels.KERNELS["dynamic_conv"].status.startswith("fallback: " + why)
+        # the other kernels are unaffected
+        assert kernels.gdn_step(*gdn_inputs(1, 1, 1, 8, 8, mx.float32))
+        assert kernels.KERNELS["gdn_step"].status.startswith("ok")
+    finally:
+        kernels.configure()
+
+
+def refusing_factory(**kw):
+    raise AssertionError("no kernel may be built")
+
+
+@pytest.mark.parametrize("why", ["env", "no metal"])
+def test_fallback_without_building(monkeypatch, why):
+    if why == "env":
+        monkeypatch.setenv(kernels.ENV, "0")
+        kernels.configure(factory=refusing_factory, metal_available=True)
+    else:
+        monkeypatch.delenv(kernels.ENV, raising=False)
+        kernels.configure(factory=refusing_factory, metal_available=False)
+    try:
+        x, state, kern = conv_inputs(1, 3, 8, 4, mx.float32)
+        y, _ = kernels.dynamic_conv(x, state, kern, silu=True)
+        assert max_diff(y, kernels.dynamic_conv_ops(x, state, kern, silu=True)[0]) == 0
+        args = gdn_inputs(1, 1, 1, 8, 8, mx.float32)
+        assert max_diff(kernels.gdn_step(*args)[0], kernels.gdn_step_ops(*args)[0]) == 0
+        report = kernels.kernel_report()
+        assert ("forced" if why == "env" else "no Metal") in report[0]
+        assert all(line.split()[-1] == "fallback" for line in report[1:])
+        assert all(k.status == "not used yet" for k in kernels.KERNELS.values())
+    finally:
+        kernels.configure()
+
+
+def test_metal_detection(monkeypatch):
+    kernels.configure()
+    monkeypatch.setattr(mx.metal, "is_available", lambda: False)
+    assert not kernels.metal_available()
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
+    assert kernels.metal_available()
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.cpu))
+    assert not kernels.metal_available()  # a CPU default device cannot launch Metal kernels
+
+
+def test_kernel_report_runs_the_self_checks(emulated):
+    lines = kernels.kernel_report()
+    assert "self-checked" in lines[0]
+    assert [line.split()[0] for line in lines[1:]] == list(kernels.KERNELS)
+    assert all("ok (self-check max abs diff" in line for line in lines[1:])
