@@ -21,10 +21,20 @@ from mlx_sleep.tasks import get_task
 
 TRIALS = {
     # name: (task settings, model settings, train settings)
-    "depo-tiny": (dict(name="depo", max_nodes=6, min_nodes=4, n_names=16, max_hops=4,
+    "depo-tiny": (dict(name="depo", max_nodes=8, min_nodes=8, n_names=16, max_hops=4,
                        window=8, context_len=24, n_queries=4),
                   dict(hidden_size=64, layers="attn,gdn,attn,gdn", num_heads=4),
                   dict(batch_size=64, lr=2e-3, adam_lr=3e-3)),
+    # The whole cycle is one context chunk; 2 GDN layers can chain 2 lookups at answer time.
+    "depo-1chunk": (dict(name="depo", max_nodes=8, min_nodes=8, n_names=16, max_hops=4,
+                         window=24, context_len=24, n_queries=8),
+                    dict(hidden_size=64, layers="gdn,gdn", num_heads=4),
+                    dict(batch_size=64, lr=2e-2, adam_lr=3e-3)),
+    # One GDN block: at answer time it can chain only one lookup, so k = 2 needs sleep.
+    "depo-1layer": (dict(name="depo", max_nodes=8, min_nodes=8, n_names=16, max_hops=2,
+                         window=24, context_len=24, n_queries=8),
+                    dict(hidden_size=64, layers="gdn", num_heads=4),
+                    dict(batch_size=64, lr=2e-2, adam_lr=3e-3)),
     "r110-tiny": (dict(name="rule110", n_strings=2, n_bits=8, steps=4, steps_range=(1, 4)),
                   dict(hidden_size=64, layers="attn,gdn,attn,gdn", num_heads=4),
                   dict(batch_size=64, lr=2e-3, adam_lr=3e-3)),

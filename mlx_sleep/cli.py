@@ -187,5 +187,37 @@ def doctor():
     click.echo(report())
 
 
+@main.command()
+@click.option("--hf-path", required=True, help="Checkpoint directory or Hugging Face Hub id.")
+@click.option("--out", "--mlx-path", "out", required=True, type=click.Path(file_okay=False),
+              help="Output MLX model directory (written only when complete).")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
+              help="Weight dtype (default: the checkpoint's).")
+@click.option("-q", "--quantize", is_flag=True, help="Quantize (mlx-lm's affine quantization).")
+@click.option("--q-bits", type=int, default=4, show_default=True)
+@click.option("--q-group-size", type=int, default=64, show_default=True)
+@click.option("--loops", "-N", type=int, default=None, help="Sleep passes N (default: 1).")
+@click.option("--window", "-L", type=int, default=None, help="Sleep window L (default: 2000).")
+@click.option("--eviction", type=click.Choice(["hard", "sliding"]), default=None, help="Default: hard.")
+@click.option("--core", default=None, metavar="START:STOP",
+              help="Looped block range (default per architecture; see README).")
+@click.option("--insert-jet-layers", type=int, default=0, metavar="K",
+              help="Ouro: insert K MLP-free Jet layers (outputs unchanged until fine-tuned).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def convert(hf_path, out, dtype, quantize, q_bits, q_group_size, loops, window, eviction, core,
+            insert_jet_layers, force):
+    """Import a Jet-Nemotron or Ouro checkpoint into an MLX model directory with sleep settings."""
+    from .convert import convert as run_convert
+
+    def go():
+        path = run_convert(hf_path, out, dtype=dtype, quantize=quantize, q_bits=q_bits,
+                           q_group_size=q_group_size, loops=loops, window=window,
+                           eviction=eviction, core=_parse_core(core),
+                           insert_jet_layers=insert_jet_layers, force=force)
+        click.echo(f"saved to {path}")
+
+    _run_safely(go)
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -56,7 +56,7 @@ class ModelConfig:
     gdn_head_v_dim: Optional[int] = None  # default: gdn_head_k_dim
     gdn_norm_eps: Optional[float] = None  # eps of the gated output RMSNorm; default: norm_eps
     conv_size: int = 4
-    jet_generator_reduction: int = 8  # Jet dynamic-conv kernel generator width = hidden / this
+    jet_generator_reduction: int = 8  # Jet dynamic-conv kernel generator width = value dim / this
     mlp: bool = True
     tie_embeddings: bool = True
     core: Optional[Tuple[int, int]] = None
@@ -122,8 +122,8 @@ class ModelConfig:
             need(self.swa_window is not None and self.swa_window >= 1,
                  "layers contain 'swa' but swa_window is not set (>= 1)")
         if "jet" in types:
-            need(self.hidden_size // self.jet_generator_reduction >= 1,
-                 "jet_generator_reduction is larger than hidden_size")
+            need(self.jet_generator_reduction >= 1,
+                 f"jet_generator_reduction must be >= 1 (got {self.jet_generator_reduction})")
         start, stop = self.core_range
         need(0 <= start < stop <= len(types),
              f"core must be START:STOP with 0 <= START < STOP <= {len(types)} (got {start}:{stop})")

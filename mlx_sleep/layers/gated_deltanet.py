@@ -130,13 +130,15 @@ class GatedDeltaNet(nn.Module):
 
 
 class KernelGenerator(nn.Module):
-    """Jet-Nemotron's generator of per-token conv kernels: w2(silu(w1 x)) -> [B, T, C, W]."""
+    """Jet-Nemotron's generator of per-token conv kernels: w2(silu(w1 x)) -> [B, T, C, W].
+    Its bottleneck is channels // reduction wide (channels = the value dim, as Jet-Nemotron)."""
 
     def __init__(self, hidden_size, channels, conv_size, reduction):
         super().__init__()
         self.channels, self.conv_size = channels, conv_size
-        self.w1 = nn.Linear(hidden_size, hidden_size // reduction, bias=False)
-        self.w2 = nn.Linear(hidden_size // reduction, channels * conv_size, bias=True)
+        width = max(1, channels // reduction)
+        self.w1 = nn.Linear(hidden_size, width, bias=False)
+        self.w2 = nn.Linear(width, channels * conv_size, bias=True)
 
     def __call__(self, x):
         B, T, _ = x.shape
