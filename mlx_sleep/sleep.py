@@ -166,7 +166,10 @@ class SleepEngine:
         engine.consolidate()                  # e.g. while the user is idle
     """
 
-    def __init__(self, model, sleep: SleepConfig, batch_size: int = 1):
+    def __init__(self, model, sleep: Optional[SleepConfig] = None, batch_size: int = 1):
+        """`sleep` defaults to the settings a converted model carries (`model.sleep_config`)."""
+        if sleep is None:
+            sleep = getattr(model, "sleep_config", None) or SleepConfig()
         self.model, self.sleep, self.batch_size = model, sleep, batch_size
         self.reset()
 

@@ -10,9 +10,9 @@ What the sleep engine needs from a model (any model that has these can sleep):
   core -> (start, stop)              the looped range of blocks
 """
 
-import mlx.core as mx
 import mlx.nn as nn
 
+from ..cache import forward_with_cache, make_cache
 from ..config import ModelConfig
 from ..layers import Attention, GatedDeltaNet, JetBlock, SwiGLU
 
@@ -77,8 +77,14 @@ class HybridLM(nn.Module):
     def initial_state(self, batch_size: int) -> list:
         return [layer.mixer.initial_state(batch_size) for layer in self.layers]
 
-    def __call__(self, ids, state=None, offset: int = 0):
-        """A plain forward: one pass over every block, no eviction. Returns logits [B, T, V]."""
+    def make_cache(self):
+        return make_cache(self)
+
+    def __call__(self, ids, state=None, offset: int = 0, cache=None):
+        """A plain forward: one pass over every block, no eviction. Returns logits [B, T, V].
+        With `cache` (from `make_cache`, mlx-lm's protocol) it continues a cached sequence."""
+        if cache is not None:
+            return forward_with_cache(self, ids, cache)
         h = self.embed(ids)
         state = self.initial_state(ids.shape[0]) if state is None else state
         for layer, s in zip(self.layers, state):

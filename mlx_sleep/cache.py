@@ -1,0 +1,57 @@
+"""mlx-lm's cache protocol over the sleep engine's per-layer state, so that mlx-lm's generation
+utilities (`mlx_lm.generate.generate_step`, `stream_generate`) can drive our models.
+
+This is a plain forward: one pass per token and no eviction (mlx-lm knows nothing of sleep).
+For generation with sleep use `SleepEngine`, which runs the same layers.
+"""
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+from mlx_lm.models.cache import _BaseCache
+
+from .sleep import run_chunk
+
+
+class LayerStateCache(_BaseCache):
+    """One layer's state dict (attention KV, or conv state and fast weights S)."""
+
+    def __init__(self):
+        self.layer_state = None  # made on the first call, when the batch size is known
+        self.offset = 0
+
+    @property
+    def state(self):
+        return [a for _, a in tree_flatten(self.layer_state or {})]
+
+    @state.setter
+    def state(self, v):
+        raise NotImplementedError("mlx-sleep caches cannot be restored from mlx-lm prompt-cache "
+                                  "files; use SleepEngine.state_dict() / load_state_dict()")
+
+    def size(self):
+        return self.offset
+
+    def empty(self):
+        return self.layer_state is None
+
+    @property
+    def nbytes(self):
+        return sum(a.nbytes for a in self.state)
+
+
+def make_cache(model) -> list:
+    return [LayerStateCache() for _ in model.layers]
+
+
+def forward_with_cache(model, ids, cache: list):
+    """Logits [B, T, V] for ids continuing the sequence held in `cache` (updated in place)."""
+    if len(cache) != len(model.layers):
+        raise ValueError(f"cache has {len(cache)} entries, the model {len(model.layers)} layers")
+    if cache[0].layer_state is None:
+        for c, s in zip(cache, model.initial_state(ids.shape[0])):
+            c.layer_state = s
+    h, states = run_chunk(model, ids, [c.layer_state for c in cache], cache[0].offset, passes=1)
+    for c, s in zip(cache, states):
+        c.layer_state = s
+        c.offset += ids.shape[1]
+    return model.head(h)
