@@ -206,7 +206,8 @@ def doctor():
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 def convert(hf_path, out, dtype, quantize, q_bits, q_group_size, loops, window, eviction, core,
             insert_jet_layers, force):
-    """Import a Jet-Nemotron or Ouro checkpoint into an MLX model directory with sleep settings."""
+    """Import a Jet-Nemotron, Ouro, Qwen3.5, Qwen3-Next or OLMo Hybrid checkpoint into an MLX
+    model directory with sleep settings."""
     from .convert import convert as run_convert
 
     def go():

@@ -21,11 +21,13 @@ from .io import read_json
 
 
 def _model_types():
-    from .models import hybrid, ouro
+    from .models import hybrid, mlx_lm_adapters, ouro
+    adapted = (mlx_lm_adapters.AdapterConfig, mlx_lm_adapters.Model)
     return {
         "jet_nemotron": (ModelConfig, hybrid.HybridLM),
         "hybrid": (ModelConfig, hybrid.HybridLM),
         "ouro": (ouro.OuroConfig, ouro.Model),
+        **{t: adapted for t in mlx_lm_adapters.ARCHS},
     }
 
 

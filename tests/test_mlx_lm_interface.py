@@ -1,11 +1,13 @@
 """mlx-lm's generation utilities drive our models through the cache protocol."""
 
+import os
+
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
+import pytest
 from mlx_lm.generate import generate_step
 
-from mlx_sleep import HybridLM, ModelConfig, SleepConfig, SleepEngine
+from mlx_sleep import HybridLM, ModelConfig, SleepConfig, SleepEngine, load_model
 
 
 def test_generate_step_matches_the_sleep_engine_without_eviction():
@@ -29,3 +31,19 @@ def test_cache_reports_its_size():
     assert all(c.empty() for c in cache)
     model(mx.array([[1, 2, 3]]), cache=cache)
     assert cache[0].size() == 3 and cache[0].nbytes > 0 and not cache[1].empty()
+
+
+def check_generate_step(model, prompt, n=4):
+    """Each generated step's log-probabilities equal a plain full forward over the sequence."""
+    seq = list(prompt)
+    for token, logprobs in generate_step(mx.array(prompt), model, max_tokens=n):
+        logits = model(mx.array([seq]))[0, -1]
+        expected = logits - mx.logsumexp(logits)
+        np.testing.assert_allclose(np.array(logprobs), np.array(expected), atol=2e-4)
+        seq.append(int(token))
+
+
+@pytest.mark.parametrize("fixture", ["jet-nemotron-tiny", "ouro-tiny"])
+def test_generate_step_drives_converted_models(fixture):
+    model = load_model(os.path.join(os.path.dirname(__file__), "fixtures", fixture))
+    check_generate_step(model, [5, 17, 300, 42, 9, 101])

@@ -29,6 +29,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..cache import forward_with_cache, make_cache
 from ..config import ConfigError, _from_dict
 from ..layers import Attention, JetBlock, SwiGLU
 
@@ -291,8 +292,12 @@ class Model(nn.Module):
         first = mx.argmax(reached.astype(mx.int32), axis=-1)
         return mx.where(reached.any(axis=-1), first, len(hidden) - 1)
 
+    def make_cache(self):
+        return make_cache(self)
+
     def __call__(self, ids, state=None, offset: int = 0, exit_at_step: Optional[int] = None,
-                 exit_threshold: Optional[float] = None, use_weighted_exit: bool = False):
+                 exit_threshold: Optional[float] = None, use_weighted_exit: bool = False,
+                 cache=None):
         """Logits [B, T, V] (a plain forward: all loops run). Which loop's logits, in the
         original's priority order:
           1. exit_at_step, else config.early_exit_step, if set: that loop;
@@ -301,7 +306,11 @@ class Model(nn.Module):
              loop); note that exit_threshold=None falls back to the config value, as in the
              original, so weighted exit needs config.early_exit_threshold = None;
           3. else use_weighted_exit: the exit-probability-weighted mix of every loop's logits;
-          4. else the last loop."""
+          4. else the last loop.
+        With `cache` (mlx-lm's protocol, for its generation utilities) it continues a cached
+        sequence and returns the last loop's logits, the default exit of a stock config."""
+        if cache is not None:
+            return forward_with_cache(self, ids, cache)
         hidden, _ = self.loop_hidden_states(ids, state, offset)
         return self.exit_logits(hidden, exit_at_step, exit_threshold, use_weighted_exit)
 

@@ -1,0 +1,300 @@
+"""mlx-lm's own Gated DeltaNet hybrids under the sleep engine, through adapters (no copies).
+
+Qwen3.5 (text), Qwen3-Next and OLMo Hybrid are built with mlx-lm's model files
+(mlx_lm/models/qwen3_5.py, qwen3_next.py, olmo_hybrid.py; their math in gated_delta.py). The
+adapter takes over the mlx-lm model's children, so parameter names are mlx-lm's, and exposes
+what the sleep engine needs (see models/hybrid.py): embed, layers as blocks with per-layer state
+dicts, head, initial_state, core. Each block runs the mlx-lm decoder layer as is and translates
+our state to and from the cache object the layer expects:
+
+  GDN layers        an mlx-lm ArraysCache filled from {"conv", "S"} (Qwen) or
+                    {"conv_q", "conv_k", "conv_v", "S"} (OLMo Hybrid); S is [B, Hv, Dv, Dk] in
+                    float32 and is the only carried entry (the conv inputs restart per pass).
+  attention layers  a KVCache stand-in over {"keys", "values"} whose offset is the global
+                    position (RoPE continues across windows even after eviction); we build the
+                    mask, so the `window` argument is honoured as in layers/attention.py.
+
+The checkpoint's own `layer_types` decides which layer is which. mlx-lm's Qwen3.5 / Qwen3-Next
+files derive it from a fixed `full_attention_interval` (default 4, and transformers 5 configs
+no longer write it), so mismatching layers are rebuilt here with the right kind.
+"""
+
+import copy
+import dataclasses
+import importlib
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from ..cache import forward_with_cache, make_cache
+from ..config import ConfigError, _from_dict
+from ..layers.attention import attention_mask
+
+LINEAR, FULL = "linear_attention", "full_attention"
+
+
+@dataclass(frozen=True)
+class Arch:
+    module: str  # mlx_lm.models.<module>
+    model_class: str  # the text model class in it
+    layer_class: Optional[str]  # decoder layer built per layer_types (None: mlx-lm reads them)
+    conv_slots: Tuple[str, ...]  # the ArraysCache slots before S, in mlx-lm's order
+
+
+ARCHS = {
+    "qwen3_5": Arch("qwen3_5", "TextModel", "DecoderLayer", ("conv",)),
+    "qwen3_next": Arch("qwen3_next", "Model", "Qwen3NextDecoderLayer", ("conv",)),
+    "olmo_hybrid": Arch("olmo_hybrid", "Model", None, ("conv_q", "conv_k", "conv_v")),
+}
+
+
+def default_core(num_layers: int) -> Tuple[int, int]:
+    """The middle half of the blocks, as for Jet-Nemotron: [n // 4, n // 4 + n // 2)."""
+    start = num_layers // 4
+    return (start, start + max(1, num_layers // 2))
+
+
+@dataclass
+class AdapterConfig:
+    """model_type: an ARCHS key; args: the text config as mlx-lm's ModelArgs reads it, with
+    `layer_types` and `num_hidden_layers`; core: the looped blocks (None = all)."""
+
+    model_type: str
+    args: dict = field(default_factory=dict)
+    core: Optional[Tuple[int, int]] = None
+
+    def __post_init__(self):
+        if isinstance(self.core, list):
+            self.core = tuple(self.core)
+        self.validate()
+
+    @property
+    def layer_types(self) -> list:
+        return list(self.args.get("layer_types") or [])
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_types)
+
+    @property
+    def core_range(self) -> Tuple[int, int]:
+        return tuple(self.core) if self.core is not None else (0, self.num_layers)
+
+    def validate(self):
+        if self.model_type not in ARCHS:
+            raise ConfigError(f"unsupported mlx-lm hybrid {self.model_type!r}; supported: "
+                              f"{', '.join(sorted(ARCHS))}")
+        types, n = self.layer_types, self.args.get("num_hidden_layers")
+        if not types:
+            raise ConfigError("layer_types is missing or empty")
+        bad = sorted({t for t in types if t not in (LINEAR, FULL)})
+        if bad:
+            raise ConfigError(f"unsupported layer type(s) {bad} in layer_types; "
+                              f"supported: {LINEAR}, {FULL}")
+        if n != len(types):
+            raise ConfigError(f"layer_types has {len(types)} entries but num_hidden_layers is {n}")
+        start, stop = self.core_range
+        if not 0 <= start < stop <= len(types):
+            raise ConfigError(f"core must be START:STOP with 0 <= START < STOP <= {len(types)} "
+                              f"(got {start}:{stop})")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["core"] = list(self.core) if self.core is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AdapterConfig":
+        return _from_dict(cls, d)
+
+
+# -- per-layer state <-> mlx-lm cache objects ---------------------------------------------------
+
+class _KV:
+    """The part of mlx-lm's KVCache its attention uses: `offset` (the RoPE position, global
+    here, not the number of cached keys, which eviction shrinks) and update_and_fetch."""
+
+    def __init__(self, state: dict, offset: int):
+        self.offset = offset
+        self.keys, self.values = state.get("keys"), state.get("values")
+
+    def update_and_fetch(self, keys, values):
+        if self.keys is not None:
+            keys = mx.concatenate([self.keys, keys], axis=2)
+            values = mx.concatenate([self.values, values], axis=2)
+        self.keys, self.values = keys, values
+        return keys, values
+
+
+class AttentionState:
+    """State policy of an attention layer: {"keys", "values"} [B, Hkv, Tk, D], post-RoPE."""
+
+    carried = ()
+
+    def initial_state(self, batch_size: int) -> dict:
+        return {}
+
+    def evict(self, state: dict, keep: int) -> dict:
+        if keep == 0 or not state:
+            return {}
+        return {name: a[:, :, max(0, a.shape[2] - keep):] for name, a in state.items()}
+
+
+class GDNState:
+    """State policy of a GDN layer: the conv inputs of the last W-1 tokens per conv slot, and S."""
+
+    carried = ("S",)
+
+    def __init__(self, slots, channels, width, s_shape, dtype):
+        self.slots, self.channels, self.width = tuple(slots) + ("S",), channels, width
+        self.s_shape, self.dtype = s_shape, dtype
+
+    def initial_state(self, batch_size: int) -> dict:
+        state = {s: mx.zeros((batch_size, self.width - 1, c), dtype=self.dtype)
+                 for s, c in zip(self.slots, self.channels)}
+        state["S"] = mx.zeros((batch_size,) + self.s_shape, dtype=mx.float32)
+        return state
+
+    def evict(self, state: dict, keep: int) -> dict:
+        """Keep S; keep the conv inputs of at most the last `keep` tokens (zero the older ones)."""
+        out = dict(state)
+        for s in self.slots[:-1]:
+            conv = state[s]
+            drop = conv.shape[1] - min(keep, conv.shape[1])
+            if drop:
+                out[s] = mx.concatenate([mx.zeros_like(conv[:, :drop]), conv[:, drop:]], axis=1)
+        return out
+
+
+class Block:
+    """One mlx-lm decoder layer as a sleep-engine block: (h, state, offset, window) -> (h, state).
+    Not an nn.Module: the layer's weights are registered once, under the adapter's `model`."""
+
+    def __init__(self, layer, kind: str, mixer):
+        self.layer, self.kind, self.mixer = layer, kind, mixer
+
+    def __call__(self, h, state: dict, offset: int = 0, window: Optional[int] = None):
+        if self.kind == LINEAR:
+            from mlx_lm.models.cache import ArraysCache
+
+            cache = ArraysCache(size=len(self.mixer.slots))
+            cache.cache = [state[s] for s in self.mixer.slots]
+            h = self.layer(h, mask=None, cache=cache)
+            return h, dict(zip(self.mixer.slots, cache.cache))
+        T = h.shape[1]
+        cache = _KV(state, offset)
+        k_len = T + (state["keys"].shape[2] if state else 0)
+        h = self.layer(h, mask=attention_mask(T, k_len, offset, window), cache=cache)
+        new_state = {"keys": cache.keys, "values": cache.values}
+        if window is not None:  # keys no future query can see
+            new_state = self.mixer.evict(new_state, window - 1)
+        return h, new_state
+
+
+# -- the adapter ---------------------------------------------------------------------------------
+
+def _mlx_lm_model(config: AdapterConfig):
+    """The mlx-lm text model for `config`, with layer kinds as `layer_types` says."""
+    arch = ARCHS[config.model_type]
+    try:
+        module = importlib.import_module(f"mlx_lm.models.{arch.module}")
+    except ImportError as e:  # an mlx-lm older than the file (tested with 0.32.2)
+        import mlx_lm
+
+        raise ConfigError(f"mlx-lm {mlx_lm.__version__} has no {arch.module} model ({e}); "
+                          "upgrade mlx-lm")
+    args_cls = module.TextModelArgs if arch.model_class == "TextModel" else module.ModelArgs
+    args = args_cls.from_dict(copy.deepcopy(config.args))  # mlx-lm edits rope dicts in place
+    lm = getattr(module, arch.model_class)(args)
+    types = config.layer_types
+    if arch.layer_class is not None:
+        layer_cls = getattr(module, arch.layer_class)
+        n = len(types)
+        for i, t in enumerate(types):
+            if lm.model.layers[i].is_linear != (t == LINEAR):
+                # is_linear = (i + 1) % interval != 0: interval 1 makes attention, n + 1 GDN
+                fixed = dataclasses.replace(args, full_attention_interval=1 if t == FULL else n + 1)
+                lm.model.layers[i] = layer_cls(fixed, i)
+        # mlx-lm's own forward picks its mask-making caches by these indices
+        lm.model.fa_idx = next((i for i, t in enumerate(types) if t == FULL), None)
+        lm.model.ssm_idx = next((i for i, t in enumerate(types) if t == LINEAR), None)
+    return lm, arch
+
+
+class Model(nn.Module):
+    """A Qwen3.5 / Qwen3-Next / OLMo Hybrid model from mlx-lm, with the sleep interface.
+
+    Parameters live exactly where mlx-lm puts them (`model.embed_tokens`, `model.layers.i...`,
+    `lm_head`); `args` is mlx-lm's ModelArgs, so mlx-lm's sanitize runs on this object."""
+
+    def __init__(self, config: AdapterConfig):
+        super().__init__()
+        self.config = config
+        lm, self._arch = _mlx_lm_model(config)
+        self.args = lm.args
+        self._lm_class = type(lm)
+        for name, child in lm.items():  # adopt mlx-lm's children: its parameter names
+            self[name] = child
+
+    @property
+    def core(self):
+        return self.config.core_range
+
+    @property
+    def layers(self):
+        """Fresh wrappers each time: they hold no state and always see the current modules."""
+        dtype = self.model.norm.weight.dtype  # the activations' dtype (quantization-proof)
+        blocks = []
+        for layer, kind in zip(self.model.layers, self.config.layer_types):
+            if kind == FULL:
+                blocks.append(Block(layer, kind, AttentionState()))
+                continue
+            la = layer.linear_attn
+            if len(self._arch.conv_slots) == 1:
+                channels = (la.conv_dim,)
+            else:
+                channels = (la.key_dim, la.key_dim, la.value_dim)
+            mixer = GDNState(self._arch.conv_slots, channels, la.conv_kernel_size,
+                             (la.num_v_heads, la.head_v_dim, la.head_k_dim), dtype)
+            blocks.append(Block(layer, kind, mixer))
+        return blocks
+
+    def embed(self, ids):
+        return self.model.embed_tokens(ids)
+
+    def head(self, h):
+        h = self.model.norm(h)
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    def initial_state(self, batch_size: int) -> list:
+        return [block.mixer.initial_state(batch_size) for block in self.layers]
+
+    def make_cache(self):
+        return make_cache(self)
+
+    def __call__(self, ids, state=None, offset: int = 0, cache=None):
+        """A plain forward: one pass over every block, no eviction. Returns logits [B, T, V].
+        With `cache` (from `make_cache`, mlx-lm's protocol) it continues a cached sequence."""
+        if cache is not None:
+            return forward_with_cache(self, ids, cache)
+        h = self.embed(ids)
+        state = self.initial_state(ids.shape[0]) if state is None else state
+        for block, s in zip(self.layers, state):
+            h, _ = block(h, s, offset)
+        return self.head(h)
+
+    def sanitize(self, weights: dict) -> dict:
+        """Hugging Face tensors -> mlx-lm's (conv layout, zero-centred norms, dropped MTP heads),
+        by mlx-lm's own sanitize, which only reads `self.args`."""
+        return self._lm_class.sanitize(self, weights)
+
+    def set_dtype(self, dtype, predicate=lambda t: mx.issubdtype(t, mx.floating)):
+        """As nn.Module.set_dtype, but A_log stays float32 (mlx-lm's cast_predicate)."""
+        keep = [(k, v) for k, v in tree_flatten(self.parameters()) if k.endswith("A_log")]
+        super().set_dtype(dtype, predicate)
+        self.update(tree_unflatten(keep))
