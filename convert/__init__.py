@@ -19,7 +19,7 @@ from .common import ConversionError, read_config, resolve_source
 from .mlx_lm_hybrids import HYBRIDS
 
 CONVERTERS = {m.MODEL_TYPE: m for m in (jet_nemotron, ouro)}
-CONVERTERS.update(HYBRIDS)  # Qwen3.5, Qwen3-Next, OLMo Hybrid: mlx-lm's model files, adapted
+CONVERTERS.update(HYBRIDS)  # Qwen3.5 (MoE), Qwen3-Next, OLMo Hybrid: mlx-lm's files, adapted
 FORMAT = "mlx-sleep"  # marks a converted directory's config.json
 # Sleep settings a converted model starts with (the paper's GSM-Infinite hard-eviction runs use
 # L = 2000; N = 1 is the pretrained model as is: N > 1 is meant to be fine-tuned for).

@@ -1,6 +1,7 @@
 """Gated DeltaNet hybrids that mlx-lm ships -> mlx-sleep model directories.
 
     qwen3_5 / qwen3_5_text   Qwen3.5 (text; a multimodal checkpoint's vision tower is dropped)
+    qwen3_5_moe / _moe_text  Qwen3.5 MoE (the same, every MLP a routed MoE with a shared expert)
     qwen3_next               Qwen3-Next (MoE or dense MLPs)
     olmo_hybrid              OLMo Hybrid (separate q/k/v convs, beta in [0, 2], post-norms)
 
@@ -13,11 +14,16 @@ using mlx-lm's sanitize for the layout changes. Traps handled here:
   ModelArgs requires `rope_theta` / `partial_rotary_factor` at the top level;
 - Qwen RMSNorms store w with the scale 1 + w; mlx-lm's Qwen3-Next sanitize adds the 1 (and moves
   the conv axis) only for MoE checkpoints, so dense ones get it here;
+- Qwen3.5 MoE experts come fused (experts.gate_up_proj [E, 2I, H], experts.down_proj: released
+  multimodal checkpoints, split by mlx-lm's qwen3_5_moe sanitize) or one tensor per expert
+  (experts.<e>.gate_proj ...: transformers' save of a text-only Qwen3_5MoeForCausalLM, stacked
+  here); their configs have no intermediate_size (no dense MLP) and no norm_topk_prob (the router
+  always renormalizes the top k);
 - OLMo Hybrid checkpoints name the pre-norms attention_layer_norm / feedforward_layer_norm (as
   transformers' conversion mapping renames them), and released ones have no RoPE
   (`rope_parameters` null), which mlx-lm's ModelArgs would turn into the default RoPE.
 
-Sleep default, all three: the middle half of the blocks is the looped core (as Jet-Nemotron).
+Sleep default, all of them: the middle half of the blocks is the looped core (as Jet-Nemotron).
 """
 
 import dataclasses
@@ -32,6 +38,10 @@ REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_si
             "intermediate_size", "rms_norm_eps", "linear_num_key_heads",
             "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
             "linear_conv_kernel_dim")
+# Qwen3.5 MoE: every layer's MLP is routed (no dense intermediate_size)
+MOE_REQUIRED = tuple(k for k in REQUIRED if k != "intermediate_size") + (
+    "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+    "shared_expert_intermediate_size")
 
 
 def _need(c: dict, keys, where="config.json"):
@@ -63,8 +73,9 @@ class HybridConverter:
 
     Model = arch.Model
 
-    def __init__(self, model_type: str, to_ours=(), to_hf=()):
+    def __init__(self, model_type: str, to_ours=(), to_hf=(), required=REQUIRED):
         self.MODEL_TYPE = model_type
+        self._required = tuple(required)
         self._to_ours, self._to_hf = list(to_ours), list(to_hf)
 
     # -- config ----------------------------------------------------------------------------
@@ -74,7 +85,7 @@ class HybridConverter:
             c["tie_word_embeddings"] = hf["tie_word_embeddings"]
         for key in ("text_config", "vision_config"):
             c.pop(key, None)
-        _need(c, REQUIRED)
+        _need(c, self._required)
         if c.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"hidden_act {c['hidden_act']!r} is not supported (silu only)")
         c["layer_types"] = _layer_types(c, self.MODEL_TYPE)
@@ -88,6 +99,10 @@ class HybridConverter:
                 raise ConfigError("config.json has neither rope_parameters nor rope_theta")
             c["rope_parameters"] = {"rope_type": "default", "rope_theta": c["rope_theta"],
                                     "partial_rotary_factor": c.get("partial_rotary_factor", 0.25)}
+
+    def _args_qwen3_5_moe(self, c):
+        self._args_qwen3_5(c)
+        c["norm_topk_prob"] = True  # transformers' Qwen3.5 MoE router always renormalizes
 
     def _args_qwen3_next(self, c):
         rope = c.get("rope_parameters") or {}
@@ -142,6 +157,8 @@ class HybridConverter:
                 raise ConversionError("config.json says tie_word_embeddings but lm_head.weight "
                                       "differs from model.embed_tokens.weight")
         moe = any(".mlp.experts." in k for k in weights)
+        if self.MODEL_TYPE == "qwen3_5_moe":
+            weights = _stack_experts(weights)
         weights = arch.Model(config).sanitize(weights)
         if self.MODEL_TYPE == "qwen3_next" and not moe:
             weights = _qwen_norms_and_conv(weights)  # mlx-lm's sanitize returns early here
@@ -150,6 +167,30 @@ class HybridConverter:
     def quant_skip(self, path: str) -> bool:
         # MoE routers: tiny outputs that mlx-lm keeps at 8 bits; we keep them unquantized
         return path.endswith(("mlp.gate", "shared_expert_gate"))
+
+
+def _stack_experts(weights: dict) -> dict:
+    """One tensor per expert (...mlp.experts.<e>.gate_proj.weight, as transformers saves a
+    text-only Qwen3.5 MoE) -> mlx-lm's stacked ...mlp.switch_mlp.gate_proj.weight [E, ...].
+    Fused checkpoints (experts.gate_up_proj) pass through to mlx-lm's sanitize."""
+    import mlx.core as mx
+
+    pattern = re.compile(r"^(.*\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+    groups, out = {}, {}
+    for k, v in weights.items():
+        m = pattern.match(k)
+        if m:
+            groups.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = v
+        else:
+            out[k] = v
+    for (prefix, proj), experts in groups.items():
+        if sorted(experts) != list(range(len(experts))):
+            missing = sorted(set(range(max(experts) + 1)) - set(experts))
+            raise ConversionError("missing tensor(s): " + ", ".join(
+                f"{prefix}.experts.{e}.{proj}.weight" for e in missing))
+        out[f"{prefix}.switch_mlp.{proj}.weight"] = mx.stack(
+            [experts[e] for e in range(len(experts))])
+    return out
 
 
 def _qwen_norms_and_conv(weights: dict) -> dict:
@@ -170,6 +211,7 @@ def _qwen_norms_and_conv(weights: dict) -> dict:
 QWEN3_5 = HybridConverter("qwen3_5", [(r"^model\.language_model\.", "model."),
                                       (r"^language_model\.model\.", "model."),
                                       (r"^language_model\.lm_head\.", "lm_head.")])
+QWEN3_5_MOE = HybridConverter("qwen3_5_moe", QWEN3_5._to_ours, required=MOE_REQUIRED)
 QWEN3_NEXT = HybridConverter("qwen3_next")
 OLMO_HYBRID = HybridConverter(
     "olmo_hybrid",
@@ -178,6 +220,7 @@ OLMO_HYBRID = HybridConverter(
     to_hf=[(r"\.input_layernorm\.", ".attention_layer_norm."),
            (r"\.post_attention_layernorm\.", ".feedforward_layer_norm.")])
 
-# config.json model_type -> importer (qwen3_5_text: a Qwen3.5 text-only checkpoint)
-HYBRIDS = {"qwen3_5": QWEN3_5, "qwen3_5_text": QWEN3_5, "qwen3_next": QWEN3_NEXT,
+# config.json model_type -> importer (..._text: a text-only checkpoint)
+HYBRIDS = {"qwen3_5": QWEN3_5, "qwen3_5_text": QWEN3_5, "qwen3_5_moe": QWEN3_5_MOE,
+           "qwen3_5_moe_text": QWEN3_5_MOE, "qwen3_next": QWEN3_NEXT,
            "olmo_hybrid": OLMO_HYBRID}

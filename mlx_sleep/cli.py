@@ -171,7 +171,7 @@ def eval_cmd(checkpoint, loops, window, eviction, samples, batch_size, seed, jso
 @main.command()
 @click.option("--out", default="demo_out", show_default=True, type=click.Path(file_okay=False))
 @click.option("--steps", type=int, default=None, help="Training steps per run (default: the demo's).")
-@click.option("--loops", "-N", type=int, multiple=True, help="Loop counts to compare (default: 1 and 3).")
+@click.option("--loops", "-N", type=int, multiple=True, help="Loop counts to compare (default: 1 and 2).")
 def demo(out, steps, loops):
     """Train N = 1 and N > 1 on a small synthetic task, evaluate both, print and plot."""
     from .demo import run_demo

@@ -15,12 +15,16 @@ from .io import write_json
 from .tasks import get_task
 from .train import TrainConfig, Trainer
 
+# Depo with an 8-node cycle written as 8 shuffled edges in ONE context window (24 tokens, hard
+# eviction), then 8 queries "v +k", k in {1, 2}. One GDN block: at answer time it reads S once,
+# so a 2-hop answer must already be in S. In a single pass the block can only compose an edge
+# with edges written before it; sleeping gives it the whole cycle on the second pass.
 DEMO = dict(
-    task=dict(name="depo", max_nodes=6, min_nodes=4, n_names=16, max_hops=4, window=8,
-              context_len=24, n_queries=4),
-    model=dict(hidden_size=64, layers="attn,gdn,attn,gdn", num_heads=4),
-    train=dict(steps=600, batch_size=64, lr=2e-2, adam_lr=3e-3, warmup=50, eval_samples=512),
-    loops=(1, 3),
+    task=dict(name="depo", max_nodes=8, min_nodes=8, n_names=16, max_hops=2, window=24,
+              context_len=24, n_queries=8),
+    model=dict(hidden_size=64, layers="gdn", num_heads=4),
+    train=dict(steps=1200, batch_size=64, lr=2e-2, adam_lr=3e-3, warmup=50, eval_samples=512),
+    loops=(1, 2),
 )
 
 

@@ -1,12 +1,12 @@
-"""Qwen3.5, Qwen3-Next and OLMo Hybrid: mlx-lm's model files under the sleep engine, checked
-against Hugging Face transformers' own PyTorch implementations (torch is a test-only dependency:
-these tests skip without it).
+"""Qwen3.5 (dense and MoE), Qwen3-Next and OLMo Hybrid: mlx-lm's model files under the sleep
+engine, checked against Hugging Face transformers' own PyTorch implementations (torch is a
+test-only dependency: these tests skip without it).
 
 Each case builds a tiny random transformers model (4 layers, mixed GDN / attention, hidden 32,
 vocab 100), re-draws its weights so logits have std ~1 (the stock 0.02 init would make almost any
 model match), saves it, converts it with our converter and compares logits.
 
-Tolerance: 1e-4 absolute on logits (fp32 on both sides). Measured differences are <= 2e-5; they
+Tolerance: 1e-4 absolute on logits (fp32 on both sides). Measured differences are <= 4e-5; they
 come from transformers' chunked delta rule (ours is recurrent) and summation order. Any
 structural error (a norm's 1 + w, a layer of the wrong kind, RoPE, beta's range) moves logits
 by > 1e-2.
@@ -40,6 +40,10 @@ SIZES = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_attention
 CASES = {
     "qwen3_5": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM",
                 dict(layer_types=[L, F, L, L], tie_word_embeddings=True)),
+    # MLX's CPU backend runs MoE gathers in float32 only (as everything here)
+    "qwen3_5_moe": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM",
+                    dict(layer_types=[F, L, L, F], num_experts=4, num_experts_per_tok=2,
+                         moe_intermediate_size=16, shared_expert_intermediate_size=24)),
     "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM",
                    dict(layer_types=[L, F, L, F], num_experts=4, num_experts_per_tok=2,
                         moe_intermediate_size=16, shared_expert_intermediate_size=24)),
@@ -154,7 +158,7 @@ def test_layer_types_of_the_checkpoint_are_honoured(cases, case):
     assert model.core == default_core(4) == (1, 3)
 
 
-@pytest.mark.parametrize("case", ["qwen3_5", "qwen3_next", "olmo_hybrid"])
+@pytest.mark.parametrize("case", ["qwen3_5", "qwen3_5_moe", "qwen3_next", "olmo_hybrid"])
 @pytest.mark.parametrize("eviction", ["hard", "sliding"])
 def test_converted_model_sleeps_with_n_above_one(cases, case, eviction):
     """N = 3 on the default core: incremental feed / consolidate equals Algorithm 1's
@@ -189,6 +193,37 @@ def test_unconverted_checkpoint_loads_and_bf16_keeps_A_log(cases, tmp_path):
     assert m16.model.embed_tokens.weight.dtype == mx.bfloat16 and la.A_log.dtype == mx.float32
     got = m16(ids).astype(mx.float32)
     assert float((got.argmax(-1) == want.argmax(-1)).mean()) > 0.85
+
+
+def test_qwen3_5_moe_released_layout(cases, tmp_path):
+    """Released Qwen3.5 MoE checkpoints are multimodal: model.language_model.* names, fused
+    experts (gate_up_proj [E, 2I, H], down_proj [E, H, I]), the text config under text_config.
+    transformers saves a text-only model one tensor per expert (the CASES entry); both load."""
+    from safetensors.numpy import load_file, save_file
+
+    _, ids, want, src = cases["qwen3_5_moe"]
+    w = load_file(os.path.join(src, "model.safetensors"))
+    fused = {}
+    for k in list(w):
+        if ".mlp.experts.0.gate_proj." in k:
+            pre = k.split(".experts.")[0]
+            E = CASES["qwen3_5_moe"][2]["num_experts"]
+            get = lambda n: np.stack([w.pop(f"{pre}.experts.{e}.{n}.weight") for e in range(E)])
+            fused[f"{pre}.experts.gate_up_proj"] = np.concatenate([get("gate_proj"),
+                                                                   get("up_proj")], axis=1)
+            fused[f"{pre}.experts.down_proj"] = get("down_proj")
+    w.update(fused)
+    w = {k.replace("model.", "model.language_model.", 1) if k.startswith("model.") else k: v
+         for k, v in w.items()}
+    w["model.visual.patch_embed.proj.weight"] = np.zeros((4, 3), np.float32)  # dropped
+    os.makedirs(tmp_path / "vl")
+    save_file(w, str(tmp_path / "vl" / "model.safetensors"))
+    text = json.load(open(os.path.join(src, "config.json")))
+    cfg = {"model_type": "qwen3_5_moe", "architectures": ["Qwen3_5MoeForConditionalGeneration"],
+           "tie_word_embeddings": False, "text_config": text, "vision_config": {"depth": 1}}
+    json.dump(cfg, open(tmp_path / "vl" / "config.json", "w"))
+    model = load_model(str(tmp_path / "vl"))
+    check("qwen3_5_moe/released layout", model(ids), want)
 
 
 def test_quantized_moe_keeps_routers(cases, tmp_path):
@@ -232,6 +267,7 @@ def edit_config(src, dst, **changes):
      "unsupported layer type(s) ['sliding_attention']"),
     ("qwen3_5", dict(linear_key_head_dim=None), "lacks linear_key_head_dim"),
     ("qwen3_next", dict(num_experts=None), "lacks num_experts"),
+    ("qwen3_5_moe", dict(moe_intermediate_size=None), "lacks moe_intermediate_size"),
     ("olmo_hybrid", dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}),
      "rope type 'yarn' is not supported"),
     ("olmo_hybrid", dict(hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
@@ -291,7 +327,8 @@ def test_unexpected_tensor_and_untied_head(cases, tmp_path):
 def test_unknown_architecture_lists_the_hybrids(cases, tmp_path):
     src = edit_config(str(cases["qwen3_5"][3]), tmp_path / "bad", model_type="kimi_linear")
     with pytest.raises(ConversionError, match="unsupported architecture 'kimi_linear'; supported: "
-                                              ".*olmo_hybrid.*qwen3_5, qwen3_5_text, qwen3_next"):
+                                              ".*olmo_hybrid.*qwen3_5, qwen3_5_moe, "
+                                              "qwen3_5_moe_text, qwen3_5_text, qwen3_next"):
         convert(src, str(tmp_path / "out"))
 
 

@@ -1,11 +1,11 @@
 """mlx-lm's own Gated DeltaNet hybrids under the sleep engine, through adapters (no copies).
 
-Qwen3.5 (text), Qwen3-Next and OLMo Hybrid are built with mlx-lm's model files
-(mlx_lm/models/qwen3_5.py, qwen3_next.py, olmo_hybrid.py; their math in gated_delta.py). The
-adapter takes over the mlx-lm model's children, so parameter names are mlx-lm's, and exposes
-what the sleep engine needs (see models/hybrid.py): embed, layers as blocks with per-layer state
-dicts, head, initial_state, core. Each block runs the mlx-lm decoder layer as is and translates
-our state to and from the cache object the layer expects:
+Qwen3.5 (text, dense or MoE), Qwen3-Next and OLMo Hybrid are built with mlx-lm's model files
+(mlx_lm/models/qwen3_5.py, qwen3_5_moe.py, qwen3_next.py, olmo_hybrid.py; their math in
+gated_delta.py). The adapter takes over the mlx-lm model's children, so parameter names are
+mlx-lm's, and exposes what the sleep engine needs (see models/hybrid.py): embed, layers as
+blocks with per-layer state dicts, head, initial_state, core. Each block runs the mlx-lm
+decoder layer as is and translates our state to and from the cache object the layer expects:
 
   GDN layers        an mlx-lm ArraysCache filled from {"conv", "S"} (Qwen) or
                     {"conv_q", "conv_k", "conv_v", "S"} (OLMo Hybrid); S is [B, Hv, Dv, Dk] in
@@ -23,6 +23,7 @@ import copy
 import dataclasses
 import importlib
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Optional, Tuple
 
 import mlx.core as mx
@@ -42,10 +43,15 @@ class Arch:
     model_class: str  # the text model class in it
     layer_class: Optional[str]  # decoder layer built per layer_types (None: mlx-lm reads them)
     conv_slots: Tuple[str, ...]  # the ArraysCache slots before S, in mlx-lm's order
+    # "<module>.<class>" whose sanitize (a multimodal wrapper's) runs before the text model's
+    wrapper: Optional[str] = None
 
 
 ARCHS = {
     "qwen3_5": Arch("qwen3_5", "TextModel", "DecoderLayer", ("conv",)),
+    # Qwen3.5 MoE: qwen3_5's TextModel with num_experts > 0; mlx-lm's qwen3_5_moe.Model only adds
+    # the sanitize that splits fused experts.gate_up_proj into switch_mlp.gate_proj / up_proj
+    "qwen3_5_moe": Arch("qwen3_5", "TextModel", "DecoderLayer", ("conv",), "qwen3_5_moe.Model"),
     "qwen3_next": Arch("qwen3_next", "Model", "Qwen3NextDecoderLayer", ("conv",)),
     "olmo_hybrid": Arch("olmo_hybrid", "Model", None, ("conv_q", "conv_k", "conv_v")),
 }
@@ -196,16 +202,22 @@ class Block:
 
 # -- the adapter ---------------------------------------------------------------------------------
 
-def _mlx_lm_model(config: AdapterConfig):
-    """The mlx-lm text model for `config`, with layer kinds as `layer_types` says."""
-    arch = ARCHS[config.model_type]
+def _mlx_lm_module(name: str):
     try:
-        module = importlib.import_module(f"mlx_lm.models.{arch.module}")
+        return importlib.import_module(f"mlx_lm.models.{name}")
     except ImportError as e:  # an mlx-lm older than the file (tested with 0.32.2)
         import mlx_lm
 
-        raise ConfigError(f"mlx-lm {mlx_lm.__version__} has no {arch.module} model ({e}); "
+        raise ConfigError(f"mlx-lm {mlx_lm.__version__} has no {name} model ({e}); "
                           "upgrade mlx-lm")
+
+
+def _mlx_lm_model(config: AdapterConfig):
+    """The mlx-lm text model for `config`, with layer kinds as `layer_types` says."""
+    arch = ARCHS[config.model_type]
+    module = _mlx_lm_module(arch.module)
+    if arch.wrapper is not None:
+        _mlx_lm_module(arch.wrapper.rsplit(".", 1)[0])
     args_cls = module.TextModelArgs if arch.model_class == "TextModel" else module.ModelArgs
     args = args_cls.from_dict(copy.deepcopy(config.args))  # mlx-lm edits rope dicts in place
     lm = getattr(module, arch.model_class)(args)
@@ -225,7 +237,7 @@ def _mlx_lm_model(config: AdapterConfig):
 
 
 class Model(nn.Module):
-    """A Qwen3.5 / Qwen3-Next / OLMo Hybrid model from mlx-lm, with the sleep interface.
+    """A Qwen3.5 (MoE) / Qwen3-Next / OLMo Hybrid model from mlx-lm, with the sleep interface.
 
     Parameters live exactly where mlx-lm puts them (`model.embed_tokens`, `model.layers.i...`,
     `lm_head`); `args` is mlx-lm's ModelArgs, so mlx-lm's sanitize runs on this object."""
@@ -291,7 +303,21 @@ class Model(nn.Module):
     def sanitize(self, weights: dict) -> dict:
         """Hugging Face tensors -> mlx-lm's (conv layout, zero-centred norms, dropped MTP heads),
         by mlx-lm's own sanitize, which only reads `self.args`."""
-        return self._lm_class.sanitize(self, weights)
+        if self._arch.wrapper is None:
+            return self._lm_class.sanitize(self, weights)
+        # The wrapper's sanitize prefixes names with `language_model.`, does its own part (fused
+        # MoE experts) and hands over to `language_model.sanitize`: the text model's, unprefixed.
+        module, cls = self._arch.wrapper.rsplit(".", 1)
+        wrapper = getattr(_mlx_lm_module(module), cls)
+
+        def text_sanitize(w):
+            w = {k[len("language_model."):] if k.startswith("language_model.") else k: v
+                 for k, v in w.items()}
+            return self._lm_class.sanitize(self, w)
+
+        shim = SimpleNamespace(language_model=SimpleNamespace(args=self.args,
+                                                              sanitize=text_sanitize))
+        return wrapper.sanitize(shim, weights)
 
     def set_dtype(self, dtype, predicate=lambda t: mx.issubdtype(t, mx.floating)):
         """As nn.Module.set_dtype, but A_log stays float32 (mlx-lm's cast_predicate)."""
