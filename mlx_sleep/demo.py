@@ -57,8 +57,9 @@ def run_demo(out: str, steps=None, loops=None, echo=print):
     echo("\n" + table)
     os.makedirs(out, exist_ok=True)
     png = os.path.join(out, "accuracy.png")
+    chance = 1 / task.max_nodes if task.name == "depo" and task.min_nodes == task.max_nodes else None
     plot(results, png, f"{task.name}: accuracy by difficulty, equal training tokens",
-         dname, "token")
+         dname, "token", chance=chance)
     write_json(os.path.join(out, "results.json"),
                {"settings": settings, "task": task.to_dict(), "results": results,
                 "seconds": timing})

@@ -78,14 +78,18 @@ def plot(results_by_run: Dict[str, Dict[int, dict]], path: str, title: str = "",
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    all_diffs = set()
     for run, res in results_by_run.items():
         diffs = sorted(int(d) for d in res)
+        all_diffs.update(diffs)
         ax.plot(diffs, [(res.get(d) or res[str(d)])[metric] for d in diffs], marker="o", label=run)
     if chance is not None:
         ax.axhline(chance, color="gray", linestyle="--", linewidth=1, label="chance")
     ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(all_diffs), [str(d) for d in sorted(all_diffs)])
+    ax.minorticks_off()
     ax.set_xlabel(difficulty_name)
-    ax.set_ylabel(f"{metric} accuracy")
+    ax.set_ylabel({"token": "per-item accuracy", "exact": "exact-match accuracy"}.get(metric, metric))
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend()
