@@ -3,7 +3,9 @@
 The paper says training throughput falls as 1/N (every context chunk is run N times, forward and
 backward). This measures tokens/s and peak memory for N in {1, 2, 4}, with and without
 activation checkpointing per chunk, in one process on one machine, and reports each throughput
-as a ratio to N = 1 next to the 1/N prediction.
+as a ratio to N = 1 next to the 1/N prediction. With checkpointing the step is
+sleep.sleep_value_and_grad: a forward that keeps only the chunk-boundary states, then one chunk
+at a time recomputed under vjp, so peak memory is about one chunk's activations (all N passes).
 
     python benchmarks/train_throughput.py            # Rule 110 shape: 4 layers, width 128, T = 100
     python benchmarks/train_throughput.py --quick    # a smaller model, for a smoke run

@@ -1,7 +1,8 @@
 """The sleep engine: Algorithm 1 of "Language Models Need Sleep", in one place.
 
 Everything that sleeps goes through `run_chunk` (prelude once, core N times, coda once) and
-`evict`: the training loss (`sleep_loss`), evaluation (`sleep_forward`) and incremental inference
+`evict`: the training loss (`sleep_loss`, and `sleep_value_and_grad`, its memory-bounded gradient
+that recomputes one chunk at a time), evaluation (`sleep_forward`) and incremental inference
 (`SleepEngine`). That is what makes inference equal training: a consolidated window's state is
 computed by the same function, from the same chunk-start state, as in training.
 
@@ -86,7 +87,11 @@ def evict(model, state: State, keep: int) -> State:
 
 def _checkpointed_chunk(model, ids, state, offset, passes, window):
     """run_chunk under mx.checkpoint: activations inside the chunk are recomputed on backward.
-    Parameters go in as arguments so gradients reach them; token ids stay a closure constant."""
+    Parameters go in as arguments so gradients reach them; token ids stay a closure constant.
+
+    This only marks the graph: when the whole forward and backward are evaluated in one mx.eval
+    (as under nn.value_and_grad), MLX still holds the forward intermediates, so it does not lower
+    peak memory. `sleep_value_and_grad` is what bounds memory to one chunk."""
     def chunk(params, state):
         model.update(params)
         return run_chunk(model, ids, state, offset, passes, window)
@@ -131,21 +136,125 @@ def sleep_forward(model, inputs, mask, sleep: SleepConfig, *, plan=None,
     return answers, state
 
 
+def _float_mask(mask) -> mx.array:
+    return mask if isinstance(mask, mx.array) else mx.array(np.asarray(mask, dtype=np.float32))
+
+
+def _ce_sum(logits, targets, mask) -> mx.array:
+    """Summed masked cross-entropy of one answer chunk."""
+    ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets, reduction="none")
+    return (ce * mask).sum()
+
+
 def sleep_loss(model, inputs, targets, mask, sleep: SleepConfig, *, plan=None,
                checkpoint: bool = False):
     """Masked cross-entropy of Algorithm 1, averaged over scored positions.
 
-    targets[:, p] is what position p must predict (not shifted). Returns (loss, n_scored)."""
+    targets[:, p] is what position p must predict (not shifted). Returns (loss, n_scored).
+    `checkpoint` wraps each chunk in mx.checkpoint (same loss and gradients); to actually bound
+    training memory use `sleep_value_and_grad`."""
     if plan is None:
         plan = plan_chunks(mask, sleep.window)
     answers, _ = sleep_forward(model, inputs, None, sleep, plan=plan, checkpoint=checkpoint)
-    mask = mask if isinstance(mask, mx.array) else mx.array(np.asarray(mask, dtype=np.float32))
+    mask = _float_mask(mask)
     total = mx.array(0.0)
     for a, b, logits in answers:
-        ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets[:, a:b], reduction="none")
-        total = total + (ce * mask[:, a:b]).sum()
+        total = total + _ce_sum(logits, targets[:, a:b], mask[:, a:b])
     n_scored = mask.sum()
     return total / mx.maximum(n_scored, 1.0), n_scored
+
+
+def _flat_state(state: State):
+    """(keys, arrays) of a state; keys (layer, name) rebuild it, empty dicts included."""
+    keys = [(i, name) for i, s in enumerate(state) for name in sorted(s)]
+    return keys, [state[i][name] for i, name in keys]
+
+
+def _unflat_state(keys, arrays, n_layers: int) -> State:
+    state = [{} for _ in range(n_layers)]
+    for (i, name), a in zip(keys, arrays):
+        state[i][name] = a
+    return state
+
+
+def sleep_value_and_grad(model, inputs, targets, mask, sleep: SleepConfig, *, plan=None):
+    """`nn.value_and_grad(model, sleep_loss)` with activation checkpointing per chunk that really
+    bounds memory: returns ((loss, n_scored), grads over model.trainable_parameters()).
+
+    Peak memory is about one chunk's activations (all its passes) plus the chunk-boundary states:
+      1. forward, chunk by chunk, evaluating and keeping only the (evicted) state at each chunk
+         boundary, up to the last answer chunk (later chunks cannot change the loss);
+      2. backward, chunks in reverse: recompute each chunk from its saved start state under
+         mx.vjp of (params, state_in) -> (its summed CE if an answer chunk, state_out), with
+         cotangents 1/n_scored for the CE and the state cotangent the later chunk handed back;
+         accumulate the parameter gradients, pass the state cotangent on, evaluate.
+    Each chunk is one call of `sleep_forward` (run_chunk + evict), so this is Algorithm 1 itself.
+    It evaluates as it goes, so it cannot run under mx.compile. Token ids, targets and mask are
+    constants; the loss is the same mean over scored positions as `sleep_loss`."""
+    if plan is None:
+        plan = plan_chunks(mask, sleep.window)
+    bounds, is_answer = plan
+    if bounds[-1][1] != inputs.shape[1]:
+        raise ValueError(f"chunk plan covers {bounds[-1][1]} tokens, inputs have {inputs.shape[1]}")
+    mask = _float_mask(mask)
+    n_scored = mask.sum()
+    denom = mx.maximum(n_scored, 1.0)
+    names, params = map(list, zip(*tree_flatten(model.trainable_parameters())))
+    n_params, n_layers = len(params), len(model.layers)
+
+    def set_params(arrays):
+        model.update(tree_unflatten(list(zip(names, arrays))))
+
+    def chunk(c, state):
+        """Chunk c of the plan from `state`: (answers, evicted state), Algorithm 1 as is."""
+        (a, b), answer = bounds[c], is_answer[c]
+        return sleep_forward(model, inputs[:, a:b], None, sleep, plan=([(0, b - a)], [answer]),
+                             state=state, offset=a)
+
+    answer_chunks = [c for c, ans in enumerate(is_answer) if ans]
+    if not answer_chunks:
+        return (mx.array(0.0), n_scored), tree_unflatten(
+            list(zip(names, [mx.zeros_like(p) for p in params])))
+    last = answer_chunks[-1]
+
+    # 1. Forward: the state at the start of every chunk up to the last answer chunk.
+    starts = [model.initial_state(inputs.shape[0])]
+    for c in range(last):
+        starts.append(chunk(c, starts[-1])[1])
+        mx.eval(starts[-1])
+
+    # 2. Backward, recomputing one chunk at a time.
+    grads, state_ct, total = None, None, mx.array(0.0)
+    try:
+        for c in reversed(range(last + 1)):
+            keys_in, state_in = _flat_state(starts[c])
+            answer = is_answer[c]
+
+            def fn(*arrays, c=c, keys_in=keys_in, answer=answer):
+                set_params(arrays[:n_params])
+                answers, state = chunk(c, _unflat_state(keys_in, arrays[n_params:], n_layers))
+                out = []
+                if answer:
+                    (_, _, logits), = answers  # chunk-local bounds; bounds[c] are global
+                    a, b = bounds[c]
+                    out.append(_ce_sum(logits, targets[:, a:b], mask[:, a:b]))
+                if c < last:  # the last answer chunk's state reaches no loss
+                    out += _flat_state(state)[1]
+                return out
+
+            cotangents = ([(1.0 / denom).astype(mx.float32)] if answer else []) + \
+                (state_ct if c < last else [])
+            outs, vjps = mx.vjp(fn, params + state_in, cotangents)
+            if answer:
+                total = total + outs[0]
+            g = vjps[:n_params]
+            grads = g if grads is None else [x + y for x, y in zip(grads, g)]
+            state_ct = vjps[n_params:]
+            mx.eval(grads, state_ct, total)
+            starts[c] = None
+    finally:
+        set_params(params)
+    return (total / denom, n_scored), tree_unflatten(list(zip(names, grads)))
 
 
 class SleepCancelled(Exception):

@@ -28,7 +28,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from .config import ConfigError, ModelConfig, SleepConfig
 from .io import atomic_dir, read_json, recover_dir, save_arrays, write_json
 from .models import HybridLM
-from .sleep import plan_chunks, sleep_loss
+from .sleep import plan_chunks, sleep_loss, sleep_value_and_grad
 from .tasks import task_from_dict
 
 
@@ -47,7 +47,10 @@ class TrainConfig:
     eval_samples: int = 256  # per difficulty
     checkpoint_every: int = 200
     log_every: int = 10
-    compile: bool = False  # see default_compile()
+    compile: bool = False  # see default_compile(); ignored with activation_checkpoint
+    # Recompute each chunk on backward (sleep.sleep_value_and_grad): peak memory ~ one chunk's
+    # activations + the chunk-boundary states. It evaluates chunk by chunk, so the step is not
+    # mx.compile'd then.
     activation_checkpoint: bool = False
     random_chunks: bool = False  # sample chunk lengths in [1, L] (see sleep.chunk_bounds)
 
@@ -136,18 +139,24 @@ class Trainer:
             return self._steps[key]
         model, optimizer, cfg, sleep = self.model, self.optimizer, self.cfg, self.sleep
 
-        def loss_fn(m, x, y, w):
-            return sleep_loss(m, x, y, w, sleep, plan=plan, checkpoint=cfg.activation_checkpoint)
+        if cfg.activation_checkpoint:
+            def value_and_grad(x, y, w):
+                return sleep_value_and_grad(model, x, y, w, sleep, plan=plan)
+        else:
+            grad_fn = nn.value_and_grad(model, lambda m, x, y, w: sleep_loss(m, x, y, w, sleep,
+                                                                             plan=plan))
 
-        grad_fn = nn.value_and_grad(model, loss_fn)
+            def value_and_grad(x, y, w):
+                return grad_fn(model, x, y, w)
 
         def step(x, y, w):
-            (loss, _), grads = grad_fn(model, x, y, w)
+            (loss, _), grads = value_and_grad(x, y, w)
             grads, norm = optim.clip_grad_norm(grads, cfg.grad_clip)
             optimizer.update(model, grads)
             return loss, norm
 
-        if cfg.compile and not cfg.random_chunks:
+        # sleep_value_and_grad evaluates chunk by chunk: it cannot be traced by mx.compile.
+        if cfg.compile and not cfg.random_chunks and not cfg.activation_checkpoint:
             state = [model.state, optimizer.state]
             step = mx.compile(step, inputs=state, outputs=state)
         self._steps[key] = step

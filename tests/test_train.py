@@ -57,6 +57,30 @@ def test_resume_is_exact(tmp_path, activation_checkpoint):
         np.testing.assert_array_equal(np.array(a[k]), np.array(b[k]), err_msg=k)
 
 
+@pytest.mark.parametrize("compile", [False, True])
+def test_activation_checkpoint_trains_like_plain_backprop(tmp_path, monkeypatch, compile):
+    """--activation-checkpoint routes the step through sleep_value_and_grad (chunk by chunk, so
+    never under mx.compile, even when compile is asked for) and takes the same steps."""
+    import mlx_sleep.train as train_mod
+
+    calls = []
+    real = train_mod.sleep_value_and_grad
+    monkeypatch.setattr(train_mod, "sleep_value_and_grad",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    plain = trainer(tmp_path / "a", steps=3, loops=3)
+    chunked = trainer(tmp_path / "b", steps=3, loops=3, activation_checkpoint=True,
+                      compile=compile)
+    batches = [TASK.sample(np.random.default_rng(i), 16) for i in range(3)]
+    for batch in batches:
+        l0, n0 = plain.train_step(batch)
+        l1, n1 = chunked.train_step(batch)
+        assert abs(l0 - l1) < 1e-5 and abs(n0 - n1) < 1e-4 * max(1.0, n0)
+    assert len(calls) == 3
+    a, b = dict(tree_flatten(plain.model.parameters())), dict(tree_flatten(chunked.model.parameters()))
+    for k in a:
+        np.testing.assert_allclose(np.array(b[k]), np.array(a[k]), atol=1e-4, err_msg=k)
+
+
 def test_run_directory_and_load_run(tmp_path):
     trainer(tmp_path, steps=3).run()
     assert sorted(os.listdir(tmp_path / "checkpoint")) == ["model.safetensors",
