@@ -4,7 +4,7 @@ fast weights, save the state and resume it.
     python examples/sleep_engine.py
 """
 
-import mlx_sleep  # first on Linux: loads a fast BLAS before mlx.core
+import mlx_sleep  # noqa: F401  (first on Linux: loads a fast BLAS before mlx.core)
 import mlx.core as mx
 
 from mlx_sleep import HybridLM, ModelConfig, SleepConfig, SleepEngine

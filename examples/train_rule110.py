@@ -5,7 +5,7 @@
 
 import argparse
 
-import mlx_sleep  # first on Linux: loads a fast BLAS before mlx.core
+import mlx_sleep  # noqa: F401  (first on Linux: loads a fast BLAS before mlx.core)
 from mlx_sleep.config import ModelConfig, SleepConfig
 from mlx_sleep.eval import evaluate, format_table
 from mlx_sleep.tasks import get_task

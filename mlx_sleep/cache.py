@@ -5,7 +5,6 @@ This is a plain forward: one pass per token and no eviction (mlx-lm knows nothin
 For generation with sleep use `SleepEngine`, which runs the same layers.
 """
 
-import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import _BaseCache
 

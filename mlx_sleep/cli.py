@@ -1,7 +1,6 @@
 """The `mlx-sleep` command line."""
 
 import json
-import os
 import sys
 
 from . import _blas  # noqa: F401  (first: loads an optimized BLAS before mlx.core)

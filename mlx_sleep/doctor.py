@@ -1,6 +1,5 @@
 """`mlx-sleep doctor`: what this machine gives mlx-sleep."""
 
-import os
 import platform
 import time
 

@@ -16,8 +16,6 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, fields
-from functools import partial
-from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn

@@ -3,7 +3,6 @@
 import json
 import os
 
-import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
