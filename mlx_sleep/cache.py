@@ -42,6 +42,16 @@ def make_cache(model) -> list:
     return [LayerStateCache() for _ in model.layers]
 
 
+def plain_forward(model, ids, state=None, offset: int = 0, cache=None):
+    """A plain forward: one pass over every block, no eviction. Returns logits [B, T, V].
+    From `state` at `offset`, or continuing the sequence held in an mlx-lm style `cache`."""
+    if cache is not None:
+        return forward_with_cache(model, ids, cache)
+    state = model.initial_state(ids.shape[0]) if state is None else state
+    h, _ = run_chunk(model, ids, state, offset, passes=1)
+    return model.head(h)
+
+
 def forward_with_cache(model, ids, cache: list):
     """Logits [B, T, V] for ids continuing the sequence held in `cache` (updated in place)."""
     if len(cache) != len(model.layers):

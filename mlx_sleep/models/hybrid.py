@@ -12,7 +12,7 @@ What the sleep engine needs from a model (any model that has these can sleep):
 
 import mlx.nn as nn
 
-from ..cache import forward_with_cache, make_cache
+from ..cache import make_cache, plain_forward
 from ..config import ModelConfig
 from ..layers import Attention, GatedDeltaNet, JetBlock, SwiGLU
 
@@ -83,10 +83,4 @@ class HybridLM(nn.Module):
     def __call__(self, ids, state=None, offset: int = 0, cache=None):
         """A plain forward: one pass over every block, no eviction. Returns logits [B, T, V].
         With `cache` (from `make_cache`, mlx-lm's protocol) it continues a cached sequence."""
-        if cache is not None:
-            return forward_with_cache(self, ids, cache)
-        h = self.embed(ids)
-        state = self.initial_state(ids.shape[0]) if state is None else state
-        for layer, s in zip(self.layers, state):
-            h, _ = layer(h, s, offset)
-        return self.head(h)
+        return plain_forward(self, ids, state, offset, cache)

@@ -30,7 +30,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..cache import forward_with_cache, make_cache
+from ..cache import make_cache, plain_forward
 from ..config import ConfigError, _from_dict
 from ..layers.attention import attention_mask
 
@@ -292,13 +292,7 @@ class Model(nn.Module):
     def __call__(self, ids, state=None, offset: int = 0, cache=None):
         """A plain forward: one pass over every block, no eviction. Returns logits [B, T, V].
         With `cache` (from `make_cache`, mlx-lm's protocol) it continues a cached sequence."""
-        if cache is not None:
-            return forward_with_cache(self, ids, cache)
-        h = self.embed(ids)
-        state = self.initial_state(ids.shape[0]) if state is None else state
-        for block, s in zip(self.layers, state):
-            h, _ = block(h, s, offset)
-        return self.head(h)
+        return plain_forward(self, ids, state, offset, cache)
 
     def sanitize(self, weights: dict) -> dict:
         """Hugging Face tensors -> mlx-lm's (conv layout, zero-centred norms, dropped MTP heads),
