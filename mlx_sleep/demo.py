@@ -17,8 +17,8 @@ from .train import TrainConfig, Trainer
 
 # Depo with an 8-node cycle written as 8 shuffled edges in ONE context window (24 tokens, hard
 # eviction), then 8 queries "v +k", k in {1, 2}. One GDN block: at answer time it reads S once,
-# so a 2-hop answer must already be in S. In a single pass the block can only compose an edge
-# with edges written before it; sleeping gives it the whole cycle on the second pass.
+# so a 2-hop answer must already be in S; a sleep pass sees the whole cycle before writing it.
+# Measured (README): at this scale N = 2 does not reliably beat N = 1; the demo shows that.
 DEMO = dict(
     task=dict(name="depo", max_nodes=8, min_nodes=8, n_names=16, max_hops=2, window=24,
               context_len=24, n_queries=8),
