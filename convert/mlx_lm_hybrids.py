@@ -29,7 +29,7 @@ Sleep default, all of them: the middle half of the blocks is the looped core (as
 import dataclasses
 import re
 
-from ..config import ConfigError
+from ..config import ConfigError, middle_half_core
 from ..models import mlx_lm_adapters as arch
 from .common import ConversionError
 
@@ -91,7 +91,7 @@ class HybridConverter:
         c["layer_types"] = _layer_types(c, self.MODEL_TYPE)
         c["model_type"] = self.MODEL_TYPE
         getattr(self, "_args_" + self.MODEL_TYPE)(c)
-        return arch.AdapterConfig(self.MODEL_TYPE, c, arch.default_core(c["num_hidden_layers"]))
+        return arch.AdapterConfig(self.MODEL_TYPE, c, middle_half_core(c["num_hidden_layers"]))
 
     def _args_qwen3_5(self, c):
         if c.get("rope_parameters") is None:  # older layout: rope settings at the top level

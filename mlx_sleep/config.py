@@ -16,6 +16,35 @@ class ConfigError(ValueError):
     """A setting is out of range or inconsistent; the message says which and what to do."""
 
 
+def middle_half_core(num_layers: int) -> Tuple[int, int]:
+    """The looped blocks of a converted model by default: the middle half, [n // 4, n // 4 + n // 2).
+
+    This is the paper's "middle 14 of 28" for Jet-Nemotron 2B (blocks 7..20) and extends to
+    other depths (4B, 36 blocks: 9..26; a 6-block test model: 1..3)."""
+    start = num_layers // 4
+    return (start, start + max(1, num_layers // 2))
+
+
+def as_core(core) -> Optional[Tuple[int, int]]:
+    """A core range as read from JSON (a list) or given (a tuple); None stays None."""
+    return tuple(core) if core is not None else None
+
+
+def check_core(core: Tuple[int, int], num_blocks: int, what: str = ""):
+    start, stop = core
+    if not 0 <= start < stop <= num_blocks:
+        raise ConfigError(f"core must be START:STOP with 0 <= START < STOP <= {num_blocks}"
+                          f"{what} (got {start}:{stop})")
+
+
+def config_to_dict(config) -> dict:
+    """A config dataclass as JSON-able settings (the core range as a list)."""
+    d = asdict(config)
+    if d.get("core") is not None:
+        d["core"] = list(d["core"])
+    return d
+
+
 def _from_dict(cls, d: dict):
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(d) - known)
@@ -62,8 +91,7 @@ class ModelConfig:
     core: Optional[Tuple[int, int]] = None
 
     def __post_init__(self):
-        if isinstance(self.core, list):
-            self.core = tuple(self.core)
+        self.core = as_core(self.core)
         self.validate()
 
     # -- derived sizes ---------------------------------------------------------------------
@@ -124,15 +152,10 @@ class ModelConfig:
         if "jet" in types:
             need(self.jet_generator_reduction >= 1,
                  f"jet_generator_reduction must be >= 1 (got {self.jet_generator_reduction})")
-        start, stop = self.core_range
-        need(0 <= start < stop <= len(types),
-             f"core must be START:STOP with 0 <= START < STOP <= {len(types)} (got {start}:{stop})")
+        check_core(self.core_range, len(types))
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        if d["core"] is not None:
-            d["core"] = list(d["core"])
-        return d
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":

@@ -24,6 +24,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import ConfigError, ModelConfig, SleepConfig
+from .eval import evaluate
 from .io import atomic_dir, read_json, recover_dir, save_arrays, write_json
 from .models import HybridLM
 from .sleep import plan_chunks, sleep_loss, sleep_value_and_grad
@@ -172,8 +173,6 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self, on_eval=None):
-        from .eval import evaluate  # eval imports train's helpers for loading
-
         cfg = self.cfg
         bar = _progress(cfg.steps, self.step, self.progress)
         t0, tokens0, losses = time.perf_counter(), self.tokens, []

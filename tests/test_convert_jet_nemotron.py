@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten
 
 from mlx_sleep import SleepConfig, SleepEngine, load, load_model, sleep_forward
 from mlx_sleep.convert import ConversionError, convert
-from mlx_sleep.models.jet_nemotron import default_core
+from mlx_sleep.config import middle_half_core as default_core
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "jet-nemotron-tiny")
 CHECKPOINTS = {"main": FIX, "expand_v": os.path.join(FIX, "variant_expand_v")}

@@ -22,7 +22,8 @@ import pytest
 
 from mlx_sleep import SleepConfig, SleepEngine, load_model, sleep_forward
 from mlx_sleep.convert import ConversionError, convert
-from mlx_sleep.models.mlx_lm_adapters import FULL, LINEAR, default_core
+from mlx_sleep.config import middle_half_core as default_core
+from mlx_sleep.models.mlx_lm_adapters import FULL, LINEAR
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

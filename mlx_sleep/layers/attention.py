@@ -20,6 +20,13 @@ def attention_mask(q_len: int, k_len: int, offset: int, window: Optional[int]):
     return allowed
 
 
+def evict_kv(state: dict, keep: int) -> dict:
+    """Attention state {"keys", "values"} [B, Hkv, Tk, D] keeping the last `keep` tokens."""
+    if keep == 0 or not state:
+        return {}
+    return {name: a[:, :, max(0, a.shape[2] - keep):] for name, a in state.items()}
+
+
 def min_window(a: Optional[int], b: Optional[int]) -> Optional[int]:
     if a is None:
         return b
@@ -50,9 +57,7 @@ class Attention(nn.Module):
         return {}
 
     def evict(self, state: dict, keep: int) -> dict:
-        if keep == 0 or not state:
-            return {}
-        return {name: a[:, :, max(0, a.shape[2] - keep):] for name, a in state.items()}
+        return evict_kv(state, keep)
 
     def __call__(self, x, state: dict, offset: int = 0, window: Optional[int] = None):
         B, T, _ = x.shape
@@ -71,5 +76,5 @@ class Attention(nn.Module):
         o = o.transpose(0, 2, 1, 3).reshape(B, T, -1)
         new_state = {"keys": k, "values": v}
         if window is not None:
-            new_state = self.evict(new_state, window - 1)
+            new_state = evict_kv(new_state, window - 1)
         return self.o_proj(o), new_state

@@ -17,22 +17,12 @@ tests/fixtures and the reference README):
 """
 
 import re
-from typing import Tuple
 
-from ..config import ConfigError, ModelConfig
+from ..config import ConfigError, ModelConfig, middle_half_core
 from .hybrid import HybridLM
 
 Model = HybridLM
 LAYER_TYPES = {"jet": "jet", "attn": "attn", "swa": "swa"}
-
-
-def default_core(num_layers: int) -> Tuple[int, int]:
-    """The looped blocks by default: the middle half, [n // 4, n // 4 + n // 2).
-
-    This is the paper's "middle 14 of 28" for Jet-Nemotron 2B (blocks 7..20) and extends to
-    other depths (4B, 36 blocks: 9..26; a 6-block test model: 1..3)."""
-    start = num_layers // 4
-    return (start, start + max(1, num_layers // 2))
 
 
 def from_hf_config(hf: dict) -> ModelConfig:
@@ -90,7 +80,7 @@ def from_hf_config(hf: dict) -> ModelConfig:
                   gdn_head_v_dim=head_v, gdn_norm_eps=float(get(jet, "norm_eps", where)),
                   conv_size=int(get(jet, "conv_size", where)),
                   jet_generator_reduction=reduction)
-    kw["core"] = default_core(len(types))
+    kw["core"] = middle_half_core(len(types))
     return ModelConfig(**kw)
 
 

@@ -31,8 +31,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..cache import make_cache, plain_forward
-from ..config import ConfigError, _from_dict
-from ..layers.attention import attention_mask
+from ..config import ConfigError, _from_dict, as_core, check_core, config_to_dict
+from ..layers.attention import attention_mask, evict_kv
 
 LINEAR, FULL = "linear_attention", "full_attention"
 
@@ -57,12 +57,6 @@ ARCHS = {
 }
 
 
-def default_core(num_layers: int) -> Tuple[int, int]:
-    """The middle half of the blocks, as for Jet-Nemotron: [n // 4, n // 4 + n // 2)."""
-    start = num_layers // 4
-    return (start, start + max(1, num_layers // 2))
-
-
 @dataclass
 class AdapterConfig:
     """model_type: an ARCHS key; args: the text config as mlx-lm's ModelArgs reads it, with
@@ -73,8 +67,7 @@ class AdapterConfig:
     core: Optional[Tuple[int, int]] = None
 
     def __post_init__(self):
-        if isinstance(self.core, list):
-            self.core = tuple(self.core)
+        self.core = as_core(self.core)
         self.validate()
 
     @property
@@ -102,15 +95,10 @@ class AdapterConfig:
                               f"supported: {LINEAR}, {FULL}")
         if n != len(types):
             raise ConfigError(f"layer_types has {len(types)} entries but num_hidden_layers is {n}")
-        start, stop = self.core_range
-        if not 0 <= start < stop <= len(types):
-            raise ConfigError(f"core must be START:STOP with 0 <= START < STOP <= {len(types)} "
-                              f"(got {start}:{stop})")
+        check_core(self.core_range, len(types))
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["core"] = list(self.core) if self.core is not None else None
-        return d
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "AdapterConfig":
@@ -144,9 +132,7 @@ class AttentionState:
         return {}
 
     def evict(self, state: dict, keep: int) -> dict:
-        if keep == 0 or not state:
-            return {}
-        return {name: a[:, :, max(0, a.shape[2] - keep):] for name, a in state.items()}
+        return evict_kv(state, keep)
 
 
 class GDNState:

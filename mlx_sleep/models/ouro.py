@@ -22,7 +22,7 @@ the final norm; by default the whole unrolled stack is the looped core, so one s
 full Ouro forward and N = 1 is the stock model.
 """
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 import mlx.core as mx
@@ -30,7 +30,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..cache import forward_with_cache, make_cache
-from ..config import ConfigError, _from_dict
+from ..config import ConfigError, _from_dict, as_core, check_core, config_to_dict
 from ..layers import Attention, JetBlock, SwiGLU
 
 
@@ -61,8 +61,7 @@ class OuroConfig:
     core: Optional[Tuple[int, int]] = None  # over the unrolled stack; None = all of it
 
     def __post_init__(self):
-        if isinstance(self.core, list):
-            self.core = tuple(self.core)
+        self.core = as_core(self.core)
         self.jet_after = list(self.jet_after)
         self.validate()
 
@@ -108,16 +107,10 @@ class OuroConfig:
         if self.early_exit_step is not None:
             need(0 <= self.early_exit_step < self.total_ut_steps,
                  f"early_exit_step must be in 0..{self.total_ut_steps - 1}")
-        start, stop = self.core_range
-        need(0 <= start < stop <= self.num_unrolled,
-             f"core must be START:STOP with 0 <= START < STOP <= {self.num_unrolled} "
-             f"(total_ut_steps x blocks per loop; got {start}:{stop})")
+        check_core(self.core_range, self.num_unrolled, " (total_ut_steps x blocks per loop)")
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        if d["core"] is not None:
-            d["core"] = list(d["core"])
-        return d
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "OuroConfig":
