@@ -360,7 +360,6 @@ class SleepEngine:
 
 
 def _fill(fresh: State, loaded) -> State:
-    if isinstance(loaded, dict):  # tree_unflatten makes a dict when indices are sparse
-        loaded = [loaded.get(str(i), loaded.get(i, {})) for i in range(len(fresh))]
+    """tree_unflatten pads missing leading layers with {} but stops at the last saved one."""
     loaded = list(loaded) + [{}] * (len(fresh) - len(loaded))
     return [l if l else f for f, l in zip(fresh, loaded)]

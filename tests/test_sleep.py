@@ -228,9 +228,11 @@ def test_cancelled_sleep_changes_nothing():
     assert engine.consolidate() and engine.window_len == 0 and engine.sleeps == 1
 
 
-def test_state_dict_round_trip_continues_identically():
-    model = model_of("attn,gdn,jet")
-    sleep = SleepConfig(loops=2, window=5, eviction="sliding")
+@pytest.mark.parametrize("layers,eviction", [("attn,gdn,jet", "sliding"), ("gdn,jet,attn", "hard")])
+def test_state_dict_round_trip_continues_identically(layers, eviction):
+    """Also after a hard eviction, when attention layers (first or last) hold no state."""
+    model = model_of(layers)
+    sleep = SleepConfig(loops=2, window=5, eviction=eviction)
     ids = tokens(1, 16)
     e1 = SleepEngine(model, sleep)
     e1.feed(ids[:, :7])
