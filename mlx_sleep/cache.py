@@ -6,13 +6,14 @@ For generation with sleep use `SleepEngine`, which runs the same layers.
 """
 
 from mlx.utils import tree_flatten
-from mlx_lm.models.cache import _BaseCache
 
 from .sleep import run_chunk
 
 
-class LayerStateCache(_BaseCache):
-    """One layer's state dict (attention KV, or conv state and fast weights S)."""
+class LayerStateCache:
+    """One layer's state dict (attention KV, or conv state and fast weights S), with the methods
+    of mlx-lm's cache protocol that its generation uses. mlx-lm checks the protocol, not the
+    class, so this does not import mlx-lm (importing it pulls in transformers and torch)."""
 
     def __init__(self):
         self.layer_state = None  # made on the first call, when the batch size is known
@@ -26,6 +27,9 @@ class LayerStateCache(_BaseCache):
     def state(self, v):
         raise NotImplementedError("mlx-sleep caches cannot be restored from mlx-lm prompt-cache "
                                   "files; use SleepEngine.state_dict() / load_state_dict()")
+
+    def is_trimmable(self):
+        return False
 
     def size(self):
         return self.offset
