@@ -4,3 +4,13 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mlx_sleep  # noqa: E402,F401  (before any test imports mlx.core: loads the fast BLAS on Linux)
+
+
+def pytest_terminal_summary(terminalreporter):
+    from tests.parity import TABLES
+
+    for name, measured in TABLES.items():
+        if measured:
+            terminalreporter.write_sep("-", f"{name}: measured max |difference|")
+            for key, value in sorted(measured.items()):
+                terminalreporter.write_line(f"{key}: {value:.2e}")

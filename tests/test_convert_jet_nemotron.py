@@ -22,10 +22,12 @@ from mlx_sleep import SleepConfig, SleepEngine, load, load_model, sleep_forward
 from mlx_sleep.convert import ConversionError, convert
 from mlx_sleep.config import middle_half_core as default_core
 
+from . import parity
+
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "jet-nemotron-tiny")
 CHECKPOINTS = {"main": FIX, "expand_v": os.path.join(FIX, "variant_expand_v")}
 TOL = {"reference_short": 1e-4, "reference_long": 5e-4}
-MEASURED = {}  # fixture -> max |diff|, printed at the end with -s
+MEASURED = parity.table("Jet-Nemotron vs original")
 
 
 def max_diff(a, b):
@@ -328,9 +330,3 @@ def test_cli_convert(tmp_path):
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 1 and res.output.strip().count("\n") == 0
     assert "already exists" in res.output
-
-
-def test_report_measured(converted):
-    """Runs last in this file: prints the measured max differences (pytest -s)."""
-    for k, v in sorted(MEASURED.items()):
-        print(f"{k}: {v:.2e}")

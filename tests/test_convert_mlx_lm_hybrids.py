@@ -25,12 +25,14 @@ from mlx_sleep.convert import ConversionError, convert
 from mlx_sleep.config import middle_half_core as default_core
 from mlx_sleep.models.mlx_lm_adapters import FULL, LINEAR
 
+from . import parity
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 TOL = 1e-4
 T, P = 13, 6  # sequence length; prefill length of the incremental check
-MEASURED = {}
+MEASURED = parity.table("mlx-lm hybrids vs transformers")
 L, F = LINEAR, FULL
 SIZES = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16, linear_num_key_heads=2,
@@ -331,9 +333,3 @@ def test_unknown_architecture_lists_the_hybrids(cases, tmp_path):
                                               ".*olmo_hybrid.*qwen3_5, qwen3_5_moe, "
                                               "qwen3_5_moe_text, qwen3_5_text, qwen3_next"):
         convert(src, str(tmp_path / "out"))
-
-
-def test_report_measured(cases):
-    """Runs last in this file: prints the measured max differences (pytest -s)."""
-    for k, v in sorted(MEASURED.items()):
-        print(f"{k}: {v:.2e}")

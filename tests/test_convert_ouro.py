@@ -21,9 +21,11 @@ from mlx_sleep import SleepConfig, SleepEngine, load_model, sleep_forward
 from mlx_sleep.convert import convert
 from mlx_sleep.models.ouro import insert_jet_layers
 
+from . import parity
+
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "ouro-tiny")
 TOL = 1e-4
-MEASURED = {}
+MEASURED = parity.table("Ouro vs original")
 
 
 def check(name, got, want, atol=TOL):
@@ -179,8 +181,3 @@ def test_unsupported_ouro_settings(tmp_path):
     with pytest.raises(ValueError, match="sliding-window Ouro layers are not supported"):
         convert(str(src), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
-
-
-def test_report_measured(model):
-    for k, v in sorted(MEASURED.items()):
-        print(f"{k}: {v:.2e}")
