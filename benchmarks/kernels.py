@@ -32,7 +32,7 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 
 from mlx_sleep import kernels  # noqa: E402
-from mlx_sleep.layers.gated_deltanet import l2_normalize  # noqa: E402
+from mlx_sleep.gdn_math import l2_normalize  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

@@ -31,6 +31,8 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from .gdn_math import causal_conv, decay_and_beta, l2_normalize
+
 ENV = "MLX_SLEEP_KERNELS"
 
 # A wheel ships the sources as the package mlx_sleep.metal; a source checkout (editable
@@ -139,8 +141,6 @@ def _compare(out, ref, rtol=1e-4):
 
 def dynamic_conv_ops(x, conv_state, kernel, silu=False):
     """The fallback: the layer's causal_conv (+ SiLU)."""
-    from .layers.gated_deltanet import causal_conv
-
     y, new_state = causal_conv(x, conv_state, kernel)
     return (nn.silu(y) if silu else y), new_state
 
@@ -232,8 +232,6 @@ def dynamic_conv(x, conv_state, kernel, silu=False):
 
 def gdn_step_ops(q, k, v, a, b, A_log, dt_bias, state, gate, norm_weight, norm_eps):
     """The fallback: GatedDeltaNet.__call__'s math after the projections."""
-    from .layers.gated_deltanet import decay_and_beta, l2_normalize
-
     q = l2_normalize(q) * q.shape[-1] ** -0.5
     k = l2_normalize(k)
     decay, beta = decay_and_beta(a, b, A_log, dt_bias)

@@ -1,5 +1,6 @@
 from .attention import Attention, attention_mask
-from .gated_deltanet import GatedDeltaNet, JetBlock, causal_conv, decay_and_beta, l2_normalize
+from ..gdn_math import causal_conv, decay_and_beta, l2_normalize
+from .gated_deltanet import GatedDeltaNet, JetBlock
 from .mlp import SwiGLU
 
 __all__ = ["Attention", "attention_mask", "GatedDeltaNet", "JetBlock", "SwiGLU", "causal_conv",
