@@ -98,6 +98,6 @@ def convert(hf_path: str, out: str, *, dtype: Optional[str] = None, quantize: bo
         if hf.get(key) is not None:
             config[key] = hf[key]
     if quantize:
-        config = quantize_model(model, config, q_bits, q_group_size, conv.quant_skip)
+        config = quantize_model(model, config, q_bits, q_group_size, model.keep_unquantized)
     weights = dict(tree_flatten(model.parameters()))
     return save_model_dir(out, config, weights, src)

@@ -26,6 +26,3 @@ def prepare_weights(weights: dict, config) -> dict:
                                   "differs from model.embed_tokens.weight")
     return weights
 
-
-def quant_skip(path: str) -> bool:
-    return False

@@ -164,10 +164,6 @@ class HybridConverter:
             weights = _qwen_norms_and_conv(weights)  # mlx-lm's sanitize returns early here
         return weights
 
-    def quant_skip(self, path: str) -> bool:
-        # MoE routers: tiny outputs that mlx-lm keeps at 8 bits; we keep them unquantized
-        return path.endswith(("mlp.gate", "shared_expert_gate"))
-
 
 def _stack_experts(weights: dict) -> dict:
     """One tensor per expert (...mlp.experts.<e>.gate_proj.weight, as transformers saves a

@@ -16,9 +16,4 @@ Model = arch.Model
 insert_jet_layers = arch.insert_jet_layers
 
 __all__ = ["MODEL_TYPE", "from_hf_config", "to_ours", "to_hf", "Model", "insert_jet_layers",
-           "prepare_weights", "quant_skip"]
-
-
-def quant_skip(path: str) -> bool:
-    # The exit gate decides which loop answers: keep it exact.
-    return path.startswith("early_exit_gate")
+           "prepare_weights"]

@@ -25,11 +25,6 @@ def middle_half_core(num_layers: int) -> Tuple[int, int]:
     return (start, start + max(1, num_layers // 2))
 
 
-def as_core(core) -> Optional[Tuple[int, int]]:
-    """A core range as read from JSON (a list) or given (a tuple); None stays None."""
-    return tuple(core) if core is not None else None
-
-
 def check_core(core: Tuple[int, int], num_blocks: int, what: str = ""):
     start, stop = core
     if not 0 <= start < stop <= num_blocks:
@@ -37,12 +32,32 @@ def check_core(core: Tuple[int, int], num_blocks: int, what: str = ""):
                           f"{what} (got {start}:{stop})")
 
 
-def config_to_dict(config) -> dict:
-    """A config dataclass as JSON-able settings (the core range as a list)."""
-    d = asdict(config)
-    if d.get("core") is not None:
-        d["core"] = list(d["core"])
-    return d
+class ModelConfigBase:
+    """What every model config (a dataclass with a `core` field) shares: the looped core range
+    over its `num_sleep_blocks` blocks, validation on construction, and the JSON round trip."""
+
+    core_what = ""  # how the error message names the blocks the core counts
+
+    def __post_init__(self):
+        self.core = tuple(self.core) if self.core is not None else None  # JSON gives a list
+        self.validate()
+
+    @property
+    def core_range(self) -> Tuple[int, int]:
+        return self.core if self.core is not None else (0, self.num_sleep_blocks)
+
+    def validate(self):
+        check_core(self.core_range, self.num_sleep_blocks, self.core_what)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if d.get("core") is not None:
+            d["core"] = list(d["core"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        return _from_dict(cls, d)
 
 
 def _from_dict(cls, d: dict):
@@ -55,7 +70,7 @@ def _from_dict(cls, d: dict):
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(ModelConfigBase):
     """The hybrid model: a stack of attention / Gated DeltaNet blocks, each followed by a SwiGLU MLP.
 
     `layers` is a comma-separated pattern, one entry per block:
@@ -90,10 +105,6 @@ class ModelConfig:
     tie_embeddings: bool = True
     core: Optional[Tuple[int, int]] = None
 
-    def __post_init__(self):
-        self.core = as_core(self.core)
-        self.validate()
-
     # -- derived sizes ---------------------------------------------------------------------
     @property
     def layer_types(self) -> list:
@@ -104,8 +115,8 @@ class ModelConfig:
         return len(self.layer_types)
 
     @property
-    def core_range(self) -> Tuple[int, int]:
-        return tuple(self.core) if self.core is not None else (0, self.num_layers)
+    def num_sleep_blocks(self) -> int:
+        return self.num_layers
 
     def resolved(self, name):
         """The value of an optional size with its documented default applied."""
@@ -152,14 +163,7 @@ class ModelConfig:
         if "jet" in types:
             need(self.jet_generator_reduction >= 1,
                  f"jet_generator_reduction must be >= 1 (got {self.jet_generator_reduction})")
-        check_core(self.core_range, len(types))
-
-    def to_dict(self) -> dict:
-        return config_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        return _from_dict(cls, d)
+        super().validate()
 
 
 @dataclass

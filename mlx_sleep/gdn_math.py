@@ -31,3 +31,12 @@ def causal_conv(x, conv_state, weight):
     y = sum(padded[:, w:w + T] * weight[..., w] for w in range(W))
     new_state = padded[:, padded.shape[1] - (W - 1):] if W > 1 else conv_state
     return y, new_state
+
+
+def evict_conv(conv, keep: int):
+    """A conv state [B, W-1, C] after eviction: the inputs of at most the last `keep` tokens
+    stay, older ones are zeroed (as if they had never been seen)."""
+    drop = conv.shape[1] - min(keep, conv.shape[1])
+    if not drop:
+        return conv
+    return mx.concatenate([mx.zeros_like(conv[:, :drop]), conv[:, drop:]], axis=1)

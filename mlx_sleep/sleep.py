@@ -62,7 +62,7 @@ def run_chunk(model, ids, state: State, offset: int, passes: int,
     ids [B, T] at global positions offset..offset+T-1; `window` bounds attention (sliding
     eviction). `after_pass(n, state)` is called after core pass n (used to evaluate and cancel
     between passes). Returns (features h [B, T, D], new state)."""
-    layers = model.layers
+    layers = model.sleep_blocks()
     start, stop = model.core
     state = list(state)
     h = model.embed(ids)
@@ -82,7 +82,7 @@ def run_chunk(model, ids, state: State, offset: int, passes: int,
 
 def evict(model, state: State, keep: int) -> State:
     """Clear the KV of everything but the last `keep` tokens; fast weights stay."""
-    return [layer.mixer.evict(s, keep) for layer, s in zip(model.layers, state)]
+    return [block.mixer.evict(s, keep) for block, s in zip(model.sleep_blocks(), state)]
 
 
 def plan_chunks(mask, window: int, rng: Optional[np.random.Generator] = None, min_len: int = 1):
@@ -183,7 +183,7 @@ def sleep_value_and_grad(model, inputs, targets, mask, sleep: SleepConfig, *, pl
     n_scored = mask.sum()
     denom = mx.maximum(n_scored, 1.0)
     names, params = map(list, zip(*tree_flatten(model.trainable_parameters())))
-    n_params, n_layers = len(params), len(model.layers)
+    n_params, n_layers = len(params), len(model.sleep_blocks())
 
     def set_params(arrays):
         model.update(tree_unflatten(list(zip(names, arrays))))

@@ -152,9 +152,9 @@ def test_mlx_lm_generation_drives_the_adapter(cases, case):
 def test_layer_types_of_the_checkpoint_are_honoured(cases, case):
     model, _, _, src = cases[case]
     types = json.load(open(os.path.join(src, "config.json")))["layer_types"]
-    assert [b.kind for b in model.layers] == types == CASES[case][2]["layer_types"]
-    for block, kind in zip(model.layers, types):
-        assert ("linear_attn" in block.layer) == (kind == LINEAR)
+    assert [b.kind for b in model.sleep_blocks()] == types == CASES[case][2]["layer_types"]
+    for layer, block, kind in zip(model.layers, model.sleep_blocks(), types):
+        assert block.layer is layer and ("linear_attn" in layer) == (kind == LINEAR)
     state = model.initial_state(2)
     for s, kind in zip(state, types):
         assert (s["S"].shape == (2, 4, 8, 16)) if kind == LINEAR else s == {}
@@ -178,7 +178,7 @@ def test_converted_model_sleeps_with_n_above_one(cases, case, eviction):
         logits = engine.feed(ids[:, 10:])
         assert engine.sleeps == 2
         assert float(mx.abs(logits - answer[2]).max()) < 1e-4
-        for block, s in zip(model.layers, engine.state):
+        for block, s in zip(model.sleep_blocks(), engine.state):
             if block.kind == FULL:  # hard: only the live window's 3; sliding: the last L - 1
                 assert s["keys"].shape[2] == (3 if eviction == "hard" else 4)
         out[loops] = logits

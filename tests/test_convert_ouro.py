@@ -49,7 +49,9 @@ def ref():
 def test_config_mapping(model):
     c = model.config
     assert (c.num_layers, c.total_ut_steps, c.head_dim, c.early_exit_threshold) == (3, 4, 16, 1.0)
-    assert len(model.layers) == 12  # 4 loops x 3 blocks, as the original's 12 cache entries
+    assert len(model.layers) == 3  # the real blocks, once
+    assert len(model.sleep_blocks()) == 12  # 4 loops x 3 blocks, as the original's 12 cache entries
+    assert all(b.layer is model.layers[k % 3] for k, b in enumerate(model.sleep_blocks()))
     assert model.core == (0, 12)  # default: the whole unrolled stack sleeps
 
 
@@ -124,7 +126,7 @@ def test_insert_jet_layers_keeps_outputs(model, ref, tmp_path):
     n_jet = sum(v.size for _, v in tree_flatten(jet.parameters()))
     assert n_jet > n_base
     hidden, state = jet.loop_hidden_states(ids)
-    jet_states = [s for layer, s in zip(jet.layers, state) if "S" in s]
+    jet_states = [s for s in state if "S" in s]
     assert len(jet_states) == 8 and all(float(mx.abs(s["S"]).max()) > 0 for s in jet_states)
 
     # Through the converter, saved and reloaded.
@@ -134,7 +136,8 @@ def test_insert_jet_layers_keeps_outputs(model, ref, tmp_path):
     assert np.array_equal(np.array(reloaded(ids)), np.array(base))
     check("insert_jet_layers", reloaded(ids), ref["logits_default"])
 
-    reloaded.jet_blocks[0].mixer.o_proj.weight = mx.ones_like(reloaded.jet_blocks[0].mixer.o_proj.weight) * 0.1
+    first_jet = reloaded.layers[1]  # the stack is ouro 0, jet 0, ouro 1, ouro 2, jet 1
+    first_jet.mixer.o_proj.weight = mx.ones_like(first_jet.mixer.o_proj.weight) * 0.1
     assert float(mx.abs(reloaded(ids) - base).max()) > 1e-2
 
 

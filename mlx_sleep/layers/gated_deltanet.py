@@ -22,7 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .. import kernels
-from ..gdn_math import causal_conv, decay_and_beta, l2_normalize
+from ..gdn_math import causal_conv, decay_and_beta, evict_conv, l2_normalize
 
 
 class GatedDeltaNet(nn.Module):
@@ -69,12 +69,8 @@ class GatedDeltaNet(nn.Module):
         }
 
     def evict(self, state: dict, keep: int) -> dict:
-        """Keep S; keep the conv inputs of at most the last `keep` tokens (zero the older ones)."""
-        conv = state["conv"]
-        drop = conv.shape[1] - min(keep, conv.shape[1])
-        if drop:
-            conv = mx.concatenate([mx.zeros_like(conv[:, :drop]), conv[:, drop:]], axis=1)
-        return {"conv": conv, "S": state["S"]}
+        """Keep S; keep the conv inputs of at most the last `keep` tokens."""
+        return {"conv": evict_conv(state["conv"], keep), "S": state["S"]}
 
     def qkv(self, x, conv_state):
         """q, k [B, T, Hk, Dk] (before L2 norm), v [B, T, Hv, Dv], and the new conv state."""

@@ -1,20 +1,12 @@
 """The paper's from-scratch hybrid: embeddings, a pattern of attention / GDN blocks, a head.
-
-What the sleep engine needs from a model (any model that has these can sleep):
-  embed(ids) -> h                    token features, computed once per chunk
-  layers[i](h, state, offset, window) -> (h, state)   blocks with per-layer state
-  layers[i].mixer.carried            names of the state entries that are fast weights
-  layers[i].mixer.evict(state, keep) the state after eviction, keeping `keep` recent tokens
-  head(h) -> logits
-  initial_state(batch_size) -> [state per layer]
-  core -> (start, stop)              the looped range of blocks
+Everything a model needs to sleep besides its blocks comes from SleepModel (models/base.py).
 """
 
 import mlx.nn as nn
 
-from ..cache import make_cache, plain_forward
 from ..config import ModelConfig
 from ..layers import Attention, GatedDeltaNet, JetBlock, SwiGLU
+from .base import SleepModel
 
 
 def make_mixer(config: ModelConfig, layer_type: str):
@@ -51,7 +43,7 @@ class Block(nn.Module):
         return x, state
 
 
-class HybridLM(nn.Module):
+class HybridLM(SleepModel):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -60,27 +52,3 @@ class HybridLM(nn.Module):
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
         if not config.tie_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-
-    @property
-    def core(self):
-        return self.config.core_range
-
-    def embed(self, ids):
-        return self.embed_tokens(ids)
-
-    def head(self, h):
-        h = self.norm(h)
-        if self.config.tie_embeddings:
-            return self.embed_tokens.as_linear(h)
-        return self.lm_head(h)
-
-    def initial_state(self, batch_size: int) -> list:
-        return [layer.mixer.initial_state(batch_size) for layer in self.layers]
-
-    def make_cache(self):
-        return make_cache(self)
-
-    def __call__(self, ids, state=None, offset: int = 0, cache=None):
-        """A plain forward: one pass over every block, no eviction. Returns logits [B, T, V].
-        With `cache` (from `make_cache`, mlx-lm's protocol) it continues a cached sequence."""
-        return plain_forward(self, ids, state, offset, cache)

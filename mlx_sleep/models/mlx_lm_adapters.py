@@ -3,9 +3,9 @@
 Qwen3.5 (text, dense or MoE), Qwen3-Next and OLMo Hybrid are built with mlx-lm's model files
 (mlx_lm/models/qwen3_5.py, qwen3_5_moe.py, qwen3_next.py, olmo_hybrid.py; their math in
 gated_delta.py). The adapter takes over the mlx-lm model's children, so parameter names are
-mlx-lm's, and exposes what the sleep engine needs (see models/hybrid.py): embed, layers as
-blocks with per-layer state dicts, head, initial_state, core. Each block runs the mlx-lm
-decoder layer as is and translates our state to and from the cache object the layer expects:
+mlx-lm's and `layers` is mlx-lm's decoder layers; its `sleep_blocks()` (see models/base.py) wrap
+them as blocks with per-layer state dicts. Each block runs the mlx-lm decoder layer as is and
+translates our state to and from the cache object the layer expects:
 
   GDN layers        an mlx-lm ArraysCache filled from {"conv", "S"} (Qwen) or
                     {"conv_q", "conv_k", "conv_v", "S"} (OLMo Hybrid); S is [B, Hv, Dv, Dk] in
@@ -30,9 +30,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..cache import make_cache, plain_forward
-from ..config import ConfigError, _from_dict, as_core, check_core, config_to_dict
+from ..config import ConfigError, ModelConfigBase
+from ..gdn_math import evict_conv
 from ..layers.attention import attention_mask, evict_kv
+from .base import SleepModel
 
 LINEAR, FULL = "linear_attention", "full_attention"
 
@@ -58,17 +59,13 @@ ARCHS = {
 
 
 @dataclass
-class AdapterConfig:
+class AdapterConfig(ModelConfigBase):
     """model_type: an ARCHS key; args: the text config as mlx-lm's ModelArgs reads it, with
     `layer_types` and `num_hidden_layers`; core: the looped blocks (None = all)."""
 
     model_type: str
     args: dict = field(default_factory=dict)
     core: Optional[Tuple[int, int]] = None
-
-    def __post_init__(self):
-        self.core = as_core(self.core)
-        self.validate()
 
     @property
     def layer_types(self) -> list:
@@ -79,8 +76,8 @@ class AdapterConfig:
         return len(self.layer_types)
 
     @property
-    def core_range(self) -> Tuple[int, int]:
-        return tuple(self.core) if self.core is not None else (0, self.num_layers)
+    def num_sleep_blocks(self) -> int:
+        return self.num_layers
 
     def validate(self):
         if self.model_type not in ARCHS:
@@ -95,14 +92,7 @@ class AdapterConfig:
                               f"supported: {LINEAR}, {FULL}")
         if n != len(types):
             raise ConfigError(f"layer_types has {len(types)} entries but num_hidden_layers is {n}")
-        check_core(self.core_range, len(types))
-
-    def to_dict(self) -> dict:
-        return config_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "AdapterConfig":
-        return _from_dict(cls, d)
+        super().validate()
 
 
 # -- per-layer state <-> mlx-lm cache objects ---------------------------------------------------
@@ -151,14 +141,8 @@ class GDNState:
         return state
 
     def evict(self, state: dict, keep: int) -> dict:
-        """Keep S; keep the conv inputs of at most the last `keep` tokens (zero the older ones)."""
-        out = dict(state)
-        for s in self.slots[:-1]:
-            conv = state[s]
-            drop = conv.shape[1] - min(keep, conv.shape[1])
-            if drop:
-                out[s] = mx.concatenate([mx.zeros_like(conv[:, :drop]), conv[:, drop:]], axis=1)
-        return out
+        """Keep S; keep the conv inputs of at most the last `keep` tokens."""
+        return {**state, **{s: evict_conv(state[s], keep) for s in self.slots[:-1]}}
 
 
 class Block:
@@ -222,11 +206,12 @@ def _mlx_lm_model(config: AdapterConfig):
     return lm, arch
 
 
-class Model(nn.Module):
+class Model(SleepModel):
     """A Qwen3.5 (MoE) / Qwen3-Next / OLMo Hybrid model from mlx-lm, with the sleep interface.
 
     Parameters live exactly where mlx-lm puts them (`model.embed_tokens`, `model.layers.i...`,
-    `lm_head`); `args` is mlx-lm's ModelArgs, so mlx-lm's sanitize runs on this object."""
+    `lm_head`) and `layers` is mlx-lm's decoder layers, as on mlx-lm's own models; `args` is
+    mlx-lm's ModelArgs, so mlx-lm's sanitize runs on this object."""
 
     def __init__(self, config: AdapterConfig):
         super().__init__()
@@ -238,12 +223,19 @@ class Model(nn.Module):
             self[name] = child
 
     @property
-    def core(self):
-        return self.config.core_range
+    def layers(self):
+        return self.model.layers
 
     @property
-    def layers(self):
-        """Fresh wrappers each time: they hold no state and always see the current modules."""
+    def vocab_size(self) -> int:
+        return self.args.vocab_size
+
+    @property
+    def tie_embeddings(self) -> bool:
+        return self.args.tie_word_embeddings
+
+    def sleep_blocks(self) -> list:
+        """Fresh wrappers each call: they hold no state and always see the current modules."""
         dtype = self.model.norm.weight.dtype  # the activations' dtype (quantization-proof)
         blocks = []
         for layer, kind in zip(self.model.layers, self.config.layer_types):
@@ -265,20 +257,11 @@ class Model(nn.Module):
 
     def head(self, h):
         h = self.model.norm(h)
-        if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
+        return self.model.embed_tokens.as_linear(h) if self.tie_embeddings else self.lm_head(h)
 
-    def initial_state(self, batch_size: int) -> list:
-        return [block.mixer.initial_state(batch_size) for block in self.layers]
-
-    def make_cache(self):
-        return make_cache(self)
-
-    def __call__(self, ids, state=None, offset: int = 0, cache=None):
-        """A plain forward: one pass over every block, no eviction. Returns logits [B, T, V].
-        With `cache` (from `make_cache`, mlx-lm's protocol) it continues a cached sequence."""
-        return plain_forward(self, ids, state, offset, cache)
+    def keep_unquantized(self, path: str) -> bool:
+        # MoE routers: tiny outputs that mlx-lm keeps at 8 bits; we keep them unquantized
+        return path.endswith(("mlp.gate", "shared_expert_gate"))
 
     def sanitize(self, weights: dict) -> dict:
         """Hugging Face tensors -> mlx-lm's (conv layout, zero-centred norms, dropped MTP heads),

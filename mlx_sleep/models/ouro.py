@@ -15,11 +15,12 @@ pre-norm residual blocks without an MLP, x + o_proj(jet(norm(x))), whose o_proj 
 so the model's outputs are unchanged until fine-tuned. (No post-norm on them: an RMSNorm of a
 zero output has a gradient of 1/sqrt(eps), which would blow up the first fine-tuning step.)
 
-Each loop has its own KV cache (and its own Jet fast weights), as Ouro's UniversalTransformerCache
-(indexed ut * num_layers + layer). The sleep engine sees the loops unrolled: `layers` is the list
-of total_ut_steps x len(stack) views that share the weights, the last view of each loop applying
-the final norm; by default the whole unrolled stack is the looped core, so one sleep pass is one
-full Ouro forward and N = 1 is the stock model.
+`layers` is one loop's stack, the real modules (Ouro blocks with the Jet layers interleaved, in
+order). Each loop has its own KV cache (and its own Jet fast weights), as Ouro's
+UniversalTransformerCache (indexed ut * num_layers + layer), so the sleep engine sees the loops
+unrolled: `sleep_blocks()` is total_ut_steps x len(stack) views that share the layers' weights,
+the last view of each loop applying the final norm. By default the whole unrolled stack is the
+looped core, so one sleep pass is one full Ouro forward and N = 1 is the stock model.
 """
 
 from dataclasses import dataclass, field
@@ -29,13 +30,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..cache import forward_with_cache, make_cache
-from ..config import ConfigError, _from_dict, as_core, check_core, config_to_dict
+from ..config import ConfigError, ModelConfigBase
 from ..layers import Attention, JetBlock, SwiGLU
+from .base import SleepModel
 
 
 @dataclass
-class OuroConfig:
+class OuroConfig(ModelConfigBase):
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -60,10 +61,11 @@ class OuroConfig:
     jet_norm_eps: float = 1e-5
     core: Optional[Tuple[int, int]] = None  # over the unrolled stack; None = all of it
 
+    core_what = " (total_ut_steps x blocks per loop)"
+
     def __post_init__(self):
-        self.core = as_core(self.core)
         self.jet_after = list(self.jet_after)
-        self.validate()
+        super().__post_init__()
 
     @property
     def stack(self) -> List[Tuple[str, int]]:
@@ -79,8 +81,8 @@ class OuroConfig:
         return self.total_ut_steps * len(self.stack)
 
     @property
-    def core_range(self) -> Tuple[int, int]:
-        return tuple(self.core) if self.core is not None else (0, self.num_unrolled)
+    def num_sleep_blocks(self) -> int:
+        return self.num_unrolled
 
     def resolved(self, name):
         v = getattr(self, name)
@@ -107,14 +109,7 @@ class OuroConfig:
         if self.early_exit_step is not None:
             need(0 <= self.early_exit_step < self.total_ut_steps,
                  f"early_exit_step must be in 0..{self.total_ut_steps - 1}")
-        check_core(self.core_range, self.num_unrolled, " (total_ut_steps x blocks per loop)")
-
-    def to_dict(self) -> dict:
-        return config_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "OuroConfig":
-        return _from_dict(cls, d)
+        super().validate()
 
 
 def from_hf_config(hf: dict) -> OuroConfig:
@@ -148,17 +143,13 @@ def to_ours(hf_name: str):
     if not hf_name.startswith("model."):
         return None
     name = hf_name[len("model."):]
-    if name.startswith("layers."):
-        return "blocks." + name[len("layers."):].replace(".self_attn.", ".mixer.")
-    return name
+    return name.replace(".self_attn.", ".mixer.")
 
 
 def to_hf(name: str) -> str:
     if name.startswith("lm_head."):
         return name
-    if name.startswith("blocks."):
-        return "model.layers." + name[len("blocks."):].replace(".mixer.", ".self_attn.")
-    return "model." + name
+    return "model." + name.replace(".mixer.", ".self_attn.")
 
 
 class OuroBlock(nn.Module):
@@ -198,63 +189,51 @@ class JetLayer(nn.Module):
 
 
 class _Unrolled:
-    """One block at one loop, for the sleep engine: shares the block's weights, has its own
-    state; the last block of a loop applies the final norm. Not an nn.Module, so the shared
-    weights are registered once (under blocks / jet_blocks)."""
+    """One layer at one loop, for the sleep engine: shares the layer's weights, has its own
+    state; the last layer of a loop applies the final norm. Not an nn.Module, so the shared
+    weights are registered once (under `layers`)."""
 
-    def __init__(self, block, norm=None):
-        self.block, self.mixer, self.norm = block, block.mixer, norm
+    def __init__(self, layer, norm=None):
+        self.layer, self.mixer, self.norm = layer, layer.mixer, norm
 
     def __call__(self, x, state, offset=0, window=None):
-        x, state = self.block(x, state, offset, window)
+        x, state = self.layer(x, state, offset, window)
         return (self.norm(x) if self.norm is not None else x), state
 
 
-class Model(nn.Module):
+class Model(SleepModel):
     def __init__(self, config: OuroConfig):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.blocks = [OuroBlock(config) for _ in range(config.num_layers)]
-        self.jet_blocks = [JetLayer(config) for _ in config.jet_after]
-        for jet in self.jet_blocks:
-            jet.mixer.o_proj.weight = mx.zeros_like(jet.mixer.o_proj.weight)
+        self.layers = [OuroBlock(config) if kind == "ouro" else JetLayer(config)
+                       for kind, _ in config.stack]
+        for layer in self.layers:
+            if isinstance(layer, JetLayer):
+                layer.mixer.o_proj.weight = mx.zeros_like(layer.mixer.o_proj.weight)
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.early_exit_gate = nn.Linear(config.hidden_size, 1, bias=True)
         if not config.tie_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
-    # -- the sleep interface ---------------------------------------------------------------
-    @property
-    def layers(self) -> list:
-        """The unrolled stack (total_ut_steps x blocks per loop), rebuilt on each access so it
-        always reflects the current modules (e.g. after quantization or LoRA)."""
-        stack = [self.blocks[i] if kind == "ouro" else self.jet_blocks[i]
-                 for kind, i in self.config.stack]
-        n = len(stack)
-        return [_Unrolled(stack[k % n], self.norm if k % n == n - 1 else None)
+    def sleep_blocks(self) -> list:
+        """The unrolled stack (total_ut_steps x len(layers)), rebuilt on each call so it always
+        reflects the current modules (e.g. after quantization or LoRA)."""
+        n = len(self.layers)
+        return [_Unrolled(self.layers[k % n], self.norm if k % n == n - 1 else None)
                 for k in range(self.config.total_ut_steps * n)]
-
-    @property
-    def core(self):
-        return self.config.core_range
-
-    def embed(self, ids):
-        return self.embed_tokens(ids)
 
     def head(self, h):
         """Logits of features that already went through the final norm (every loop ends in it)."""
-        if self.config.tie_embeddings:
-            return self.embed_tokens.as_linear(h)
-        return self.lm_head(h)
+        return self.embed_tokens.as_linear(h) if self.tie_embeddings else self.lm_head(h)
 
-    def initial_state(self, batch_size: int) -> list:
-        return [layer.mixer.initial_state(batch_size) for layer in self.layers]
+    def keep_unquantized(self, path: str) -> bool:
+        return path.startswith("early_exit_gate")  # it decides which loop answers: keep it exact
 
     # -- Ouro's own forward ----------------------------------------------------------------
     def loop_hidden_states(self, ids, state=None, offset: int = 0):
         """All loops. Returns ([h after loop u, post-norm] for each u, new state)."""
-        layers = self.layers
+        layers = self.sleep_blocks()
         state = list(self.initial_state(ids.shape[0]) if state is None else state)
         per_loop = len(layers) // self.config.total_ut_steps
         h, hidden = self.embed(ids), []
@@ -285,9 +264,6 @@ class Model(nn.Module):
         first = mx.argmax(reached.astype(mx.int32), axis=-1)
         return mx.where(reached.any(axis=-1), first, len(hidden) - 1)
 
-    def make_cache(self):
-        return make_cache(self)
-
     def __call__(self, ids, state=None, offset: int = 0, exit_at_step: Optional[int] = None,
                  exit_threshold: Optional[float] = None, use_weighted_exit: bool = False,
                  cache=None):
@@ -303,7 +279,8 @@ class Model(nn.Module):
         With `cache` (mlx-lm's protocol, for its generation utilities) it continues a cached
         sequence and returns the last loop's logits, the default exit of a stock config."""
         if cache is not None:
-            return forward_with_cache(self, ids, cache)
+            return super().__call__(ids, cache=cache)
+        self.check_ids(ids)
         hidden, _ = self.loop_hidden_states(ids, state, offset)
         return self.exit_logits(hidden, exit_at_step, exit_threshold, use_weighted_exit)
 
@@ -333,7 +310,7 @@ def insert_jet_layers(model: Model, k: int, after: Optional[List[int]] = None, *
     (Ouro 1.4B, 24 blocks, k = 6: after blocks 3, 7, 11, 15, 19, 23). `sizes` overrides the Jet
     sizes (jet_heads, jet_head_k_dim, ...). The looped core is reset to the whole stack."""
     c = model.config
-    if model.jet_blocks:
+    if c.jet_after:
         raise ConfigError("this model already has inserted Jet layers")
     if k < 1:
         raise ConfigError(f"the number of Jet layers to insert must be >= 1 (got {k})")
@@ -343,7 +320,10 @@ def insert_jet_layers(model: Model, k: int, after: Optional[List[int]] = None, *
         raise ConfigError(f"{k} Jet layers but {len(after)} positions")
     new = Model(OuroConfig.from_dict({**c.to_dict(), "jet_after": after, "core": None, **sizes}))
     # Reuse the trained modules themselves (works for quantized ones too).
-    new.update_modules(dict(embed_tokens=model.embed_tokens, blocks=model.blocks, norm=model.norm,
+    trained = iter(model.layers)
+    new.layers = [next(trained) if kind == "ouro" else layer
+                  for (kind, _), layer in zip(new.config.stack, new.layers)]
+    new.update_modules(dict(embed_tokens=model.embed_tokens, norm=model.norm,
                             early_exit_gate=model.early_exit_gate,
                             **({} if c.tie_embeddings else {"lm_head": model.lm_head})))
     return new
