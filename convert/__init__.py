@@ -15,7 +15,8 @@ from mlx.utils import tree_flatten
 
 from ..config import ConfigError, SleepConfig
 from . import jet_nemotron, ouro
-from .common import ConversionError, read_config, resolve_source
+from ..weights import read_weights, resolve_source
+from .common import ConversionError, read_config
 from .mlx_lm_hybrids import HYBRIDS
 
 CONVERTERS = {m.MODEL_TYPE: m for m in (jet_nemotron, ouro)}
@@ -39,7 +40,7 @@ def converter_for(hf: dict):
 def build(src: str, *, core: Optional[Tuple[int, int]] = None, insert_jet_layers: int = 0):
     """(model, converter, hf config) for the checkpoint directory `src`, weights loaded in
     their stored dtype and checked tensor by tensor."""
-    from .common import check_weights, read_weights, rename_weights
+    from .common import check_weights, rename_weights
 
     hf = read_config(src)
     conv = converter_for(hf)

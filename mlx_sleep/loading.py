@@ -16,37 +16,16 @@ from typing import Optional
 
 import mlx.core as mx
 
-from .config import ModelConfig, SleepConfig
+from .config import SleepConfig
 from .io import read_json
-
-
-def _model_types():
-    from .models import hybrid, mlx_lm_adapters, ouro
-    adapted = (mlx_lm_adapters.AdapterConfig, mlx_lm_adapters.Model)
-    return {
-        "jet_nemotron": (ModelConfig, hybrid.HybridLM),
-        "hybrid": (ModelConfig, hybrid.HybridLM),
-        "ouro": (ouro.OuroConfig, ouro.Model),
-        **{t: adapted for t in mlx_lm_adapters.ARCHS},
-    }
-
-
-def _local(path_or_id: str) -> str:
-    if os.path.isdir(path_or_id):
-        return path_or_id
-    from .convert.common import resolve_source
-    return resolve_source(path_or_id)
-
-
-def _read_weights(path: str) -> dict:
-    from .convert.common import read_weights
-    return read_weights(path)
+from .models import model_from_config
+from .weights import apply_quantization, read_weights, resolve_source
 
 
 def load_model(path_or_id: str, lazy: bool = False):
     """The model of a converted directory (or a supported Hugging Face checkpoint), with its
     sleep settings as `model.sleep_config` (a SleepConfig)."""
-    path = _local(path_or_id)
+    path = resolve_source(path_or_id)
     if not os.path.exists(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path} has no config.json")
     config = read_json(os.path.join(path, "config.json"))
@@ -55,15 +34,8 @@ def load_model(path_or_id: str, lazy: bool = False):
         model, _, _ = build(path)
         model.sleep_config = SleepConfig(**DEFAULT_SLEEP)
         return model
-    model_type = config.get("model_type", "hybrid")
-    types = _model_types()
-    if model_type not in types:
-        raise ValueError(f"unsupported model_type {model_type!r}; supported: "
-                         f"{', '.join(sorted(types))}")
-    config_cls, model_cls = types[model_type]
-    model = model_cls(config_cls.from_dict(config["model"]))
-    weights = _read_weights(path)
-    from .convert.common import apply_quantization
+    model = model_from_config(config.get("model_type", "hybrid"), config["model"])
+    weights = read_weights(path)
     apply_quantization(model, config, weights)
     model.load_weights(list(weights.items()))
     if not lazy:
@@ -78,7 +50,7 @@ def load(path_or_id: str, tokenizer_config: Optional[dict] = None, lazy: bool = 
     chat template) over the directory's tokenizer files."""
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-    path = _local(path_or_id)
+    path = resolve_source(path_or_id)
     model = load_model(path, lazy=lazy)
     config = read_json(os.path.join(path, "config.json"))
     eos = config.get("eos_token_id")

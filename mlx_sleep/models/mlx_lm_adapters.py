@@ -27,7 +27,6 @@ from types import SimpleNamespace
 from typing import Optional, Tuple
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..config import ConfigError, ModelConfigBase

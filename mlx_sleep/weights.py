@@ -1,0 +1,195 @@
+"""Reading checkpoints: finding one (a local directory or a Hugging Face Hub id), reading its
+tensors safely from any shard layout, and re-applying a saved quantization before loading.
+Used by both `loading` (converted directories) and `convert` (Hugging Face checkpoints).
+
+Nothing from a checkpoint repository is ever executed: weights are read as safetensors (headers
+checked against the file size first) or PyTorch .bin through torch.load(weights_only=True),
+which refuses pickled code; a Hub download never fetches *.py files.
+"""
+
+import glob
+import json
+import os
+import struct
+from typing import Dict
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read or converted; the message says what and where."""
+
+
+# What a Hub download fetches: never *.py (no remote code), never the weights of other formats
+# when safetensors exist (decided after listing, see resolve_source).
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
+
+
+def shape_str(shape) -> str:
+    return "[" + ", ".join(str(int(s)) for s in shape) + "]"
+
+
+def listing(items, n=3) -> str:
+    items = list(items)
+    more = f" (and {len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+# -- finding a checkpoint ---------------------------------------------------------------------
+
+def resolve_source(path_or_id: str) -> str:
+    """A local directory, or a Hugging Face Hub id downloaded with huggingface_hub (users'
+    machines; tests only use local directories)."""
+    if os.path.isdir(path_or_id):
+        return path_or_id
+    if os.path.exists(path_or_id):
+        raise CheckpointError(f"{path_or_id} is a file; pass the checkpoint directory")
+    if path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") != 1:
+        raise CheckpointError(f"{path_or_id}: no such directory (and not a Hub id 'owner/name')")
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(path_or_id, allow_patterns=HUB_PATTERNS)
+    except Exception as e:  # network, auth, missing repo: one line either way
+        raise CheckpointError(f"could not download {path_or_id} from the Hugging Face Hub: "
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+
+# -- reading tensors --------------------------------------------------------------------------
+
+_ST_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+              "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1}  # U32: packed quantized weights
+
+
+def check_safetensors(path: str) -> dict:
+    """Validate a safetensors file's header against its size; returns {name: (dtype, shape)}.
+    Catches truncated and corrupt files with a clear message before any tensor is read."""
+    size = os.path.getsize(path)
+    name = os.path.basename(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{name} is truncated ({size} bytes, not a safetensors file)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100 << 20:
+            raise CheckpointError(f"{name} is corrupt or truncated: header of {n} bytes in a "
+                                  f"{size}-byte file")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{name} is corrupt: its header is not valid JSON")
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{name} is corrupt: its header is not a JSON object")
+    header.pop("__metadata__", None)
+    out, end = {}, 0
+    for tname, info in header.items():
+        try:
+            dtype, shape, (a, b) = info["dtype"], info["shape"], info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{name} is corrupt: bad header entry for {tname}")
+        if dtype not in _ST_DTYPES:
+            raise CheckpointError(f"{name}: tensor {tname} has unsupported dtype {dtype}")
+        count = 1
+        for s in shape:
+            count *= s
+        if b - a != count * _ST_DTYPES[dtype] or a < 0:
+            raise CheckpointError(f"{name} is corrupt: {tname} {shape_str(shape)} {dtype} "
+                                  f"has {b - a} bytes of data")
+        end = max(end, b)
+        out[tname] = (dtype, shape)
+    if 8 + n + end > size:
+        raise CheckpointError(f"{name} is truncated: {size} bytes, its header needs {8 + n + end}")
+    return out
+
+
+def _load_safetensors(path: str) -> Dict[str, mx.array]:
+    check_safetensors(path)
+    try:
+        return mx.load(path)
+    except Exception as e:
+        raise CheckpointError(f"{os.path.basename(path)} could not be read: {e}")
+
+
+def _load_bin(path: str) -> Dict[str, mx.array]:
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(f"{os.path.basename(path)} is a PyTorch file: install torch to "
+                              "read it, or convert the checkpoint to safetensors")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # no pickled code
+    except Exception as e:
+        raise CheckpointError(f"{os.path.basename(path)} could not be read safely "
+                              f"(weights_only=True): {str(e).splitlines()[0]}")
+    out = {}
+    for k, v in state.items():
+        if not hasattr(v, "dtype"):
+            continue
+        if v.dtype == torch.bfloat16:
+            out[k] = mx.array(v.float().numpy()).astype(mx.bfloat16)
+        else:
+            out[k] = mx.array(v.numpy())
+    return out
+
+
+def _shard_files(src: str, ext: str):
+    """The shard files of one format: from the index when there is one, else every file."""
+    index = os.path.join(src, f"model.{ext}.index.json" if ext == "safetensors"
+                         else "pytorch_model.bin.index.json")
+    if os.path.exists(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise CheckpointError(f"{os.path.basename(index)} is not a valid shard index")
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not os.path.exists(os.path.join(src, f))]
+        if missing:
+            raise CheckpointError(f"shard(s) listed in {os.path.basename(index)} are missing: "
+                                  f"{listing(missing)}")
+        return [os.path.join(src, f) for f in files], weight_map
+    # No index: the conventional names first, so stray files (e.g. test fixtures) stay out.
+    stem = "model" if ext == "safetensors" else "pytorch_model"
+    for pattern in (f"{stem}.{ext}", f"{stem}-*-of-*.{ext}", f"*.{ext}"):
+        files = sorted(glob.glob(os.path.join(src, pattern)))
+        if files:
+            return files, None
+    return [], None
+
+
+def read_weights(src: str) -> Dict[str, mx.array]:
+    """Every tensor of the checkpoint in `src`, by its original name (any shard layout)."""
+    files, weight_map = _shard_files(src, "safetensors")
+    loader = _load_safetensors
+    if not files:
+        files, weight_map = _shard_files(src, "bin")
+        loader = _load_bin
+    if not files:
+        raise CheckpointError(f"{src} holds no weights (*.safetensors or pytorch_model*.bin)")
+    weights = {}
+    for path in files:
+        for k, v in loader(path).items():
+            if k in weights:
+                raise CheckpointError(f"tensor {k} appears in more than one shard")
+            weights[k] = v
+    if weight_map is not None:
+        absent = sorted(set(weight_map) - set(weights))
+        if absent:
+            raise CheckpointError(f"tensor(s) listed in the shard index are not in the shards: "
+                                  f"{listing(absent)}")
+    return weights
+
+
+def apply_quantization(model: nn.Module, config: dict, weights: dict):
+    """Before loading a quantized model: quantize exactly the layers that have scales on disk."""
+    q = config.get("quantization")
+    if not q:
+        return
+
+    def predicate(path, module):
+        if isinstance(q.get(path), dict):
+            return q[path]
+        return hasattr(module, "to_quantized") and f"{path}.scales" in weights
+
+    nn.quantize(model, group_size=q["group_size"], bits=q["bits"], mode=q.get("mode", "affine"),
+                class_predicate=predicate)
