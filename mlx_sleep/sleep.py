@@ -278,27 +278,46 @@ class SleepEngine:
     def window_len(self) -> int:
         return self.offset - self.window_start
 
-    def feed(self, ids) -> mx.array:
-        """Run tokens [B, T] (or [T]) through one wake pass; returns logits [B, T, V]. Sleeps
-        first whenever the window is full (L tokens) and more tokens arrive."""
+    def feed(self, ids, logits: Optional[str] = "all") -> Optional[mx.array]:
+        """Run tokens [B, T] (or [T]) through one wake pass. Sleeps first whenever the window is
+        full (L tokens) and more tokens arrive. Returns the logits the caller asks for:
+        "all" [B, T, V], "last" [B, 1, V] (all a generator needs) or None.
+
+        A feed that spans several windows evaluates window by window, so its peak memory is one
+        window's, not the whole prompt's (unevaluated logits would keep every window's wake-pass
+        intermediates alive); ask for "last" or None to keep the logits small too."""
+        if logits not in ("all", "last", None):
+            raise ValueError(f"logits must be 'all', 'last' or None (got {logits!r})")
         ids = mx.array(ids) if not isinstance(ids, mx.array) else ids
         if ids.ndim == 1:
             ids = ids[None]
-        if ids.shape[0] != self.batch_size:
-            raise ValueError(f"ids has batch size {ids.shape[0]}, engine was made for "
-                             f"{self.batch_size}")
-        L, logits, pos = self.sleep.window, [], 0
-        while pos < ids.shape[1]:
+        if ids.ndim != 2 or ids.shape[0] != self.batch_size:
+            raise ValueError(f"ids must be [batch, tokens] with batch {self.batch_size} "
+                             f"(got shape {tuple(ids.shape)})")
+        self.model.check_ids(ids)
+        T, L = ids.shape[1], self.sleep.window
+        if T == 0:
+            empty = mx.zeros((self.batch_size, 0, self.model.vocab_size))
+            return None if logits is None else empty
+        out, pos = [], 0
+        while pos < T:
             if self.window_len == L:
                 self.consolidate()
             piece = ids[:, pos:pos + L - self.window_len]
             h, self.state = run_chunk(self.model, piece, self.state, self.offset, 1,
                                       self.sleep.attention_window)
-            logits.append(self.model.head(h))
             self.window_ids.append(piece)
             self.offset += piece.shape[1]
             pos += piece.shape[1]
-        return mx.concatenate(logits, axis=1) if len(logits) > 1 else logits[0]
+            if logits == "all":
+                out.append(self.model.head(h))
+            elif logits == "last" and pos == T:
+                out.append(self.model.head(h[:, -1:]))
+            if pos < T:  # more windows follow: free this one's intermediates now
+                mx.eval(self.state, out)
+        if logits is None:
+            return None
+        return mx.concatenate(out, axis=1) if len(out) > 1 else out[0]
 
     def consolidate(self, cancel: Optional[Callable[[], bool]] = None,
                     on_pass: Optional[Callable[[int, int], None]] = None) -> bool:
@@ -335,27 +354,47 @@ class SleepEngine:
 
     # -- persistence (sessions build on these) ---------------------------------------------
     def state_dict(self) -> dict:
-        """Everything needed to resume: flat {name: array} plus integer metadata."""
+        """Everything needed to resume: flat {name: array} plus metadata (positions, the sleep
+        settings, the batch size and the model's fingerprint, which loading checks)."""
         arrays = dict(tree_flatten({"state": self.state, "window_start_state": self.window_start_state}))
         if self.window_ids:
             arrays["window_ids"] = mx.concatenate(self.window_ids, axis=1)
         meta = {"offset": self.offset, "window_start": self.window_start, "sleeps": self.sleeps,
-                "batch_size": self.batch_size, "sleep": self.sleep.to_dict()}
+                "batch_size": self.batch_size, "sleep": self.sleep.to_dict(),
+                "model": self.model.fingerprint()}
         return {"arrays": arrays, "meta": meta}
 
     def load_state_dict(self, d: dict):
+        """Restore a `state_dict()`. A state saved with other sleep settings, another batch size
+        or another model (fingerprint), or whose arrays do not fit this model, is refused with
+        a ValueError naming what differs; the engine is then left unchanged."""
         meta, arrays = d["meta"], dict(d["arrays"])
-        if meta["batch_size"] != self.batch_size:
-            raise ValueError(f"saved state has batch size {meta['batch_size']}, engine has "
-                             f"{self.batch_size}")
+        mine = {"sleep settings": self.sleep.to_dict(), "batch size": self.batch_size,
+                "model": self.model.fingerprint()}
+        saved = {"sleep settings": meta.get("sleep"), "batch size": meta.get("batch_size"),
+                 "model": meta.get("model")}
+        differ = [f"{k} {saved[k]} (this engine: {mine[k]})" for k in mine if saved[k] != mine[k]]
+        if differ:
+            raise ValueError("saved state does not fit this engine: " + "; ".join(differ))
         window_ids = arrays.pop("window_ids", None)
         tree = tree_unflatten(list(arrays.items()))
         fresh = self.model.initial_state(self.batch_size)
         # Layers whose state is empty (attention right after eviction) are absent from the flat dict.
-        self.state = _fill(fresh, tree.get("state", []))
-        self.window_start_state = _fill(fresh, tree.get("window_start_state", []))
-        self.offset, self.window_start = meta["offset"], meta["window_start"]
-        self.sleeps = meta.get("sleeps", 0)
+        state = _fill(fresh, tree.get("state", []))
+        start_state = _fill(fresh, tree.get("window_start_state", []))
+        for name, s in (("state", state), ("window_start_state", start_state)):
+            _check_state(name, s, fresh)
+        offset, window_start = int(meta["offset"]), int(meta["window_start"])
+        n_live = window_ids.shape[1] if window_ids is not None else 0
+        if not 0 <= window_start <= offset or offset - window_start != n_live \
+                or n_live > self.sleep.window:
+            raise ValueError(f"saved state is inconsistent: window {window_start}..{offset} "
+                             f"with {n_live} live tokens (window L = {self.sleep.window})")
+        if window_ids is not None:
+            self.model.check_ids(window_ids)
+        self.state, self.window_start_state = state, start_state
+        self.offset, self.window_start = offset, window_start
+        self.sleeps = int(meta.get("sleeps", 0))
         self.window_ids = [window_ids] if window_ids is not None else []
 
 
@@ -363,3 +402,17 @@ def _fill(fresh: State, loaded) -> State:
     """tree_unflatten pads missing leading layers with {} but stops at the last saved one."""
     loaded = list(loaded) + [{}] * (len(fresh) - len(loaded))
     return [l if l else f for f, l in zip(fresh, loaded)]
+
+
+def _check_state(name: str, state: State, fresh: State):
+    """Every saved entry is one the model has, with its shape (the KV length may differ)."""
+    if len(state) != len(fresh):
+        raise ValueError(f"saved {name} has {len(state)} layers, the model {len(fresh)}")
+    for i, (s, f) in enumerate(zip(state, fresh)):
+        for key, a in s.items():
+            want = f.get(key)
+            if want is None and key not in ("keys", "values"):
+                raise ValueError(f"saved {name} layer {i} has an entry {key!r} the model lacks")
+            if want is not None and tuple(a.shape) != tuple(want.shape):
+                raise ValueError(f"saved {name} layer {i} {key} is {tuple(a.shape)}, the model "
+                                 f"needs {tuple(want.shape)}")

@@ -1,8 +1,10 @@
 """Training with backprop through every sleep pass (Algorithm 1), as in the paper.
 
-Muon for the matrix weights of the blocks and AdamW for everything else (embeddings, head,
-norms, gates, conv kernels), linear warmup then cosine decay, gradient clipping, an mx.compile'd
-step, checkpoints with exact resume, periodic evaluation, a progress bar and a JSONL log.
+Any supported model trains here: a from-scratch HybridLM, or a converted Jet-Nemotron, Ouro or
+mlx-lm hybrid. Muon for the weights the model declares as matrices (`model.matrix_weights()`:
+the Linear weights of its decoder layers) and AdamW for everything else (embeddings, head, norms,
+gates, conv kernels), linear warmup then cosine decay, gradient clipping, an mx.compile'd step,
+checkpoints with exact resume, periodic evaluation, a progress bar and a JSONL log.
 
 A run directory holds:
     config.json          model, sleep, task and training settings (what `eval` needs)
@@ -26,7 +28,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from .config import ConfigError, ModelConfig, SleepConfig
 from .eval import evaluate
 from .io import atomic_dir, read_json, recover_dir, save_arrays, write_json
-from .models import HybridLM
+from .models import HybridLM, SleepModel, model_from_config
 from .sleep import plan_chunks, sleep_loss, sleep_value_and_grad
 from .tasks import task_from_dict
 
@@ -75,13 +77,8 @@ def default_compile() -> bool:
     return mx.metal.is_available()
 
 
-def is_matrix_weight(path: str, weight: mx.array) -> bool:
-    """Muon takes the 2-D projection weights inside the blocks; embeddings, the head, the short
-    conv kernels, norms and gate parameters go to AdamW (as in the paper and Muon's authors)."""
-    return weight.ndim == 2 and path.startswith("layers.") and path.endswith(".weight")
-
-
-def make_optimizer(cfg: TrainConfig):
+def make_optimizer(cfg: TrainConfig, model: SleepModel):
+    """Muon for the model's matrix weights, AdamW for the rest, on one warmup + cosine schedule."""
     def schedule(peak):
         warm = optim.linear_schedule(peak * 1e-2, peak, max(cfg.warmup, 1))
         decay = optim.cosine_decay(peak, max(cfg.steps - cfg.warmup, 1), peak * cfg.min_lr_ratio)
@@ -89,7 +86,8 @@ def make_optimizer(cfg: TrainConfig):
 
     muon = optim.Muon(learning_rate=schedule(cfg.lr), weight_decay=cfg.weight_decay)
     adamw = optim.AdamW(learning_rate=schedule(cfg.adam_lr), weight_decay=cfg.weight_decay)
-    return optim.MultiOptimizer([muon, adamw], [is_matrix_weight])
+    matrices = model.matrix_weights()
+    return optim.MultiOptimizer([muon, adamw], [lambda path, weight: path in matrices])
 
 
 def build_model(model_cfg: ModelConfig, seed: int) -> HybridLM:
@@ -101,21 +99,27 @@ def build_model(model_cfg: ModelConfig, seed: int) -> HybridLM:
 
 class Trainer:
     """One training run in `out_dir`. Construct, then `run()`; resumes from `out_dir` when it
-    already holds a checkpoint of the same settings."""
+    already holds a checkpoint of the same settings.
 
-    def __init__(self, out_dir: str, model_cfg: ModelConfig, sleep: SleepConfig, task,
+    `model` is any supported model (e.g. from `mlx_sleep.load_model`), or a ModelConfig for a
+    HybridLM trained from scratch (initialised from `train.seed`)."""
+
+    def __init__(self, out_dir: str, model, sleep: SleepConfig, task,
                  train: TrainConfig, progress: bool = True, log=print):
         self.out_dir, self.sleep, self.task, self.cfg = out_dir, sleep, task, train
         self.progress, self.log = progress, log
         if sleep.window > task.seq_len:
             raise ConfigError(f"window L={sleep.window} is larger than the task's sequence "
                               f"length T={task.seq_len}; use --window <= {task.seq_len}")
-        if model_cfg.vocab_size < task.vocab_size:
-            raise ConfigError(f"vocab_size {model_cfg.vocab_size} < the task's {task.vocab_size}")
-        self.settings = {"model": model_cfg.to_dict(), "sleep": sleep.to_dict(),
-                         "task": task.to_dict(), "train": asdict(train)}
-        self.model = build_model(model_cfg, train.seed)
-        self.optimizer = make_optimizer(train)
+        if isinstance(model, ModelConfig):
+            model = build_model(model, train.seed)
+        if model.vocab_size < task.vocab_size:
+            raise ConfigError(f"the model's vocab_size {model.vocab_size} < the task's "
+                              f"{task.vocab_size}")
+        self.settings = {"model_type": model.model_type, "model": model.config.to_dict(),
+                         "sleep": sleep.to_dict(), "task": task.to_dict(), "train": asdict(train)}
+        self.model = model
+        self.optimizer = make_optimizer(train, model)
         self.rng = np.random.default_rng(train.seed)
         self.step, self.tokens = 0, 0
         self._steps = {}  # compiled step per chunk plan
@@ -124,8 +128,9 @@ class Trainer:
         ckpt = recover_dir(os.path.join(out_dir, "checkpoint"))
         if os.path.exists(config_path) and os.path.exists(ckpt):
             saved = read_json(config_path)
-            if {k: saved.get(k) for k in ("model", "sleep", "task")} != \
-                    {k: self.settings[k] for k in ("model", "sleep", "task")}:
+            saved.setdefault("model_type", "hybrid")  # runs from before model types were recorded
+            keys = ("model_type", "model", "sleep", "task")
+            if {k: saved.get(k) for k in keys} != {k: self.settings[k] for k in keys}:
                 raise ConfigError(f"{out_dir} holds a run with different model/sleep/task "
                                   "settings; use a new --out directory")
             self.load_checkpoint(ckpt)
@@ -270,7 +275,7 @@ def load_run(path: str):
     """(model, sleep config, task, settings) of a trained run."""
     run = find_run(path)
     settings = read_json(os.path.join(run, "config.json"))
-    model = HybridLM(ModelConfig.from_dict(settings["model"]))
+    model = model_from_config(settings.get("model_type", "hybrid"), settings["model"])
     model.load_weights(os.path.join(run, "checkpoint", "model.safetensors"))
     mx.eval(model.parameters())
     return model, SleepConfig.from_dict(settings["sleep"]), task_from_dict(settings["task"]), settings

@@ -9,7 +9,7 @@ from mlx.utils import tree_flatten
 
 from mlx_sleep.config import ConfigError, ModelConfig, SleepConfig
 from mlx_sleep.tasks import get_task
-from mlx_sleep.train import TrainConfig, Trainer, build_model, is_matrix_weight, load_run
+from mlx_sleep.train import TrainConfig, Trainer, build_model, load_run
 
 TASK = get_task("rule110", n_strings=2, n_bits=4, steps=1)
 
@@ -25,7 +25,8 @@ def trainer(out, steps=6, loops=2, **kw):
 def test_muon_takes_block_matrices_and_adamw_the_rest():
     model = build_model(ModelConfig(vocab_size=8, hidden_size=16, layers="attn,gdn,jet",
                                     num_heads=2, tie_embeddings=False), 0)
-    split = {p: is_matrix_weight(p, w) for p, w in tree_flatten(model.parameters())}
+    matrices = model.matrix_weights()
+    split = {p: p in matrices for p, _ in tree_flatten(model.parameters())}
     assert split["layers.0.mixer.q_proj.weight"] and split["layers.1.mlp.down_proj.weight"]
     assert split["layers.2.mixer.kernel_generator.w1.weight"]
     for p in ("embed_tokens.weight", "lm_head.weight", "layers.1.mixer.conv_weight",

@@ -48,6 +48,8 @@ def check_token_ids(ids, vocab_size: int):
 
 
 class SleepModel(nn.Module):
+    model_type = "hybrid"  # the key of models.MODEL_TYPES that rebuilds it from its config
+
     # -- what an architecture may override ---------------------------------------------------
     def sleep_blocks(self) -> list:
         return list(self.layers)

@@ -222,6 +222,10 @@ class Model(SleepModel):
             self[name] = child
 
     @property
+    def model_type(self) -> str:
+        return self.config.model_type
+
+    @property
     def layers(self):
         return self.model.layers
 

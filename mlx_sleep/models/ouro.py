@@ -202,6 +202,8 @@ class _Unrolled:
 
 
 class Model(SleepModel):
+    model_type = "ouro"
+
     def __init__(self, config: OuroConfig):
         super().__init__()
         self.config = config
