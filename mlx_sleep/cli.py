@@ -199,7 +199,7 @@ def doctor():
 @click.option("--window", "-L", type=int, default=None, help="Sleep window L (default: 2000).")
 @click.option("--eviction", type=click.Choice(["hard", "sliding"]), default=None, help="Default: hard.")
 @click.option("--core", default=None, metavar="START:STOP",
-              help="Looped block range (default per architecture; see README).")
+              help="Looped block range (default per architecture; see docs/models.md).")
 @click.option("--insert-jet-layers", type=int, default=0, metavar="K",
               help="Ouro: insert K MLP-free Jet layers (outputs unchanged until fine-tuned).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")

@@ -3,7 +3,7 @@
 Trains the same hybrid with N = 1 (the plain hybrid) and N > 1 sleep loops from the same seed on
 the same data stream for the same number of steps (equal training tokens), evaluates both by
 difficulty, prints a table and writes a plot. The setting was found by the search recorded in
-the README (benchmarks/demo_search.py); nothing here is tuned per N.
+docs/demo.md (benchmarks/demo_search.py); nothing here is tuned per N.
 """
 
 import os
@@ -18,7 +18,7 @@ from .train import TrainConfig, Trainer
 # Depo with an 8-node cycle written as 8 shuffled edges in ONE context window (24 tokens, hard
 # eviction), then 8 queries "v +k", k in {1, 2}. One GDN block: at answer time it reads S once,
 # so a 2-hop answer must already be in S; a sleep pass sees the whole cycle before writing it.
-# Measured (README): at this scale N = 2 does not reliably beat N = 1; the demo shows that.
+# Measured (docs/demo.md): at this scale N = 2 does not reliably beat N = 1; the demo shows that.
 DEMO = dict(
     task=dict(name="depo", max_nodes=8, min_nodes=8, n_names=16, max_hops=2, window=24,
               context_len=24, n_queries=8),
