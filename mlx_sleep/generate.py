@@ -11,39 +11,14 @@ answer is consolidated window by window exactly as in training. Greedy by defaul
 (e.g. `make_logits_processors(repetition_penalty=1.1)`) for anything else.
 """
 
-from typing import Callable, Iterable, Iterator, List, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import mlx.core as mx
 
 
-def vocab_size(model) -> int:
-    """The number of token ids a model embeds."""
-    config = model.config
-    if hasattr(config, "vocab_size"):
-        return int(config.vocab_size)
-    return int(config.args["vocab_size"])  # mlx-lm adapters keep mlx-lm's arguments
-
-
-def check_ids(ids: Sequence[int], model) -> List[int]:
-    """Token ids as a list of ints, each checked against the vocabulary (an out-of-range id
-    would be an unchecked gather in MLX)."""
-    ids = [int(t) for t in ids]
-    n = vocab_size(model)
-    bad = [t for t in ids if not 0 <= t < n]
-    if bad:
-        raise ValueError(f"token id {bad[0]} is outside the model's vocabulary (0..{n - 1}); "
-                         "was the text encoded with this model's tokenizer?")
-    return ids
-
-
 def last_logits(engine, ids: Sequence[int]) -> mx.array:
-    """Feed `ids` (at least one) and return the logits [1, V] after the last of them.
-
-    The logits of all but the last token are never evaluated (MLX is lazy), so a long prompt
-    costs no [T, V] output."""
-    if len(ids) > 1:
-        engine.feed(mx.array([ids[:-1]]))
-    return engine.feed(mx.array([ids[-1:]]))[:, -1, :]
+    """Feed `ids` (at least one) and return the logits [1, V] after the last of them."""
+    return engine.feed(mx.array([list(ids)]), logits="last")[:, -1, :]
 
 
 def stream_generate(engine, prompt_ids: Sequence[int], max_tokens: int,
@@ -57,7 +32,8 @@ def stream_generate(engine, prompt_ids: Sequence[int], max_tokens: int,
     token; when the caller stops early, all but the last yielded token. `sampler` takes
     log-probabilities [1, V] (mlx-lm's convention); logits processors take (tokens so far,
     logits)."""
-    prompt = check_ids(prompt_ids, engine.model)
+    prompt = [int(t) for t in prompt_ids]
+    engine.model.check_ids(mx.array(prompt, dtype=mx.int32))
     if not prompt:
         raise ValueError("the prompt is empty: generation needs at least one token")
     stop = {int(t) for t in stop_ids}
@@ -76,7 +52,7 @@ def stream_generate(engine, prompt_ids: Sequence[int], max_tokens: int,
         yield token
         if processors:
             history = mx.concatenate([history, mx.array([token])])
-        logits = engine.feed(mx.array([[token]]))[:, -1, :]
+        logits = last_logits(engine, [token])
 
 
 def stream_text(engine, tokenizer, prompt_ids: Sequence[int], max_tokens: int,

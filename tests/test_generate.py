@@ -107,7 +107,7 @@ def test_text_is_the_detokenized_tokens(tiny):
 
 def test_bad_prompts_give_one_clear_line(tiny):
     model, _ = tiny["hybrid"]
-    with pytest.raises(ValueError, match="token id 512 is outside the model's vocabulary"):
+    with pytest.raises(ValueError, match="token id 512 is outside the vocabulary of 512"):
         next(stream_generate(SleepEngine(model), [1, 512], 3))
     with pytest.raises(ValueError, match="prompt is empty"):
         next(stream_generate(SleepEngine(model), [], 3))
