@@ -313,8 +313,13 @@ class SleepEngine:
                 out.append(self.model.head(h))
             elif logits == "last" and pos == T:
                 out.append(self.model.head(h[:, -1:]))
-            if pos < T:  # more windows follow: free this one's intermediates now
-                mx.eval(self.state, out)
+            if pos < T and out:
+                # More windows follow: evaluate the logits asked for now, so they do not keep
+                # this window's wake-pass intermediates alive. The wake state itself is left
+                # lazy: with N > 1 the consolidation recomputes the window from its start state
+                # and the wake state is dropped unevaluated (never computed); with N = 1 it is
+                # the consolidated state and consolidate() evaluates it.
+                mx.eval(out)
         if logits is None:
             return None
         return mx.concatenate(out, axis=1) if len(out) > 1 else out[0]
