@@ -135,7 +135,7 @@ def _gsm_infinite_options(fn):
         click.option("--subset", type=click.Choice(["symbolic", "medium", "hard"]), default="medium", show_default=True),
         click.option("--length", type=click.Choice(["0", "8k", "16k", "32k"]), default="8k", show_default=True),
         click.option("--ops", default="2,4,6,8", show_default=True, help="Op counts: 2,4,6,8 or a range 2-8 (2-8:2)."),
-        click.option("--limit", type=int, default=None, help="Problems per op (default: the official 100 / 200)."),
+        click.option("--limit", type=int, default=None, help="Problems per op (default: all in --data; from the Hub the official 100 / 200)."),
         click.option("--data", type=click.Path(dir_okay=False), default=None, help="A local JSONL in the dataset's schema instead of the Hub."),
         click.option("--protocol", type=click.Choice(["paper", "official"]), default="paper", show_default=True),
         click.option("--max-tokens", type=int, default=None, help="Generation limit (default: 24 paper, 4096 official)."),
@@ -227,14 +227,16 @@ def data():
 @click.option("--subset", type=click.Choice(["symbolic", "medium", "hard"]), default="medium", show_default=True)
 @click.option("--length", type=click.Choice(["0", "8k", "16k", "32k"]), default="8k", show_default=True)
 @click.option("--ops", default="2-8", show_default=True, help="Op counts: 2,4,6,8 or a range 2-8.")
-@click.option("--limit", type=int, default=None, help="Problems per op (default: all in --data, else 200).")
+@click.option("--limit", type=int, default=None, help="Problems per op (default: all after --skip).")
+@click.option("--skip", type=int, default=None, help="Skip the first K of each op, the test problems (default: 200 from the Hub, 0 with --data).")
 @click.option("--data", "data_path", type=click.Path(dir_okay=False), default=None, help="A local JSONL in the dataset's schema instead of the Hub.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-def data_gsm_infinite(out, subset, length, ops, limit, data_path, force):
+def data_gsm_infinite(out, subset, length, ops, limit, skip, data_path, force):
     """The paper-format fine-tuning file ({"prompt", "answer"} a line; question before context)."""
     from .gsm_infinite import write_data
 
-    _run_safely(lambda: write_data(out, subset, length, ops, limit, data_path, force, click.echo))
+    _run_safely(lambda: write_data(out, subset, length, ops, limit, skip, data_path, force,
+                                   click.echo))
 
 
 @main.command()

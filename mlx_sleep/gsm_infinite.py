@@ -29,7 +29,14 @@ import os
 import re
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
+import mlx.core as mx
 import numpy as np
+
+from .config import SleepConfig
+from .generate import check_ids, generate, stream_text
+from .io import atomic_path, read_json, write_json
+from .loading import _local, load
+from .sleep import SleepEngine
 
 SUBSETS = ("symbolic", "medium", "hard")
 LENGTHS = ("0", "8k", "16k", "32k")
@@ -64,7 +71,7 @@ def read_jsonl(path: str, required=("problem", "question", "op")) -> List[dict]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path} line {n} is not valid JSON ({e.msg}); expected one "
                                  "GSM-Infinite record per line")
-            missing = [k for k in required if k not in record]
+            missing = [k for k in required if k not in record] if isinstance(record, dict) else []
             if not isinstance(record, dict) or missing:
                 raise ValueError(f"{path} line {n} lacks {', '.join(missing) or 'fields'}: not a "
                                  "GSM-Infinite record (problem, question, op, solution or "
@@ -388,8 +395,6 @@ def plot(summary: Dict[str, dict], path: str, title: str = ""):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .io import atomic_path
-
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for run, r in summary.items():
         ops = sorted(r["ops"])
@@ -414,18 +419,17 @@ def plot(summary: Dict[str, dict], path: str, title: str = ""):
 # -- running a model --------------------------------------------------------------------------
 
 def paper_generate(engine, tokenizer, record: dict, max_tokens: int = PAPER_MAX_TOKENS) -> str:
-    """The paper protocol on one record: consolidate the prompt, evict it, answer after the cue."""
-    import mlx.core as mx
+    """The paper protocol on one record: consolidate the prompt, evict it, answer after the cue.
 
-    from .generate import check_ids
-
+    The prompt is encoded as `tokenizer.encode(prompt)` (special tokens as the tokenizer adds
+    them), the cue without special tokens: a trainer should encode the JSONL the same way."""
     engine.reset()
     prompt = check_ids(tokenizer.encode(paper_example(record)["prompt"]), engine.model)
     engine.feed(mx.array([prompt]))  # its logits are never evaluated: wake passes only
     engine.consolidate()  # the last partial window sleeps too: the context is evicted
     cue = tokenizer.encode(ANSWER_CUE, add_special_tokens=False)
     text = ""
-    for piece in _stream(engine, tokenizer, cue, max_tokens):
+    for piece in stream_text(engine, tokenizer, cue, max_tokens):
         text += piece
         if "\n" in text.strip():  # the answer is one line
             break
@@ -436,26 +440,19 @@ def official_generate(engine, tokenizer, record: dict, max_tokens: int = OFFICIA
     """The official protocol on one record: its messages through the chat template, greedy."""
     engine.reset()
     prompt = tokenizer.apply_chat_template(messages(record), add_generation_prompt=True)
-    return "".join(_stream(engine, tokenizer, prompt, max_tokens)).strip()
-
-
-def _stream(engine, tokenizer, prompt, max_tokens):
-    from .generate import stream_text
-    return stream_text(engine, tokenizer, prompt, max_tokens)
+    return generate(engine, tokenizer, prompt, max_tokens).strip()
 
 
 def make_judge(model, tokenizer, max_tokens: int = JUDGE_MAX_TOKENS) -> Callable[[str], str]:
     """A judge function (prompt -> reply) over a loaded model: one user message, greedy, as the
     official judge call (temperature 0)."""
-    from .sleep import SleepEngine
-
     engine = SleepEngine(model)
 
     def judge(prompt: str) -> str:
         engine.reset()
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                             add_generation_prompt=True)
-        return "".join(_stream(engine, tokenizer, ids, max_tokens)).strip()
+        return generate(engine, tokenizer, ids, max_tokens).strip()
 
     return judge
 
@@ -503,16 +500,13 @@ def read_predictions(path: str) -> List[dict]:
                 raise ValueError(f"{path} line {n + 1} is not valid JSON: not a predictions file")
             partial = True
     if partial:
-        from .io import atomic_path
         with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in out)
     return out
 
 
-def write_results(out: str, summary: dict, settings: dict, echo=print) -> str:
+def write_results(out: str, summary: dict, settings: dict) -> str:
     """results.json, results.md and accuracy.png in `out`; returns the markdown table."""
-    from .io import atomic_path, write_json
-
     table = markdown_table(summary)
     write_json(os.path.join(out, RESULTS_JSON), {"settings": settings, "results": summary,
                                                   "predictions": PREDICTIONS})
@@ -531,13 +525,11 @@ def describe(settings: dict) -> str:
 
 def _open_run(out: str, settings: dict):
     """Create the run directory, or check that the one there holds this very run (resume)."""
-    from .io import read_json, write_json
-
     run_file = os.path.join(out, RUN_FILE)
     if os.path.exists(run_file):
         saved = read_json(run_file)
         differ = sorted(k for k in set(saved) | set(settings)
-                        if k not in ("loops", "started") and saved.get(k) != settings.get(k))
+                        if k != "loops" and saved.get(k) != settings.get(k))
         if differ:
             raise ValueError(f"{out} holds a run with other settings ({', '.join(differ)}); "
                              "pass another --out to start a new one")
@@ -555,10 +547,8 @@ def evaluate(model, tokenizer, by_op: Dict[int, List[dict]], out: str, *, loops:
              max_tokens: Optional[int] = None, judge: Optional[Callable[[str], str]] = None,
              progress: bool = True, echo=print) -> dict:
     """Run every record at every N in `loops`, appending predictions to OUT/predictions.jsonl
-    (records already there are skipped: rerunning resumes), then write the results."""
-    from .config import SleepConfig
-    from .sleep import SleepEngine
-
+    (records already there are skipped: rerunning resumes), then write the results of the whole
+    run (with N values run earlier into `out`); returns them."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)} (got {protocol!r})")
     settings = _open_run(out, {**settings, "loops": sorted(set(loops)), "window": window,
@@ -602,7 +592,9 @@ def evaluate(model, tokenizer, by_op: Dict[int, List[dict]], out: str, *, loops:
                 bar.set_postfix_str(f"N={n} op={op}")
     if bar is not None:
         bar.close()
-    wanted = {(n, op, i) for n in loops for op, rs in by_op.items() for i in range(len(rs))}
+    # the whole run: N values of earlier calls into the same directory too
+    wanted = {(n, op, i) for n in settings["loops"] for op, rs in by_op.items()
+              for i in range(len(rs))}
     predictions = [p for p in read_predictions(path) if (p["loops"], p["op"], p["index"]) in wanted]
     summary = summarize(predictions)
     echo(describe(settings))
@@ -624,7 +616,6 @@ def rescore(path: str, protocol: str, judge: Optional[Callable[[str], str]] = No
                 "length": "?", "protocol": protocol, "scored_file": os.path.basename(path),
                 **(settings or {})}
     if out is not None:
-        from .io import atomic_path
         if os.path.exists(os.path.join(out, PREDICTIONS)):
             raise ValueError(f"{out} already holds predictions; pass another --out")
         os.makedirs(out, exist_ok=True)
@@ -638,8 +629,6 @@ def rescore(path: str, protocol: str, judge: Optional[Callable[[str], str]] = No
 
 def write_training_file(path: str, by_op: Dict[int, List[dict]]) -> int:
     """The paper-format fine-tuning file: one {"prompt", "answer", "op"} a line; returns rows."""
-    from .io import atomic_path
-
     rows = [{**paper_example(r), "op": op} for op, rs in by_op.items() for r in rs]
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
@@ -667,7 +656,6 @@ def run_cli(model_path, loops, window, eviction, subset, length, ops, limit, dat
     """`mlx-sleep eval --task gsm-infinite ...` (and `--score FILE`)."""
     judge = None
     if judge_model is not None:
-        from .loading import load
         judge = make_judge(*load(judge_model), max_tokens=judge_max_tokens)
     if score_path is not None:
         return rescore(score_path, protocol, judge, out, echo=echo)
@@ -675,8 +663,6 @@ def run_cli(model_path, loops, window, eviction, subset, length, ops, limit, dat
         raise ValueError("--task gsm-infinite needs --model DIR and --out DIR (or --score FILE)")
     if judge is not None and (protocol != "official" or subset != "symbolic"):
         raise ValueError("--judge-model is for --subset symbolic --protocol official")
-    from .loading import _local, load
-
     path = _local(model_path)
     model, tokenizer = load(path)
     if adapter is not None:
@@ -713,12 +699,17 @@ def parse_loops(text, default: int) -> List[int]:
 
 
 def write_data(out: str, subset: str, length: str, ops: str, limit: Optional[int],
-               data: Optional[str], force: bool, echo=print) -> int:
-    """`mlx-sleep data gsm-infinite`: the paper-format training file."""
+               skip: Optional[int], data: Optional[str], force: bool, echo=print) -> int:
+    """`mlx-sleep data gsm-infinite`: the paper-format training file, from the problems after
+    the first `skip` of each op (default: from the Hub, the 200 that `eval` uses by default; from
+    a local file, none), so training and test problems stay apart."""
     if os.path.exists(out) and not force:
         raise ValueError(f"{out} already exists; pass --force to replace it")
-    by_op = load_records(subset, length, parse_ops(ops), limit, data)
+    ops = parse_ops(ops)
+    records = read_jsonl(data) if data is not None else hub_records(subset, length, ops)
+    skip = (0 if data is not None else OFFICIAL_LIMIT[subset]) if skip is None else skip
+    by_op = {op: rows[skip:][:limit] for op, rows in select(records, ops).items()}
     n = write_training_file(out, by_op)
-    echo(f"wrote {n} examples ({', '.join(f'op {op}: {len(r)}' for op, r in by_op.items())}) "
-         f"to {out}")
+    echo(f"wrote {n} examples ({', '.join(f'op {op}: {len(r)}' for op, r in by_op.items())}; "
+         f"the first {skip} of each op skipped) to {out}")
     return n

@@ -259,7 +259,7 @@ def test_sweep_end_to_end_with_resume_and_rescoring(tiny, tmp_path):
     assert [json.loads(x)["output"] for x in again[6:]] == [p["output"] for p in preds[6:]]
     # N = 4 added to the same run: only its problems run, all three N reported
     r = invoke(*base, "--loops", "4")
-    assert r.exit_code == 0 and "| op | N = 4 |" in r.output
+    assert r.exit_code == 0 and "| op | N = 1 | N = 2 | N = 4 |" in r.output
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 12
     assert json.load(open(out / "run.json"))["loops"] == [1, 2, 4]
     # other settings into the same directory: refused
@@ -314,6 +314,11 @@ def test_data_command_writes_the_paper_format(tmp_path):
     records = fixture("medium_0.jsonl")
     by_op = gi.select(records, [2, 4, 6, 8])
     assert rows == [{**gi.paper_example(r), "op": op} for op, rs in by_op.items() for r in rs]
+    r = invoke("data", "gsm-infinite", "--data", os.path.join(FIX, "medium_0.jsonl"), "--ops", "4,8",
+               "--skip", "2", "--limit", "3", "--out", tmp_path / "held_out.jsonl")
+    assert r.exit_code == 0 and "wrote 6 examples" in r.output
+    rows = [json.loads(x) for x in open(tmp_path / "held_out.jsonl")]
+    assert rows == [{**gi.paper_example(r), "op": op} for op in (4, 8) for r in by_op[op][2:5]]
     r = CliRunner().invoke(main, ["data", "gsm-infinite", "--data", os.path.join(FIX, "medium_0.jsonl"),
                                   "--out", str(out)])
     assert r.exit_code == 1 and "already exists; pass --force" in r.output
