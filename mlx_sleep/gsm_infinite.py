@@ -650,21 +650,33 @@ def load_adapter(model, path: str):
         raise ValueError(f"{path}: the adapter does not fit this model ({type(e).__name__}: {e})")
 
 
+def load_with_tokenizer(path_or_id: str):
+    """(model, tokenizer, local path); a directory without tokenizer files fails with one line
+    (the tokenizer loader would fail deep inside transformers)."""
+    path = _local(path_or_id)
+    if not any(os.path.isfile(os.path.join(path, f))
+               for f in ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")):
+        raise FileNotFoundError(f"{path} has no tokenizer files (tokenizer.json, "
+                                "tokenizer_config.json, ...): evaluation needs the model's tokenizer")
+    model, tokenizer = load(path)
+    return model, tokenizer, path
+
+
 def run_cli(model_path, loops, window, eviction, subset, length, ops, limit, data, protocol,
             max_tokens, judge_model, judge_max_tokens, adapter, out, score_path,
             echo=print) -> dict:
     """`mlx-sleep eval --task gsm-infinite ...` (and `--score FILE`)."""
     judge = None
     if judge_model is not None:
-        judge = make_judge(*load(judge_model), max_tokens=judge_max_tokens)
+        judge_model_, judge_tokenizer, _ = load_with_tokenizer(judge_model)
+        judge = make_judge(judge_model_, judge_tokenizer, max_tokens=judge_max_tokens)
     if score_path is not None:
         return rescore(score_path, protocol, judge, out, echo=echo)
     if model_path is None or out is None:
         raise ValueError("--task gsm-infinite needs --model DIR and --out DIR (or --score FILE)")
     if judge is not None and (protocol != "official" or subset != "symbolic"):
         raise ValueError("--judge-model is for --subset symbolic --protocol official")
-    path = _local(model_path)
-    model, tokenizer = load(path)
+    model, tokenizer, path = load_with_tokenizer(model_path)
     if adapter is not None:
         model = load_adapter(model, adapter)
     sweep = parse_loops(loops, model.sleep_config.loops)

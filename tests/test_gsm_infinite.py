@@ -6,7 +6,6 @@ import json
 import os
 
 import mlx.core as mx
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -340,6 +339,28 @@ def test_bad_options_give_one_line(tiny, tmp_path, extra, message):
         assert message in r.output, r.output
 
 
+def test_a_model_without_tokenizer_gives_one_line(tmp_path):
+    fixture_dir = os.path.join(os.path.dirname(__file__), "fixtures", "jet-nemotron-tiny")
+    r = CliRunner().invoke(main, ["eval", "--model", fixture_dir, "--task", "gsm-infinite",
+                                  "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "has no tokenizer files" in r.output
+
+
+def test_hub_needs_pyarrow_or_says_so(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_pyarrow(name, *args, **kwargs):
+        if name.startswith("pyarrow"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_pyarrow)
+    with pytest.raises(ValueError, match="needs pyarrow: pip install pyarrow"):
+        gi.hub_records("medium", "8k", [2])
+
+
 def test_out_must_be_a_run_directory(tiny, tmp_path):
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "notes.txt").write_text("mine")
@@ -382,3 +403,39 @@ def test_adapter_is_applied(tiny, tmp_path):
     r = CliRunner().invoke(main, ["eval", "--model", tiny, "--task", "gsm-infinite", "--adapter",
                                   str(tmp_path), "--out", str(tmp_path / "p")])
     assert r.exit_code == 1 and "has no adapter_config.json" in r.output
+
+
+def test_hub_path_with_a_fake_hub(monkeypatch):
+    """The Hub glue without a network: the repository name, the split files per op, the
+    official selection for medium (per template and mode) and the first K for symbolic."""
+    import sys
+    import types
+
+    import huggingface_hub
+
+    rows = {f"data/ops_{op}-00000-of-00001.parquet":
+            [{"problem": f"p{op}-{i}", "question": "q", "op": op, "template": t, "mode": m}
+             for i in range(30) for t in gi.OFFICIAL_FILTER for m in ("normalforward", "forwardreverse")]
+            for op in (2, 3)}
+    asked = []
+
+    class Api:
+        def list_repo_files(self, repo, repo_type):
+            asked.append((repo, repo_type))
+            return ["README.md", *rows]
+
+    parquet = types.ModuleType("pyarrow.parquet")
+    parquet.read_table = lambda path: types.SimpleNamespace(to_pylist=lambda: rows[path])
+    monkeypatch.setitem(sys.modules, "pyarrow", types.ModuleType("pyarrow"))
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", parquet)
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name, repo_type: name)
+
+    split2, split3 = rows.values()
+    by_op = gi.load_records("medium", "16k", [3], limit=40, official=True)
+    assert asked == [("InfiniAILab/gsm_infinite_medium_16k", "dataset")]
+    assert list(by_op) == [3] and by_op[3] == gi.official_filter(split3, 40)
+    assert len(by_op[3]) == 40
+    assert gi.load_records("symbolic", "0", [2], limit=5)[2] == split2[:5]
+    with pytest.raises(ValueError, match="has no split ops_4"):
+        gi.load_records("medium", "16k", [4])
