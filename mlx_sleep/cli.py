@@ -138,7 +138,7 @@ def _gsm_infinite_options(fn):
         click.option("--limit", type=int, default=None, help="Problems per op (default: all in --data; from the Hub the official 100 / 200)."),
         click.option("--data", type=click.Path(dir_okay=False), default=None, help="A local JSONL in the dataset's schema instead of the Hub."),
         click.option("--protocol", type=click.Choice(["paper", "official"]), default="paper", show_default=True),
-        click.option("--max-tokens", type=int, default=None, help="Generation limit (default: 24 paper, 4096 official)."),
+        click.option("--max-tokens", type=int, default=None, help="Generation limit (default: paper 24, symbolic 256; official 4096)."),
         click.option("--judge-model", default=None, help="Symbolic, official protocol: the judge model (any model `load` opens)."),
         click.option("--judge-max-tokens", type=int, default=2048, show_default=True, help="The judge's generation limit (upstream's)."),
         click.option("--adapter", default=None, type=click.Path(file_okay=False), help="A fine-tune's adapter directory."),

@@ -42,7 +42,8 @@ SUBSETS = ("symbolic", "medium", "hard")
 LENGTHS = ("0", "8k", "16k", "32k")
 PROTOCOLS = ("paper", "official")
 ANSWER_CUE = "Answer:"
-PAPER_MAX_TOKENS = 24  # a number (or a short list of variable names) and an end
+PAPER_MAX_TOKENS = 24  # a number and an end
+PAPER_MAX_TOKENS_SYMBOLIC = 256  # a list of variable names: ~4 tokens each, up to op of them
 OFFICIAL_MAX_TOKENS = 4096  # upstream pred.py
 JUDGE_MAX_TOKENS = 2048  # upstream eval_symbolic.py
 # Upstream's selection of medium / hard rows per split (config.sh filter_config): of the first
@@ -119,7 +120,7 @@ def hub_records(subset: str, length: str, ops: Sequence[int]) -> List[dict]:
         import pyarrow.parquet as pq
     except ImportError:
         raise ValueError("reading the Hub's parquet files needs pyarrow: pip install pyarrow "
-                         "(or pass --data FILE.jsonl)") from None
+                         "or 'mlx-sleep[gsm-infinite]' (or pass --data FILE.jsonl)") from None
     from huggingface_hub import HfApi, hf_hub_download
 
     repo = f"InfiniAILab/gsm_infinite_{subset}_{length}"
@@ -418,7 +419,7 @@ def plot(summary: Dict[str, dict], path: str, title: str = ""):
 
 # -- running a model --------------------------------------------------------------------------
 
-def paper_generate(engine, tokenizer, record: dict, max_tokens: int = PAPER_MAX_TOKENS) -> str:
+def paper_generate(engine, tokenizer, record: dict, max_tokens: Optional[int] = None) -> str:
     """The paper protocol on one record: consolidate the prompt, evict it, answer after the cue.
 
     The prompt is encoded as `tokenizer.encode(prompt)` (special tokens as the tokenizer adds
@@ -429,6 +430,8 @@ def paper_generate(engine, tokenizer, record: dict, max_tokens: int = PAPER_MAX_
     engine.consolidate()  # the last partial window sleeps too: the context is evicted
     cue = tokenizer.encode(ANSWER_CUE, add_special_tokens=False)
     text = ""
+    if max_tokens is None:
+        max_tokens = PAPER_MAX_TOKENS_SYMBOLIC if is_symbolic(record) else PAPER_MAX_TOKENS
     for piece in stream_text(engine, tokenizer, cue, max_tokens):
         text += piece
         if "\n" in text.strip():  # the answer is one line
@@ -567,8 +570,8 @@ def evaluate(model, tokenizer, by_op: Dict[int, List[dict]], out: str, *, loops:
                                          "changed since; pass another --out")
                     continue
                 todo.append((n, op, i, r, key))
-    if max_tokens is None:
-        max_tokens = PAPER_MAX_TOKENS if protocol == "paper" else OFFICIAL_MAX_TOKENS
+    if max_tokens is None and protocol == "official":
+        max_tokens = OFFICIAL_MAX_TOKENS
     run_one = paper_generate if protocol == "paper" else official_generate
     bar = None
     if progress and todo:
