@@ -51,7 +51,8 @@ def measure(model, tokenizer, by_op, loops, window, workdir, repeats=1):
     tokens = sum(len(tokenizer.encode(gi.paper_example(r)["prompt"]))
                  for rs in by_op.values() for r in rs)
     return {"loops": loops, "window": window, "problems": problems, "prompt_tokens": tokens,
-            "seconds": seconds, "all_seconds": times, "problems_per_minute": 60 * problems / seconds,
+            "seconds": seconds, "all_seconds": times,
+            "problems_per_minute": 60 * problems / seconds,
             "prompt_tokens_per_s": tokens / seconds}
 
 
@@ -98,7 +99,8 @@ def main():
              f"{model.config.hidden_size}, blocks {model.core[0]}..{model.core[1] - 1} looped; "
              f"{rows[0]['problems']} medium 8k problems, fastest of {a.repeats} runs, "
              f"{rows[0]['prompt_tokens']:,} prompt tokens in all, byte-level tokenizer)", "",
-             "| L | N | problems/min | prompt tokens/s | time ratio to N=1 | predicted (block passes) |",
+             "| L | N | problems/min | prompt tokens/s | time ratio to N=1 "
+             "| predicted (block passes) |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['window']} | {r['loops']} | {r['problems_per_minute']:.1f} | "

@@ -1,7 +1,7 @@
 """GSM-Infinite (Zhou et al. 2025) in two protocols, scored by the official rules.
 
-    records = load_records("medium", "8k", ops=[2, 4, 6, 8], limit=50)      # the Hub (users' machines)
-    records = read_jsonl("medium_8k.jsonl")                                  # a local file, same schema
+    by_op = load_records("medium", "8k", ops=[2, 4, 6, 8], limit=50)  # the Hub (users' machines)
+    records = read_jsonl("medium_8k.jsonl")                          # a local file, same schema
     example = paper_example(records[0])          # {"prompt", "answer"}: fine-tuning data and eval
     correct = realistic_correct(records[0]["solution"], "The answer is 30.")  # the keyword rule
 
@@ -367,7 +367,8 @@ def summarize(predictions: Iterable[dict]) -> Dict[str, dict]:
     for loops in sorted(counts):
         ops = {op: {"n": n, "correct": k, "accuracy": k / n, "ci95": list(wilson(k, n))}
                for op, (k, n) in sorted(counts[loops].items())}
-        auc = leaderboard_auc({op: r["accuracy"] for op, r in ops.items()}) if len(ops) > 1 else None
+        auc = (leaderboard_auc({op: r["accuracy"] for op, r in ops.items()})
+               if len(ops) > 1 else None)
         out[f"N = {loops}"] = {"loops": loops, "ops": ops, "auc": auc}
     return out
 
@@ -439,7 +440,8 @@ def paper_generate(engine, tokenizer, record: dict, max_tokens: Optional[int] = 
     return text.strip()
 
 
-def official_generate(engine, tokenizer, record: dict, max_tokens: int = OFFICIAL_MAX_TOKENS) -> str:
+def official_generate(engine, tokenizer, record: dict,
+                      max_tokens: int = OFFICIAL_MAX_TOKENS) -> str:
     """The official protocol on one record: its messages through the chat template, greedy."""
     engine.reset()
     prompt = tokenizer.apply_chat_template(messages(record), add_generation_prompt=True)
@@ -657,10 +659,11 @@ def load_with_tokenizer(path_or_id: str):
     """(model, tokenizer, local path); a directory without tokenizer files fails with one line
     (the tokenizer loader would fail deep inside transformers)."""
     path = _local(path_or_id)
-    if not any(os.path.isfile(os.path.join(path, f))
-               for f in ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")):
+    files = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+    if not any(os.path.isfile(os.path.join(path, f)) for f in files):
         raise FileNotFoundError(f"{path} has no tokenizer files (tokenizer.json, "
-                                "tokenizer_config.json, ...): evaluation needs the model's tokenizer")
+                                "tokenizer_config.json, ...): evaluation needs the model's "
+                                "tokenizer")
     model, tokenizer = load(path)
     return model, tokenizer, path
 
@@ -689,7 +692,8 @@ def run_cli(model_path, loops, window, eviction, subset, length, ops, limit, dat
                 "adapter": os.path.basename(os.path.normpath(adapter)) if adapter else None,
                 "adapter_fingerprint": fingerprint(adapter) if adapter else None,
                 "subset": subset, "length": length, "ops": sorted(by_op), "limit": limit,
-                "data": os.path.basename(data) if data else f"InfiniAILab/gsm_infinite_{subset}_{length}",
+                "data": (os.path.basename(data) if data
+                         else f"InfiniAILab/gsm_infinite_{subset}_{length}"),
                 "max_tokens": max_tokens,
                 "judge": (os.path.basename(os.path.normpath(judge_model)) if judge_model
                           else ("regex-fallback" if subset == "symbolic" and protocol == "official"

@@ -42,7 +42,8 @@ def test_keyword_rule_details():
     assert gi.gold_answer({"solution": "Define x; so x = 3. Answer: 3."}) == 3
 
 
-@pytest.mark.parametrize("case", fixture("symbolic_judge_cases.jsonl"), ids=lambda c: str(c["case_id"]))
+@pytest.mark.parametrize("case", fixture("symbolic_judge_cases.jsonl"),
+                         ids=lambda c: str(c["case_id"]))
 def test_symbolic_judge_step_reproduces_every_official_verdict(case):
     """The judge prompt is upstream's get_prompt byte for byte; a judge answering with the
     recorded judge output gives upstream's extracted variables and verdict."""
@@ -91,7 +92,8 @@ def test_auc_is_the_leaderboards_formula():
 
 def test_summary_counts_and_wilson_interval():
     preds = ([{"loops": 2, "op": 4, "correct": i < 8} for i in range(10)]
-             + [{"loops": 2, "op": 2, "correct": True}] * 5 + [{"loops": 1, "op": 2, "correct": False}])
+             + [{"loops": 2, "op": 2, "correct": True}] * 5
+             + [{"loops": 1, "op": 2, "correct": False}])
     s = gi.summarize(preds)
     assert list(s) == ["N = 1", "N = 2"]
     op4 = s["N = 2"]["ops"][4]
@@ -111,7 +113,8 @@ def test_paper_prompt_puts_the_question_before_the_context():
         prompt = ex["prompt"]
         assert prompt.index(record["question"].strip()) < prompt.index(record["problem"].strip())
         gold = gi.gold_answer(record)
-        assert ex["answer"] == "Answer: " + (", ".join(gold) if isinstance(gold, list) else str(gold))
+        text = ", ".join(gold) if isinstance(gold, list) else str(gold)
+        assert ex["answer"] == "Answer: " + text
         assert "Answer" not in prompt.split("Context:")[0].replace(record["question"], "")
 
 
@@ -128,7 +131,8 @@ def test_official_filter_and_hub_split_files():
              for t in gi.OFFICIAL_FILTER for m in ("normalforward", "forwardreverse")]
     rows = gi.official_filter(split, 40)  # of 40: 16 crazy_zootopia and 2 of each other per mode
     count = lambda t, m: sum(r["template"] == t and r["mode"] == m for r in rows)  # noqa: E731
-    assert count("crazy_zootopia", "forwardreverse") == 16 and count("teachers_in_school", "normalforward") == 2
+    assert count("crazy_zootopia", "forwardreverse") == 16
+    assert count("teachers_in_school", "normalforward") == 2
     assert len(rows) == 40
     files = ["README.md", "data/ops_2-00000-of-00001.parquet", "data/ops_20-00000-of-00001.parquet",
              "data/ops_2-00001-of-00002.parquet", "ops_3.parquet"]
@@ -272,7 +276,8 @@ def test_sweep_end_to_end_with_resume_and_rescoring(tiny, tmp_path):
     rescored = [json.loads(x) for x in open(tmp_path / "rescored" / "predictions.jsonl")]
     assert [p["correct"] for p in rescored] == [
         gi.realistic_correct(p["solution"], p["output"]) for p in rescored]
-    assert json.load(open(tmp_path / "rescored" / "results.json"))["results"]["N = 4"]["ops"]["2"]["n"] == 2
+    summary = json.load(open(tmp_path / "rescored" / "results.json"))["results"]
+    assert summary["N = 4"]["ops"]["2"]["n"] == 2
 
 
 def test_official_protocol_end_to_end(tiny, tmp_path):
@@ -313,13 +318,13 @@ def test_data_command_writes_the_paper_format(tmp_path):
     records = fixture("medium_0.jsonl")
     by_op = gi.select(records, [2, 4, 6, 8])
     assert rows == [{**gi.paper_example(r), "op": op} for op, rs in by_op.items() for r in rs]
-    r = invoke("data", "gsm-infinite", "--data", os.path.join(FIX, "medium_0.jsonl"), "--ops", "4,8",
-               "--skip", "2", "--limit", "3", "--out", tmp_path / "held_out.jsonl")
+    r = invoke("data", "gsm-infinite", "--data", os.path.join(FIX, "medium_0.jsonl"),
+               "--ops", "4,8", "--skip", "2", "--limit", "3", "--out", tmp_path / "held_out.jsonl")
     assert r.exit_code == 0 and "wrote 6 examples" in r.output
     rows = [json.loads(x) for x in open(tmp_path / "held_out.jsonl")]
     assert rows == [{**gi.paper_example(r), "op": op} for op in (4, 8) for r in by_op[op][2:5]]
-    r = CliRunner().invoke(main, ["data", "gsm-infinite", "--data", os.path.join(FIX, "medium_0.jsonl"),
-                                  "--out", str(out)])
+    r = CliRunner().invoke(main, ["data", "gsm-infinite", "--data",
+                                  os.path.join(FIX, "medium_0.jsonl"), "--out", str(out)])
     assert r.exit_code == 1 and "already exists; pass --force" in r.output
 
 
@@ -365,7 +370,8 @@ def test_out_must_be_a_run_directory(tiny, tmp_path):
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "notes.txt").write_text("mine")
     r = CliRunner().invoke(main, ["eval", "--model", tiny, "--task", "gsm-infinite", "--data",
-                                  os.path.join(FIX, "medium_0.jsonl"), "--out", str(tmp_path / "o")])
+                                  os.path.join(FIX, "medium_0.jsonl"),
+                                  "--out", str(tmp_path / "o")])
     assert r.exit_code == 1 and "is not a GSM-Infinite run directory" in r.output
     assert (tmp_path / "o" / "notes.txt").read_text() == "mine"
 
@@ -415,7 +421,8 @@ def test_hub_path_with_a_fake_hub(monkeypatch):
 
     rows = {f"data/ops_{op}-00000-of-00001.parquet":
             [{"problem": f"p{op}-{i}", "question": "q", "op": op, "template": t, "mode": m}
-             for i in range(30) for t in gi.OFFICIAL_FILTER for m in ("normalforward", "forwardreverse")]
+             for i in range(30) for t in gi.OFFICIAL_FILTER
+             for m in ("normalforward", "forwardreverse")]
             for op in (2, 3)}
     asked = []
 
