@@ -127,9 +127,32 @@ def train(task_name, loops, window, eviction, out, task_option, hidden_size, lay
     _run_safely(go)
 
 
+def _gsm_infinite_options(fn):
+    """The options of `eval --task gsm-infinite` (see docs/gsm-infinite.md)."""
+    options = [
+        click.option("--model", "model_path", default=None, help="gsm-infinite: a converted model directory (or Hub id)."),
+        click.option("--task", "task_name", type=click.Choice(["gsm-infinite"]), default=None, help="Evaluate a model on a benchmark instead of a training run."),
+        click.option("--subset", type=click.Choice(["symbolic", "medium", "hard"]), default="medium", show_default=True),
+        click.option("--length", type=click.Choice(["0", "8k", "16k", "32k"]), default="8k", show_default=True),
+        click.option("--ops", default="2,4,6,8", show_default=True, help="Op counts: 2,4,6,8 or a range 2-8 (2-8:2)."),
+        click.option("--limit", type=int, default=None, help="Problems per op (default: all in --data; from the Hub the official 100 / 200)."),
+        click.option("--data", type=click.Path(dir_okay=False), default=None, help="A local JSONL in the dataset's schema instead of the Hub."),
+        click.option("--protocol", type=click.Choice(["paper", "official"]), default="paper", show_default=True),
+        click.option("--max-tokens", type=int, default=None, help="Generation limit (default: paper 24, symbolic 256; official 4096)."),
+        click.option("--judge-model", default=None, help="Symbolic, official protocol: the judge model (any model `load` opens)."),
+        click.option("--judge-max-tokens", type=int, default=2048, show_default=True, help="The judge's generation limit (upstream's)."),
+        click.option("--adapter", default=None, type=click.Path(file_okay=False), help="A fine-tune's adapter directory."),
+        click.option("--out", default=None, type=click.Path(file_okay=False), help="Results directory (resumes the run in it)."),
+        click.option("--score", "score_path", default=None, type=click.Path(dir_okay=False), help="Re-score a predictions JSONL (no model)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 @main.command("eval")
-@click.option("--checkpoint", required=True, type=click.Path(), help="A run directory from `train`.")
-@click.option("--loops", "-N", type=int, default=None, help="Override the sleep loops N.")
+@click.option("--checkpoint", type=click.Path(), default=None, help="A run directory from `train`.")
+@click.option("--loops", "-N", default=None, help="Override the sleep loops N (gsm-infinite: a list to sweep, e.g. 1,2,4).")
 @click.option("--window", "-L", type=int, default=None, help="Override the window L.")
 @click.option("--eviction", type=click.Choice(["hard", "sliding"]), default=None)
 @click.option("--samples", type=int, default=512, show_default=True, help="Sequences per difficulty.")
@@ -137,13 +160,29 @@ def train(task_name, loops, window, eviction, out, task_option, hidden_size, lay
 @click.option("--seed", type=int, default=1234, show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write results here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="Write a PNG plot here.")
-def eval_cmd(checkpoint, loops, window, eviction, samples, batch_size, seed, json_path, plot_path):
-    """Accuracy by difficulty (t for Rule 110, hops k for Depo) of a trained run."""
+@_gsm_infinite_options
+def eval_cmd(checkpoint, loops, window, eviction, samples, batch_size, seed, json_path, plot_path,
+             task_name, **gsm):
+    """Accuracy by difficulty (t for Rule 110, hops k for Depo) of a trained run, or a model on
+    GSM-Infinite (--model DIR --task gsm-infinite)."""
     from .eval import evaluate, format_table, plot
     from .io import write_json
     from .train import load_run
 
+    if task_name == "gsm-infinite" or gsm["score_path"]:
+        from .gsm_infinite import run_cli
+
+        return _run_safely(lambda: run_cli(loops=loops, window=window, eviction=eviction,
+                                       echo=click.echo, **gsm))
+    if checkpoint is None:
+        raise Failure("pass --checkpoint RUN (a training run), or --model DIR --task gsm-infinite")
+
     def go():
+        nonlocal loops
+        if loops is not None and not str(loops).isdigit():
+            raise ConfigError(f"--loops {loops!r}: one integer N >= 1 here (a list is for "
+                              "--task gsm-infinite)")
+        loops = None if loops is None else int(loops)
         model, sleep, task, _ = load_run(checkpoint)
         sleep = SleepConfig(loops=sleep.loops if loops is None else loops,
                             window=sleep.window if window is None else window,
@@ -176,6 +215,28 @@ def demo(out, steps, loops):
     from .demo import run_demo
 
     _run_safely(lambda: run_demo(out, steps=steps, loops=tuple(loops) or None, echo=click.echo))
+
+
+@main.group()
+def data():
+    """Build training files from benchmarks."""
+
+
+@data.command("gsm-infinite")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The JSONL to write.")
+@click.option("--subset", type=click.Choice(["symbolic", "medium", "hard"]), default="medium", show_default=True)
+@click.option("--length", type=click.Choice(["0", "8k", "16k", "32k"]), default="8k", show_default=True)
+@click.option("--ops", default="2-8", show_default=True, help="Op counts: 2,4,6,8 or a range 2-8.")
+@click.option("--limit", type=int, default=None, help="Problems per op (default: all after --skip).")
+@click.option("--skip", type=int, default=None, help="Skip the first K of each op, the test problems (default: 200 from the Hub, 0 with --data).")
+@click.option("--data", "data_path", type=click.Path(dir_okay=False), default=None, help="A local JSONL in the dataset's schema instead of the Hub.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def data_gsm_infinite(out, subset, length, ops, limit, skip, data_path, force):
+    """The paper-format fine-tuning file ({"prompt", "answer"} a line; question before context)."""
+    from .gsm_infinite import write_data
+
+    _run_safely(lambda: write_data(out, subset, length, ops, limit, skip, data_path, force,
+                                   click.echo))
 
 
 @main.command()

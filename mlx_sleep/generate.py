@@ -1,7 +1,8 @@
 """Token generation over the sleep engine: one ordinary (wake) pass per token.
 
     engine = SleepEngine(model)                        # the model's stored sleep settings
-    for token in stream_generate(engine, prompt_ids, max_tokens=64, stop_ids=tokenizer.eos_token_ids):
+    for token in stream_generate(engine, prompt_ids, max_tokens=64,
+                                 stop_ids=tokenizer.eos_token_ids):
         ...
     text = generate(engine, tokenizer, prompt_ids, max_tokens=64)
 

@@ -1,5 +1,6 @@
-"""Generation over the sleep engine: greedy tokens equal an independent reference (a plain forward
-without eviction; Algorithm 1 over the whole prefix with forced sleeps), on every tiny model kind."""
+"""Generation over the sleep engine: greedy tokens equal an independent reference (a plain
+forward without eviction; Algorithm 1 over the whole prefix with forced sleeps), on every tiny
+model kind."""
 
 import mlx.core as mx
 import numpy as np
@@ -78,7 +79,8 @@ def test_stop_ids_sampler_and_logits_processors(tiny):
         mx.random.seed(5)
         runs.append(list(stream_generate(SleepEngine(model, sleep), PROMPT, 20,
                                          sampler=make_sampler(temp=1.0))))
-    assert runs[0] == runs[1] and runs[0] != list(stream_generate(SleepEngine(model, sleep), PROMPT, 20))
+    assert runs[0] == runs[1]
+    assert runs[0] != list(stream_generate(SleepEngine(model, sleep), PROMPT, 20))
 
 
 def test_engine_consumes_the_prompt_and_every_yielded_token(tiny):

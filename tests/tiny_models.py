@@ -2,7 +2,7 @@
 
     from tests.tiny_models import make_model_dir
     path = make_model_dir(tmp_path / "m", "jet_nemotron", loops=2, window=64)
-    model, tokenizer = mlx_sleep.load(path)       # mlx-lm's TokenizerWrapper, chat template included
+    model, tokenizer = mlx_sleep.load(path)   # mlx-lm's TokenizerWrapper, with a chat template
 
 Every kind is a directory as `mlx-sleep convert` writes it (config.json with "model" and "sleep",
 model.safetensors) plus tokenizer files:
