@@ -33,9 +33,10 @@ import mlx.core as mx
 import numpy as np
 
 from .config import SleepConfig
-from .generate import check_ids, generate, stream_text
+from .generate import generate, stream_text
 from .io import atomic_path, read_json, write_json
-from .loading import _local, load
+from .loading import load
+from .weights import resolve_source
 from .sleep import SleepEngine
 
 SUBSETS = ("symbolic", "medium", "hard")
@@ -426,8 +427,8 @@ def paper_generate(engine, tokenizer, record: dict, max_tokens: Optional[int] = 
     The prompt is encoded as `tokenizer.encode(prompt)` (special tokens as the tokenizer adds
     them), the cue without special tokens: a trainer should encode the JSONL the same way."""
     engine.reset()
-    prompt = check_ids(tokenizer.encode(paper_example(record)["prompt"]), engine.model)
-    engine.feed(mx.array([prompt]))  # its logits are never evaluated: wake passes only
+    prompt = tokenizer.encode(paper_example(record)["prompt"])
+    engine.feed(mx.array([prompt]), logits=None)  # the context: no logits needed
     engine.consolidate()  # the last partial window sleeps too: the context is evicted
     cue = tokenizer.encode(ANSWER_CUE, add_special_tokens=False)
     text = ""
@@ -656,14 +657,8 @@ def load_adapter(model, path: str):
 
 
 def load_with_tokenizer(path_or_id: str):
-    """(model, tokenizer, local path); a directory without tokenizer files fails with one line
-    (the tokenizer loader would fail deep inside transformers)."""
-    path = _local(path_or_id)
-    files = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
-    if not any(os.path.isfile(os.path.join(path, f)) for f in files):
-        raise FileNotFoundError(f"{path} has no tokenizer files (tokenizer.json, "
-                                "tokenizer_config.json, ...): evaluation needs the model's "
-                                "tokenizer")
+    """(model, tokenizer, local path)."""
+    path = resolve_source(path_or_id)
     model, tokenizer = load(path)
     return model, tokenizer, path
 

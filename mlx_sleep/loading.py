@@ -21,6 +21,9 @@ from .io import read_json
 from .models import model_from_config
 from .weights import apply_quantization, read_weights, resolve_source
 
+# Any one of these lets the tokenizer loader open a directory.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
 
 def load_model(path_or_id: str, lazy: bool = False):
     """The model of a converted directory (or a supported Hugging Face checkpoint), with its
@@ -51,6 +54,9 @@ def load(path_or_id: str, tokenizer_config: Optional[dict] = None, lazy: bool = 
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
     path = resolve_source(path_or_id)
+    if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
+                                "use load_model() for the weights alone")
     model = load_model(path, lazy=lazy)
     config = read_json(os.path.join(path, "config.json"))
     eos = config.get("eos_token_id")

@@ -164,10 +164,10 @@ def tiny(tmp_path_factory):
 class RecordingEngine(SleepEngine):
     """Notes, at every feed, what the model can still see."""
 
-    def feed(self, ids):
+    def feed(self, ids, logits="all"):
         kv = [s["keys"].shape[2] for s in self.state if "keys" in s]
         self.seen.append((self.offset, self.window_len, sum(kv), ids.shape[-1]))
-        return super().feed(ids)
+        return super().feed(ids, logits)
 
 
 def test_paper_protocol_evicts_the_context_before_the_answer(tiny):
