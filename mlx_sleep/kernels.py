@@ -31,7 +31,8 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from .gdn_math import causal_conv, decay_and_beta, l2_normalize
+from .gdn_math import (GDN_CHUNK, causal_conv, decay_and_beta, gated_delta_backward_ops,
+                       gated_delta_ops, l2_normalize)
 
 ENV = "MLX_SLEEP_KERNELS"
 
@@ -235,7 +236,7 @@ def gdn_step_ops(q, k, v, a, b, A_log, dt_bias, state, gate, norm_weight, norm_e
     q = l2_normalize(q) * q.shape[-1] ** -0.5
     k = l2_normalize(k)
     decay, beta = decay_and_beta(a, b, A_log, dt_bias)
-    o, state = mx.fast.gated_delta_update(q, k, v, decay, beta, state)
+    o, state = gated_delta(q, k, v, decay, beta, state)
     return mx.fast.rms_norm(o, norm_weight, norm_eps) * nn.silu(gate), state
 
 
@@ -245,11 +246,11 @@ def _gdn_step(fn, q, k, v, a, b, A_log, dt_bias, state, gate, norm_weight, norm_
     R = min(Dv, 32)  # simdgroups per head: (32, R) threads <= 1024
     out_dtype = mx.result_type(q, k, v, norm_weight, gate)
     y, state = fn(inputs=[q, k, v, gate, a, b, A_log, dt_bias, state, norm_weight, norm_eps],
-                  template=[("StT", state.dtype), ("OutT", out_dtype), ("Hk", Hk), ("Hv", Hv),
+                  template=[("StT", mx.float32), ("OutT", out_dtype), ("Hk", Hk), ("Hv", Hv),
                             ("Dk", Dk), ("Dv", Dv), ("R", R)],
                   grid=(32, R, B * Hv), threadgroup=(32, R, 1),
                   output_shapes=[(B, 1, Hv, Dv), state.shape],
-                  output_dtypes=[out_dtype, state.dtype])
+                  output_dtypes=[out_dtype, mx.float32])  # the state is float32 (gated_delta)
     return y, state
 
 
@@ -297,6 +298,63 @@ def gdn_step(q, k, v, a, b, A_log, dt_bias, state, gate, norm_weight, norm_eps):
     y, state = _gdn_step_function(float(norm_eps))(q, k, v, a, b, A_log, dt_bias, state, gate,
                                                    norm_weight)
     return y, state
+
+
+# ------------------------------------------------------------------- the GDN recurrence
+
+def _check_gated_delta_shapes(q, k, v, decay, beta, state):
+    B, T, Hk, Dk = q.shape if q.ndim == 4 else (None,) * 4
+    Hv, Dv = v.shape[-2:]
+    want = {"q": (B, T, Hk, Dk), "k": (B, T, Hk, Dk), "v": (B, T, Hv, Dv), "decay": (B, T, Hv),
+            "beta": (B, T, Hv), "state": (B, Hv, Dv, Dk)}
+    for name, x in zip(want, (q, k, v, decay, beta, state)):
+        if tuple(x.shape) != want[name]:
+            raise ValueError(f"gated_delta: {name} has shape {tuple(x.shape)}, expected "
+                             f"{want[name]} (q, k [B, T, Hk, Dk], v [B, T, Hv, Dv], decay, beta "
+                             f"[B, T, Hv], state [B, Hv, Dv, Dk])")
+    if Hv % Hk:
+        raise ValueError(f"gated_delta: {Hv} value heads are not a multiple of {Hk} key heads")
+
+
+@mx.custom_function
+def _gated_delta(q, k, v, decay, beta, state):
+    return gated_delta_ops(q, k, v, decay, beta, state, GDN_CHUNK)
+
+
+@_gated_delta.vjp
+def _gated_delta_vjp(primals, cotangents, outputs):
+    dy, dstate, _ = cotangents
+    grads = gated_delta_backward_ops(*primals[:5], outputs[2], dy, dstate, GDN_CHUNK)
+    return tuple(g.astype(p.dtype) for g, p in zip(grads, primals))
+
+
+def gated_delta(q, k, v, decay, beta, state):
+    """The Gated DeltaNet recurrence (gdn_math's equations) for a chunk of T >= 1 tokens, with
+    its own VJP: the backward keeps one state per GDN_CHUNK tokens and recomputes inside a chunk.
+    q (L2-normalised, times Dk^-1/2), k (L2-normalised) [B, T, Hk, Dk]; v [B, T, Hv, Dv];
+    decay, beta [B, T, Hv]; state [B, Hv, Dv, Dk]; Hk divides Hv (GVA). Gates and state are
+    float32 inside whatever their dtype. Returns (y [B, T, Hv, Dv] in the dtype of q, k, v,
+    new state float32)."""
+    _check_gated_delta_shapes(q, k, v, decay, beta, state)
+    y, state, _ = _gated_delta(q, k, v, decay, beta, state)
+    return y, state
+
+
+def gated_delta_update(q, k, v, a, b, A_log, dt_bias, state=None, mask=None, use_kernel=True):
+    """Drop-in for mlx_lm.models.gated_delta.gated_delta_update (scalar gates), on our op:
+    decay and beta from the raw a, b in float32. Tokens where mask [B, T] is False leave the
+    state untouched (decay 1, beta 0). use_kernel=False forces the ops path."""
+    if state is None:
+        state = mx.zeros((q.shape[0], v.shape[2], v.shape[3], q.shape[3]), dtype=mx.float32)
+    decay, beta = decay_and_beta(a, b, A_log, dt_bias)
+    if mask is not None:
+        mask = mask[..., None]
+        decay, beta = mx.where(mask, decay, 1.0), mx.where(mask, beta, 0.0)
+    if not use_kernel:
+        _check_gated_delta_shapes(q, k, v, decay, beta, state)
+        y, state, _ = gated_delta_ops(q, k, v, decay, beta, state)
+        return y, state
+    return gated_delta(q, k, v, decay, beta, state)
 
 
 # ------------------------------------------------------------------------------ registry
