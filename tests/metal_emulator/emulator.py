@@ -146,7 +146,22 @@ _CXXFLAGS = [
 ]
 
 _MAX_CONSTANT_ARRAY_SIZE = 8  # MLX: smaller inputs go to the constant space
-_GUARD = 64
+_GUARD = 64  # bytes around every output (0xA5: a write there is reported)
+_INPUT_GUARD = 4096  # bytes around every array input (0xFF: a read there gives NaN / -1)
+_BARRIER = re.compile(r"\b(?:threadgroup|simdgroup)_barrier\s*\(([^()]*(?:\([^()]*\))?[^()]*)\)")
+
+
+def _schedules() -> int:
+    """How many thread schedules every launch runs (their outputs must agree bitwise)."""
+    return max(1, int(os.environ.get("MLX_METAL_EMULATOR_SCHEDULES", 3)))
+
+
+def _needs_private_threadgroup_memory(text: str) -> bool:
+    """A kernel with threadgroup memory and a barrier that does not order it (no
+    mem_threadgroup flag) runs with per-thread views of threadgroup memory."""
+    blank = _blank_comments(text)
+    return bool(_TG_DECL.search(blank)) and any(
+        "mem_threadgroup" not in m.group(1) for m in _BARRIER.finditer(blank))
 
 
 class MetalEmulatorError(RuntimeError):
@@ -458,6 +473,8 @@ def _runtime():
                 ctypes.POINTER(ctypes.c_long),
                 ctypes.c_int,
                 ctypes.c_long,
+                ctypes.c_int,
+                ctypes.c_int,
                 ctypes.c_char_p,
                 ctypes.c_int,
             ]
@@ -743,8 +760,25 @@ class EmulatedMetalKernel:
 
         tu = self._translation_unit(ins, out_dts, template)
         _, body_fn = _compile(tu, self.name, self.header, self.source)
-        launch = _runtime()[2]
 
+        private_tg = _needs_private_threadgroup_memory(self.header + "\n" + self.source)
+        runs = [self._launch(body_fn, ins, output_shapes, out_dts, grid, tg, init_value,
+                             schedule, private_tg) for schedule in range(_schedules())]
+        if not self.atomic_outputs:  # atomics may legitimately add in any order
+            for schedule, outs in enumerate(runs[1:], 1):
+                for a, b, n in zip(runs[0], outs, self.output_names):
+                    if not np.array_equal(np.array(a.view(_bits(a.dtype))),
+                                          np.array(b.view(_bits(b.dtype)))):
+                        raise MetalEmulatorRuntimeError(
+                            f"metal_emulator: kernel '{self.name}': output '{n}' depends on "
+                            f"the order in which threads run (schedule 0 vs {schedule}): a "
+                            f"missing barrier, or threads racing on the same memory")
+        return runs[0]
+
+    def _launch(self, body_fn, ins, output_shapes, out_dts, grid, tg, init_value, schedule,
+                private_tg):
+        """One run of the grid under one thread schedule; returns the outputs."""
+        launch = _runtime()[2]
         # outputs with guard bytes on both sides
         outs = []
         for shape, dt in zip(output_shapes, out_dts):
@@ -766,9 +800,21 @@ class EmulatedMetalKernel:
 
         ptrs: list[int] = []
         keep: list[Any] = []
+        guarded = []
         for x, info in zip(ins, self.shape_infos):
-            ptrs.append(x.arr.ctypes.data)
-            keep.append(x.arr)
+            if x.ndim > 0 and x.arr.flags.c_contiguous:
+                # a copy between 0xFF guard bytes: an out-of-bounds read gives NaN (floats) or
+                # -1 (ints), which the comparison with a reference then shows
+                nbytes = x.arr.nbytes
+                raw = np.full(nbytes + 2 * _INPUT_GUARD + 64, 0xFF, dtype=np.uint8)
+                off = (-raw.ctypes.data) % 64 + _INPUT_GUARD
+                raw[off:off + nbytes] = x.arr.reshape(-1).view(np.uint8)
+                guarded.append((raw, off, nbytes))
+                ptrs.append(raw.ctypes.data + off)
+                keep.append(raw)
+            else:
+                ptrs.append(x.arr.ctypes.data)
+                keep.append(x.arr)
             if x.ndim > 0:
                 if info[0]:
                     ptrs.append(x.shape.ctypes.data)
@@ -784,7 +830,14 @@ class EmulatedMetalKernel:
                                      min(2, os.cpu_count() or 1)))
         stack = int(os.environ.get("MLX_METAL_EMULATOR_STACK", 256 * 1024))
         err = ctypes.create_string_buffer(4096)
-        rc = launch(body_fn, argv, dims, workers, stack, err, len(err))
+        rc = launch(body_fn, argv, dims, workers, stack, schedule, int(private_tg), err,
+                    len(err))
+        for (raw, off, nbytes), n in zip(guarded, [n for x, n in zip(ins, self.input_names)
+                                                   if x.ndim > 0 and x.arr.flags.c_contiguous]):
+            if (raw[:off] != 0xFF).any() or (raw[off + nbytes:] != 0xFF).any():
+                raise MetalEmulatorRuntimeError(
+                    f"metal_emulator: kernel '{self.name}' wrote outside the bounds of "
+                    f"input '{n}'")
         del keep
         if rc != 0:
             raise MetalEmulatorRuntimeError(
@@ -805,6 +858,10 @@ class EmulatedMetalKernel:
                 a = a.view(mx.bfloat16)
             results.append(a)
         return results
+
+
+def _bits(dt: mx.Dtype) -> mx.Dtype:
+    return {1: mx.uint8, 2: mx.uint16, 4: mx.uint32, 8: mx.uint64}[dt.size]
 
 
 def metal_kernel(name: str, input_names: Sequence[str], output_names: Sequence[str],
