@@ -388,7 +388,7 @@ def _gated_delta_backward(fn, q, k, v, decay, beta, chunk_states, dy, dstate):
 
 
 GDN_CHECK_SHAPES = [  # B, T, Hk, Hv, Dk, Dv, dtype
-    (1, 5, 1, 3, 24, 20, mx.float32),                # GVA 3:1, T < a chunk, Dk < 32 lanes
+    (1, 5, 2, 6, 24, 20, mx.float32),                # GVA 3:1, T < a chunk, Dk < 32 lanes
     (2, GDN_CHUNK + 3, 2, 2, 40, 9, mx.float16),     # a partial second chunk, Dk over 32 lanes
     (1, 1, 1, 2, 8, 40, mx.bfloat16),                # a decode token, Dv over 32 rows
 ]

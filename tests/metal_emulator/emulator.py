@@ -43,8 +43,9 @@ function, as C++20:
   larger than 1024 threads is rejected as MLX does.
 * outputs are filled with ``init_value`` when given; otherwise with 0xFF
   bytes (NaN for floats, -1 for ints), so an element a kernel forgets to
-  write is visible.  64 guard bytes on each side of every output detect
-  writes out of bounds.
+  write is visible.  Guard bytes on each side of every output detect
+  writes out of bounds; array inputs are copied between 0xFF guard regions, so an
+  out-of-bounds read gives NaN (or -1). Guards are 4x the buffer (64 KiB to 4 MiB).
 
 ``verbose=True`` prints the Metal source MLX would generate.
 
@@ -146,8 +147,14 @@ _CXXFLAGS = [
 ]
 
 _MAX_CONSTANT_ARRAY_SIZE = 8  # MLX: smaller inputs go to the constant space
-_GUARD = 64  # bytes around every output (0xA5: a write there is reported)
-_INPUT_GUARD = 4096  # bytes around every array input (0xFF: a read there gives NaN / -1)
+# Guard regions around every buffer, four times as large as the buffer (at least 64 KiB, at most
+# 4 MiB), so that an index overrun by whole rows or tokens still lands in them: around outputs 0xA5 (a
+# write there is reported), around array inputs 0xFF (a read there gives NaN / -1).
+
+
+def _guard(nbytes: int) -> int:
+    return max(1 << 16, min(4 * nbytes, 1 << 22))
+
 _BARRIER = re.compile(r"\b(?:threadgroup|simdgroup)_barrier\s*\(([^()]*(?:\([^()]*\))?[^()]*)\)")
 
 
@@ -785,8 +792,9 @@ class EmulatedMetalKernel:
             shape = tuple(int(s) for s in shape)
             np_dt = np.dtype(_DTYPES[dt][1])
             count = int(np.prod(shape, dtype=np.int64))
-            raw = np.empty(count * np_dt.itemsize + 2 * _GUARD + 64, dtype=np.uint8)
-            off = (-raw.ctypes.data) % 64 + _GUARD
+            nbytes = count * np_dt.itemsize
+            raw = np.empty(nbytes + 2 * _guard(nbytes) + 64, dtype=np.uint8)
+            off = (-raw.ctypes.data) % 64 + _guard(nbytes)
             raw[:] = 0xA5
             body = raw[off:off + count * np_dt.itemsize]
             if init_value is None:
@@ -806,8 +814,8 @@ class EmulatedMetalKernel:
                 # a copy between 0xFF guard bytes: an out-of-bounds read gives NaN (floats) or
                 # -1 (ints), which the comparison with a reference then shows
                 nbytes = x.arr.nbytes
-                raw = np.full(nbytes + 2 * _INPUT_GUARD + 64, 0xFF, dtype=np.uint8)
-                off = (-raw.ctypes.data) % 64 + _INPUT_GUARD
+                raw = np.full(nbytes + 2 * _guard(nbytes) + 64, 0xFF, dtype=np.uint8)
+                off = (-raw.ctypes.data) % 64 + _guard(nbytes)
                 raw[off:off + nbytes] = x.arr.reshape(-1).view(np.uint8)
                 guarded.append((raw, off, nbytes))
                 ptrs.append(raw.ctypes.data + off)

@@ -343,18 +343,30 @@ static bool run_group(GroupCtx& g, Launch& L, long gid) {
     rng ^= rng << 17;
     return rng;
   };
+  // random schedules also hold back one simdgroup per barrier phase (a slow warp) until no
+  // other thread can run: it then reads threadgroup memory the others already moved past
+  const bool random = L.schedule >= 2;
+  int slow_sg = random ? int(next_random() % uint64_t(nsg)) : -1;
+  uint64_t phase = g.tg_gen;
   tl_group = &g;
   while (g.alive > 0) {
     bool progressed = false;
-    if (L.schedule >= 2) {
+    if (random) {
       for (int j = n - 1; j > 0; --j) std::swap(order[j], order[next_random() % (j + 1)]);
     }
-    for (int k = 0; k < n && !g.aborted; ++k) {
-      const int i = order[k];
-      if (g.fibers[i].state != READY) continue;
-      g.cur = i;
-      swapcontext(&g.sched, &g.fibers[i].ctx);
-      progressed = true;
+    for (int pass = 0; pass < (random ? 2 : 1) && !progressed; ++pass) {
+      for (int k = 0; k < n && !g.aborted; ++k) {
+        const int i = order[k];
+        if (g.fibers[i].state != READY) continue;
+        if (random && (i / 32 == slow_sg) != (pass == 1)) continue;
+        g.cur = i;
+        swapcontext(&g.sched, &g.fibers[i].ctx);
+        progressed = true;
+      }
+    }
+    if (random && g.tg_gen != phase) {
+      phase = g.tg_gen;
+      slow_sg = int(next_random() % uint64_t(nsg));
     }
     if (g.aborted) break;
     if (!progressed) {
