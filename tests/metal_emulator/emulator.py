@@ -71,8 +71,16 @@ interleave: a fiber runs until it reaches ``threadgroup_barrier``,
 ``simdgroup_barrier`` or a SIMD collective and resumes when every live
 thread of that scope has arrived.  Threadgroup memory is shared per group and
 filled with 0xFF bytes at the start of each group, so a kernel that reads
-data produced by other threads without a barrier reads NaN / garbage
-(the schedule is deterministic: lowest thread index first).  SIMD groups are
+data produced by other threads without a barrier reads NaN / garbage.
+Every launch runs under ``$MLX_METAL_EMULATOR_SCHEDULES`` thread schedules
+(default 3): lowest thread index first, highest first, then random orders
+that also hold back one random simdgroup per barrier phase until no other
+thread can run (a slow warp).  Their outputs must agree bitwise (except with
+``atomic_outputs``), else ``MetalEmulatorRuntimeError``: a missing barrier
+or a race fails deterministically.  Memory flags are honoured for
+threadgroup memory: a kernel with a barrier whose flags lack
+``mem_threadgroup`` runs with a private view of threadgroup memory per
+thread, which only barriers with that flag publish and refresh.  SIMD groups are
 32 lanes (``thread_index_in_threadgroup / 32``); lanes exchange values
 through a per-simdgroup scratch area.  Threadgroups are distributed over
 ``$MLX_METAL_EMULATOR_WORKERS`` OS threads (default: up to 2), so device

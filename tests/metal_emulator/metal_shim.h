@@ -11,7 +11,8 @@
 //   * a fiber runs until it blocks on a synchronisation point
 //     (threadgroup_barrier, simdgroup_barrier or any simd_* / quad_*
 //     collective) and is resumed when every live thread of its scope has
-//     arrived;  the schedule is deterministic (lowest thread index first);
+//     arrived;  the order is one of several schedules (metal_runtime.cpp),
+//     each deterministic, whose outputs emulator.py compares;
 //   * threadgroup memory is a per-group arena filled with 0xFF bytes (NaN for
 //     floats, -1 for ints) at the start of every group, so reading
 //     threadgroup memory that no thread wrote in an earlier barrier phase
