@@ -212,3 +212,26 @@ def test_layers_run_their_recurrence_through_the_op(kind, monkeypatch):
     layer(x[:, :1], s)  # decode: the fused step (its fallback calls the op)
     mx.eval(grads)
     assert calls[:2] == [(1, 7, 1, 8)] * 2
+
+
+def test_gated_delta_update_matches_mlx_lm():
+    """kernels.gated_delta_update is a drop-in for mlx-lm's (float32: same numbers), mask too."""
+    gd = pytest.importorskip("mlx_lm.models.gated_delta")
+    B, T, Hk, Hv, Dk, Dv = 2, 6, 1, 2, 8, 4
+    q, k, v, _, _, state = recurrence_inputs(B, T, Hk, Hv, Dk, Dv)
+    a, b = rand((B, T, Hv), 30), rand((B, T, Hv), 31)
+    A_log, dt_bias = mx.log(rand((Hv,), 32, 1, 16)), rand((Hv,), 33, -3, 0)
+    y, S = kernels.gated_delta_update(q, k, v, a, b, A_log, dt_bias, state)
+    y_lm, S_lm = gd.gated_delta_update(q, k, v, a, b, A_log, dt_bias, state, use_kernel=False)
+    assert max_diff(y, y_lm) < 1e-5 and max_diff(S, S_lm) < 1e-5
+    # padding at the end of the second sequence: the state stops there
+    mask = mx.array([[True] * T, [True] * 3 + [False] * (T - 3)])
+    _, S = kernels.gated_delta_update(q, k, v, a, b, A_log, dt_bias, state, mask=mask)
+    _, S_lm = gd.gated_delta_update(q, k, v, a, b, A_log, dt_bias, state, mask=mask,
+                                    use_kernel=False)
+    _, S3 = kernels.gated_delta_update(q[1:, :3], k[1:, :3], v[1:, :3], a[1:, :3], b[1:, :3],
+                                       A_log, dt_bias, state[1:])
+    assert max_diff(S, S_lm) < 1e-5 and max_diff(S[1:], S3) < 1e-6
+    # no state given: zeros, as mlx-lm
+    _, S0 = kernels.gated_delta_update(q, k, v, a, b, A_log, dt_bias)
+    assert S0.shape == (B, Hv, Dv, Dk) and S0.dtype == mx.float32
