@@ -2,6 +2,9 @@
 
     dynamic_conv(x, conv_state, kernel, silu)   Jet's per-token causal conv (+ SiLU), a chunk or
                                                 one decode token; its VJP has a kernel too
+    gated_delta(q, k, v, decay, beta, state)    the GDN recurrence over a chunk (sleep passes,
+                                                prefill, training); its VJP has a kernel that
+                                                keeps one state per GDN_CHUNK tokens
     gdn_step(q, k, v, a, b, ...)                one decode token of Gated DeltaNet: gates, L2
                                                 norms, delta rule, readout, gated RMSNorm
 
@@ -31,7 +34,8 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from .gdn_math import causal_conv, decay_and_beta, l2_normalize
+from .gdn_math import (GDN_CHUNK, causal_conv, decay_and_beta, gated_delta_backward_ops,
+                       gated_delta_ops, l2_normalize)
 
 ENV = "MLX_SLEEP_KERNELS"
 
@@ -137,6 +141,14 @@ def _compare(out, ref, rtol=1e-4):
     return diff, rtol * max(1.0, scale)
 
 
+_RTOL = {mx.float32: 1e-4, mx.float16: 2e-3, mx.bfloat16: 1.6e-2}  # of outputs rounded once
+
+
+def _worst(checks):
+    """The (diff, tolerance) pair of the case furthest over (or nearest to) its tolerance."""
+    return max(checks, key=lambda c: c[0] / c[1] if c[0] == c[0] else float("inf"))
+
+
 # ------------------------------------------------------------------- Jet dynamic causal conv
 
 def dynamic_conv_ops(x, conv_state, kernel, silu=False):
@@ -173,28 +185,47 @@ def _conv_backward_ops(x, conv_state, kernel, dy, dstate, silu):
     return grads
 
 
-def _conv_check_inputs():
-    # T=5 is shorter than no tile and not a multiple of any; C=40 leaves a partial threadgroup
+CONV_CHECK_SHAPES = [  # B, T, C, W, dtype
+    (2, 5, 40, 4, mx.float32),   # T a multiple of no tile; C = 40 a partial threadgroup
+    (1, 2, 24, 4, mx.float16),   # T < W - 1: part of the new state is the old one
+    (2, 1, 16, 4, mx.bfloat16),  # a decode token
+]
+
+
+def _conv_check_inputs(B, T, C, W, dtype):
     keys = mx.random.split(mx.random.key(7), 5)
-    B, T, C, W = 2, 5, 40, 4
     x = mx.random.normal((B, T, C), key=keys[0])
     state = mx.random.normal((B, W - 1, C), key=keys[1])
     kern = mx.random.normal((B, T, C, W), key=keys[2]) / 2
-    return x, state, kern, mx.random.normal((B, T, C), key=keys[3]), \
-        mx.random.normal((B, W - 1, C), key=keys[4])
+    return [a.astype(dtype) for a in (x, state, kern, mx.random.normal((B, T, C), key=keys[3]),
+                                      mx.random.normal((B, W - 1, C), key=keys[4]))]
 
+
+def _float32(arrays):
+    return [a.astype(mx.float32) for a in arrays]
+
+
+# The kernels accumulate in float32 and round once: the reference is the fallback on the same
+# (rounded) inputs upcast to float32, within the output type's rounding.
 
 def _check_conv_forward(fn):
-    x, state, kern, _, _ = _conv_check_inputs()
-    out = [*_conv_forward(fn, x, state, kern, False), *_conv_forward(fn, x, state, kern, True)]
-    ref = [*dynamic_conv_ops(x, state, kern, False), *dynamic_conv_ops(x, state, kern, True)]
-    return _compare(out, ref)
+    checks = []
+    for *shape, dtype in CONV_CHECK_SHAPES:
+        x, state, kern, _, _ = _conv_check_inputs(*shape, dtype)
+        for silu in (False, True):
+            checks.append(_compare(_conv_forward(fn, x, state, kern, silu),
+                                   dynamic_conv_ops(*_float32((x, state, kern)), silu),
+                                   _RTOL[dtype]))
+    return _worst(checks)
 
 
 def _check_conv_backward(fn):
-    x, state, kern, dy, dstate = _conv_check_inputs()
-    return _compare(_conv_backward(fn, x, state, kern, dy, dstate, True),
-                    _conv_backward_ops(x, state, kern, dy, dstate, True))
+    checks = []
+    for *shape, dtype in CONV_CHECK_SHAPES:
+        args = _conv_check_inputs(*shape, dtype)
+        checks.append(_compare(_conv_backward(fn, *args, True),
+                               _conv_backward_ops(*_float32(args), True), _RTOL[dtype]))
+    return _worst(checks)
 
 
 @functools.lru_cache(maxsize=None)
@@ -235,7 +266,7 @@ def gdn_step_ops(q, k, v, a, b, A_log, dt_bias, state, gate, norm_weight, norm_e
     q = l2_normalize(q) * q.shape[-1] ** -0.5
     k = l2_normalize(k)
     decay, beta = decay_and_beta(a, b, A_log, dt_bias)
-    o, state = mx.fast.gated_delta_update(q, k, v, decay, beta, state)
+    o, state = gated_delta(q, k, v, decay, beta, state)
     return mx.fast.rms_norm(o, norm_weight, norm_eps) * nn.silu(gate), state
 
 
@@ -245,29 +276,37 @@ def _gdn_step(fn, q, k, v, a, b, A_log, dt_bias, state, gate, norm_weight, norm_
     R = min(Dv, 32)  # simdgroups per head: (32, R) threads <= 1024
     out_dtype = mx.result_type(q, k, v, norm_weight, gate)
     y, state = fn(inputs=[q, k, v, gate, a, b, A_log, dt_bias, state, norm_weight, norm_eps],
-                  template=[("StT", state.dtype), ("OutT", out_dtype), ("Hk", Hk), ("Hv", Hv),
+                  template=[("StT", mx.float32), ("OutT", out_dtype), ("Hk", Hk), ("Hv", Hv),
                             ("Dk", Dk), ("Dv", Dv), ("R", R)],
                   grid=(32, R, B * Hv), threadgroup=(32, R, 1),
                   output_shapes=[(B, 1, Hv, Dv), state.shape],
-                  output_dtypes=[out_dtype, state.dtype])
+                  output_dtypes=[out_dtype, mx.float32])  # the state is float32 (gated_delta)
     return y, state
 
 
+GDN_STEP_CHECK_SHAPES = [  # B, Hk, Hv, Dk, Dv, dtype of the activations (state: float32)
+    (2, 1, 2, 40, 36, mx.float32),   # GVA 2:1; partial lanes and a second row pass
+    (1, 2, 4, 16, 12, mx.float16),   # two key heads, GVA 2:1
+    (2, 1, 1, 8, 8, mx.bfloat16),
+]
+
+
 def _check_gdn_step(fn):
-    # Dk = 40 and Dv = 36 exercise the partial lanes and the second row pass; GVA 2:1
-    B, Hk, Hv, Dk, Dv = 2, 1, 2, 40, 36
-    keys = mx.random.split(mx.random.key(11), 8)
-    args = (mx.random.normal((B, 1, Hk, Dk), key=keys[0]),
-            mx.random.normal((B, 1, Hk, Dk), key=keys[1]),
-            mx.random.normal((B, 1, Hv, Dv), key=keys[2]),
-            mx.random.normal((B, 1, Hv), key=keys[3]),
-            mx.random.normal((B, 1, Hv), key=keys[4]),
-            mx.log(mx.random.uniform(1, 16, (Hv,), key=keys[5])),
-            mx.random.uniform(-5, -1, (Hv,), key=keys[6]),
-            mx.random.normal((B, Hv, Dv, Dk), key=keys[7]) / 4,
-            mx.random.normal((B, 1, Hv, Dv), key=keys[0]),
-            mx.ones((Dv,)) * 1.5, 1e-6)
-    return _compare(_gdn_step(fn, *args), gdn_step_ops(*args))
+    checks = []
+    for B, Hk, Hv, Dk, Dv, dtype in GDN_STEP_CHECK_SHAPES:
+        keys = mx.random.split(mx.random.key(11), 9)
+        q, k, v, a, b, gate = (mx.random.normal(shape, key=key).astype(dtype) for shape, key in (
+            ((B, 1, Hk, Dk), keys[0]), ((B, 1, Hk, Dk), keys[1]), ((B, 1, Hv, Dv), keys[2]),
+            ((B, 1, Hv), keys[3]), ((B, 1, Hv), keys[4]), ((B, 1, Hv, Dv), keys[8])))
+        rest = (mx.log(mx.random.uniform(1, 16, (Hv,), key=keys[5])),
+                mx.random.uniform(-5, -1, (Hv,), key=keys[6]),
+                mx.random.normal((B, Hv, Dv, Dk), key=keys[7]) / 4)
+        norm = (mx.ones((Dv,)) * 1.5, 1e-6)
+        out = _gdn_step(fn, q, k, v, a, b, *rest, gate, *norm)
+        ref = gdn_step_ops(*_float32((q, k, v, a, b)), *rest, gate.astype(mx.float32), *norm)
+        checks.append(_compare(out[:1], ref[:1], _RTOL[dtype]))
+        checks.append(_compare(out[1:], ref[1:]))  # the float32 state
+    return _worst(checks)
 
 
 @functools.lru_cache(maxsize=None)
@@ -299,6 +338,148 @@ def gdn_step(q, k, v, a, b, A_log, dt_bias, state, gate, norm_weight, norm_eps):
     return y, state
 
 
+# ------------------------------------------------------------------- the GDN recurrence
+
+def _check_gated_delta_shapes(q, k, v, decay, beta, state):
+    B, T, Hk, Dk = q.shape if q.ndim == 4 else (None,) * 4
+    Hv, Dv = v.shape[-2:]
+    want = {"q": (B, T, Hk, Dk), "k": (B, T, Hk, Dk), "v": (B, T, Hv, Dv), "decay": (B, T, Hv),
+            "beta": (B, T, Hv), "state": (B, Hv, Dv, Dk)}
+    for name, x in zip(want, (q, k, v, decay, beta, state)):
+        if tuple(x.shape) != want[name]:
+            raise ValueError(f"gated_delta: {name} has shape {tuple(x.shape)}, expected "
+                             f"{want[name]} (q, k [B, T, Hk, Dk], v [B, T, Hv, Dv], decay, beta "
+                             f"[B, T, Hv], state [B, Hv, Dv, Dk])")
+    if Hv % Hk:
+        raise ValueError(f"gated_delta: {Hv} value heads are not a multiple of {Hk} key heads")
+
+
+def _gated_delta_forward(fn, q, k, v, decay, beta, state):
+    B, T, Hk, Dk = q.shape
+    Hv, Dv = v.shape[-2:]
+    R = min(Dv, 32)  # simdgroups per head: (32, R) threads
+    y_dtype = mx.result_type(q, k, v)
+    return fn(inputs=[q, k, v, decay, beta, state],
+              template=[("Ty", y_dtype), ("Hk", Hk), ("Hv", Hv), ("Dk", Dk), ("Dv", Dv),
+                        ("R", R), ("CHUNK", GDN_CHUNK)],
+              grid=(32, R, B * Hv), threadgroup=(32, R, 1),
+              output_shapes=[(B, T, Hv, Dv), (B, Hv, Dv, Dk),
+                             (B, Hv, -(-T // GDN_CHUNK), Dv, Dk)],
+              output_dtypes=[y_dtype, mx.float32, mx.float32])
+
+
+def _gated_delta_backward(fn, q, k, v, decay, beta, chunk_states, dy, dstate):
+    B, T, Hk, Dk = q.shape
+    Hv, Dv = v.shape[-2:]
+    # two [R, Dk] float partials in threadgroup memory: R * ceil(Dk / 32) <= 64 keeps 16 KiB
+    R = max(1, min(Dv, 32, 64 // -(-Dk // 32)))
+    f32 = mx.float32
+    dq, dk, dv, ddecay, dbeta, dstate, _ = fn(
+        inputs=[q, k, v, decay, beta, chunk_states, dy, dstate.astype(f32)],
+        template=[("Hk", Hk), ("Hv", Hv), ("Dk", Dk), ("Dv", Dv), ("R", R),
+                  ("CHUNK", GDN_CHUNK)],
+        grid=(32, R, B * Hv), threadgroup=(32, R, 1),
+        output_shapes=[(B, T, Hv, Dk), (B, T, Hv, Dk), v.shape, decay.shape, beta.shape,
+                       (B, Hv, Dv, Dk), (B * Hv, GDN_CHUNK, Dv, Dk)],
+        output_dtypes=[f32] * 7)
+    if Hv != Hk:  # GVA: a key head's gradient sums over the value heads that read it
+        dq, dk = (g.reshape(B, T, Hk, Hv // Hk, Dk).sum(3) for g in (dq, dk))
+    return dq, dk, dv, ddecay, dbeta, dstate
+
+
+GDN_CHECK_SHAPES = [  # B, T, Hk, Hv, Dk, Dv, dtype
+    (1, 5, 2, 6, 24, 20, mx.float32),                # GVA 3:1, T < a chunk, Dk < 32 lanes
+    (2, GDN_CHUNK + 3, 2, 2, 40, 9, mx.float16),     # a partial second chunk, Dk over 32 lanes
+    (1, 1, 1, 2, 8, 40, mx.bfloat16),                # a decode token, Dv over 32 rows
+]
+
+
+def _gated_delta_check_inputs(B, T, Hk, Hv, Dk, Dv, dtype):
+    keys = mx.random.split(mx.random.key(13), 8)
+    q = l2_normalize(mx.random.normal((B, T, Hk, Dk), key=keys[0])) * Dk ** -0.5
+    k = l2_normalize(mx.random.normal((B, T, Hk, Dk), key=keys[1]))
+    v = mx.random.normal((B, T, Hv, Dv), key=keys[2])
+    decay = mx.random.uniform(0.5, 1.0, (B, T, Hv), key=keys[3])
+    beta = mx.random.uniform(0.0, 1.0, (B, T, Hv), key=keys[4])
+    state = mx.random.normal((B, Hv, Dv, Dk), key=keys[5]) / 2
+    dy = mx.random.normal((B, T, Hv, Dv), key=keys[6])
+    dstate = mx.random.normal((B, Hv, Dv, Dk), key=keys[7])
+    return [x.astype(dtype) for x in (q, k, v, decay, beta, state)], dy.astype(dtype), dstate
+
+
+def _check_gated_delta_forward(fn):
+    checks = []
+    for *shape, dtype in GDN_CHECK_SHAPES:
+        args, _, _ = _gated_delta_check_inputs(*shape, dtype)
+        out, ref = _gated_delta_forward(fn, *args), gated_delta_ops(*args, GDN_CHUNK)
+        checks.append(_compare(out[:1], ref[:1], _RTOL[dtype]))
+        checks.append(_compare(out[1:], ref[1:]))  # float32 states
+    return _worst(checks)
+
+
+def _check_gated_delta_backward(fn):
+    checks = []
+    for *shape, dtype in GDN_CHECK_SHAPES:
+        args, dy, dstate = _gated_delta_check_inputs(*shape, dtype)
+        saved = gated_delta_ops(*args, GDN_CHUNK)[2]
+        checks.append(_compare(_gated_delta_backward(fn, *args[:5], saved, dy, dstate),
+                               gated_delta_backward_ops(*args[:5], saved, dy, dstate, GDN_CHUNK)))
+    return _worst(checks)
+
+
+@functools.lru_cache(maxsize=None)
+def _gated_delta_function(use_kernel: bool):
+    """The op as an mx.custom_function: the forward returns the chunk states too (the third
+    output, dropped by gated_delta), which is all its VJP needs. Metal forward / backward where
+    each passed its self-check, else the ops."""
+
+    @mx.custom_function
+    def op(q, k, v, decay, beta, state):
+        fwd = KERNELS["gated_delta"]
+        if use_kernel and fwd.ready():
+            return tuple(_gated_delta_forward(fwd, q, k, v, decay, beta, state))
+        return gated_delta_ops(q, k, v, decay, beta, state, GDN_CHUNK)
+
+    @op.vjp
+    def op_vjp(primals, cotangents, outputs):
+        dy, dstate, _ = cotangents
+        bwd = KERNELS["gated_delta_backward"]
+        if use_kernel and bwd.ready():
+            grads = _gated_delta_backward(bwd, *primals[:5], outputs[2], dy, dstate)
+        else:
+            grads = gated_delta_backward_ops(*primals[:5], outputs[2], dy, dstate, GDN_CHUNK)
+        return tuple(g.astype(p.dtype) for g, p in zip(grads, primals))
+
+    return op
+
+
+def gated_delta(q, k, v, decay, beta, state, use_kernel=True):
+    """The Gated DeltaNet recurrence (gdn_math's equations) for a chunk of T >= 1 tokens, with
+    its own VJP: the backward keeps one state per GDN_CHUNK tokens and recomputes inside a chunk.
+    q (L2-normalised, times Dk^-1/2), k (L2-normalised) [B, T, Hk, Dk]; v [B, T, Hv, Dv];
+    decay, beta [B, T, Hv]; state [B, Hv, Dv, Dk]; Hk divides Hv (GVA). Gates and state are
+    float32 inside whatever their dtype. Returns (y [B, T, Hv, Dv] in the dtype of q, k, v,
+    new state float32). use_kernel=False: the ops path even where Metal runs."""
+    _check_gated_delta_shapes(q, k, v, decay, beta, state)
+    if use_kernel:
+        KERNELS["gated_delta"].ready()  # first use (build, self-check) outside the transform
+    y, state, _ = _gated_delta_function(bool(use_kernel))(q, k, v, decay, beta, state)
+    return y, state
+
+
+def gated_delta_update(q, k, v, a, b, A_log, dt_bias, state=None, mask=None, use_kernel=True):
+    """Drop-in for mlx_lm.models.gated_delta.gated_delta_update (scalar gates), on our op:
+    decay and beta from the raw a, b in float32. Tokens where mask [B, T] is False leave the
+    state untouched (decay 1, beta 0; y there is S q of the untouched state)."""
+    if state is None:
+        state = mx.zeros((q.shape[0], v.shape[2], v.shape[3], q.shape[3]), dtype=mx.float32)
+    decay, beta = decay_and_beta(a, b, A_log, dt_bias)
+    if mask is not None:
+        mask = mask[..., None]
+        decay, beta = mx.where(mask, decay, 1.0), mx.where(mask, beta, 0.0)
+    return gated_delta(q, k, v, decay, beta, state, use_kernel)
+
+
 # ------------------------------------------------------------------------------ registry
 
 KERNELS = {k.name: k for k in (
@@ -307,6 +488,13 @@ KERNELS = {k.name: k for k in (
     Kernel("dynamic_conv_backward", "dynamic_conv_backward.metal", ["common.h", "dynamic_conv.h"],
            ["x", "conv_state", "kern", "dy", "dstate"], ["dx", "dconv_state", "dkern"],
            _check_conv_backward),
+    Kernel("gated_delta", "gated_delta.metal", ["common.h", "gated_delta.h"],
+           ["q", "k", "v", "decay", "beta", "state_in"], ["y", "state_out", "chunk_states"],
+           _check_gated_delta_forward),
+    Kernel("gated_delta_backward", "gated_delta_backward.metal", ["common.h", "gated_delta.h"],
+           ["q", "k", "v", "decay", "beta", "chunk_states", "dy", "dstate"],
+           ["dq_out", "dk_out", "dv_out", "ddecay", "dbeta", "dstate_in", "scratch"],
+           _check_gated_delta_backward),
     Kernel("gdn_step", "gdn_step.metal", ["common.h"],
            ["q", "k", "v", "gate", "a_in", "b_in", "A_log", "dt_bias", "state_in", "weight", "eps"],
            ["y", "state_out"], _check_gdn_step),

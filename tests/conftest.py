@@ -8,6 +8,15 @@ import mlx_sleep  # noqa: E402,F401  (before any test imports mlx.core: loads th
 
 def pytest_terminal_summary(terminalreporter):
     from tests.parity import TABLES
+    from tests.test_kernel_mutants import RESULTS as MUTANTS
+
+    if MUTANTS:
+        killed = sum(v != "SURVIVED" for v in MUTANTS.values())
+        by_check = sum(v.startswith("self-check") for v in MUTANTS.values())
+        terminalreporter.write_sep("-", f"kernel mutants: {killed}/{len(MUTANTS)} killed "
+                                        f"({by_check} by the first-use self-check)")
+        for name, killer in MUTANTS.items():
+            terminalreporter.write_line(f"{name}: {killer}")
 
     for name, measured in TABLES.items():
         if measured:

@@ -78,6 +78,29 @@ def gdn(layer, x, conv_inputs=None, S=None, jet=False):
     return linear(layer.o_proj, o.reshape(B, T, -1)), S
 
 
+def delta_rule(q, k, v, decay, beta, S):
+    """The recurrence alone, per token and head: S = a S (I - b k k^T) + b v k^T, y = S q.
+    q, k [B, T, Hk, Dk] (already normalised), v [B, T, Hv, Dv], decay, beta [B, T, Hv],
+    S [B, Hv, Dv, Dk]; computes in the inputs' dtype (float64 for a reference)."""
+    B, T, Hk, Dk = q.shape
+    Hv = v.shape[2]
+    eye = mx.eye(Dk, dtype=S.dtype)
+    ys = []
+    for t in range(T):
+        y_t, S_new = [], []
+        for h in range(Hv):
+            kh = h // (Hv // Hk)
+            a, b = decay[:, t, h, None, None], beta[:, t, h, None, None]
+            kt = k[:, t, kh]
+            Sh = a * (S[:, h] @ (eye - b * (kt[:, :, None] * kt[:, None, :]))) \
+                + b * (v[:, t, h][:, :, None] * kt[:, None, :])
+            S_new.append(Sh)
+            y_t.append((Sh @ q[:, t, kh][:, :, None])[..., 0])
+        S = mx.stack(S_new, axis=1)
+        ys.append(mx.stack(y_t, axis=1))
+    return mx.stack(ys, axis=1), S
+
+
 def rotate_half_rope(x, positions, theta):
     """x [B, H, T, D]; non-interleaved RoPE (rotate_half) at the given absolute positions."""
     D = x.shape[-1]

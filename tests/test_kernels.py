@@ -17,6 +17,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_sleep import kernels
+from mlx_sleep.gdn_math import GDN_CHUNK
 from tests.metal_emulator import metal_kernel
 
 TOL = {mx.float32: 1e-5, mx.float16: 1e-2, mx.bfloat16: 6e-2}
@@ -206,6 +207,68 @@ def test_gdn_step_gradient_uses_ops_vjp(emulated):
     g = mx.grad(lambda q, S: loss(kernels.gdn_step, q, S), argnums=(0, 1))(args[0], args[7])
     g_ops = mx.grad(lambda q, S: loss(kernels.gdn_step_ops, q, S), argnums=(0, 1))(args[0], args[7])
     assert all(max_diff(a, b) < 1e-5 for a, b in zip(g, g_ops))
+
+
+# ------------------------------------------------------------------ the GDN recurrence
+
+GATED_DELTA_CASES = [  # B, T, Hk, Hv, Dk, Dv, gates
+    (1, GDN_CHUNK + 9, 3, 3, 24, 64, "mixed"),  # Jet-2B (12 x Dk 96 x Dv 256) scaled down
+    (2, 7, 1, 4, 40, 12, "mixed"),              # GVA 4:1, T < a chunk, Dk over 32 lanes
+    (1, 2 * GDN_CHUNK, 2, 4, 8, 6, "mixed"),    # GVA 2:1, chunks exactly full
+    (1, 13, 1, 2, 16, 8, "decay near 0"),
+    (1, GDN_CHUNK + 1, 1, 2, 16, 8, "decay near 1"),
+    (1, 9, 1, 2, 16, 40, "beta near 1, repeated keys"),  # Dv over 32 rows
+]
+
+
+def gated_delta_vjps(fn, args, passes=1, seed=30):
+    """Gradients of <y_1, dy_1> + ... + <y_N, dy_N> + <S_N, dS> w.r.t. the six inputs, for N
+    chained passes over the same tokens (each starts from the last one's state, as in sleep)."""
+    def run(q, k, v, decay, beta, state):
+        ys = []
+        for _ in range(passes):
+            y, state = fn(q, k, v, decay, beta, state)
+            ys.append(y)
+        return mx.stack(ys), state
+
+    ys, S = run(*args)
+    cot = [randn(ys.shape, seed, ys.dtype), randn(S.shape, seed + 1, S.dtype)]
+    return [ys, S], mx.vjp(run, list(args), cot)[1]
+
+
+@pytest.mark.parametrize("case", GATED_DELTA_CASES, ids=lambda c: f"{c[:6]}-{c[6]}")
+def test_gated_delta_kernels(emulated, case):
+    from tests.naive import delta_rule
+    from tests.test_gated_delta import recurrence_inputs
+
+    args = recurrence_inputs(*case)
+    passes = 3 if case[-1] == "mixed" and case[-2] < 64 else 1  # N chained passes
+    (ys, S), grads = gated_delta_vjps(kernels.gated_delta, args, passes)
+    (ys_ops, S_ops), grads_ops = gated_delta_vjps(
+        lambda *a: kernels.gated_delta(*a, use_kernel=False), args, passes)
+    y_ref, S_ref = delta_rule(*(a.astype(mx.float64) for a in args))
+    assert max_diff(ys, ys_ops) < 1e-5 and max_diff(S, S_ops) < 1e-5
+    assert max_diff(ys[0], y_ref) < 1e-5 and (passes > 1 or max_diff(S, S_ref) < 1e-5)
+    for name, g, g_ops in zip(("q", "k", "v", "decay", "beta", "state"), grads, grads_ops):
+        assert g.shape == g_ops.shape and g.dtype == g_ops.dtype, name
+        assert max_diff(g, g_ops) < 1e-5 * max(1.0, mx.abs(g_ops).max().item()), name
+    assert kernels.KERNELS["gated_delta"].status.startswith("ok")
+    assert kernels.KERNELS["gated_delta_backward"].status.startswith("ok")
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+def test_gated_delta_kernels_half(emulated, dtype):
+    from tests.test_gated_delta import recurrence_inputs
+
+    args = [a.astype(dtype) for a in recurrence_inputs(1, GDN_CHUNK + 4, 1, 2, 24, 16)]
+    (ys, S), grads = gated_delta_vjps(kernels.gated_delta, args)
+    (ys_ops, S_ops), grads_ops = gated_delta_vjps(
+        lambda *a: kernels.gated_delta(*a, use_kernel=False), args)
+    assert ys.dtype == dtype and S.dtype == mx.float32
+    assert max_diff(ys, ys_ops) < TOL[dtype] and max_diff(S, S_ops) < 1e-5
+    for g, g_ops in zip(grads, grads_ops):  # float32 inside: differ by the final rounding only
+        assert g.dtype == dtype
+        assert max_diff(g, g_ops) < TOL[dtype] * max(1.0, mx.abs(g_ops).max().item())
 
 
 # ------------------------------------------------------------------ through the layers

@@ -296,16 +296,61 @@ def test_barrier_makes_neighbour_exchange_correct():
     np.testing.assert_array_equal(out, ref)
 
 
-def test_missing_barrier_gives_wrong_answer():
+def test_missing_barrier_gives_wrong_answer(monkeypatch):
     # thread i reads what thread i+1 wrote; without the barrier it reads
-    # threadgroup memory that was not written yet (NaN garbage).
+    # threadgroup memory that was not written yet (NaN garbage) in one schedule
+    # and the right value in another: every launch runs several schedules and
+    # their outputs must agree bitwise.
+    with pytest.raises(MetalEmulatorRuntimeError, match="depends on the order in which threads run"):
+        _neighbour("")
+    x = np.random.default_rng(3).standard_normal(2 * 256).astype(np.float32)
+    with pytest.raises(MetalEmulatorRuntimeError, match="depends on the order"):
+        _reduce("", x)
+    # one schedule (lowest thread index first): the answer itself is wrong
+    monkeypatch.setenv("MLX_METAL_EMULATOR_SCHEDULES", "1")
     out, ref = _neighbour("")
     assert not np.array_equal(out, ref)
     assert np.isnan(out).any()
-    # a tree reduction without the barrier inside its loop is wrong as well
-    x = np.random.default_rng(3).standard_normal(2 * 256).astype(np.float32)
     racy = _reduce("", x)
     assert not np.allclose(racy, x.reshape(2, 256).sum(1), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("flags", ["mem_flags::mem_none", "mem_flags::mem_device"])
+def test_barrier_without_threadgroup_flag_does_not_order_threadgroup_memory(flags):
+    # an execution barrier whose flags leave out mem_threadgroup: on a GPU the
+    # neighbour's write need not be visible; here it never is (NaN), whatever the schedule
+    out, ref = _neighbour(f"threadgroup_barrier({flags});")
+    assert np.isnan(out).all()
+    both = _neighbour(f"threadgroup_barrier({flags} | mem_flags::mem_threadgroup);")
+    np.testing.assert_array_equal(*both)
+
+
+def test_schedules_differ_and_a_race_is_reported(monkeypatch):
+    # every thread writes its index to one threadgroup variable: which write lands last
+    # depends on the schedule (0: lowest index first, 1: highest first, 2+: random)
+    src = """
+        threadgroup uint last;
+        last = thread_index_in_threadgroup;
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        out[thread_position_in_grid.x] = last;
+    """
+    k = metal_kernel("last_writer", ["inp"], ["out"], src)
+    args = dict(inputs=[np.zeros(1, np.float32)], grid=(64, 1, 1), threadgroup=(64, 1, 1),
+                output_shapes=[(64,)], output_dtypes=[mx.uint32])
+    with pytest.raises(MetalEmulatorRuntimeError, match="output 'out' depends on the order"):
+        k(**args)
+    monkeypatch.setenv("MLX_METAL_EMULATOR_SCHEDULES", "1")
+    assert (np.array(k(**args)[0]) == 63).all()
+
+
+def test_out_of_bounds_read_gives_nan():
+    k = metal_kernel("oob_read", ["inp"], ["out"],
+                     "out[thread_position_in_grid.x] = inp[thread_position_in_grid.x + 1];")
+    (out,) = k(inputs=[np.arange(4, dtype=np.float32)], grid=(4, 1, 1), threadgroup=(4, 1, 1),
+               output_shapes=[(4,)], output_dtypes=[mx.float32])
+    out = np.array(out)
+    np.testing.assert_array_equal(out[:3], [1, 2, 3])
+    assert np.isnan(out[3])  # the guard region after the input
 
 
 def test_divergent_collectives_and_deadlock_are_reported():

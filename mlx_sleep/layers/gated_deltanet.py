@@ -5,10 +5,10 @@ Per head, with a_t (decay) and b_t (write strength) in (0, 1) computed from the 
     S_t = a_t S_{t-1} (I - b_t k_t k_t^T) + b_t v_t k_t^T        S: [Dv, Dk]
     o_t = S_t q_t
 
-State layout follows MLX core: S [B, Hv, Dv, Dk]. The recurrence runs through
-`mx.fast.gated_delta_update` (Metal forward and backward kernels on Apple silicon, an ops
-fallback elsewhere); a decode token (T == 1) takes one fused launch instead (`kernels.gdn_step`,
-with this same math as its fallback). Key heads may be fewer than value heads (GVA): value head h
+State layout follows MLX core: S [B, Hv, Dv, Dk]. The recurrence of a chunk runs through our op
+`kernels.gated_delta` (gates, decay and S in float32 whatever the model's dtype; a backward that
+keeps one state per chunk of tokens); a decode token (T == 1) takes one fused launch instead
+(`kernels.gdn_step`, with this same math as its fallback). Key heads may be fewer than value heads (GVA): value head h
 reads key head h // (Hv / Hk).
 
 State: {"conv": [B, W-1, C] raw (pre-conv) inputs of the last W-1 tokens, "S": fast weights}.
@@ -96,7 +96,7 @@ class GatedDeltaNet(nn.Module):
         q = l2_normalize(q) * self.head_k_dim ** -0.5
         k = l2_normalize(k)
         decay, beta = decay_and_beta(self.a_proj(x), self.b_proj(x), self.A_log, self.dt_bias)
-        o, S = mx.fast.gated_delta_update(q, k, v, decay, beta, state["S"])
+        o, S = kernels.gated_delta(q, k, v, decay, beta, state["S"])
         o = self.o_norm(o) * nn.silu(gate)
         return self.o_proj(o.reshape(B, T, -1)), {"conv": conv_state, "S": S}
 

@@ -43,8 +43,9 @@ function, as C++20:
   larger than 1024 threads is rejected as MLX does.
 * outputs are filled with ``init_value`` when given; otherwise with 0xFF
   bytes (NaN for floats, -1 for ints), so an element a kernel forgets to
-  write is visible.  64 guard bytes on each side of every output detect
-  writes out of bounds.
+  write is visible.  Guard bytes on each side of every output detect
+  writes out of bounds; array inputs are copied between 0xFF guard regions, so an
+  out-of-bounds read gives NaN (or -1). Guards are 4x the buffer (64 KiB to 4 MiB).
 
 ``verbose=True`` prints the Metal source MLX would generate.
 
@@ -70,8 +71,16 @@ interleave: a fiber runs until it reaches ``threadgroup_barrier``,
 ``simdgroup_barrier`` or a SIMD collective and resumes when every live
 thread of that scope has arrived.  Threadgroup memory is shared per group and
 filled with 0xFF bytes at the start of each group, so a kernel that reads
-data produced by other threads without a barrier reads NaN / garbage
-(the schedule is deterministic: lowest thread index first).  SIMD groups are
+data produced by other threads without a barrier reads NaN / garbage.
+Every launch runs under ``$MLX_METAL_EMULATOR_SCHEDULES`` thread schedules
+(default 3): lowest thread index first, highest first, then random orders
+that also hold back one random simdgroup per barrier phase until no other
+thread can run (a slow warp).  Their outputs must agree bitwise (except with
+``atomic_outputs``), else ``MetalEmulatorRuntimeError``: a missing barrier
+or a race fails deterministically.  Memory flags are honoured for
+threadgroup memory: a kernel with a barrier whose flags lack
+``mem_threadgroup`` runs with a private view of threadgroup memory per
+thread, which only barriers with that flag publish and refresh.  SIMD groups are
 32 lanes (``thread_index_in_threadgroup / 32``); lanes exchange values
 through a per-simdgroup scratch area.  Threadgroups are distributed over
 ``$MLX_METAL_EMULATOR_WORKERS`` OS threads (default: up to 2), so device
@@ -146,7 +155,28 @@ _CXXFLAGS = [
 ]
 
 _MAX_CONSTANT_ARRAY_SIZE = 8  # MLX: smaller inputs go to the constant space
-_GUARD = 64
+# Guard regions around every buffer, four times as large as the buffer (at least 64 KiB, at most
+# 4 MiB), so that an index overrun by whole rows or tokens still lands in them: around outputs 0xA5 (a
+# write there is reported), around array inputs 0xFF (a read there gives NaN / -1).
+
+
+def _guard(nbytes: int) -> int:
+    return max(1 << 16, min(4 * nbytes, 1 << 22))
+
+_BARRIER = re.compile(r"\b(?:threadgroup|simdgroup)_barrier\s*\(([^()]*(?:\([^()]*\))?[^()]*)\)")
+
+
+def _schedules() -> int:
+    """How many thread schedules every launch runs (their outputs must agree bitwise)."""
+    return max(1, int(os.environ.get("MLX_METAL_EMULATOR_SCHEDULES", 3)))
+
+
+def _needs_private_threadgroup_memory(text: str) -> bool:
+    """A kernel with threadgroup memory and a barrier that does not order it (no
+    mem_threadgroup flag) runs with per-thread views of threadgroup memory."""
+    blank = _blank_comments(text)
+    return bool(_TG_DECL.search(blank)) and any(
+        "mem_threadgroup" not in m.group(1) for m in _BARRIER.finditer(blank))
 
 
 class MetalEmulatorError(RuntimeError):
@@ -458,6 +488,8 @@ def _runtime():
                 ctypes.POINTER(ctypes.c_long),
                 ctypes.c_int,
                 ctypes.c_long,
+                ctypes.c_int,
+                ctypes.c_int,
                 ctypes.c_char_p,
                 ctypes.c_int,
             ]
@@ -743,16 +775,34 @@ class EmulatedMetalKernel:
 
         tu = self._translation_unit(ins, out_dts, template)
         _, body_fn = _compile(tu, self.name, self.header, self.source)
-        launch = _runtime()[2]
 
+        private_tg = _needs_private_threadgroup_memory(self.header + "\n" + self.source)
+        runs = [self._launch(body_fn, ins, output_shapes, out_dts, grid, tg, init_value,
+                             schedule, private_tg) for schedule in range(_schedules())]
+        if not self.atomic_outputs:  # atomics may legitimately add in any order
+            for schedule, outs in enumerate(runs[1:], 1):
+                for a, b, n in zip(runs[0], outs, self.output_names):
+                    if not np.array_equal(np.array(a.view(_bits(a.dtype))),
+                                          np.array(b.view(_bits(b.dtype)))):
+                        raise MetalEmulatorRuntimeError(
+                            f"metal_emulator: kernel '{self.name}': output '{n}' depends on "
+                            f"the order in which threads run (schedule 0 vs {schedule}): a "
+                            f"missing barrier, or threads racing on the same memory")
+        return runs[0]
+
+    def _launch(self, body_fn, ins, output_shapes, out_dts, grid, tg, init_value, schedule,
+                private_tg):
+        """One run of the grid under one thread schedule; returns the outputs."""
+        launch = _runtime()[2]
         # outputs with guard bytes on both sides
         outs = []
         for shape, dt in zip(output_shapes, out_dts):
             shape = tuple(int(s) for s in shape)
             np_dt = np.dtype(_DTYPES[dt][1])
             count = int(np.prod(shape, dtype=np.int64))
-            raw = np.empty(count * np_dt.itemsize + 2 * _GUARD + 64, dtype=np.uint8)
-            off = (-raw.ctypes.data) % 64 + _GUARD
+            nbytes = count * np_dt.itemsize
+            raw = np.empty(nbytes + 2 * _guard(nbytes) + 64, dtype=np.uint8)
+            off = (-raw.ctypes.data) % 64 + _guard(nbytes)
             raw[:] = 0xA5
             body = raw[off:off + count * np_dt.itemsize]
             if init_value is None:
@@ -766,9 +816,21 @@ class EmulatedMetalKernel:
 
         ptrs: list[int] = []
         keep: list[Any] = []
+        guarded = []
         for x, info in zip(ins, self.shape_infos):
-            ptrs.append(x.arr.ctypes.data)
-            keep.append(x.arr)
+            if x.ndim > 0 and x.arr.flags.c_contiguous:
+                # a copy between 0xFF guard bytes: an out-of-bounds read gives NaN (floats) or
+                # -1 (ints), which the comparison with a reference then shows
+                nbytes = x.arr.nbytes
+                raw = np.full(nbytes + 2 * _guard(nbytes) + 64, 0xFF, dtype=np.uint8)
+                off = (-raw.ctypes.data) % 64 + _guard(nbytes)
+                raw[off:off + nbytes] = x.arr.reshape(-1).view(np.uint8)
+                guarded.append((raw, off, nbytes))
+                ptrs.append(raw.ctypes.data + off)
+                keep.append(raw)
+            else:
+                ptrs.append(x.arr.ctypes.data)
+                keep.append(x.arr)
             if x.ndim > 0:
                 if info[0]:
                     ptrs.append(x.shape.ctypes.data)
@@ -784,7 +846,14 @@ class EmulatedMetalKernel:
                                      min(2, os.cpu_count() or 1)))
         stack = int(os.environ.get("MLX_METAL_EMULATOR_STACK", 256 * 1024))
         err = ctypes.create_string_buffer(4096)
-        rc = launch(body_fn, argv, dims, workers, stack, err, len(err))
+        rc = launch(body_fn, argv, dims, workers, stack, schedule, int(private_tg), err,
+                    len(err))
+        for (raw, off, nbytes), n in zip(guarded, [n for x, n in zip(ins, self.input_names)
+                                                   if x.ndim > 0 and x.arr.flags.c_contiguous]):
+            if (raw[:off] != 0xFF).any() or (raw[off + nbytes:] != 0xFF).any():
+                raise MetalEmulatorRuntimeError(
+                    f"metal_emulator: kernel '{self.name}' wrote outside the bounds of "
+                    f"input '{n}'")
         del keep
         if rc != 0:
             raise MetalEmulatorRuntimeError(
@@ -805,6 +874,10 @@ class EmulatedMetalKernel:
                 a = a.view(mx.bfloat16)
             results.append(a)
         return results
+
+
+def _bits(dt: mx.Dtype) -> mx.Dtype:
+    return {1: mx.uint8, 2: mx.uint16, 4: mx.uint32, 8: mx.uint64}[dt.size]
 
 
 def metal_kernel(name: str, input_names: Sequence[str], output_names: Sequence[str],

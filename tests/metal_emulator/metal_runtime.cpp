@@ -5,6 +5,7 @@
 #include "metal_shim.h"
 
 #include <mutex>
+#include <numeric>
 #include <thread>
 
 namespace mtl_rt {
@@ -21,6 +22,10 @@ struct Fiber {
   ucontext_t ctx;
   FiberState state;
   Attrs attrs;
+  // private threadgroup-memory mode: this thread's view of the arena, and the arena as it was
+  // when the view was last refreshed (a byte that differs was written by this thread)
+  unsigned char* view = nullptr;
+  unsigned char* snap = nullptr;
 };
 
 struct SimdGroup {
@@ -55,6 +60,8 @@ struct GroupCtx {
   std::string error;
   BodyFn body = nullptr;
   void** args = nullptr;
+  bool private_tg = false;
+  std::vector<unsigned char> views;  // private mode: 2 x 32 KiB per thread
 
   ~GroupCtx() {
     if (stacks) munmap(stacks, stacks_bytes);
@@ -108,12 +115,30 @@ static void release_sg(GroupCtx* g, int sgi) {
     if (g->fibers[i].state == WAIT_SG) g->fibers[i].state = READY;
 }
 
-void tg_barrier() {
+// Private threadgroup-memory mode (a kernel with a barrier whose flags lack mem_threadgroup):
+// a thread's threadgroup writes reach the other threads only through a barrier that has the
+// flag -- published when the writer arrives, read by every thread when it leaves.
+static void publish_view(GroupCtx* g, Fiber& f) {
+  for (size_t i = 0; i < g->arena_used; ++i)
+    if (f.view[i] != f.snap[i]) g->arena[i] = f.view[i];
+}
+
+static void refresh_view(GroupCtx* g, Fiber& f) {
+  std::memcpy(f.view, g->arena, g->arena_used);
+  std::memcpy(f.snap, g->arena, g->arena_used);
+}
+
+static constexpr unsigned kMemThreadgroup = 2;  // metal::mem_flags::mem_threadgroup
+
+void tg_barrier(unsigned flags) {
   GroupCtx* g = tl_group;
   Fiber& f = g->fibers[g->cur];
+  const bool sync_memory = g->private_tg && (flags & kMemThreadgroup);
+  if (sync_memory) publish_view(g, f);
   f.state = WAIT_TG;
   if (++g->tg_arrived == g->alive) release_tg(g);
   if (f.state != READY) block_current();
+  if (sync_memory) refresh_view(g, f);
 }
 
 static const char* kind_name(int kind) {
@@ -162,9 +187,13 @@ const unsigned char* sg_exchange(int kind, const void* src, size_t bytes,
   return s.slots[buf];
 }
 
-void sg_barrier() {
+void sg_barrier(unsigned flags) {
+  GroupCtx* g = tl_group;
+  const bool sync_memory = g->private_tg && (flags & kMemThreadgroup);
+  if (sync_memory) publish_view(g, g->fibers[g->cur]);
   unsigned lane, mask;
   sg_exchange(1000, nullptr, 0, &lane, &mask);
+  if (sync_memory) refresh_view(g, g->fibers[g->cur]);
 }
 
 void* tg_slot(int slot, size_t bytes, size_t align) {
@@ -179,6 +208,15 @@ void* tg_slot(int slot, size_t bytes, size_t align) {
     }
     p = g->arena + off;
     g->arena_used = off + bytes;
+    if (g->private_tg) {  // a new variable: garbage in every thread's view too
+      for (int i = 0; i < g->nthreads; ++i) {
+        std::memset(g->fibers[i].view + off, 0xFF, bytes);
+        std::memset(g->fibers[i].snap + off, 0xFF, bytes);
+      }
+    }
+  }
+  if (g->private_tg) {
+    return g->fibers[g->cur].view + (static_cast<unsigned char*>(p) - g->arena);
   }
   return p;
 }
@@ -211,6 +249,8 @@ static const char* state_name(FiberState s) {
 struct Launch {
   BodyFn body;
   void** args;
+  int schedule = 0;  // 0: lowest thread index first, 1: highest first, >= 2: random (seed)
+  bool private_tg = false;
   long grid[3], tg[3], ngroups[3];
   size_t stack_size;
   std::atomic<long> next{0};
@@ -283,14 +323,50 @@ static bool run_group(GroupCtx& g, Launch& L, long gid) {
     makecontext(&f.ctx, fiber_main, 0);
     f.state = READY;
   }
+  g.private_tg = L.private_tg;
+  if (g.private_tg) {
+    g.views.resize(size_t(n) * 2 * kMaxThreadgroupMemory);
+    for (int i = 0; i < n; ++i) {
+      g.fibers[i].view = g.views.data() + size_t(i) * 2 * kMaxThreadgroupMemory;
+      g.fibers[i].snap = g.fibers[i].view + kMaxThreadgroupMemory;
+    }
+  }
+  // the order in which runnable threads get the CPU: a kernel whose result depends on it has
+  // a race (emulator.py compares the outputs of several schedules)
+  std::vector<int> order(n);
+  std::iota(order.begin(), order.end(), 0);
+  if (L.schedule == 1) std::reverse(order.begin(), order.end());
+  uint64_t rng = 0x9E3779B97F4A7C15ull * uint64_t(L.schedule * 1000003L + gid + 1);
+  auto next_random = [&rng]() {
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return rng;
+  };
+  // random schedules also hold back one simdgroup per barrier phase (a slow warp) until no
+  // other thread can run: it then reads threadgroup memory the others already moved past
+  const bool random = L.schedule >= 2;
+  int slow_sg = random ? int(next_random() % uint64_t(nsg)) : -1;
+  uint64_t phase = g.tg_gen;
   tl_group = &g;
   while (g.alive > 0) {
     bool progressed = false;
-    for (int i = 0; i < n && !g.aborted; ++i) {
-      if (g.fibers[i].state != READY) continue;
-      g.cur = i;
-      swapcontext(&g.sched, &g.fibers[i].ctx);
-      progressed = true;
+    if (random) {
+      for (int j = n - 1; j > 0; --j) std::swap(order[j], order[next_random() % (j + 1)]);
+    }
+    for (int pass = 0; pass < (random ? 2 : 1) && !progressed; ++pass) {
+      for (int k = 0; k < n && !g.aborted; ++k) {
+        const int i = order[k];
+        if (g.fibers[i].state != READY) continue;
+        if (random && (i / 32 == slow_sg) != (pass == 1)) continue;
+        g.cur = i;
+        swapcontext(&g.sched, &g.fibers[i].ctx);
+        progressed = true;
+      }
+    }
+    if (random && g.tg_gen != phase) {
+      phase = g.tg_gen;
+      slow_sg = int(next_random() % uint64_t(nsg));
     }
     if (g.aborted) break;
     if (!progressed) {
@@ -349,11 +425,13 @@ static void worker(Launch& L, long total, int tgsize) {
 } // namespace mtl_rt
 
 extern "C" int mtl_launch(mtl_rt::BodyFn body, void** args, const long* dims,
-                          int nworkers, long stack_size, char* err,
-                          int errlen) {
+                          int nworkers, long stack_size, int schedule, int private_tg,
+                          char* err, int errlen) {
   mtl_rt::Launch L;
   L.body = body;
   L.args = args;
+  L.schedule = schedule;
+  L.private_tg = private_tg != 0;
   long total = 1;
   for (int d = 0; d < 3; ++d) {
     L.grid[d] = dims[d];

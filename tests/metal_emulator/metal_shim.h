@@ -11,7 +11,8 @@
 //   * a fiber runs until it blocks on a synchronisation point
 //     (threadgroup_barrier, simdgroup_barrier or any simd_* / quad_*
 //     collective) and is resumed when every live thread of its scope has
-//     arrived;  the schedule is deterministic (lowest thread index first);
+//     arrived;  the order is one of several schedules (metal_runtime.cpp),
+//     each deterministic, whose outputs emulator.py compares;
 //   * threadgroup memory is a per-group arena filled with 0xFF bytes (NaN for
 //     floats, -1 for ints) at the start of every group, so reading
 //     threadgroup memory that no thread wrote in an earlier barrier phase
@@ -40,8 +41,8 @@
 namespace mtl_rt {
 struct GroupCtx;
 void* tg_slot(int slot, size_t bytes, size_t align);
-void tg_barrier();
-void sg_barrier();
+void tg_barrier(unsigned flags);
+void sg_barrier(unsigned flags);
 // Publish `bytes` of `src` for this lane and return a pointer to the 32 lane
 // slots of the current simd collective (`kind` identifies the collective for
 // divergence checks).
@@ -716,12 +717,12 @@ enum class mem_flags : unsigned {
 inline mem_flags operator|(mem_flags a, mem_flags b) {
   return mem_flags(unsigned(a) | unsigned(b));
 }
-inline void threadgroup_barrier(mem_flags = mem_flags::mem_none) {
+inline void threadgroup_barrier(mem_flags flags = mem_flags::mem_none) {
   std::atomic_thread_fence(std::memory_order_seq_cst);
-  mtl_rt::tg_barrier();
+  mtl_rt::tg_barrier(unsigned(flags));
 }
-inline void simdgroup_barrier(mem_flags = mem_flags::mem_none) {
-  mtl_rt::sg_barrier();
+inline void simdgroup_barrier(mem_flags flags = mem_flags::mem_none) {
+  mtl_rt::sg_barrier(unsigned(flags));
 }
 inline void atomic_thread_fence(mem_flags = mem_flags::mem_none, memory_order = memory_order_seq_cst,
                                 thread_scope = thread_scope::thread_scope_device) {
