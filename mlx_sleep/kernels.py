@@ -467,13 +467,19 @@ def gated_delta(q, k, v, decay, beta, state, use_kernel=True):
     return y, state
 
 
-def gated_delta_update(q, k, v, a, b, A_log, dt_bias, state=None, mask=None, use_kernel=True):
+def gated_delta_update(q, k, v, a, b, A_log, dt_bias, state=None, mask=None, *,
+                       use_kernel=True, lower_bound=None, allow_neg_eigval=False):
     """Drop-in for mlx_lm.models.gated_delta.gated_delta_update (scalar gates), on our op:
-    decay and beta from the raw a, b in float32. Tokens where mask [B, T] is False leave the
-    state untouched (decay 1, beta 0; y there is S q of the untouched state)."""
+    decay and beta from the raw a, b in float32 (beta in [0, 2] with `allow_neg_eigval`, as
+    OLMo Hybrid). Tokens where mask [B, T] is False leave the state untouched (decay 1, beta 0;
+    y there is S q of the untouched state). The mlx-lm adapters route their GDN layers here."""
+    if lower_bound is not None:
+        raise ValueError("lower-bounded gates (Kimi Delta Attention) are not supported")
     if state is None:
         state = mx.zeros((q.shape[0], v.shape[2], v.shape[3], q.shape[3]), dtype=mx.float32)
     decay, beta = decay_and_beta(a, b, A_log, dt_bias)
+    if allow_neg_eigval:
+        beta = beta * 2.0
     if mask is not None:
         mask = mask[..., None]
         decay, beta = mx.where(mask, decay, 1.0), mx.where(mask, beta, 0.0)

@@ -144,3 +144,24 @@ def test_trainer_trains_a_converted_jet_nemotron_with_sleep(tmp_path):
     reloaded, _, _, _ = load_run(str(tmp_path))
     ids = mx.array([[1, 2, 3, 4]])
     assert float(mx.abs(reloaded(ids) - t.model(ids)).max()) == 0.0
+
+
+@pytest.mark.parametrize("name", list(ADAPTERS))
+def test_adapters_run_their_gdn_layers_through_our_op(name, monkeypatch):
+    from mlx_sleep import kernels
+
+    model = tiny_model(name)
+    ids, _, _ = batch(model)
+    want = model(ids)
+    calls = []
+
+    def spy(*args, **kw):
+        calls.append(args[0].shape)
+        return real(*args, **kw)
+
+    real = kernels.gated_delta
+    monkeypatch.setattr(kernels, "gated_delta", spy)
+    got = model(ids)
+    n_gdn = ADAPTERS[name]["layer_types"].count(L)
+    assert len(calls) == n_gdn
+    assert float(mx.abs(got - want).max()) == 0.0

@@ -29,6 +29,7 @@ from typing import Optional, Tuple
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .. import kernels
 from ..config import ConfigError, ModelConfigBase
 from ..gdn_math import evict_conv
 from ..layers.attention import attention_mask, evict_kv
@@ -185,6 +186,10 @@ def _mlx_lm_model(config: AdapterConfig):
     """The mlx-lm text model for `config`, with layer kinds as `layer_types` says."""
     arch = ARCHS[config.model_type]
     module = _mlx_lm_module(arch.module)
+    # mlx-lm's GDN layers call the module's `gated_delta_update`: route it through our op (every
+    # shape, float32 gates and state, a chunked backward; docs/kernels.md). Same math and
+    # signature, so anything else using this mlx-lm module in the process gets the same numbers.
+    module.gated_delta_update = kernels.gated_delta_update
     if arch.wrapper is not None:
         _mlx_lm_module(arch.wrapper.rsplit(".", 1)[0])
     args_cls = module.TextModelArgs if arch.model_class == "TextModel" else module.ModelArgs
