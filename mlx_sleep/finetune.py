@@ -181,15 +181,21 @@ def tokenize_record(rec: dict, tokenizer) -> Tuple[List[int], List[bool]]:
         if not getattr(tokenizer, "chat_template", None):
             raise DataError("{\"messages\"} records need a tokenizer with a chat template; "
                             "this model's tokenizer_config.json has none")
-        ids, scored = [], []
-        for i, msg in enumerate(rec["messages"]):
-            upto = list(tokenizer.apply_chat_template(rec["messages"][:i + 1], tokenize=True))
-            if upto[:len(ids)] != ids:  # the template re-renders earlier turns: fall back
+        msgs, ids, scored = rec["messages"], [], []
+
+        def extend(upto, score):
+            if upto[:len(ids)] != ids:
                 raise DataError("the chat template renders earlier turns differently once later "
                                 "ones are added; use {\"prompt\", \"answer\"} records instead")
-            new = upto[len(ids):]
-            ids += new
-            scored += [msg["role"] == "assistant"] * len(new)
+            scored.extend([score] * (len(upto) - len(ids)))
+            ids.extend(upto[len(ids):])
+
+        for i, msg in enumerate(msgs):
+            if msg["role"] == "assistant":  # its header is context, its content the target
+                extend(list(tokenizer.apply_chat_template(msgs[:i], tokenize=True,
+                                                          add_generation_prompt=True)), False)
+            extend(list(tokenizer.apply_chat_template(msgs[:i + 1], tokenize=True)),
+                   msg["role"] == "assistant")
         return ids, scored
     if "text" in rec:
         ids = _encode(tokenizer, rec["text"]) + tail
@@ -202,8 +208,11 @@ def load_examples(path: str, tokenizer, vocab_size: int) -> List[Tuple[np.ndarra
     """Every record of `path` tokenized: (ids int32, scored bool), checked against the model."""
     examples = []
     for lineno, rec in read_records(path):
-        ids, scored = tokenize_record(rec, tokenizer)
         where = f"{path}:{lineno}"
+        try:
+            ids, scored = tokenize_record(rec, tokenizer)
+        except DataError as e:
+            raise DataError(f"{where}: {e}") from None
         if len(ids) < 2 or not any(scored[1:]):
             raise DataError(f"{where}: the record tokenizes to {len(ids)} token(s) with nothing "
                             "to predict; give it more text")
@@ -605,8 +614,8 @@ def _probe(model, sleep: SleepConfig, batch: int, length: int, passes: int, answ
         mask[:, -1] = 1
         plan = ([(0, length), (length, length + 1)], [False, True])
     probe_sleep = replace(sleep, loops=passes)
-    best = None
-    for _ in range(2):  # the first run pays one-time costs (kernel setup, caches)
+    peak, seconds = 0, float("inf")
+    for _ in range(2):  # the first run pays one-time costs; the faster is the less disturbed
         gc.collect()
         mx.clear_cache()
         base = mx.get_active_memory()
@@ -614,9 +623,10 @@ def _probe(model, sleep: SleepConfig, batch: int, length: int, passes: int, answ
         t0 = time.perf_counter()
         out = summed_loss_and_grads(model, inputs, inputs, mask, probe_sleep, plan, memory_bounded)
         mx.eval(out)
-        best = (mx.get_peak_memory() - base, time.perf_counter() - t0)
+        seconds = min(seconds, time.perf_counter() - t0)
+        peak = max(peak, mx.get_peak_memory() - base)
         del out
-    return best
+    return peak, seconds
 
 
 def _fit(r1, r2, t1, t2):
@@ -665,7 +675,7 @@ def estimate_step(ft: Finetune) -> dict:
 
     mb = cfg.memory_bounded
     m11, s11 = _probe(model, sleep, 1, t2, 1, False, mb)
-    m21, _ = _probe(model, sleep, 2, t2, 1, False, mb)
+    m21, s21 = _probe(model, sleep, 2, t2, 1, False, mb)
     m_half, _ = _probe(model, sleep, 1, t1, 1, False, mb)
     m12, s12 = _probe(model, sleep, 1, t2, 2, False, mb)
     a1, _ = _probe(model, sleep, 1, t1, 1, True, mb)
@@ -683,9 +693,12 @@ def estimate_step(ft: Finetune) -> dict:
         activations = fixed_act + (n_chunks - 1) * context + answer
     peak = weights + optimizer + accumulated + boundary + activations
 
+    # Time the same way: a part per sequence (scaled to L) and a fixed part per chunk; each
+    # probe is a whole forward + backward, as a chunk of a step is.
+    row_s = max(s21 - s11, 0)
     time_frac = max(s12 - s11, 0) / max(s11, 1e-9)
-    chunk_s = s11 * B * (L / t2) * (1 + time_frac * (N - 1))
-    step_s = cfg.grad_accum * math.ceil(T_mean / L) * chunk_s * (4 / 3 if mb else 1)
+    chunk_s = (max(s11 - row_s, 0) + B * row_s * L / t2) * (1 + time_frac * (N - 1))
+    step_s = cfg.grad_accum * math.ceil(T_mean / L) * chunk_s
     return {"peak_bytes": int(peak), "seconds_per_step": step_s,
             "tokens_per_step": int(cfg.grad_accum * cfg.batch_size * T_mean),
             "parts": {"weights": int(weights), "optimizer": int(optimizer),
