@@ -340,8 +340,8 @@ def summed_loss_and_grads(model, inputs, targets, mask, sleep: SleepConfig, plan
     else:
         fn = nn.value_and_grad(model, lambda m, x, y, w: sleep_loss(m, x, y, w, sleep, plan=plan))
         (loss, n), grads = fn(model, x, y, w)
-    scale = mx.maximum(n, 1.0)
-    return loss * scale, n, tree_map(lambda g: g * scale.astype(g.dtype), grads)
+    scale = mx.maximum(n, 1.0)  # float32: the product is rounded once, to the weights' dtype
+    return loss * scale, n, tree_map(lambda g: (g * scale).astype(g.dtype), grads)
 
 
 def validation_loss(model, examples, sleep: SleepConfig, batch_size: int, pad_id: int,
@@ -456,10 +456,12 @@ class Finetune:
             return
         if not resumed_here:
             self.optimizer.init(self.model.trainable_parameters())
-        keep = 1.0 if self.is_writer else 0.0
-        params = self.world.sum(tree_map(lambda x: x * keep, self.model.trainable_parameters()))
-        state = self.world.sum(tree_map(lambda x: x * keep if isinstance(x, mx.array) else x,
-                                        self.optimizer.state))
+        def rank0s(tree):
+            return self.world.sum(tree_map(lambda x: x if self.is_writer else mx.zeros_like(x),
+                                           tree, is_leaf=lambda x: isinstance(x, mx.array)))
+
+        params = rank0s(self.model.trainable_parameters())
+        state = rank0s(self.optimizer.state)
         self.model.update(params)
         self.optimizer.state = state
         self.step, self.tokens = step, tokens
@@ -506,7 +508,7 @@ class Finetune:
             grads = tree_map(lambda g: g * world.size, nn.average_gradients(grads, group=world.group))
             ce, n = world.sum([ce, n])
         denom = mx.maximum(n, 1.0)
-        grads = tree_map(lambda g: g / denom.astype(g.dtype), grads)
+        grads = tree_map(lambda g: (g / denom).astype(g.dtype), grads)
         grads, norm = clip_grad_norm(grads, cfg.grad_clip)
         self.optimizer.update(self.model, grads)
         mx.eval(self.model.parameters(), self.optimizer.state, norm)
