@@ -178,8 +178,8 @@ def test_rerun_with_other_settings_is_refused(tmp_path, workdir):
 
 
 def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, workdir):
-    """A real SIGKILL mid-run: re-running the command finishes with the weights of a run that
-    was never interrupted."""
+    """A real SIGKILL mid-run: re-running the command (now with --fuse) finishes with the weights
+    of a run that was never interrupted, and fuses."""
     STEPS = 12
 
     def command(out):
@@ -200,7 +200,9 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, workdir):
     proc.wait()
     killed_at = json.loads(state.read_text())["step"]
     assert killed_at < STEPS, "the run finished before it could be killed"
-    subprocess.run(command(tmp_path / "b"), check=True, capture_output=True, cwd=ROOT)
+    subprocess.run(command(tmp_path / "b") + ["--fuse"], check=True, capture_output=True,
+                   cwd=ROOT)
+    assert mlx_sleep.load_model(str(tmp_path / "b" / "fused")).sleep_config.loops == 2
     # The same run never interrupted, in this process, from the settings the command recorded.
     saved = json.load(open(tmp_path / "b" / "config.json"))
     straight = Finetune(str(workdir / "jet_nemotron"), str(workdir / "train.jsonl"),
