@@ -280,6 +280,10 @@ def prepare_model(model, cfg: FinetuneConfig):
             have = sorted({kind for kind, _ in parts})
             raise ConfigError(f"--train-only {','.join(missing)}: this model has no such layers "
                               f"(it has {', '.join(have)})")
+    if cfg.fine_tune_type == "full" and any(isinstance(m, nn.QuantizedLinear)
+                                            for _, m in model.named_modules()):
+        raise ConfigError("this model is quantized: its weights cannot be trained directly; "
+                          "train LoRA/DoRA adapters (drop --full) or convert without -q")
     model.freeze()
     if cfg.fine_tune_type == "full":
         if kinds:
