@@ -280,5 +280,79 @@ def convert(hf_path, out, dtype, quantize, q_bits, q_group_size, loops, window, 
     _run_safely(go)
 
 
+@main.command()
+@click.option("--model", "model_dir", required=True, type=click.Path(), help="A converted model directory.")
+@click.option("--data", required=True, type=click.Path(dir_okay=False),
+              help='JSONL of {"prompt","answer"}, {"text"} or {"messages"} records.')
+@click.option("--valid", type=click.Path(dir_okay=False), default=None, help="Validation JSONL.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Run directory (re-running the same command resumes).")
+@click.option("--steps", type=int, default=1000, show_default=True)
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Sequences per micro-batch (all processes).")
+@click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per step.")
+@click.option("--lr", type=float, default=None, help="Learning rate (default: 1e-4 for LoRA/DoRA (AdamW), 2e-4 for --full (Muon)).")
+@click.option("--adam-lr", type=float, default=1e-5, show_default=True, help="--full: AdamW rate for non-matrix weights.")
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--warmup", type=int, default=20, show_default=True)
+@click.option("--grad-clip", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--loops", "-N", type=int, default=None, help="Sleep passes N (default: the model's).")
+@click.option("--window", "-L", type=int, default=None, help="Window L (default: the model's).")
+@click.option("--eviction", type=click.Choice(["hard", "sliding"]), default=None, help="Default: the model's.")
+@click.option("--core", default=None, metavar="START:STOP", help="Looped block range (default: the model's).")
+@click.option("--full", is_flag=True, help="Train all weights instead of LoRA adapters.")
+@click.option("--dora", is_flag=True, help="DoRA adapters instead of LoRA.")
+@click.option("--rank", type=int, default=8, show_default=True, help="LoRA rank.")
+@click.option("--scale", type=float, default=20.0, show_default=True, help="LoRA scale.")
+@click.option("--dropout", type=float, default=0.0, show_default=True, help="LoRA dropout.")
+@click.option("--lora-layers", type=int, default=None, help="Adapters on the last K decoder layers (default: all).")
+@click.option("--train-only", default=None, metavar="KINDS", help="Train only these layer kinds: jet,gdn,attn,mlp.")
+@click.option("--hard-warmup", type=int, default=0, show_default=True, metavar="STEPS",
+              help="Train the first STEPS with hard eviction, then the configured one.")
+@click.option("--memory-bounded/--no-memory-bounded", default=True, show_default=True,
+              help="Recompute one chunk at a time on backward (peak memory ~ one chunk).")
+@click.option("--valid-every", type=int, default=100, show_default=True)
+@click.option("--valid-batches", type=int, default=0, show_default=True, help="0: the whole file.")
+@click.option("--checkpoint-every", type=int, default=100, show_default=True)
+@click.option("--log-every", type=int, default=10, show_default=True)
+@click.option("--fuse", is_flag=True, help="Afterwards, merge the adapters into OUT/fused (a model directory).")
+@click.option("--estimate", is_flag=True, help="Print the expected peak memory and time per step, then exit.")
+def finetune(model_dir, data, valid, out, steps, batch_size, grad_accum, lr, adam_lr, weight_decay,
+             warmup, grad_clip, seed, loops, window, eviction, core, full, dora, rank, scale,
+             dropout, lora_layers, train_only, hard_warmup, memory_bounded, valid_every,
+             valid_batches, checkpoint_every, log_every, fuse, estimate):
+    """Fine-tune a converted model to sleep (LoRA/DoRA or full), on one Mac or several
+    (launch with `mlx.launch`; see docs/finetune.md)."""
+    from .finetune import Finetune, FinetuneConfig, estimate_step, format_estimate
+
+    def go():
+        if full and dora:
+            raise ConfigError("--full and --dora exclude each other")
+        kind = "full" if full else "dora" if dora else "lora"
+        cfg = FinetuneConfig(
+            steps=steps, batch_size=batch_size, grad_accum=grad_accum, fine_tune_type=kind,
+            lr=lr if lr is not None else (2e-4 if full else 1e-4), adam_lr=adam_lr,
+            weight_decay=weight_decay, warmup=warmup, grad_clip=grad_clip, seed=seed,
+            rank=rank, scale=scale, dropout=dropout, lora_layers=lora_layers,
+            train_only=train_only, hard_warmup=hard_warmup, memory_bounded=memory_bounded,
+            valid_every=valid_every, valid_batches=valid_batches,
+            checkpoint_every=checkpoint_every, log_every=log_every)
+        sleep = dict(loops=loops, window=window, eviction=eviction)
+        ft = Finetune(model_dir, data, out, cfg, sleep=sleep, core=_parse_core(core), valid=valid,
+                      log=click.echo, dry_run=estimate)
+        if estimate:
+            click.echo(format_estimate(estimate_step(ft)))
+            return
+        if ft.step and ft.step < cfg.steps and ft.is_writer:
+            click.echo(f"resuming {out} at step {ft.step}")
+        ft.run()
+        if ft.is_writer:
+            click.echo(f"saved to {out}")
+        if fuse and ft.is_writer:
+            click.echo(f"fused model saved to {ft.fuse()}")
+
+    _run_safely(go)
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,42 @@
+"""Run by tests/test_finetune.py under `mlx.launch --backend ring -n 2`: fine-tune with LoRA and
+with all weights, then every process writes the weights it holds to
+WEIGHTS_DIR/<lora|full>-rank<r>.safetensors.
+
+    python tests/distributed_finetune.py MODEL_DIR DATA OUT WEIGHTS_DIR STEPS
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import mlx_sleep  # noqa: E402,F401  (loads the fast BLAS before mlx.core)
+from mlx_sleep.finetune import Finetune, FinetuneConfig  # noqa: E402
+
+FINE_TUNE_TYPES = ("lora", "full")
+
+
+def config(fine_tune_type: str, steps: int) -> FinetuneConfig:
+    """Global batch 4 (2 per process), 2 micro-batches per step. Small learning rates: Adam
+    turns a gradient's rounding noise into an update of up to lr, and the processes sum in
+    another order than one process."""
+    return FinetuneConfig(steps=steps, batch_size=4, grad_accum=2, fine_tune_type=fine_tune_type,
+                          lr=2e-4 if fine_tune_type == "lora" else 1e-3, adam_lr=1e-4, warmup=1,
+                          valid_every=0, checkpoint_every=2, log_every=1)
+
+
+def main(model_dir, data, out, weights_dir, steps):
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    for kind in FINE_TUNE_TYPES:
+        ft = Finetune(model_dir, data, os.path.join(out, kind), config(kind, int(steps)),
+                      progress=False)
+        ft.run()
+        os.makedirs(weights_dir, exist_ok=True)
+        mx.save_safetensors(os.path.join(weights_dir, f"{kind}-rank{ft.world.rank}.safetensors"),
+                            dict(tree_flatten(ft.model.parameters())))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:6])

@@ -1,0 +1,329 @@
+"""`mlx-sleep finetune`: data, learning, exact resume (also after a real kill), fuse, --estimate,
+--train-only, --hard-warmup and data-parallel training over `mlx.launch --backend ring`."""
+
+import gc
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from mlx.utils import tree_flatten
+
+import mlx_sleep
+from mlx_sleep.cli import main
+from mlx_sleep.finetune import (DataError, Finetune, FinetuneConfig, estimate_step,
+                                load_examples, make_batch, read_records, summed_loss_and_grads,
+                                tokenize_record)
+from mlx_sleep.sleep import plan_chunks
+from mlx_sleep.generate import generate, stream_generate
+from tests.tiny_models import make_model_dir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KINDS = ("jet_nemotron", "ouro_jet", "qwen3_5")
+
+
+def write_jsonl(path, records):
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def recall_records(n, seed):
+    """Prompts longer than a window (L = 16) whose answer repeats their first digits."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        digits = "".join(rng.choice("0123456789") for _ in range(24))
+        out.append({"prompt": f"keep {digits} first:", "answer": digits[:4]})
+    return out
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finetune")
+    for kind in KINDS:
+        make_model_dir(root / kind, kind, loops=2, window=16)
+    write_jsonl(root / "train.jsonl", recall_records(48, 0))
+    write_jsonl(root / "valid.jsonl", recall_records(8, 1))
+    return root
+
+
+def finetune(workdir, kind, out, fine_tune_type="lora", steps=8, sleep=None, **kw):
+    settings = dict(steps=steps, batch_size=4, fine_tune_type=fine_tune_type,
+                    lr=3e-3 if fine_tune_type == "full" else 1e-2, adam_lr=1e-3, warmup=1,
+                    valid_every=0, checkpoint_every=4, log_every=1)
+    settings.update(kw)
+    return Finetune(str(workdir / kind), str(workdir / "train.jsonl"), str(out),
+                    FinetuneConfig(**settings), sleep=sleep, valid=str(workdir / "valid.jsonl"),
+                    progress=False)
+
+
+def params(model):
+    return {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+
+
+# -- data -------------------------------------------------------------------------------------
+
+def test_malformed_records_are_named_by_line(tmp_path, workdir):
+    good = json.dumps({"prompt": "a", "answer": "b"})
+    cases = {"{not json": "not valid JSON", '["a"]': "got list",
+             '{"prompt": "a"}': "both \"prompt\" and \"answer\"",
+             '{"question": "a"}': "keys found: question",
+             '{"messages": [{"role": "user", "content": "hi"}]}': "no assistant turn",
+             '{"text": 3}': "non-empty string"}
+    for bad, says in cases.items():
+        path = tmp_path / "d.jsonl"
+        path.write_text(f"{good}\n\n{bad}\n")
+        with pytest.raises(DataError, match=f"d.jsonl:3: .*{says}"):
+            read_records(str(path))
+    result = CliRunner().invoke(main, ["finetune", "--model", str(workdir / "jet_nemotron"),
+                                       "--data", str(path), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "d.jsonl:3:" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "o").exists()
+
+
+def test_loss_masks_follow_the_record_form(workdir):
+    _, tok = mlx_sleep.load(str(workdir / "jet_nemotron"))
+
+    def scored_text(rec):
+        ids, scored = tokenize_record(rec, tok)
+        return tok.decode([i for i, s in zip(ids, scored) if s]), tok.decode(ids)
+
+    assert scored_text({"prompt": "Q: 2+2?", "answer": " 4"}) == (" 4<|im_end|>",
+                                                                  "Q: 2+2? 4<|im_end|>")
+    assert scored_text({"text": "all of it"})[0] == "all of it<|im_end|>"
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                         {"role": "user", "content": "q"}, {"role": "assistant", "content": "ok"}]}
+    scored, whole = scored_text(chat)
+    assert scored == "yo<|im_end|>\nok<|im_end|>\n"
+    assert whole == tok.apply_chat_template(chat["messages"], tokenize=False)
+
+
+def test_out_of_vocabulary_tokens_are_refused(tmp_path, workdir):
+    _, tok = mlx_sleep.load(str(workdir / "jet_nemotron"))
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "fine"}, {"text": "also fine"}])
+    with pytest.raises(DataError, match=r"d.jsonl:1: token id \d+ is outside"):
+        load_examples(path, tok, vocab_size=100)  # bytes of "fine" are ids >= 100
+
+
+# -- learning, resume, fuse -------------------------------------------------------------------
+
+# Learning rates that lower the loss in 6 steps (Ouro runs its blocks 4 times per pass: lower).
+LR = {("jet_nemotron", "lora"): 1e-2, ("jet_nemotron", "full"): 3e-3,
+      ("qwen3_5", "lora"): 1e-2, ("qwen3_5", "full"): 3e-3,
+      ("ouro_jet", "lora"): 1e-3, ("ouro_jet", "full"): 3e-3}
+
+
+@pytest.mark.parametrize("kind,fine_tune_type", [
+    ("jet_nemotron", "lora"), ("jet_nemotron", "full"), ("qwen3_5", "lora"), ("qwen3_5", "full"),
+    ("ouro_jet", "lora"),
+    # Ouro's 20 unrolled blocks make this one ~1 minute here; jet_nemotron-full covers it
+    pytest.param("ouro_jet", "full", marks=pytest.mark.slow)])
+def test_finetune_learns_resumes_exactly_and_fuses(tmp_path, workdir, kind, fine_tune_type):
+    """N = 2: the validation loss falls; a run stopped after its step-3 checkpoint (at step 4)
+    and re-run ends with the same weights bit for bit; the fused directory loads and generates
+    what the trained model generates."""
+    def run_of(out):
+        return finetune(workdir, kind, out, fine_tune_type, steps=6, checkpoint_every=3,
+                        lr=LR[kind, fine_tune_type])
+
+    straight = run_of(tmp_path / "a")
+    before = straight.validate()
+    straight.run()
+    after = straight.validate()
+    assert after < before - 0.3, (before, after)
+
+    class Killed(Exception):
+        pass
+
+    def die_at_4(step):
+        if step == 4:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_of(tmp_path / "b").run(on_step=die_at_4)
+    resumed = run_of(tmp_path / "b")
+    assert resumed.step == 3
+    resumed.run()
+    a, b = params(straight.model), params(resumed.model)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+    ids = mx.array([[ord(c) for c in "keep 123 first:"]])
+    trained_logits = straight.model(ids)
+    prompt = [ord(c) for c in "keep 12"]
+    trained_tokens = list(stream_generate(mlx_sleep.SleepEngine(straight.model, straight.sleep),
+                                          prompt, 6))
+    fused_dir = straight.fuse()
+    model, tok = mlx_sleep.load(fused_dir)
+    assert model.sleep_config == straight.sleep and model.model_type == straight.model.model_type
+    np.testing.assert_allclose(np.array(model(ids)), np.array(trained_logits), atol=1e-4)
+    assert list(stream_generate(mlx_sleep.SleepEngine(model), prompt, 6)) == trained_tokens
+    assert isinstance(generate(mlx_sleep.SleepEngine(model), tok, prompt, 3), str)
+
+
+def test_rerun_with_other_settings_is_refused(tmp_path, workdir):
+    finetune(workdir, "jet_nemotron", tmp_path, steps=1).run()
+    with pytest.raises(ValueError, match="other settings .*finetune"):
+        finetune(workdir, "jet_nemotron", tmp_path, steps=1, rank=4)
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, workdir):
+    """A real SIGKILL mid-run: re-running the command (now with --fuse) finishes with the weights
+    of a run that was never interrupted, and fuses."""
+    STEPS = 12
+
+    def command(out):
+        return [sys.executable, "-m", "mlx_sleep.cli", "finetune", "--model",
+                str(workdir / "jet_nemotron"), "--data", str(workdir / "train.jsonl"),
+                "--out", str(out), "--steps", str(STEPS), "--batch-size", "2", "--lr", "1e-2",
+                "--warmup", "1", "--checkpoint-every", "2", "--valid-every", "0"]
+
+    proc = subprocess.Popen(command(tmp_path / "b"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, cwd=ROOT)
+    state = tmp_path / "b" / "checkpoint" / "state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists() and json.loads(state.read_text())["step"] >= 2:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = json.loads(state.read_text())["step"]
+    assert killed_at < STEPS, "the run finished before it could be killed"
+    subprocess.run(command(tmp_path / "b") + ["--fuse"], check=True, capture_output=True,
+                   cwd=ROOT)
+    assert mlx_sleep.load_model(str(tmp_path / "b" / "fused")).sleep_config.loops == 2
+    # The same run never interrupted, in this process, from the settings the command recorded.
+    saved = json.load(open(tmp_path / "b" / "config.json"))
+    straight = Finetune(str(workdir / "jet_nemotron"), str(workdir / "train.jsonl"),
+                        str(tmp_path / "a"), FinetuneConfig.from_dict(saved["finetune"]),
+                        sleep=mlx_sleep.SleepConfig.from_dict(saved["sleep"]), progress=False)
+    straight.run()
+    a = dict(tree_flatten(straight.model.trainable_parameters()))
+    b = mx.load(str(tmp_path / "b" / "checkpoint" / "adapters.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(np.array(a[k]), np.array(b[k]), err_msg=k)
+
+
+# -- what trains ------------------------------------------------------------------------------
+
+def test_train_only_jet_changes_only_the_jet_layers(tmp_path, workdir):
+    ft = finetune(workdir, "ouro_jet", tmp_path, "full", steps=2, train_only="jet")
+    before = params(ft.model)
+    ft.run()
+    after = params(ft.model)
+    changed = {k for k in before if not np.array_equal(before[k], after[k])}
+    jet_layers = {f"layers.{i}." for i, layer in enumerate(ft.model.layers)
+                  if type(layer).__name__ == "JetLayer"}
+    assert changed and all(".mixer." in k and k[:9] in jet_layers for k in changed), changed
+    with pytest.raises(ValueError, match="has no such layers"):
+        finetune(workdir, "qwen3_5", tmp_path / "x", train_only="jet")
+
+
+def test_hard_warmup_switches_to_sliding(tmp_path, workdir):
+    ft = finetune(workdir, "jet_nemotron", tmp_path, steps=3, hard_warmup=2,
+                  sleep={"eviction": "sliding"})
+    ft.run()
+    logged = [json.loads(l) for l in open(tmp_path / "metrics.jsonl") if '"loss"' in l]
+    assert [r["eviction"] for r in logged] == ["hard", "hard", "sliding"]
+
+
+# -- --estimate -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind,fine_tune_type,memory_bounded",
+                         [("jet_nemotron", "lora", True), ("jet_nemotron", "full", True),
+                          ("jet_nemotron", "lora", False)])
+def test_estimate_is_within_30_percent_of_the_measured_peak(tmp_path, workdir, kind,
+                                                            fine_tune_type, memory_bounded):
+    gc.collect()
+    mx.clear_cache()
+    baseline = mx.get_active_memory()  # what other tests left alive
+    ft = finetune(workdir, kind, tmp_path, fine_tune_type, steps=3, batch_size=8,
+                  memory_bounded=memory_bounded)
+    est = estimate_step(ft)
+    gc.collect()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    for _ in range(3):
+        ft.train_step()
+    measured = mx.get_peak_memory() - baseline
+    assert abs(est["peak_bytes"] - measured) <= 0.3 * measured, (est, measured)
+    assert est["seconds_per_step"] > 0
+
+
+def test_estimate_cli_prints_and_writes_nothing(tmp_path, workdir):
+    result = CliRunner().invoke(main, ["finetune", "--model", str(workdir / "jet_nemotron"),
+                                       "--data", str(workdir / "train.jsonl"),
+                                       "--out", str(tmp_path / "o"), "--estimate", "-N", "4"])
+    assert result.exit_code == 0, result.output
+    assert "expected peak memory" in result.output and "N = 4" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+# -- several processes ------------------------------------------------------------------------
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_rank_slices_sum_to_the_global_batch(tmp_path, workdir):
+    """The data-parallel step in one process: each rank's slice of the global batch, run under
+    the global batch's chunk plan, gives summed losses, counts and gradients that add up to the
+    global batch's (what the all-reduce adds; the ring test below runs the real thing)."""
+    ft = finetune(workdir, "jet_nemotron", tmp_path, "full", steps=1)
+    inputs, targets, mask = make_batch(ft.train_examples[:4], ft.pad_id)
+    plan = plan_chunks(mask, ft.sleep.window)
+    ce, n, grads = summed_loss_and_grads(ft.model, inputs, targets, mask, ft.sleep, plan, True)
+    parts = [summed_loss_and_grads(ft.model, inputs[r], targets[r], mask[r], ft.sleep, plan, True)
+             for r in (slice(0, 2), slice(2, 4))]
+    assert abs(ce.item() - sum(p[0].item() for p in parts)) < 1e-4 * ce.item()
+    assert n.item() == sum(p[1].item() for p in parts) == mask.sum()
+    whole, halves = dict(tree_flatten(grads)), [dict(tree_flatten(p[2])) for p in parts]
+    for k, g in whole.items():
+        np.testing.assert_allclose(np.array(halves[0][k] + halves[1][k]), np.array(g),
+                                   atol=1e-4, rtol=1e-4, err_msg=k)
+
+
+# ~1 minute here (three Python processes import transformers at once on 2 cores); the test above
+# covers the arithmetic of the step
+@pytest.mark.slow
+def test_two_ring_processes_match_one_process_on_the_global_batch(tmp_path, workdir):
+    """`mlx.launch --backend ring -n 2` on loopback, 3 steps of LoRA and of full fine-tuning:
+    both processes hold identical weights, equal (1e-5) to one process on the same global batch."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from distributed_finetune import FINE_TUNE_TYPES, config
+
+    args = [str(workdir / "jet_nemotron"), str(workdir / "train.jsonl"), str(tmp_path / "run"),
+            str(tmp_path / "weights"), "3"]
+    launch = [sys.executable, "-c", "from mlx._distributed_utils.launch import main; main()",
+              "--backend", "ring", "-n", "2", "-p", str(_free_port()), "--",
+              sys.executable, os.path.join(ROOT, "tests", "distributed_finetune.py"), *args]
+    done = subprocess.run(launch, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    for kind in FINE_TUNE_TYPES:
+        rank0 = mx.load(str(tmp_path / "weights" / f"{kind}-rank0.safetensors"))
+        rank1 = mx.load(str(tmp_path / "weights" / f"{kind}-rank1.safetensors"))
+        assert json.load(open(tmp_path / "run" / kind / "config.json"))["processes"] == 2
+        single = Finetune(str(workdir / "jet_nemotron"), str(workdir / "train.jsonl"),
+                          str(tmp_path / "single" / kind), config(kind, 3), progress=False)
+        initial = params(single.model)
+        single.run()
+        one = params(single.model)
+        assert one.keys() == rank0.keys()
+        for k, v in one.items():
+            np.testing.assert_array_equal(np.array(rank0[k]), np.array(rank1[k]), err_msg=k)
+            np.testing.assert_allclose(np.array(rank0[k]), v, atol=1e-5, rtol=0, err_msg=k)
+        assert max(np.abs(one[k] - initial[k]).max() for k in one) > 1e-4  # it did train
