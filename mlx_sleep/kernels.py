@@ -9,8 +9,9 @@
                                                 norms, delta rule, readout, gated RMSNorm
 
 Every kernel sits beside its ops fallback (the layer's own math), and a kernel is only trusted
-after it has matched that fallback once in this process: on first use it is built and run on a
-small input; a compile error or a mismatch warns once and the fallback serves the rest of the
+after it has matched that fallback once in this process: on first use it is built and run on
+a few small inputs (GVA, T shorter than a chunk or than W - 1, a decode token, float16 and
+bfloat16); a compile error or a mismatch warns once and the fallback serves the rest of the
 process. Without Metal (Linux, or a CPU default device) or with MLX_SLEEP_KERNELS=0 the
 fallbacks run and nothing is built.
 
@@ -85,8 +86,8 @@ def enabled() -> bool:
 class Kernel:
     """One Metal kernel: built lazily, self-checked on first use, or replaced by its fallback.
 
-    `check(kernel)` runs the kernel and its fallback on a small float32 input and returns
-    (max abs diff, tolerance)."""
+    `check(kernel)` runs the kernel and its fallback on a few small inputs and returns the
+    (max abs diff, tolerance) of the case nearest to (or furthest over) its tolerance."""
 
     def __init__(self, name, source, headers, inputs, outputs, check):
         self.name, self.source, self.headers = name, source, headers

@@ -173,7 +173,7 @@ _BARRIER = re.compile(r"\b(?:threadgroup|simdgroup)_barrier\s*\(([^()]*(?:\([^()
 
 def _schedules() -> int:
     """How many thread schedules every launch runs (their outputs must agree bitwise)."""
-    return max(1, int(os.environ.get("MLX_METAL_EMULATOR_SCHEDULES", 3)))
+    return max(1, int(os.environ.get("MLX_METAL_EMULATOR_SCHEDULES", "3")))
 
 
 def _needs_private_threadgroup_memory(text: str) -> bool:
