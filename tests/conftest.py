@@ -11,10 +11,11 @@ def pytest_terminal_summary(terminalreporter):
     from tests.test_kernel_mutants import RESULTS as MUTANTS
 
     if MUTANTS:
-        killed = sum(v != "SURVIVED" for v in MUTANTS.values())
-        by_check = sum(v.startswith("self-check") for v in MUTANTS.values())
-        terminalreporter.write_sep("-", f"kernel mutants: {killed}/{len(MUTANTS)} killed "
-                                        f"({by_check} by the first-use self-check)")
+        by_tests = sum("| tests: passed" not in v for v in MUTANTS.values())
+        by_check = sum(not v.startswith("self-check: passed") for v in MUTANTS.values())
+        terminalreporter.write_sep("-", f"kernel mutants: {by_tests}/{len(MUTANTS)} killed by "
+                                        f"the kernel tests, {by_check}/{len(MUTANTS)} by the "
+                                        f"first-use self-check")
         for name, killer in MUTANTS.items():
             terminalreporter.write_line(f"{name}: {killer}")
 

@@ -82,7 +82,7 @@ def delta_rule(q, k, v, decay, beta, S):
     """The recurrence alone, per token and head: S = a S (I - b k k^T) + b v k^T, y = S q.
     q, k [B, T, Hk, Dk] (already normalised), v [B, T, Hv, Dv], decay, beta [B, T, Hv],
     S [B, Hv, Dv, Dk]; computes in the inputs' dtype (float64 for a reference)."""
-    B, T, Hk, Dk = q.shape
+    _, T, Hk, Dk = q.shape
     Hv = v.shape[2]
     eye = mx.eye(Dk, dtype=S.dtype)
     ys = []

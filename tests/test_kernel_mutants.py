@@ -1,11 +1,11 @@
 """Mutants of the shipped Metal kernels: realistic bugs, each of which the first-use self-check
 or the kernel tests (test_kernels.py, run through the emulator) must catch.
 
-A mutant is one edit of one kernel's source (or of a header it includes). It is killed when
-the kernel's self-check rejects it (the kernel falls back to the ops) or, failing that, when
-one of the kernel's tests fails on it (a wrong value, or an emulator error: an out-of-bounds
-access, a race between thread schedules). Every mutant must be killed; the summary at the end
-of the pytest run says by what. (The unmutated kernels pass the same self-checks and tests:
+A mutant is one edit of one kernel's source (or of a header it includes). Every mutant must
+be killed by the kernel's tests on their own (the self-check bypassed: a wrong value, or an
+emulator error -- an out-of-bounds access, a race between thread schedules); the summary at
+the end of the pytest run also says whether the first-use self-check rejects it (the kernel
+then falls back to the ops). (The unmutated kernels pass the same self-checks and tests:
 test_kernels.py.)"""
 
 import warnings
@@ -119,9 +119,10 @@ def mutant_factory(kernel, file, find, replace):
 
 
 def kernel_tests(kernel):
-    """The tests of test_kernels.py that exercise `kernel`, as callables."""
+    """The tests of test_kernels.py that exercise `kernel`, as callables, smallest first."""
     if kernel.startswith("gated_delta"):
-        return [lambda c=c: tk.test_gated_delta_kernels(None, c) for c in tk.GATED_DELTA_CASES] \
+        cases = sorted(tk.GATED_DELTA_CASES, key=lambda c: c[0] * c[1] * c[3] * c[4] * c[5])
+        return [lambda c=c: tk.test_gated_delta_kernels(None, c) for c in cases] \
             + [lambda d=d: tk.test_gated_delta_kernels_half(None, d)
                for d in (mx.float16, mx.bfloat16)]
     if kernel == "gdn_step":
@@ -135,22 +136,30 @@ def kernel_tests(kernel):
                          ((1, 6, 33, 4), True)]] + [lambda: tk.test_dynamic_conv_gradients_bfloat16(None)]
 
 
-def what_kills(kernel, factory):
-    """'self-check: ...' or 'test: ...', or None if the mutant survives."""
+def self_check_verdict(kernel, factory):
+    """What the first-use self-check says of the mutant ('ok ...' or 'fallback: ...')."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the self-check's fallback warning
             kernels.configure(factory=factory, metal_available=True)
-            k = kernels.KERNELS[kernel]
-            k.ready()
-            if not k.status.startswith("ok"):
-                return "self-check: " + k.status.removeprefix("fallback: ")[:90]
-            for test in kernel_tests(kernel):
-                kernels.configure(factory=factory, metal_available=True)
-                try:
-                    test()
-                except Exception as e:  # AssertionError, or an emulator error
-                    return f"test: {type(e).__name__}: {str(e).splitlines()[0][:90]}"
+            kernels.KERNELS[kernel].ready()
+            return kernels.KERNELS[kernel].status
+    finally:
+        kernels.configure()
+
+
+def failing_test(kernel, factory, monkeypatch):
+    """The first kernel test that fails on the mutant, the self-check bypassed (every kernel
+    trusted as built), or None."""
+    for k in kernels.KERNELS.values():
+        monkeypatch.setattr(k, "check", lambda fn: (0.0, 1.0))
+    try:
+        for test in kernel_tests(kernel):
+            kernels.configure(factory=factory, metal_available=True)
+            try:
+                test()
+            except Exception as e:  # AssertionError, or an emulator error
+                return f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
         return None
     finally:
         kernels.configure()
@@ -158,8 +167,14 @@ def what_kills(kernel, factory):
 
 @pytest.mark.parametrize("mutant", MUTANTS, ids=[m[0] for m in MUTANTS])
 def test_mutant_is_killed(mutant, monkeypatch):
+    """By the self-check on first use, and by the kernel tests on their own."""
     name, kernel, file, find, replace = mutant
     monkeypatch.delenv(kernels.ENV, raising=False)
-    killer = what_kills(kernel, mutant_factory(kernel, file, find, replace))
-    RESULTS[name] = killer or "SURVIVED"
-    assert killer, f"mutant '{name}' of {kernel} survived the self-check and the kernel tests"
+    factory = mutant_factory(kernel, file, find, replace)
+    status = self_check_verdict(kernel, factory)
+    test = failing_test(kernel, factory, monkeypatch)
+    RESULTS[name] = ("self-check: " + status.removeprefix("fallback: ")[:60]
+                     if status.startswith("fallback") else "self-check: passed") \
+        + " | tests: " + (test or "passed")
+    assert status.startswith("fallback") or test, f"mutant '{name}' of {kernel} survived"
+    assert test, f"mutant '{name}' of {kernel} passes the kernel tests (the self-check caught it)"

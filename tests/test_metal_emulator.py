@@ -390,11 +390,84 @@ def test_divergent_collectives_and_deadlock_are_reported():
         dead(**args)
 
 
+# ------------------------------------------------------------ simdgroup matrices
+def _apple_lane_layout():
+    """(row, col) of each lane's two elements in an 8x8 simdgroup matrix (Apple's layout)."""
+    rows, cols = [], []
+    for lane in range(32):
+        q = lane // 4
+        r, c = (q & 4) + (lane // 2) % 4, (q & 2) * 2 + (lane % 2) * 2
+        rows += [r, r]
+        cols += [c, c + 1]
+    return np.array(rows), np.array(cols)
+
+
+def test_simdgroup_matrix_lane_layout():
+    src = """
+        simdgroup_float8x8 m;
+        simdgroup_load(m, inp, 8);
+        uint lane = thread_index_in_simdgroup;
+        out[2 * lane] = m.thread_elements()[0];
+        out[2 * lane + 1] = m.thread_elements()[1];
+    """
+    k = metal_kernel("mma_layout", ["inp"], ["out"], src)
+    x = np.arange(64, dtype=np.float32)
+    (out,) = k(inputs=[x], grid=(32, 1, 1), threadgroup=(32, 1, 1),
+               output_shapes=[(64,)], output_dtypes=[mx.float32])
+    rows, cols = _apple_lane_layout()
+    np.testing.assert_array_equal(np.array(out), rows * 8 + cols)
+    # every element is held by exactly one lane
+    assert len(set(zip(rows, cols))) == 64
+
+
+MMA_SOURCE = """
+    // D = A B + C for an 8x8 block of a [16, 16] A (origin x=8, y=0) and a B loaded
+    // transposed (B = Bt^T), in T; D stored at origin (0, 8) of a [16, 8] output
+    simdgroup_matrix<T, 8, 8> a, b, c, d;
+    simdgroup_load(a, A, 16, ulong2(8, 0));
+    simdgroup_load(b, Bt, 8, ulong2(0, 0), true);
+    simdgroup_load(c, C, 8);
+    simdgroup_multiply_accumulate(d, a, b, c);
+    simdgroup_store(d, D, 8, ulong2(0, 8));
+    simdgroup_matrix<T, 8, 8> e = make_filled_simdgroup_matrix<T, 8, 8>(T(0));
+    simdgroup_multiply(e, a, simdgroup_matrix<T, 8, 8>(T(2)));  // A times 2 I
+    simdgroup_store(e, D, 8, ulong2(0, 0));
+"""
+
+
+@pytest.mark.parametrize("dtype,tol", [(mx.float32, 1e-5), (mx.float16, 2e-2),
+                                       (mx.bfloat16, 1.5e-1)])
+def test_simdgroup_multiply_accumulate_matches_numpy(dtype, tol):
+    rng = np.random.default_rng(5)
+    A, Bt, C = (rng.standard_normal(s).astype(np.float32) for s in ((16, 16), (8, 8), (8, 8)))
+    k = metal_kernel("mma", ["A", "Bt", "C"], ["D"], MMA_SOURCE)
+    ins = [mx.array(x).astype(dtype) for x in (A, Bt, C)]
+    (D,) = k(inputs=ins, template=[("T", dtype)], grid=(32, 1, 1), threadgroup=(32, 1, 1),
+             output_shapes=[(16, 8)], output_dtypes=[dtype])
+    assert D.dtype == dtype  # a half / bfloat16 output
+    a, bt, c = (_np(x) for x in ins)
+    ref = np.concatenate([2 * a[0:8, 8:16], a[0:8, 8:16] @ bt.T + c])
+    np.testing.assert_allclose(_np(D), ref, rtol=tol, atol=tol)
+
+
+def test_simdgroup_multiply_needs_every_lane():
+    src = """
+        simdgroup_float8x8 a, d;
+        simdgroup_load(a, inp, 8);
+        if (thread_index_in_simdgroup < 16) { simdgroup_multiply(d, a, a); }
+        out[thread_index_in_simdgroup] = 0;
+    """
+    k = metal_kernel("mma_divergent", ["inp"], ["out"], src)
+    with pytest.raises(MetalEmulatorRuntimeError, match="only some lanes"):
+        k(inputs=[np.zeros(64, np.float32)], grid=(32, 1, 1), threadgroup=(32, 1, 1),
+          output_shapes=[(32,)], output_dtypes=[mx.float32])
+
+
 # ------------------------------------------------------------ refusals
 def test_unsupported_construct_is_refused():
     src = """
-        simdgroup_matrix<float, 8, 8> a;
-        simdgroup_load(a, inp, 8);
+        simdgroup_matrix<float, 16, 16> a;
+        simdgroup_load(a, inp, 16);
         out[0] = 0;
     """
     k = metal_kernel("mma", ["inp"], ["out"], src)

@@ -97,9 +97,14 @@ xor, prefix sums/products, shuffle, shuffle_up/down/xor/rotate, broadcast,
 broadcast_first, all, any, is_first, and ``atomic<T>`` with the
 ``atomic_*_explicit`` functions.
 
+``simdgroup_matrix<T, 8, 8>`` (``simdgroup_float8x8`` / ``half`` / ``bfloat``)
+with ``simdgroup_load`` / ``simdgroup_store`` (stride, origin, transpose),
+``simdgroup_multiply(_accumulate)``, ``thread_elements()`` and
+``make_filled_simdgroup_matrix``, in Apple's lane layout (lane l holds row
+(l/4 & 4) + (l/2) % 4, columns (l/4 & 2) * 2 + (l % 2) * 2 and the next).
+
 Refused (``UnsupportedMetalConstruct`` names the construct and the line):
-SIMD-group matrices (``simdgroup_matrix``, ``simdgroup_multiply_accumulate``
-...), textures and samplers, imageblocks / tile memory, ballots and votes,
+SIMD-group matrices of other sizes, textures and samplers, imageblocks / tile memory, ballots and votes,
 ``simd_shuffle_and_fill_*``, async copies, ray tracing, function tables,
 Metal 4 tensors, and ``float64`` / ``complex64`` arrays.  At run time a
 deadlock (a barrier or collective reached by only part of the threads) and
@@ -168,7 +173,7 @@ _BARRIER = re.compile(r"\b(?:threadgroup|simdgroup)_barrier\s*\(([^()]*(?:\([^()
 
 def _schedules() -> int:
     """How many thread schedules every launch runs (their outputs must agree bitwise)."""
-    return max(1, int(os.environ.get("MLX_METAL_EMULATOR_SCHEDULES", 3)))
+    return max(1, int(os.environ.get("MLX_METAL_EMULATOR_SCHEDULES", "3")))
 
 
 def _needs_private_threadgroup_memory(text: str) -> bool:
@@ -246,9 +251,9 @@ def _as_mx_dtype(dt: Any, what: str) -> mx.Dtype:
 
 # ------------------------------------------------------------ source checks
 _UNSUPPORTED = [
-    (r"\bsimdgroup_(?:matrix|load|store|multiply|multiply_accumulate)\b"
-     r"|\bsimdgroup_(?:float|half|bfloat)\d+x\d+\b",
-     "SIMD-group matrix operations (simdgroup_matrix / MMA)"),
+    (r"\bsimdgroup_(?:float|half|bfloat)(?!8x8\b)\d+x\d+\b"
+     r"|\bsimdgroup_matrix\s*<[^<>;]*,\s*(?!8\s*,\s*8\s*>)\d+\s*,\s*\d+\s*>",
+     "SIMD-group matrices other than 8x8"),
     (r"\b(?:texture(?:1d|2d|3d|cube|buffer)?(?:_array)?|depth2d|sampler)\b",
      "textures / samplers"),
     (r"\b(?:imageblock|threadgroup_imageblock)\b|\[\[\s*color\s*\(",

@@ -150,6 +150,7 @@ static const char* kind_name(int kind) {
       "shuffle_rotate_up", "broadcast", "broadcast_first", "all", "any",
       "is_first"};
   if (kind == 1000) return "simdgroup_barrier";
+  if (kind == 40) return "simdgroup_multiply_accumulate";
   int k = kind % 64;
   return k < int(sizeof(names) / sizeof(names[0])) ? names[k] : "?";
 }
@@ -185,6 +186,15 @@ const unsigned char* sg_exchange(int kind, const void* src, size_t bytes,
   *lane_out = lane;
   *mask_out = s.result_mask[buf];
   return s.slots[buf];
+}
+
+void kernel_error(const char* msg) {
+  fail(std::string(msg) + " (" + where(tl_group->fibers[tl_group->cur].attrs) + ")");
+}
+
+unsigned sg_lane() {
+  GroupCtx* g = tl_group;
+  return g->fibers[g->cur].attrs.thread_index_in_simdgroup;
 }
 
 void sg_barrier(unsigned flags) {

@@ -43,6 +43,8 @@ struct GroupCtx;
 void* tg_slot(int slot, size_t bytes, size_t align);
 void tg_barrier(unsigned flags);
 void sg_barrier(unsigned flags);
+unsigned sg_lane();  // thread_index_in_simdgroup of the running thread
+[[noreturn]] void kernel_error(const char* msg);  // fail the launch with this message
 // Publish `bytes` of `src` for this lane and return a pointer to the 32 lane
 // slots of the current simd collective (`kind` identifies the collective for
 // divergence checks).
@@ -868,6 +870,121 @@ MTL_SIMD_FAMILY(quad, 4, simd_detail::k_quad)
 #undef MTL_SIMD_FAMILY
 
 inline bool simd_is_helper_thread() { return false; }
+
+// ------------------------------------------------------------ simdgroup matrices
+// simdgroup_matrix<T, 8, 8>: the 32 lanes hold 2 elements each, in Apple's layout (the one
+// MLX's steel MMA fragments assume): lane l, q = l / 4, holds row (q & 4) + (l / 2) % 4 and
+// columns c, c + 1 with c = (q & 2) * 2 + (l % 2) * 2. Loads and stores touch only the lane's
+// own elements; a multiply is a simdgroup collective (every lane must reach it) that
+// accumulates in float and rounds once to the destination type.
+namespace simd_detail {
+constexpr int k_mma = 40;
+inline void mma_coord(unsigned lane, int& row, int& col) {
+  const unsigned q = lane / 4;
+  row = int((q & 4) + (lane / 2) % 4);
+  col = int((q & 2) * 2 + (lane % 2) * 2);
+}
+} // namespace simd_detail
+
+template <class T, int Rows, int Cols>
+struct simdgroup_matrix {
+  static_assert(Rows == 8 && Cols == 8, "the emulator has 8x8 simdgroup matrices only");
+  vec<T, 2> e;
+  simdgroup_matrix() = default;
+  explicit simdgroup_matrix(T diagonal) {  // Metal: a diagonal matrix
+    int row, col;
+    simd_detail::mma_coord(mtl_rt::sg_lane(), row, col);
+    for (int j = 0; j < 2; ++j) e.v[j] = row == col + j ? diagonal : T(0);
+  }
+  vec<T, 2>& thread_elements() { return e; }
+  const vec<T, 2>& thread_elements() const { return e; }
+};
+
+template <class T, int Rows, int Cols>
+inline simdgroup_matrix<T, Rows, Cols> make_filled_simdgroup_matrix(T value) {
+  simdgroup_matrix<T, Rows, Cols> m;
+  m.e.v[0] = m.e.v[1] = value;
+  return m;
+}
+
+typedef simdgroup_matrix<float, 8, 8> simdgroup_float8x8;
+typedef simdgroup_matrix<_Float16, 8, 8> simdgroup_half8x8;
+typedef simdgroup_matrix<bfloat16_t, 8, 8> simdgroup_bfloat8x8;
+
+// element (row, col) of the 8x8 block at matrix_origin (x: column, y: row) of a row-major
+// matrix with elements_per_row; transposed: the block's (col, row)
+inline size_t mma_offset(int row, int col, size_t elements_per_row, vec<unsigned long, 2> origin,
+                         bool transpose) {
+  if (transpose) std::swap(row, col);
+  return (origin.v[1] + size_t(row)) * elements_per_row + origin.v[0] + size_t(col);
+}
+
+template <class T, class U>
+inline void simdgroup_load(simdgroup_matrix<T, 8, 8>& d, const U* src,
+                           size_t elements_per_row = 8,
+                           vec<unsigned long, 2> matrix_origin = vec<unsigned long, 2>(0ul),
+                           bool transpose_matrix = false) {
+  int row, col;
+  simd_detail::mma_coord(mtl_rt::sg_lane(), row, col);
+  for (int j = 0; j < 2; ++j)
+    d.e.v[j] = static_cast<T>(
+        src[mma_offset(row, col + j, elements_per_row, matrix_origin, transpose_matrix)]);
+}
+
+template <class T, class U>
+inline void simdgroup_store(const simdgroup_matrix<T, 8, 8>& a, U* dst,
+                            size_t elements_per_row = 8,
+                            vec<unsigned long, 2> matrix_origin = vec<unsigned long, 2>(0ul),
+                            bool transpose_matrix = false) {
+  int row, col;
+  simd_detail::mma_coord(mtl_rt::sg_lane(), row, col);
+  for (int j = 0; j < 2; ++j)
+    dst[mma_offset(row, col + j, elements_per_row, matrix_origin, transpose_matrix)] =
+        static_cast<U>(a.e.v[j]);
+}
+
+template <class TD, class TA, class TB, class TC>
+inline void simdgroup_multiply_accumulate(simdgroup_matrix<TD, 8, 8>& d,
+                                          const simdgroup_matrix<TA, 8, 8>& a,
+                                          const simdgroup_matrix<TB, 8, 8>& b,
+                                          const simdgroup_matrix<TC, 8, 8>& c) {
+  struct Lane { float a[2], b[2], c[2]; } mine;  // 24 bytes: fits a lane's slot
+  for (int j = 0; j < 2; ++j) {
+    mine.a[j] = static_cast<float>(a.e.v[j]);
+    mine.b[j] = static_cast<float>(b.e.v[j]);
+    mine.c[j] = static_cast<float>(c.e.v[j]);
+  }
+  unsigned lane, mask;
+  const unsigned char* slots =
+      mtl_rt::sg_exchange(simd_detail::k_mma, &mine, sizeof(mine), &lane, &mask);
+  if (mask != 0xFFFFFFFFu)
+    mtl_rt::kernel_error("simdgroup_multiply(_accumulate) reached by only some lanes of a "
+                         "simdgroup: every one of the 32 lanes must take part");
+  float A[8][8], B[8][8], C[8][8];
+  for (unsigned l = 0; l < 32; ++l) {
+    Lane o = simd_detail::lane_val<Lane>(slots, l);  // an inactive lane's slot is garbage
+    int row, col;
+    simd_detail::mma_coord(l, row, col);
+    for (int j = 0; j < 2; ++j) {
+      A[row][col + j] = o.a[j];
+      B[row][col + j] = o.b[j];
+      C[row][col + j] = o.c[j];
+    }
+  }
+  int row, col;
+  simd_detail::mma_coord(lane, row, col);
+  for (int j = 0; j < 2; ++j) {
+    float acc = C[row][col + j];
+    for (int k = 0; k < 8; ++k) acc += A[row][k] * B[k][col + j];
+    d.e.v[j] = static_cast<TD>(acc);
+  }
+}
+
+template <class TD, class TA, class TB>
+inline void simdgroup_multiply(simdgroup_matrix<TD, 8, 8>& d, const simdgroup_matrix<TA, 8, 8>& a,
+                               const simdgroup_matrix<TB, 8, 8>& b) {
+  simdgroup_multiply_accumulate(d, a, b, make_filled_simdgroup_matrix<TD, 8, 8>(TD(0)));
+}
 
 } // namespace metal
 
