@@ -7,9 +7,10 @@
 
 Protocols:
   paper     The paper's setting. The prompt is the question, then the context (no chain of
-            thought); the whole prompt is consolidated window by window (N passes per window,
-            its last partial window included) and evicted, then the answer window starts with
-            the cue "Answer:" and the model writes the number in one ordinary pass per token.
+            thought), then the cue "Answer:"; the sequence is split into windows of L from its
+            start (Algorithm 1, as fine-tuning splits it): every window of context alone is
+            consolidated (N passes) and evicted, the window holding the answer (with the
+            prompt's tail) takes one ordinary pass per token.
             Exact match (an integer; for symbolic problems the set of variable names).
   official  The benchmark's own run: the record's `messages` through the chat template, greedy
             generation (the engine sleeps whenever its window fills), and the official scorer:
@@ -422,14 +423,14 @@ def plot(summary: Dict[str, dict], path: str, title: str = ""):
 # -- running a model --------------------------------------------------------------------------
 
 def paper_generate(engine, tokenizer, record: dict, max_tokens: Optional[int] = None) -> str:
-    """The paper protocol on one record: consolidate the prompt, evict it, answer after the cue.
+    """The paper protocol on one record: feed the prompt (every full window sleeps and is
+    evicted as the next arrives), then answer after the cue in the live window.
 
     The prompt is encoded as `tokenizer.encode(prompt)` (special tokens as the tokenizer adds
-    them), the cue without special tokens: a trainer should encode the JSONL the same way."""
+    them), the cue without special tokens: fine-tuning encodes the JSONL the same way."""
     engine.reset()
     prompt = tokenizer.encode(paper_example(record)["prompt"])
     engine.feed(mx.array([prompt]), logits=None)  # the context: no logits needed
-    engine.consolidate()  # the last partial window sleeps too: the context is evicted
     cue = tokenizer.encode(ANSWER_CUE, add_special_tokens=False)
     text = ""
     if max_tokens is None:

@@ -170,29 +170,32 @@ class RecordingEngine(SleepEngine):
         return super().feed(ids, logits)
 
 
-def test_paper_protocol_evicts_the_context_before_the_answer(tiny):
+def test_paper_protocol_evicts_the_question_before_the_answer(tiny):
     model, tokenizer = mlx_sleep.load(tiny)
     record = fixture("medium_0.jsonl")[5]
-    engine = RecordingEngine(model, SleepConfig(loops=2, window=48))
+    L = 48
+    engine = RecordingEngine(model, SleepConfig(loops=2, window=L))
     engine.seen = []
     gi.paper_generate(engine, tokenizer, record, max_tokens=3)
     n_prompt = len(tokenizer.encode(gi.paper_example(record)["prompt"]))
     assert engine.seen[0] == (0, 0, 0, n_prompt)
-    # the next feed is the cue: a fresh window after the whole prompt, no keys left to attend to
-    assert engine.seen[1][:3] == (n_prompt, 0, 0)
-    assert engine.sleeps >= 2 and n_prompt > 2 * 48
+    # the cue continues the live window: the prompt's last, partial window; every window before
+    # it (the question's among them) was consolidated and evicted
+    tail = n_prompt % L
+    assert engine.seen[1][:2] == (n_prompt, tail) and engine.seen[1][2] > 0
+    assert engine.sleeps >= n_prompt // L and n_prompt > 2 * L
 
 
 def reference_paper_output(model, tokenizer, record, sleep, max_tokens):
-    """Algorithm 1 written out: the prompt's fixed-grid windows (the last, partial one too)
-    each get N passes and are evicted; the answer window (cue + answer so far) one pass."""
+    """Algorithm 1 written out: prompt + cue + answer so far split into windows of L from the
+    start; windows without answer tokens get N passes and are evicted, the others one pass."""
     prompt = tokenizer.encode(gi.paper_example(record)["prompt"])
     answer = tokenizer.encode(gi.ANSWER_CUE, add_special_tokens=False)
     generated = []
     for _ in range(max_tokens):
         seq = prompt + answer + generated
-        plan = (chunk_bounds(len(prompt), sleep.window) + [(len(prompt), len(seq))], None)
-        plan = (plan[0], [False] * (len(plan[0]) - 1) + [True])
+        bounds = chunk_bounds(len(seq), sleep.window)
+        plan = (bounds, [b > len(prompt) for _, b in bounds])
         answers, _ = sleep_forward(model, mx.array([seq]), None, sleep, plan=plan)
         token = int(mx.argmax(answers[-1][2][0, -1]))
         if token in tokenizer.eos_token_ids:
@@ -212,21 +215,30 @@ def test_paper_protocol_is_algorithm_1(tiny, loops, eviction):
         assert got == reference_paper_output(model, tokenizer, record, sleep, 5)
 
 
-def test_paper_protocol_on_attention_only_model_cannot_see_the_context(tmp_path):
-    """Hard eviction, no fast weights: every problem gets the same answer."""
+def test_paper_protocol_on_attention_only_model_sees_only_the_live_window(tmp_path):
+    """Hard eviction, no fast weights: the answer depends on the prompt's last, partial window
+    alone (the same tail gives the same answer), so the question, evicted, cannot reach it."""
     from mlx_sleep import HybridLM, ModelConfig
 
     mx.random.seed(1)
     model = HybridLM(ModelConfig(vocab_size=512, hidden_size=32, num_heads=2, layers="attn,attn"))
     _, tokenizer = mlx_sleep.load(make_model_dir(tmp_path / "m", "hybrid"))
-    records = fixture("medium_0.jsonl")[:4]
-    outs = {gi.paper_generate(SleepEngine(model, SleepConfig(window=32)), tokenizer, r, 4)
-            for r in records}
-    assert len(outs) == 1
-    # a window longer than the prompts never fills, but the protocol sleeps at the prompt's end
-    outs = {gi.paper_generate(SleepEngine(model, SleepConfig(window=4096)), tokenizer, r, 4)
-            for r in records}
-    assert len(outs) == 1
+    record = fixture("medium_0.jsonl")[0]
+    L = 32
+    prompt = tokenizer.encode(gi.paper_example(record)["prompt"])
+    out = gi.paper_generate(SleepEngine(model, SleepConfig(window=L)), tokenizer, record, 4)
+    # another question, same length, same context: only the evicted first window differs
+    other = dict(record, question="Z" * len(record["question"]))
+    assert len(tokenizer.encode(gi.paper_example(other)["prompt"])) == len(prompt) > 2 * L
+    assert gi.paper_generate(SleepEngine(model, SleepConfig(window=L)), tokenizer, other, 4) == out
+    # with fast weights the question does reach the answer window, through S
+    hybrid, _ = mlx_sleep.load(make_model_dir(tmp_path / "h", "hybrid"))
+    fast = []
+    for r in (record, other):
+        engine = SleepEngine(hybrid, SleepConfig(window=L))
+        gi.paper_generate(engine, tokenizer, r, 1)
+        fast.append([s["S"] for s in engine.state if "S" in s])
+    assert max(float(mx.abs(x - y).max()) for x, y in zip(*fast)) > 1e-4
 
 
 def invoke(*args):
