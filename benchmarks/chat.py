@@ -6,7 +6,7 @@ on the same model, in one process on one machine.
   (c) session save / load time and size against session length
   (d) the live window on disk: its KV stored, or its tokens re-prefilled on load
   (e) the wake pass reused as the first sleep pass, against recomputing it: time and how far
-      the consolidated state and the next logits move
+      the consolidated state and the next logits move (and prefill tokens/s with each)
 
     python benchmarks/chat.py                  # hidden 512, 6 layers, L = 512, N = 2
     python benchmarks/chat.py --quick          # a smaller model and lengths, for a smoke run
@@ -45,49 +45,117 @@ def median_time(fn, repeats):
     return statistics.median(times)
 
 
-def decode_engine(engine, first, n):
-    """Per-token seconds of n greedy decode steps (one wake pass each)."""
-    token, times = first, []
+def nbytes(tree) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(tree))
+
+
+def decode_engine(engine, token, n):
+    """Per-token seconds of n greedy decode steps (one wake pass each); returns (times, token)."""
+    times = []
     for _ in range(n):
         start = time.perf_counter()
         logits = engine.feed(mx.array([[token]]), logits="last")
         token = int(mx.argmax(logits[0, -1]).item())
         times.append(time.perf_counter() - start)
-    return times
+    return times, token
 
 
-def decode_mlx_lm(model, prompt, n):
-    """Per-token seconds of mlx-lm's generate_step after its prefill (full KV cache)."""
-    times, start = [], None
-    for i, (token, _) in enumerate(generate_step(mx.array(prompt), model, max_tokens=n + 1,
-                                                 prefill_step_size=1024)):
+def decode_mlx_lm(model, cache, token, n):
+    """Per-token seconds of n steps of mlx-lm's generate_step continuing a full KV cache."""
+    times, start = [], time.perf_counter()
+    for token, _ in generate_step(mx.array([token]), model, max_tokens=n, prompt_cache=cache):
+        token = int(token)
         now = time.perf_counter()
-        if i > 0:
-            times.append(now - start)
-        else:
-            mx.reset_peak_memory()  # decode-phase peak
+        times.append(now - start)
         start = now
-    return times
+    return times, token
 
 
-def bench_decode(model, sleep, lengths, n_decode, rng, vocab):
-    rows = []
+def prefill_mlx_lm(model, prompt, step=1024):
+    cache = model.make_cache()
+    for a in range(0, len(prompt), step):
+        model(mx.array([prompt[a:a + step]]), cache=cache)
+        mx.eval([c.state for c in cache])
+    return cache
+
+
+def bench_decode(model, sleep, lengths, n_decode, rounds, rng, vocab):
+    """Decode at every session length, in interleaved rounds (engine and mlx-lm, each length,
+    then again), so the ratios hold on a machine whose load drifts. Memory: what the session
+    holds (engine state / KV cache) and the decode-time peak above what was allocated before."""
+    sessions = []
     for T in lengths:
         prompt = rng.integers(0, vocab, T).tolist()
         engine = SessionEngine(model, sleep)
+        start = time.perf_counter()
         engine.feed(mx.array([prompt]), logits=None)
         mx.eval(engine.state)
+        e_prefill = time.perf_counter() - start
+        start = time.perf_counter()
+        cache = prefill_mlx_lm(model, prompt)
+        m_prefill = time.perf_counter() - start
+        sessions.append({"length": T, "engine": engine, "cache": cache, "e_tok": prompt[-1],
+                         "m_tok": prompt[-1], "e_times": [], "m_times": [],
+                         "engine_prefill_tok_s": T / e_prefill, "mlx_lm_prefill_tok_s": T / m_prefill})
+        print(f"prefilled {T}", flush=True)
+    per_round = max(1, n_decode // rounds)
+    for r in range(rounds + 1):  # round 0 warms up
+        for s in sessions:
+            e_times, s["e_tok"] = decode_engine(s["engine"], s["e_tok"], per_round)
+            m_times, s["m_tok"] = decode_mlx_lm(model, s["cache"], s["m_tok"], per_round)
+            if r > 0:
+                s["e_times"] += e_times
+                s["m_times"] += m_times
+    rows = []
+    for s in sessions:
+        base = mx.get_active_memory()
         mx.reset_peak_memory()
-        times = decode_engine(engine, prompt[-1], n_decode)
-        e_peak = mx.get_peak_memory()
-        m_times = decode_mlx_lm(model, prompt, n_decode)
-        m_peak = mx.get_peak_memory()
-        rows.append({"length": T, "engine_tok_s": 1 / statistics.median(times),
-                     "engine_peak_mb": e_peak / 2**20,
-                     "mlx_lm_tok_s": 1 / statistics.median(m_times),
-                     "mlx_lm_peak_mb": m_peak / 2**20})
+        decode_engine(s["engine"], s["e_tok"], per_round)
+        e_peak = mx.get_peak_memory() - base
+        base = mx.get_active_memory()
+        mx.reset_peak_memory()
+        decode_mlx_lm(model, s["cache"], s["m_tok"], per_round)
+        m_peak = mx.get_peak_memory() - base
+        rows.append({"length": s["length"],
+                     "engine_tok_s": 1 / statistics.median(s["e_times"]),
+                     "mlx_lm_tok_s": 1 / statistics.median(s["m_times"]),
+                     "engine_state_mb": nbytes(s["engine"].state) / 2**20,
+                     "mlx_lm_cache_mb": nbytes([c.state for c in s["cache"]]) / 2**20,
+                     "engine_decode_peak_mb": e_peak / 2**20,
+                     "mlx_lm_decode_peak_mb": m_peak / 2**20,
+                     "engine_prefill_tok_s": s["engine_prefill_tok_s"],
+                     "mlx_lm_prefill_tok_s": s["mlx_lm_prefill_tok_s"]})
         print(rows[-1], flush=True)
     return rows
+
+
+class RecomputingEngine(SessionEngine):
+    """The engine as it was before it reused the wake pass: every sleep recomputes N passes."""
+
+    def consolidate(self, cancel=None, on_pass=None):
+        self.window_core = []
+        return super().consolidate(cancel, on_pass)
+
+
+def bench_prefill(model, sleep, T, rng, vocab, repeats):
+    """Feeding a T-token prompt: the engine reusing each window's wake pass as sleep pass 1,
+    recomputing it, and mlx-lm's prefill with a full cache (chunks of 1024); interleaved."""
+    prompt = rng.integers(0, vocab, T).tolist()
+
+    def feed(cls):
+        engine = cls(model, sleep)
+        engine.feed(mx.array([prompt]), logits=None)
+        mx.eval(engine.state)
+
+    runs = {"reuse": [], "recompute": [], "mlx_lm": []}
+    for r in range(repeats + 1):
+        for name, fn in (("reuse", lambda: feed(SessionEngine)),
+                         ("recompute", lambda: feed(RecomputingEngine)),
+                         ("mlx_lm", lambda: prefill_mlx_lm(model, prompt))):
+            t = median_time(fn, 1)
+            if r > 0:
+                runs[name].append(t)
+    return {"length": T, **{f"{k}_tok_s": T / statistics.median(v) for k, v in runs.items()}}
 
 
 def full_window(model, sleep, rng, vocab, pieces=1):
@@ -118,10 +186,21 @@ def bench_consolidation(model, sleep, rng, vocab, repeats):
             _, state = run_chunk(model, ids, start_state, start, 1, win)
             mx.eval(state)
 
-    consolidate(), prefills()  # warm up
-    c, p = median_time(consolidate, repeats), median_time(prefills, repeats)
+    def engine_sleep():  # the engine's own, reusing the one-piece wake pass as pass 1
+        e = SessionEngine(model, sleep)
+        e.load_arrays_and_meta(*engine.arrays_and_meta())
+        start = time.perf_counter()
+        e.consolidate()
+        return time.perf_counter() - start
+
+    c, p, r = [], [], []
+    for i in range(repeats + 1):  # interleaved; the first round warms up
+        times = median_time(consolidate, 1), median_time(prefills, 1), engine_sleep()
+        if i > 0:
+            c.append(times[0]), p.append(times[1]), r.append(times[2])
+    c, p, r = statistics.median(c), statistics.median(p), statistics.median(r)
     return {"window": sleep.window, "loops": sleep.loops, "consolidation_s": c,
-            "n_prefills_s": p, "ratio": c / p}
+            "n_prefills_s": p, "ratio": c / p, "engine_reusing_wake_s": r}
 
 
 def bench_sessions(model, sleep, model_dir, lengths, rng, vocab, repeats):
@@ -244,20 +323,32 @@ def markdown(res) -> str:
     out = [f"# Chat benchmarks ({m['platform']}, {m['device']}, BLAS {m['blas']})", "",
            f"Model: {res['model']}; sleep: {res['sleep']}. One process, one machine.", "",
            "## (a) decode against session length", "",
-           "| session tokens | engine tok/s | engine peak MB | mlx-lm full-cache tok/s | "
-           "mlx-lm peak MB |", "|---|---|---|---|---|"]
+           "Median decode step over interleaved rounds; memory: what the session holds (engine "
+           "state with the live window's KV / mlx-lm's KV cache) and the decode-time peak above "
+           "it (the engine's includes the sleeps decode forces).", "",
+           "| session tokens | engine tok/s | mlx-lm full-cache tok/s | engine state MB | "
+           "mlx-lm cache MB | engine decode peak MB | mlx-lm decode peak MB |",
+           "|---|---|---|---|---|---|---|"]
     for r in res["decode"]:
-        out.append(f"| {r['length']} | {r['engine_tok_s']:.1f} | {r['engine_peak_mb']:.0f} | "
-                   f"{r['mlx_lm_tok_s']:.1f} | {r['mlx_lm_peak_mb']:.0f} |")
+        out.append(f"| {r['length']} | {r['engine_tok_s']:.1f} | {r['mlx_lm_tok_s']:.1f} | "
+                   f"{r['engine_state_mb']:.2f} | {r['mlx_lm_cache_mb']:.2f} | "
+                   f"{r['engine_decode_peak_mb']:.2f} | {r['mlx_lm_decode_peak_mb']:.2f} |")
+    f = res["prefill"]
+    out += ["", f"Prefill of {f['length']} tokens: engine {f['reuse_tok_s']:.0f} tok/s reusing the "
+            f"wake pass, {f['recompute_tok_s']:.0f} recomputing it, mlx-lm {f['mlx_lm_tok_s']:.0f} "
+            f"(ratios to mlx-lm {f['reuse_tok_s'] / f['mlx_lm_tok_s']:.2f} and "
+            f"{f['recompute_tok_s'] / f['mlx_lm_tok_s']:.2f})."]
     d = res["decode"]
     out += ["", f"Engine decode at {d[-1]['length']} / at {d[0]['length']}: "
             f"{d[-1]['engine_tok_s'] / d[0]['engine_tok_s']:.2f} (goal >= 0.95); mlx-lm: "
             f"{d[-1]['mlx_lm_tok_s'] / d[0]['mlx_lm_tok_s']:.2f}.", "",
             "## (b) one consolidation against N plain prefills of the window", "",
-            "| L | N | consolidation s | N prefills s | ratio (goal <= 1.10) |", "|---|---|---|---|---|"]
+            "| L | N | consolidation (N passes) s | N prefills s | ratio (goal <= 1.10) | "
+            "engine, wake pass reused, s |", "|---|---|---|---|---|---|"]
     c = res["consolidation"]
     out += [f"| {c['window']} | {c['loops']} | {c['consolidation_s']:.3f} | {c['n_prefills_s']:.3f} "
-            f"| {c['ratio']:.2f} |", "", "## (c) session save and load", "",
+            f"| {c['ratio']:.2f} | {c['engine_reusing_wake_s']:.3f} |", "",
+            "## (c) session save and load", "",
             "| session tokens | live window | save s | load s | state MB |", "|---|---|---|---|---|"]
     for r in res["sessions"]:
         out.append(f"| {r['length']} | {r['live_window']} | {r['save_s']:.3f} | {r['load_s']:.3f} "
@@ -291,7 +382,7 @@ def main():
     else:
         cfg = ModelConfig(vocab_size=8192, hidden_size=512, layers="attn,gdn,attn,gdn,attn,gdn",
                           num_heads=8, num_kv_heads=2)
-        sleep, lengths, n_decode, repeats = SleepConfig(loops=2, window=512), [1024, 4096, 16384], 48, 5
+        sleep, lengths, n_decode, repeats = SleepConfig(loops=2, window=512), [1024, 4096, 16384], 64, 3
     if args.lengths:
         lengths = [int(x) for x in args.lengths.split(",")]
     mx.random.seed(0)
@@ -307,7 +398,10 @@ def main():
            "model": f"HybridLM {cfg.layers}, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, "
                     f"{n_params / 1e6:.1f}M parameters",
            "sleep": sleep.to_dict()}
-    res["decode"] = bench_decode(model, sleep, lengths, n_decode, rng, cfg.vocab_size)
+    res["decode"] = bench_decode(model, sleep, lengths, n_decode, 4, rng, cfg.vocab_size)
+    res["prefill"] = bench_prefill(model, sleep, lengths[min(1, len(lengths) - 1)], rng,
+                                   cfg.vocab_size, repeats)
+    print(res["prefill"], flush=True)
     res["consolidation"] = bench_consolidation(model, sleep, rng, cfg.vocab_size, repeats)
     print(res["consolidation"], flush=True)
     res["sessions"] = bench_sessions(model, sleep, model_dir, lengths, rng, cfg.vocab_size, repeats)

@@ -116,7 +116,7 @@ def model_identity(model, model_dir: str) -> dict:
 
 class SessionEngine(SleepEngine):
     """A SleepEngine that keeps, for /forget, the state before each of its last `history`
-    consolidated windows, and calls `on_full()` when a window fills and forces a sleep."""
+    consolidated windows, and calls `on_full()` when a full window forces a sleep in feed()."""
 
     def __init__(self, model, sleep: Optional[SleepConfig] = None, history: int = 3):
         self.history, self.on_full = history, None
@@ -129,8 +129,8 @@ class SessionEngine(SleepEngine):
     def consolidate(self, cancel=None, on_pass=None) -> bool:
         if self.window_len == 0:
             return True
-        if self.window_len >= self.sleep.window and self.on_full is not None:
-            self.on_full()
+        if cancel is None and on_pass is None and self.on_full is not None:
+            self.on_full()  # feed() forcing a sleep (the others pass progress / cancel)
         before = (self.window_start_state, self.window_start)
         done = super().consolidate(cancel, on_pass)
         if done and self.history > 0:
@@ -146,11 +146,12 @@ class SessionEngine(SleepEngine):
         state, _ = self.snapshots.pop()
         self.window_start_state = self.state = state
         if self.window_ids:
-            live = mx.concatenate(self.window_ids, axis=1)
+            live, self.window_core = mx.concatenate(self.window_ids, axis=1), []
             _, self.state = run_chunk(self.model, live, state, self.window_start, 1,
-                                      self.sleep.attention_window)
+                                      self.sleep.attention_window,
+                                      core_out=self.window_core if self.sleep.loops > 1 else None)
             self.window_ids = [live]
-        mx.eval(self.state)
+        mx.eval(self.state, self.window_core)
         self.sleeps -= 1
         return True
 
