@@ -331,6 +331,8 @@ def chat(model, session_name, history, idle_delay, idle_fill, max_tokens, temp, 
         path, m, tokenizer = _load_for_chat(model_path)
         session = open_session(session_name, m, path, _sleep_override(m, window, loops, eviction),
                                history, system_prompt)
+        if system_prompt and session.meta.get("generation"):
+            click.echo("[--system-prompt applies to new sessions; this one keeps its own]", err=True)
         if seed is not None:
             mx.random.seed(seed)
         try:
