@@ -179,22 +179,22 @@ def test_chat_commands_forced_sleep_ctrl_c_idle_sleep_and_sigkill_in_a_reply(mod
 
 
 def test_idle_sleep_cancelled_by_typing_then_completed_and_sigkill_in_a_sleep(models, home):
-    chat = spawn(home, "chat", "--model", models["small"], "-s", "b", "-m", "6", "-N", "300",
+    chat = spawn(home, "chat", "--model", models["small"], "-s", "b", "-m", "6", "-N", "600",
                  "-L", "64", "--idle-delay", "1", "--idle-fill", "0.1")
     chat.expect_exact(">>> ")
     chat.sendline("hi")
     chat.expect_exact(">>> ")
-    chat.expect_exact("[idle sleep: pass 1/300]", timeout=60)
+    chat.expect_exact("[idle sleep: pass 1/600]", timeout=60)
     chat.sendline("/status")  # typed during the sleep: it cancels it and then runs
     chat.expect_exact("[sleep cancelled; the session is as it was]")
     chat.expect(r"(\d+) tokens seen, window (\d+)/64 \(\d+%\), 0 consolidations")
     seen = int(chat.match.group(1))
     assert int(chat.match.group(2)) == seen
-    chat.expect_exact("[idle sleep: pass 300/300]", timeout=120)  # quiet again: it completes
+    chat.expect_exact("[idle sleep: pass 600/600]", timeout=120)  # quiet again: it completes
     chat.expect_exact(f"[consolidated {seen} tokens; 1 consolidations so far]")
     chat.sendline("yo")
     chat.expect_exact(">>> ")
-    chat.expect_exact("[idle sleep: pass 1/300]", timeout=60)
+    chat.expect_exact("[idle sleep: pass 1/600]", timeout=60)
     os.kill(chat.pid, signal.SIGKILL)  # during a sleep
     chat.expect(pexpect.EOF)
     session = load(models, "b")
