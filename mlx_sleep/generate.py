@@ -77,3 +77,93 @@ def stream_text(engine, tokenizer, prompt_ids: Sequence[int], max_tokens: int,
 def generate(engine, tokenizer, prompt_ids: Sequence[int], max_tokens: int, **kwargs) -> str:
     """The generated text (see `stream_text`)."""
     return "".join(stream_text(engine, tokenizer, prompt_ids, max_tokens, **kwargs))
+
+
+# -- replies: text with stop strings, interruption and a record of what the engine consumed -----
+
+class Reply:
+    """What `stream_reply` produced: token ids, the text shown, why it stopped ("eos",
+    "max_tokens", "stop" or "interrupted") and how many of the tokens the engine consumed."""
+
+    def __init__(self):
+        self.tokens, self.text, self.stopped, self.consumed = [], "", None, 0
+
+
+def make_sampling(temp=0.0, top_p=0.0, top_k=0, min_p=0.0, repetition_penalty=None):
+    """(sampler, logits_processors) from mlx-lm's own constructors; temp 0 is greedy."""
+    from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+    sampler = make_sampler(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p) if temp > 0 else None
+    return sampler, make_logits_processors(repetition_penalty=repetition_penalty)
+
+
+def stream_reply(engine, tokenizer, prompt_ids: Sequence[int], max_tokens: int,
+                 stop_strings: Sequence[str] = (), interrupted: Callable[[], bool] = lambda: False,
+                 reply: Optional[Reply] = None, **kwargs) -> Iterator[str]:
+    """`stream_text` that also stops at any of `stop_strings` (not shown; text that could
+    begin one is held back until it cannot) and when `interrupted()` turns true (checked
+    between tokens). Fills `reply` as it goes."""
+    reply = Reply() if reply is None else reply
+    stop_strings = [s for s in stop_strings if s]
+    hold = max((len(s) for s in stop_strings), default=1) - 1
+    detokenizer = tokenizer.detokenizer
+    detokenizer.reset()
+    shown, full = 0, ""
+    tokens = stream_generate(engine, prompt_ids, max_tokens, stop_ids=tokenizer.eos_token_ids,
+                             **kwargs)
+    reply.stopped = "max_tokens"
+    for token in tokens:
+        reply.tokens.append(token)
+        detokenizer.add_token(token)
+        full += detokenizer.last_segment
+        cut = min((i for i in (full.find(s, max(0, shown - hold)) for s in stop_strings)
+                   if i >= 0), default=-1)
+        if cut >= 0:
+            reply.stopped, full = "stop", full[:cut]
+            break
+        if interrupted():
+            reply.stopped = "interrupted"
+            break
+        if len(full) - hold > shown:
+            yield full[shown:len(full) - hold]
+            shown = len(full) - hold
+    else:
+        if len(reply.tokens) < max_tokens:
+            reply.stopped = "eos"
+    if reply.stopped != "stop":
+        detokenizer.finalize()
+        full += detokenizer.last_segment
+    # an exhausted generator has fed every token it yielded; one stopped early, all but the last
+    reply.consumed = len(reply.tokens) - (reply.stopped in ("stop", "interrupted"))
+    if len(full) > shown:
+        yield full[shown:]
+    reply.text = full
+
+
+def chat_prompt(tokenizer, messages) -> str:
+    """The conversation rendered by the tokenizer's chat template, ready for the assistant;
+    without a template, the messages as plain lines."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+
+
+def generate_text(model, tokenizer, prompt: str, max_tokens: int = 256, sleep=None,
+                  system_prompt: Optional[str] = None, chat_template: bool = True,
+                  stop: Sequence[str] = (), seed: Optional[int] = None, **sampling) -> str:
+    """One prompt in, the reply out: the chat template (unless `chat_template=False`), a fresh
+    SleepEngine with the model's sleep settings (or `sleep`), mlx-lm sampling (`temp`, `top_p`,
+    `top_k`, `min_p`, `repetition_penalty`; greedy by default)."""
+    from .sleep import SleepEngine
+
+    if seed is not None:
+        mx.random.seed(seed)
+    if chat_template:
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
+            [{"role": "user", "content": prompt}]
+        prompt = chat_prompt(tokenizer, messages)
+    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    sampler, processors = make_sampling(**sampling)
+    engine = SleepEngine(model, sleep)
+    return "".join(stream_reply(engine, tokenizer, ids, max_tokens, stop, sampler=sampler,
+                                logits_processors=processors))

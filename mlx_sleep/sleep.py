@@ -56,12 +56,14 @@ def restart(mixer, chunk_start: dict, current: dict) -> dict:
 
 def run_chunk(model, ids, state: State, offset: int, passes: int,
               window: Optional[int] = None,
-              after_pass: Optional[Callable[[int, State], None]] = None):
+              after_pass: Optional[Callable[[int, State], None]] = None,
+              core_out: Optional[list] = None):
     """Run one chunk: prelude blocks once, core blocks `passes` times, coda blocks once.
 
     ids [B, T] at global positions offset..offset+T-1; `window` bounds attention (sliding
     eviction). `after_pass(n, state)` is called after core pass n (used to evaluate and cancel
-    between passes). Returns (features h [B, T, D], new state)."""
+    between passes). `core_out`, a list, receives the core's output features after the first
+    pass (what `continue_passes` needs). Returns (features h [B, T, D], new state)."""
     layers = model.sleep_blocks()
     start, stop = model.core
     state = list(state)
@@ -73,11 +75,37 @@ def run_chunk(model, ids, state: State, offset: int, passes: int,
         for i in range(start, stop):
             s = state[i] if n == 0 else restart(layers[i].mixer, chunk_start[i - start], state[i])
             h, state[i] = layers[i](h, s, offset, window)
+        if n == 0 and core_out is not None:
+            core_out.append(h)
         if after_pass is not None:
             after_pass(n, state)
     for i in range(stop, len(layers)):
         h, state[i] = layers[i](h, state[i], offset, window)
     return h, state
+
+
+def continue_passes(model, core_h, first_state: State, chunk_start: State, offset: int,
+                    passes: int, window: Optional[int] = None,
+                    after_pass: Optional[Callable[[int, State], None]] = None) -> State:
+    """`run_chunk(model, ids, chunk_start, offset, passes)`'s state, given its first pass
+    already run (the wake pass): `core_h` the core's output features of that pass and
+    `first_state` the state after it. The prelude ran once already, the core runs passes
+    2..N carrying the fast weights on, the coda runs once from its chunk-start state on the
+    last pass's features. It saves one pass of the N + 1 a window otherwise costs (wake, then
+    sleep); the result is the recomputed one bit for bit when the wake pass ran the window in
+    one piece (benchmarks/chat.py (e) measures both)."""
+    layers = model.sleep_blocks()
+    start, stop = model.core
+    state, h = list(first_state), core_h
+    for n in range(1, passes):
+        for i in range(start, stop):
+            h, state[i] = layers[i](h, restart(layers[i].mixer, chunk_start[i], state[i]),
+                                    offset, window)
+        if after_pass is not None:
+            after_pass(n, state)
+    for i in range(stop, len(layers)):
+        h, state[i] = layers[i](h, chunk_start[i], offset, window)
+    return state
 
 
 def evict(model, state: State, keep: int) -> State:
@@ -248,9 +276,10 @@ class SleepEngine:
     """Incremental inference with sleep, on the same code as training.
 
     Tokens fed while a window is live get one ordinary ("wake") pass each, which is what
-    generation needs. `consolidate()` sleeps on the live window: it recomputes the N passes from
-    the state saved at the window's start (exactly Algorithm 1 for that chunk), evicts, and starts
-    a new window. `feed` consolidates on its own when the window is full (a forced sleep); the
+    generation needs. `consolidate()` sleeps on the live window: Algorithm 1's N passes for that
+    chunk from the state saved at the window's start (when the window was fed in one piece, its
+    wake pass is the first of them: same tokens, same start state), then evicts and starts a new
+    window. `feed` consolidates on its own when the window is full (a forced sleep); the
     caller may consolidate earlier (an idle sleep). A cancelled consolidation changes nothing.
 
         engine = SleepEngine(model, SleepConfig(loops=4, window=256))
@@ -271,6 +300,7 @@ class SleepEngine:
         self.window_start_state = self.state
         self.window_start = 0  # global position of the live window's first token
         self.window_ids: List[mx.array] = []
+        self.window_core: List[mx.array] = []  # the wake pass's core output, if one piece
         self.offset = 0  # global position of the next token
         self.sleeps = 0  # completed consolidations
 
@@ -304,8 +334,15 @@ class SleepEngine:
             if self.window_len == L:
                 self.consolidate()
             piece = ids[:, pos:pos + L - self.window_len]
+            # Keep the wake pass's core features while the window is one piece (a prompt's full
+            # windows): its sleep then reuses them as pass 1, bit for bit what recomputing gives.
+            # A window fed in several pieces (generation) is recomputed: reusing its pieces
+            # differs within float rounding, and saves little next to L one-token steps.
+            one_piece = self.window_len == 0 and self.sleep.loops > 1
+            self.window_core = []
             h, self.state = run_chunk(self.model, piece, self.state, self.offset, 1,
-                                      self.sleep.attention_window)
+                                      self.sleep.attention_window,
+                                      core_out=self.window_core if one_piece else None)
             self.window_ids.append(piece)
             self.offset += piece.shape[1]
             pos += piece.shape[1]
@@ -313,13 +350,9 @@ class SleepEngine:
                 out.append(self.model.head(h))
             elif logits == "last" and pos == T:
                 out.append(self.model.head(h[:, -1:]))
-            if pos < T and out:
-                # More windows follow: evaluate the logits asked for now, so they do not keep
-                # this window's wake-pass intermediates alive. The wake state itself is left
-                # lazy: with N > 1 the consolidation recomputes the window from its start state
-                # and the wake state is dropped unevaluated (never computed); with N = 1 it is
-                # the consolidated state and consolidate() evaluates it.
-                mx.eval(out)
+            if pos < T:  # more windows follow: free this one's intermediates now (the wake
+                # pass is sleep pass 1 of a window fed in one piece: it is needed anyway)
+                mx.eval(self.state, self.window_core, out)
         if logits is None:
             return None
         return mx.concatenate(out, axis=1) if len(out) > 1 else out[0]
@@ -341,19 +374,25 @@ class SleepEngine:
             if cancel is not None and n + 1 < loops and cancel():
                 raise SleepCancelled
 
-        if loops == 1:
-            state = self.state  # the wake pass was the one pass
-        else:
-            ids = mx.concatenate(self.window_ids, axis=1)
-            try:
+        window = self.sleep.attention_window
+        try:
+            if loops == 1:
+                state = self.state  # the wake pass was the one pass
+            elif self.window_core:  # the window was fed in one piece
+                after_pass(0, self.state)  # the wake pass is pass 1
+                state = continue_passes(self.model, mx.concatenate(self.window_core, axis=1),
+                                        self.state, self.window_start_state, self.window_start,
+                                        loops, window, after_pass)
+            else:  # fed in pieces: recompute all N passes
+                ids = mx.concatenate(self.window_ids, axis=1)
                 _, state = run_chunk(self.model, ids, self.window_start_state, self.window_start,
-                                     loops, self.sleep.attention_window, after_pass)
-            except SleepCancelled:
-                return False
+                                     loops, window, after_pass)
+        except SleepCancelled:
+            return False
         state = evict(self.model, state, self.sleep.keep_after_eviction)
         mx.eval(state)
         self.state = self.window_start_state = state
-        self.window_start, self.window_ids = self.offset, []
+        self.window_start, self.window_ids, self.window_core = self.offset, [], []
         self.sleeps += 1
         return True
 
@@ -364,6 +403,8 @@ class SleepEngine:
         arrays = dict(tree_flatten({"state": self.state, "window_start_state": self.window_start_state}))
         if self.window_ids:
             arrays["window_ids"] = mx.concatenate(self.window_ids, axis=1)
+        if self.window_core:
+            arrays["window_core"] = mx.concatenate(self.window_core, axis=1)
         meta = {"offset": self.offset, "window_start": self.window_start, "sleeps": self.sleeps,
                 "batch_size": self.batch_size, "sleep": self.sleep.to_dict(),
                 "model": self.model.fingerprint()}
@@ -382,6 +423,7 @@ class SleepEngine:
         if differ:
             raise ValueError("saved state does not fit this engine: " + "; ".join(differ))
         window_ids = arrays.pop("window_ids", None)
+        window_core = arrays.pop("window_core", None)
         tree = tree_unflatten(list(arrays.items()))
         fresh = self.model.initial_state(self.batch_size)
         # Layers whose state is empty (attention right after eviction) are absent from the flat dict.
@@ -397,10 +439,15 @@ class SleepEngine:
                              f"with {n_live} live tokens (window L = {self.sleep.window})")
         if window_ids is not None:
             self.model.check_ids(window_ids)
+        if window_core is not None and (window_core.ndim != 3 or window_core.shape[:2] !=
+                                        (self.batch_size, n_live)):
+            raise ValueError(f"saved wake features are {tuple(window_core.shape)}, the window "
+                             f"holds {n_live} tokens")
         self.state, self.window_start_state = state, start_state
         self.offset, self.window_start = offset, window_start
         self.sleeps = int(meta.get("sleeps", 0))
         self.window_ids = [window_ids] if window_ids is not None else []
+        self.window_core = [window_core] if window_core is not None else []
 
 
 def _fill(fresh: State, loaded) -> State:

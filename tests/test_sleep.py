@@ -436,3 +436,34 @@ def test_evict_keeps_fast_weights():
     assert hard[0] == {}
     np.testing.assert_array_equal(np.array(hard[1]["S"]), np.array(engine.state[1]["S"]))
     assert float(mx.abs(hard[1]["conv"]).max()) == 0.0
+
+
+# -- the wake pass as the first sleep pass -----------------------------------------------------
+
+@pytest.mark.parametrize("layers,eviction", [("attn,gdn,jet,swa", "sliding"), ("gdn,attn", "hard")])
+def test_sleep_reuses_a_one_piece_wake_pass_bit_for_bit(layers, eviction):
+    """A window fed in one piece (a prompt's full windows) sleeps from its wake pass's features:
+    N - 1 more core passes, and the state is the recomputed one (Algorithm 1) exactly; a window
+    fed in pieces keeps no features and is recomputed."""
+    model = model_of(layers, core=(1, 2))
+    sleep = SleepConfig(loops=3, window=6, eviction=eviction)
+    ids = tokens(1, 18)
+    _, train_state = sleep_forward(model, ids, np.zeros((1, 18)), sleep)
+    engine = SleepEngine(model, sleep)
+    engine.feed(ids)  # three full windows, the last one live
+    assert engine.sleeps == 2 and len(engine.window_core) == 1
+    copy = SleepEngine(model, sleep)
+    copy.load_state_dict(engine.state_dict())  # the wake features travel with a saved state
+    passes = []
+    assert not copy.consolidate(cancel=lambda: True, on_pass=lambda n, N: passes.append(n))
+    assert passes == [1] and copy.window_len == 6  # cancelled after pass 1: unchanged
+    for e in (engine, copy):
+        assert e.consolidate()
+        for a, b in zip(e.state, train_state):
+            assert a.keys() == b.keys()
+            for k in a:
+                np.testing.assert_array_equal(np.array(a[k]), np.array(b[k]), err_msg=k)
+    pieces = SleepEngine(model, sleep)
+    pieces.feed(ids[:, :3])
+    pieces.feed(ids[:, 3:6])
+    assert pieces.window_core == [] and pieces.window_len == 6

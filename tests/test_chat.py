@@ -1,0 +1,426 @@
+"""Chat, sessions and idle consolidation, driven through the real command line (a pty via pexpect
+for the interactive chat, pipes for scripted chats, click's runner for the one-shot commands),
+on a tiny hybrid model with a byte-level tokenizer and a ChatML template built here."""
+
+import hashlib
+import io
+import json
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import mlx.core as mx
+import numpy as np
+import pexpect
+import pytest
+from click.testing import CliRunner
+
+import mlx_sleep
+from mlx_sleep.chat import Chat
+from mlx_sleep.cli import main
+from mlx_sleep.generate import Reply, generate_text, stream_reply
+from mlx_sleep.idle import (file_source, idle_source, launchd_plist, on_ac_power, systemd_units,
+                            thermally_throttled)
+from mlx_sleep.session import SessionError, open_session, weights_hash
+
+from .tiny_models import make_model_dir
+
+CLI = [sys.executable, "-m", "mlx_sleep.cli"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {"small": make_model_dir(root / "small", "hybrid", loops=2, window=16),
+            "other": make_model_dir(root / "other", "qwen3_5", loops=2, window=16)}
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    path = str(tmp_path / "home")
+    monkeypatch.setenv("MLX_SLEEP_HOME", path)
+    return path
+
+
+def env_with(home):
+    return {**os.environ, "MLX_SLEEP_HOME": home, "PYTHONUNBUFFERED": "1"}
+
+
+def cli(home, *args, input=None, timeout=300):
+    return subprocess.run(CLI + list(args), input=input, capture_output=True, text=True,
+                          env=env_with(home), timeout=timeout)
+
+
+def spawn(home, *args):
+    return pexpect.spawn(CLI[0], CLI[1:] + list(args), env=env_with(home), encoding="utf-8",
+                         codec_errors="replace", timeout=120, dimensions=(50, 400))
+
+
+def snapshot_files(path):
+    """{file: (sha256, mode)} of a directory tree: 'untouched' means this is unchanged."""
+    out = {}
+    for root, _, files in os.walk(path):
+        for f in files:
+            p = os.path.join(root, f)
+            out[os.path.relpath(p, path)] = (hashlib.sha256(open(p, "rb").read()).hexdigest(),
+                                             os.stat(p).st_mode)
+    return out
+
+
+def load(models, name, kind="small"):
+    model, _ = mlx_sleep.load(models[kind])
+    return open_session(name, model, models[kind], create=False, lock=False)
+
+
+def chat_here(models, name, lines, max_tokens=10):
+    """The chat loop in this process (what the CLI runs), on a pipe: cheaper than a process."""
+    model, tokenizer = mlx_sleep.load(models["small"])
+    session = open_session(name, model, models["small"])
+    r, w = os.pipe()
+    os.write(w, ("\n".join(lines) + "\n").encode())
+    os.close(w)
+    Chat(session, tokenizer, out=io.StringIO(), max_tokens=max_tokens, idle_delay=0).run(fd=r)
+    os.close(r)
+    session.close()
+
+
+def saved_arrays(home, name):
+    meta = json.load(open(os.path.join(home, "sessions", name, "session.json")))
+    return meta, mx.load(os.path.join(home, "sessions", name, meta["state_file"]))
+
+
+# -- generation ---------------------------------------------------------------------------------
+
+def test_generate_cli_streams_the_python_functions_greedy_reply(models, home):
+    r = cli(home, "generate", "--model", models["small"], "-p", "Hello there", "-m", "24")
+    assert r.returncode == 0, r.stderr
+    model, tokenizer = mlx_sleep.load(models["small"])
+    expected = generate_text(model, tokenizer, "Hello there", max_tokens=24)
+    assert r.stdout == expected + "\n"
+    assert re.search(r"\[\d+ prompt \+ \d+ generated tokens .* consolidations\]", r.stderr)
+    assert "Traceback" not in r.stderr
+
+
+def test_stop_strings_and_interruption(models):
+    model, tokenizer = mlx_sleep.load(models["small"])
+    full = generate_text(model, tokenizer, "abc", max_tokens=30, chat_template=False)
+    stop = full[10:13]  # a string the greedy reply contains
+    cut = generate_text(model, tokenizer, "abc", max_tokens=30, chat_template=False, stop=[stop])
+    assert cut == full[:full.find(stop)]
+    # interrupted after 5 tokens: 5 tokens kept, 4 consumed by the engine (the 5th was not fed)
+    engine = mlx_sleep.SleepEngine(model)
+    reply = Reply()
+    ids = tokenizer.encode("abc", add_special_tokens=False)
+    text = "".join(stream_reply(engine, tokenizer, ids, 30, interrupted=lambda: len(reply.tokens) >= 5,
+                                reply=reply))
+    assert reply.stopped == "interrupted" and len(reply.tokens) == 5 and reply.consumed == 4
+    assert engine.offset == len(ids) + 4 and text == tokenizer.decode(reply.tokens)
+    # seeded sampling through mlx-lm's sampler is reproducible
+    runs = [generate_text(model, tokenizer, "abc", max_tokens=12, temp=1.0, top_p=0.9, seed=3)
+            for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+# -- the interactive chat -----------------------------------------------------------------------
+
+def test_chat_commands_forced_sleep_ctrl_c_idle_sleep_and_sigkill_in_a_reply(models, home):
+    chat = spawn(home, "chat", "--model", models["small"], "-s", "a", "-m", "100000",
+                 "--idle-delay", "3", "--idle-fill", "0.25")
+    chat.expect("/help for commands")
+    chat.expect_exact(">>> ")
+    chat.sendline("hello")
+    chat.expect_exact("[window full (16 tokens): sleeping, 2 passes]")  # a forced sleep
+    chat.sendintr()  # Ctrl-C stops the reply, not the session
+    chat.expect_exact("[stopped]")
+    chat.expect(r"\[slept \d+ time\(s\) during this turn")
+    chat.expect_exact(">>> ")
+    chat.sendline("/status")
+    chat.expect(r"(\d+) tokens seen, window (\d+)/16 .* (\d+) consolidations")
+    seen, sleeps = int(chat.match.group(1)), int(chat.match.group(3))
+    assert seen > 16 and sleeps >= 1
+    chat.expect("fast weights .* process .* resident")
+    chat.sendline("/sleep")
+    chat.expect(r"\[sleeping: pass 2/2\]|nothing to consolidate")
+    chat.sendline("/forget")
+    chat.expect_exact("[forgot the last consolidation")
+    chat.sendline("/save")
+    chat.expect_exact("[saved session a")
+    chat.sendline("/help")
+    chat.expect_exact("/forget   roll back")
+    chat.sendline("/bogus")
+    chat.expect_exact("unknown command /bogus; /help lists them")
+    chat.sendline("/reset")
+    chat.expect_exact("[memory cleared")
+    chat.sendline("/status")
+    chat.expect_exact("session a: 0 tokens seen, window 0/16 (0%), 0 consolidations")
+    # idle sleep: the window is >= 25% full and nothing is typed for 3 s
+    chat.sendline("again")
+    chat.expect_exact("[window full")
+    chat.sendintr()
+    chat.expect_exact("[stopped]")
+    chat.expect_exact("[idle: sleeping on the live window]", timeout=60)
+    chat.expect_exact("[idle sleep: pass 2/2]")
+    chat.expect(r"\[consolidated \d+ tokens; (\d+) consolidations so far\]")
+    chat.sendline("/status")
+    chat.expect(r"(\d+) tokens seen, window 0/16 .* (\d+) consolidations")
+    seen, sleeps = int(chat.match.group(1)), int(chat.match.group(2))
+    # SIGKILL during a reply: the session saved after the idle sleep loads as it was
+    chat.sendline("more")
+    chat.expect_exact("[window full")
+    os.kill(chat.pid, signal.SIGKILL)
+    chat.expect(pexpect.EOF)
+    session = load(models, "a")
+    assert (session.engine.offset, session.engine.sleeps) == (seen, sleeps)
+    assert session.messages[-1]["role"] == "assistant"
+
+
+def test_idle_sleep_cancelled_by_typing_then_completed_and_sigkill_in_a_sleep(models, home):
+    chat = spawn(home, "chat", "--model", models["small"], "-s", "b", "-m", "6", "-N", "600",
+                 "-L", "64", "--idle-delay", "1", "--idle-fill", "0.1")
+    chat.expect_exact(">>> ")
+    chat.sendline("hi")
+    chat.expect_exact(">>> ")
+    chat.expect_exact("[idle sleep: pass 1/600]", timeout=60)
+    chat.sendline("/status")  # typed during the sleep: it cancels it and then runs
+    chat.expect_exact("[sleep cancelled; the session is as it was]")
+    chat.expect(r"(\d+) tokens seen, window (\d+)/64 \(\d+%\), 0 consolidations")
+    seen = int(chat.match.group(1))
+    assert int(chat.match.group(2)) == seen
+    chat.expect_exact("[idle sleep: pass 600/600]", timeout=120)  # quiet again: it completes
+    chat.expect_exact(f"[consolidated {seen} tokens; 1 consolidations so far]")
+    chat.sendline("yo")
+    chat.expect_exact(">>> ")
+    chat.expect_exact("[idle sleep: pass 1/600]", timeout=60)
+    os.kill(chat.pid, signal.SIGKILL)  # during a sleep
+    chat.expect(pexpect.EOF)
+    session = load(models, "b")
+    assert session.engine.sleeps == 1 and session.engine.window_len > 0
+    assert session.engine.offset > seen and len(session.messages) == 4
+
+
+# -- resume, files, errors ---------------------------------------------------------------------
+
+TURNS = ["one", "two", "three"]
+
+
+def test_resume_continues_exactly(models, home):
+    """Three greedy turns in one process == two, quit, resume, the third: same text, same state
+    (the window L = 16 fills, so sleeps happen inside turns and across the quit)."""
+    chat_here(models, "whole", TURNS)
+
+    for turns in (TURNS[:2], TURNS[2:]):
+        out = cli(home, "chat", "--model", models["small"], "-s", "split", "-m", "10",
+                  "--idle-delay", "0", input="\n".join(turns) + "\n")
+        assert out.returncode == 0, out.stderr
+    meta_w, arrays_w = saved_arrays(home, "whole")
+    meta_s, arrays_s = saved_arrays(home, "split")
+    assert meta_s["transcript"] == meta_w["transcript"]
+    assert [m["role"] for m in meta_s["transcript"]["messages"]] == ["user", "assistant"] * 3
+    assert meta_s["engine"] == meta_w["engine"] and meta_s["engine"]["sleeps"] >= 2
+    assert sorted(arrays_s) == sorted(arrays_w)
+    for k in arrays_w:
+        assert np.array_equal(np.array(arrays_s[k]), np.array(arrays_w[k])), k
+    # owner-only permissions
+    base = os.path.join(home, "sessions")
+    for d in (home, base, os.path.join(base, "split")):
+        assert stat.S_IMODE(os.stat(d).st_mode) == 0o700, d
+    for f in os.listdir(os.path.join(base, "split")):
+        assert stat.S_IMODE(os.stat(os.path.join(base, "split", f)).st_mode) == 0o600, f
+
+
+KILL_SAVE = """
+import os, signal, sys
+import mlx_sleep
+from mlx_sleep.session import open_session
+path, point = sys.argv[1], int(sys.argv[2])
+model, _ = mlx_sleep.load(path)
+session = open_session("k", model, path)
+session.engine.feed([[1, 2, 3, 4, 5]])
+real, calls = os.replace, [0]
+def replace(a, b):
+    calls[0] += 1
+    if calls[0] == point:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(a, b)
+os.replace = replace
+session.save()
+"""
+
+
+@pytest.mark.parametrize("point", [1, 2])  # before the state file's rename; before session.json's
+def test_sigkill_during_a_save_leaves_the_last_session(models, home, point):
+    model, _ = mlx_sleep.load(models["small"])
+    session = open_session("k", model, models["small"])
+    session.engine.feed([[7, 8, 9]])
+    session.save()
+    session.close()
+    before = snapshot_files(os.path.join(home, "sessions", "k"))
+    r = subprocess.run([sys.executable, "-c", KILL_SAVE, models["small"], str(point)],
+                       env=env_with(home), capture_output=True, text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    left = set(os.listdir(os.path.join(home, "sessions", "k"))) - set(before)
+    assert left  # the killed save left a temporary or an unreferenced state file behind
+    session = open_session("k", model, models["small"], create=False)
+    assert session.engine.offset == 3  # the last consistent session
+    session.save()  # and the next save cleans up what the killed one left
+    assert sorted(os.listdir(session.path)) == ["lock", "session.json", "state-000002.safetensors"]
+
+
+def test_wrong_model_and_truncated_sessions_fail_in_one_line_leaving_files_untouched(models, home):
+    chat_here(models, "w", ["hi"], 4)
+    path = os.path.join(home, "sessions", "w")
+    before = snapshot_files(path)
+    r = cli(home, "chat", "--model", models["other"], "-s", "w", input="hi\n")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert "belongs to another model" in r.stderr and f"--model {models['small']}" in r.stderr
+    assert snapshot_files(path) == before
+    meta = json.load(open(os.path.join(path, "session.json")))
+    state = os.path.join(path, meta["state_file"])
+    with open(state, "r+b") as f:
+        f.truncate(os.path.getsize(state) - 100)
+    before = snapshot_files(path)
+    r = cli(home, "chat", "-s", "w", input="hi\n")  # the model comes from the session
+    assert r.returncode == 1 and r.stderr.count("\n") == 1
+    assert "is corrupt" in r.stderr and "checksum" in r.stderr
+    assert snapshot_files(path) == before
+
+
+def test_corrupt_newer_and_other_weights_sessions_are_refused(models, home, tmp_path):
+    model, _ = mlx_sleep.load(models["small"])
+    session = open_session("c", model, models["small"])
+    session.engine.feed([[1, 2, 3]])
+    session.save()
+    session.close()
+    path = os.path.join(home, "sessions", "c")
+    meta_path = os.path.join(path, "session.json")
+    good = open(meta_path).read()
+
+    def refused(text, match):
+        with open(meta_path, "w") as f:
+            f.write(text)
+        before = snapshot_files(path)
+        with pytest.raises(SessionError, match=match) as e:
+            open_session("c", model, models["small"])
+        assert "\n" not in str(e.value) and snapshot_files(path) == before
+
+    refused(good[:len(good) // 2], "is corrupt .* not valid JSON")
+    refused(json.dumps({**json.loads(good), "format": 99}), "newer mlx-sleep .*format 99")
+    refused(json.dumps({**json.loads(good), "state_sha256": "0" * 64}), "does not match its checksum")
+    with open(meta_path, "w") as f:
+        f.write(good)
+    # the same architecture with other weights
+    other = make_model_dir(tmp_path / "tuned", "hybrid", loops=2, window=16)
+    weights = mx.load(os.path.join(other, "model.safetensors"))
+    weights = {k: v + 0.01 for k, v in weights.items()}
+    mx.save_safetensors(os.path.join(other, "model.safetensors"), weights)
+    assert weights_hash(other) != weights_hash(models["small"])
+    tuned, _ = mlx_sleep.load(other)
+    assert tuned.fingerprint() == model.fingerprint()
+    with pytest.raises(SessionError, match="weights differ"):
+        open_session("c", tuned, other)
+    # other sleep settings than the session's, and a second writer
+    with pytest.raises(SessionError, match="resume it without --window"):
+        open_session("c", model, models["small"], mlx_sleep.SleepConfig(loops=3, window=16))
+    first = open_session("c", model, models["small"])
+    with pytest.raises(SessionError, match="in use by another"):
+        open_session("c", model, models["small"])
+    first.close()
+
+
+def test_forget_rolls_back_exactly_and_history_is_bounded(models, home):
+    from mlx_sleep.session import SessionEngine
+    model, _ = mlx_sleep.load(models["small"])
+    sleep = mlx_sleep.SleepConfig(loops=2, window=8)
+    engine = SessionEngine(model, sleep, history=2)
+    engine.feed(mx.array([list(range(30, 38))]))  # window 1 (full, not yet consolidated)
+    engine.feed(mx.array([[50, 51, 52]]))          # consolidates window 1, window 2 live
+    assert engine.sleeps == 1
+    # reference: window 1 never happened; window 2's tokens at the same positions
+    ref = mlx_sleep.SleepEngine(model, sleep)
+    ref.offset = ref.window_start = 8
+    ref.feed(mx.array([[50, 51, 52]]))
+    assert engine.forget() and engine.sleeps == 0 and not engine.forget()
+    for a, b in zip(engine.state, ref.state):
+        for k in a:
+            assert np.allclose(np.array(a[k]), np.array(b[k]), atol=1e-5), k
+    for _ in range(4):
+        engine.feed(mx.array([list(range(60, 68))]))
+    assert len(engine.snapshots) == 2
+
+
+def test_sessions_commands(models, home):
+    chat_here(models, "s1", ["hi"], 4)
+    run = CliRunner().invoke
+    r = run(main, ["sessions", "list"])
+    assert r.exit_code == 0 and re.match(r"s1: \d+ tokens, window \d+/16", r.output), r.output
+    r = run(main, ["sessions", "show", "s1"])
+    assert "user: hi" in r.output and "assistant:" in r.output
+    r = run(main, ["sessions", "export", "s1"])
+    assert json.loads(r.output)["messages"][0] == {"role": "user", "content": "hi"}
+    r = run(main, ["sessions", "show", "nope"])
+    assert r.exit_code == 1 and "no session 'nope'" in r.output
+    r = run(main, ["sessions", "show", "../etc"])
+    assert r.exit_code == 1 and "not a session name" in r.output
+    stray = os.path.join(home, "sessions", "s1", "notes.txt")
+    open(stray, "w").write("mine")
+    r = run(main, ["sessions", "rm", "s1"])
+    assert r.exit_code == 1 and "did not write (notes.txt)" in r.output
+    os.remove(stray)
+    r = run(main, ["sessions", "rm", "s1"])
+    assert r.exit_code == 0 and not os.path.exists(os.path.join(home, "sessions", "s1"))
+
+
+# -- consolidation outside the chat ---------------------------------------------------------------
+
+def test_consolidate_when_idle_waits_yields_and_completes(models, home, tmp_path):
+    model, _ = mlx_sleep.load(models["small"])
+    for name, loops in (("q", 300),):
+        s = open_session(name, model, models["small"], mlx_sleep.SleepConfig(loops=loops, window=64))
+        s.engine.feed(mx.array([list(range(40, 80))]))
+        s.save()
+        s.close()
+    path = os.path.join(home, "sessions", "q")
+    before = snapshot_files(path)
+    flag = tmp_path / "idle"
+    flag.write_text("busy")
+    args = ["consolidate", "-s", "q", "--when-idle", "--idle-source", f"file:{flag}", "--poll", "0.1"]
+    proc = spawn(home, *args)
+    proc.expect_exact(f"waiting for the machine to be idle: {flag} says busy")
+    flag.write_text("idle")
+    proc.expect_exact("q: pass 1/300")
+    flag.write_text("busy")  # the user is back: it yields between passes, saving nothing
+    proc.expect_exact("q: yielded (the user came back; unchanged)")
+    proc.expect(pexpect.EOF)
+    assert snapshot_files(path) == before
+    flag.write_text("idle")
+    r = cli(home, *args)
+    assert r.returncode == 0 and "q: consolidated" in r.stdout, r.stdout + r.stderr
+    assert load(models, "q").engine.sleeps == 1 and load(models, "q").engine.window_len == 0
+    # without --when-idle, and the fill threshold
+    r = CliRunner().invoke(main, ["consolidate", "--all"])
+    assert r.exit_code == 0 and "q: skipped: window 0/64" in r.output, r.output
+
+
+def test_idle_sources_and_schedule():
+    assert on_ac_power("Now drawing from 'AC Power'\n -InternalBattery-0 (id=1) 100%")
+    assert not on_ac_power("Now drawing from 'Battery Power'\n -InternalBattery-0 80%")
+    assert thermally_throttled("CPU_Scheduler_Limit \t= 100\nCPU_Speed_Limit \t= 70\n")
+    assert not thermally_throttled("Note: No thermal warning level has been recorded\n"
+                                   "CPU_Speed_Limit \t= 100\n")
+    assert file_source("/nonexistent/flag")() == (False, "/nonexistent/flag says nothing")
+    ok, why = idle_source("load", max_load=1e9)()
+    assert ok and "per core" in why
+    with pytest.raises(ValueError, match="unknown idle source"):
+        idle_source("bogus")
+    import plistlib
+    agent = plistlib.loads(launchd_plist(["/bin/mlx-sleep", "consolidate", "--all"], 900))
+    assert agent["ProcessType"] == "Background" and agent["StartInterval"] == 900
+    assert agent["ProgramArguments"][1:] == ["consolidate", "--all"]
+    assert "OnUnitActiveSec=900s" in systemd_units(["mlx-sleep", "consolidate"], 900)
+    if sys.platform != "darwin":
+        r = CliRunner().invoke(main, ["schedule", "install", "--interval", "600"])
+        assert r.exit_code == 0 and "consolidate --all --when-idle" in r.output
