@@ -101,8 +101,14 @@ def convert(hf_path: str, out: str, *, dtype: Optional[str] = None, quantize: bo
                    "dtype": source_dtype(hf)},
     }
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if hf.get(key) is not None:
-            config[key] = hf[key]
+        value = hf.get(key)
+        if value is None:
+            continue
+        if not all(type(i) is int and 0 <= i < model.vocab_size
+                   for i in (value if isinstance(value, list) else [value])):
+            raise ConversionError(f"config.json: {key} {str(value)[:40]} is not a token id of the "
+                                  f"model's vocabulary of {model.vocab_size}")
+        config[key] = value
     if quantize:
         config = quantize_model(model, config, q_bits, q_group_size, model.keep_unquantized)
     weights = dict(tree_flatten(model.parameters()))

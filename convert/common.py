@@ -70,7 +70,7 @@ def check_weights(model: nn.Module, weights: dict, to_hf: Callable[[str], str]):
 
 def source_dtype(hf: dict) -> str:
     dtype = hf.get("torch_dtype") or hf.get("dtype") or "float16"
-    return dtype if dtype in DTYPES else "float16"
+    return dtype if isinstance(dtype, str) and dtype in DTYPES else "float16"
 
 
 def cast(model: nn.Module, dtype: str):

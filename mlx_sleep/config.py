@@ -8,7 +8,7 @@ instead of a shape error deep inside a layer.
 import math
 import os
 import typing
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Optional, Tuple
 
 LAYER_TYPES = ("attn", "swa", "gdn", "jet")
@@ -153,8 +153,12 @@ def _from_dict(cls, d: dict):
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
-        raise ConfigError(f"{cls.__name__}: unknown setting(s) {', '.join(unknown)}; "
+        raise ConfigError(f"{cls.__name__}: unknown setting(s) {', '.join(map(str, unknown))[:200]}; "
                           f"known: {', '.join(sorted(known))}")
+    missing = [f.name for f in fields(cls) if f.name not in d and f.default is MISSING
+               and f.default_factory is MISSING]
+    if missing:
+        raise ConfigError(f"{cls.__name__}: missing setting(s) {', '.join(missing)}")
     return cls(**d)
 
 
@@ -248,6 +252,10 @@ class ModelConfig(ModelConfigBase):
              f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({kv})")
         need(self.resolved("head_dim") >= 1,
              f"head_dim is 0: hidden_size ({self.hidden_size}) < num_heads ({self.num_heads})")
+        if {"attn", "swa"} & set(types):
+            need(self.resolved("head_dim") % 2 == 0,
+                 f"head_dim ({self.resolved('head_dim')}) must be even for RoPE attention; "
+                 "choose hidden_size and num_heads so hidden_size / num_heads is even")
         hk, hv = self.resolved("gdn_k_heads"), self.resolved("gdn_v_heads")
         need(hk >= 1 and hv % hk == 0,
              f"gdn_v_heads ({hv}) must be a multiple of gdn_k_heads ({hk})")

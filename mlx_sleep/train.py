@@ -66,6 +66,9 @@ class TrainConfig:
         for name in ("lr", "adam_lr", "grad_clip"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0 (got {getattr(self, name)})")
+        for name in ("lr", "adam_lr"):
+            if getattr(self, name) > 10:
+                raise ConfigError(f"{name} must be <= 10 (got {getattr(self, name)})")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"min_lr_ratio must be in [0, 1] (got {self.min_lr_ratio})")
 
@@ -283,6 +286,8 @@ class Trainer:
             loss, norm = self.train_step(self.task.sample(self.rng, cfg.batch_size))
             losses.append(loss)
             if not math.isfinite(loss):
+                if bar is not None:
+                    bar.close()  # the error then starts a line of its own
                 raise FloatingPointError(f"loss became {loss} at step {self.step}; lower --lr")
             elapsed = time.perf_counter() - t0
             tok_s = (self.tokens - tokens0) / max(elapsed, 1e-9)

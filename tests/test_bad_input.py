@@ -59,6 +59,17 @@ def test_unwritable_output(tmp_path):
                           "Permission denied")
 
 
+def test_unwritable_output_reported_in_one_line(tmp_path, monkeypatch):
+    """(As root nothing is unwritable: the OSError a user would get is raised by hand.)"""
+    import mlx_sleep.io
+
+    def denied(path, *a, **k):
+        raise PermissionError(13, "Permission denied", path)
+    monkeypatch.setattr(mlx_sleep.io.os, "makedirs", denied)
+    assert_one_clear_line(*cli("train", *TINY_TRAIN, "--out", tmp_path / "ro" / "run"),
+                          "ro/run: Permission denied")
+
+
 def test_output_under_a_file(tmp_path):
     (tmp_path / "file").write_text("x")
     assert_one_clear_line(*cli("train", *TINY_TRAIN, "--out", tmp_path / "file" / "run"))

@@ -26,7 +26,9 @@ COUNTS = {}  # property -> [generated, refused]
 
 
 def fuzz_settings(n):
-    return settings(max_examples=n, deadline=None, derandomize=True, database=None,
+    # FUZZ_RANDOM=1: fresh random inputs each run (the default is a fixed, reproducible sample)
+    return settings(max_examples=n, deadline=None, derandomize="FUZZ_RANDOM" not in os.environ,
+                    database=None,
                     suppress_health_check=list(HealthCheck))
 
 
