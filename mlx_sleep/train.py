@@ -27,8 +27,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import ConfigError, ModelConfig, SleepConfig, check_memory, check_types
 from .eval import evaluate
-from .io import (OutputError, acquire_lock, atomic_dir, check_file_target, claim_dir, read_json,
-                 read_json_object, recover_dir, check_regular_file, save_arrays, write_json, write_text)
+from .io import (OutputError, acquire_lock, atomic_dir, check_file_target, check_regular_file,
+                 claim_dir, read_json_object, recover_dir, save_arrays, write_json, write_text)
 from .models import HybridLM, SleepModel, model_from_config
 from .sleep import plan_chunks, sleep_loss, sleep_value_and_grad
 from .tasks import task_from_dict
@@ -329,13 +329,24 @@ class Trainer:
                 "rng": self.rng.bit_generator.state, "settings": self.settings})
 
     def load_checkpoint(self, ckpt):
-        self.model.load_weights(os.path.join(ckpt, "model.safetensors"))
-        self.optimizer.init(self.model.trainable_parameters())  # the structure to fill in
-        opt_state = tree_unflatten(list(mx.load(os.path.join(ckpt, "optimizer.safetensors")).items()))
-        self.optimizer.state = _restore_lists(opt_state, self.optimizer.state)
-        meta = read_json(os.path.join(ckpt, "trainer.json"))
-        self.step, self.tokens = meta["step"], meta["tokens"]
-        self.rng.bit_generator.state = meta["rng"]
+        """Resume from `ckpt`. A damaged one (missing or truncated files, tensors that do not
+        fit, a trainer.json of the wrong shape) is refused with one line."""
+        try:
+            weights = read_safetensors(os.path.join(ckpt, "model.safetensors"))
+            opt_state = read_safetensors(os.path.join(ckpt, "optimizer.safetensors"))
+            meta = read_json_object(os.path.join(ckpt, "trainer.json"))
+            step, tokens, rng = meta["step"], meta["tokens"], meta["rng"]
+            if type(step) is not int or type(tokens) is not int or step < 0 or tokens < 0:
+                raise ValueError(f"step {step!r} and tokens {tokens!r} must be integers >= 0")
+            self.model.load_weights(list(weights.items()))
+            self.optimizer.init(self.model.trainable_parameters())  # the structure to fill in
+            self.optimizer.state = _restore_lists(tree_unflatten(list(opt_state.items())),
+                                                  self.optimizer.state)
+            self.rng.bit_generator.state = rng
+        except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"{ckpt} is damaged ({type(e).__name__}: {str(e)[:300]}); move it "
+                              "away to start the run over") from None
+        self.step, self.tokens = step, tokens
         mx.eval(self.model.parameters(), self.optimizer.state)
 
 
@@ -347,6 +358,10 @@ def _restore_lists(loaded, template):
         return [_restore_lists(l, t) for l, t in zip(items, template)]
     if isinstance(template, dict):
         return {k: _restore_lists(loaded[k], v) if k in loaded else v for k, v in template.items()}
+    if isinstance(template, mx.array) and (not isinstance(loaded, mx.array)
+                                           or loaded.shape != template.shape):
+        raise ValueError(f"optimizer state of shape {getattr(loaded, 'shape', '?')} where "
+                         f"{template.shape} belongs")
     return loaded
 
 

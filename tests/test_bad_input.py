@@ -359,3 +359,38 @@ def test_load_run_on_a_run_missing_keys(tmp_path, run):
     (out / "config.json").write_text("{}")
     with pytest.raises(ConfigError, match="has no 'model' settings"):
         load_run(str(out))
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("trainer.json missing step", "is damaged (KeyError"),
+    ("trainer.json step a string", "must be integers >= 0"),
+    ("trainer.json a list", "not an object"),
+    ("optimizer truncated", "truncated"),
+    ("optimizer of another model", "is damaged"),
+    ("optimizer missing", "does not exist"),
+])
+def test_resuming_from_a_damaged_checkpoint(tmp_path, run, damage, message):
+    from mlx_sleep.io import save_arrays
+    out = copy_run(run, tmp_path / "run")
+    ckpt = out / "checkpoint"
+    meta = json.loads((ckpt / "trainer.json").read_text())
+    if damage == "trainer.json missing step":
+        meta.pop("step")
+    elif damage == "trainer.json step a string":
+        meta["step"] = "2"
+    if damage == "trainer.json a list":
+        (ckpt / "trainer.json").write_text("[]")
+    else:
+        (ckpt / "trainer.json").write_text(json.dumps(meta))
+    opt = ckpt / "optimizer.safetensors"
+    if damage == "optimizer truncated":
+        opt.write_bytes(opt.read_bytes()[:-10])
+    elif damage == "optimizer of another model":
+        arrays = mx.load(str(opt))
+        save_arrays(str(opt), {k: mx.zeros((3,) + v.shape) for k, v in arrays.items()})
+    elif damage == "optimizer missing":
+        opt.unlink()
+    before = snapshot(out)
+    code, output = cli("train", *TINY_TRAIN, "--out", out)
+    assert_one_clear_line(code, output, message)
+    assert snapshot(out) == before

@@ -294,3 +294,12 @@ def test_claim_dir_api_for_sessions(tmp_path):
     with io.lock_dir(path, "a chat session"):
         with pytest.raises(io.OutputError, match="in use by a chat session"):
             io.acquire_lock(path, "a chat session")
+
+
+def test_demo_refuses_a_directory_of_other_files(tmp_path):
+    (tmp_path / "results.md").write_text("my results")
+    before = snapshot(tmp_path)
+    assert_one_clear_line(*cli("demo", "--out", tmp_path, "--steps", "1"), "did not create")
+    assert_one_clear_line(*cli("demo", "--out", tmp_path, "--steps", "1", "--force"),
+                          "results.md")  # --force never replaces a file it did not write
+    assert snapshot(tmp_path) == before

@@ -6,13 +6,14 @@ file that existed before byte-for-byte the same.
 The default suite runs a small, fixed (derandomized) sample of each property; `-m slow` runs the
 same properties on >= 1,000 generated inputs in all and prints the counts."""
 
+import contextlib
 import json
 import math
 import os
 import shutil
+import signal
 import struct
 import tempfile
-import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 
 from tests.reliability import TINY_TRAIN, assert_one_clear_line, cli, make_hf_checkpoint, snapshot
 
-FAST, SLOW = 15, 300  # examples per property: default suite, -m slow
+FAST, SLOW = 12, 250  # examples per property: default suite, -m slow
 TIME_LIMIT = 60  # seconds one input may take (tiny models: a hang shows up as this)
 COUNTS = {}  # property -> [generated, refused]
 
@@ -32,12 +33,29 @@ def fuzz_settings(n):
                     suppress_health_check=list(HealthCheck))
 
 
+class Hang(BaseException):
+    """Not an Exception: nothing in the tool may catch it and call it a clean error."""
+
+
+@contextlib.contextmanager
+def time_limit(what):
+    """Fail (instead of hanging the suite) when one input runs past TIME_LIMIT."""
+    def expired(signum, frame):
+        raise Hang(f"still running after {TIME_LIMIT} s: {what}")
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(TIME_LIMIT)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def check(name, root, args, must_fail=False):
     """Run the CLI; the properties every input must keep."""
     before = snapshot(root)
-    t0 = time.perf_counter()
-    code, output = cli(*args)
-    assert time.perf_counter() - t0 < TIME_LIMIT, args
+    with time_limit(args):
+        code, output = cli(*args)
     counts = COUNTS.setdefault(name, [0, 0])
     counts[0] += 1
     if code != 0 or must_fail:
@@ -169,7 +187,7 @@ def safetensors_property(tmp_path, run, data):
 
 
 BAD_SIZES = st.sampled_from(["0", "-1", "-5", "1.5", "1e20", "10000000000", "2147483648",
-                             "abc", "", "nan", " 3", "0x10", "99999999"])
+                             "abc", "", "nan", " 3", "0x10", "1000000001"])
 ANY_NUMBER = st.one_of(BAD_SIZES, st.sampled_from(["1", "2", "3", "0.01", "1e-3", "inf", "-inf",
                                                    "1e308", "-0.0", "5e-324"]))
 TRAIN_FLAGS = {  # flag -> values (sizes that would train for long only from the bad pool)
@@ -229,37 +247,78 @@ def convert_and_eval_flags_property(tmp_path, run, data):
     check("convert/eval flags", root, [*base, *args])
 
 
+def trainer_json_property(tmp_path, run, data):
+    """A run's checkpoint/trainer.json, mutated, resumed by `train`."""
+    root = fresh(tmp_path)
+    out = shutil.copytree(run, os.path.join(root, "run"))
+    path = os.path.join(out, "checkpoint", "trainer.json")
+    write_config(path, mutate(json.load(open(path)), data.draw), data.draw)
+    before = snapshot(os.path.join(out, "checkpoint"))
+    if check("trainer.json", root, ["train", *TINY_TRAIN, "--out", out]) != 0:
+        assert snapshot(os.path.join(out, "checkpoint")) == before  # refused: untouched
+
+
+def model_config_property(tmp_path, model_dir, data):
+    """A converted model's config.json, mutated, opened with mlx_sleep.load: a one-line
+    ValueError / OSError or a model, never anything else; the directory unchanged."""
+    import mlx_sleep
+
+    root = fresh(tmp_path)
+    path = shutil.copytree(model_dir, os.path.join(root, "m"))
+    config = json.load(open(os.path.join(path, "config.json")))
+    write_config(os.path.join(path, "config.json"), mutate(config, data.draw), data.draw)
+    before = snapshot(root)
+    counts = COUNTS.setdefault("model config.json", [0, 0])
+    counts[0] += 1
+    try:
+        with time_limit(path):
+            mlx_sleep.load(path)
+    except (ValueError, OSError) as e:
+        counts[1] += 1
+        assert "\n" not in str(e) and len(str(e)) > 10, repr(e)
+    assert snapshot(root) == before
+
+
 PROPERTIES = {
     "run_config": (run_config_property, True),
     "hf_config": (hf_config_property, False),
     "safetensors": (safetensors_property, True),
     "train_flags": (train_flags_property, False),
     "convert_eval_flags": (convert_and_eval_flags_property, True),
+    "trainer_json": (trainer_json_property, True),
+    "model_config": (model_config_property, "model"),
 }
 
 
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from tests.tiny_models import make_model_dir
+    return make_model_dir(tmp_path_factory.mktemp("fuzzmodel") / "m", "hybrid")
+
+
 def _test(name, n):
-    prop, needs_run = PROPERTIES[name]
+    prop, needs = PROPERTIES[name]
 
     @fuzz_settings(n)
     @given(data=st.data())
-    def inner(tmp_path, run, data):
-        prop(tmp_path, run, data) if needs_run else prop(tmp_path, data)
+    def inner(tmp_path, run, model_dir, data):
+        extra = {True: (run,), False: (), "model": (model_dir,)}[needs]
+        prop(tmp_path, *extra, data)
     return inner
 
 
 @pytest.mark.parametrize("name", sorted(PROPERTIES))
-def test_fuzz(tmp_path, run, name, monkeypatch):
+def test_fuzz(tmp_path, run, model_dir, name, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    _test(name, FAST)(tmp_path, run)
+    _test(name, FAST)(tmp_path, run, model_dir)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(PROPERTIES))
-def test_fuzz_large(tmp_path, run, name, monkeypatch):
+def test_fuzz_large(tmp_path, run, model_dir, name, monkeypatch):
     monkeypatch.chdir(tmp_path)
     COUNTS.clear()
-    _test(name, SLOW)(tmp_path, run)
+    _test(name, SLOW)(tmp_path, run, model_dir)
     generated, refused = next(iter(COUNTS.values()))
     print(f"\nfuzz {name}: {generated} inputs, {refused} refused with one line")
     assert generated >= 200
