@@ -103,7 +103,9 @@ def check_output(out: str, force: bool, src: Optional[str] = None):
 
 def save_model_dir(out: str, config: dict, weights: Dict[str, mx.array], src: Optional[str]):
     """config.json, safetensors shards (+ index when more than one), tokenizer files; written
-    under a temporary name and renamed into place only when complete."""
+    under a temporary name and renamed into place only when complete. `out` may only be new
+    or a model this tool converted (see check_output)."""
+    check_replaceable_dir(out, "model", force=True, protect=[src] if src else [])
     shards, size = [{}], 0
     for k in sorted(weights):
         v = weights[k]

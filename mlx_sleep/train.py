@@ -184,6 +184,8 @@ class Trainer:
         if os.path.exists(config_path) and os.path.exists(ckpt):
             saved = read_json_object(config_path, " (a run's settings)")
             saved.setdefault("model_type", "hybrid")  # runs from before model types were recorded
+            if isinstance(saved.get("train"), dict):  # settings added since: their defaults
+                saved["train"] = {**asdict(TrainConfig()), **saved["train"]}
             new = {k: v for k, v in self.settings.items() if k in saved}
             diff = settings_diff({k: saved[k] for k in new}, new)
             diff = [d for d in diff if not d.startswith("train.compile:")]  # same math either way

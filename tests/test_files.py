@@ -94,6 +94,17 @@ def test_rerunning_a_finished_run_with_the_same_settings_changes_nothing_it_keep
     assert (out / "checkpoint" / "model.safetensors").read_bytes() == weights
 
 
+def test_a_run_from_before_a_training_setting_existed_still_resumes(tmp_path, run_dir):
+    out = copy_run(run_dir, tmp_path / "run")
+    config = json.loads((out / "config.json").read_text())
+    del config["train"]["random_chunks"]  # recorded by an older version: its default applies
+    (out / "config.json").write_text(json.dumps(config))
+    code, output = cli("train", *TINY_TRAIN, "--out", out)
+    assert code == 0, output
+    code, output = cli("train", *TINY_TRAIN, "--out", out, "--random-chunks")
+    assert_one_clear_line(code, output, "train.random_chunks: false -> true")
+
+
 def convert(src, out, *extra):
     return cli("convert", "--hf-path", src, "--out", out, *extra)
 
