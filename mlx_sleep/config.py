@@ -19,6 +19,7 @@ MAX_INT = 2**31 - 1  # MLX shapes are 32-bit
 MAX_LOOPS = 256  # N: each pass is a full forward (and backward) over the window
 MAX_WINDOW = 1 << 20
 MAX_BLOCKS = 4096  # blocks the sleep engine runs per pass (Ouro: total_ut_steps x stack)
+MAX_DIM = 1 << 24  # any one size (vocabulary, width, heads): products of two still fit memory checks
 
 
 class ConfigError(ValueError):
@@ -131,6 +132,10 @@ class ModelConfigBase:
         return self.core if self.core is not None else (0, self.num_sleep_blocks)
 
     def validate(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if type(value) is int and value > MAX_DIM:
+                raise ConfigError(f"{f.name} must be <= {MAX_DIM} (got {value})")
         if self.num_sleep_blocks > MAX_BLOCKS:
             raise ConfigError(f"{self.num_sleep_blocks} blocks{self.core_what} is more than "
                               f"{MAX_BLOCKS}, the most one pass runs")
@@ -252,6 +257,10 @@ class ModelConfig(ModelConfigBase):
              f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({kv})")
         need(self.resolved("head_dim") >= 1,
              f"head_dim is 0: hidden_size ({self.hidden_size}) < num_heads ({self.num_heads})")
+        for name in ("intermediate_size", "head_dim", "gdn_head_k_dim", "gdn_head_v_dim"):
+            need(self.resolved(name) <= MAX_DIM,
+                 f"{name} must be <= {MAX_DIM} (got {self.resolved(name)} from hidden_size "
+                 f"{self.hidden_size})")
         if {"attn", "swa"} & set(types):
             need(self.resolved("head_dim") % 2 == 0,
                  f"head_dim ({self.resolved('head_dim')}) must be even for RoPE attention; "

@@ -30,7 +30,8 @@ from .config import ConfigError
 
 MARKER = ".mlx-sleep"
 OWNERS = {"run": "a training run (mlx-sleep train)", "model": "a converted model (mlx-sleep convert)",
-          "demo": "a demo (mlx-sleep demo)", "session": "a chat session"}
+          "demo": "a demo (mlx-sleep demo)", "session": "a chat session",
+          "results": "evaluation results (mlx-sleep eval --out)"}
 TMP_PREFIX = ".mlx-sleep-tmp-"
 STREAMS = {"-": "stdout", "/dev/stdout": "stdout", "/dev/stderr": "stderr"}
 

@@ -107,7 +107,10 @@ def make_optimizer(cfg: TrainConfig, model: SleepModel):
 def build_model(model_cfg: ModelConfig, seed: int, evaluate: bool = True) -> HybridLM:
     """A HybridLM initialised from `seed` (lazily, until evaluated: its size is known first)."""
     mx.random.seed(seed)
-    model = HybridLM(model_cfg)
+    try:
+        model = HybridLM(model_cfg)
+    except OverflowError as e:  # a size product past MLX's 32-bit shapes
+        raise ConfigError(f"a model with these sizes cannot be built: {e}")
     if evaluate:
         mx.eval(model.parameters())
     return model

@@ -37,7 +37,9 @@ def train(tmp_path, *extra):
     (["--weight-decay", "-0.1"], "weight_decay must be in 0.."),
     (["--lr", "nan"], "lr must be a finite number"),
     (["--lr", "inf"], "lr must be a finite number"),
-    (["--hidden-size", "10000000"], "more than this machine's"),
+    (["--hidden-size", "4000000"], "more than this machine's"),
+    (["--hidden-size", "10000000"], "intermediate_size must be <= 16777216"),
+    (["--hidden-size", "64", "--heads", "16777216"], "head_dim is 0"),
     (["--hidden-size", "1.5"], "'1.5' is not a valid integer"),
     (["--heads", "0"], "num_heads must be >= 1"),
     (["--layers", "attn," * 5000 + "gdn"], "the most one pass runs"),
@@ -109,7 +111,8 @@ def copy_run(run, dest):
     (lambda c: c.pop("task"), "has no 'task' settings"),
     (lambda c: c["model"].update(hidden_size=1.5), "hidden_size must be an integer"),
     (lambda c: c["model"].update(vocab_size=10**12), "vocab_size must be an integer"),
-    (lambda c: c["model"].update(vocab_size=2**31 - 1), "more than this machine's"),
+    (lambda c: c["model"].update(vocab_size=2**31 - 1), "vocab_size must be <= 16777216"),
+    (lambda c: c["model"].update(vocab_size=2**24, hidden_size=2**14), "more than this machine's"),
     (lambda c: c.update(model_type=["hybrid"]), "unsupported model_type"),
     (lambda c: c["task"].update(n_strings=3), "do not fit the model's vocabulary"),
     (lambda c: c["sleep"].update(loops="2"), "loops (N) must be an integer"),
@@ -178,7 +181,7 @@ def test_convert_config_of_the_wrong_shape(tmp_path, raw, message):
     (lambda c: c.update(model_type=["jet_nemotron"]), "unsupported architecture"),
     (lambda c: c.update(num_attention_heads=0), "config.json:"),
     (lambda c: c.update(vocab_size=10**12), "config.json:"),
-    (lambda c: c.update(vocab_size=2**30), "config.json disagrees with the weights"),
+    (lambda c: c.update(vocab_size=2**20), "config.json disagrees with the weights"),
     (lambda c: c.update(hidden_size=1.5), "config.json:"),
     (lambda c: c.update(num_hidden_layers=100000), "config.json:"),
 ])
@@ -325,10 +328,16 @@ def test_settings_objects_check_what_enters(make, message):
 
 
 def test_ouro_config_bounds():
+    from mlx_sleep.models import model_from_config
     from mlx_sleep.models.ouro import OuroConfig
     base = dict(vocab_size=8, hidden_size=8, num_layers=2, num_heads=2, intermediate_size=8)
-    with pytest.raises(ConfigError, match="more than 4096"):
+    with pytest.raises(ConfigError, match="cannot be built|more than this machine"):
+        model_from_config("ouro", {**base, "num_heads": 1 << 16, "num_kv_heads": 1 << 16,
+                                   "head_dim": 1 << 16})
+    with pytest.raises(ConfigError, match="total_ut_steps must be <="):
         OuroConfig(**base, total_ut_steps=10**9)
+    with pytest.raises(ConfigError, match="more than 4096"):
+        OuroConfig(**base, total_ut_steps=5000)
     with pytest.raises(ConfigError, match="jet_after must be"):
         OuroConfig(**base, jet_after=[0.5])
 

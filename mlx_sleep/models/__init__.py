@@ -23,7 +23,10 @@ def model_from_config(model_type: str, config: dict, force: bool = False) -> Sle
         raise ConfigError(f"unsupported model_type {model_type!r}; supported: "
                           f"{', '.join(sorted(MODEL_TYPES))}")
     config_cls, model_cls = MODEL_TYPES[model_type]
-    model = model_cls(config_cls.from_dict(config))
+    try:
+        model = model_cls(config_cls.from_dict(config))
+    except OverflowError as e:  # a size product past MLX's 32-bit shapes
+        raise ConfigError(f"a {model_type} model with these sizes cannot be built: {e}")
     check_memory(sum(v.nbytes for _, v in tree_flatten(model.parameters())),
                  f"a {model_type} model with these settings", force)
     return model
