@@ -31,7 +31,7 @@ __all__ = ["convert", "build", "ConversionError", "CONVERTERS"]
 
 def converter_for(hf: dict):
     model_type = hf.get("model_type")
-    if model_type not in CONVERTERS:
+    if not isinstance(model_type, str) or model_type not in CONVERTERS:
         raise ConversionError(f"unsupported architecture {model_type!r}; supported: "
                               f"{', '.join(sorted(CONVERTERS))}")
     return CONVERTERS[model_type]
@@ -48,8 +48,12 @@ def build(src: str, *, core: Optional[Tuple[int, int]] = None, insert_jet_layers
         raise ConversionError(f"--insert-jet-layers applies to Ouro models, not {conv.MODEL_TYPE}")
     try:
         config = conv.from_hf_config(hf)
-    except (ConfigError, TypeError, ValueError) as e:
-        raise ConversionError(f"config.json: {e}")
+    except (ConfigError, TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError) as e:
+        raise ConversionError(f"config.json: {type(e).__name__ if isinstance(e, KeyError) else ''}"
+                              f"{e}")
+    if not isinstance(insert_jet_layers, int) or not 0 <= insert_jet_layers <= config.num_layers:
+        raise ConversionError(f"--insert-jet-layers must be in 0..{config.num_layers} (at most one "
+                              f"per block; got {insert_jet_layers})")
     weights = conv.prepare_weights(rename_weights(read_weights(src), conv.to_ours), config)
     model = conv.Model(config)
     check_weights(model, weights, conv.to_hf)
@@ -76,13 +80,14 @@ def convert(hf_path: str, out: str, *, dtype: Optional[str] = None, quantize: bo
     created, complete, at the very end."""
     from .common import cast, check_output, quantize as quantize_model, save_model_dir, source_dtype
 
-    check_output(out, force)
+    check_output(out, force, hf_path if os.path.isdir(hf_path) else None)
     try:
         sleep = SleepConfig(**{**DEFAULT_SLEEP, **{k: v for k, v in dict(
             loops=loops, window=window, eviction=eviction).items() if v is not None}})
     except ConfigError as e:
         raise ConversionError(str(e))
     src = resolve_source(hf_path)
+    check_output(out, force, src)
     model, conv, hf = build(src, core=core, insert_jet_layers=insert_jet_layers)
     cast(model, dtype or source_dtype(hf))
     config = {
@@ -96,8 +101,14 @@ def convert(hf_path: str, out: str, *, dtype: Optional[str] = None, quantize: bo
                    "dtype": source_dtype(hf)},
     }
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if hf.get(key) is not None:
-            config[key] = hf[key]
+        value = hf.get(key)
+        if value is None:
+            continue
+        if not all(type(i) is int and 0 <= i < model.vocab_size
+                   for i in (value if isinstance(value, list) else [value])):
+            raise ConversionError(f"config.json: {key} {str(value)[:40]} is not a token id of the "
+                                  f"model's vocabulary of {model.vocab_size}")
+        config[key] = value
     if quantize:
         config = quantize_model(model, config, q_bits, q_group_size, model.keep_unquantized)
     weights = dict(tree_flatten(model.parameters()))

@@ -3,7 +3,6 @@ Face config, checking tensors against the model, dtype and quantization, and wri
 model directory atomically. config.json is read as JSON: nothing in a checkpoint is executed.
 """
 
-import json
 import os
 import shutil
 from typing import Callable, Dict, Optional
@@ -12,7 +11,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from ..io import atomic_dir, write_json
+from ..io import (MARKER, atomic_dir, check_replaceable_dir, file_mode, read_json_object,
+                  save_arrays, write_json)
 from ..weights import CheckpointError, listing, shape_str
 
 # One error for reading and converting checkpoints.
@@ -28,13 +28,12 @@ MAX_SHARD_BYTES = 5 << 30  # as mlx-lm
 
 def read_config(src: str) -> dict:
     path = os.path.join(src, "config.json")
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         raise ConversionError(f"{src} has no config.json")
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConversionError(f"{path} is not valid JSON: {e}")
+        return read_json_object(path)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConversionError(str(e))
 
 
 # -- checking tensors against the model -------------------------------------------------------
@@ -71,7 +70,7 @@ def check_weights(model: nn.Module, weights: dict, to_hf: Callable[[str], str]):
 
 def source_dtype(hf: dict) -> str:
     dtype = hf.get("torch_dtype") or hf.get("dtype") or "float16"
-    return dtype if dtype in DTYPES else "float16"
+    return dtype if isinstance(dtype, str) and dtype in DTYPES else "float16"
 
 
 def cast(model: nn.Module, dtype: str):
@@ -96,16 +95,17 @@ def quantize(model: nn.Module, config: dict, bits: int, group_size: int,
 
 # -- writing ----------------------------------------------------------------------------------
 
-def check_output(out: str, force: bool):
-    if os.path.exists(out) and not force:
-        raise ConversionError(f"{out} already exists; pass --force to replace it")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ConversionError(f"{out} exists and is not a directory")
+def check_output(out: str, force: bool, src: Optional[str] = None):
+    """`out` may be (re)written as a whole: see io.check_replaceable_dir (never the source, the
+    current directory or a parent of either; with --force only a converted model of ours)."""
+    check_replaceable_dir(out, "model", force, protect=[src] if src else [])
 
 
 def save_model_dir(out: str, config: dict, weights: Dict[str, mx.array], src: Optional[str]):
     """config.json, safetensors shards (+ index when more than one), tokenizer files; written
-    under a temporary name and renamed into place only when complete."""
+    under a temporary name and renamed into place only when complete. `out` may only be new
+    or a model this tool converted (see check_output)."""
+    check_replaceable_dir(out, "model", force=True, protect=[src] if src else [])
     shards, size = [{}], 0
     for k in sorted(weights):
         v = weights[k]
@@ -115,14 +115,12 @@ def save_model_dir(out: str, config: dict, weights: Dict[str, mx.array], src: Op
         shards[-1][k] = v
         size += v.nbytes
     with atomic_dir(out) as tmp:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # a model directory, not a private one (mkdtemp makes 0700)
+        write_json(os.path.join(tmp, MARKER), {"owner": "model", "written_by": "mlx-sleep"})
         weight_map = {}
         for i, shard in enumerate(shards):
             name = ("model.safetensors" if len(shards) == 1
                     else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors")
-            mx.save_safetensors(os.path.join(tmp, name), shard, metadata={"format": "mlx"})
+            save_arrays(os.path.join(tmp, name), shard, metadata={"format": "mlx"})
             weight_map.update({k: name for k in shard})
         if len(shards) > 1:
             total = sum(v.nbytes for v in weights.values())
@@ -132,5 +130,6 @@ def save_model_dir(out: str, config: dict, weights: Dict[str, mx.array], src: Op
             for f in TOKENIZER_FILES:
                 if os.path.isfile(os.path.join(src, f)):
                     shutil.copyfile(os.path.join(src, f), os.path.join(tmp, f))
+                    os.chmod(os.path.join(tmp, f), file_mode())
         write_json(os.path.join(tmp, "config.json"), config)
     return out

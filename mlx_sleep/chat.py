@@ -22,7 +22,6 @@ import sys
 import threading
 import time
 
-import mlx.core as mx
 
 from .generate import Reply, chat_prompt, make_sampling, stream_reply
 

@@ -24,13 +24,21 @@ PAPER_PRESETS = {
 class Failure(click.ClickException):
     """A one-line error for the user (exit code 1)."""
 
+    def __init__(self, message):
+        super().__init__(" ".join(str(message).split()))
+
 
 def _run_safely(fn):
     """Turn expected errors (bad settings, missing files) into one clear line, not a traceback."""
     try:
         return fn()
-    except (ConfigError, ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (ConfigError, ValueError, FloatingPointError) as e:
         raise Failure(str(e)) from None
+    except OSError as e:  # unwritable, not a directory, disk full, ...: the path and the reason
+        where = f"{e.filename}: " if e.filename else ""
+        raise Failure(f"{where}{e.strerror or e}") from None
+    except MemoryError:
+        raise Failure("out of memory; make the model, batch or window smaller") from None
 
 
 def _parse_options(pairs):
@@ -89,10 +97,12 @@ def main():
 @click.option("--random-chunks", is_flag=True, help="Train with random chunk lengths <= L.")
 @click.option("--compile/--no-compile", default=None, help="mx.compile the step (default: on with Metal).")
 @click.option("--paper", is_flag=True, help="The paper's full model/task/batch settings (for a Mac GPU).")
+@click.option("--force", is_flag=True, help="Write into a directory holding other files (never "
+              "replacing them); train what may not fit in memory. See docs/files.md.")
 def train(task_name, loops, window, eviction, out, task_option, hidden_size, layers, heads,
           kv_heads, core, steps, batch_size, lr, adam_lr, weight_decay, warmup, grad_clip, seed,
           eval_every, eval_samples, checkpoint_every, activation_checkpoint, random_chunks,
-          compile, paper):
+          compile, paper, force):
     """Train a hybrid from scratch on a synthetic task with N sleep loops."""
     from .tasks import get_task
     from .train import TrainConfig, Trainer, default_compile
@@ -118,7 +128,7 @@ def train(task_name, loops, window, eviction, out, task_option, hidden_size, lay
                           activation_checkpoint=activation_checkpoint,
                           random_chunks=random_chunks,
                           compile=default_compile() if compile is None else compile, **train_kw)
-        trainer = Trainer(out, model_cfg, sleep, task, cfg)
+        trainer = Trainer(out, model_cfg, sleep, task, cfg, force=force)
         if trainer.step:
             click.echo(f"resuming {out} at step {trainer.step}")
         trainer.run()
@@ -166,7 +176,7 @@ def eval_cmd(checkpoint, loops, window, eviction, samples, batch_size, seed, jso
     """Accuracy by difficulty (t for Rule 110, hops k for Depo) of a trained run, or a model on
     GSM-Infinite (--model DIR --task gsm-infinite)."""
     from .eval import evaluate, format_table, plot
-    from .io import write_json
+    from .io import check_file_target, write_json
     from .train import load_run
 
     if task_name == "gsm-infinite" or gsm["score_path"]:
@@ -178,6 +188,9 @@ def eval_cmd(checkpoint, loops, window, eviction, samples, batch_size, seed, jso
         raise Failure("pass --checkpoint RUN (a training run), or --model DIR --task gsm-infinite")
 
     def go():
+        for path in (json_path, plot_path):  # before the work, not after it
+            if path:
+                check_file_target(path)
         nonlocal loops
         if loops is not None and not str(loops).isdigit():
             raise ConfigError(f"--loops {loops!r}: one integer N >= 1 here (a list is for "
@@ -210,11 +223,14 @@ def eval_cmd(checkpoint, loops, window, eviction, samples, batch_size, seed, jso
 @click.option("--out", default="demo_out", show_default=True, type=click.Path(file_okay=False))
 @click.option("--steps", type=int, default=None, help="Training steps per run (default: the demo's).")
 @click.option("--loops", "-N", type=int, multiple=True, help="Loop counts to compare (default: 1 and 2).")
-def demo(out, steps, loops):
+@click.option("--force", is_flag=True, help="Write into a directory holding other files (never "
+              "replacing them).")
+def demo(out, steps, loops, force):
     """Train N = 1 and N > 1 on a small synthetic task, evaluate both, print and plot."""
     from .demo import run_demo
 
-    _run_safely(lambda: run_demo(out, steps=steps, loops=tuple(loops) or None, echo=click.echo))
+    _run_safely(lambda: run_demo(out, steps=steps, loops=tuple(loops) or None, echo=click.echo,
+                                 force=force))
 
 
 @main.group()
@@ -263,7 +279,8 @@ def doctor():
               help="Looped block range (default per architecture; see docs/models.md).")
 @click.option("--insert-jet-layers", type=int, default=0, metavar="K",
               help="Ouro: insert K MLP-free Jet layers (outputs unchanged until fine-tuned).")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--force", is_flag=True, help="Replace OUT if it is a model converted by mlx-sleep "
+              "(never the source, the current directory or a parent of either).")
 def convert(hf_path, out, dtype, quantize, q_bits, q_group_size, loops, window, eviction, core,
             insert_jet_layers, force):
     """Import a Jet-Nemotron, Ouro, Qwen3.5, Qwen3-Next or OLMo Hybrid checkpoint into an MLX

@@ -5,15 +5,99 @@ themselves on construction, so a bad flag or a hand-edited config.json fails wit
 instead of a shape error deep inside a layer.
 """
 
-from dataclasses import asdict, dataclass, fields
+import math
+import os
+import typing
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Optional, Tuple
 
 LAYER_TYPES = ("attn", "swa", "gdn", "jet")
 EVICTION_MODES = ("hard", "sliding")
+# Limits that bound time and memory before anything is allocated (memory itself is checked
+# against the machine by check_memory).
+MAX_INT = 2**31 - 1  # MLX shapes are 32-bit
+MAX_LOOPS = 1024  # N: each pass is a full forward (and backward) over the window (the paper: <= 6)
+MAX_WINDOW = 1 << 20
+MAX_BLOCKS = 4096  # blocks the sleep engine runs per pass (Ouro: total_ut_steps x stack)
+MAX_DIM = 1 << 24  # any one size (vocabulary, width, heads): products of two still fit memory checks
 
 
 class ConfigError(ValueError):
     """A setting is out of range or inconsistent; the message says which and what to do."""
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _type_ok(value, hint) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:
+        return any(_type_ok(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool) and abs(value) <= MAX_INT
+    if hint is float:
+        return (isinstance(value, (int, float)) and not isinstance(value, bool)
+                and math.isfinite(value))
+    if hint is str:
+        return isinstance(value, str)
+    if hint is dict or origin is dict:
+        return isinstance(value, dict)
+    if origin in (tuple, list):
+        if not isinstance(value, (tuple, list)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis and len(value) != len(args):
+            return False
+        item = args[0] if args else None
+        return item is None or all(_type_ok(v, item) for v in value)
+    return True
+
+
+def _type_name(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:
+        names = [_type_name(a) for a in args if a is not type(None)]
+        return " or ".join(names) + (" or null" if type(None) in args else "")
+    if origin is tuple:
+        return f"a list of {len(args)} integers"
+    if origin is list:
+        return "a list of integers"
+    return {int: f"an integer (|x| <= {MAX_INT})", float: "a finite number", bool: "true or false",
+            str: "a string", dict: "an object"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def check_types(obj):
+    """Every field of the dataclass `obj` has the type its annotation says (bools are not
+    integers, floats are finite, integers fit MLX's 32-bit shapes): one line naming it."""
+    for name, hint in typing.get_type_hints(type(obj)).items():
+        if name not in {f.name for f in fields(obj)}:
+            continue
+        value = getattr(obj, name)
+        if not _type_ok(value, hint):
+            raise ConfigError(f"{type(obj).__name__}: {name} must be {_type_name(hint)} "
+                              f"(got {_show(value)})")
+
+
+def machine_memory() -> int:
+    """Physical memory in bytes (0 when unknown)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def check_memory(nbytes: int, what: str, force: bool = False):
+    """Refuse (unless `force`) what cannot fit the machine's memory."""
+    total = machine_memory()
+    if not force and total and nbytes > total:
+        raise ConfigError(f"{what} needs about {nbytes / 2**30:,.1f} GiB, more than this "
+                          f"machine's {total / 2**30:,.1f} GiB; make it smaller "
+                          "(or pass --force to try anyway)")
 
 
 def middle_half_core(num_layers: int) -> Tuple[int, int]:
@@ -39,6 +123,7 @@ class ModelConfigBase:
     core_what = ""  # how the error message names the blocks the core counts
 
     def __post_init__(self):
+        check_types(self)
         self.core = tuple(self.core) if self.core is not None else None  # JSON gives a list
         self.validate()
 
@@ -47,6 +132,13 @@ class ModelConfigBase:
         return self.core if self.core is not None else (0, self.num_sleep_blocks)
 
     def validate(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if type(value) is int and value > MAX_DIM:
+                raise ConfigError(f"{f.name} must be <= {MAX_DIM} (got {value})")
+        if self.num_sleep_blocks > MAX_BLOCKS:
+            raise ConfigError(f"{self.num_sleep_blocks} blocks{self.core_what} is more than "
+                              f"{MAX_BLOCKS}, the most one pass runs")
         check_core(self.core_range, self.num_sleep_blocks, self.core_what)
 
     def to_dict(self) -> dict:
@@ -61,11 +153,17 @@ class ModelConfigBase:
 
 
 def _from_dict(cls, d: dict):
+    if not isinstance(d, dict):
+        raise ConfigError(f"{cls.__name__}: settings must be a JSON object (got {_show(d)})")
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
-        raise ConfigError(f"{cls.__name__}: unknown setting(s) {', '.join(unknown)}; "
+        raise ConfigError(f"{cls.__name__}: unknown setting(s) {', '.join(map(str, unknown))[:200]}; "
                           f"known: {', '.join(sorted(known))}")
+    missing = [f.name for f in fields(cls) if f.name not in d and f.default is MISSING
+               and f.default_factory is MISSING]
+    if missing:
+        raise ConfigError(f"{cls.__name__}: missing setting(s) {', '.join(missing)}")
     return cls(**d)
 
 
@@ -141,7 +239,13 @@ class ModelConfig(ModelConfigBase):
                 raise ConfigError(msg)
 
         need(self.vocab_size >= 2, f"vocab_size must be >= 2 (got {self.vocab_size})")
-        need(self.hidden_size >= 1, f"hidden_size must be >= 1 (got {self.hidden_size})")
+        for name in ("hidden_size", "intermediate_size", "head_dim", "gdn_head_k_dim",
+                     "gdn_head_v_dim", "swa_window"):
+            value = getattr(self, name)
+            need(value is None or value >= 1, f"{name} must be >= 1 (got {value})")
+        for name in ("rope_theta", "norm_eps", "gdn_norm_eps"):
+            value = getattr(self, name)
+            need(value is None or value > 0, f"{name} must be > 0 (got {value})")
         types = self.layer_types
         need(len(types) >= 1, "layers must name at least one block, e.g. 'attn,gdn,attn,gdn'")
         bad = [t for t in types if t not in LAYER_TYPES]
@@ -153,6 +257,14 @@ class ModelConfig(ModelConfigBase):
              f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({kv})")
         need(self.resolved("head_dim") >= 1,
              f"head_dim is 0: hidden_size ({self.hidden_size}) < num_heads ({self.num_heads})")
+        for name in ("intermediate_size", "head_dim", "gdn_head_k_dim", "gdn_head_v_dim"):
+            need(self.resolved(name) <= MAX_DIM,
+                 f"{name} must be <= {MAX_DIM} (got {self.resolved(name)} from hidden_size "
+                 f"{self.hidden_size})")
+        if {"attn", "swa"} & set(types):
+            need(self.resolved("head_dim") % 2 == 0,
+                 f"head_dim ({self.resolved('head_dim')}) must be even for RoPE attention; "
+                 "choose hidden_size and num_heads so hidden_size / num_heads is even")
         hk, hv = self.resolved("gdn_k_heads"), self.resolved("gdn_v_heads")
         need(hk >= 1 and hv % hk == 0,
              f"gdn_v_heads ({hv}) must be a multiple of gdn_k_heads ({hk})")
@@ -182,11 +294,13 @@ class SleepConfig:
     eviction: str = "hard"
 
     def __post_init__(self):
-        if not isinstance(self.loops, int) or self.loops < 1:
-            raise ConfigError(f"loops (N) must be an integer >= 1 (got {self.loops})")
-        if not isinstance(self.window, int) or self.window < 1:
-            raise ConfigError(f"window (L) must be an integer >= 1 (got {self.window})")
-        if self.eviction not in EVICTION_MODES:
+        for name, what, top in (("loops", "loops (N)", MAX_LOOPS), ("window", "window (L)", MAX_WINDOW)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{what} must be an integer >= 1 (got {_show(value)})")
+            if value > top:
+                raise ConfigError(f"{what} must be <= {top} (got {value})")
+        if not isinstance(self.eviction, str) or self.eviction not in EVICTION_MODES:
             raise ConfigError(f"eviction must be one of {', '.join(EVICTION_MODES)} "
                               f"(got {self.eviction!r})")
 

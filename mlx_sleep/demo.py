@@ -10,8 +10,8 @@ import os
 import time
 
 from .config import ModelConfig, SleepConfig
-from .eval import format_table, plot
-from .io import write_json
+from .eval import evaluate, format_table, plot
+from .io import claim_dir, write_json, write_text
 from .tasks import get_task
 from .train import TrainConfig, Trainer
 
@@ -28,7 +28,7 @@ DEMO = dict(
 )
 
 
-def run_demo(out: str, steps=None, loops=None, echo=print):
+def run_demo(out: str, steps=None, loops=None, echo=print, force: bool = False):
     settings = {k: dict(v) if isinstance(v, dict) else v for k, v in DEMO.items()}
     if steps is not None:
         settings["train"]["steps"] = steps
@@ -36,6 +36,8 @@ def run_demo(out: str, steps=None, loops=None, echo=print):
     task_kw = dict(settings["task"])
     task = get_task(task_kw.pop("name"), **task_kw)
     dname = "t (steps)" if task.name == "rule110" else "k (hops)"
+    claim_dir(out, "demo", force, writes=("accuracy.png", "results.json", "results.md",
+                                          *(f"N{n}" for n in loops)))
     echo(f"demo: {task.describe()}")
     echo(f"model {settings['model']}, {settings['train']['steps']} steps of batch "
          f"{settings['train']['batch_size']} for each N in {list(loops)}")
@@ -46,16 +48,18 @@ def run_demo(out: str, steps=None, loops=None, echo=print):
         trainer = Trainer(os.path.join(out, f"N{n}"),
                           ModelConfig(vocab_size=task.vocab_size, **settings["model"]),
                           SleepConfig(loops=n, window=task.window, eviction=task.eviction),
-                          task, TrainConfig(seed=0, **settings["train"]))
+                          task, TrainConfig(seed=0, **settings["train"]), force=force)
         evals = []
         trainer.run(on_eval=lambda step, r: evals.append(r))
+        if not evals:  # a finished run from before: evaluate it as the last step did
+            evals.append(evaluate(trainer.model, task, trainer.sleep, trainer.cfg.eval_samples,
+                                  trainer.cfg.batch_size, seed=trainer.cfg.seed + 1))
         results[f"N = {n}"] = evals[-1]
         timing[f"N = {n}"] = time.time() - t0
     table = (f"### exact match (all queries of a sequence right)\n\n"
              f"{format_table(results, dname, 'exact')}\n\n"
              f"### per-query accuracy\n\n{format_table(results, dname, 'token')}\n")
     echo("\n" + table)
-    os.makedirs(out, exist_ok=True)
     png = os.path.join(out, "accuracy.png")
     chance = 1 / task.max_nodes if task.name == "depo" and task.min_nodes == task.max_nodes else None
     plot(results, png, f"{task.name}: accuracy by difficulty, equal training tokens",
@@ -63,7 +67,6 @@ def run_demo(out: str, steps=None, loops=None, echo=print):
     write_json(os.path.join(out, "results.json"),
                {"settings": settings, "task": task.to_dict(), "results": results,
                 "seconds": timing})
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(table)
+    write_text(os.path.join(out, "results.md"), table)
     echo(f"wrote {png}, results.json and results.md to {out}")
     return results

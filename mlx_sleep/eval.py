@@ -5,7 +5,8 @@ from typing import Dict, Optional
 import mlx.core as mx
 import numpy as np
 
-from .config import SleepConfig
+from .config import ConfigError, SleepConfig
+from .io import atomic_path, check_file_target, stream
 from .sleep import sleep_forward
 from .tasks.base import score
 
@@ -25,6 +26,11 @@ def evaluate(model, task, sleep: SleepConfig, samples: int = 256, batch_size: in
 
     Each difficulty draws from its own seeded generator, so results do not depend on which
     other difficulties are evaluated or in what order."""
+    for name, value in (("samples", samples), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1 << 24:
+            raise ConfigError(f"{name} must be an integer in 1..{1 << 24} (got {value!r})")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
+        raise ConfigError(f"seed must be an integer in 0..{2**31 - 1} (got {seed!r})")
     difficulties = task.eval_difficulties if difficulties is None else difficulties
     bar = None
     if progress:
@@ -96,5 +102,11 @@ def plot(results_by_run: Dict[str, Dict[int, dict]], path: str, title: str = "",
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path)
+    if check_file_target(path) == "stream":
+        out = stream(path)
+        out.flush()
+        fig.savefig(getattr(out, "buffer", out), format="png")
+    else:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
     plt.close(fig)

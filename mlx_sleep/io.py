@@ -1,12 +1,94 @@
-"""Files written so that a crash never leaves half of them: temporary file, fsync, rename."""
+"""Every file the tools write goes through here: what they may write where, and how.
+
+The policy (docs/files.md):
+  * An output directory belongs to mlx-sleep once it holds a marker file (`.mlx-sleep`) naming
+    its owner: a training run, a converted model, a demo, a chat session. The tools write into
+    a directory that is theirs of that kind, new or empty; one holding anything else is refused
+    unless the user passes --force, and even then no file already there is replaced.
+  * A directory is deleted (replaced) only when it is the tool's own output of that kind, and
+    never when it is the source being converted, the current directory or one of its parents.
+  * Only regular files are replaced. A symlink, FIFO, device or directory where a file would go
+    is refused with one line; /dev/stdout and /dev/stderr (or "-") are written through.
+  * Files are written to a temporary name, fsynced and renamed (a crash leaves the old or the
+    new file, never half of one); their mode follows the umask. Temporary names carry the
+    writer's pid, so the next run removes those whose process is gone.
+  * One training (or session) per directory at a time: `lock_dir` holds a lock on its marker.
+"""
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
+import stat
+import sys
 import tempfile
 
 import mlx.core as mx
+
+from .config import ConfigError
+
+MARKER = ".mlx-sleep"
+OWNERS = {"run": "a training run (mlx-sleep train)", "model": "a converted model (mlx-sleep convert)",
+          "demo": "a demo (mlx-sleep demo)", "session": "a chat session",
+          "results": "evaluation results (mlx-sleep eval --out)"}
+TMP_PREFIX = ".mlx-sleep-tmp-"
+STREAMS = {"-": "stdout", "/dev/stdout": "stdout", "/dev/stderr": "stderr"}
+
+
+class OutputError(ConfigError):
+    """Writing there could lose a user's file; the message says why and what to do."""
+
+
+# -- modes and temporary names ----------------------------------------------------------------
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    return 0o666 & ~_umask()
+
+
+def dir_mode() -> int:
+    return 0o777 & ~_umask()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temps(directory: str):
+    """Remove the temporary files/directories a killed writer left in `directory` (their
+    names carry the writer's pid; only those of processes that are gone)."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(TMP_PREFIX):
+            continue
+        pid = name[len(TMP_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+            continue
+        path = os.path.join(directory, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+
+
+def _tmp_prefix(name: str = "") -> str:
+    return f"{TMP_PREFIX}{os.getpid()}-{name}"
 
 
 def _fsync_dir(path):
@@ -20,19 +102,187 @@ def _fsync_dir(path):
         os.close(fd)
 
 
+# -- what may be written where ----------------------------------------------------------------
+
+def _kind(st) -> str:
+    mode = st.st_mode
+    for test, what in ((stat.S_ISLNK, "a symlink"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory")):
+        if test(mode):
+            return what
+    return "a regular file" if stat.S_ISREG(mode) else "a special file"
+
+
+def check_file_target(path: str) -> str:
+    """Where a file is about to be written: "replace" (absent or a regular file: written
+    atomically), "stream" (/dev/stdout, /dev/stderr, "-": written through). Anything else
+    raises OutputError."""
+    if path in STREAMS:
+        return "stream"
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        parent = os.path.dirname(os.path.abspath(path))
+        if os.path.exists(parent) and not os.path.isdir(parent):
+            raise OutputError(f"cannot write {path}: {parent} is not a directory")
+        return "replace"
+    if stat.S_ISREG(st.st_mode):
+        return "replace"
+    raise OutputError(f"{path} is {_kind(st)}; mlx-sleep only replaces regular files "
+                      "(it would replace it with one): name a new file path")
+
+
+def check_regular_file(path: str, what: str = "") -> str:
+    """For reading: `path` must be an existing regular file (a FIFO would block, a directory
+    or device is not a file of ours)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist{what}")
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{path} is {_kind(st)}, not a regular file{what}")
+    return path
+
+
+def owner_of(path: str):
+    """The owner recorded in `path`'s marker (run, model, demo, session), or None. Directories
+    written before markers existed are recognised by their contents."""
+    marker = os.path.join(path, MARKER)
+    if os.path.isfile(marker):
+        try:
+            with open(marker) as f:
+                owner = json.load(f).get("owner")
+            return owner if owner in OWNERS else None
+        except (OSError, ValueError, AttributeError):
+            return None
+    config = os.path.join(path, "config.json")
+    if os.path.isfile(os.path.join(path, "checkpoint", "trainer.json")) and os.path.isfile(config):
+        return "run"
+    if os.path.isfile(os.path.join(path, "results.json")) and owner_of(os.path.join(path, "N1")) == "run":
+        return "demo"
+    if os.path.isfile(config):
+        try:
+            with open(config) as f:
+                if json.load(f).get("format") == "mlx-sleep":
+                    return "model"
+        except (OSError, ValueError, AttributeError):
+            return None
+    return None
+
+
+def _write_marker(path: str, owner: str):
+    write_json(os.path.join(path, MARKER), {"owner": owner, "written_by": "mlx-sleep"})
+
+
+def claim_dir(path: str, owner: str, force: bool = False, writes=()) -> str:
+    """Make `path` an output directory of `owner` (see OWNERS) that the tool writes into in
+    place: created if absent (mode from the umask); accepted if it is already ours of that
+    kind or empty; a directory holding other files only with `force`, and even then none of
+    the names in `writes` may already exist there (they would be replaced)."""
+    if owner not in OWNERS:
+        raise ValueError(f"unknown owner {owner!r}")
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise OutputError(f"{path} exists and is not a directory; name a new directory")
+    if not os.path.exists(path):
+        os.makedirs(path, mode=dir_mode())
+        _write_marker(path, owner)
+        return path
+    found = owner_of(path)
+    if found == owner:
+        if not os.path.exists(os.path.join(path, MARKER)):
+            _write_marker(path, owner)
+        return path
+    if found is not None:
+        raise OutputError(f"{path} holds {OWNERS[found]}, not {OWNERS[owner]}; "
+                          "use another directory")
+    entries = sorted(n for n in os.listdir(path) if not n.startswith(TMP_PREFIX))
+    if entries and not force:
+        raise OutputError(f"{path} holds files mlx-sleep did not create ({', '.join(entries[:3])}"
+                          f"{' ...' if len(entries) > 3 else ''}); use a new or empty directory, "
+                          "or --force to write next to them")
+    clash = [n for n in writes if os.path.lexists(os.path.join(path, n))]
+    if clash:
+        raise OutputError(f"{path} already holds {', '.join(clash)} (not written by mlx-sleep); "
+                          "even with --force they are never replaced: use another directory")
+    _write_marker(path, owner)
+    return path
+
+
+def _is_within(inner: str, outer: str) -> bool:
+    inner, outer = os.path.realpath(inner), os.path.realpath(outer)
+    return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
+
+
+def check_replaceable_dir(path: str, owner: str, force: bool = False, protect=()) -> str:
+    """`path` is about to be written as a whole (atomic_dir: built aside, swapped in, the old
+    copy deleted). Allowed when it does not exist, or with `force` when it is the tool's own
+    output of `owner` (or empty) and is not the current directory or a parent of it, nor one
+    of `protect` (e.g. the conversion source) or a parent of one."""
+    if os.path.islink(path):
+        raise OutputError(f"{path} is a symlink; name the directory itself or a new path")
+    if not os.path.lexists(path):
+        parent = os.path.dirname(os.path.abspath(path))
+        if os.path.exists(parent) and not os.path.isdir(parent):
+            raise OutputError(f"cannot create {path}: {parent} is not a directory")
+        return path
+    if not os.path.isdir(path):
+        raise OutputError(f"{path} exists and is not a directory; name a new directory")
+    for keep in [os.getcwd(), *protect]:
+        if keep is not None and _is_within(keep, path):
+            what = "the current directory" if keep == os.getcwd() else keep
+            raise OutputError(f"{path} contains (or is) {what}; it is never replaced: name a "
+                              "new output directory")
+    if not force:
+        raise OutputError(f"{path} already exists; pass --force to replace it")
+    if owner_of(path) != owner and os.listdir(path):
+        raise OutputError(f"{path} is not {OWNERS[owner]}; --force replaces only mlx-sleep's own "
+                          "output: name a new directory")
+    return path
+
+
 @contextlib.contextmanager
-def atomic_path(path, mode=0o644):
-    """Yield a temporary path next to `path`; on success it replaces `path` in one rename."""
+def lock_dir(path: str, what: str = "a training"):
+    """Hold an exclusive lock on `path`'s marker while the block runs: a second process (or
+    object) working in the same directory gets one line instead of corrupting the first."""
+    fd = acquire_lock(path, what)
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def acquire_lock(path: str, what: str = "a training") -> int:
+    """The fd holding the lock (close it to release); see lock_dir."""
+    fd = os.open(os.path.join(path, MARKER), os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OutputError(f"{path} is in use by {what} in another process (or object); "
+                          "wait for it to finish or use another directory")
+    return fd
+
+
+# -- atomic writers ---------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def atomic_path(path, mode=None):
+    """Yield a temporary path next to `path`; on success it replaces `path` in one rename.
+    `path` must be absent or a regular file (check_file_target); mode: the umask's."""
+    if check_file_target(path) == "stream":
+        raise OutputError(f"{path} is a stream; this file cannot be written there")
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
+    os.makedirs(directory, mode=dir_mode(), exist_ok=True)
+    clean_stale_temps(directory)
     suffix = os.path.splitext(path)[1]  # mx.save_safetensors insists on the extension
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(), suffix=suffix, dir=directory)
     os.close(fd)
     try:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, mode)
+        os.chmod(tmp, file_mode() if mode is None else mode)
         os.replace(tmp, path)
         _fsync_dir(directory)
     except BaseException:
@@ -41,21 +291,58 @@ def atomic_path(path, mode=0o644):
         raise
 
 
-def write_json(path, obj, mode=0o644):
+def stream(path):
+    """The open text stream for /dev/stdout, /dev/stderr or "-" (written through: opening
+    /dev/stdout again would truncate the file the shell redirected it to)."""
+    return getattr(sys, STREAMS[path])
+
+
+def write_text(path, text: str):
+    """Atomically, or through when `path` is /dev/stdout, /dev/stderr or "-"."""
+    if check_file_target(path) == "stream":
+        stream(path).write(text)
+        stream(path).flush()
+        return
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            f.write(text)
+
+
+def write_json(path, obj, mode=None):
+    if check_file_target(path) == "stream":
+        return write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
     with atomic_path(path, mode) as tmp:
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=True)
             f.write("\n")
 
 
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
+def read_json(path, what: str = ""):
+    """A JSON file; errors name the file (and `what` it should be)."""
+    check_regular_file(path, what)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}){what}")
 
 
-def save_arrays(path, arrays: dict, metadata: dict = None, mode=0o644):
+def read_json_object(path, what: str = "") -> dict:
+    obj = read_json(path, what)
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{path} holds a JSON {type(obj).__name__}, not an object{what}")
+    return obj
+
+
+def save_arrays(path, arrays: dict, metadata: dict = None, mode=None):
     with atomic_path(path, mode) as tmp:
         mx.save_safetensors(tmp, arrays, metadata=metadata or {})
+
+
+def _old_copy(path):
+    """Where atomic_dir keeps the previous copy between its two renames."""
+    parent, name = os.path.split(os.path.abspath(path))
+    return os.path.join(parent, f".{name}.mlx-sleep-old")
 
 
 @contextlib.contextmanager
@@ -63,16 +350,25 @@ def atomic_dir(path):
     """Build a directory under a temporary name; on success swap it in for `path`.
 
     If the process dies mid-way, `path` is either the old complete directory or the new one
-    (a leftover `path.old` is the previous complete copy, used by `recover_dir`)."""
+    (a leftover old copy is the previous complete directory, used by `recover_dir`). The new
+    directory's mode follows the umask. `path` itself must be a real directory or absent
+    (a symlink there would be replaced by a directory)."""
     parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+    if os.path.islink(path):
+        raise OutputError(f"{path} is a symlink; mlx-sleep replaces this directory on every "
+                          "save: make it a plain directory (or remove the link)")
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise OutputError(f"{path} exists and is not a directory")
+    os.makedirs(parent, mode=dir_mode(), exist_ok=True)
+    clean_stale_temps(parent)
+    tmp = tempfile.mkdtemp(prefix=_tmp_prefix(os.path.basename(path) + "-"), dir=parent)
     try:
+        os.chmod(tmp, dir_mode())  # mkdtemp makes 0700
         yield tmp
         _fsync_dir(tmp)
-        old = path + ".old"
+        old = _old_copy(path)
         if os.path.exists(path):
-            if os.path.exists(old):
+            if os.path.lexists(old):
                 shutil.rmtree(old)
             os.replace(path, old)
         os.replace(tmp, path)
@@ -86,7 +382,7 @@ def atomic_dir(path):
 
 def recover_dir(path):
     """After a crash between the two renames of `atomic_dir`, bring back the previous copy."""
-    old = path + ".old"
-    if not os.path.exists(path) and os.path.exists(old):
+    old = _old_copy(path)
+    if not os.path.lexists(path) and os.path.isdir(old) and not os.path.islink(old):
         os.replace(old, path)
     return path

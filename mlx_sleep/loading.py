@@ -16,8 +16,8 @@ from typing import Optional
 
 import mlx.core as mx
 
-from .config import SleepConfig
-from .io import read_json
+from .config import ConfigError, SleepConfig
+from .io import read_json_object
 from .models import model_from_config
 from .weights import apply_quantization, read_weights, resolve_source
 
@@ -25,27 +25,42 @@ from .weights import apply_quantization, read_weights, resolve_source
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
-def load_model(path_or_id: str, lazy: bool = False):
+def load_model(path_or_id: str, lazy: bool = False, force: bool = False):
     """The model of a converted directory (or a supported Hugging Face checkpoint), with its
-    sleep settings as `model.sleep_config` (a SleepConfig)."""
+    sleep settings as `model.sleep_config` (a SleepConfig). A config that cannot fit the
+    machine's memory is refused unless `force`."""
     path = resolve_source(path_or_id)
-    if not os.path.exists(os.path.join(path, "config.json")):
+    if not os.path.lexists(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path} has no config.json")
-    config = read_json(os.path.join(path, "config.json"))
+    config = read_json_object(os.path.join(path, "config.json"))
     if "model" not in config or "sleep" not in config:  # a Hugging Face checkpoint: convert
         from .convert import DEFAULT_SLEEP, build
         model, _, _ = build(path)
         model.sleep_config = SleepConfig(**DEFAULT_SLEEP)
         return model
-    model = model_from_config(config.get("model_type", "hybrid"), config["model"])
+    model = model_from_config(config.get("model_type", "hybrid"), config["model"], force=force)
+    sleep = SleepConfig.from_dict(config["sleep"])
     weights = read_weights(path)
     apply_quantization(model, config, weights)
     model.load_weights(list(weights.items()))
     if not lazy:
         mx.eval(model.parameters())
     model.eval()
-    model.sleep_config = SleepConfig.from_dict(config["sleep"])
+    model.sleep_config = sleep
     return model
+
+
+def check_tokenizer(model, tokenizer, eos_ids=()):
+    """A tokenizer that can produce ids the model has no embedding for is refused (MLX would
+    read past the embedding table). Models may have more rows than tokens (padding), not fewer."""
+    n = len(tokenizer._tokenizer) if hasattr(tokenizer, "_tokenizer") else len(tokenizer)
+    if n > model.vocab_size:
+        raise ConfigError(f"the tokenizer has {n} tokens but the model's vocabulary only "
+                          f"{model.vocab_size}: they do not belong together")
+    for i in eos_ids:
+        if not 0 <= i < model.vocab_size:
+            raise ConfigError(f"eos_token_id {i} is outside the model's vocabulary of "
+                              f"{model.vocab_size}")
 
 
 def load(path_or_id: str, tokenizer_config: Optional[dict] = None, lazy: bool = False):
@@ -58,8 +73,12 @@ def load(path_or_id: str, tokenizer_config: Optional[dict] = None, lazy: bool = 
         raise FileNotFoundError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
                                 "use load_model() for the weights alone")
     model = load_model(path, lazy=lazy)
-    config = read_json(os.path.join(path, "config.json"))
+    config = read_json_object(os.path.join(path, "config.json"))
     eos = config.get("eos_token_id")
     eos = [eos] if isinstance(eos, int) else eos
+    if eos is not None and not (isinstance(eos, list) and all(type(i) is int for i in eos)):
+        raise ConfigError(f"{path}/config.json: eos_token_id must be an integer or a list of "
+                          f"integers (got {eos!r})")
     tokenizer = load_tokenizer(Path(path), tokenizer_config or {}, eos_token_ids=eos)
+    check_tokenizer(model, tokenizer, eos or ())
     return model, tokenizer

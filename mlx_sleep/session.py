@@ -22,7 +22,6 @@ import contextlib
 import fcntl
 import glob
 import hashlib
-import json
 import os
 import re
 import struct
@@ -32,7 +31,7 @@ from typing import List, Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .config import SleepConfig
+from .config import ConfigError, SleepConfig
 from .io import read_json, save_arrays, write_json
 from .sleep import SleepEngine, _check_state, _fill, run_chunk
 
@@ -196,8 +195,8 @@ def read_meta(name: str) -> dict:
         raise SessionError(f"no session {name!r} in {sessions_dir()} (mlx-sleep sessions list)")
     try:
         meta = read_json(meta_path)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise SessionError(f"session {name!r} is corrupt ({meta_path} is not valid JSON); "
+    except ConfigError as e:  # not valid JSON, or not a regular file
+        raise SessionError(f"session {name!r} is corrupt ({e}); "
                            f"remove it with `mlx-sleep sessions rm {name}` or use another name")
     if not isinstance(meta, dict) or not isinstance(meta.get("format"), int):
         raise SessionError(f"session {name!r} is corrupt ({meta_path} has no format version)")

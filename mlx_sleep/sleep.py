@@ -414,7 +414,18 @@ class SleepEngine:
         """Restore a `state_dict()`. A state saved with other sleep settings, another batch size
         or another model (fingerprint), or whose arrays do not fit this model, is refused with
         a ValueError naming what differs; the engine is then left unchanged."""
+        if not (isinstance(d, dict) and isinstance(d.get("meta"), dict)
+                and isinstance(d.get("arrays"), dict)):
+            raise ValueError("not a saved engine state: expected engine.state_dict()'s "
+                             "{'meta': {...}, 'arrays': {...}}")
         meta, arrays = d["meta"], dict(d["arrays"])
+        for key in ("offset", "window_start", "sleeps"):
+            if not (key == "sleeps" and key not in meta) and \
+                    (type(meta.get(key)) is not int or meta[key] < 0):
+                raise ValueError(f"saved state is inconsistent: meta {key!r} must be an integer "
+                                 f">= 0 (got {meta.get(key)!r})")
+        if not all(isinstance(v, mx.array) for v in arrays.values()):
+            raise ValueError("saved state is inconsistent: its arrays must be mx.array")
         mine = {"sleep settings": self.sleep.to_dict(), "batch size": self.batch_size,
                 "model": self.model.fingerprint()}
         saved = {"sleep settings": meta.get("sleep"), "batch size": meta.get("batch_size"),

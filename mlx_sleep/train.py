@@ -25,12 +25,14 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .config import ConfigError, ModelConfig, SleepConfig
+from .config import ConfigError, ModelConfig, SleepConfig, check_memory, check_types
 from .eval import evaluate
-from .io import atomic_dir, read_json, recover_dir, save_arrays, write_json
+from .io import (OutputError, acquire_lock, atomic_dir, check_file_target, check_regular_file,
+                 claim_dir, read_json_object, recover_dir, save_arrays, write_json, write_text)
 from .models import HybridLM, SleepModel, model_from_config
 from .sleep import plan_chunks, sleep_loss, sleep_value_and_grad
 from .tasks import task_from_dict
+from .weights import read_safetensors
 
 
 @dataclass
@@ -56,19 +58,31 @@ class TrainConfig:
     random_chunks: bool = False  # sample chunk lengths in [1, L] (see sleep.chunk_bounds)
 
     def __post_init__(self):
-        for name in ("steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1 (got {getattr(self, name)})")
-        for name in ("lr", "adam_lr"):
+        check_types(self)
+        for name, lo, hi in LIMITS:
+            value = getattr(self, name)
+            if not lo <= value <= hi:
+                raise ConfigError(f"{name} must be in {lo}..{hi} (got {value})")
+        for name in ("lr", "adam_lr", "grad_clip"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0 (got {getattr(self, name)})")
-        if self.warmup < 0 or self.grad_clip <= 0:
-            raise ConfigError("warmup must be >= 0 and grad_clip > 0")
+        for name in ("lr", "adam_lr"):
+            if getattr(self, name) > 10:
+                raise ConfigError(f"{name} must be <= 10 (got {getattr(self, name)})")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1] (got {self.min_lr_ratio})")
 
     @classmethod
     def from_dict(cls, d):
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# (setting, lowest, highest) of TrainConfig's integers (and weight decay); bounds keep a typo
+# from running for years or taking the machine's memory.
+LIMITS = (("steps", 1, 10**9), ("batch_size", 1, 1 << 20), ("warmup", 0, 10**9),
+          ("seed", 0, 2**31 - 1), ("eval_every", 0, 10**9), ("eval_samples", 1, 1 << 24),
+          ("checkpoint_every", 0, 10**9), ("log_every", 1, 10**9), ("weight_decay", 0, 1e3))
 
 
 def default_compile() -> bool:
@@ -90,11 +104,39 @@ def make_optimizer(cfg: TrainConfig, model: SleepModel):
     return optim.MultiOptimizer([muon, adamw], [lambda path, weight: path in matrices])
 
 
-def build_model(model_cfg: ModelConfig, seed: int) -> HybridLM:
+def build_model(model_cfg: ModelConfig, seed: int, evaluate: bool = True) -> HybridLM:
+    """A HybridLM initialised from `seed` (lazily, until evaluated: its size is known first)."""
     mx.random.seed(seed)
-    model = HybridLM(model_cfg)
-    mx.eval(model.parameters())
+    try:
+        model = HybridLM(model_cfg)
+    except OverflowError as e:  # a size product past MLX's 32-bit shapes
+        raise ConfigError(f"a model with these sizes cannot be built: {e}")
+    if evaluate:
+        mx.eval(model.parameters())
     return model
+
+
+def training_bytes(model: SleepModel, sleep: SleepConfig, seq_len: int, cfg: "TrainConfig") -> int:
+    """A rough upper estimate of a training step's memory: weights, gradients and optimizer
+    state (4 copies of the parameters) plus the activations kept for backward (a few
+    vectors per block, pass and token; per chunk with activation checkpointing) and logits."""
+    params = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    width = model.embed(mx.zeros((1, 1), dtype=mx.int32)).shape[-1]  # lazy: shapes only
+    tokens = cfg.batch_size * (min(sleep.window, seq_len) if cfg.activation_checkpoint else seq_len)
+    blocks = len(model.sleep_blocks())
+    return 4 * params + 16 * tokens * width * blocks * sleep.loops + 12 * tokens * model.vocab_size
+
+
+def settings_diff(saved: dict, new: dict, prefix: str = "") -> list:
+    """["train.lr: 0.002 -> 0.001", ...]: the settings that differ between two runs."""
+    out = []
+    for k in sorted(set(saved) | set(new)):
+        a, b = saved.get(k, "(unset)"), new.get(k, "(unset)")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += settings_diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {json.dumps(a)[:30]} -> {json.dumps(b)[:30]}")
+    return out
 
 
 class Trainer:
@@ -105,17 +147,20 @@ class Trainer:
     HybridLM trained from scratch (initialised from `train.seed`)."""
 
     def __init__(self, out_dir: str, model, sleep: SleepConfig, task,
-                 train: TrainConfig, progress: bool = True, log=print):
+                 train: TrainConfig, progress: bool = True, log=print, force: bool = False):
         self.out_dir, self.sleep, self.task, self.cfg = out_dir, sleep, task, train
         self.progress, self.log = progress, log
         if sleep.window > task.seq_len:
             raise ConfigError(f"window L={sleep.window} is larger than the task's sequence "
                               f"length T={task.seq_len}; use --window <= {task.seq_len}")
         if isinstance(model, ModelConfig):
-            model = build_model(model, train.seed)
+            model = build_model(model, train.seed, evaluate=False)
         if model.vocab_size < task.vocab_size:
             raise ConfigError(f"the model's vocab_size {model.vocab_size} < the task's "
                               f"{task.vocab_size}")
+        check_memory(training_bytes(model, sleep, task.seq_len, train),
+                     "training this model at this batch size", force)
+        mx.eval(model.parameters())
         self.settings = {"model_type": model.model_type, "model": model.config.to_dict(),
                          "sleep": sleep.to_dict(), "task": task.to_dict(), "train": asdict(train)}
         self.model = model
@@ -123,18 +168,64 @@ class Trainer:
         self.rng = np.random.default_rng(train.seed)
         self.step, self.tokens = 0, 0
         self._steps = {}  # compiled step per chunk plan
-        os.makedirs(out_dir, exist_ok=True)
+        # The directory: ours (a marker), one training at a time (a lock on the marker).
+        claim_dir(out_dir, "run", force, writes=("config.json", "metrics.jsonl", "checkpoint"))
+        self._lock = acquire_lock(out_dir, "a training")
+        try:
+            self._open_run()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_run(self):
+        out_dir = self.out_dir
         config_path = os.path.join(out_dir, "config.json")
         ckpt = recover_dir(os.path.join(out_dir, "checkpoint"))
+        if os.path.islink(ckpt) or (os.path.lexists(ckpt) and not os.path.isdir(ckpt)):
+            raise OutputError(f"{ckpt} is not a plain directory; mlx-sleep replaces it on every "
+                              "save: remove it or use another --out directory")
         if os.path.exists(config_path) and os.path.exists(ckpt):
-            saved = read_json(config_path)
+            saved = read_json_object(config_path, " (a run's settings)")
             saved.setdefault("model_type", "hybrid")  # runs from before model types were recorded
-            keys = ("model_type", "model", "sleep", "task")
-            if {k: saved.get(k) for k in keys} != {k: self.settings[k] for k in keys}:
-                raise ConfigError(f"{out_dir} holds a run with different model/sleep/task "
-                                  "settings; use a new --out directory")
+            if isinstance(saved.get("train"), dict):  # settings added since: their defaults
+                saved["train"] = {**asdict(TrainConfig()), **saved["train"]}
+            new = {k: v for k, v in self.settings.items() if k in saved}
+            diff = settings_diff({k: saved[k] for k in new}, new)
+            diff = [d for d in diff if not d.startswith("train.compile:")]  # same math either way
+            if diff:
+                raise ConfigError(f"{out_dir} holds a run with different settings ({'; '.join(diff[:4])}"
+                                  f"{' ...' if len(diff) > 4 else ''}); use a new --out directory")
             self.load_checkpoint(ckpt)
+        self._trim_metrics()
         write_json(config_path, self.settings)
+
+    def close(self):
+        """Release the directory's lock (done at the end of run())."""
+        if getattr(self, "_lock", None) is not None:
+            os.close(self._lock)
+            self._lock = None
+
+    def __del__(self):
+        self.close()
+
+    def _trim_metrics(self):
+        """After a resume the log holds records up to the last step run; keep only those up to
+        the checkpoint's step, so no step appears twice."""
+        path = os.path.join(self.out_dir, "metrics.jsonl")
+        if not os.path.exists(path):
+            return
+        check_file_target(path)
+        with open(path) as f:
+            lines = f.readlines()
+        keep = []
+        for line in lines:
+            try:
+                if json.loads(line).get("step", 0) <= self.step:
+                    keep.append(line)
+            except (ValueError, AttributeError):
+                continue  # a line cut by a kill
+        if keep != lines:
+            write_text(path, "".join(keep))
 
     # -- one step -----------------------------------------------------------------------------
     def _step_fn(self, plan):
@@ -167,6 +258,13 @@ class Trainer:
         return step
 
     def train_step(self, batch):
+        for name in ("inputs", "targets"):
+            ids = getattr(batch, name)
+            if ids.size and (ids.min() < 0 or ids.max() >= self.model.vocab_size):
+                bad = ids.min() if ids.min() < 0 else ids.max()
+                raise ValueError(f"training batch {name}: token id {bad} is outside the model's "
+                                 f"vocabulary of {self.model.vocab_size}; the task does not "
+                                 "match the model")
         rng = self.rng if self.cfg.random_chunks else None
         plan = plan_chunks(batch.mask, self.sleep.window, rng)
         loss, norm = self._step_fn(plan)(mx.array(batch.inputs), mx.array(batch.targets),
@@ -178,6 +276,14 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self, on_eval=None):
+        try:
+            return self._run(on_eval)
+        finally:
+            self.close()
+
+    def _run(self, on_eval):
+        if self._lock is None:
+            self._lock = acquire_lock(self.out_dir, "a training")
         cfg = self.cfg
         bar = _progress(cfg.steps, self.step, self.progress)
         t0, tokens0, losses = time.perf_counter(), self.tokens, []
@@ -185,6 +291,8 @@ class Trainer:
             loss, norm = self.train_step(self.task.sample(self.rng, cfg.batch_size))
             losses.append(loss)
             if not math.isfinite(loss):
+                if bar is not None:
+                    bar.close()  # the error then starts a line of its own
                 raise FloatingPointError(f"loss became {loss} at step {self.step}; lower --lr")
             elapsed = time.perf_counter() - t0
             tok_s = (self.tokens - tokens0) / max(elapsed, 1e-9)
@@ -226,13 +334,24 @@ class Trainer:
                 "rng": self.rng.bit_generator.state, "settings": self.settings})
 
     def load_checkpoint(self, ckpt):
-        self.model.load_weights(os.path.join(ckpt, "model.safetensors"))
-        self.optimizer.init(self.model.trainable_parameters())  # the structure to fill in
-        opt_state = tree_unflatten(list(mx.load(os.path.join(ckpt, "optimizer.safetensors")).items()))
-        self.optimizer.state = _restore_lists(opt_state, self.optimizer.state)
-        meta = read_json(os.path.join(ckpt, "trainer.json"))
-        self.step, self.tokens = meta["step"], meta["tokens"]
-        self.rng.bit_generator.state = meta["rng"]
+        """Resume from `ckpt`. A damaged one (missing or truncated files, tensors that do not
+        fit, a trainer.json of the wrong shape) is refused with one line."""
+        try:
+            weights = read_safetensors(os.path.join(ckpt, "model.safetensors"))
+            opt_state = read_safetensors(os.path.join(ckpt, "optimizer.safetensors"))
+            meta = read_json_object(os.path.join(ckpt, "trainer.json"))
+            step, tokens, rng = meta["step"], meta["tokens"], meta["rng"]
+            if type(step) is not int or type(tokens) is not int or step < 0 or tokens < 0:
+                raise ValueError(f"step {step!r} and tokens {tokens!r} must be integers >= 0")
+            self.model.load_weights(list(weights.items()))
+            self.optimizer.init(self.model.trainable_parameters())  # the structure to fill in
+            self.optimizer.state = _restore_lists(tree_unflatten(list(opt_state.items())),
+                                                  self.optimizer.state)
+            self.rng.bit_generator.state = rng
+        except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"{ckpt} is damaged ({type(e).__name__}: {str(e)[:300]}); move it "
+                              "away to start the run over") from None
+        self.step, self.tokens = step, tokens
         mx.eval(self.model.parameters(), self.optimizer.state)
 
 
@@ -244,6 +363,10 @@ def _restore_lists(loaded, template):
         return [_restore_lists(l, t) for l, t in zip(items, template)]
     if isinstance(template, dict):
         return {k: _restore_lists(loaded[k], v) if k in loaded else v for k, v in template.items()}
+    if isinstance(template, mx.array) and (not isinstance(loaded, mx.array)
+                                           or loaded.shape != template.shape):
+        raise ValueError(f"optimizer state of shape {getattr(loaded, 'shape', '?')} where "
+                         f"{template.shape} belongs")
     return loaded
 
 
@@ -271,11 +394,28 @@ def find_run(path: str) -> str:
                             "`mlx-sleep train`")
 
 
-def load_run(path: str):
-    """(model, sleep config, task, settings) of a trained run."""
+def load_run(path: str, force: bool = False):
+    """(model, sleep config, task, settings) of a trained run. A run whose files disagree
+    (settings missing or of the wrong shape, a task whose tokens the model cannot read) is
+    refused with one line."""
     run = find_run(path)
-    settings = read_json(os.path.join(run, "config.json"))
-    model = model_from_config(settings.get("model_type", "hybrid"), settings["model"])
-    model.load_weights(os.path.join(run, "checkpoint", "model.safetensors"))
+    config_path = os.path.join(run, "config.json")
+    what = " (a run's settings, written by `mlx-sleep train`)"
+    settings = read_json_object(config_path, what)
+    for key in ("model", "sleep", "task"):
+        if not isinstance(settings.get(key), dict):
+            raise ConfigError(f"{config_path} has no {key!r} settings{what}")
+    model_type = settings.get("model_type", "hybrid")
+    try:
+        model = model_from_config(model_type, settings["model"], force=force)
+        sleep = SleepConfig.from_dict(settings["sleep"])
+        task = task_from_dict(settings["task"])
+    except (ConfigError, ValueError) as e:
+        raise ConfigError(f"{config_path}: {e}")
+    if task.vocab_size > model.vocab_size:
+        raise ConfigError(f"{config_path}: the task's {task.vocab_size} tokens do not fit the "
+                          f"model's vocabulary of {model.vocab_size}")
+    weights = check_regular_file(os.path.join(run, "checkpoint", "model.safetensors"))
+    model.load_weights(list(read_safetensors(weights).items()))
     mx.eval(model.parameters())
-    return model, SleepConfig.from_dict(settings["sleep"]), task_from_dict(settings["task"]), settings
+    return model, sleep, task, settings

@@ -16,6 +16,8 @@ from typing import Dict
 import mlx.core as mx
 import mlx.nn as nn
 
+from .io import check_regular_file
+
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be read or converted; the message says what and where."""
@@ -63,9 +65,14 @@ _ST_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16"
 
 def check_safetensors(path: str) -> dict:
     """Validate a safetensors file's header against its size; returns {name: (dtype, shape)}.
-    Catches truncated and corrupt files with a clear message before any tensor is read."""
-    size = os.path.getsize(path)
+    Catches truncated and corrupt files with a clear message before any tensor is read (and
+    anything that is not a regular file, e.g. a FIFO that would block, before it is opened)."""
     name = os.path.basename(path)
+    try:
+        check_regular_file(path)
+    except (ValueError, FileNotFoundError) as e:
+        raise CheckpointError(str(e))
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
@@ -85,8 +92,12 @@ def check_safetensors(path: str) -> dict:
     for tname, info in header.items():
         try:
             dtype, shape, (a, b) = info["dtype"], info["shape"], info["data_offsets"]
+            ok = (isinstance(dtype, str) and isinstance(shape, list) and len(shape) <= 8
+                  and all(type(x) is int and 0 <= x < 2**31 for x in [*shape, a, b]) and a <= b)
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{name} is corrupt: bad header entry for {tname}")
+            ok = False
+        if not ok:
+            raise CheckpointError(f"{name} is corrupt: bad header entry for {tname[:60]}")
         if dtype not in _ST_DTYPES:
             raise CheckpointError(f"{name}: tensor {tname} has unsupported dtype {dtype}")
         count = 1
@@ -102,7 +113,8 @@ def check_safetensors(path: str) -> dict:
     return out
 
 
-def _load_safetensors(path: str) -> Dict[str, mx.array]:
+def read_safetensors(path: str) -> Dict[str, mx.array]:
+    """Every tensor of one safetensors file, after check_safetensors."""
     check_safetensors(path)
     try:
         return mx.load(path)
@@ -111,6 +123,10 @@ def _load_safetensors(path: str) -> Dict[str, mx.array]:
 
 
 def _load_bin(path: str) -> Dict[str, mx.array]:
+    try:
+        check_regular_file(path)
+    except (ValueError, FileNotFoundError) as e:
+        raise CheckpointError(str(e))
     try:
         import torch
     except ImportError:
@@ -138,10 +154,16 @@ def _shard_files(src: str, ext: str):
                          else "pytorch_model.bin.index.json")
     if os.path.exists(index):
         try:
+            check_regular_file(index)
             with open(index) as f:
                 weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise CheckpointError(f"{os.path.basename(index)} is not a valid shard index")
+        except (ValueError, KeyError, TypeError, OSError):
+            weight_map = None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(v, str) and os.path.basename(v) == v and v.endswith(f".{ext}")
+                for v in weight_map.values()):
+            raise CheckpointError(f"{os.path.basename(index)} is not a valid shard index "
+                                  "(a \"weight_map\" of tensor name -> shard file name)")
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not os.path.exists(os.path.join(src, f))]
         if missing:
@@ -160,7 +182,7 @@ def _shard_files(src: str, ext: str):
 def read_weights(src: str) -> Dict[str, mx.array]:
     """Every tensor of the checkpoint in `src`, by its original name (any shard layout)."""
     files, weight_map = _shard_files(src, "safetensors")
-    loader = _load_safetensors
+    loader = read_safetensors
     if not files:
         files, weight_map = _shard_files(src, "bin")
         loader = _load_bin

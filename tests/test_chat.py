@@ -11,7 +11,6 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 
 import mlx.core as mx
 import numpy as np
@@ -307,7 +306,7 @@ def test_corrupt_newer_and_other_weights_sessions_are_refused(models, home, tmp_
             open_session("c", model, models["small"])
         assert "\n" not in str(e.value) and snapshot_files(path) == before
 
-    refused(good[:len(good) // 2], "is corrupt .* not valid JSON")
+    refused(good[:len(good) // 2], "is corrupt .*not valid JSON")
     refused(json.dumps({**json.loads(good), "format": 99}), "newer mlx-sleep .*format 99")
     refused(json.dumps({**json.loads(good), "state_sha256": "0" * 64}), "does not match its checksum")
     with open(meta_path, "w") as f:

@@ -306,8 +306,14 @@ def test_existing_output_needs_force(tmp_path):
     with pytest.raises(ValueError, match="already exists; pass --force"):
         convert(FIX, str(out))
     assert (out / "keep.txt").exists()
-    convert(FIX, str(out), force=True)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    with pytest.raises(ValueError, match="not a converted model"):  # --force: only our own
+        convert(FIX, str(out), force=True)
+    assert (out / "keep.txt").exists()
+    mine = tmp_path / "mine"
+    convert(FIX, str(mine))
+    (mine / "stale.txt").write_text("x")  # inside our own output: replaced with it
+    convert(FIX, str(mine), force=True)
+    assert not (mine / "stale.txt").exists() and (mine / "model.safetensors").exists()
 
 
 def test_bad_options(tmp_path):

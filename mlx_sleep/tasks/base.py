@@ -87,6 +87,10 @@ class Task:
         return " ".join(names[int(t)] for t in tokens)
 
 
+MAX_SIZE = 1 << 14  # the largest count/length a task setting takes (bounds data-generation time)
+MAX_SEQ_LEN = 1 << 16  # the longest sequence a task may make
+
+
 def check_choice(name: str, value, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {sorted(allowed)} (got {value!r})")

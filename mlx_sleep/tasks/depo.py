@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .base import Batch, Task, check_choice, check_int
+from .base import MAX_SIZE, Batch, Task, check_choice, check_int
 
 PAD, SEP, HOP0 = 0, 1, 2  # HOP0 + (k - 1) is the token for "+k"
 EDGE_TOKENS = 3  # "a b ;"
@@ -61,13 +61,13 @@ class Depo(Task):
     def __post_init__(self):
         if self.n_queries is None:
             object.__setattr__(self, "n_queries", min(DEFAULT_QUERIES, self.window // 2))
-        check_int("max_nodes", self.max_nodes, 2)
+        check_int("max_nodes", self.max_nodes, 2, MAX_SIZE)
         check_int("min_nodes", self.min_nodes, 2, self.max_nodes)
-        check_int("n_names", self.n_names, self.max_nodes)
-        check_int("max_hops", self.max_hops, 1)
+        check_int("n_names", self.n_names, self.max_nodes, MAX_SIZE)
+        check_int("max_hops", self.max_hops, 1, MAX_SIZE)
         check_int("n_queries", self.n_queries, 1)
-        check_int("window", self.window, 1)
-        check_int("context_len", self.context_len, 1)
+        check_int("window", self.window, 1, MAX_SIZE)
+        check_int("context_len", self.context_len, 1, MAX_SIZE)
         check_choice("eviction", self.eviction, {"hard", "sliding"})
         need = EDGE_TOKENS * self.max_nodes
         if self.context_len < need:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .base import Batch, Task, check_choice, check_int
+from .base import MAX_SIZE, Batch, Task, check_choice, check_int
 
 RULE = 110
 DEFAULT_EVAL_STEPS = (1, 2, 4, 8, 16, 32)
@@ -79,8 +79,8 @@ class Rule110(Task):
 
     def __post_init__(self):
         check_int("n_strings", self.n_strings, 1)
-        check_int("n_bits", self.n_bits, 3)
-        check_int("steps", self.steps, 0)
+        check_int("n_bits", self.n_bits, 3, MAX_SIZE)
+        check_int("steps", self.steps, 0, MAX_SIZE)
         if self.n_strings > self.n_bits:
             raise ValueError(
                 f"n_strings must be <= n_bits so the {self.n_strings} query tokens fit in "
@@ -89,22 +89,29 @@ class Rule110(Task):
         check_choice("boundary", self.boundary, {"ring", "zero"})
         check_choice("eviction", self.eviction, {"hard", "sliding"})
         if self.steps_range is not None:
-            r = tuple(self.steps_range)
+            r = tuple(self.steps_range) if isinstance(self.steps_range, (list, tuple)) else ()
             if len(r) != 2:
                 raise ValueError(f"steps_range must be (min, max) (got {self.steps_range!r})")
             check_int("steps_range[0]", r[0], 0)
-            check_int("steps_range[1]", r[1], r[0])
+            check_int("steps_range[1]", r[1], r[0], MAX_SIZE)
             object.__setattr__(self, "steps_range", (int(r[0]), int(r[1])))
         if self.eval_steps is None:
             top = self.max_steps
             ev = sorted({t for t in DEFAULT_EVAL_STEPS if t <= top} | {top})
         else:
+            if not isinstance(self.eval_steps, (list, tuple)) or len(self.eval_steps) > 64:
+                raise ValueError(f"eval_steps must be a list of at most 64 step counts, e.g. "
+                                 f"[1,2,4] (got {self.eval_steps!r})")
+            for t in self.eval_steps:
+                check_int("eval_steps entries", t, 0, MAX_SIZE)
             ev = [int(t) for t in self.eval_steps]
             if not ev:
                 raise ValueError("eval_steps must not be empty")
-            for t in ev:
-                check_int("eval_steps entries", t, 0)
         object.__setattr__(self, "eval_steps", tuple(ev))
+        work = self.n_strings * self.n_bits * max(self.max_steps, *ev)
+        if work > 1 << 24:  # cell updates to make one sequence
+            raise ValueError(f"n_strings x n_bits x steps = {work:,} cell updates per sequence is "
+                             f"more than {1 << 24:,}; choose smaller settings")
 
     @property
     def max_steps(self) -> int:
