@@ -256,7 +256,7 @@ def bench_window_storage(model, sleep, model_dir, rng, vocab, repeats):
 
 def wake_pass(model, ids, state, offset, window):
     """run_chunk with one pass that also returns the core's output features."""
-    layers, (start, stop) = model.sleep_blocks(), model.core
+    layers, (_, stop) = model.sleep_blocks(), model.core
     state, h = list(state), model.embed(ids)
     for i in range(stop):
         h, state[i] = layers[i](h, state[i], offset, window)
@@ -269,7 +269,7 @@ def wake_pass(model, ids, state, offset, window):
 
 def sleep_from_wake(model, core_h, wake_state, chunk_start, offset, loops, window):
     """Passes 2..N of the core starting from the wake pass's output, then the coda."""
-    layers, (start, stop) = model.sleep_blocks(), model.core
+    layers, (_, stop) = model.sleep_blocks(), model.core
     state, h = list(wake_state), core_h
     for _ in range(1, loops):
         for i in range(start, stop):

@@ -1,7 +1,6 @@
 """`mlx-sleep finetune`: data, learning, exact resume (also after a real kill), fuse, --estimate,
 --train-only, --hard-warmup and data-parallel training over `mlx.launch --backend ring`."""
 
-import gc
 import json
 import os
 import random
@@ -19,8 +18,7 @@ from mlx.utils import tree_flatten
 
 import mlx_sleep
 from mlx_sleep.cli import main
-from mlx_sleep.finetune import (DataError, Finetune, FinetuneConfig, estimate_step,
-                                load_examples, make_batch, read_records, summed_loss_and_grads,
+from mlx_sleep.finetune import (DataError, Finetune, FinetuneConfig, load_examples, make_batch, read_records, summed_loss_and_grads,
                                 tokenize_record)
 from mlx_sleep.sleep import plan_chunks
 from mlx_sleep.generate import generate, stream_generate
