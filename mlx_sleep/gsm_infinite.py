@@ -19,8 +19,9 @@ Protocols:
             regex fallback (reported as such; not the official number).
 
 The fine-tuning data (`mlx-sleep data gsm-infinite`) is `paper_example` of each record, so what a
-model is fine-tuned on is what it is evaluated on. Its contract for a trainer: the prompt's windows
-all sleep (a forced sleep at its end), the answer is its own window, scored in one pass.
+model is fine-tuned on is what it is evaluated on. Its contract for a trainer: prompt + answer split
+into windows of L from the start (Algorithm 1); windows without answer tokens sleep, the others
+take one pass and are scored on the answer.
 """
 
 import hashlib
@@ -35,7 +36,7 @@ import numpy as np
 
 from .config import SleepConfig
 from .generate import generate, stream_text
-from .io import atomic_path, read_json, write_json
+from .io import atomic_path, check_file_target, claim_dir, read_json, write_json
 from .loading import load
 from .weights import resolve_source
 from .sleep import SleepEngine
@@ -544,7 +545,7 @@ def _open_run(out: str, settings: dict):
     elif os.path.isdir(out) and os.listdir(out):
         raise ValueError(f"{out} exists and is not a GSM-Infinite run directory; pass a new "
                          "or empty --out")
-    os.makedirs(out, exist_ok=True)
+    claim_dir(out, "results")
     write_json(run_file, settings)
     return settings
 
@@ -625,7 +626,7 @@ def rescore(path: str, protocol: str, judge: Optional[Callable[[str], str]] = No
     if out is not None:
         if os.path.exists(os.path.join(out, PREDICTIONS)):
             raise ValueError(f"{out} already holds predictions; pass another --out")
-        os.makedirs(out, exist_ok=True)
+        claim_dir(out, "results", writes=(PREDICTIONS,))
         with atomic_path(os.path.join(out, PREDICTIONS)) as tmp, open(tmp, "w") as f:
             f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in scored)
         echo(write_results(out, summary, settings))
@@ -720,6 +721,7 @@ def write_data(out: str, subset: str, length: str, ops: str, limit: Optional[int
     a local file, none), so training and test problems stay apart."""
     if os.path.exists(out) and not force:
         raise ValueError(f"{out} already exists; pass --force to replace it")
+    check_file_target(out)  # --force replaces a regular file only
     ops = parse_ops(ops)
     records = read_jsonl(data) if data is not None else hub_records(subset, length, ops)
     skip = (0 if data is not None else OFFICIAL_LIMIT[subset]) if skip is None else skip
