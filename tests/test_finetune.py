@@ -318,9 +318,8 @@ def test_rank_slices_sum_to_the_global_batch(tmp_path, workdir):
                                    atol=1e-4, rtol=1e-4, err_msg=k)
 
 
-# ~1 minute here (three Python processes import transformers at once on 2 cores); the test above
-# covers the arithmetic of the step
-@pytest.mark.slow
+# In the default run (15-70 s here, three Python processes on 2 cores): the distributed path is
+# what several Macs run, and nothing else covers it end to end.
 def test_two_ring_processes_match_one_process_on_the_global_batch(tmp_path, workdir):
     """`mlx.launch --backend ring -n 2` on loopback, 3 steps of LoRA and of full fine-tuning:
     both processes hold identical weights, equal (1e-5) to one process on the same global batch."""
