@@ -252,16 +252,23 @@ def lock_dir(path: str, what: str = "a training"):
         os.close(fd)
 
 
-def acquire_lock(path: str, what: str = "a training") -> int:
-    """The fd holding the lock (close it to release); see lock_dir."""
-    fd = os.open(os.path.join(path, MARKER), os.O_RDONLY)
+def lock_file(path: str, in_use: str) -> int:
+    """An exclusive flock on the file `path` (created 0600 if absent): the fd holding it (close
+    it to release; the kernel releases it even on SIGKILL). Held elsewhere: OutputError(in_use)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise OutputError(f"{path} is in use by {what} in another process (or object); "
-                          "wait for it to finish or use another directory")
+        raise OutputError(in_use)
     return fd
+
+
+def acquire_lock(path: str, what: str = "a training") -> int:
+    """The fd holding the lock on the directory's marker (close it to release); see lock_dir."""
+    return lock_file(os.path.join(path, MARKER),
+                     f"{path} is in use by {what} in another process (or object); "
+                     "wait for it to finish or use another directory")
 
 
 # -- atomic writers ---------------------------------------------------------------------------

@@ -19,7 +19,6 @@ data, cheap for any model size) must both match to load it.
 """
 
 import contextlib
-import fcntl
 import glob
 import hashlib
 import os
@@ -32,7 +31,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import ConfigError, SleepConfig
-from .io import read_json, save_arrays, write_json
+from .io import OutputError, lock_file, read_json, save_arrays, write_json
 from .sleep import SleepEngine, _check_state, _fill, run_chunk
 
 FORMAT = 1  # bump when session.json or the state file changes incompatibly
@@ -224,14 +223,12 @@ class Session:
     # Only one process writes a session: flock, released by the kernel even on SIGKILL.
     def lock(self):
         private_dir(self.path)
-        fd = os.open(os.path.join(self.path, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise SessionError(f"session {self.name!r} is in use by another mlx-sleep process; "
-                               "close it first")
-        self._lock = fd
+            self._lock = lock_file(os.path.join(self.path, "lock"),
+                                   f"session {self.name!r} is in use by another mlx-sleep "
+                                   "process; close it first")
+        except OutputError as e:
+            raise SessionError(str(e))
 
     def close(self):
         if self._lock is not None:
