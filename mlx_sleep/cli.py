@@ -46,13 +46,25 @@ def _parse_options(pairs):
     return out
 
 
-def _parse_core(value):
+def _parse_loops_list(value):
+    """'1,2,4' -> [1, 2, 4] (eval --loops)."""
+    try:
+        loops = [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        loops = []
+    if not loops or min(loops) < 1:
+        raise click.BadParameter(f"{value!r} is not a list of loop counts >= 1 (e.g. 1,2,4)",
+                                 param_hint="--loops")
+    return list(dict.fromkeys(loops))
+
+
+def _parse_core(value, hint="--core", form="START:STOP"):
     if value is None:
         return None
     try:
         start, stop = (int(x) for x in value.split(":"))
     except ValueError:
-        raise click.BadParameter(f"{value!r} is not START:STOP (e.g. 1:3)", param_hint="--core")
+        raise click.BadParameter(f"{value!r} is not {form} (e.g. 1:3)", param_hint=hint)
     return (start, stop)
 
 
@@ -64,7 +76,8 @@ def main():
 
 @main.command()
 @click.option("--task", "task_name", type=click.Choice(["rule110", "depo"]), required=True)
-@click.option("--loops", "-N", type=int, default=1, show_default=True, help="Sleep passes N per context window.")
+@click.option("--loops", "-N", type=int, default=None, help="Sleep passes N per context window (default: 1; with --loops-sample, its B).")
+@click.option("--loops-sample", default=None, metavar="A:B", help="Draw N per batch uniformly in [A, B] (test-time depth dial).")
 @click.option("--window", "-L", type=int, default=None, help="Window L (default: the task's).")
 @click.option("--eviction", type=click.Choice(["hard", "sliding"]), default=None, help="Default: the task's.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (resumes if it holds a run).")
@@ -89,7 +102,7 @@ def main():
 @click.option("--random-chunks", is_flag=True, help="Train with random chunk lengths <= L.")
 @click.option("--compile/--no-compile", default=None, help="mx.compile the step (default: on with Metal).")
 @click.option("--paper", is_flag=True, help="The paper's full model/task/batch settings (for a Mac GPU).")
-def train(task_name, loops, window, eviction, out, task_option, hidden_size, layers, heads,
+def train(task_name, loops, loops_sample, window, eviction, out, task_option, hidden_size, layers, heads,
           kv_heads, core, steps, batch_size, lr, adam_lr, weight_decay, warmup, grad_clip, seed,
           eval_every, eval_samples, checkpoint_every, activation_checkpoint, random_chunks,
           compile, paper):
@@ -109,14 +122,16 @@ def train(task_name, loops, window, eviction, out, task_option, hidden_size, lay
             train_kw.update(preset["train"])
         task_kw.update(_parse_options(task_option))
         task = get_task(task_name, **task_kw)
-        sleep = SleepConfig(loops=loops, window=task.window if window is None else window,
+        sample = _parse_core(loops_sample, "--loops-sample", "A:B") if loops_sample else None
+        n = loops if loops is not None else (sample[1] if sample else 1)
+        sleep = SleepConfig(loops=n, window=task.window if window is None else window,
                             eviction=eviction or task.eviction)
         model_cfg = ModelConfig(vocab_size=task.vocab_size, **model_kw)
         cfg = TrainConfig(steps=steps, weight_decay=weight_decay, warmup=warmup,
                           grad_clip=grad_clip, seed=seed, eval_every=eval_every,
                           eval_samples=eval_samples, checkpoint_every=checkpoint_every,
                           activation_checkpoint=activation_checkpoint,
-                          random_chunks=random_chunks,
+                          random_chunks=random_chunks, loops_sample=sample,
                           compile=default_compile() if compile is None else compile, **train_kw)
         trainer = Trainer(out, model_cfg, sleep, task, cfg)
         if trainer.step:
@@ -129,7 +144,7 @@ def train(task_name, loops, window, eviction, out, task_option, hidden_size, lay
 
 @main.command("eval")
 @click.option("--checkpoint", required=True, type=click.Path(), help="A run directory from `train`.")
-@click.option("--loops", "-N", type=int, default=None, help="Override the sleep loops N.")
+@click.option("--loops", "-N", default=None, metavar="N[,N...]", help="Override the sleep loops N; several (1,2,4) evaluate each and plot accuracy against N.")
 @click.option("--window", "-L", type=int, default=None, help="Override the window L.")
 @click.option("--eviction", type=click.Choice(["hard", "sliding"]), default=None)
 @click.option("--samples", type=int, default=512, show_default=True, help="Sequences per difficulty.")
@@ -138,31 +153,52 @@ def train(task_name, loops, window, eviction, out, task_option, hidden_size, lay
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write results here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="Write a PNG plot here.")
 def eval_cmd(checkpoint, loops, window, eviction, samples, batch_size, seed, json_path, plot_path):
-    """Accuracy by difficulty (t for Rule 110, hops k for Depo) of a trained run."""
-    from .eval import evaluate, format_table, plot
+    """Accuracy by difficulty (t for Rule 110, hops k for Depo) of a trained run.
+
+    With several --loops (e.g. 1,2,3,4,6) the same checkpoint is evaluated at each N: one column
+    per N, and --plot draws accuracy against N, one line per difficulty."""
+    from .eval import evaluate, format_table, plot, plot_against_loops
     from .io import write_json
     from .train import load_run
 
+    loops_list = _parse_loops_list(loops) if loops is not None else None
+
     def go():
         model, sleep, task, _ = load_run(checkpoint)
-        sleep = SleepConfig(loops=sleep.loops if loops is None else loops,
-                            window=sleep.window if window is None else window,
-                            eviction=eviction or sleep.eviction)
-        if sleep.window > task.seq_len:
-            raise ConfigError(f"window L={sleep.window} is larger than the sequence length "
+        window_ = sleep.window if window is None else window
+        if window_ > task.seq_len:
+            raise ConfigError(f"window L={window_} is larger than the sequence length "
                               f"T={task.seq_len}")
-        results = evaluate(model, task, sleep, samples, batch_size, seed, progress=True)
-        label = f"N = {sleep.loops}"
+        by_loops = {}
+        for n in loops_list or [sleep.loops]:
+            run_sleep = SleepConfig(loops=n, window=window_, eviction=eviction or sleep.eviction)
+            by_loops[n] = evaluate(model, task, run_sleep, samples, batch_size, seed,
+                                   progress=True)
         dname = "t (steps)" if task.name == "rule110" else "k (hops)"
-        click.echo(f"{task.name}, {sleep.eviction} eviction, L = {sleep.window}, "
+        click.echo(f"{task.name}, {run_sleep.eviction} eviction, L = {window_}, "
                    f"{samples} sequences per row")
-        click.echo(format_table({label + " exact": results}, dname, "exact"))
-        click.echo(format_table({label + " per-item": results}, dname, "token"))
+        if len(by_loops) == 1:
+            (n, results), = by_loops.items()
+            label = f"N = {n}"
+            click.echo(format_table({label + " exact": results}, dname, "exact"))
+            click.echo(format_table({label + " per-item": results}, dname, "token"))
+            if json_path:
+                write_json(json_path, {"checkpoint": checkpoint, "sleep": run_sleep.to_dict(),
+                                       "task": task.to_dict(), "results": results})
+            if plot_path:
+                plot({label: results}, plot_path, f"{task.name}", dname)
+            return
+        # Several N: the demo's schema, results["N = n"][difficulty]
+        named = {f"N = {n}": r for n, r in by_loops.items()}
+        click.echo("exact match\n" + format_table(named, dname, "exact"))
+        click.echo("per-item accuracy\n" + format_table(named, dname, "token"))
         if json_path:
-            write_json(json_path, {"checkpoint": checkpoint, "sleep": sleep.to_dict(),
-                                   "task": task.to_dict(), "results": results})
+            write_json(json_path, {"checkpoint": checkpoint, "loops": list(by_loops),
+                                   "sleep": run_sleep.to_dict(), "task": task.to_dict(),
+                                   "results": named})
         if plot_path:
-            plot({label: results}, plot_path, f"{task.name}", dname)
+            plot_against_loops(by_loops, plot_path, f"{task.name}: accuracy against test-time N",
+                               dname, "token")
 
     _run_safely(go)
 
@@ -170,12 +206,16 @@ def eval_cmd(checkpoint, loops, window, eviction, samples, batch_size, seed, jso
 @main.command()
 @click.option("--out", default="demo_out", show_default=True, type=click.Path(file_okay=False))
 @click.option("--steps", type=int, default=None, help="Training steps per run (default: the demo's).")
-@click.option("--loops", "-N", type=int, multiple=True, help="Loop counts to compare (default: 1 and 2).")
-def demo(out, steps, loops):
-    """Train N = 1 and N > 1 on a small synthetic task, evaluate both, print and plot."""
+@click.option("--loops", "-N", type=int, multiple=True, help="Loop counts to compare (default: the demo's).")
+@click.option("--seed", type=int, default=0, show_default=True, help="First seed.")
+@click.option("--seeds", type=click.IntRange(min=1), default=None, help="Number of seeds: SEED, SEED+1, ... (default: the demo's).")
+def demo(out, steps, loops, seed, seeds):
+    """Train N = 1 and N > 1 on a small synthetic task over several seeds, evaluate, print the
+    spread over seeds and plot it."""
     from .demo import run_demo
 
-    _run_safely(lambda: run_demo(out, steps=steps, loops=tuple(loops) or None, echo=click.echo))
+    _run_safely(lambda: run_demo(out, steps=steps, loops=tuple(loops) or None, seed=seed,
+                                 seeds=seeds, echo=click.echo))
 
 
 @main.command()

@@ -15,7 +15,8 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -52,6 +53,10 @@ class TrainConfig:
     # mx.compile'd then.
     activation_checkpoint: bool = False
     random_chunks: bool = False  # sample chunk lengths in [1, L] (see sleep.chunk_bounds)
+    # (lo, hi): draw the sleep passes N per batch uniformly in [lo, hi] (a model whose depth is a
+    # dial at test time). From its own seeded generator, so the data stream is the same as a
+    # fixed-N run's. Evaluation during training uses the run's SleepConfig.loops.
+    loops_sample: Optional[Tuple[int, int]] = None
 
     def __post_init__(self):
         for name in ("steps", "batch_size"):
@@ -62,11 +67,20 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be > 0 (got {getattr(self, name)})")
         if self.warmup < 0 or self.grad_clip <= 0:
             raise ConfigError("warmup must be >= 0 and grad_clip > 0")
+        if self.loops_sample is not None:
+            lo, hi = self.loops_sample
+            if not 1 <= lo <= hi:
+                raise ConfigError(f"loops_sample must be LO:HI with 1 <= LO <= HI "
+                                  f"(got {lo}:{hi})")
+            self.loops_sample = (int(lo), int(hi))
 
     @classmethod
     def from_dict(cls, d):
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        d = {k: v for k, v in d.items() if k in known}
+        if d.get("loops_sample") is not None:
+            d["loops_sample"] = tuple(d["loops_sample"])
+        return cls(**d)
 
 
 def default_compile() -> bool:
@@ -117,6 +131,7 @@ class Trainer:
         self.model = build_model(model_cfg, train.seed)
         self.optimizer = make_optimizer(train)
         self.rng = np.random.default_rng(train.seed)
+        self.loops_rng = np.random.default_rng([train.seed, 1])  # N per batch (loops_sample)
         self.step, self.tokens = 0, 0
         self._steps = {}  # compiled step per chunk plan
         os.makedirs(out_dir, exist_ok=True)
@@ -132,11 +147,11 @@ class Trainer:
         write_json(config_path, self.settings)
 
     # -- one step -----------------------------------------------------------------------------
-    def _step_fn(self, plan):
-        key = (tuple(plan[0]), tuple(plan[1]))
+    def _step_fn(self, plan, sleep):
+        key = (tuple(plan[0]), tuple(plan[1]), sleep.loops)
         if key in self._steps:
             return self._steps[key]
-        model, optimizer, cfg, sleep = self.model, self.optimizer, self.cfg, self.sleep
+        model, optimizer, cfg = self.model, self.optimizer, self.cfg
 
         if cfg.activation_checkpoint:
             def value_and_grad(x, y, w):
@@ -164,8 +179,12 @@ class Trainer:
     def train_step(self, batch):
         rng = self.rng if self.cfg.random_chunks else None
         plan = plan_chunks(batch.mask, self.sleep.window, rng)
-        loss, norm = self._step_fn(plan)(mx.array(batch.inputs), mx.array(batch.targets),
-                                         mx.array(batch.mask))
+        sleep = self.sleep
+        if self.cfg.loops_sample is not None:
+            lo, hi = self.cfg.loops_sample
+            sleep = replace(sleep, loops=int(self.loops_rng.integers(lo, hi + 1)))
+        loss, norm = self._step_fn(plan, sleep)(mx.array(batch.inputs), mx.array(batch.targets),
+                                                mx.array(batch.mask))
         mx.eval(loss, norm, self.model.parameters(), self.optimizer.state)
         self.step += 1
         self.tokens += batch.inputs.size
@@ -218,7 +237,8 @@ class Trainer:
                         dict(tree_flatten(self.optimizer.state)))
             write_json(os.path.join(tmp, "trainer.json"), {
                 "step": self.step, "tokens": self.tokens,
-                "rng": self.rng.bit_generator.state, "settings": self.settings})
+                "rng": self.rng.bit_generator.state,
+                "loops_rng": self.loops_rng.bit_generator.state, "settings": self.settings})
 
     def load_checkpoint(self, ckpt):
         self.model.load_weights(os.path.join(ckpt, "model.safetensors"))
@@ -228,6 +248,8 @@ class Trainer:
         meta = read_json(os.path.join(ckpt, "trainer.json"))
         self.step, self.tokens = meta["step"], meta["tokens"]
         self.rng.bit_generator.state = meta["rng"]
+        if "loops_rng" in meta:
+            self.loops_rng.bit_generator.state = meta["loops_rng"]
         mx.eval(self.model.parameters(), self.optimizer.state)
 
 
