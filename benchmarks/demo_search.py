@@ -47,6 +47,11 @@ TRIALS = {
     # Deeper items for one GDN block (issue 12): k in {1, 2, 3} / {1, .., 4}, weights by -o.
     "depo-k3": (dict(DEPO8, max_hops=3), ONE_GDN, FAST),
     "depo-k4": (dict(DEPO8, max_hops=4), ONE_GDN, FAST),
+    # Edges in cycle order (a b ; b c ; ...): no edge's continuation is written before it, so a
+    # single pass cannot compose two hops through the delta rule's erase term; a pass that reads
+    # the whole S (pass 2) and one that writes from those reads (pass 3) can.
+    "depo-fwd": (dict(DEPO8, max_hops=2, edge_order="forward"), ONE_GDN, FAST),
+    "depo-rev": (dict(DEPO8, max_hops=2, edge_order="reverse"), ONE_GDN, FAST),
     # 6-node cycle, names = nodes (a permutation of 6 names): smaller, faster to learn.
     "depo6-k3": (dict(name="depo", max_nodes=6, min_nodes=6, n_names=6, max_hops=3, window=18,
                       context_len=18, n_queries=6), ONE_GDN, FAST),
@@ -62,7 +67,8 @@ TRIALS = {
 def split_overrides(name, overrides):
     task_kw, model_kw, train_kw = (dict(x) for x in TRIALS[name])
     for k, v in overrides.items():
-        if k in task_kw or k in ("hops", "hop_weights", "max_hops", "min_nodes", "steps_range"):
+        if k in task_kw or k in ("hops", "hop_weights", "max_hops", "min_nodes", "steps_range",
+                                     "edge_order"):
             task_kw[k] = v
         elif k in ModelConfig.__dataclass_fields__:
             model_kw[k] = v
@@ -113,7 +119,35 @@ def record(out_jsonl, **rec):
           flush=True)
 
 
+def summary(path):
+    """A markdown table of the per-seed records (one row per trial, settings and run)."""
+    rows = {}
+    for line in open(path):
+        r = json.loads(line)
+        if "run" not in r:  # the first search's records (one per trial, one seed)
+            continue
+        key = (r["trial"], r["steps"], json.dumps(r["overrides"], sort_keys=True), r["run"],
+               r.get("tag", ""))
+        rows.setdefault(key, []).append(r)
+    print("| trial | steps | settings | run | eval N | seeds | per-query accuracy by k "
+          "(mean; each seed) | ms/step |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (trial, steps, over, run, tag), recs in rows.items():
+        for n in recs[0]["evals"]:
+            accs = []
+            for d in recs[0]["evals"][n]["eval"]:
+                vals = [x["evals"][n]["eval"][d]["token"] for x in recs]
+                accs.append(f"k={d}: {sum(vals) / len(vals):.3f} ("
+                            + "/".join(f"{v:.2f}" for v in vals) + ")")
+            ms = sum(x["seconds_per_step"] for x in recs) / len(recs) * 1e3
+            print(f"| {trial} | {steps} | {over} {tag} | {run} | {n} | "
+                  f"{','.join(str(x['seed']) for x in recs)} | {'; '.join(accs)} | {ms:.0f} |")
+
+
 def main():
+    if sys.argv[1:2] == ["--summary"]:
+        return summary(sys.argv[2] if len(sys.argv) > 2 else os.path.join(
+            os.path.dirname(__file__), "results", "demo_search.jsonl"))
     p = argparse.ArgumentParser()
     p.add_argument("--trial", choices=sorted(TRIALS), required=True)
     p.add_argument("--loops", type=int, nargs="+", default=[1, 3])

@@ -159,7 +159,8 @@ def slow_walk(edges, v, k):
 @pytest.mark.parametrize(
     "settings",
     [{}, dict(max_nodes=8, max_hops=4, window=16, context_len=32), dict(max_nodes=8, n_names=8, min_nodes=8, max_hops=8, window=12, context_len=24, n_queries=3),
-     dict(max_nodes=8, max_hops=4, hops=[1, 4], hop_weights=[1, 3], window=16, context_len=32)],
+     dict(max_nodes=8, max_hops=4, hops=[1, 4], hop_weights=[1, 3], window=16, context_len=32),
+     dict(max_nodes=8, max_hops=4, window=16, context_len=32, edge_order="forward")],
 )
 def test_depo_against_slow_walk(settings):
     task = Depo(**settings)
@@ -230,6 +231,25 @@ def test_depo_defaults_and_difficulty():
 def test_depo_rejects_bad_settings(settings, words):
     with pytest.raises(ValueError, match=words):
         get_task("depo", **settings)
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse"])
+def test_depo_edge_order(order):
+    task = Depo(max_nodes=6, min_nodes=3, max_hops=2, window=18, context_len=18, n_queries=3,
+                edge_order=order)
+    batch = task.sample(rng(5), 16)
+    starts = set()
+    for b in range(16):
+        _, edges, _ = parse_depo(task, batch.inputs[b])
+        if order == "reverse":
+            edges = edges[::-1]
+        # each edge continues the previous one, all the way round the cycle
+        assert all(edges[i][1] == edges[i + 1][0] for i in range(len(edges) - 1))
+        assert edges[-1][1] == edges[0][0]
+        starts.add(len(edges))
+    assert len(starts) > 1  # n still varies
+    with pytest.raises(ValueError, match="edge_order must be one of"):
+        Depo(edge_order="sorted")
 
 
 def test_depo_trained_hops_and_weights():

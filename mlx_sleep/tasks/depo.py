@@ -40,7 +40,10 @@ from .base import Batch, Task, check_choice, check_int
 PAD, SEP, HOP0 = 0, 1, 2  # HOP0 + (k - 1) is the token for "+k"
 EDGE_TOKENS = 3  # "a b ;"
 DEFAULT_EVAL_HOPS = (1, 2, 4, 8, 16)
-DEFAULT_QUERIES = 10  # the paper's; fewer when the window is too small to hold them
+DEFAULT_QUERIES = 10
+ORDER_WORDS = {"shuffled": "in random order",
+               "forward": "in cycle order from a random node (a b ; b c ; ...)",
+               "reverse": "in reverse cycle order from a random node (.. b c ; a b ;)"}  # the paper's; fewer when the window is too small to hold them
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,9 @@ class Depo(Task):
     window: int = 75  # sleep window L
     context_len: int = 300  # edges + left padding; a multiple of window
     eviction: str = "hard"
+    # Order of the edges in the context: "shuffled" (the paper's), "forward" (following the cycle
+    # from a random node: every edge is written before the edge that continues it) or "reverse".
+    edge_order: str = "shuffled"
 
     name = "depo"
 
@@ -71,6 +77,7 @@ class Depo(Task):
         check_int("window", self.window, 1)
         check_int("context_len", self.context_len, 1)
         check_choice("eviction", self.eviction, {"hard", "sliding"})
+        check_choice("edge_order", self.edge_order, {"shuffled", "forward", "reverse"})
         self._check_hops()
         need = EDGE_TOKENS * self.max_nodes
         if self.context_len < need:
@@ -160,7 +167,12 @@ class Depo(Task):
             n = int(rng.integers(self.min_nodes, self.max_nodes + 1))
             # names in cycle order: node names[i] -> names[(i + 1) % n]
             names = self.name_offset + rng.choice(self.n_names, size=n, replace=False)
-            order = rng.permutation(n)
+            if self.edge_order == "shuffled":
+                order = rng.permutation(n)
+            else:
+                order = (int(rng.integers(n)) + np.arange(n)) % n
+                if self.edge_order == "reverse":
+                    order = order[::-1]
             edges = np.stack(
                 [names[order], names[(order + 1) % n], np.full(n, SEP)], axis=1
             )
@@ -200,7 +212,7 @@ class Depo(Task):
             f"Depo: a directed cycle of n nodes (n uniform in [{self.min_nodes}, "
             f"{self.max_nodes}]; each sequence draws n distinct names from a pool of "
             f"{self.n_names} single-token names) written as its n edges 'a b ;' (b follows a) "
-            f"in random order, left-padded with <pad> to {self.context_len} tokens, then "
+            f"{ORDER_WORDS[self.edge_order]}, left-padded with <pad> to {self.context_len} tokens, then "
             f"{self.n_queries} queries 'v +k', each scored at the '+k' token against the k-th "
             f"successor of v ({self._describe_hops()}; k may exceed n, "
             f"the walk wraps; query nodes distinct when n >= {self.n_queries}). T = "
