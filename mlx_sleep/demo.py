@@ -145,7 +145,11 @@ def conclude(results, seed_list, dname) -> str:
         else:
             word = (f"ahead on {ahead} of {len(gain)} seeds: the evidence points "
                     f"{'towards' if gain.mean() > 0 else 'against'} sleep, not conclusively")
-        out.append(f"{run} - N = 1 at {k} = {deep}: mean {gain.mean():+.3f}, min "
-                   f"{gain.min():+.3f}, max {gain.max():+.3f} ({word}); at {k} = {shallow}: "
-                   f"mean {flat.mean():+.3f}, min {flat.min():+.3f}")
+        out.append(f"{run} - N = 1 at {k} = {deep}: mean {_signed(gain.mean())}, min "
+                   f"{_signed(gain.min())}, max {_signed(gain.max())} ({word}); at {k} = "
+                   f"{shallow}: mean {_signed(flat.mean())}, min {_signed(flat.min())}")
     return "\n".join(out)
+
+
+def _signed(x) -> str:
+    return f"{round(float(x), 3) + 0.0:+.3f}"  # + 0.0: no "-0.000"
