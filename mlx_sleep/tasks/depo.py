@@ -40,10 +40,10 @@ from .base import Batch, Task, check_choice, check_int
 PAD, SEP, HOP0 = 0, 1, 2  # HOP0 + (k - 1) is the token for "+k"
 EDGE_TOKENS = 3  # "a b ;"
 DEFAULT_EVAL_HOPS = (1, 2, 4, 8, 16)
-DEFAULT_QUERIES = 10
+DEFAULT_QUERIES = 10  # the paper's; fewer when the window is too small to hold them
 ORDER_WORDS = {"shuffled": "in random order",
                "forward": "in cycle order from a random node (a b ; b c ; ...)",
-               "reverse": "in reverse cycle order from a random node (.. b c ; a b ;)"}  # the paper's; fewer when the window is too small to hold them
+               "reverse": "in reverse cycle order from a random node (.. b c ; a b ;)"}
 
 
 @dataclass(frozen=True)
