@@ -26,7 +26,7 @@ import time
 import mlx_sleep  # noqa: F401  (BLAS first)
 from mlx_sleep.config import ModelConfig, SleepConfig
 from mlx_sleep.eval import evaluate
-from mlx_sleep.tasks import get_task
+from mlx_sleep.tasks import get_task, task_from_dict
 from mlx_sleep.train import TrainConfig, Trainer
 
 DEPO8 = dict(name="depo", max_nodes=8, min_nodes=8, n_names=16, window=24, context_len=24,
@@ -86,11 +86,13 @@ def make_trainer(out, task, model_kw, train_kw, loops, steps, seed, **extra):
                    progress=False)
 
 
-def timed_run(trainer, stop):
-    """Train to step `stop`; returns (seconds of training only, seconds per step)."""
+def timed_run(trainer, stop, first=None):
+    """Train to step `stop`; returns (seconds of training only, seconds per step).
+    `first` = (steps, task): a depth curriculum, batches from `task` until step `steps`."""
     t0, s0, spent = time.perf_counter(), trainer.step, 0.0
     while trainer.step < stop:
-        batch = trainer.task.sample(trainer.rng, trainer.cfg.batch_size)
+        task = first[1] if first and trainer.step < first[0] else trainer.task
+        batch = task.sample(trainer.rng, trainer.cfg.batch_size)
         t = time.perf_counter()
         trainer.train_step(batch)
         spent += time.perf_counter() - t
@@ -156,6 +158,8 @@ def main():
     p.add_argument("--warm", type=float, default=None, help="N > 1 from N = 1 at this fraction")
     p.add_argument("--loops-sample", default=None, metavar="A:B")
     p.add_argument("--eval-loops", type=int, nargs="+", default=None)
+    p.add_argument("--curriculum", type=int, default=None, metavar="STEPS",
+                   help="Depo: train on k = 1 only for the first STEPS steps, then on all hops")
     p.add_argument("--samples", type=int, default=256, help="eval sequences per difficulty")
     p.add_argument("--tag", default="", help="free text kept in the record")
     p.add_argument("--set", nargs="*", default=[], help="key=value overrides (JSON values)")
@@ -165,7 +169,10 @@ def main():
     overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in a.set)}
     task_kw, model_kw, train_kw = split_overrides(a.trial, overrides)
     task = get_task(task_kw.pop("name"), **task_kw)
-    common = dict(trial=a.trial, steps=a.steps, overrides=overrides, tag=a.tag,
+    first = None
+    if a.curriculum:
+        first = (a.curriculum, task_from_dict({**task.to_dict(), "hops": [1], "hop_weights": None}))
+    common = dict(trial=a.trial, curriculum=a.curriculum, steps=a.steps, overrides=overrides, tag=a.tag,
                   task=task.to_dict(), model=model_kw, train=train_kw, load=os.getloadavg()[0])
     if a.warm is not None and a.loops[0] != 1:
         p.error("--warm needs --loops to start with 1")
@@ -194,7 +201,7 @@ def main():
                     base = os.path.join(tmp, "N1", "checkpoint")
                     tr = make_trainer(os.path.join(tmp, "N1"), task, model_kw, train_kw, n,
                                       a.steps, seed)  # resumes from that checkpoint
-                wall, per_step = timed_run(tr, a.steps)
+                wall, per_step = timed_run(tr, a.steps, first)
                 record(a.out, **common, seed=seed, run=run, train_seconds=wall,
                        seconds_per_step=per_step,
                        evals=eval_at(tr, task, a.eval_loops or [n], a.samples))
