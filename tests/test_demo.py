@@ -28,3 +28,19 @@ def test_verdict_when_mixed_or_behind():
         combine_seeds(mixed, [0, 1])[0], [0, 1], "k (hops)")
     behind = {"N = 1": fake({0: 0.5, 1: 0.6}), "N = 2": fake({0: 0.4, 1: 0.5})}
     assert "behind on every seed" in conclude(combine_seeds(behind, [0, 1])[0], [0, 1], "k")
+
+
+def test_depth_curriculum_switches_hop_mix(tmp_path):
+    import json
+
+    from mlx_sleep.demo import DEMO, run_demo
+
+    settings = {**DEMO, "train": {**DEMO["train"], "eval_samples": 16, "batch_size": 8},
+                "model": {**DEMO["model"], "hidden_size": 16},
+                "curriculum": {"fraction": 0.5, "hops": [1]}}
+    run_demo(str(tmp_path), steps=4, loops=(1,), seeds=1, settings=settings, echo=lambda *a: None,
+             progress=False)
+    evals = [json.loads(l) for l in open(tmp_path / "seed0" / "N1" / "metrics.jsonl")
+             if '"eval"' in l]
+    # k = 1 only up to the switch (its checkpoint evaluates that task), then the full mix
+    assert [(e["step"], sorted(e["eval"])) for e in evals] == [(2, ["1"]), (4, ["1", "2"])]
