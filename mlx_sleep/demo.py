@@ -22,9 +22,9 @@ from .train import TrainConfig, Trainer
 # Depo with an 8-node cycle written as 8 shuffled edges in ONE context window (24 tokens, hard
 # eviction), then 8 queries "v +k", k in {1, 2}. One GDN block: at answer time it reads S once,
 # so a 2-hop answer must already be in S; a sleep pass sees the whole cycle before writing it.
-# A depth curriculum (k = 1 only for the first quarter of the steps) is what made the effect
-# show (docs/demo-search.md): on seeds 0 and 1, N = 3 reached 1.000 and 0.994 at k = 2 where
-# N = 1 reached 0.212 and 0.612. Training cost on 2 idle x86 cores: 51 (N = 1) and 119 (N = 3)
+# A depth curriculum (k = 1 only for the first quarter of the steps) is the best setting the
+# search found (docs/demo-search.md): over seeds 0-4, N = 3 - N = 1 at k = 2 was +0.79, +0.38,
+# -0.06, +0.31, +0.26, k = 1 equal. Training cost on 2 idle x86 cores: 51 (N = 1) and 119 (N = 3)
 # ms per step, so 5 seeds take about 17 minutes; `--seeds 4` stays under 15.
 DEMO = dict(
     task=dict(name="depo", max_nodes=8, min_nodes=8, n_names=16, max_hops=2, window=24,
