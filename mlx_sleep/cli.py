@@ -54,13 +54,25 @@ def _parse_options(pairs):
     return out
 
 
-def _parse_core(value):
+def _parse_loops_list(value):
+    """'1,2,4' -> [1, 2, 4] (eval --loops)."""
+    try:
+        loops = [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        loops = []
+    if not loops:
+        raise click.BadParameter(f"{value!r} is not a list of loop counts (e.g. 1,2,4)",
+                                 param_hint="--loops")
+    return list(dict.fromkeys(loops))  # each checked by SleepConfig
+
+
+def _parse_core(value, hint="--core", form="START:STOP"):
     if value is None:
         return None
     try:
         start, stop = (int(x) for x in value.split(":"))
     except ValueError:
-        raise click.BadParameter(f"{value!r} is not START:STOP (e.g. 1:3)", param_hint="--core")
+        raise click.BadParameter(f"{value!r} is not {form} (e.g. 1:3)", param_hint=hint)
     return (start, stop)
 
 
@@ -72,7 +84,8 @@ def main():
 
 @main.command()
 @click.option("--task", "task_name", type=click.Choice(["rule110", "depo"]), required=True)
-@click.option("--loops", "-N", type=int, default=1, show_default=True, help="Sleep passes N per context window.")
+@click.option("--loops", "-N", type=int, default=None, help="Sleep passes N per context window (default: 1; with --loops-sample, its B).")
+@click.option("--loops-sample", default=None, metavar="A:B", help="Draw N per batch uniformly in [A, B] (test-time depth dial).")
 @click.option("--window", "-L", type=int, default=None, help="Window L (default: the task's).")
 @click.option("--eviction", type=click.Choice(["hard", "sliding"]), default=None, help="Default: the task's.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (resumes if it holds a run).")
@@ -99,7 +112,7 @@ def main():
 @click.option("--paper", is_flag=True, help="The paper's full model/task/batch settings (for a Mac GPU).")
 @click.option("--force", is_flag=True, help="Write into a directory holding other files (never "
               "replacing them); train what may not fit in memory. See docs/files.md.")
-def train(task_name, loops, window, eviction, out, task_option, hidden_size, layers, heads,
+def train(task_name, loops, loops_sample, window, eviction, out, task_option, hidden_size, layers, heads,
           kv_heads, core, steps, batch_size, lr, adam_lr, weight_decay, warmup, grad_clip, seed,
           eval_every, eval_samples, checkpoint_every, activation_checkpoint, random_chunks,
           compile, paper, force):
@@ -119,14 +132,16 @@ def train(task_name, loops, window, eviction, out, task_option, hidden_size, lay
             train_kw.update(preset["train"])
         task_kw.update(_parse_options(task_option))
         task = get_task(task_name, **task_kw)
-        sleep = SleepConfig(loops=loops, window=task.window if window is None else window,
+        sample = _parse_core(loops_sample, "--loops-sample", "A:B") if loops_sample else None
+        n = loops if loops is not None else (sample[1] if sample else 1)
+        sleep = SleepConfig(loops=n, window=task.window if window is None else window,
                             eviction=eviction or task.eviction)
         model_cfg = ModelConfig(vocab_size=task.vocab_size, **model_kw)
         cfg = TrainConfig(steps=steps, weight_decay=weight_decay, warmup=warmup,
                           grad_clip=grad_clip, seed=seed, eval_every=eval_every,
                           eval_samples=eval_samples, checkpoint_every=checkpoint_every,
                           activation_checkpoint=activation_checkpoint,
-                          random_chunks=random_chunks,
+                          random_chunks=random_chunks, loops_sample=sample,
                           compile=default_compile() if compile is None else compile, **train_kw)
         trainer = Trainer(out, model_cfg, sleep, task, cfg, force=force)
         if trainer.step:
@@ -162,7 +177,7 @@ def _gsm_infinite_options(fn):
 
 @main.command("eval")
 @click.option("--checkpoint", type=click.Path(), default=None, help="A run directory from `train`.")
-@click.option("--loops", "-N", default=None, help="Override the sleep loops N (gsm-infinite: a list to sweep, e.g. 1,2,4).")
+@click.option("--loops", "-N", default=None, metavar="N[,N...]", help="Override the sleep loops N; several (1,2,4) evaluate each: a run's table gets a column per N and --plot draws accuracy against N; gsm-infinite sweeps them.")
 @click.option("--window", "-L", type=int, default=None, help="Override the window L.")
 @click.option("--eviction", type=click.Choice(["hard", "sliding"]), default=None)
 @click.option("--samples", type=int, default=512, show_default=True, help="Sequences per difficulty.")
@@ -174,8 +189,11 @@ def _gsm_infinite_options(fn):
 def eval_cmd(checkpoint, loops, window, eviction, samples, batch_size, seed, json_path, plot_path,
              task_name, **gsm):
     """Accuracy by difficulty (t for Rule 110, hops k for Depo) of a trained run, or a model on
-    GSM-Infinite (--model DIR --task gsm-infinite)."""
-    from .eval import evaluate, format_table, plot
+    GSM-Infinite (--model DIR --task gsm-infinite).
+
+    With several --loops (e.g. 1,2,3,4,6) a run is evaluated at each N: one column per N, and
+    --plot draws accuracy against N, one line per difficulty."""
+    from .eval import evaluate, format_table, plot, plot_against_loops
     from .io import check_file_target, write_json
     from .train import load_run
 
@@ -188,33 +206,45 @@ def eval_cmd(checkpoint, loops, window, eviction, samples, batch_size, seed, jso
         raise Failure("pass --checkpoint RUN (a training run), or --model DIR --task gsm-infinite")
 
     def go():
+        loops_list = _parse_loops_list(loops) if loops is not None else None
         for path in (json_path, plot_path):  # before the work, not after it
             if path:
                 check_file_target(path)
-        nonlocal loops
-        if loops is not None and not str(loops).isdigit():
-            raise ConfigError(f"--loops {loops!r}: one integer N >= 1 here (a list is for "
-                              "--task gsm-infinite)")
-        loops = None if loops is None else int(loops)
         model, sleep, task, _ = load_run(checkpoint)
-        sleep = SleepConfig(loops=sleep.loops if loops is None else loops,
-                            window=sleep.window if window is None else window,
-                            eviction=eviction or sleep.eviction)
-        if sleep.window > task.seq_len:
-            raise ConfigError(f"window L={sleep.window} is larger than the sequence length "
+        window_ = sleep.window if window is None else window
+        if window_ > task.seq_len:
+            raise ConfigError(f"window L={window_} is larger than the sequence length "
                               f"T={task.seq_len}")
-        results = evaluate(model, task, sleep, samples, batch_size, seed, progress=True)
-        label = f"N = {sleep.loops}"
+        by_loops = {}
+        for n in loops_list or [sleep.loops]:
+            run_sleep = SleepConfig(loops=n, window=window_, eviction=eviction or sleep.eviction)
+            by_loops[n] = evaluate(model, task, run_sleep, samples, batch_size, seed,
+                                   progress=True)
         dname = "t (steps)" if task.name == "rule110" else "k (hops)"
-        click.echo(f"{task.name}, {sleep.eviction} eviction, L = {sleep.window}, "
+        click.echo(f"{task.name}, {run_sleep.eviction} eviction, L = {window_}, "
                    f"{samples} sequences per row")
-        click.echo(format_table({label + " exact": results}, dname, "exact"))
-        click.echo(format_table({label + " per-item": results}, dname, "token"))
+        if len(by_loops) == 1:
+            (n, results), = by_loops.items()
+            label = f"N = {n}"
+            click.echo(format_table({label + " exact": results}, dname, "exact"))
+            click.echo(format_table({label + " per-item": results}, dname, "token"))
+            if json_path:
+                write_json(json_path, {"checkpoint": checkpoint, "sleep": run_sleep.to_dict(),
+                                       "task": task.to_dict(), "results": results})
+            if plot_path:
+                plot({label: results}, plot_path, f"{task.name}", dname)
+            return
+        # Several N: the demo's schema, results["N = n"][difficulty]
+        named = {f"N = {n}": r for n, r in by_loops.items()}
+        click.echo("exact match\n" + format_table(named, dname, "exact"))
+        click.echo("per-item accuracy\n" + format_table(named, dname, "token"))
         if json_path:
-            write_json(json_path, {"checkpoint": checkpoint, "sleep": sleep.to_dict(),
-                                   "task": task.to_dict(), "results": results})
+            write_json(json_path, {"checkpoint": checkpoint, "loops": list(by_loops),
+                                   "sleep": run_sleep.to_dict(), "task": task.to_dict(),
+                                   "results": named})
         if plot_path:
-            plot({label: results}, plot_path, f"{task.name}", dname)
+            plot_against_loops(by_loops, plot_path, f"{task.name}: accuracy against test-time N",
+                               dname, "token")
 
     _run_safely(go)
 
@@ -222,15 +252,18 @@ def eval_cmd(checkpoint, loops, window, eviction, samples, batch_size, seed, jso
 @main.command()
 @click.option("--out", default="demo_out", show_default=True, type=click.Path(file_okay=False))
 @click.option("--steps", type=int, default=None, help="Training steps per run (default: the demo's).")
-@click.option("--loops", "-N", type=int, multiple=True, help="Loop counts to compare (default: 1 and 2).")
+@click.option("--loops", "-N", type=int, multiple=True, help="Loop counts to compare (default: the demo's).")
+@click.option("--seed", type=int, default=0, show_default=True, help="First seed.")
+@click.option("--seeds", type=click.IntRange(min=1, max=1000), default=None, help="Number of seeds: SEED, SEED+1, ... (default: the demo's).")
 @click.option("--force", is_flag=True, help="Write into a directory holding other files (never "
               "replacing them).")
-def demo(out, steps, loops, force):
-    """Train N = 1 and N > 1 on a small synthetic task, evaluate both, print and plot."""
+def demo(out, steps, loops, seed, seeds, force):
+    """Train N = 1 and N > 1 on a small synthetic task over several seeds, evaluate, print the
+    spread over seeds and plot it."""
     from .demo import run_demo
 
-    _run_safely(lambda: run_demo(out, steps=steps, loops=tuple(loops) or None, echo=click.echo,
-                                 force=force))
+    _run_safely(lambda: run_demo(out, steps=steps, loops=tuple(loops) or None, seed=seed,
+                                 seeds=seeds, echo=click.echo, force=force))
 
 
 @main.group()

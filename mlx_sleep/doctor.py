@@ -28,6 +28,31 @@ def _blas_in_process():
         return []
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith(("model name", "hardware", "cpu model")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def platform_summary() -> dict:
+    """What a learning result depends on beyond the seed (results differ across BLAS builds and
+    instruction sets): for results files."""
+    import os
+
+    import mlx.core as mx
+
+    blas = _blas.status["library"] or ("Accelerate" if platform.system() == "Darwin"
+                                       else "reference BLAS")
+    return {"mlx": mx.__version__, "device": str(mx.default_device()), "blas": blas,
+            "cpu": _cpu_name(), "cores": os.cpu_count(), "machine": platform.machine(),
+            "system": platform.system(), "python": platform.python_version()}
+
+
 def report() -> str:
     import mlx.core as mx
 

@@ -76,8 +76,9 @@ def format_table(results_by_run: Dict[str, Dict[int, dict]], difficulty_name: st
 
 def plot(results_by_run: Dict[str, Dict[int, dict]], path: str, title: str = "",
          difficulty_name: str = "difficulty", metric: str = "exact",
-         chance: Optional[float] = None):
-    """PNG of accuracy vs difficulty, one line per run."""
+         chance: Optional[float] = None, spread: Optional[Dict[str, Dict[int, tuple]]] = None):
+    """PNG of accuracy vs difficulty, one line per run; `spread[run][d] = (lo, hi)` shades a band
+    (e.g. the range over seeds around their mean)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -88,7 +89,12 @@ def plot(results_by_run: Dict[str, Dict[int, dict]], path: str, title: str = "",
     for run, res in results_by_run.items():
         diffs = sorted(int(d) for d in res)
         all_diffs.update(diffs)
-        ax.plot(diffs, [(res.get(d) or res[str(d)])[metric] for d in diffs], marker="o", label=run)
+        line, = ax.plot(diffs, [(res.get(d) or res[str(d)])[metric] for d in diffs], marker="o",
+                        label=run)
+        if spread and run in spread:
+            band = [spread[run].get(d) or spread[run][str(d)] for d in diffs]
+            ax.fill_between(diffs, [b[0] for b in band], [b[1] for b in band],
+                            color=line.get_color(), alpha=0.2, linewidth=0)
     if chance is not None:
         ax.axhline(chance, color="gray", linestyle="--", linewidth=1, label="chance")
     ax.set_xscale("log", base=2)
@@ -109,4 +115,34 @@ def plot(results_by_run: Dict[str, Dict[int, dict]], path: str, title: str = "",
     else:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def plot_against_loops(results_by_loops: Dict[int, Dict[int, dict]], path: str, title: str = "",
+                       difficulty_name: str = "difficulty", metric: str = "token",
+                       chance: Optional[float] = None):
+    """PNG of accuracy vs test-time sleep passes N, one line per difficulty (sleep depth as a dial)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    loops = sorted(int(n) for n in results_by_loops)
+    diffs = sorted({int(d) for r in results_by_loops.values() for d in r})
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for d in diffs:
+        ys = [(results_by_loops[n].get(d) or results_by_loops[n][str(d)])[metric] for n in loops]
+        ax.plot(loops, ys, marker="o", label=f"{difficulty_name.split()[0]} = {d}")
+    if chance is not None:
+        ax.axhline(chance, color="gray", linestyle="--", linewidth=1, label="chance")
+    ax.set_xticks(loops)
+    ax.set_xlabel("sleep passes N at test time")
+    ax.set_ylabel({"token": "per-item accuracy", "exact": "exact-match accuracy"}.get(metric, metric))
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
     plt.close(fig)

@@ -17,7 +17,8 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -25,7 +26,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .config import ConfigError, ModelConfig, SleepConfig, check_memory, check_types
+from .config import MAX_LOOPS, ConfigError, ModelConfig, SleepConfig, check_memory, check_types
 from .eval import evaluate
 from .io import (OutputError, acquire_lock, atomic_dir, check_file_target, check_regular_file,
                  claim_dir, read_json_object, recover_dir, save_arrays, write_json, write_text)
@@ -56,6 +57,10 @@ class TrainConfig:
     # mx.compile'd then.
     activation_checkpoint: bool = False
     random_chunks: bool = False  # sample chunk lengths in [1, L] (see sleep.chunk_bounds)
+    # (lo, hi): draw the sleep passes N per batch uniformly in [lo, hi] (a model whose depth is a
+    # dial at test time). From its own seeded generator, so the data stream is the same as a
+    # fixed-N run's. Evaluation during training uses the run's SleepConfig.loops.
+    loops_sample: Optional[Tuple[int, int]] = None
 
     def __post_init__(self):
         check_types(self)
@@ -71,11 +76,20 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be <= 10 (got {getattr(self, name)})")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"min_lr_ratio must be in [0, 1] (got {self.min_lr_ratio})")
+        if self.loops_sample is not None:
+            lo, hi = self.loops_sample
+            if not 1 <= lo <= hi <= MAX_LOOPS:
+                raise ConfigError(f"loops_sample must be LO:HI with 1 <= LO <= HI <= {MAX_LOOPS} "
+                                  f"(got {lo}:{hi})")
+            self.loops_sample = (int(lo), int(hi))
 
     @classmethod
     def from_dict(cls, d):
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        d = {k: v for k, v in d.items() if k in known}
+        if d.get("loops_sample") is not None:
+            d["loops_sample"] = tuple(d["loops_sample"])
+        return cls(**d)
 
 
 # (setting, lowest, highest) of TrainConfig's integers (and weight decay); bounds keep a typo
@@ -161,11 +175,14 @@ class Trainer:
         check_memory(training_bytes(model, sleep, task.seq_len, train),
                      "training this model at this batch size", force)
         mx.eval(model.parameters())
-        self.settings = {"model_type": model.model_type, "model": model.config.to_dict(),
-                         "sleep": sleep.to_dict(), "task": task.to_dict(), "train": asdict(train)}
+        # As JSON has them (tuples become lists), so a rerun compares equal to what was saved
+        self.settings = json.loads(json.dumps({
+            "model_type": model.model_type, "model": model.config.to_dict(),
+            "sleep": sleep.to_dict(), "task": task.to_dict(), "train": asdict(train)}))
         self.model = model
         self.optimizer = make_optimizer(train, model)
         self.rng = np.random.default_rng(train.seed)
+        self.loops_rng = np.random.default_rng([train.seed, 1])  # N per batch (loops_sample)
         self.step, self.tokens = 0, 0
         self._steps = {}  # compiled step per chunk plan
         # The directory: ours (a marker), one training at a time (a lock on the marker).
@@ -228,11 +245,11 @@ class Trainer:
             write_text(path, "".join(keep))
 
     # -- one step -----------------------------------------------------------------------------
-    def _step_fn(self, plan):
-        key = (tuple(plan[0]), tuple(plan[1]))
+    def _step_fn(self, plan, sleep):
+        key = (tuple(plan[0]), tuple(plan[1]), sleep.loops)
         if key in self._steps:
             return self._steps[key]
-        model, optimizer, cfg, sleep = self.model, self.optimizer, self.cfg, self.sleep
+        model, optimizer, cfg = self.model, self.optimizer, self.cfg
 
         if cfg.activation_checkpoint:
             def value_and_grad(x, y, w):
@@ -267,8 +284,12 @@ class Trainer:
                                  "match the model")
         rng = self.rng if self.cfg.random_chunks else None
         plan = plan_chunks(batch.mask, self.sleep.window, rng)
-        loss, norm = self._step_fn(plan)(mx.array(batch.inputs), mx.array(batch.targets),
-                                         mx.array(batch.mask))
+        sleep = self.sleep
+        if self.cfg.loops_sample is not None:
+            lo, hi = self.cfg.loops_sample
+            sleep = replace(sleep, loops=int(self.loops_rng.integers(lo, hi + 1)))
+        loss, norm = self._step_fn(plan, sleep)(mx.array(batch.inputs), mx.array(batch.targets),
+                                                mx.array(batch.mask))
         mx.eval(loss, norm, self.model.parameters(), self.optimizer.state)
         self.step += 1
         self.tokens += batch.inputs.size
@@ -331,7 +352,8 @@ class Trainer:
                         dict(tree_flatten(self.optimizer.state)))
             write_json(os.path.join(tmp, "trainer.json"), {
                 "step": self.step, "tokens": self.tokens,
-                "rng": self.rng.bit_generator.state, "settings": self.settings})
+                "rng": self.rng.bit_generator.state,
+                "loops_rng": self.loops_rng.bit_generator.state, "settings": self.settings})
 
     def load_checkpoint(self, ckpt):
         """Resume from `ckpt`. A damaged one (missing or truncated files, tensors that do not
@@ -348,6 +370,8 @@ class Trainer:
             self.optimizer.state = _restore_lists(tree_unflatten(list(opt_state.items())),
                                                   self.optimizer.state)
             self.rng.bit_generator.state = rng
+            if "loops_rng" in meta:  # runs with loops_sample
+                self.loops_rng.bit_generator.state = meta["loops_rng"]
         except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
             raise ConfigError(f"{ckpt} is damaged ({type(e).__name__}: {str(e)[:300]}); move it "
                               "away to start the run over") from None

@@ -1,6 +1,7 @@
 """The command line: train -> eval round trip, the demo at a tiny size, doctor, clear errors."""
 
 import json
+import os
 
 import pytest
 from click.testing import CliRunner
@@ -31,7 +32,29 @@ def test_train_then_eval(tmp_path):
     assert r.exit_code == 0 and "N = 4" in r.output
 
 
+def test_sampled_loops_then_eval_at_several_n(tmp_path):
+    out = tmp_path / "run"
+    r = run("train", *TINY, "--loops-sample", "1:3", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    saved = json.load(open(out / "config.json"))
+    assert saved["train"]["loops_sample"] == [1, 3] and saved["sleep"]["loops"] == 3
+    r = run("eval", "--checkpoint", str(out), "--samples", "16", "--loops", "1,2,4",
+            "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "n.png"))
+    assert r.exit_code == 0, r.output
+    assert "| t (steps) | N = 1 | N = 2 | N = 4 |" in r.output
+    saved = json.load(open(tmp_path / "r.json"))
+    assert saved["loops"] == [1, 2, 4] and set(saved["results"]) == {"N = 1", "N = 2", "N = 4"}
+    assert set(saved["results"]["N = 4"]) == {"1"}
+    assert (tmp_path / "n.png").stat().st_size > 1000
+    for bad, says in (("0,1", "loops (N) must be an integer >= 1"),
+                      ("a", "is not a list of loop counts")):
+        r = CliRunner().invoke(main, ["eval", "--checkpoint", str(out), "--loops", bad])
+        assert r.exit_code != 0 and says in r.output
+
+
 @pytest.mark.parametrize("extra,message", [
+    (["--loops-sample", "3:1"], "loops_sample must be LO:HI with 1 <= LO <= HI"),
+    (["--loops-sample", "x"], "'x' is not A:B"),
     (["--loops", "0"], "loops (N) must be an integer >= 1"),
     (["--window", "0"], "window (L) must be an integer >= 1"),
     (["--window", "1000"], "larger than the task's sequence length"),
@@ -55,12 +78,19 @@ def test_eval_of_a_directory_that_is_not_a_run(tmp_path):
 
 
 def test_demo_at_a_tiny_size(tmp_path):
-    r = run("demo", "--out", str(tmp_path), "--steps", "2", "-N", "1", "-N", "2")
+    r = run("demo", "--out", str(tmp_path), "--steps", "2", "-N", "1", "-N", "2",
+            "--seed", "3", "--seeds", "2")
     assert r.exit_code == 0, r.output
-    assert "N = 1" in r.output and "N = 2" in r.output
+    assert "| k (hops) | N = 1 | N = 2 |" in r.output and "| 4 |" in r.output  # seed rows 3, 4
+    assert "N = 2 - N = 1 at k = 2: mean" in r.output
     results = json.load(open(tmp_path / "results.json"))
+    assert results["seeds"] == [3, 4] and {"mlx", "blas", "cpu"} <= set(results["platform"])
     assert set(results["results"]) == {"N = 1", "N = 2"}
+    cell = results["results"]["N = 2"]["2"]
+    assert {"token", "exact", "count"} <= set(cell) and len(cell["token_by_seed"]) == 2
+    assert abs(cell["token"] - sum(cell["token_by_seed"]) / 2) < 1e-9
     assert (tmp_path / "accuracy.png").exists()
+    assert sorted(os.listdir(tmp_path / "seed4")) == ["N1", "N2"]
 
 
 def test_doctor():

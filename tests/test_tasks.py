@@ -158,7 +158,9 @@ def slow_walk(edges, v, k):
 
 @pytest.mark.parametrize(
     "settings",
-    [{}, dict(max_nodes=8, max_hops=4, window=16, context_len=32), dict(max_nodes=8, n_names=8, min_nodes=8, max_hops=8, window=12, context_len=24, n_queries=3)],
+    [{}, dict(max_nodes=8, max_hops=4, window=16, context_len=32), dict(max_nodes=8, n_names=8, min_nodes=8, max_hops=8, window=12, context_len=24, n_queries=3),
+     dict(max_nodes=8, max_hops=4, hops=[1, 4], hop_weights=[1, 3], window=16, context_len=32),
+     dict(max_nodes=8, max_hops=4, window=16, context_len=32, edge_order="forward")],
 )
 def test_depo_against_slow_walk(settings):
     task = Depo(**settings)
@@ -219,11 +221,52 @@ def test_depo_defaults_and_difficulty():
         (dict(min_nodes=1), "min_nodes must be >= 2"),
         (dict(max_hops=0), "max_hops must be >= 1"),
         (dict(eviction="soft"), "eviction"),
+        (dict(max_hops=4, hops=[1, 5]), r"each of hops must be <= 4 \(got 5\)"),
+        (dict(max_hops=4, hops=[]), "hops must be a list"),
+        (dict(max_hops=4, hops=[2, 2]), "must not repeat"),
+        (dict(max_hops=4, hops=[1, 3], hop_weights=[1]), r"hop_weights must be 2 non-negative"),
+        (dict(max_hops=4, hop_weights=[0, 0, 0, 0]), "not all 0"),
     ],
 )
 def test_depo_rejects_bad_settings(settings, words):
     with pytest.raises(ValueError, match=words):
         get_task("depo", **settings)
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse"])
+def test_depo_edge_order(order):
+    task = Depo(max_nodes=6, min_nodes=3, max_hops=2, window=18, context_len=18, n_queries=3,
+                edge_order=order)
+    batch = task.sample(rng(5), 16)
+    starts = set()
+    for b in range(16):
+        _, edges, _ = parse_depo(task, batch.inputs[b])
+        if order == "reverse":
+            edges = edges[::-1]
+        # each edge continues the previous one, all the way round the cycle
+        assert all(edges[i][1] == edges[i + 1][0] for i in range(len(edges) - 1))
+        assert edges[-1][1] == edges[0][0]
+        starts.add(len(edges))
+    assert len(starts) > 1  # n still varies
+    with pytest.raises(ValueError, match="edge_order must be one of"):
+        Depo(edge_order="sorted")
+
+
+def test_depo_trained_hops_and_weights():
+    task = Depo(max_nodes=8, max_hops=4, hops=[4, 1], hop_weights=[3, 1], window=16,
+                context_len=32, n_queries=8)
+    assert task.eval_difficulties == (1, 4) and task.vocab_size == Depo(
+        max_nodes=8, max_hops=4, window=16, context_len=32).vocab_size
+    k = task.sample(rng(3), 500).difficulty
+    k = k[k >= 0]
+    assert set(np.unique(k)) == {1, 4}
+    assert abs((k == 4).mean() - 0.75) < 0.03  # weight 3 : 1
+    # without hops/hop_weights the stream is the original uniform draw over 1..max_hops
+    plain = Depo(max_nodes=8, max_hops=4, window=16, context_len=32)
+    assert set(np.unique(plain.sample(rng(3), 200).difficulty)) == {-1, 1, 2, 3, 4}
+    d = json.loads(json.dumps(task.to_dict()))
+    assert d["hops"] == [4, 1] and task_from_dict(d) == task
+    assert "k in {4, 1} with weights (3, 1)" in task.describe()
 
 
 # ---------------------------------------------------------------- shared

@@ -108,3 +108,46 @@ def test_load_run_on_a_non_run_says_so(tmp_path):
         load_run(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="not a directory"):
         load_run(str(tmp_path / "missing"))
+
+
+def test_loops_sample_draws_n_per_batch_seeded(tmp_path, monkeypatch):
+    """--loops-sample A:B: each step runs with N drawn from its own seeded generator (the data
+    stream stays the fixed-N run's); (2, 2) is exactly the fixed N = 2 run."""
+    import mlx_sleep.train as train_mod
+
+    seen = []
+    real = train_mod.sleep_loss
+    monkeypatch.setattr(train_mod, "sleep_loss",
+                        lambda m, x, y, w, sleep, **k: seen.append(sleep.loops) or
+                        real(m, x, y, w, sleep, **k))
+    sampled = trainer(tmp_path / "s", steps=8, loops=3, loops_sample=(1, 3))
+    sampled.run()
+    drawn = seen[:]
+    assert set(drawn) == {1, 2, 3}  # 8 draws from 1..3 with this seed
+    expect = np.random.default_rng([0, 1]).integers(1, 4, size=8)
+    assert drawn == [int(n) for n in expect]
+    fixed, same = trainer(tmp_path / "f", steps=4, loops=2), trainer(tmp_path / "p", steps=4,
+                                                                     loops=2, loops_sample=(2, 2))
+    fixed.run()
+    same.run()
+    a, b = dict(tree_flatten(fixed.model.parameters())), dict(tree_flatten(same.model.parameters()))
+    for k in a:
+        np.testing.assert_array_equal(np.array(a[k]), np.array(b[k]), err_msg=k)
+
+
+def test_loops_sample_resume_is_exact(tmp_path):
+    straight = trainer(tmp_path / "a", loops_sample=(1, 3))
+    straight.run()
+    half = trainer(tmp_path / "b", loops_sample=(1, 3))
+    half.cfg.steps = 3
+    half.run()
+    resumed = trainer(tmp_path / "b", loops_sample=(1, 3))
+    assert resumed.step == 3
+    resumed.run()
+    a, b = dict(tree_flatten(straight.model.parameters())), dict(tree_flatten(resumed.model.parameters()))
+    for k in a:
+        np.testing.assert_array_equal(np.array(a[k]), np.array(b[k]), err_msg=k)
+    saved = json.load(open(tmp_path / "b" / "config.json"))
+    assert TrainConfig.from_dict(saved["train"]).loops_sample == (1, 3)
+    with pytest.raises(ConfigError, match="loops_sample must be LO:HI"):
+        TrainConfig(loops_sample=(3, 1))

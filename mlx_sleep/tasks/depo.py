@@ -41,6 +41,9 @@ PAD, SEP, HOP0 = 0, 1, 2  # HOP0 + (k - 1) is the token for "+k"
 EDGE_TOKENS = 3  # "a b ;"
 DEFAULT_EVAL_HOPS = (1, 2, 4, 8, 16)
 DEFAULT_QUERIES = 10  # the paper's; fewer when the window is too small to hold them
+ORDER_WORDS = {"shuffled": "in random order",
+               "forward": "in cycle order from a random node (a b ; b c ; ...)",
+               "reverse": "in reverse cycle order from a random node (.. b c ; a b ;)"}
 
 
 @dataclass(frozen=True)
@@ -50,11 +53,16 @@ class Depo(Task):
     max_nodes: int = 75
     min_nodes: int = 3  # n is uniform in [min_nodes, max_nodes] per sequence
     n_names: int = 128  # node-name vocabulary, >= max_nodes
-    max_hops: int = 16  # training k is uniform in [1, max_hops]
+    max_hops: int = 16  # hop tokens "+1" .. "+max_hops"; training k uniform in [1, max_hops]
+    hops: tuple[int, ...] | None = None  # trained hop counts (None: 1 .. max_hops); also evaluated
+    hop_weights: tuple[float, ...] | None = None  # relative frequency of each of `hops` in training
     n_queries: int | None = None  # None -> min(10, window // 2): the answer chunk fits a window
     window: int = 75  # sleep window L
     context_len: int = 300  # edges + left padding; a multiple of window
     eviction: str = "hard"
+    # Order of the edges in the context: "shuffled" (the paper's), "forward" (following the cycle
+    # from a random node: every edge is written before the edge that continues it) or "reverse".
+    edge_order: str = "shuffled"
 
     name = "depo"
 
@@ -69,6 +77,8 @@ class Depo(Task):
         check_int("window", self.window, 1, MAX_SIZE)
         check_int("context_len", self.context_len, 1, MAX_SIZE)
         check_choice("eviction", self.eviction, {"hard", "sliding"})
+        check_choice("edge_order", self.edge_order, {"shuffled", "forward", "reverse"})
+        self._check_hops()
         need = EDGE_TOKENS * self.max_nodes
         if self.context_len < need:
             raise ValueError(
@@ -87,6 +97,30 @@ class Depo(Task):
                 f"2*n_queries query tokens form one answer chunk (got {self.n_queries})"
             )
 
+    def _check_hops(self):
+        if self.hops is not None:
+            if isinstance(self.hops, (str, bytes)) or not hasattr(self.hops, "__len__") \
+                    or len(self.hops) == 0:
+                raise ValueError(f"hops must be a list of hop counts, e.g. [1, 3] (got {self.hops!r})")
+            for k in self.hops:
+                check_int("each of hops", k, 1, self.max_hops)
+            if len(set(self.hops)) != len(self.hops):
+                raise ValueError(f"hops must not repeat a hop count (got {list(self.hops)})")
+            object.__setattr__(self, "hops", tuple(int(k) for k in self.hops))
+        if self.hop_weights is not None:
+            n = len(self.train_hops)
+            w = self.hop_weights
+            if isinstance(w, (str, bytes)) or not hasattr(w, "__len__") or len(w) != n or \
+                    not all(isinstance(x, (int, float)) and x >= 0 for x in w) or sum(w) <= 0:
+                raise ValueError(f"hop_weights must be {n} non-negative numbers, one per trained "
+                                 f"hop count {list(self.train_hops)}, not all 0 (got {w!r})")
+            object.__setattr__(self, "hop_weights", tuple(float(x) for x in w))
+
+    @property
+    def train_hops(self) -> tuple[int, ...]:
+        """The hop counts k drawn for training items."""
+        return self.hops if self.hops is not None else tuple(range(1, self.max_hops + 1))
+
     @property
     def seq_len(self) -> int:
         return self.context_len + 2 * self.n_queries
@@ -102,6 +136,8 @@ class Depo(Task):
 
     @property
     def eval_difficulties(self) -> tuple[int, ...]:
+        if self.hops is not None:
+            return tuple(sorted(self.hops))
         return tuple(sorted({min(k, self.max_hops) for k in DEFAULT_EVAL_HOPS}))
 
     def hop_token(self, k: int) -> int:
@@ -131,7 +167,12 @@ class Depo(Task):
             n = int(rng.integers(self.min_nodes, self.max_nodes + 1))
             # names in cycle order: node names[i] -> names[(i + 1) % n]
             names = self.name_offset + rng.choice(self.n_names, size=n, replace=False)
-            order = rng.permutation(n)
+            if self.edge_order == "shuffled":
+                order = rng.permutation(n)
+            else:
+                order = (int(rng.integers(n)) + np.arange(n)) % n
+                if self.edge_order == "reverse":
+                    order = order[::-1]
             edges = np.stack(
                 [names[order], names[(order + 1) % n], np.full(n, SEP)], axis=1
             )
@@ -139,7 +180,7 @@ class Depo(Task):
 
             start = rng.choice(n, size=Q, replace=n < Q)
             if difficulty is None:
-                k = rng.integers(1, self.max_hops + 1, size=Q)
+                k = self._draw_hops(rng, Q)
             else:
                 k = np.full(Q, difficulty)
             inputs[b, hop_pos - 1] = names[start]
@@ -149,14 +190,31 @@ class Depo(Task):
             diff[b, hop_pos] = k
         return Batch(inputs, targets, mask, diff)
 
+    def _draw_hops(self, rng: np.random.Generator, size: int) -> np.ndarray:
+        if self.hops is None and self.hop_weights is None:
+            return rng.integers(1, self.max_hops + 1, size=size)  # the original stream, unchanged
+        p = None
+        if self.hop_weights is not None:
+            p = np.asarray(self.hop_weights) / sum(self.hop_weights)
+        return rng.choice(np.asarray(self.train_hops), size=size, p=p)
+
+    def _describe_hops(self) -> str:
+        if self.hops is None and self.hop_weights is None:
+            return f"k uniform in [1, {self.max_hops}] for training"
+        ks = ", ".join(str(k) for k in self.train_hops)
+        if self.hop_weights is None:
+            return f"k uniform in {{{ks}}} for training"
+        w = ", ".join(f"{x:g}" for x in self.hop_weights)
+        return f"k in {{{ks}}} with weights ({w}) for training"
+
     def describe(self) -> str:
         return (
             f"Depo: a directed cycle of n nodes (n uniform in [{self.min_nodes}, "
             f"{self.max_nodes}]; each sequence draws n distinct names from a pool of "
             f"{self.n_names} single-token names) written as its n edges 'a b ;' (b follows a) "
-            f"in random order, left-padded with <pad> to {self.context_len} tokens, then "
+            f"{ORDER_WORDS[self.edge_order]}, left-padded with <pad> to {self.context_len} tokens, then "
             f"{self.n_queries} queries 'v +k', each scored at the '+k' token against the k-th "
-            f"successor of v (k uniform in [1, {self.max_hops}] for training; k may exceed n, "
+            f"successor of v ({self._describe_hops()}; k may exceed n, "
             f"the walk wraps; query nodes distinct when n >= {self.n_queries}). T = "
             f"{self.seq_len} (the paper says 360; our query encoding is 2 tokens per query), "
             f"vocab = {self.vocab_size}. Window L = {self.window}: the context is "
