@@ -269,7 +269,7 @@ def wake_pass(model, ids, state, offset, window):
 
 def sleep_from_wake(model, core_h, wake_state, chunk_start, offset, loops, window):
     """Passes 2..N of the core starting from the wake pass's output, then the coda."""
-    layers, (_, stop) = model.sleep_blocks(), model.core
+    layers, (start, stop) = model.sleep_blocks(), model.core
     state, h = list(wake_state), core_h
     for _ in range(1, loops):
         for i in range(start, stop):

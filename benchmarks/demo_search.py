@@ -18,7 +18,6 @@ Train time per step is measured on its own (the machine is shared: wall times ar
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -191,7 +190,7 @@ def main():
             for n in a.loops:
                 tr = make_trainer(os.path.join(tmp, f"N{n}"), task, model_kw, train_kw, n,
                                   a.steps, seed)
-                run, warm_seconds = f"N = {n}", 0.0
+                run = f"N = {n}"
                 if a.warm is not None and n > 1 and base is not None:
                     tr.load_checkpoint(base)  # the N = 1 run at the switch point
                     run += f" warm from N = 1 at {a.warm:g}"
