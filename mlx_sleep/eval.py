@@ -74,6 +74,31 @@ def format_table(results_by_run: Dict[str, Dict[int, dict]], difficulty_name: st
     return "\n".join(lines)
 
 
+METRIC_LABELS = {"token": "per-item accuracy", "exact": "exact-match accuracy"}
+
+
+def save_accuracy_plot(fig, ax, path: str, title: str, ylabel: str):
+    """What every accuracy plot ends with: the y axis in [0, 1], grid, legend, title, and the PNG
+    written under the write policy (atomically, or through /dev/stdout)."""
+    import matplotlib.pyplot as plt
+
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    if check_file_target(path) == "stream":
+        out = stream(path)
+        out.flush()
+        fig.savefig(getattr(out, "buffer", out), format="png")
+    else:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
 def plot(results_by_run: Dict[str, Dict[int, dict]], path: str, title: str = "",
          difficulty_name: str = "difficulty", metric: str = "exact",
          chance: Optional[float] = None, spread: Optional[Dict[str, Dict[int, tuple]]] = None):
@@ -101,21 +126,7 @@ def plot(results_by_run: Dict[str, Dict[int, dict]], path: str, title: str = "",
     ax.set_xticks(sorted(all_diffs), [str(d) for d in sorted(all_diffs)])
     ax.minorticks_off()
     ax.set_xlabel(difficulty_name)
-    ax.set_ylabel({"token": "per-item accuracy", "exact": "exact-match accuracy"}.get(metric, metric))
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    if check_file_target(path) == "stream":
-        out = stream(path)
-        out.flush()
-        fig.savefig(getattr(out, "buffer", out), format="png")
-    else:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save_accuracy_plot(fig, ax, path, title, METRIC_LABELS.get(metric, metric))
 
 
 def plot_against_loops(results_by_loops: Dict[int, Dict[int, dict]], path: str, title: str = "",
@@ -137,12 +148,4 @@ def plot_against_loops(results_by_loops: Dict[int, Dict[int, dict]], path: str, 
         ax.axhline(chance, color="gray", linestyle="--", linewidth=1, label="chance")
     ax.set_xticks(loops)
     ax.set_xlabel("sleep passes N at test time")
-    ax.set_ylabel({"token": "per-item accuracy", "exact": "exact-match accuracy"}.get(metric, metric))
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_accuracy_plot(fig, ax, path, title, METRIC_LABELS.get(metric, metric))

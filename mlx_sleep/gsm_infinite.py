@@ -35,6 +35,7 @@ import mlx.core as mx
 import numpy as np
 
 from .config import SleepConfig
+from .eval import save_accuracy_plot
 from .generate import generate, stream_text
 from .io import atomic_path, check_file_target, claim_dir, read_json, write_json
 from .loading import load
@@ -409,16 +410,7 @@ def plot(summary: Dict[str, dict], path: str, title: str = ""):
         ax.fill_between(ops, [r["ops"][o]["ci95"][0] for o in ops],
                         [r["ops"][o]["ci95"][1] for o in ops], color=line.get_color(), alpha=0.15)
     ax.set_xlabel("operations (op)")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save_accuracy_plot(fig, ax, path, title, "accuracy")
 
 
 # -- running a model --------------------------------------------------------------------------
