@@ -31,7 +31,7 @@ from mlx_lm.generate import generate_step
 from mlx_sleep import HybridLM, ModelConfig, SleepConfig
 from mlx_sleep import _blas
 from mlx_sleep.session import SessionEngine, open_session
-from mlx_sleep.sleep import evict, restart, run_chunk
+from mlx_sleep.sleep import continue_passes, evict, run_chunk
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -254,32 +254,6 @@ def bench_window_storage(model, sleep, model_dir, rng, vocab, repeats):
             "prefill_state_max_abs_diff": diff}
 
 
-def wake_pass(model, ids, state, offset, window):
-    """run_chunk with one pass that also returns the core's output features."""
-    layers, (_, stop) = model.sleep_blocks(), model.core
-    state, h = list(state), model.embed(ids)
-    for i in range(stop):
-        h, state[i] = layers[i](h, state[i], offset, window)
-        if i == stop - 1:
-            core_h = h
-    for i in range(stop, len(layers)):
-        h, state[i] = layers[i](h, state[i], offset, window)
-    return core_h, state
-
-
-def sleep_from_wake(model, core_h, wake_state, chunk_start, offset, loops, window):
-    """Passes 2..N of the core starting from the wake pass's output, then the coda."""
-    layers, (start, stop) = model.sleep_blocks(), model.core
-    state, h = list(wake_state), core_h
-    for _ in range(1, loops):
-        for i in range(start, stop):
-            s = restart(layers[i].mixer, chunk_start[i], state[i])
-            h, state[i] = layers[i](h, s, offset, window)
-    for i in range(stop, len(layers)):  # the coda's state restarts from the chunk start
-        h, state[i] = layers[i](h, chunk_start[i], offset, window)
-    return state
-
-
 def bench_wake_reuse(model, sleep, rng, vocab, repeats, pieces):
     """Feed a window in `pieces` calls recording the core outputs, then consolidate by
     recomputing all N passes (what SleepEngine does) or by reusing the wake pass as pass 1."""
@@ -289,8 +263,8 @@ def bench_wake_reuse(model, sleep, rng, vocab, repeats, pieces):
     ids = mx.concatenate(engine.window_ids, axis=1)
     state, hs, pos = start_state, [], offset
     for part in np.array_split(np.arange(ids.shape[1]), pieces):
-        h, state = wake_pass(model, ids[:, part[0]:part[-1] + 1], state, pos, win)
-        hs.append(h)
+        _, state = run_chunk(model, ids[:, part[0]:part[-1] + 1], state, pos, 1, win,
+                             core_out=hs)
         pos += len(part)
     core_h = mx.concatenate(hs, axis=1)
     mx.eval(core_h, state)
@@ -301,7 +275,7 @@ def bench_wake_reuse(model, sleep, rng, vocab, repeats, pieces):
         return s
 
     def reuse():
-        s = sleep_from_wake(model, core_h, state, start_state, offset, sleep.loops, win)
+        s = continue_passes(model, core_h, state, start_state, offset, sleep.loops, win)
         mx.eval(s)
         return s
 
