@@ -71,3 +71,18 @@ def make_hf_checkpoint(path):
 
     shutil.copytree(FIXTURES / "jet-nemotron-tiny", path)
     return str(path)
+
+
+def train_tiny_run(tmp_path_factory, name: str):
+    """A finished tiny training run (`train` with TINY_TRAIN) in a fresh temporary directory."""
+    out = tmp_path_factory.mktemp(name) / "run"
+    code, output = cli("train", *TINY_TRAIN, "--out", out)
+    assert code == 0, output
+    return out
+
+
+def copy_run(run, dest):
+    """A copy of a run to damage (links copied as links)."""
+    import shutil
+    shutil.copytree(run, dest, symlinks=True)
+    return dest

@@ -13,7 +13,8 @@ import pytest
 from mlx_sleep.config import ConfigError, ModelConfig, SleepConfig
 from mlx_sleep.tasks import get_task
 from mlx_sleep.train import TrainConfig, load_run
-from tests.reliability import TINY_TRAIN, assert_one_clear_line, cli, make_hf_checkpoint, snapshot
+from tests.reliability import (TINY_TRAIN, assert_one_clear_line, cli, copy_run, make_hf_checkpoint,
+                               snapshot, train_tiny_run)
 from tests.tiny_models import FIXTURES, make_model_dir
 
 
@@ -92,16 +93,7 @@ def test_bad_eval_flags(run, extra, message):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bad") / "run"
-    code, output = cli("train", *TINY_TRAIN, "--out", out)
-    assert code == 0, output
-    return out
-
-
-def copy_run(run, dest):
-    import shutil
-    shutil.copytree(run, dest)
-    return dest
+    return train_tiny_run(tmp_path_factory, "bad")
 
 
 # -- runs whose files are broken -----------------------------------------------------------------

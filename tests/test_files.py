@@ -13,22 +13,14 @@ import pytest
 
 from mlx_sleep import io
 from mlx_sleep.config import ConfigError
-from tests.reliability import TINY_TRAIN, assert_one_clear_line, cli, make_hf_checkpoint, snapshot
+from tests.reliability import (TINY_TRAIN, assert_one_clear_line, cli, copy_run, make_hf_checkpoint,
+                               snapshot, train_tiny_run)
 from tests.tiny_models import make_model_dir
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "run"
-    code, output = cli("train", *TINY_TRAIN, "--out", out)
-    assert code == 0, output
-    return out
-
-
-def copy_run(run_dir, dest):
-    import shutil
-    shutil.copytree(run_dir, dest, symlinks=True)
-    return dest
+    return train_tiny_run(tmp_path_factory, "runs")
 
 
 # -- 1. data loss -------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.reliability import TINY_TRAIN, assert_one_clear_line, cli, make_hf_checkpoint, snapshot
+from tests.reliability import (TINY_TRAIN, assert_one_clear_line, cli, make_hf_checkpoint, snapshot,
+                               train_tiny_run)
 
 FAST, SLOW = 12, 250  # examples per property: default suite, -m slow
 TIME_LIMIT = 60  # seconds one input may take (tiny models: a hang shows up as this)
@@ -119,10 +120,7 @@ def write_config(path, config, draw):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fuzzrun") / "run"
-    code, output = cli("train", *TINY_TRAIN, "--out", out)
-    assert code == 0, output
-    return out
+    return train_tiny_run(tmp_path_factory, "fuzzrun")
 
 
 def fresh(tmp_path):
