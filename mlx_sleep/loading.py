@@ -21,8 +21,9 @@ from .io import read_json_object
 from .models import model_from_config
 from .weights import apply_quantization, read_weights, resolve_source
 
-# Any one of these lets the tokenizer loader open a directory.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+# Any one of these lets the tokenizer loader open a directory (convert copies more: its
+# TOKENIZER_FILES).
+TOKENIZER_ENTRY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
 def load_model(path_or_id: str, lazy: bool = False, force: bool = False):
@@ -69,8 +70,9 @@ def load(path_or_id: str, tokenizer_config: Optional[dict] = None, lazy: bool = 
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
     path = resolve_source(path_or_id)
-    if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
-        raise FileNotFoundError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
+    if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_ENTRY_FILES):
+        raise FileNotFoundError(f"{path} has no tokenizer files "
+                                f"({', '.join(TOKENIZER_ENTRY_FILES)}); "
                                 "use load_model() for the weights alone")
     model = load_model(path, lazy=lazy)
     config = read_json_object(os.path.join(path, "config.json"))
