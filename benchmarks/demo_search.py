@@ -85,11 +85,14 @@ def make_trainer(out, task, model_kw, train_kw, loops, steps, seed, **extra):
                    progress=False)
 
 
-def timed_run(trainer, stop, first=None):
+def timed_run(trainer, stop, first=None, checkpoints=(), on_checkpoint=None):
     """Train to step `stop`; returns (seconds of training only, seconds per step).
-    `first` = (steps, task): a depth curriculum, batches from `task` until step `steps`."""
+    `first` = (steps, task): a depth curriculum, batches from `task` until step `steps`.
+    `on_checkpoint(step)` runs at each step in `checkpoints` (outside the timed part)."""
     t0, s0, spent = time.perf_counter(), trainer.step, 0.0
     while trainer.step < stop:
+        if trainer.step in checkpoints and on_checkpoint:
+            on_checkpoint(trainer.step)
         task = first[1] if first and trainer.step < first[0] else trainer.task
         batch = task.sample(trainer.rng, trainer.cfg.batch_size)
         t = time.perf_counter()
@@ -159,6 +162,8 @@ def main():
     p.add_argument("--eval-loops", type=int, nargs="+", default=None)
     p.add_argument("--curriculum", type=int, default=None, metavar="STEPS",
                    help="Depo: train on k = 1 only for the first STEPS steps, then on all hops")
+    p.add_argument("--eval-steps", type=int, nargs="*", default=[],
+                   help="also evaluate at these steps (kept as evals_at in the record)")
     p.add_argument("--samples", type=int, default=256, help="eval sequences per difficulty")
     p.add_argument("--tag", default="", help="free text kept in the record")
     p.add_argument("--set", nargs="*", default=[], help="key=value overrides (JSON values)")
@@ -200,9 +205,12 @@ def main():
                     base = os.path.join(tmp, "N1", "checkpoint")
                     tr = make_trainer(os.path.join(tmp, "N1"), task, model_kw, train_kw, n,
                                       a.steps, seed)  # resumes from that checkpoint
-                wall, per_step = timed_run(tr, a.steps, first)
+                evals_at = {}
+                wall, per_step = timed_run(
+                    tr, a.steps, first, a.eval_steps, lambda step: evals_at.__setitem__(
+                        step, eval_at(tr, task, a.eval_loops or [n], a.samples)))
                 record(a.out, **common, seed=seed, run=run, train_seconds=wall,
-                       seconds_per_step=per_step,
+                       seconds_per_step=per_step, evals_at=evals_at,
                        evals=eval_at(tr, task, a.eval_loops or [n], a.samples))
 
 

@@ -661,6 +661,18 @@ def _schedule_command(interval):
     return [exe, "consolidate", "--all", "--when-idle", "--max-wait", str(max(60, interval // 2))]
 
 
+def _agent_label(path):
+    """The Label of the launchd agent at `path` (None if it is not a readable plist)."""
+    import plistlib
+    from xml.parsers.expat import ExpatError
+
+    try:
+        with open(path, "rb") as f:
+            return plistlib.load(f).get("Label")
+    except (OSError, ValueError, ExpatError, AttributeError):
+        return None
+
+
 @schedule.command("install")
 @click.option("--interval", type=int, default=1800, show_default=True, help="Seconds between runs.")
 @click.option("--print", "print_only", is_flag=True, help="Print the agent/units, install nothing.")
@@ -669,7 +681,7 @@ def schedule_install(interval, print_only):
     import os
     import subprocess
 
-    from .idle import launchd_path, launchd_plist, systemd_units
+    from .idle import LABEL, launchd_path, launchd_plist, systemd_units
     from .io import atomic_path
 
     command = _schedule_command(interval)
@@ -681,19 +693,26 @@ def schedule_install(interval, print_only):
         click.echo(plist.decode())
         return
     path = launchd_path()
+    if os.path.exists(path) and _agent_label(path) != LABEL:
+        raise Failure(f"{path} exists and was not written by mlx-sleep; leaving it (move it "
+                      "away to install ours)")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     with atomic_path(path, 0o644) as tmp:
         with open(tmp, "wb") as f:
             f.write(plist)
     subprocess.run(["launchctl", "bootout", f"gui/{os.getuid()}", path], capture_output=True)
-    subprocess.run(["launchctl", "bootstrap", f"gui/{os.getuid()}", path], check=False)
+    loaded = subprocess.run(["launchctl", "bootstrap", f"gui/{os.getuid()}", path],
+                            capture_output=True, text=True)
     click.echo(f"installed {path} (every {interval} s)")
+    if loaded.returncode != 0:
+        click.echo(f"warning: launchctl bootstrap failed ({loaded.stderr.strip()}); it loads at "
+                   "the next login, or run: launchctl bootstrap gui/$(id -u) " + path, err=True)
 
 
 @schedule.command("remove")
 def schedule_remove():
     """Unload and delete the launchd agent `schedule install` wrote."""
     import os
-    import plistlib
     import subprocess
 
     from .idle import LABEL, launchd_path
@@ -705,9 +724,8 @@ def schedule_remove():
     path = launchd_path()
     if not os.path.exists(path):
         raise Failure(f"no agent at {path}: nothing to remove")
-    with open(path, "rb") as f:
-        if plistlib.load(f).get("Label") != LABEL:
-            raise Failure(f"{path} was not written by mlx-sleep; leaving it")
+    if _agent_label(path) != LABEL:
+        raise Failure(f"{path} was not written by mlx-sleep; leaving it")
     subprocess.run(["launchctl", "bootout", f"gui/{os.getuid()}", path], capture_output=True)
     os.remove(path)
     click.echo(f"removed {path}")

@@ -423,3 +423,78 @@ def test_idle_sources_and_schedule():
     if sys.platform != "darwin":
         r = CliRunner().invoke(main, ["schedule", "install", "--interval", "600"])
         assert r.exit_code == 0 and "consolidate --all --when-idle" in r.output
+
+
+def test_mac_idle_source_decides_from_input_power_and_heat(monkeypatch):
+    """The macOS rule, driven through its two inputs (CoreGraphics' idle time and pmset)."""
+    from mlx_sleep import idle
+
+    state = {"quiet": 10.0, "batt": "Now drawing from 'AC Power'\n", "therm":
+             "Note: No thermal warning level has been recorded\n"}
+    monkeypatch.setattr(idle, "seconds_since_input", lambda: state["quiet"])
+    monkeypatch.setattr(idle, "_pmset", lambda *a: state["batt" if a == ("-g", "batt")
+                                                          else "therm"])
+    source = idle.idle_source("mac", idle_seconds=300)
+    ok, why = source()
+    assert not ok and "input 10 s ago" in why
+    state["quiet"] = 400.0
+    assert source() == (True, "no input for 400 s, on AC power")
+    state["batt"] = "Now drawing from 'Battery Power'\n -InternalBattery-0 (id=1)\t80%; discharging"
+    assert source() == (False, "on battery")
+    state["batt"] = "Now drawing from 'AC Power'\n"
+    state["therm"] = "CPU_Scheduler_Limit \t= 100\nCPU_Speed_Limit \t= 60\n"
+    assert source() == (False, "thermally throttled")
+
+
+def test_seconds_since_input_calls_coregraphics_with_the_any_event_type(monkeypatch):
+    """The ctypes call as macOS expects it: double f(int32 state, uint32 event type), called
+    with the combined session state (0) and kCGAnyInputEventType (~0)."""
+    import ctypes
+
+    from mlx_sleep import idle
+
+    calls, loaded = [], []
+
+    class FakeFunction:
+        def __call__(self, *args):
+            assert self.restype is ctypes.c_double
+            assert self.argtypes == [ctypes.c_int32, ctypes.c_uint32]
+            calls.append(args)
+            return 42.5
+
+    class FakeLibrary:
+        CGEventSourceSecondsSinceLastEventType = FakeFunction()
+
+    monkeypatch.setattr(ctypes.cdll, "LoadLibrary", lambda name: loaded.append(name) or FakeLibrary())
+    assert idle.seconds_since_input() == 42.5
+    assert calls == [(0, 0xFFFFFFFF)] and "ApplicationServices" in loaded[0]
+
+
+def test_schedule_on_macos_writes_loads_and_removes_only_its_agent(tmp_path, monkeypatch):
+    """The macOS branch of `schedule install|remove`, run here with launchctl recorded."""
+    import plistlib
+    import subprocess as sp
+
+    ran = []
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setattr(sp, "run", lambda cmd, **kw: ran.append(cmd) or
+                        sp.CompletedProcess(cmd, 0, "", ""))
+    agent = tmp_path / "Library" / "LaunchAgents" / "com.mlx-sleep.consolidate.plist"
+    r = CliRunner().invoke(main, ["schedule", "install", "--interval", "900"])
+    assert r.exit_code == 0 and f"installed {agent}" in r.output, r.output
+    written = plistlib.loads(agent.read_bytes())
+    assert written["ProcessType"] == "Background" and written["StartInterval"] == 900
+    assert written["ProgramArguments"][1:4] == ["consolidate", "--all", "--when-idle"]
+    assert [c[:2] for c in ran] == [["launchctl", "bootout"], ["launchctl", "bootstrap"]]
+    assert ran[1][3] == str(agent)
+    # installing again replaces our own agent; remove unloads and deletes it
+    assert CliRunner().invoke(main, ["schedule", "install"]).exit_code == 0
+    r = CliRunner().invoke(main, ["schedule", "remove"])
+    assert r.exit_code == 0 and not agent.exists() and ran[-1][:2] == ["launchctl", "bootout"]
+    # an agent of the same name that we did not write is never replaced or removed
+    agent.write_bytes(plistlib.dumps({"Label": "someone.else"}))
+    for args in (["schedule", "install"], ["schedule", "remove"]):
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code != 0 and "not written by mlx-sleep" in r.output, r.output
+    assert plistlib.loads(agent.read_bytes()) == {"Label": "someone.else"}
