@@ -67,7 +67,7 @@ def split_overrides(name, overrides):
     task_kw, model_kw, train_kw = (dict(x) for x in TRIALS[name])
     for k, v in overrides.items():
         if k in task_kw or k in ("hops", "hop_weights", "max_hops", "min_nodes", "steps_range",
-                                     "edge_order"):
+                                     "edge_order", "edge_gap"):
             task_kw[k] = v
         elif k in ModelConfig.__dataclass_fields__:
             model_kw[k] = v

@@ -95,6 +95,26 @@ def test_backward_keeps_one_state_per_chunk():
     assert saved.shape == (1, 2, 3, 8, 8) and saved.dtype == mx.float32
 
 
+def test_gradient_peak_memory_is_chunk_states_not_a_state_per_token():
+    """The op's forward and VJP as MLX evaluates them: without the ordering in gdn_math, MLX
+    held every per-token state (580 states' worth for T = 512); with it, the chunk states, one
+    chunk's and the per-token inputs and gradients (T x D each: T / D states): about 100."""
+    B, T, H, D = 1, 16 * GDN_CHUNK, 2, 64
+    inputs = recurrence_inputs(B, T, H, H, D, D)
+    mx.eval(inputs)
+    state_bytes = B * H * D * D * 4
+
+    def loss(q, k, v):
+        y, S = kernels.gated_delta(q, k, v, *inputs[3:])
+        return (y * y).sum() + S.sum()
+
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    mx.eval(mx.grad(loss, argnums=(0, 1, 2))(*inputs[:3]))
+    held = (mx.get_peak_memory() - base) / state_bytes
+    assert held < 0.4 * T, f"the gradient held {held:.0f} states for T = {T}"
+
+
 def test_input_half_dtypes_keep_float32_state():
     q, k, v, decay, beta, state = recurrence_inputs(1, 6, 1, 2, 8, 8)
     half = [x.astype(mx.float16) for x in (q, k, v, decay, beta, state)]

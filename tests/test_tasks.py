@@ -140,7 +140,7 @@ def parse_depo(task, row):
     pads = 0
     while pads < C and ctx[pads] == 0:
         pads += 1
-    body = ctx[pads:]
+    body = [t for t in ctx[pads:] if t != 0]  # edge_gap: pads between edges too
     assert len(body) % 3 == 0
     edges = [(body[i], body[i + 1]) for i in range(0, len(body), 3)]
     assert all(body[i + 2] == 1 for i in range(0, len(body), 3))
@@ -250,6 +250,27 @@ def test_depo_edge_order(order):
     assert len(starts) > 1  # n still varies
     with pytest.raises(ValueError, match="edge_order must be one of"):
         Depo(edge_order="sorted")
+
+
+def test_depo_edge_gap_moves_edges_apart_at_random():
+    task = Depo(max_nodes=6, min_nodes=6, n_names=8, max_hops=2, window=30, context_len=30,
+                n_queries=3, edge_order="forward", edge_gap=2)
+    batch = task.sample(rng(4), 64)
+    spacings = set()
+    for b in range(64):
+        _, edges, queries = parse_depo(task, batch.inputs[b])
+        assert all(edges[i][1] == edges[i + 1][0] for i in range(len(edges) - 1))
+        for (v, k), p in zip(queries, range(task.context_len + 1, task.seq_len, 2)):
+            assert batch.targets[b, p] == slow_walk(edges, v, k)
+        starts = [i for i, t in enumerate(batch.inputs[b, :task.context_len])
+                  if t >= task.name_offset and batch.inputs[b, i + 2] == 1]
+        spacings.update(np.diff(starts).tolist())
+    assert spacings == {3, 4, 5}  # every gap in 0..2 occurs, nothing else
+    assert Depo(max_nodes=6, window=18, context_len=18, n_queries=3).sample(rng(4), 8) \
+        .inputs.tolist() == Depo(max_nodes=6, window=18, context_len=18, n_queries=3,
+                                 edge_gap=0).sample(rng(4), 8).inputs.tolist()
+    with pytest.raises(ValueError, match=r"must be >= 5\*max_nodes = 30 .* with 0-2 <pad> before each edge"):
+        Depo(max_nodes=6, window=12, context_len=24, n_queries=3, edge_gap=2)
 
 
 def test_depo_trained_hops_and_weights():

@@ -63,6 +63,9 @@ class Depo(Task):
     # Order of the edges in the context: "shuffled" (the paper's), "forward" (following the cycle
     # from a random node: every edge is written before the edge that continues it) or "reverse".
     edge_order: str = "shuffled"
+    # Up to this many <pad> tokens before each edge (uniform per edge): edges no longer sit at
+    # fixed distances, so "the node two edges further on" is not a position a pass can read off.
+    edge_gap: int = 0
 
     name = "depo"
 
@@ -78,13 +81,15 @@ class Depo(Task):
         check_int("context_len", self.context_len, 1, MAX_SIZE)
         check_choice("eviction", self.eviction, {"hard", "sliding"})
         check_choice("edge_order", self.edge_order, {"shuffled", "forward", "reverse"})
+        check_int("edge_gap", self.edge_gap, 0, MAX_SIZE)
         self._check_hops()
-        need = EDGE_TOKENS * self.max_nodes
+        need = (EDGE_TOKENS + self.edge_gap) * self.max_nodes
         if self.context_len < need:
             raise ValueError(
-                f"context_len must be >= {EDGE_TOKENS}*max_nodes = {need} to hold the edge "
-                f"list ('a b ;' per edge); raise context_len or lower max_nodes "
-                f"(got context_len={self.context_len}, max_nodes={self.max_nodes})"
+                f"context_len must be >= {EDGE_TOKENS + self.edge_gap}*max_nodes = {need} to "
+                f"hold the edge list ('a b ;' per edge{self._describe_gap()}); raise "
+                f"context_len or lower max_nodes (got context_len={self.context_len}, "
+                f"max_nodes={self.max_nodes})"
             )
         if self.context_len % self.window != 0:
             raise ValueError(
@@ -176,7 +181,12 @@ class Depo(Task):
             edges = np.stack(
                 [names[order], names[(order + 1) % n], np.full(n, SEP)], axis=1
             )
-            inputs[b, C - EDGE_TOKENS * n : C] = edges.reshape(-1)
+            if self.edge_gap:
+                gaps = rng.integers(0, self.edge_gap + 1, size=n)
+                edges = [np.concatenate([np.full(g, PAD), e]) for g, e in zip(gaps, edges)]
+                edges = np.concatenate(edges)
+            edges = edges.reshape(-1)
+            inputs[b, C - len(edges) : C] = edges
 
             start = rng.choice(n, size=Q, replace=n < Q)
             if difficulty is None:
@@ -207,12 +217,15 @@ class Depo(Task):
         w = ", ".join(f"{x:g}" for x in self.hop_weights)
         return f"k in {{{ks}}} with weights ({w}) for training"
 
+    def _describe_gap(self) -> str:
+        return f" with 0-{self.edge_gap} <pad> before each edge" if self.edge_gap else ""
+
     def describe(self) -> str:
         return (
             f"Depo: a directed cycle of n nodes (n uniform in [{self.min_nodes}, "
             f"{self.max_nodes}]; each sequence draws n distinct names from a pool of "
             f"{self.n_names} single-token names) written as its n edges 'a b ;' (b follows a) "
-            f"{ORDER_WORDS[self.edge_order]}, left-padded with <pad> to {self.context_len} tokens, then "
+            f"{ORDER_WORDS[self.edge_order]}{self._describe_gap()}, left-padded with <pad> to {self.context_len} tokens, then "
             f"{self.n_queries} queries 'v +k', each scored at the '+k' token against the k-th "
             f"successor of v ({self._describe_hops()}; k may exceed n, "
             f"the walk wraps; query nodes distinct when n >= {self.n_queries}). T = "
