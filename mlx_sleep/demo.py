@@ -19,19 +19,20 @@ from .io import claim_dir, write_json, write_text
 from .tasks import get_task, task_from_dict
 from .train import TrainConfig, Trainer
 
-# Depo with an 8-node cycle written as 8 shuffled edges in ONE context window (24 tokens, hard
-# eviction), then 8 queries "v +k", k in {1, 2}. One GDN block: at answer time it reads S once,
-# so a 2-hop answer must already be in S; a sleep pass sees the whole cycle before writing it.
-# A depth curriculum (k = 1 only for the first quarter of the steps) is the best setting the
-# search found (docs/demo-search.md): over seeds 0-4, N = 3 - N = 1 at k = 2 was +0.79, +0.38,
-# -0.06, +0.31, +0.26, k = 1 equal. Training cost on 2 idle x86 cores: 51 (N = 1) and 119 (N = 3)
-# ms per step, so 5 seeds take about 17 minutes; `--seeds 4` stays under 15.
+# Depo with an 8-node cycle written as its 8 edges in cycle order (a b ; b c ; ...) in ONE
+# context window (24 tokens, hard eviction), then 8 queries "v +k", k in {1, 2}. One GDN block: at
+# answer time it reads S once, so a 2-hop answer must already be in S, and in one pass no edge's
+# continuation is in S when the edge is written; a third pass writes from reads of the whole S.
+# A depth curriculum (k = 1 only for the first 300 steps) lets N = 3 compose early: the best
+# setting of the search (docs/demo-search.md). Over seeds 0-4 at 800 steps, N = 3 - N = 1 at k = 2
+# was +0.19, +0.58, +0.29, +0.26, +0.16 (N = 3: 0.99 on every seed), k = 1 equal. Training cost on
+# 2 idle x86 cores: 51 (N = 1) and 119 (N = 3) ms per step, so 5 seeds take about 11 minutes.
 DEMO = dict(
     task=dict(name="depo", max_nodes=8, min_nodes=8, n_names=16, max_hops=2, window=24,
-              context_len=24, n_queries=8),
+              context_len=24, n_queries=8, edge_order="forward"),
     model=dict(hidden_size=64, layers="gdn", num_heads=4),
-    train=dict(steps=1200, batch_size=64, lr=2e-2, adam_lr=3e-3, warmup=50, eval_samples=512),
-    curriculum=dict(fraction=0.25, hops=[1]),
+    train=dict(steps=800, batch_size=64, lr=2e-2, adam_lr=3e-3, warmup=50, eval_samples=512),
+    curriculum=dict(fraction=0.375, hops=[1]),
     loops=(1, 3),
     seeds=5,
 )

@@ -620,8 +620,8 @@ def _probe(model, sleep: SleepConfig, batch: int, length: int, passes: int, answ
         mask[:, -1] = 1
         plan = ([(0, length), (length, length + 1)], [False, True])
     probe_sleep = replace(sleep, loops=passes)
-    peak, seconds = 0, float("inf")
-    for _ in range(2):  # the first run pays one-time costs; the faster is the less disturbed
+    peak, seconds = float("inf"), float("inf")
+    for _ in range(2):  # the first run pays one-time costs: keep the second (the smaller)
         gc.collect()
         mx.clear_cache()
         base = mx.get_active_memory()
@@ -630,19 +630,21 @@ def _probe(model, sleep: SleepConfig, batch: int, length: int, passes: int, answ
         out = summed_loss_and_grads(model, inputs, inputs, mask, probe_sleep, plan, memory_bounded)
         mx.eval(out)
         seconds = min(seconds, time.perf_counter() - t0)
-        peak = max(peak, mx.get_peak_memory() - base)
+        peak = min(peak, mx.get_peak_memory() - base)
         del out
     return peak, seconds
 
 
-def _fit(r1, r2, t1, t2):
-    """a, b >= 0 with a t + b t^2 through (t1, r1), (t2, r2) (attention's scores grow as t^2)."""
-    if t1 == t2:
-        return max(r2, 0) / t2, 0.0
-    b = (r2 / t2 - r1 / t1) / (t2 - t1)
+def _fit_with_intercept(ts, rs):
+    """c, a, b with c + a t + b t^2 through three probes (a, b >= 0; linear through the two
+    longest if the curve bends down)."""
+    if len(set(ts)) < 3:
+        return max(rs[0], 0), max(rs[-1] - rs[0], 0) / max(ts[-1] - ts[0], 1), 0.0
+    b, a, c = np.polyfit(ts, rs, 2)
     if b < 0:
-        return max(r2, 0) / t2, 0.0
-    return max(r1 / t1 - b * t1, 0.0), b
+        (a, c), b = np.polyfit(ts[1:], rs[1:], 1), 0.0
+    a = max(a, 0.0)
+    return max(float(rs[-1] - a * ts[-1] - b * ts[-1] ** 2), 0.0), float(a), float(b)
 
 
 def estimate_step(ft: Finetune) -> dict:
@@ -651,8 +653,8 @@ def estimate_step(ft: Finetune) -> dict:
     weights + optimizer state (AdamW: 2 per trainable weight, Muon: 1) + accumulated gradients
     + the chunk-boundary states the memory-bounded backward keeps (one per chunk) + one chunk's
     activations across its N passes. The activations and the time are measured on short probe
-    chunks (a few hundred tokens) and extrapolated in batch, length (linear + quadratic) and
-    passes, so a 2B model is probed without running a full step."""
+    chunks (up to 256 tokens, at the run's batch) and extrapolated in length (linear +
+    quadratic) and passes, so a 2B model is probed without running a full step."""
     model, cfg, sleep = ft.model, ft.cfg, ft.sleep_at(ft.cfg.steps - 1)
     B, L, N = cfg.batch_size // ft.world.size, sleep.window, sleep.loops
     lengths = np.array([len(ids) - 1 for ids, _ in ft.train_examples])
@@ -679,31 +681,31 @@ def estimate_step(ft: Finetune) -> dict:
     boundary = n_chunks * per_state if cfg.memory_bounded else 0
     del state
 
+    # Probes at the run's own batch: a peak is the larger of what grows with the tokens
+    # (activations) and what does not (gradients, temporaries), so a peak measured at another
+    # batch does not scale to this one. Each part is fitted as fixed + a t + b t^2 (attention's
+    # scores grow as t^2) through probes at three lengths, then read at L.
     mb = cfg.memory_bounded
-    m11, s11 = _probe(model, sleep, 1, t2, 1, False, mb)
-    m21, s21 = _probe(model, sleep, 2, t2, 1, False, mb)
-    m_half, _ = _probe(model, sleep, 1, t1, 1, False, mb)
-    m12, s12 = _probe(model, sleep, 1, t2, 2, False, mb)
-    a1, _ = _probe(model, sleep, 1, t1, 1, True, mb)
-    a2, _ = _probe(model, sleep, 1, t2, 1, True, mb)
-    row = max(m21 - m11, 0)  # one more sequence in the batch
-    fixed_act = max(m11 - row, 0)  # what does not grow with the batch (gradients, temporaries)
-    ca, cb = _fit(m_half - fixed_act, row, t1, t2)
-    core_frac = max(m12 - m11, 0) / max(row, 1)  # each extra pass, relative to one pass
-    context = B * (ca * L + cb * L * L) * (1 + core_frac * (N - 1))
-    aa, ab = _fit(a1 - fixed_act, a2 - fixed_act, t1, t2)
-    answer = B * (aa * L + ab * L * L)
+    ts = (max(1, t2 // 4), t1, t2)
+    ctx = [_probe(model, sleep, B, t, 1, False, mb) for t in ts]
+    m_two, s_two = _probe(model, sleep, B, t2, 2, False, mb)
+    ans = [_probe(model, sleep, B, t, 1, True, mb)[0] for t in ts]
+    c_fixed, ca, cb = _fit_with_intercept(ts, [m for m, _ in ctx])
+    a_fixed, aa, ab = _fit_with_intercept(ts, ans)
+    one_pass = ca * t2 + cb * t2 * t2
+    pass_frac = max(m_two - ctx[-1][0], 0) / max(one_pass, 1)  # each extra pass, per pass
+    context = (ca * L + cb * L * L) * (1 + pass_frac * (N - 1))
+    answer = aa * L + ab * L * L
     if mb:
-        activations = fixed_act + max(context, answer)
+        activations = max(c_fixed + context, a_fixed + answer)
     else:  # one graph over every chunk
-        activations = fixed_act + (n_chunks - 1) * context + answer
+        activations = max(c_fixed, a_fixed) + (n_chunks - 1) * context + answer
     peak = weights + optimizer + accumulated + boundary + activations
 
-    # Time the same way: a part per sequence (scaled to L) and a fixed part per chunk; each
-    # probe is a whole forward + backward, as a chunk of a step is.
-    row_s = max(s21 - s11, 0)
-    time_frac = max(s12 - s11, 0) / max(s11, 1e-9)
-    chunk_s = (max(s11 - row_s, 0) + B * row_s * L / t2) * (1 + time_frac * (N - 1))
+    # Time the same way; each probe is a whole forward + backward, as a chunk of a step is.
+    s_fixed, sa, sb = _fit_with_intercept(ts, [s for _, s in ctx])
+    time_frac = max(s_two - ctx[-1][1], 0) / max(ctx[-1][1] - s_fixed, 1e-9)
+    chunk_s = s_fixed + (sa * L + sb * L * L) * (1 + time_frac * (N - 1))
     step_s = cfg.grad_accum * math.ceil(T_mean / L) * chunk_s
     return {"peak_bytes": int(peak), "seconds_per_step": step_s,
             "tokens_per_step": int(cfg.grad_accum * cfg.batch_size * T_mean),

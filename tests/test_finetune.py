@@ -201,6 +201,16 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, workdir):
     subprocess.run(command(tmp_path / "b") + ["--fuse"], check=True, capture_output=True,
                    cwd=ROOT)
     assert mlx_sleep.load_model(str(tmp_path / "b" / "fused")).sleep_config.loops == 2
+    # the fused model chats: two turns through the real command line, then a resumed session
+    home = {**os.environ, "MLX_SLEEP_HOME": str(tmp_path / "home")}
+    for turns in ("keep 1\n/sleep\n", "keep 2\n"):
+        r = subprocess.run([sys.executable, "-m", "mlx_sleep.cli", "chat", "--model",
+                            str(tmp_path / "b" / "fused"), "-s", "fused", "-m", "4"],
+                           input=turns, capture_output=True, text=True, cwd=ROOT, env=home)
+        assert r.returncode == 0, r.stderr
+    saved = json.loads((tmp_path / "home" / "sessions" / "fused" / "session.json").read_text())
+    assert [m["role"] for m in saved["transcript"]["messages"]] == ["user", "assistant"] * 2
+    assert saved["engine"]["sleeps"] >= 1
     # The same run never interrupted, in this process, from the settings the command recorded.
     saved = json.load(open(tmp_path / "b" / "config.json"))
     straight = Finetune(str(workdir / "jet_nemotron"), str(workdir / "train.jsonl"),
