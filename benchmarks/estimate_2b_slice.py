@@ -1,8 +1,10 @@
 """`--estimate`'s numbers for a 4-block slice of the Jet-Nemotron 2B shape (1 prelude, 2 looped,
-1 coda block; bf16; random weights; full vocabulary), LoRA, L = 2000, for N in {1, 2, 4, 6} and
-batch 1, 2, 4. The full model has 7x the blocks of each part. docs/finetune.md quotes the result
-(benchmarks/results/estimate_2b_slice.jsonl, from this machine's CPU backend; ~20 minutes on 2
-busy cores: the probes run a 2B-wide block stack on 128-256 tokens).
+1 coda block; bf16; random weights; full vocabulary), LoRA, L = 2000, batch 1 (the recipe's, with
+gradient accumulation), for N in {1, 2, 4, 6}, on a GSM-Infinite-shaped record: a 6,000-token
+prompt and a 100-token scored answer. The full model has 7x the blocks of each part.
+docs/finetune.md quotes the result (benchmarks/results/estimate_2b_slice.jsonl, from this
+machine's CPU backend; ~10 minutes on 2 cores: the probes run a 2B-wide block stack on 64-256
+tokens).
 
     python benchmarks/estimate_2b_slice.py > benchmarks/results/estimate_2b_slice.jsonl
 """
@@ -26,21 +28,22 @@ model = HybridLM(cfg_m); model.set_dtype(mx.bfloat16); mx.eval(model.parameters(
 cfg = FinetuneConfig(batch_size=1, fine_tune_type="lora")
 prepare_model(model, cfg)
 L = 2000
-ex = [(np.zeros(3 * L + 101, np.int32), np.ones(3 * L + 101, bool))]
+scored = np.zeros(3 * L + 101, bool)
+scored[-100:] = True
+ex = [(np.zeros(3 * L + 101, np.int32), scored)]
 sleep = SleepConfig(loops=4, window=L, eviction="hard")
 ft = types.SimpleNamespace(model=model, cfg=cfg, sleep_at=lambda s: sleep, world=World(), train_examples=ex)
 cache, probe = {}, F._probe
-def memo(model, s, batch, length, passes, answer, mb):
-    key = (batch, length, passes, answer, mb)
+def memo(model, s, batch, length, passes, scored, mb):
+    key = (batch, length, passes, scored, mb)
     if key not in cache:
-        cache[key] = probe(model, s, batch, length, passes, answer, mb)
+        cache[key] = probe(model, s, batch, length, passes, scored, mb)
         print(json.dumps({"probe": key, "peak_bytes": cache[key][0], "seconds": cache[key][1]}),
               flush=True)
     return cache[key]
 F._probe = memo
 for n in (1, 2, 4, 6):
-    for b in (1, 2, 4):
-        sleep = SleepConfig(loops=n, window=L, eviction="hard")
-        cfg.batch_size = b
-        e = estimate_step(ft)
-        print(json.dumps({"N": n, "B": b, **e["parts"], "seconds": e["seconds_per_step"]}), flush=True)
+    sleep = SleepConfig(loops=n, window=L, eviction="hard")
+    e = estimate_step(ft)
+    print(json.dumps({"N": n, "B": 1, **e["parts"], "peak": e["peak_bytes"],
+                      "seconds": e["seconds_per_step"]}), flush=True)

@@ -602,19 +602,19 @@ def fuse_model(model, model_dir: str, out: str, sleep: SleepConfig, provenance: 
 
 # -- --estimate ---------------------------------------------------------------------------------
 
-def _probe(model, sleep: SleepConfig, batch: int, length: int, passes: int, answer: bool,
+def _probe(model, sleep: SleepConfig, batch: int, length: int, passes: int, scored: int,
            memory_bounded: bool):
-    """(peak bytes above what was live, seconds) of one chunk's gradient at this size: a context
-    chunk of `passes` passes followed by one scored token, or an answer chunk scored throughout
-    (one pass and the head)."""
+    """(peak bytes above what was live, seconds) of one chunk's gradient at this size: an
+    answer chunk (one pass) whose last `scored` positions are scored (only they reach the head),
+    or, with scored = 0, a context chunk of `passes` passes followed by one scored token."""
     import gc
 
     rng = np.random.default_rng(0)
-    T = length if answer else length + 1
+    T = length if scored else length + 1
     inputs = rng.integers(0, model.vocab_size, size=(batch, T)).astype(np.int32)
     mask = np.zeros((batch, T), np.float32)
-    if answer:
-        mask[:] = 1
+    if scored:
+        mask[:, -min(scored, length):] = 1
         plan = ([(0, length)], [True])
     else:
         mask[:, -1] = 1
@@ -687,9 +687,11 @@ def estimate_step(ft: Finetune) -> dict:
     # scores grow as t^2) through probes at three lengths, then read at L.
     mb = cfg.memory_bounded
     ts = (max(1, t2 // 4), t1, t2)
-    ctx = [_probe(model, sleep, B, t, 1, False, mb) for t in ts]
-    m_two, s_two = _probe(model, sleep, B, t2, 2, False, mb)
-    ans = [_probe(model, sleep, B, t, 1, True, mb)[0] for t in ts]
+    ctx = [_probe(model, sleep, B, t, 1, 0, mb) for t in ts]
+    m_two, s_two = _probe(model, sleep, B, t2, 2, 0, mb)
+    # an answer chunk scores the answer's tokens (all of a {"text"} record's): head width S
+    S = min(L, max(int(scored[1:].sum()) for _, scored in ft.train_examples))
+    ans = [_probe(model, sleep, B, t, 1, S if S < L else t, mb)[0] for t in ts]
     c_fixed, ca, cb = _fit_with_intercept(ts, [m for m, _ in ctx])
     a_fixed, aa, ab = _fit_with_intercept(ts, ans)
     one_pass = ca * t2 + cb * t2 * t2

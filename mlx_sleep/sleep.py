@@ -123,14 +123,17 @@ def plan_chunks(mask, window: int, rng: Optional[np.random.Generator] = None, mi
 
 
 def sleep_forward(model, inputs, mask, sleep: SleepConfig, *, plan=None,
-                  state: Optional[State] = None, offset: int = 0):
+                  state: Optional[State] = None, offset: int = 0, columns=None):
     """Algorithm 1's forward over a batch of sequences.
 
     inputs [B, T] tokens; mask [B, T] nonzero where a target is scored. `plan` = (bounds,
     is_answer) from `plan_chunks` (computed from the mask when not given; pass it explicitly
     under mx.compile, where the mask is not concrete). Answer chunks get one pass, context chunks
     `sleep.loops` passes. Returns (answers, state): answers is a list of
-    (start, stop, logits [B, stop-start, V]) for the answer chunks, state the final state."""
+    (start, stop, logits [B, stop-start, V]) for the answer chunks, state the final state.
+    `columns`: one entry per answer chunk, the chunk-local positions whose logits are wanted
+    (logits [B, len, V] then; None: all): the head of a 150k-word vocabulary over a 2,000-token
+    chunk is gigabytes, and a loss needs only the scored positions."""
     B, T = inputs.shape
     bounds, is_answer = plan if plan is not None else plan_chunks(mask, sleep.window)
     if bounds[-1][1] != T:
@@ -142,7 +145,8 @@ def sleep_forward(model, inputs, mask, sleep: SleepConfig, *, plan=None,
         passes = 1 if answer else sleep.loops
         h, state = run_chunk(model, inputs[:, a:b], state, offset + a, passes, window)
         if answer:
-            answers.append((a, b, model.head(h)))
+            cols = None if columns is None else columns[len(answers)]
+            answers.append((a, b, model.head(h if cols is None else h[:, cols])))
         state = evict(model, state, keep)
     return answers, state
 
@@ -216,11 +220,16 @@ def sleep_value_and_grad(model, inputs, targets, mask, sleep: SleepConfig, *, pl
     def set_params(arrays):
         model.update(tree_unflatten(list(zip(names, arrays))))
 
+    # The positions of each answer chunk that any row scores: only they go through the head.
+    scored = np.asarray(mask).any(axis=0)
+    columns = {c: mx.array(np.nonzero(scored[a:b])[0].astype(np.int32))
+               for c, (a, b) in enumerate(bounds) if is_answer[c]}
+
     def chunk(c, state):
         """Chunk c of the plan from `state`: (answers, evicted state), Algorithm 1 as is."""
         (a, b), answer = bounds[c], is_answer[c]
         return sleep_forward(model, inputs[:, a:b], None, sleep, plan=([(0, b - a)], [answer]),
-                             state=state, offset=a)
+                             state=state, offset=a, columns=[columns.get(c)])
 
     answer_chunks = [c for c, ans in enumerate(is_answer) if ans]
     if not answer_chunks:
@@ -247,8 +256,8 @@ def sleep_value_and_grad(model, inputs, targets, mask, sleep: SleepConfig, *, pl
                 out = []
                 if answer:
                     (_, _, logits), = answers  # chunk-local bounds; bounds[c] are global
-                    a, b = bounds[c]
-                    out.append(_ce_sum(logits, targets[:, a:b], mask[:, a:b]))
+                    cols = columns[c] + bounds[c][0]
+                    out.append(_ce_sum(logits, targets[:, cols], mask[:, cols]))
                 if c < last:  # the last answer chunk's state reaches no loss
                     out += _flat_state(state)[1]
                 return out

@@ -387,6 +387,23 @@ def test_chunkwise_value_and_grad_prelude_coda_random_chunks_and_no_answers():
     assert_trees_close(g1, g0)
 
 
+def test_chunkwise_value_and_grad_puts_only_scored_positions_through_the_head(monkeypatch):
+    """An answer chunk of 8 tokens scoring 2 of them (in different rows): the head sees those 2
+    columns, not 8, and loss and gradients are still plain backprop's."""
+    model = model_of("gdn,attn")
+    sleep = SleepConfig(loops=2, window=8)
+    ids, targets = tokens(2, 16), tokens(2, 16, seed=2)
+    mask = np.zeros((2, 16))
+    mask[0, 10] = mask[1, 13] = 1
+    (l0, _), g0 = plain_value_and_grad(model, ids, targets, mask, sleep)
+    widths, head = [], model.head
+    monkeypatch.setattr(model, "head", lambda h: widths.append(h.shape[1]) or head(h))
+    (l1, _), g1 = sleep_value_and_grad(model, ids, targets, mask, sleep)
+    assert widths == [2]
+    assert abs(l0.item() - l1.item()) < 1e-5
+    assert_trees_close(g1, g0, atol=1e-5)
+
+
 def test_chunkwise_value_and_grad_bounds_peak_memory():
     """Backprop through the whole graph holds every pass of every chunk; the chunkwise gradient
     holds about one chunk's. 12 chunks x 4 passes here: expect well under half the memory."""
