@@ -95,8 +95,9 @@ def _built_model(kind: str):
 
 
 def make_model_dir(path, kind: str = "hybrid", loops: int = 1, window: int = 64,
-                   eviction: str = "hard") -> str:
-    """Write a tiny converted model directory of `kind` with a tokenizer at `path`; returns it."""
+                   eviction: str = "hard", **convert_kw) -> str:
+    """Write a tiny converted model directory of `kind` with a tokenizer at `path`; returns it.
+    `convert_kw` (e.g. quantize=True) go to the converter (jet_nemotron, ouro, ouro_jet)."""
     from mlx_sleep.config import SleepConfig
     from mlx_sleep.convert import FORMAT, convert
     from mlx_sleep.convert.common import save_model_dir
@@ -107,7 +108,7 @@ def make_model_dir(path, kind: str = "hybrid", loops: int = 1, window: int = 64,
     if kind in ("jet_nemotron", "ouro", "ouro_jet"):
         src = FIXTURES / ("jet-nemotron-tiny" if kind == "jet_nemotron" else "ouro-tiny")
         convert(str(src), path, loops=loops, window=window, eviction=eviction,
-                insert_jet_layers=2 if kind == "ouro_jet" else 0)
+                insert_jet_layers=2 if kind == "ouro_jet" else 0, **convert_kw)
     else:
         model, model_type = _built_model(kind)
         config = {"format": FORMAT, "model_type": model_type, "model": model.config.to_dict(),
