@@ -640,9 +640,9 @@ def _fit_with_intercept(ts, rs):
     longest if the curve bends down)."""
     if len(set(ts)) < 3:
         return max(rs[0], 0), max(rs[-1] - rs[0], 0) / max(ts[-1] - ts[0], 1), 0.0
-    b, a, c = np.polyfit(ts, rs, 2)
+    b, a, _ = np.polyfit(ts, rs, 2)
     if b < 0:
-        (a, c), b = np.polyfit(ts[1:], rs[1:], 1), 0.0
+        b, (a, _) = 0.0, np.polyfit(ts[1:], rs[1:], 1)
     a = max(a, 0.0)
     return max(float(rs[-1] - a * ts[-1] - b * ts[-1] ** 2), 0.0), float(a), float(b)
 
