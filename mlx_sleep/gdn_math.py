@@ -27,7 +27,9 @@ def causal_conv(x, conv_state, weight):
     Returns (y [B, T, C], new conv_state)."""
     W = weight.shape[-1]
     T = x.shape[1]
-    padded = mx.concatenate([conv_state, x], axis=1) if W > 1 else x
+    # The state takes x's dtype: a float32 state (a fresh one is zeros) would promote a bf16
+    # model's whole residual stream, and every matmul after it, to float32.
+    padded = mx.concatenate([conv_state.astype(x.dtype), x], axis=1) if W > 1 else x
     y = sum(padded[:, w:w + T] * weight[..., w] for w in range(W))
     new_state = padded[:, padded.shape[1] - (W - 1):] if W > 1 else conv_state
     return y, new_state

@@ -257,6 +257,7 @@ def dynamic_conv(x, conv_state, kernel, silu=False):
     W-1 tokens before x); kernel [B, T, C, W] per token, tap W-1 = the current token.
     Returns (act(y) [B, T, C], new conv_state [B, W-1, C]), act = SiLU if `silu`. Differentiable
     in all three inputs. T == 1 is the decode step (one launch, state included)."""
+    conv_state = conv_state.astype(x.dtype)  # as causal_conv does: keep the model's dtype
     if kernel.shape[-1] < 2 or not KERNELS["dynamic_conv"].ready():
         return dynamic_conv_ops(x, conv_state, kernel, silu)
     y, new_state = _conv_function(bool(silu))(x, conv_state, kernel)

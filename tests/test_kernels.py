@@ -116,10 +116,11 @@ def test_dynamic_conv_half(emulated, dtype):
     assert y.dtype == y_ops.dtype == dtype and new_state.dtype == s_ops.dtype
     assert max_diff(y, y_ref) < TOL[dtype] and max_diff(y_ops, y_ref) < TOL[dtype]
     assert max_diff(new_state, s_ops) == 0
-    # the decode layer's case: a float32 state fed half-precision tokens
+    # a fresh (float32) state fed half-precision tokens takes their dtype: a float32 state would
+    # turn the layer's output, and the model's residual stream after it, into float32
     y, new_state = kernels.dynamic_conv(x[:, :1], state.astype(mx.float32), kern[:, :1], silu=True)
     y_ops, s_ops = kernels.dynamic_conv_ops(x[:, :1], state.astype(mx.float32), kern[:, :1], True)
-    assert y.dtype == y_ops.dtype and new_state.dtype == s_ops.dtype == mx.float32
+    assert y.dtype == y_ops.dtype == new_state.dtype == s_ops.dtype == dtype
     assert max_diff(y, y_ops) < TOL[dtype]
 
 

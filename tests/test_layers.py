@@ -150,3 +150,20 @@ def test_attention_call_time_window_tightens_layer_window():
     y, _ = layer(x, {}, 0, window=2)
     y_ref = naive.attention(layer, x, mx.arange(9), 2)
     assert_close(y, y_ref)
+
+
+def test_a_bf16_model_stays_bf16_from_a_fresh_state():
+    """A fresh state's conv inputs are float32 zeros; they must not promote a bf16 model's
+    residual stream (and every matmul after it, and the head over the whole vocabulary) to
+    float32: on a 2B-wide Jet block that cost 180 MB per block for an 8-token forward."""
+    from mlx_sleep import HybridLM, ModelConfig
+    from mlx_sleep.sleep import run_chunk
+
+    model = HybridLM(ModelConfig(vocab_size=64, hidden_size=32, layers="gdn,jet,attn",
+                                 num_heads=2, gdn_v_heads=2))
+    model.set_dtype(mx.bfloat16)
+    ids = mx.array([[1, 2, 3, 4, 5]])
+    h, state = run_chunk(model, ids, model.initial_state(1), 0, 2, None)
+    assert h.dtype == mx.bfloat16 and model(ids).dtype == mx.bfloat16
+    assert all(s["conv"].dtype == mx.bfloat16 for s in state if "conv" in s)
+    assert all(s["S"].dtype == mx.float32 for s in state if "S" in s)  # fast weights stay float32
