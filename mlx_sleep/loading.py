@@ -64,6 +64,20 @@ def check_tokenizer(model, tokenizer, eos_ids=()):
                               f"{model.vocab_size}")
 
 
+def _quietly(fn, *args, **kwargs):
+    """Run fn with transformers' warnings off: reading our config.json (model_type
+    "jet_nemotron", "ouro", ...) to find the tokenizer class, it warns that the type is not its
+    own, on every load."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def load(path_or_id: str, tokenizer_config: Optional[dict] = None, lazy: bool = False):
     """(model, tokenizer): the tokenizer is mlx-lm's TokenizerWrapper (streaming detokenizer,
     chat template) over the directory's tokenizer files."""
@@ -81,6 +95,6 @@ def load(path_or_id: str, tokenizer_config: Optional[dict] = None, lazy: bool = 
     if eos is not None and not (isinstance(eos, list) and all(type(i) is int for i in eos)):
         raise ConfigError(f"{path}/config.json: eos_token_id must be an integer or a list of "
                           f"integers (got {eos!r})")
-    tokenizer = load_tokenizer(Path(path), tokenizer_config or {}, eos_token_ids=eos)
+    tokenizer = _quietly(load_tokenizer, Path(path), tokenizer_config or {}, eos_token_ids=eos)
     check_tokenizer(model, tokenizer, eos or ())
     return model, tokenizer
