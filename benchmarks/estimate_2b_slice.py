@@ -1,12 +1,15 @@
 """`--estimate`'s numbers for a 4-block slice of the Jet-Nemotron 2B shape (1 prelude, 2 looped,
 1 coda block; bf16; random weights; full vocabulary), LoRA, L = 2000, batch 1 (the recipe's, with
-gradient accumulation), for N in {1, 2, 4, 6}, on a GSM-Infinite-shaped record: a 6,000-token
-prompt and a 100-token scored answer. The full model has 7x the blocks of each part.
+gradient accumulation), for N in {1, 2, 4, 6} and L in {512, 1000, 2000} (hard eviction), on a
+GSM-Infinite-shaped record: a prompt of three windows and a 100-token scored answer. The full
+model has 7x the blocks of each part. The probes (up to 256 tokens) are the same for every L.
 docs/finetune.md quotes the result (benchmarks/results/estimate_2b_slice.jsonl, from this
 machine's CPU backend; ~10 minutes on 2 cores: the probes run a 2B-wide block stack on 64-256
 tokens).
 
     python benchmarks/estimate_2b_slice.py > benchmarks/results/estimate_2b_slice.jsonl
+    python benchmarks/estimate_2b_slice.py --probes benchmarks/results/estimate_2b_slice.jsonl
+        # the estimates again from recorded probes (seconds instead of minutes)
 """
 import json
 import os
@@ -27,13 +30,13 @@ cfg_m = ModelConfig(vocab_size=151936, hidden_size=1536, layers="jet,jet,attn,je
 model = HybridLM(cfg_m); model.set_dtype(mx.bfloat16); mx.eval(model.parameters())
 cfg = FinetuneConfig(batch_size=1, fine_tune_type="lora")
 prepare_model(model, cfg)
-L = 2000
-scored = np.zeros(3 * L + 101, bool)
-scored[-100:] = True
-ex = [(np.zeros(3 * L + 101, np.int32), scored)]
-sleep = SleepConfig(loops=4, window=L, eviction="hard")
-ft = types.SimpleNamespace(model=model, cfg=cfg, sleep_at=lambda s: sleep, world=World(), train_examples=ex)
+ft = types.SimpleNamespace(model=model, cfg=cfg, sleep_at=lambda s: sleep, world=World())
 cache, probe = {}, F._probe
+if sys.argv[1:2] == ["--probes"]:  # reuse the probes an earlier run printed
+    for line in open(sys.argv[2]):
+        r = json.loads(line)
+        if "probe" in r:
+            cache[tuple(r["probe"])] = (r["peak_bytes"], r["seconds"])
 def memo(model, s, batch, length, passes, scored, mb):
     key = (batch, length, passes, scored, mb)
     if key not in cache:
@@ -42,8 +45,12 @@ def memo(model, s, batch, length, passes, scored, mb):
               flush=True)
     return cache[key]
 F._probe = memo
-for n in (1, 2, 4, 6):
-    sleep = SleepConfig(loops=n, window=L, eviction="hard")
-    e = estimate_step(ft)
-    print(json.dumps({"N": n, "B": 1, **e["parts"], "peak": e["peak_bytes"],
-                      "seconds": e["seconds_per_step"]}), flush=True)
+for L in (2000, 1000, 512):
+    scored = np.zeros(3 * L + 101, bool)
+    scored[-100:] = True
+    ft.train_examples = [(np.zeros(3 * L + 101, np.int32), scored)]
+    for n in (1, 2, 4, 6):
+        sleep = SleepConfig(loops=n, window=L, eviction="hard")
+        e = estimate_step(ft)
+        print(json.dumps({"L": L, "N": n, "B": 1, **e["parts"], "peak": e["peak_bytes"],
+                          "seconds": e["seconds_per_step"]}), flush=True)
