@@ -206,9 +206,11 @@ def main():
                     tr = make_trainer(os.path.join(tmp, "N1"), task, model_kw, train_kw, n,
                                       a.steps, seed)  # resumes from that checkpoint
                 evals_at = {}
-                wall, per_step = timed_run(
-                    tr, a.steps, first, a.eval_steps, lambda step: evals_at.__setitem__(
-                        step, eval_at(tr, task, a.eval_loops or [n], a.samples)))
+
+                def eval_now(step, tr=tr, n=n):
+                    evals_at[step] = eval_at(tr, task, a.eval_loops or [n], a.samples)
+
+                wall, per_step = timed_run(tr, a.steps, first, a.eval_steps, eval_now)
                 record(a.out, **common, seed=seed, run=run, train_seconds=wall,
                        seconds_per_step=per_step, evals_at=evals_at,
                        evals=eval_at(tr, task, a.eval_loops or [n], a.samples))

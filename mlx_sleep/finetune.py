@@ -689,9 +689,10 @@ def estimate_step(ft: Finetune) -> dict:
     ts = (max(1, t2 // 4), t1, t2)
     ctx = [_probe(model, sleep, B, t, 1, 0, mb) for t in ts]
     m_two, s_two = _probe(model, sleep, B, t2, 2, 0, mb)
-    # an answer chunk scores the answer's tokens (all of a {"text"} record's): head width S
+    # an answer chunk scores the answer's tokens (all of a {"text"} record's): head width S,
+    # capped at each probe's length by _probe
     S = min(L, max(int(scored[1:].sum()) for _, scored in ft.train_examples))
-    ans = [_probe(model, sleep, B, t, 1, S if S < L else t, mb)[0] for t in ts]
+    ans = [_probe(model, sleep, B, t, 1, S, mb)[0] for t in ts]
     c_fixed, ca, cb = _fit_with_intercept(ts, [m for m, _ in ctx])
     a_fixed, aa, ab = _fit_with_intercept(ts, ans)
     one_pass = ca * t2 + cb * t2 * t2

@@ -155,7 +155,7 @@ def test_attention_call_time_window_tightens_layer_window():
 def test_a_bf16_model_stays_bf16_from_a_fresh_state():
     """A fresh state's conv inputs are float32 zeros; they must not promote a bf16 model's
     residual stream (and every matmul after it, and the head over the whole vocabulary) to
-    float32: on a 2B-wide Jet block that cost 180 MB per block for an 8-token forward."""
+    float32, which makes float32 copies of the bf16 weights on every call."""
     from mlx_sleep import HybridLM, ModelConfig
     from mlx_sleep.sleep import run_chunk
 
