@@ -21,8 +21,9 @@ import mlx_sleep  # noqa: E402,F401  (BLAS first)
 import mlx.core as mx, numpy as np
 from mlx_sleep.config import ModelConfig, SleepConfig
 from mlx_sleep.models.hybrid import HybridLM
-from mlx_sleep.finetune import FinetuneConfig, prepare_model, estimate_step, World
-from mlx_sleep import finetune as F
+from mlx_sleep.finetune import FinetuneConfig, prepare_model, estimate_step
+from mlx_sleep.finetune import estimate as F
+from mlx_sleep.loop import World
 cfg_m = ModelConfig(vocab_size=151936, hidden_size=1536, layers="jet,jet,attn,jet", intermediate_size=8960,
                     num_heads=12, num_kv_heads=2, head_dim=128, attention_bias=True, rope_theta=1e6,
                     gdn_k_heads=12, gdn_v_heads=12, gdn_head_k_dim=96, gdn_head_v_dim=192,

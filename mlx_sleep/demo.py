@@ -67,9 +67,10 @@ def run_demo(out: str, steps=None, loops=None, seed: int = 0, seeds=None, echo=p
                               SleepConfig(loops=n, window=task.window, eviction=task.eviction),
                               task, TrainConfig(seed=s, **settings["train"]), progress=progress,
                               force=force)
+            trainer.report_every = trainer.cfg.steps  # the bar, and one line at the end
             evals = []
             train_with_curriculum(trainer, curriculum,
-                                  on_eval=lambda step, r: evals.append(r))
+                                  on_eval=lambda step, r: evals.append(r["eval"]))
             if not evals:  # a finished run from before: evaluate it as its last step did
                 evals.append(evaluate(trainer.model, task, trainer.sleep, trainer.cfg.eval_samples,
                                       trainer.cfg.batch_size, seed=trainer.cfg.seed + 1))

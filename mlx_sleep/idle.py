@@ -120,6 +120,54 @@ def launchd_path() -> str:
     return os.path.expanduser(f"~/Library/LaunchAgents/{LABEL}.plist")
 
 
+def _agent_label(path):
+    """The Label of the launchd agent at `path` (None if it is not a readable plist)."""
+    import plistlib
+    from xml.parsers.expat import ExpatError
+
+    try:
+        with open(path, "rb") as f:
+            return plistlib.load(f).get("Label")
+    except (OSError, ValueError, ExpatError, AttributeError):
+        return None
+
+
+def install_launchd_agent(command, interval: int):
+    """Write our agent (replacing only our own) and load it: (its path, a warning or None)."""
+    from .io import OutputError, atomic_path
+
+    path = launchd_path()
+    if os.path.exists(path) and _agent_label(path) != LABEL:
+        raise OutputError(f"{path} exists and was not written by mlx-sleep; leaving it (move it "
+                          "away to install ours)")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with atomic_path(path, 0o644) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(launchd_plist(command, interval))
+    domain = f"gui/{os.getuid()}"
+    subprocess.run(["launchctl", "bootout", domain, path], capture_output=True)
+    loaded = subprocess.run(["launchctl", "bootstrap", domain, path], capture_output=True,
+                            text=True)
+    if loaded.returncode != 0:
+        return path, (f"launchctl bootstrap failed ({loaded.stderr.strip()}); it loads at the "
+                      f"next login, or run: launchctl bootstrap gui/$(id -u) {path}")
+    return path, None
+
+
+def remove_launchd_agent() -> str:
+    """Unload and delete the agent install_launchd_agent wrote (never another one)."""
+    from .io import OutputError
+
+    path = launchd_path()
+    if not os.path.exists(path):
+        raise OutputError(f"no agent at {path}: nothing to remove")
+    if _agent_label(path) != LABEL:
+        raise OutputError(f"{path} was not written by mlx-sleep; leaving it")
+    subprocess.run(["launchctl", "bootout", f"gui/{os.getuid()}", path], capture_output=True)
+    os.remove(path)
+    return path
+
+
 def systemd_units(command, interval: int = 1800) -> str:
     """The equivalent systemd user service + timer (printed, for the user to install)."""
     exec_line = " ".join(_shell_quote(c) for c in command)

@@ -31,7 +31,8 @@ from .config import ConfigError
 MARKER = ".mlx-sleep"
 OWNERS = {"run": "a training run (mlx-sleep train)", "model": "a converted model (mlx-sleep convert)",
           "demo": "a demo (mlx-sleep demo)", "session": "a chat session",
-          "results": "evaluation results (mlx-sleep eval --out)"}
+          "results": "evaluation results (mlx-sleep eval --out)",
+          "finetune": "a fine-tuning run (mlx-sleep finetune)"}
 TMP_PREFIX = ".mlx-sleep-tmp-"
 STREAMS = {"-": "stdout", "/dev/stdout": "stdout", "/dev/stderr": "stderr"}
 
@@ -159,6 +160,8 @@ def owner_of(path: str):
     config = os.path.join(path, "config.json")
     if os.path.isfile(os.path.join(path, "checkpoint", "trainer.json")) and os.path.isfile(config):
         return "run"
+    if os.path.isfile(os.path.join(path, "checkpoint", "state.json")) and os.path.isfile(config):
+        return "finetune"
     if os.path.isfile(os.path.join(path, "results.json")) and owner_of(os.path.join(path, "N1")) == "run":
         return "demo"
     if os.path.isfile(config):
@@ -393,3 +396,23 @@ def recover_dir(path):
     if not os.path.lexists(path) and os.path.isdir(old) and not os.path.islink(old):
         os.replace(old, path)
     return path
+
+
+def trim_jsonl(path: str, keep):
+    """Keep the lines of a JSONL log for which `keep(record)` holds (e.g. the steps up to a
+    resumed checkpoint); lines cut by a kill are dropped. Rewritten atomically, only if changed."""
+    if not os.path.exists(path):
+        return
+    check_regular_file(path)
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and keep(record):
+            kept.append(line)
+    if kept != lines:
+        write_text(path, "".join(kept))

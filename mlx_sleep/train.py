@@ -6,17 +6,13 @@ the Linear weights of its decoder layers) and AdamW for everything else (embeddi
 gates, conv kernels), linear warmup then cosine decay, gradient clipping, an mx.compile'd step,
 checkpoints with exact resume, periodic evaluation, a progress bar and a JSONL log.
 
-A run directory holds:
-    config.json          model, sleep, task and training settings (what `eval` needs)
-    checkpoint/          model.safetensors, optimizer.safetensors, trainer.json (swapped in
-                         atomically: a crash leaves the previous complete checkpoint)
-    metrics.jsonl        one JSON object per logged step / evaluation
+A run directory (loop.py) holds config.json (model, sleep, task and training settings: what
+`eval` needs), checkpoint/ (model.safetensors, optimizer.safetensors, trainer.json) and
+metrics.jsonl.
 """
 
 import json
-import math
 import os
-import time
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Optional, Tuple
 
@@ -24,12 +20,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 
 from .config import MAX_LOOPS, ConfigError, ModelConfig, SleepConfig, check_memory, check_types
 from .eval import evaluate
-from .io import (OutputError, acquire_lock, atomic_dir, check_file_target, check_regular_file,
-                 claim_dir, read_json_object, recover_dir, save_arrays, write_json, write_text)
+from .io import check_regular_file, read_json_object, recover_dir
+from .loop import TrainingRun
 from .models import HybridLM, SleepModel, model_from_config
 from .sleep import plan_chunks, sleep_loss, sleep_value_and_grad
 from .tasks import task_from_dict
@@ -141,29 +137,20 @@ def training_bytes(model: SleepModel, sleep: SleepConfig, seq_len: int, cfg: "Tr
     return 4 * params + 16 * tokens * width * blocks * sleep.loops + 12 * tokens * model.vocab_size
 
 
-def settings_diff(saved: dict, new: dict, prefix: str = "") -> list:
-    """["train.lr: 0.002 -> 0.001", ...]: the settings that differ between two runs."""
-    out = []
-    for k in sorted(set(saved) | set(new)):
-        a, b = saved.get(k, "(unset)"), new.get(k, "(unset)")
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += settings_diff(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k}: {json.dumps(a)[:30]} -> {json.dumps(b)[:30]}")
-    return out
-
-
-class Trainer:
-    """One training run in `out_dir`. Construct, then `run()`; resumes from `out_dir` when it
-    already holds a checkpoint of the same settings.
+class Trainer(TrainingRun):
+    """One training run in `out_dir` (the loop: loop.TrainingRun). Construct, then `run()`;
+    resumes from `out_dir` when it already holds a checkpoint of the same settings.
 
     `model` is any supported model (e.g. from `mlx_sleep.load_model`), or a ModelConfig for a
     HybridLM trained from scratch (initialised from `train.seed`)."""
 
+    OWNER, META_FILE, WEIGHTS_FILE = "run", "trainer.json", "model.safetensors"
+    RESUMABLE_CHANGES = ("train.steps", "train.compile")  # compile: the same math either way
+
     def __init__(self, out_dir: str, model, sleep: SleepConfig, task,
-                 train: TrainConfig, progress: bool = True, log=print, force: bool = False):
+                 train: TrainConfig, progress: bool = True, echo=print, force: bool = False):
         self.out_dir, self.sleep, self.task, self.cfg = out_dir, sleep, task, train
-        self.progress, self.log = progress, log
+        self.progress, self.echo, self.eval_every = progress, echo, train.eval_every
         if sleep.window > task.seq_len:
             raise ConfigError(f"window L={sleep.window} is larger than the task's sequence "
                               f"length T={task.seq_len}; use --window <= {task.seq_len}")
@@ -183,66 +170,23 @@ class Trainer:
         self.optimizer = make_optimizer(train, model)
         self.rng = np.random.default_rng(train.seed)
         self.loops_rng = np.random.default_rng([train.seed, 1])  # N per batch (loops_sample)
-        self.step, self.tokens = 0, 0
         self._steps = {}  # compiled step per chunk plan
-        # The directory: ours (a marker), one training at a time (a lock on the marker).
-        claim_dir(out_dir, "run", force, writes=("config.json", "metrics.jsonl", "checkpoint"))
-        self._lock = acquire_lock(out_dir, "a training")
-        try:
-            self._open_run()
-        except BaseException:
-            self.close()
-            raise
+        self.open_run(force)
 
-    def _open_run(self):
-        out_dir = self.out_dir
-        config_path = os.path.join(out_dir, "config.json")
-        ckpt = recover_dir(os.path.join(out_dir, "checkpoint"))
-        if os.path.islink(ckpt) or (os.path.lexists(ckpt) and not os.path.isdir(ckpt)):
-            raise OutputError(f"{ckpt} is not a plain directory; mlx-sleep replaces it on every "
-                              "save: remove it or use another --out directory")
-        if os.path.exists(config_path) and os.path.exists(ckpt):
-            saved = read_json_object(config_path, " (a run's settings)")
-            saved.setdefault("model_type", "hybrid")  # runs from before model types were recorded
-            if isinstance(saved.get("train"), dict):  # settings added since: their defaults
-                saved["train"] = {**asdict(TrainConfig()), **saved["train"]}
-            new = {k: v for k, v in self.settings.items() if k in saved}
-            diff = settings_diff({k: saved[k] for k in new}, new)
-            diff = [d for d in diff if not d.startswith("train.compile:")]  # same math either way
-            if diff:
-                raise ConfigError(f"{out_dir} holds a run with different settings ({'; '.join(diff[:4])}"
-                                  f"{' ...' if len(diff) > 4 else ''}); use a new --out directory")
-            self.load_checkpoint(ckpt)
-        self._trim_metrics()
-        write_json(config_path, self.settings)
+    def saved_settings(self, saved: dict) -> dict:
+        saved.setdefault("model_type", "hybrid")  # runs from before model types were recorded
+        if isinstance(saved.get("train"), dict):  # settings added since: their defaults
+            saved["train"] = {**asdict(TrainConfig()), **saved["train"]}
+        return saved
 
-    def close(self):
-        """Release the directory's lock (done at the end of run())."""
-        if getattr(self, "_lock", None) is not None:
-            os.close(self._lock)
-            self._lock = None
+    def checkpoint_meta(self) -> dict:
+        return {"rng": self.rng.bit_generator.state,
+                "loops_rng": self.loops_rng.bit_generator.state, "settings": self.settings}
 
-    def __del__(self):
-        self.close()
-
-    def _trim_metrics(self):
-        """After a resume the log holds records up to the last step run; keep only those up to
-        the checkpoint's step, so no step appears twice."""
-        path = os.path.join(self.out_dir, "metrics.jsonl")
-        if not os.path.exists(path):
-            return
-        check_file_target(path)
-        with open(path) as f:
-            lines = f.readlines()
-        keep = []
-        for line in lines:
-            try:
-                if json.loads(line).get("step", 0) <= self.step:
-                    keep.append(line)
-            except (ValueError, AttributeError):
-                continue  # a line cut by a kill
-        if keep != lines:
-            write_text(path, "".join(keep))
+    def restore_meta(self, meta: dict):
+        self.rng.bit_generator.state = meta["rng"]
+        if "loops_rng" in meta:  # runs with loops_sample
+            self.loops_rng.bit_generator.state = meta["loops_rng"]
 
     # -- one step -----------------------------------------------------------------------------
     def _step_fn(self, plan, sleep):
@@ -274,7 +218,10 @@ class Trainer:
         self._steps[key] = step
         return step
 
-    def train_step(self, batch):
+    def train_step(self, batch=None):
+        """One optimizer step on `batch` (default: the next one from the task's stream)."""
+        if batch is None:
+            batch = self.task.sample(self.rng, self.cfg.batch_size)
         for name in ("inputs", "targets"):
             ids = getattr(batch, name)
             if ids.size and (ids.min() < 0 or ids.max() >= self.model.vocab_size):
@@ -295,110 +242,10 @@ class Trainer:
         self.tokens += batch.inputs.size
         return loss.item(), norm.item()
 
-    # -- the loop -------------------------------------------------------------------------------
-    def run(self, on_eval=None):
-        try:
-            return self._run(on_eval)
-        finally:
-            self.close()
-
-    def _run(self, on_eval):
-        if self._lock is None:
-            self._lock = acquire_lock(self.out_dir, "a training")
+    def evaluate(self) -> dict:
         cfg = self.cfg
-        bar = _progress(cfg.steps, self.step, self.progress)
-        t0, tokens0, losses = time.perf_counter(), self.tokens, []
-        while self.step < cfg.steps:
-            loss, norm = self.train_step(self.task.sample(self.rng, cfg.batch_size))
-            losses.append(loss)
-            if not math.isfinite(loss):
-                if bar is not None:
-                    bar.close()  # the error then starts a line of its own
-                raise FloatingPointError(f"loss became {loss} at step {self.step}; lower --lr")
-            elapsed = time.perf_counter() - t0
-            tok_s = (self.tokens - tokens0) / max(elapsed, 1e-9)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}")
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                self._log({"step": self.step, "loss": float(np.mean(losses)), "grad_norm": norm,
-                           "tokens": self.tokens, "tokens_per_s": tok_s,
-                           "lr": float(self.optimizer.optimizers[0].learning_rate)})
-                losses = []
-            last = self.step == cfg.steps
-            if (cfg.eval_every and self.step % cfg.eval_every == 0) or last:
-                results = evaluate(self.model, self.task, self.sleep, cfg.eval_samples,
-                                   cfg.batch_size, seed=cfg.seed + 1)
-                self._log({"step": self.step, "tokens": self.tokens, "eval": results})
-                if on_eval is not None:
-                    on_eval(self.step, results)
-            if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or last:
-                self.save_checkpoint()
-        if bar is not None:
-            bar.close()
-        return self.model
-
-    def _log(self, record):
-        record = {"time": time.time(), **record}
-        with open(os.path.join(self.out_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    # -- checkpoints ----------------------------------------------------------------------------
-    def save_checkpoint(self):
-        with atomic_dir(os.path.join(self.out_dir, "checkpoint")) as tmp:
-            save_arrays(os.path.join(tmp, "model.safetensors"),
-                        dict(tree_flatten(self.model.parameters())))
-            save_arrays(os.path.join(tmp, "optimizer.safetensors"),
-                        dict(tree_flatten(self.optimizer.state)))
-            write_json(os.path.join(tmp, "trainer.json"), {
-                "step": self.step, "tokens": self.tokens,
-                "rng": self.rng.bit_generator.state,
-                "loops_rng": self.loops_rng.bit_generator.state, "settings": self.settings})
-
-    def load_checkpoint(self, ckpt):
-        """Resume from `ckpt`. A damaged one (missing or truncated files, tensors that do not
-        fit, a trainer.json of the wrong shape) is refused with one line."""
-        try:
-            weights = read_safetensors(os.path.join(ckpt, "model.safetensors"))
-            opt_state = read_safetensors(os.path.join(ckpt, "optimizer.safetensors"))
-            meta = read_json_object(os.path.join(ckpt, "trainer.json"))
-            step, tokens, rng = meta["step"], meta["tokens"], meta["rng"]
-            if type(step) is not int or type(tokens) is not int or step < 0 or tokens < 0:
-                raise ValueError(f"step {step!r} and tokens {tokens!r} must be integers >= 0")
-            self.model.load_weights(list(weights.items()))
-            self.optimizer.init(self.model.trainable_parameters())  # the structure to fill in
-            self.optimizer.state = _restore_lists(tree_unflatten(list(opt_state.items())),
-                                                  self.optimizer.state)
-            self.rng.bit_generator.state = rng
-            if "loops_rng" in meta:  # runs with loops_sample
-                self.loops_rng.bit_generator.state = meta["loops_rng"]
-        except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
-            raise ConfigError(f"{ckpt} is damaged ({type(e).__name__}: {str(e)[:300]}); move it "
-                              "away to start the run over") from None
-        self.step, self.tokens = step, tokens
-        mx.eval(self.model.parameters(), self.optimizer.state)
-
-
-def _restore_lists(loaded, template):
-    """tree_unflatten turns {"0": ...} back into lists only where keys are digits; keep the
-    optimizer state's own structure by walking the template."""
-    if isinstance(template, list):
-        items = loaded if isinstance(loaded, list) else [loaded[str(i)] for i in range(len(template))]
-        return [_restore_lists(l, t) for l, t in zip(items, template)]
-    if isinstance(template, dict):
-        return {k: _restore_lists(loaded[k], v) if k in loaded else v for k, v in template.items()}
-    if isinstance(template, mx.array) and (not isinstance(loaded, mx.array)
-                                           or loaded.shape != template.shape):
-        raise ValueError(f"optimizer state of shape {getattr(loaded, 'shape', '?')} where "
-                         f"{template.shape} belongs")
-    return loaded
-
-
-def _progress(total, initial, enabled):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=True)
+        return {"eval": evaluate(self.model, self.task, self.sleep, cfg.eval_samples,
+                                 cfg.batch_size, seed=cfg.seed + 1)}
 
 
 # -- loading a trained run --------------------------------------------------------------------

@@ -46,7 +46,7 @@ def test_sampled_loops_then_eval_at_several_n(tmp_path):
     assert saved["loops"] == [1, 2, 4] and set(saved["results"]) == {"N = 1", "N = 2", "N = 4"}
     assert set(saved["results"]["N = 4"]) == {"1"}
     assert (tmp_path / "n.png").stat().st_size > 1000
-    for bad, says in (("0,1", "loops (N) must be an integer >= 1"),
+    for bad, says in (("0,1", "is not a list of loop counts in 1..1024"),
                       ("a", "is not a list of loop counts")):
         r = CliRunner().invoke(main, ["eval", "--checkpoint", str(out), "--loops", bad])
         assert r.exit_code != 0 and says in r.output

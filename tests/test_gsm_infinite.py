@@ -342,7 +342,7 @@ def test_data_command_writes_the_paper_format(tmp_path):
 
 @pytest.mark.parametrize("extra,message", [
     (["--ops", "two"], "--ops 'two': expected op counts"),
-    (["--loops", "0,2"], "--loops '0,2': expected N >= 1"),
+    (["--loops", "0,2"], "'0,2' is not a list of loop counts in 1..1024"),
     (["--data", "/nonexistent.jsonl"], "no such file"),
     (["--ops", "3"], "no records with op 3"),
     (["--judge-model", "x"], None),

@@ -93,7 +93,7 @@ def test_run_directory_and_load_run(tmp_path):
 
 def test_other_settings_in_same_directory_refused(tmp_path):
     trainer(tmp_path, steps=2).run()
-    with pytest.raises(ConfigError, match="different"):
+    with pytest.raises(ConfigError, match="other settings"):
         trainer(tmp_path, steps=2, loops=3)
 
 

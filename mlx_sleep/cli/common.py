@@ -1,0 +1,108 @@
+"""What every command shares: one-line errors, the parsers of flag values, the sampling and
+sleep flags, and loading a model for generation."""
+
+import json
+
+import click
+
+from ..config import ConfigError, SleepConfig
+
+
+class Failure(click.ClickException):
+    """A one-line error for the user (exit code 1)."""
+
+    def __init__(self, message):
+        super().__init__(" ".join(str(message).split()))
+
+
+def run_safely(fn):
+    """Turn expected errors (bad settings, missing files) into one clear line, not a traceback."""
+    try:
+        return fn()
+    except (ConfigError, ValueError, FloatingPointError) as e:
+        raise Failure(str(e)) from None
+    except OSError as e:  # unwritable, not a directory, disk full, ...: the path and the reason
+        where = f"{e.filename}: " if e.filename else ""
+        raise Failure(f"{where}{e.strerror or e}") from None
+    except MemoryError:
+        raise Failure("out of memory; make the model, batch or window smaller") from None
+
+
+def parse_options(pairs):
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--task-option")
+        k, v = pair.split("=", 1)
+        try:
+            out[k.replace("-", "_")] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.replace("-", "_")] = v
+    return out
+
+
+def parse_loops_list(value, hint="--loops"):
+    """'1,2,4' -> [1, 2, 4]: each N a whole number in 1..MAX_LOOPS, duplicates dropped."""
+    from ..config import MAX_LOOPS
+
+    try:
+        loops = [int(x) for x in value.split(",")]
+    except ValueError:
+        loops = []
+    if not loops or not all(1 <= n <= MAX_LOOPS for n in loops):
+        raise click.BadParameter(f"{value!r} is not a list of loop counts in 1..{MAX_LOOPS} "
+                                 "(e.g. 1,2,4)", param_hint=hint)
+    return list(dict.fromkeys(loops))
+
+
+def parse_core(value, hint="--core", form="START:STOP"):
+    if value is None:
+        return None
+    try:
+        start, stop = (int(x) for x in value.split(":"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not {form} (e.g. 1:3)", param_hint=hint)
+    return (start, stop)
+
+
+def sampling_options(fn):
+    """The generation flags `generate` and `chat` share (mlx-lm's sampler and processors)."""
+    options = [
+        click.option("--max-tokens", "-m", type=int, default=512, show_default=True),
+        click.option("--temp", type=float, default=0.0, show_default=True, help="0: greedy."),
+        click.option("--top-p", type=float, default=0.0, help="Nucleus sampling (0: off)."),
+        click.option("--top-k", type=int, default=0, help="Top-k sampling (0: off)."),
+        click.option("--min-p", type=float, default=0.0, help="Min-p sampling (0: off)."),
+        click.option("--repetition-penalty", type=float, default=None),
+        click.option("--seed", type=int, default=None, help="Random seed for sampling."),
+        click.option("--stop", multiple=True, help="Stop at this string (repeatable)."),
+        click.option("--system-prompt", default=None),
+        click.option("--window", "-L", type=int, default=None, help="Override the model's window L."),
+        click.option("--loops", "-N", type=int, default=None, help="Override the sleep passes N."),
+        click.option("--eviction", type=click.Choice(["hard", "sliding"]), default=None),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def sleep_override(model, window, loops, eviction):
+    """The model's sleep settings with the flags given applied, or None when none is given."""
+    if window is None and loops is None and eviction is None:
+        return None
+    base = model.sleep_config
+    return SleepConfig(loops=base.loops if loops is None else loops,
+                       window=base.window if window is None else window,
+                       eviction=eviction or base.eviction)
+
+
+def load_for_chat(model_path):
+    from transformers.utils import logging as hf_logging
+
+    from ..loading import load
+    from ..weights import resolve_source
+
+    hf_logging.set_verbosity_error()  # its "model of type hybrid" note is noise here
+    path = resolve_source(model_path)
+    model, tokenizer = load(path)
+    return path, model, tokenizer

@@ -1,0 +1,112 @@
+"""What trains in a fine-tune: layer kinds, frozen parts, LoRA / DoRA adapters (mlx-lm's
+tuner), and fusing them back into a model directory."""
+
+import os
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from ..config import ConfigError, SleepConfig
+from ..io import read_json
+from .config import FinetuneConfig
+
+
+def part_kind(module) -> Optional[str]:
+    """The layer kind of a decoder layer's child (its mixer or MLP), from the class name:
+    JetBlock -> jet, *DeltaNet -> gdn, *Attention -> attn, SwiGLU / *MLP / *MoE* -> mlp."""
+    name = type(module).__name__.lower()
+    for kind, words in (("jet", ("jet",)), ("gdn", ("deltanet",)), ("attn", ("attention",)),
+                        ("mlp", ("mlp", "swiglu", "moe"))):
+        if any(w in name for w in words):
+            return kind
+    return None
+
+
+def layer_parts(model):
+    """(kind, module) for every mixer and MLP inside model.layers."""
+    parts = []
+    for layer in model.layers:
+        for child in layer.children().values():
+            if isinstance(child, nn.Module) and part_kind(child):
+                parts.append((part_kind(child), child))
+    return parts
+
+
+def prepare_model(model, cfg: FinetuneConfig):
+    """Freeze what does not train and add the adapters (mlx-lm's linear_to_lora_layers)."""
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    kinds = cfg.kinds()
+    parts = layer_parts(model)
+    if kinds:
+        missing = [k for k in kinds if not any(kind == k for kind, _ in parts)]
+        if missing:
+            have = sorted({kind for kind, _ in parts})
+            raise ConfigError(f"--train-only {','.join(missing)}: this model has no such layers "
+                              f"(it has {', '.join(have)})")
+    if cfg.fine_tune_type == "full" and any(isinstance(m, nn.QuantizedLinear)
+                                            for _, m in model.named_modules()):
+        raise ConfigError("this model is quantized: its weights cannot be trained directly; "
+                          "train LoRA/DoRA adapters (drop --full) or convert without -q")
+    model.freeze()
+    if cfg.fine_tune_type == "full":
+        if kinds:
+            for kind, part in parts:
+                if kind in kinds:
+                    part.unfreeze()
+        else:
+            model.unfreeze()
+    else:
+        mx.random.seed(cfg.seed)  # the same adapters on every process
+        n = len(model.layers) if cfg.lora_layers is None else min(cfg.lora_layers, len(model.layers))
+        linear_to_lora_layers(model, n, {"rank": cfg.rank, "scale": cfg.scale,
+                                         "dropout": cfg.dropout},
+                              use_dora=cfg.fine_tune_type == "dora")
+        if kinds:  # adapters outside the named kinds stay at their zero update
+            for kind, part in layer_parts(model):
+                if kind not in kinds:
+                    part.freeze()
+    n_train = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    if n_train == 0:
+        raise ConfigError("nothing to train: the chosen --train-only / --lora-layers select "
+                          "no weights")
+    return model
+
+
+def adapter_config(cfg: FinetuneConfig, model) -> dict:
+    """mlx-lm's adapter_config.json fields (its load_adapters reads them)."""
+    n = len(model.layers) if cfg.lora_layers is None else min(cfg.lora_layers, len(model.layers))
+    return {"fine_tune_type": cfg.fine_tune_type, "num_layers": n,
+            "lora_parameters": {"rank": cfg.rank, "scale": cfg.scale, "dropout": cfg.dropout}}
+
+
+def load_adapter(model, path: str):
+    """Apply a fine-tune's adapter directory (mlx-lm's layout: adapter_config.json and
+    adapters.safetensors) to `model`, in evaluation mode (dropout off)."""
+    if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+        raise FileNotFoundError(f"{path} has no adapter_config.json: not an adapter directory")
+    from mlx_lm.tuner.utils import load_adapters
+
+    try:
+        model = load_adapters(model, path)
+    except (KeyError, AttributeError, TypeError) as e:
+        raise ValueError(f"{path}: the adapter does not fit this model ({type(e).__name__}: {e})")
+    model.eval()  # the LoRA layers it added start in training mode
+    return model
+
+
+def fuse_model(model, model_dir: str, out: str, sleep: SleepConfig, provenance: dict) -> str:
+    from ..convert.common import save_model_dir
+
+    fused = [(name, m.fuse()) for name, m in model.named_modules()
+             if hasattr(m, "fuse") and hasattr(m, "lora_a")]
+    if fused:
+        model.update_modules(tree_unflatten(fused))
+    config = read_json(os.path.join(model_dir, "config.json"))
+    config["model"] = model.config.to_dict()
+    config["sleep"] = sleep.to_dict()
+    config["finetune"] = provenance
+    save_model_dir(out, config, dict(tree_flatten(model.parameters())), model_dir)
+    return out

@@ -1,0 +1,145 @@
+"""Fine-tuning data: JSONL records, checked where they are read, tokenized and batched.
+
+One JSON object per line:
+    {"prompt": ..., "answer": ...}   loss on the answer (and eos); the prompt is the context the
+                                     model consolidates window by window
+    {"text": ...}                    loss on every token
+    {"messages": [{"role", "content"}, ...]}   the tokenizer's chat template; loss on assistant turns
+"""
+
+import json
+import os
+from functools import lru_cache
+from typing import List, Tuple
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """A data file is unreadable or a record malformed; the message names the file and line."""
+
+
+def read_records(path: str) -> List[Tuple[int, dict]]:
+    """(line number, record) for every non-blank line of a JSONL file, each checked."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path} does not exist; pass a JSONL file of {{\"prompt\", \"answer\"}}, "
+                        "{\"text\"} or {\"messages\"} records")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg}); each line must be one "
+                                "JSON object") from None
+            _check_record(rec, where)
+            records.append((lineno, rec))
+    if not records:
+        raise DataError(f"{path} holds no records")
+    return records
+
+
+def _check_record(rec, where):
+    forms = 'a {"prompt", "answer"}, {"text"} or {"messages"} object'
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected {forms}, got {type(rec).__name__}")
+    if "messages" in rec:
+        msgs = rec["messages"]
+        ok = isinstance(msgs, list) and msgs and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str) for m in msgs)
+        if not ok:
+            raise DataError(f"{where}: \"messages\" must be a non-empty list of "
+                            "{\"role\": str, \"content\": str}")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise DataError(f"{where}: \"messages\" has no assistant turn to learn")
+    elif "prompt" in rec or "answer" in rec:
+        if not (isinstance(rec.get("prompt"), str) and isinstance(rec.get("answer"), str)):
+            raise DataError(f"{where}: a prompt/answer record needs both \"prompt\" and "
+                            "\"answer\" as strings")
+        if not rec["answer"]:
+            raise DataError(f"{where}: \"answer\" is empty; there is nothing to learn")
+    elif "text" in rec:
+        if not isinstance(rec["text"], str) or not rec["text"]:
+            raise DataError(f"{where}: \"text\" must be a non-empty string")
+    else:
+        raise DataError(f"{where}: expected {forms} (keys found: {', '.join(sorted(rec)) or 'none'})")
+
+
+def _encode(tokenizer, text: str) -> List[int]:
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def tokenize_record(rec: dict, tokenizer) -> Tuple[List[int], List[bool]]:
+    """(token ids, scored) where scored[i] says token i is a target the loss counts."""
+    eos = tokenizer.eos_token_id
+    tail = [eos] if eos is not None else []
+    if "messages" in rec:
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError("{\"messages\"} records need a tokenizer with a chat template; "
+                            "this model's tokenizer_config.json has none")
+        msgs, ids, scored = rec["messages"], [], []
+
+        def extend(upto, score):
+            if upto[:len(ids)] != ids:
+                raise DataError("the chat template renders earlier turns differently once later "
+                                "ones are added; use {\"prompt\", \"answer\"} records instead")
+            scored.extend([score] * (len(upto) - len(ids)))
+            ids.extend(upto[len(ids):])
+
+        for i, msg in enumerate(msgs):
+            if msg["role"] == "assistant":  # its header is context, its content the target
+                extend(list(tokenizer.apply_chat_template(msgs[:i], tokenize=True,
+                                                          add_generation_prompt=True)), False)
+            extend(list(tokenizer.apply_chat_template(msgs[:i + 1], tokenize=True)),
+                   msg["role"] == "assistant")
+        return ids, scored
+    if "text" in rec:
+        ids = _encode(tokenizer, rec["text"]) + tail
+        return ids, [True] * len(ids)
+    prompt, answer = _encode(tokenizer, rec["prompt"]), _encode(tokenizer, rec["answer"]) + tail
+    return prompt + answer, [False] * len(prompt) + [True] * len(answer)
+
+
+def load_examples(path: str, tokenizer, vocab_size: int) -> List[Tuple[np.ndarray, np.ndarray]]:
+    """Every record of `path` tokenized: (ids int32, scored bool), checked against the model."""
+    examples = []
+    for lineno, rec in read_records(path):
+        where = f"{path}:{lineno}"
+        try:
+            ids, scored = tokenize_record(rec, tokenizer)
+        except DataError as e:
+            raise DataError(f"{where}: {e}") from None
+        if len(ids) < 2 or not any(scored[1:]):
+            raise DataError(f"{where}: the record tokenizes to {len(ids)} token(s) with nothing "
+                            "to predict; give it more text")
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.min() < 0 or ids.max() >= vocab_size:
+            raise DataError(f"{where}: token id {int(ids.max())} is outside the model's "
+                            f"vocabulary of {vocab_size}; is the tokenizer the model's?")
+        examples.append((ids.astype(np.int32), np.asarray(scored, dtype=bool)))
+    return examples
+
+
+def make_batch(examples, pad_id: int):
+    """inputs, targets, mask [B, T-1] (numpy), right-padded to the longest sequence."""
+    T = max(len(ids) for ids, _ in examples)
+    ids = np.full((len(examples), T), pad_id, dtype=np.int32)
+    scored = np.zeros((len(examples), T), dtype=bool)
+    for i, (x, s) in enumerate(examples):
+        ids[i, :len(x)], scored[i, :len(s)] = x, s
+    return ids[:, :-1], ids[:, 1:], scored[:, 1:].astype(np.float32)
+
+
+@lru_cache(maxsize=4)
+def _epoch_order(seed: int, n: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def batch_indices(seed: int, n: int, start: int, size: int) -> List[int]:
+    """Examples start..start+size-1 of the training stream: a fresh shuffle every epoch, a pure
+    function of the position, so a resumed run reads exactly what the first run would have."""
+    return [int(_epoch_order(seed, n, i // n)[i % n]) for i in range(start, start + size)]

@@ -1,0 +1,189 @@
+"""GSM-Infinite records: the Hub or a local JSONL in the dataset's schema, the official
+selection, op lists, the paper-format prompt, and the fine-tuning file (`mlx-sleep data`)."""
+
+import json
+import os
+import re
+from typing import Dict, Iterable, List, Optional, Sequence
+
+from ..io import atomic_path, check_file_target
+from .scoring import gold_answer
+
+SUBSETS = ("symbolic", "medium", "hard")
+LENGTHS = ("0", "8k", "16k", "32k")
+# Upstream's selection of medium / hard rows per split (config.sh filter_config): of the first
+# `limit` rows, these fractions per (template, mode), rows taken in split order.
+OFFICIAL_FILTER = {"crazy_zootopia": 0.4, "movie_festival_awards": 0.05, "teachers_in_school": 0.05}
+OFFICIAL_LIMIT = {"symbolic": 100, "medium": 200, "hard": 200}
+
+ANSWER_CUE = "Answer:"
+
+
+def read_jsonl(path: str, required=("problem", "question", "op")) -> List[dict]:
+    """Records of a JSONL file in the dataset's schema (one JSON object a line)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {n} is not valid JSON ({e.msg}); expected one "
+                                 "GSM-Infinite record per line")
+            missing = [k for k in required if k not in record] if isinstance(record, dict) else []
+            if not isinstance(record, dict) or missing:
+                raise ValueError(f"{path} line {n} lacks {', '.join(missing) or 'fields'}: not a "
+                                 "GSM-Infinite record (problem, question, op, solution or "
+                                 "answer_list, messages)")
+            records.append(record)
+    return records
+
+
+def select(records: Sequence[dict], ops: Optional[Sequence[int]] = None,
+           limit: Optional[int] = None) -> Dict[int, List[dict]]:
+    """{op: the first `limit` records with that op}, ops in increasing order."""
+    by_op: Dict[int, List[dict]] = {}
+    for r in records:
+        op = int(r["op"])
+        if ops is None or op in ops:
+            by_op.setdefault(op, []).append(r)
+    if ops is not None:
+        absent = sorted(set(ops) - set(by_op))
+        if absent:
+            have = ", ".join(str(o) for o in sorted({int(r["op"]) for r in records})) or "none"
+            raise ValueError(f"no records with op {', '.join(map(str, absent))} "
+                             f"(ops present: {have})")
+    return {op: by_op[op][:limit] for op in sorted(by_op)}
+
+
+def official_filter(split: Sequence[dict], limit: int) -> List[dict]:
+    """Upstream's row selection of a medium / hard split: total = min(limit, len(split)); for
+    each (template, mode) the first int(total * fraction) rows with it."""
+    total = min(limit, len(split))
+    out = []
+    for mode in ("normalforward", "forwardreverse"):
+        for template, fraction in OFFICIAL_FILTER.items():
+            rows = [r for r in split if r.get("template") == template and r.get("mode") == mode]
+            out += rows[:int(total * fraction)]
+    return out
+
+
+def hub_records(subset: str, length: str, ops: Sequence[int]) -> List[dict]:
+    """The rows of InfiniAILab/gsm_infinite_{subset}_{length}, splits ops_{N}, downloaded with
+    huggingface_hub (parquet, read with pyarrow). Users' machines only; tests use local files."""
+    if subset not in SUBSETS or length not in LENGTHS:
+        raise ValueError(f"subset must be one of {', '.join(SUBSETS)} and length one of "
+                         f"{', '.join(LENGTHS)} (got {subset}, {length})")
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError("reading the Hub's parquet files needs pyarrow: pip install pyarrow "
+                         "or 'mlx-sleep[gsm-infinite]' (or pass --data FILE.jsonl)") from None
+    from huggingface_hub import HfApi, hf_hub_download
+
+    repo = f"InfiniAILab/gsm_infinite_{subset}_{length}"
+    try:
+        files = HfApi().list_repo_files(repo, repo_type="dataset")
+        records = []
+        for op in ops:
+            names = split_files(files, op)
+            if not names:
+                raise ValueError(f"{repo} has no split ops_{op}")
+            for name in names:
+                path = hf_hub_download(repo, name, repo_type="dataset")
+                records += pq.read_table(path).to_pylist()
+    except ValueError:
+        raise
+    except Exception as e:  # network, auth, missing repo: one line either way
+        raise ValueError(f"could not read {repo} from the Hugging Face Hub: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    return records
+
+
+def split_files(files: Iterable[str], op: int) -> List[str]:
+    """The parquet shards of split ops_{op} in a dataset repository's file list."""
+    pattern = re.compile(rf"(^|/)ops_{op}(-\d+-of-\d+)?\.parquet$")
+    return sorted(f for f in files if pattern.search(f))
+
+
+def load_records(subset: str, length: str, ops: Sequence[int], limit: Optional[int] = None,
+                 data: Optional[str] = None, official: bool = False) -> Dict[int, List[dict]]:
+    """{op: records}: from `data` (a local JSONL, taken in file order) or the Hub, where the
+    official protocol selects rows as upstream does (see `official_filter`)."""
+    if data is not None:
+        return select(read_jsonl(data), ops, limit)
+    by_op = select(hub_records(subset, length, ops), ops)
+    if official and subset != "symbolic":
+        return {op: official_filter(rows, limit or OFFICIAL_LIMIT[subset])
+                for op, rows in by_op.items()}
+    return {op: rows[:limit or OFFICIAL_LIMIT[subset]] for op, rows in by_op.items()}
+
+
+def parse_ops(text: str) -> List[int]:
+    """"2,4,6,8", "2-8" or "2-8:2" (a range, inclusive, with a step) -> sorted op counts."""
+    ops = set()
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if "-" in part:
+                span, _, step = part.partition(":")
+                a, b = (int(x) for x in span.split("-"))
+                ops.update(range(a, b + 1, int(step or 1)))
+            else:
+                ops.add(int(part))
+    except ValueError:
+        raise ValueError(f"--ops {text!r}: expected op counts like 2,4,6,8 or a range 2-8 "
+                         "(2-8:2 for every second)") from None
+    if not ops or min(ops) < 1:
+        raise ValueError(f"--ops {text!r}: op counts are integers >= 1")
+    return sorted(ops)
+
+
+def paper_example(record: dict) -> dict:
+    """The paper-protocol example of a record: {"prompt": question, then the context;
+    "answer": the cue and the answer alone}. Evaluation and fine-tuning data both use it."""
+    gold = gold_answer(record)
+    answer = ", ".join(gold) if isinstance(gold, list) else str(gold)
+    return {"prompt": f"Question: {record['question'].strip()}\n\n"
+                      f"Context: {record['problem'].strip()}\n",
+            "answer": f"{ANSWER_CUE} {answer}"}
+
+
+def messages(record: dict) -> List[dict]:
+    """The record's chat, as the official run sends it."""
+    m = record.get("messages")
+    if isinstance(m, str):  # some exports store it as a JSON string
+        m = json.loads(m)
+    if not isinstance(m, list) or not m:
+        raise ValueError(f"record (op {record.get('op')}, id {record.get('id')}) has no "
+                         "`messages`; the official protocol needs them (or use --protocol paper)")
+    return m
+
+
+def write_training_file(path: str, by_op: Dict[int, List[dict]]) -> int:
+    """The paper-format fine-tuning file: one {"prompt", "answer", "op"} a line; returns rows."""
+    rows = [{**paper_example(r), "op": op} for op, rs in by_op.items() for r in rs]
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    return len(rows)
+
+
+def write_data(out: str, subset: str, length: str, ops: str, limit: Optional[int],
+               skip: Optional[int], data: Optional[str], force: bool, echo=print) -> int:
+    """`mlx-sleep data gsm-infinite`: the paper-format training file, from the problems after
+    the first `skip` of each op (default: from the Hub, the 200 that `eval` uses by default; from
+    a local file, none), so training and test problems stay apart."""
+    if os.path.exists(out) and not force:
+        raise ValueError(f"{out} already exists; pass --force to replace it")
+    check_file_target(out)  # --force replaces a regular file only
+    ops = parse_ops(ops)
+    records = read_jsonl(data) if data is not None else hub_records(subset, length, ops)
+    skip = (0 if data is not None else OFFICIAL_LIMIT[subset]) if skip is None else skip
+    by_op = {op: rows[skip:][:limit] for op, rows in select(records, ops).items()}
+    n = write_training_file(out, by_op)
+    echo(f"wrote {n} examples ({', '.join(f'op {op}: {len(r)}' for op, r in by_op.items())}; "
+         f"the first {skip} of each op skipped) to {out}")
+    return n
