@@ -139,10 +139,14 @@ struct GroupCtx {
   BodyFn body = nullptr;
   void** args = nullptr;
   bool private_tg = false;
-  std::vector<unsigned char> views;  // private mode: 2 x 32 KiB per thread
+  // private mode: 2 x 32 KiB per thread, mapped lazily (only the pages a kernel's threadgroup
+  // variables cover are ever touched)
+  unsigned char* views = nullptr;
+  size_t views_bytes = 0;
 
   ~GroupCtx() {
     if (stacks) munmap(stacks, stacks_bytes);
+    if (views) munmap(views, views_bytes);
     std::free(arena);
   }
 };
@@ -460,9 +464,22 @@ static bool run_group(GroupCtx& g, Launch& L, long gid) {
   }
   g.private_tg = L.private_tg;
   if (g.private_tg) {
-    g.views.resize(size_t(n) * 2 * kMaxThreadgroupMemory);
+    const size_t need = size_t(n) * 2 * kMaxThreadgroupMemory;
+    if (g.views_bytes < need) {
+      if (g.views) munmap(g.views, g.views_bytes);
+      void* m = mmap(nullptr, need, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+      if (m == MAP_FAILED) {
+        std::lock_guard<std::mutex> lk(L.err_mu);
+        L.error = "could not allocate private threadgroup-memory views";
+        L.failed = true;
+        return false;
+      }
+      g.views = static_cast<unsigned char*>(m);
+      g.views_bytes = need;
+    }
     for (int i = 0; i < n; ++i) {
-      g.fibers[i].view = g.views.data() + size_t(i) * 2 * kMaxThreadgroupMemory;
+      g.fibers[i].view = g.views + size_t(i) * 2 * kMaxThreadgroupMemory;
       g.fibers[i].snap = g.fibers[i].view + kMaxThreadgroupMemory;
     }
   }
