@@ -10,9 +10,10 @@
 
 Every kernel sits beside its ops fallback (the layer's own math), and a kernel is only trusted
 after it has matched that fallback once in this process: on first use it is built and run on
-a few small inputs (GVA, T shorter than a chunk or than W - 1, a decode token, float16 and
-bfloat16); a compile error or a mismatch warns once and the fallback serves the rest of the
-process. Without Metal (Linux, or a CPU default device) or with MLX_SLEEP_KERNELS=0 the
+a few inputs (GVA, T shorter than a chunk or than W - 1, a decode token, float16 and bfloat16,
+the heads of every model the converters produce (MODEL_GDN_HEADS), degenerate inputs), every
+output slot and template flag compared; a compile error or a mismatch warns once and the
+fallback serves the rest of the process. Without Metal (Linux, or a CPU default device) or with MLX_SLEEP_KERNELS=0 the
 fallbacks run and nothing is built.
 
 The SiLU after Jet's conv is fused (template flag SILU): unfused, the activation re-reads and
