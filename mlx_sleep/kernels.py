@@ -87,8 +87,8 @@ def enabled() -> bool:
 class Kernel:
     """One Metal kernel: built lazily, self-checked on first use, or replaced by its fallback.
 
-    `check(kernel)` runs the kernel and its fallback on a few small inputs and returns the
-    (max abs diff, tolerance) of the case nearest to (or furthest over) its tolerance."""
+    `check(kernel)` runs the kernel and its fallback on its check cases and returns the
+    (max abs diff, tolerance) of the first output over its tolerance, else of the nearest."""
 
     def __init__(self, name, source, headers, inputs, outputs, check):
         self.name, self.source, self.headers = name, source, headers
@@ -158,9 +158,22 @@ GDN_RTOL_F32 = 2e-5
 GDN_BWD_RTOL_F32 = 5e-5
 
 
-def _worst(checks):
-    """The (diff, tolerance) pair of the case furthest over (or nearest to) its tolerance."""
-    return max(checks, key=lambda c: c[0] / c[1] if c[0] == c[0] else float("inf"))
+def _self_check(cases):
+    """A kernel's self-check from a generator of its cases (each yields _compare's list): the
+    (diff, tolerance) of the first output over its tolerance -- the later cases are not run, a
+    broken kernel is known at its first wrong case -- else of the one nearest to it."""
+
+    @functools.wraps(cases)
+    def check(fn):
+        worst = None
+        for checks in cases(fn):
+            for diff, tol in checks:
+                if not diff <= tol:  # also NaN
+                    return diff, tol
+                if worst is None or diff / tol > worst[0] / worst[1]:
+                    worst = (diff, tol)
+        return worst
+    return check
 
 
 # The Gated DeltaNet heads of the checkpoints each converter imports, by config.json model_type
@@ -252,24 +265,22 @@ def _float32(arrays):
 # The kernels accumulate in float32 and round once: the reference is the fallback on the same
 # (rounded) inputs upcast to float32, within the output type's rounding.
 
+@_self_check
 def _check_conv_forward(fn):
-    checks = []
     for *shape, dtype in CONV_CHECK_SHAPES:
         x, state, kern, _, _ = _conv_check_inputs(*shape, dtype)
         for silu in (False, True):
-            checks += _compare(_conv_forward(fn, x, state, kern, silu),
-                               dynamic_conv_ops(*_float32((x, state, kern)), silu), _RTOL[dtype])
-    return _worst(checks)
+            yield _compare(_conv_forward(fn, x, state, kern, silu),
+                           dynamic_conv_ops(*_float32((x, state, kern)), silu), _RTOL[dtype])
 
 
+@_self_check
 def _check_conv_backward(fn):
-    checks = []
     for *shape, dtype in CONV_CHECK_SHAPES:
         args = _conv_check_inputs(*shape, dtype)
         for silu in (False, True):
-            checks += _compare(_conv_backward(fn, *args, silu),
-                               _conv_backward_ops(*_float32(args), silu), _RTOL[dtype])
-    return _worst(checks)
+            yield _compare(_conv_backward(fn, *args, silu),
+                           _conv_backward_ops(*_float32(args), silu), _RTOL[dtype])
 
 
 @functools.lru_cache(maxsize=None)
@@ -361,18 +372,20 @@ def _gdn_step_check_inputs(B, Hk, Hv, Dk, Dv, dtype, degenerate=False):
     return acts, (A_log, dt_bias, state), gate.astype(dtype), (weight, 1e-6)
 
 
+GDN_STEP_DEGENERATE_CHECK = (2, 2, 4, 40, 36, mx.float32)
+
+
+@_self_check
 def _check_gdn_step(fn):
-    checks = []
-    cases = [(*shape, False) for shape in GDN_STEP_CHECK_SHAPES]
-    cases.append((2, 2, 4, 40, 36, mx.float32, True))  # degenerate inputs
+    cases = [(*shape, False) for shape in GDN_STEP_CHECK_SHAPES[:3]]
+    cases.append((*GDN_STEP_DEGENERATE_CHECK, True))
+    cases += [(*shape, False) for shape in GDN_STEP_CHECK_SHAPES[3:]]  # the largest last
     for B, Hk, Hv, Dk, Dv, dtype, degenerate in cases:
         acts, rest, gate, norm = _gdn_step_check_inputs(B, Hk, Hv, Dk, Dv, dtype, degenerate)
         out = _gdn_step(fn, *acts, *rest, gate, *norm)
         ref = gdn_step_ops(*_float32(acts), *rest, gate.astype(mx.float32), *norm,
                            use_kernel=False)
-        checks += _compare(out[:1], ref[:1], _RTOL[dtype])
-        checks += _compare(out[1:], ref[1:])  # the float32 state
-    return _worst(checks)
+        yield _compare(out[:1], ref[:1], _RTOL[dtype]) + _compare(out[1:], ref[1:])  # y, state
 
 
 @functools.lru_cache(maxsize=None)
@@ -487,30 +500,29 @@ def _gated_delta_check_inputs(B, T, Hk, Hv, Dk, Dv, dtype, degenerate=False):
 
 
 def _gated_delta_check_cases():
-    return [(*shape, False) for shape in GDN_CHECK_SHAPES] + [(*GDN_DEGENERATE_CHECK, True)]
+    """The small shapes, the degenerate inputs, then the models' heads (the largest last)."""
+    return ([(*shape, False) for shape in GDN_CHECK_SHAPES[:3]] + [(*GDN_DEGENERATE_CHECK, True)]
+            + [(*shape, False) for shape in GDN_CHECK_SHAPES[3:]])
 
 
+@_self_check
 def _check_gated_delta_forward(fn):
-    checks = []
     for *shape, dtype, degenerate in _gated_delta_check_cases():
         args, _, _ = _gated_delta_check_inputs(*shape, dtype, degenerate)
         out, ref = _gated_delta_forward(fn, *args), gated_delta_ops(*args, GDN_CHUNK)
         # no exp / rsqrt in this kernel: float32 results differ by summation order only
-        checks += _compare(out[:1], ref[:1], GDN_RTOL_F32 if dtype == mx.float32
-                           else _RTOL[dtype])
-        checks += _compare(out[1:], ref[1:], GDN_RTOL_F32)  # float32 states
-    return _worst(checks)
+        yield (_compare(out[:1], ref[:1], GDN_RTOL_F32 if dtype == mx.float32 else _RTOL[dtype])
+               + _compare(out[1:], ref[1:], GDN_RTOL_F32))  # y; the float32 states
 
 
+@_self_check
 def _check_gated_delta_backward(fn):
-    checks = []
     for *shape, dtype, degenerate in _gated_delta_check_cases():
         args, dy, dstate = _gated_delta_check_inputs(*shape, dtype, degenerate)
         saved = gated_delta_ops(*args, GDN_CHUNK)[2]
-        checks += _compare(_gated_delta_backward(fn, *args[:5], saved, dy, dstate),
-                           gated_delta_backward_ops(*args[:5], saved, dy, dstate, GDN_CHUNK),
-                           GDN_BWD_RTOL_F32)
-    return _worst(checks)
+        yield _compare(_gated_delta_backward(fn, *args[:5], saved, dy, dstate),
+                       gated_delta_backward_ops(*args[:5], saved, dy, dstate, GDN_CHUNK),
+                       GDN_BWD_RTOL_F32)
 
 
 @functools.lru_cache(maxsize=None)

@@ -528,6 +528,22 @@ def test_metal_detection(monkeypatch):
     assert not kernels.metal_available()  # a CPU default device cannot launch Metal kernels
 
 
+def test_self_check_stops_at_the_first_output_over_its_tolerance():
+    ran = []
+
+    def cases(slots):  # each case yields one (diff, tolerance) per output slot
+        for i, checks in enumerate(slots):
+            ran.append(i)
+            yield checks
+
+    check = kernels._self_check(cases)
+    assert check([[(1.0, 4.0)], [(1.0, 2.0), (3.0, 1.0)], [(0.0, 1.0)]]) == (3.0, 1.0)
+    assert ran == [0, 1]  # the third case never ran
+    nan = check([[(float("nan"), 1.0)], [(5.0, 1.0)]])
+    assert nan[0] != nan[0]
+    assert check([[(1.0, 4.0), (1.0, 2.0)], [(0.0, 1.0)]]) == (1.0, 2.0)  # all pass: the nearest
+
+
 def test_kernel_report_runs_the_self_checks(monkeypatch):
     monkeypatch.delenv(kernels.ENV, raising=False)
     kernels.configure(factory=metal_kernel, metal_available=True)  # self-checks run afresh
