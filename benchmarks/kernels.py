@@ -122,9 +122,9 @@ def gdn_cases(B, Hk, Hv, Dk, Dv, dtype):
 
 # ------------------------------------------------------------------------------ consolidation
 
-CONSOLIDATION_SHAPES = {  # Hk, Hv, Dk, Dv
-    "Jet-Nemotron-2B": (12, 12, 96, 256),
-    "Qwen3.5 (MLX core kernel shape)": (16, 32, 128, 128),
+CONSOLIDATION_SHAPES = {  # Hk, Hv, Dk, Dv, from the converters' heads (kernels.MODEL_GDN_HEADS)
+    "Jet-Nemotron-2B": kernels.MODEL_GDN_HEADS["jet_nemotron"][1:],
+    "Qwen3.5 (MLX core kernel shape)": kernels.MODEL_GDN_HEADS["qwen3_5"][1:],
 }
 
 

@@ -3,10 +3,10 @@ or the kernel tests (test_kernels.py, run through the emulator) must catch.
 
 A mutant is one edit of one kernel's source (or of a header it includes). Every mutant must
 be killed by the kernel's tests on their own (the self-check bypassed: a wrong value, or an
-emulator error -- an out-of-bounds access, a race between thread schedules); the summary at
-the end of the pytest run also says whether the first-use self-check rejects it (the kernel
-then falls back to the ops). (The unmutated kernels pass the same self-checks and tests:
-test_kernels.py.)"""
+emulator error -- an out-of-bounds access, a race between thread schedules) and by the first-use
+self-check on its own (the kernel then falls back to the ops): a bug the tests catch on one
+shape must not pass the self-check on another. The summary at the end of the pytest run says
+what killed each. (The unmutated kernels pass the same self-checks and tests: test_kernels.py.)"""
 
 import warnings
 
@@ -74,6 +74,26 @@ MUTANTS = [
     ("bwd: dq from the state before the update", "gated_delta_backward",
      "gated_delta_backward.metal",
      "dq[i] += (a * s[r][i] + delta * kv[i]) * dy_r;", "dq[i] += a * s[r][i] * dy_r;"),
+    # threadgroup arrays sized by the wrong constant: they overflow on the models' heads only
+    # (Dk 96 / 128: NK = 3 / 4; Dv > 32: NR > 1), into a neighbour or past the arena's end
+    ("bwd: dq/dk partials sized for Dk <= 64", "gated_delta_backward",
+     "gated_delta_backward.metal",
+     "part_q[R * NK * 32];  // per simdgroup: its rows' share of dq, dk\n"
+     "  threadgroup float part_k[R * NK * 32];",
+     "part_q[R * 2 * 32];  // per simdgroup: its rows' share of dq, dk\n"
+     "  threadgroup float part_k[R * 2 * 32];"),
+    ("bwd: ddecay partials sized by rows per simdgroup", "gated_delta_backward",
+     "gated_delta_backward.metal", "threadgroup float part_a[R];", "threadgroup float part_a[NR];"),
+    ("bwd: dbeta partials sized by rows per simdgroup", "gated_delta_backward",
+     "gated_delta_backward.metal", "threadgroup float part_b[R];", "threadgroup float part_b[NR];"),
+    # a key entry read past Dk whose value is then masked: a read past the head, and past the
+    # buffer for the last head when Dk is no multiple of 32
+    ("header: keys read past Dk, masked after (fwd)", "gated_delta", "gated_delta.h",
+     "x[i] = d < Dk ? static_cast<float>(src[d]) : 0.0f;",
+     "const float xd = static_cast<float>(src[d]);\n    x[i] = d < Dk ? xd : 0.0f;"),
+    ("header: keys read past Dk, masked after (bwd)", "gated_delta_backward", "gated_delta.h",
+     "x[i] = d < Dk ? static_cast<float>(src[d]) : 0.0f;",
+     "const float xd = static_cast<float>(src[d]);\n    x[i] = d < Dk ? xd : 0.0f;"),
     # ---- gdn_step
     ("step: q not scaled by Dk^-1/2", "gdn_step", "gdn_step.metal",
      " * metal::rsqrt(float(Dk));", ";"),
@@ -86,6 +106,18 @@ MUTANTS = [
     ("step: state rounded to bfloat16", "gdn_step", "gdn_step.metal",
      "s_out[dv * Dk + d] = static_cast<StT>(s[i]);",
      "s_out[dv * Dk + d] = static_cast<StT>(static_cast<bfloat16_t>(s[i]));"),
+    ("step: RMS partials sized by rows per simdgroup", "gdn_step", "gdn_step.metal",
+     "threadgroup float row_sumsq[R];", "threadgroup float row_sumsq[NR];"),
+    ("step: q's L2 norm without its epsilon", "gdn_step", "gdn_step.metal",
+     "metal::rsqrt(simd_sum(qq) + 1e-6f)", "metal::rsqrt(simd_sum(qq))"),
+    ("step: k's L2 norm without its epsilon", "gdn_step", "gdn_step.metal",
+     "metal::rsqrt(simd_sum(kk) + 1e-6f)", "metal::rsqrt(simd_sum(kk))"),
+    ("step: q read past Dk, masked after", "gdn_step", "gdn_step.metal",
+     "qv[i] = d < Dk ? static_cast<float>(q_[d]) : 0.0f;",
+     "const float qd = static_cast<float>(q_[d]);\n    qv[i] = d < Dk ? qd : 0.0f;"),
+    # equal to the right weight while Dv <= 32 (one row per simdgroup: dv == ty)
+    ("step: RMSNorm weight indexed by simdgroup", "gdn_step", "gdn_step.metal",
+     "static_cast<float>(weight[dv])", "static_cast<float>(weight[ty])"),
     # ---- dynamic_conv
     ("conv: new state one token early", "dynamic_conv", "dynamic_conv.metal",
      "padded_at(x, conv_state, b, T + t, c, T, C, W)",
@@ -98,6 +130,11 @@ MUTANTS = [
      "dynamic_conv_backward.metal", "if (t >= 0 && t < T) {", "if (t > 0 && t < T) {"),
     ("conv bwd: new-state cotangent dropped at j = T", "dynamic_conv_backward",
      "dynamic_conv_backward.metal", "if (j >= T) {", "if (j > T) {"),
+    # the template flag hard-coded: right for the flag value a check happens to use
+    ("conv bwd: SiLU flag hard-coded (input gradients)", "dynamic_conv_backward",
+     "dynamic_conv_backward.metal", "dp += grad_pre<SILU>(", "dp += grad_pre<true>("),
+    ("conv bwd: SiLU flag hard-coded (kernel gradients)", "dynamic_conv_backward",
+     "dynamic_conv_backward.metal", "float g = grad_pre<SILU>(", "float g = grad_pre<true>("),
 ]
 
 
@@ -124,10 +161,17 @@ def kernel_tests(kernel):
         cases = sorted(tk.GATED_DELTA_CASES, key=lambda c: c[0] * c[1] * c[3] * c[4] * c[5])
         return [lambda c=c: tk.test_gated_delta_kernels(None, c) for c in cases] \
             + [lambda d=d: tk.test_gated_delta_kernels_half(None, d)
-               for d in (mx.float16, mx.bfloat16)]
+               for d in (mx.float16, mx.bfloat16)] \
+            + [lambda: tk.test_gated_delta_degenerate_inputs(None)] \
+            + [lambda h=h, m=m: tk.test_gated_delta_kernels_model_heads(None, h, m)
+               for h, m in tk.MODEL_HEADS] \
+            + [lambda: tk.test_gated_delta_kernels_long_window(None)]
     if kernel == "gdn_step":
         return [lambda s=s: tk.test_gdn_step(None, s) for s in tk.GDN_SHAPES] \
-            + [lambda d=d: tk.test_gdn_step_half(None, d) for d in (mx.float16, mx.bfloat16)]
+            + [lambda d=d: tk.test_gdn_step_half(None, d) for d in (mx.float16, mx.bfloat16)] \
+            + [lambda: tk.test_gdn_step_degenerate_inputs(None)] \
+            + [lambda h=h, m=m: tk.test_gdn_step_model_heads(None, h, m)
+               for h, m in tk.MODEL_HEADS]
     if kernel == "dynamic_conv":
         return [lambda s=s: tk.test_dynamic_conv_forward(None, s) for s in tk.CONV_SHAPES] \
             + [lambda d=d: tk.test_dynamic_conv_half(None, d) for d in (mx.float16, mx.bfloat16)]
@@ -178,3 +222,5 @@ def test_mutant_is_killed(mutant, monkeypatch):
         + " | tests: " + (test or "passed")
     assert status.startswith("fallback") or test, f"mutant '{name}' of {kernel} survived"
     assert test, f"mutant '{name}' of {kernel} passes the kernel tests (the self-check caught it)"
+    assert status.startswith("fallback"), \
+        f"mutant '{name}' of {kernel} passes the first-use self-check (the tests caught it)"

@@ -23,10 +23,28 @@ from tests.metal_emulator import metal_kernel
 TOL = {mx.float32: 1e-5, mx.float16: 1e-2, mx.bfloat16: 6e-2}
 
 
+SELF_CHECKS = {}  # kernel name -> its self-check's (diff, tolerance) on the shipped sources
+
+
+def remembered_check(kernel):
+    """The kernel's self-check, run once per session (every test's configure() forgets the
+    verdict, and the self-checks cover every model's heads: seconds per kernel emulated).
+    test_kernel_report_runs_the_self_checks runs them afresh, test_kernel_mutants on mutants."""
+    check = kernel.check
+
+    def remembered(fn):
+        if kernel.name not in SELF_CHECKS:
+            SELF_CHECKS[kernel.name] = check(fn)
+        return SELF_CHECKS[kernel.name]
+    return remembered
+
+
 @pytest.fixture
 def emulated(monkeypatch):
     """The kernels run through the CPU emulator as if Metal were there."""
     monkeypatch.delenv(kernels.ENV, raising=False)
+    for k in kernels.KERNELS.values():
+        monkeypatch.setattr(k, "check", remembered_check(k))
     kernels.configure(factory=metal_kernel, metal_available=True)
     yield
     kernels.configure()
@@ -232,9 +250,11 @@ def gated_delta_vjps(fn, args, passes=1, seed=30):
             ys.append(y)
         return mx.stack(ys), state
 
-    ys, S = run(*args)
-    cot = [randn(ys.shape, seed, ys.dtype), randn(S.shape, seed + 1, S.dtype)]
-    return [ys, S], mx.vjp(run, list(args), cot)[1]
+    q, k, v, state = args[0], args[1], args[2], args[5]
+    ys_shape = (passes, *v.shape)  # one forward: the outputs come with the VJP
+    cot = [randn(ys_shape, seed, mx.result_type(q, k, v)), randn(state.shape, seed + 1)]
+    outs, grads = mx.vjp(run, list(args), cot)
+    return outs, grads
 
 
 @pytest.mark.parametrize("case", GATED_DELTA_CASES, ids=lambda c: f"{c[:6]}-{c[6]}")
@@ -270,6 +290,123 @@ def test_gated_delta_kernels_half(emulated, dtype):
     for g, g_ops in zip(grads, grads_ops):  # float32 inside: differ by the final rounding only
         assert g.dtype == dtype
         assert max_diff(g, g_ops) < TOL[dtype] * max(1.0, mx.abs(g_ops).max().item())
+
+
+# ------------------------------------------------------------------ the converted models' heads
+
+MODEL_HEADS = sorted(kernels.model_head_shapes().items())  # ((Hk, Hv, Dk, Dv), model)
+
+
+def rel_diff(a, b):
+    """max |a - b| relative to b's largest magnitude (at least 1)."""
+    return max_diff(a, b) / max(1.0, mx.abs(b.astype(mx.float32)).max().item())
+
+
+def test_every_converter_declares_its_gdn_heads():
+    from mlx_sleep.convert import CONVERTERS
+
+    assert set(CONVERTERS) == set(kernels.MODEL_GDN_HEADS)  # a new architecture adds its heads
+    shapes = kernels.model_head_shapes()
+    assert shapes[(12, 12, 96, 256)] == "Jet-Nemotron 2B" and (16, 32, 128, 128) in shapes
+    for Hk, Hv, Dk, Dv in shapes:  # the self-checks run each on two key heads, GVA kept
+        hk, hv = kernels._self_check_heads(Hk, Hv)
+        assert hv // hk == Hv // Hk and hk == min(Hk, 2)
+        assert (1, 2, hk, hv, Dk, Dv, mx.float32) in kernels.GDN_CHECK_SHAPES
+        assert (1, hk, hv, Dk, Dv, mx.float32) in kernels.GDN_STEP_CHECK_SHAPES
+
+
+@pytest.mark.parametrize("heads,model", MODEL_HEADS, ids=[m for _, m in MODEL_HEADS])
+def test_gated_delta_kernels_model_heads(emulated, heads, model):
+    """Forward and backward on every head of the model (three tokens): threadgroup memory sized
+    for its Dk and Dv, the head indexing of its Hk and Hv."""
+    from tests.test_gated_delta import recurrence_inputs
+
+    args = recurrence_inputs(1, 3, *heads)
+    (ys, S), grads = gated_delta_vjps(kernels.gated_delta, args)
+    (ys_ops, S_ops), grads_ops = gated_delta_vjps(
+        lambda *a: kernels.gated_delta(*a, use_kernel=False), args)
+    assert rel_diff(ys, ys_ops) < 1e-5 and rel_diff(S, S_ops) < 1e-5
+    for name, g, g_ops in zip(("q", "k", "v", "decay", "beta", "state"), grads, grads_ops):
+        assert rel_diff(g, g_ops) < kernels.GDN_BWD_RTOL_F32, name
+    assert kernels.KERNELS["gated_delta_backward"].status.startswith("ok")
+
+
+@pytest.mark.parametrize("heads,model", MODEL_HEADS, ids=[m for _, m in MODEL_HEADS])
+def test_gdn_step_model_heads(emulated, heads, model):
+    args = gdn_inputs(1, *heads, mx.float32)
+    y, S = kernels.gdn_step(*args)
+    y_ops, S_ops = kernels.gdn_step_ops(*args)
+    y_ref, S_ref = naive_gdn_step(*args)
+    assert rel_diff(y, y_ops) < 1e-5 and rel_diff(y, y_ref) < 1e-5
+    assert rel_diff(S, S_ops) < 1e-5 and rel_diff(S, S_ref) < 1e-5
+    assert kernels.KERNELS["gdn_step"].status.startswith("ok")
+
+
+# ------------------------------------------------------------------ degenerate inputs
+
+def test_gated_delta_degenerate_inputs(emulated):
+    """All-zero q rows (token 0) and k rows (token 1), beta 0 (token 1), decay 0 and 1, beta 1
+    and 2 (its largest, OLMo Hybrid's allow_neg_eigval) on tokens 2 to 5."""
+    from tests.naive import delta_rule
+    from tests.test_gated_delta import recurrence_inputs
+
+    q, k, v, decay, beta, state = recurrence_inputs(2, 7, 2, 4, 40, 36)
+    q[:, 0] = 0.0
+    k[:, 1] = 0.0
+    beta[:, 1] = 0.0
+    decay[:, 2] = 0.0
+    decay[:, 3] = 1.0
+    beta[:, 4] = 1.0
+    beta[:, 5] = 2.0
+    args = (q, k, v, decay, beta, state)
+    (ys, S), grads = gated_delta_vjps(kernels.gated_delta, args)
+    (ys_ops, S_ops), grads_ops = gated_delta_vjps(
+        lambda *a: kernels.gated_delta(*a, use_kernel=False), args)
+    y_ref, S_ref = delta_rule(*(a.astype(mx.float64) for a in args))
+    assert max_diff(ys[0, :, 0], mx.zeros_like(ys[0, :, 0])) == 0  # y = S q = 0 for q = 0
+    assert rel_diff(ys[0], y_ref) < 1e-5 and rel_diff(S, S_ref) < 1e-5
+    assert rel_diff(ys, ys_ops) < 1e-5 and rel_diff(S, S_ops) < 1e-5
+    for name, g, g_ops in zip(("q", "k", "v", "decay", "beta", "state"), grads, grads_ops):
+        assert not mx.isnan(g).any().item(), name
+        assert rel_diff(g, g_ops) < kernels.GDN_BWD_RTOL_F32, name
+    assert kernels.KERNELS["gated_delta"].status.startswith("ok")
+    assert kernels.KERNELS["gated_delta_backward"].status.startswith("ok")
+
+
+def test_gdn_step_degenerate_inputs(emulated):
+    """An all-zero q row and an all-zero k row (the L2 norm's epsilon keeps them 0, not NaN), and
+    the gates at their ends: decay 1 and 0, beta 0 and 1."""
+    B, Hk, Hv, Dk, Dv = 2, 2, 4, 40, 36
+    q, k, v, a, b, *rest = gdn_inputs(B, Hk, Hv, Dk, Dv, mx.float32)
+    q[0, 0, 0] = 0.0
+    k[1, 0, 1] = 0.0
+    a = mx.broadcast_to(mx.array([-100.0, 100.0, 0.0, 0.0]), a.shape)  # decay 1, 0
+    b = mx.broadcast_to(mx.array([0.0, 0.0, -100.0, 100.0]), b.shape)  # beta 0, 1
+    args = (q, k, v, a, b, *rest)
+    y, S = kernels.gdn_step(*args)
+    y_ops, S_ops = kernels.gdn_step_ops(*args)
+    y_ref, S_ref = naive_gdn_step(*args)
+    assert not mx.isnan(y).any().item() and not mx.isnan(S).any().item()
+    assert max_diff(y[0, 0, :2], mx.zeros_like(y[0, 0, :2])) == 0  # zero q: o = 0, y = 0
+    assert rel_diff(y, y_ops) < 1e-5 and rel_diff(y, y_ref) < 1e-5
+    assert rel_diff(S, S_ops) < 1e-5 and rel_diff(S, S_ref) < 1e-5
+    assert kernels.KERNELS["gdn_step"].status.startswith("ok")
+
+
+# ------------------------------------------------------------------ a window's length
+
+def test_gated_delta_kernels_long_window(emulated):
+    """T = 2081 (a 2,000-token window and more: 65 chunks, the last partial), forward and
+    backward against the ops; one head (the heads are independent threadgroups)."""
+    from tests.test_gated_delta import recurrence_inputs
+
+    args = recurrence_inputs(1, 65 * GDN_CHUNK + 1, 1, 1, 40, 4)
+    (ys, S), grads = gated_delta_vjps(kernels.gated_delta, args)
+    (ys_ops, S_ops), grads_ops = gated_delta_vjps(
+        lambda *a: kernels.gated_delta(*a, use_kernel=False), args)
+    assert rel_diff(ys, ys_ops) < 1e-5 and rel_diff(S, S_ops) < 1e-5
+    for name, g, g_ops in zip(("q", "k", "v", "decay", "beta", "state"), grads, grads_ops):
+        assert rel_diff(g, g_ops) < kernels.GDN_BWD_RTOL_F32, name
 
 
 # ------------------------------------------------------------------ through the layers
@@ -391,8 +528,29 @@ def test_metal_detection(monkeypatch):
     assert not kernels.metal_available()  # a CPU default device cannot launch Metal kernels
 
 
-def test_kernel_report_runs_the_self_checks(emulated):
-    lines = kernels.kernel_report()
+def test_self_check_stops_at_the_first_output_over_its_tolerance():
+    ran = []
+
+    def cases(slots):  # each case yields one (diff, tolerance) per output slot
+        for i, checks in enumerate(slots):
+            ran.append(i)
+            yield checks
+
+    check = kernels._self_check(cases)
+    assert check([[(1.0, 4.0)], [(1.0, 2.0), (3.0, 1.0)], [(0.0, 1.0)]]) == (3.0, 1.0)
+    assert ran == [0, 1]  # the third case never ran
+    nan = check([[(float("nan"), 1.0)], [(5.0, 1.0)]])
+    assert nan[0] != nan[0]
+    assert check([[(1.0, 4.0), (1.0, 2.0)], [(0.0, 1.0)]]) == (1.0, 2.0)  # all pass: the nearest
+
+
+def test_kernel_report_runs_the_self_checks(monkeypatch):
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    kernels.configure(factory=metal_kernel, metal_available=True)  # self-checks run afresh
+    try:
+        lines = kernels.kernel_report()
+    finally:
+        kernels.configure()
     assert "self-checked" in lines[0]
     assert [line.split()[0] for line in lines[1:]] == list(kernels.KERNELS)
     assert all("ok (self-check max abs diff" in line for line in lines[1:])

@@ -10,6 +10,8 @@ kernels are refused with clear messages.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -343,14 +345,97 @@ def test_schedules_differ_and_a_race_is_reported(monkeypatch):
     assert (np.array(k(**args)[0]) == 63).all()
 
 
-def test_out_of_bounds_read_gives_nan():
-    k = metal_kernel("oob_read", ["inp"], ["out"],
-                     "out[thread_position_in_grid.x] = inp[thread_position_in_grid.x + 1];")
-    (out,) = k(inputs=[np.arange(4, dtype=np.float32)], grid=(4, 1, 1), threadgroup=(4, 1, 1),
-               output_shapes=[(4,)], output_dtypes=[mx.float32])
-    out = np.array(out)
-    np.testing.assert_array_equal(out[:3], [1, 2, 3])
-    assert np.isnan(out[3])  # the guard region after the input
+# ------------------------------------------------ bounds of every access
+def _run1(src, inputs, n_out=4, tg=4, header="", template=None, name="oob"):
+    k = metal_kernel(name, ["inp"], ["out"], src, header=header)
+    return k(inputs=inputs, grid=(n_out, 1, 1), threadgroup=(tg, 1, 1), template=template,
+             output_shapes=[(n_out,)], output_dtypes=[mx.float32])[0]
+
+
+@pytest.mark.parametrize("src,what", [
+    ("out[thread_position_in_grid.x] = inp[thread_position_in_grid.x + 1];",
+     "input 'inp': element 4 of 4"),
+    ("out[thread_position_in_grid.x] = inp[int(thread_position_in_grid.x) - 1];",
+     "input 'inp': element -1 of 4"),
+    # read, then masked: the value is thrown away, the read is still reported
+    ("uint i = thread_position_in_grid.x; float x = inp[i + 1]; out[i] = i < 3 ? x : 0.0f;",
+     "input 'inp': element 4 of 4"),
+    # through a pointer offset into the buffer, and through a helper taking `const device T*`
+    ("auto p = inp + 2; out[thread_position_in_grid.x] = p[thread_position_in_grid.x];",
+     "input 'inp': element 4 of 4"),
+    ("out[thread_position_in_grid.x] = second(inp + thread_position_in_grid.x);",
+     "input 'inp': element 4 of 4"),
+    # a vector view of the buffer (a cast keeps its bounds)
+    ("auto v = reinterpret_cast<const device float2*>(inp);"
+     " out[thread_position_in_grid.x] = v[thread_position_in_grid.x].x;",
+     "input 'inp': element 2 of 2 (8-byte elements)"),
+])
+def test_out_of_bounds_read_is_reported(src, what):
+    header = "template <typename T> float second(const device T* p) { return p[1]; }"
+    with pytest.raises(MetalEmulatorRuntimeError, match=r"out-of-bounds read of " + re.escape(what)):
+        _run1(src, [np.arange(4, dtype=np.float32)], header=header)
+
+
+def test_reads_in_bounds_pass_and_guards_stay_garbage():
+    src = """uint i = thread_position_in_grid.x;
+             auto v = (const device float2*)(inp);
+             out[i] = i < 2 ? v[i].y : second(inp + i - 1);"""
+    header = "template <typename T> float second(const device T* p) { return p[1]; }"
+    out = _run1(src, [np.arange(4, dtype=np.float32)], header=header)
+    np.testing.assert_array_equal(np.array(out), [1, 3, 2, 3])
+
+
+@pytest.mark.parametrize("src,what", [
+    # an array sized by the wrong constant: thread 4.. writes past it (into `b` in memory)
+    ("threadgroup float a[N]; threadgroup float b[N]; uint i = thread_position_in_threadgroup.x;"
+     " a[i] = 1; b[i] = 2; threadgroup_barrier(mem_flags::mem_threadgroup);"
+     " out[thread_position_in_grid.x] = a[0] + b[0];",
+     r"threadgroup array 'a': element 4 of 4"),
+    # a read past it whose value is masked afterwards
+    ("threadgroup float a[N]; uint i = thread_position_in_threadgroup.x;"
+     " if (i < N) a[i] = 1; threadgroup_barrier(mem_flags::mem_threadgroup);"
+     " float x = a[i]; out[thread_position_in_grid.x] = i < N ? x : 0.0f;",
+     r"threadgroup array 'a': element [4-7] of 4"),
+    # through a pointer into it, and through the address of an element
+    ("threadgroup float a[N]; threadgroup float* p = a + 2; a[thread_position_in_threadgroup.x % N] = 0;"
+     " threadgroup_barrier(mem_flags::mem_threadgroup); out[thread_position_in_grid.x] = p[2];",
+     r"threadgroup array 'a': element 4 of 4"),
+    ("threadgroup float a[N]; threadgroup float* p = &a[1]; a[thread_position_in_threadgroup.x % N] = 0;"
+     " threadgroup_barrier(mem_flags::mem_threadgroup); out[thread_position_in_grid.x] = p[3];",
+     r"threadgroup array 'a': element 4 of 4"),
+    # a row of a two-dimensional array
+    ("threadgroup float m[2][N]; m[thread_position_in_threadgroup.x % 2][thread_position_in_threadgroup.x / 2 + 1] = 0;"
+     " threadgroup_barrier(mem_flags::mem_threadgroup); out[thread_position_in_grid.x] = m[0][0];",
+     r"threadgroup array 'm': element 4 of 4"),  # of the row
+    ("threadgroup float m[2][N]; m[thread_position_in_threadgroup.x % N][0] = 0;"
+     " threadgroup_barrier(mem_flags::mem_threadgroup); out[thread_position_in_grid.x] = m[0][0];",
+     r"threadgroup array 'm': element [23] of 2 \(16-byte elements\)"),  # rows
+    # the private threadgroup-memory mode (a barrier without mem_threadgroup) checks too
+    ("threadgroup float a[N]; a[thread_position_in_threadgroup.x] = 1;"
+     " threadgroup_barrier(mem_flags::mem_none); out[thread_position_in_grid.x] = 0;",
+     r"threadgroup array 'a': element 4 of 4"),
+])
+def test_threadgroup_memory_is_bounds_checked(src, what):
+    # `what` is a regular expression (which thread trips first depends on the schedule)
+    with pytest.raises(MetalEmulatorRuntimeError, match=r"out-of-bounds access to " + what):
+        _run1(src, [np.zeros(4, np.float32)], n_out=8, tg=8, template=[("N", 4)],
+              name="tg_oob")
+
+
+def test_threadgroup_arrays_in_bounds_pass():
+    src = """
+        threadgroup float a[N];
+        threadgroup float m[2][N];
+        uint i = thread_position_in_threadgroup.x;
+        a[i] = inp[i];
+        m[i % 2][i / 2] = 2 * inp[i];
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        threadgroup float* p = &a[1];
+        out[thread_position_in_grid.x] = p[(i + 1) % 3] + m[1][N / 2 - 1];
+    """
+    x = np.arange(4, dtype=np.float32)
+    out = _run1(src, [x], n_out=4, tg=4, template=[("N", 4)], name="tg_ok")
+    np.testing.assert_array_equal(np.array(out), [2 + 6, 3 + 6, 1 + 6, 2 + 6])
 
 
 def test_divergent_collectives_and_deadlock_are_reported():
@@ -505,7 +590,8 @@ def test_out_of_bounds_write_is_reported():
     k = metal_kernel(
         "oob", ["inp"], ["out"], "out[thread_position_in_grid.x + 1] = inp[0];"
     )
-    with pytest.raises(MetalEmulatorRuntimeError, match="outside the bounds of output 'out'"):
+    with pytest.raises(MetalEmulatorRuntimeError,
+                       match="out-of-bounds access to output 'out': element 4 of 4"):
         k(
             inputs=[np.zeros(4, np.float32)],
             grid=(4, 1, 1),

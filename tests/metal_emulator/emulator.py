@@ -46,6 +46,18 @@ function, as C++20:
   write is visible.  Guard bytes on each side of every output detect
   writes out of bounds; array inputs are copied between 0xFF guard regions, so an
   out-of-bounds read gives NaN (or -1). Guards are 4x the buffer (64 KiB to 4 MiB).
+* every access is bounds-checked: pointers into ``device`` / ``constant`` /
+  ``threadgroup`` memory (the signature's and the kernel's own, in headers too) are
+  rewritten into checked pointers (``mtl_rt::cptr`` / ``mptr`` in ``metal_shim.h``)
+  that carry the buffer they point into, and threadgroup arrays into views of their
+  declared size (``mtl_rt::tg_view``; a 2-D array checks each index). Indexing or
+  dereferencing outside the buffer or array raises ``MetalEmulatorRuntimeError``
+  naming it, the element and the thread -- also when the value read is discarded
+  afterwards (``x = q[d]; y = d < Dk ? x : 0``), and a threadgroup array sized by the
+  wrong constant that would spill into its neighbour.  Pointer arithmetic itself is
+  free; ``&buf[n]`` (one past the end) counts as an access; a pointer to memory that
+  is no buffer of the launch (a program-scope constant array) is not checked;
+  ``sizeof`` of a threadgroup array is the view's, not the array's.
 
 ``verbose=True`` prints the Metal source MLX would generate.
 
@@ -66,7 +78,8 @@ and the address-space keywords ``device`` / ``constant`` / ``thread`` /
 ``threadgroup`` are empty macros.  ``#line`` directives make g++ report
 errors as ``kernel_source:LINE`` / ``kernel_header:LINE``.
 
-Every Metal thread of a threadgroup is a fiber (ucontext) so the threads of a group really
+Every Metal thread of a threadgroup is a fiber (on x86-64 a register-and-stack switch, elsewhere
+ucontext, whose signal-mask system calls halve the speed) so the threads of a group really
 interleave: a fiber runs until it reaches ``threadgroup_barrier``,
 ``simdgroup_barrier`` or a SIMD collective and resumes when every live
 thread of that scope has arrived.  Threadgroup memory is shared per group and
@@ -167,6 +180,9 @@ _MAX_CONSTANT_ARRAY_SIZE = 8  # MLX: smaller inputs go to the constant space
 
 def _guard(nbytes: int) -> int:
     return max(1 << 16, min(4 * nbytes, 1 << 22))
+
+
+_INPUT, _OUTPUT, _ARGUMENT = 0, 1, 3  # metal_shim.h RegionKind
 
 _BARRIER = re.compile(r"\b(?:threadgroup|simdgroup)_barrier\s*\(([^()]*(?:\([^()]*\))?[^()]*)\)")
 
@@ -348,6 +364,15 @@ _TG_DECL = re.compile(
     r"(?P<type>(?:const\s+)?[A-Za-z_][\w:]*(?:\s*<[^;<>]*(?:<[^;<>]*>[^;<>]*)*>)?)"
     r"\s+(?P<name>[A-Za-z_]\w*)\s*(?P<dims>(?:\[[^\]\[;]+\]\s*)*);"
 )
+# a pointer into device / constant / threadgroup memory: `const device T*`, `device const T *`,
+# `threadgroup T*`, `constant T*` (the generated signature's parameters too)
+_PTR = re.compile(
+    r"(?<![\w:.])(?:(?P<c1>const)\s+)?(?P<space>device|constant|threadgroup)\s+"
+    r"(?:(?P<c2>const)\s+)?"
+    r"(?P<type>[A-Za-z_][\w:]*(?:\s*<[^;<>]*(?:<[^;<>]*>[^;<>]*)*>)?)"
+    r"\s*(?P<c3>const\s*)?\*"
+)
+_PTR_CAST = re.compile(r"\b(?:reinterpret_cast|static_cast|const_cast)\s*<\s*(?=::mtl_rt::[cm]ptr<)")
 _SWIZZLE = re.compile(r"\.(?P<s>[xyzw]{2,4}|[rgba]{2,4})\b(?!\s*\()")
 _HALF_LIT = re.compile(r"(?<![\w.])((?:\d+\.\d*|\.\d+|\d+)(?:[eE][+-]?\d+)?)[hH]\b")
 _METAL_INCLUDE = re.compile(r"^\s*#\s*include\s*<metal_\w+>.*$", re.M)
@@ -367,11 +392,13 @@ class _Rewriter:
         for m in _TG_DECL.finditer(blank):
             ty, name, dims = m.group("type"), m.group("name"), m.group("dims")
             dims = re.sub(r"\s+", " ", dims.strip())
-            repl = (
-                f"auto& {name} = *reinterpret_cast<{ty}(*){dims}>("
-                f"::mtl_rt::tg_slot({self.slot}, sizeof({ty}{dims}), "
-                f"alignof({ty})));"
-            )
+            slot = (f"::mtl_rt::tg_slot({self.slot}, sizeof({ty}{dims}), alignof({ty}), "
+                    f'"{name}")')
+            if dims:  # an array: a view of its declared size, every index checked
+                sizes = ", ".join(f"({d})" for d in re.findall(r"\[([^\]\[]+)\]", dims))
+                repl = f'auto {name} = ::mtl_rt::tg_view<{ty}, {sizes}>({slot}, "{name}");'
+            else:
+                repl = f"auto& {name} = *reinterpret_cast<{ty}*>({slot});"
             repl += "\n" * m.group(0).count("\n")
             self.slot += 1
             pieces.append(text[last:m.start()])
@@ -380,6 +407,7 @@ class _Rewriter:
         pieces.append(text[last:])
         text = "".join(pieces)
         text = _METAL_INCLUDE.sub("", text)
+        text = rewrite_pointers(text)
 
         def swz(m: re.Match) -> str:
             idx = {"x": 0, "y": 1, "z": 2, "w": 3, "r": 0, "g": 1, "b": 2, "a": 3}
@@ -388,6 +416,18 @@ class _Rewriter:
         text = _SWIZZLE.sub(swz, text)
         text = _HALF_LIT.sub(r"((_Float16)\1f)", text)
         return text
+
+
+def rewrite_pointers(text: str) -> str:
+    """Pointers into device, constant and threadgroup memory become bounds-checked pointers
+    (metal_shim.h: mtl_rt::cptr for read-only ones, mtl_rt::mptr), casts to them ptr_cast."""
+
+    def ptr(m: re.Match) -> str:
+        const = m.group("c1") or m.group("c2") or m.group("c3") or m.group("space") == "constant"
+        ty = m.group("type").strip()
+        return f"::mtl_rt::{'cptr' if const else 'mptr'}<{ty}>"
+
+    return _PTR_CAST.sub("::mtl_rt::ptr_cast<", _PTR.sub(ptr, text))
 
 
 # ------------------------------------------------------------- compilation
@@ -494,6 +534,11 @@ def _runtime():
                 ctypes.c_int,
                 ctypes.c_long,
                 ctypes.c_int,
+                ctypes.c_int,
+                ctypes.POINTER(ctypes.c_void_p),  # the launch's regions: start,
+                ctypes.POINTER(ctypes.c_long),    # bytes,
+                ctypes.POINTER(ctypes.c_char_p),  # name,
+                ctypes.POINTER(ctypes.c_int),     # kind (metal_shim.h RegionKind)
                 ctypes.c_int,
                 ctypes.c_char_p,
                 ctypes.c_int,
@@ -694,7 +739,7 @@ class EmulatedMetalKernel:
             '#line 1 "kernel_header"',
             header,
             '#line 1 "generated_signature"',
-            sig.rstrip("\n"),
+            rewrite_pointers(sig.rstrip("\n")),
             '#line 1 "kernel_source"',
             body,
             "}",
@@ -822,7 +867,13 @@ class EmulatedMetalKernel:
         ptrs: list[int] = []
         keep: list[Any] = []
         guarded = []
-        for x, info in zip(ins, self.shape_infos):
+        regions = []  # (start, bytes, name, kind): every access through a pointer is checked
+
+        def region(ptr, nbytes, name, kind):
+            regions.append((ptr, nbytes, name, kind))
+            return ptr
+
+        for x, n, info in zip(ins, self.input_names, self.shape_infos):
             if x.ndim > 0 and x.arr.flags.c_contiguous:
                 # a copy between 0xFF guard bytes: an out-of-bounds read gives NaN (floats) or
                 # -1 (ints), which the comparison with a reference then shows
@@ -831,28 +882,41 @@ class EmulatedMetalKernel:
                 off = (-raw.ctypes.data) % 64 + _guard(nbytes)
                 raw[off:off + nbytes] = x.arr.reshape(-1).view(np.uint8)
                 guarded.append((raw, off, nbytes))
-                ptrs.append(raw.ctypes.data + off)
+                ptrs.append(region(raw.ctypes.data + off, nbytes, n, _INPUT))
                 keep.append(raw)
             else:
                 ptrs.append(x.arr.ctypes.data)
                 keep.append(x.arr)
+                if x.ndim > 0:  # strided: the bytes its strides reach
+                    lo = sum(min(0, (d - 1) * s) for d, s in zip(x.arr.shape, x.arr.strides))
+                    hi = sum(max(0, (d - 1) * s) for d, s in zip(x.arr.shape, x.arr.strides))
+                    size = 0 if x.arr.size == 0 else hi - lo + x.arr.itemsize
+                    region(x.arr.ctypes.data + lo, size, n, _INPUT)
             if x.ndim > 0:
                 if info[0]:
-                    ptrs.append(x.shape.ctypes.data)
+                    ptrs.append(region(x.shape.ctypes.data, x.shape.nbytes, f"{n}_shape",
+                                       _ARGUMENT))
                 if info[1]:
-                    ptrs.append(x.strides.ctypes.data)
+                    ptrs.append(region(x.strides.ctypes.data, x.strides.nbytes,
+                                       f"{n}_strides", _ARGUMENT))
                 if info[2]:
                     ptrs.append(x.ndim_buf.ctypes.data)
-        for raw, off, body, *_ in outs:
-            ptrs.append(body.ctypes.data)
+        for (raw, off, body, *_), n in zip(outs, self.output_names):
+            ptrs.append(region(body.ctypes.data, body.size, n, _OUTPUT))
+        names = [r[2].encode() for r in regions]
+        nreg = max(1, len(regions))
+        reg_lo = (ctypes.c_void_p * nreg)(*[r[0] for r in regions])
+        reg_bytes = (ctypes.c_long * nreg)(*[r[1] for r in regions])
+        reg_names = (ctypes.c_char_p * nreg)(*names)
+        reg_kinds = (ctypes.c_int * nreg)(*[r[3] for r in regions])
         argv = (ctypes.c_void_p * max(1, len(ptrs)))(*ptrs)
         dims = (ctypes.c_long * 6)(*grid, *tg)
         workers = int(os.environ.get("MLX_METAL_EMULATOR_WORKERS",
                                      min(2, os.cpu_count() or 1)))
         stack = int(os.environ.get("MLX_METAL_EMULATOR_STACK", 256 * 1024))
         err = ctypes.create_string_buffer(4096)
-        rc = launch(body_fn, argv, dims, workers, stack, schedule, int(private_tg), err,
-                    len(err))
+        rc = launch(body_fn, argv, dims, workers, stack, schedule, int(private_tg), reg_lo,
+                    reg_bytes, reg_names, reg_kinds, len(regions), err, len(err))
         for (raw, off, nbytes), n in zip(guarded, [n for x, n in zip(ins, self.input_names)
                                                    if x.ndim > 0 and x.arr.flags.c_contiguous]):
             if (raw[:off] != 0xFF).any() or (raw[off + nbytes:] != 0xFF).any():

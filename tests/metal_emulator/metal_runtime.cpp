@@ -16,10 +16,78 @@ using metal::uint3;
 
 typedef void (*BodyFn)(void** args, const Attrs& a);
 
+// ------------------------------------------------------------------ context switch
+// On x86-64 a fiber switch saves the callee-saved registers and the FP control words and swaps
+// stacks (about 20 instructions); swapcontext also saves and restores the signal mask with two
+// system calls per switch, which was half of the emulator's time. Elsewhere: ucontext.
+#if defined(__x86_64__) && !defined(MTL_EMULATOR_UCONTEXT)
+struct Ctx {
+  void* sp = nullptr;
+};
+extern "C" __attribute__((visibility("hidden"))) void mtl_rt_ctx_switch(void** save_sp,
+                                                                         void* load_sp);
+asm(R"(
+  .text
+  .p2align 4
+  .hidden mtl_rt_ctx_switch
+  .globl mtl_rt_ctx_switch
+  .type mtl_rt_ctx_switch, @function
+mtl_rt_ctx_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size mtl_rt_ctx_switch, .-mtl_rt_ctx_switch
+)");
+static inline void ctx_switch(Ctx& from, Ctx& to) { mtl_rt_ctx_switch(&from.sp, to.sp); }
+// a fresh context that starts `entry` (which never returns) on the stack [lo, lo + size)
+static void ctx_make(Ctx& c, char* lo, size_t size, void (*entry)()) {
+  uintptr_t top = (uintptr_t(lo) + size) & ~uintptr_t(15);
+  uint64_t* s = reinterpret_cast<uint64_t*>(top - 16);  // 16-aligned: entry's return slot
+  s[1] = 0;                                            // entry's own (fake) return address
+  s[0] = uint64_t(reinterpret_cast<uintptr_t>(entry));
+  for (int i = 1; i <= 6; ++i) s[-i] = 0;              // rbp rbx r12 r13 r14 r15
+  uint32_t csr[2];
+  asm volatile("stmxcsr %0" : "=m"(csr[0]));
+  asm volatile("fnstcw %0" : "=m"(csr[1]));
+  std::memcpy(&s[-7], csr, 8);
+  c.sp = &s[-7];
+}
+#else
+struct Ctx {
+  ucontext_t uc;
+};
+static inline void ctx_switch(Ctx& from, Ctx& to) { swapcontext(&from.uc, &to.uc); }
+static void ctx_make(Ctx& c, char* lo, size_t size, void (*entry)()) {
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = lo;
+  c.uc.uc_stack.ss_size = size;
+  c.uc.uc_link = nullptr;
+  makecontext(&c.uc, entry, 0);
+}
+#endif
+
 enum FiberState { READY = 0, WAIT_TG = 1, WAIT_SG = 2, DONE = 3 };
 
 struct Fiber {
-  ucontext_t ctx;
+  Ctx ctx;
   FiberState state;
   Attrs attrs;
   // private threadgroup-memory mode: this thread's view of the arena, and the arena as it was
@@ -41,8 +109,18 @@ struct SimdGroup {
 static constexpr size_t kMaxThreadgroupMemory = 32768;
 static constexpr size_t kArenaBytes = 1 << 20;
 
+struct Launch;
+
+// a threadgroup variable: its offset in the arena, its size and its name (for bounds messages)
+struct TgSlot {
+  bool set = false;
+  size_t off = 0, bytes = 0;
+  const char* name = nullptr;
+};
+
 struct GroupCtx {
-  ucontext_t sched;
+  Ctx sched;
+  Launch* launch = nullptr;
   std::vector<Fiber> fibers;
   std::vector<SimdGroup> sgs;
   char* stacks = nullptr;
@@ -53,7 +131,7 @@ struct GroupCtx {
   int alive = 0;
   int tg_arrived = 0;
   uint64_t tg_gen = 0;
-  std::vector<void*> tg_slots;
+  std::vector<TgSlot> tg_slots;
   unsigned char* arena = nullptr;
   size_t arena_used = 0;
   bool aborted = false;
@@ -61,10 +139,14 @@ struct GroupCtx {
   BodyFn body = nullptr;
   void** args = nullptr;
   bool private_tg = false;
-  std::vector<unsigned char> views;  // private mode: 2 x 32 KiB per thread
+  // private mode: 2 x 32 KiB per thread, mapped lazily (only the pages a kernel's threadgroup
+  // variables cover are ever touched)
+  unsigned char* views = nullptr;
+  size_t views_bytes = 0;
 
   ~GroupCtx() {
     if (stacks) munmap(stacks, stacks_bytes);
+    if (views) munmap(views, views_bytes);
     std::free(arena);
   }
 };
@@ -76,7 +158,7 @@ thread_local GroupCtx* tl_group = nullptr;
   g->error = msg;
   g->aborted = true;
   Fiber& f = g->fibers[g->cur];
-  swapcontext(&f.ctx, &g->sched);
+  ctx_switch(f.ctx, g->sched);
   std::abort(); // never resumed
 }
 
@@ -94,7 +176,7 @@ static std::string where(const Attrs& a) {
 
 static void block_current() {
   GroupCtx* g = tl_group;
-  swapcontext(&g->fibers[g->cur].ctx, &g->sched);
+  ctx_switch(g->fibers[g->cur].ctx, g->sched);
 }
 
 static void release_tg(GroupCtx* g) {
@@ -206,17 +288,20 @@ void sg_barrier(unsigned flags) {
   if (sync_memory) refresh_view(g, g->fibers[g->cur]);
 }
 
-void* tg_slot(int slot, size_t bytes, size_t align) {
+void* tg_slot(int slot, size_t bytes, size_t align, const char* name) {
   GroupCtx* g = tl_group;
-  if (slot >= int(g->tg_slots.size())) g->tg_slots.resize(slot + 1, nullptr);
-  void*& p = g->tg_slots[slot];
-  if (!p) {
+  if (slot >= int(g->tg_slots.size())) g->tg_slots.resize(slot + 1);
+  TgSlot& ts = g->tg_slots[slot];
+  if (!ts.set) {
     size_t off = (g->arena_used + align - 1) / align * align;
     if (off + bytes > kMaxThreadgroupMemory) {
       fail("threadgroup memory exceeds the 32 KiB Metal limit (" +
            std::to_string(off + bytes) + " bytes requested)");
     }
-    p = g->arena + off;
+    ts.set = true;
+    ts.off = off;
+    ts.bytes = bytes;
+    ts.name = name;
     g->arena_used = off + bytes;
     if (g->private_tg) {  // a new variable: garbage in every thread's view too
       for (int i = 0; i < g->nthreads; ++i) {
@@ -225,10 +310,8 @@ void* tg_slot(int slot, size_t bytes, size_t align) {
       }
     }
   }
-  if (g->private_tg) {
-    return g->fibers[g->cur].view + (static_cast<unsigned char*>(p) - g->arena);
-  }
-  return p;
+  if (g->private_tg) return g->fibers[g->cur].view + ts.off;
+  return g->arena + ts.off;
 }
 
 static void fiber_main() {
@@ -244,7 +327,7 @@ static void fiber_main() {
   s.alive--;
   if (s.arrived > 0 && s.arrived == s.alive) release_sg(g, sgi);
   if (g->tg_arrived > 0 && g->tg_arrived == g->alive) release_tg(g);
-  swapcontext(&f.ctx, &g->sched);
+  ctx_switch(f.ctx, g->sched);
   std::abort();
 }
 
@@ -267,7 +350,55 @@ struct Launch {
   std::mutex err_mu;
   std::string error;
   std::atomic<bool> failed{false};
+  std::vector<Region> regions;  // the buffers of the launch (inputs, outputs, shapes)
 };
+
+// ------------------------------------------------------------------ bounds of every access
+// Checked pointers (metal_shim.h) carry the region they point into. One made from a raw
+// address (&buf[i], a launch argument) finds it here: a buffer of the launch, else a
+// threadgroup variable of this group (in the arena, or in this thread's private view).
+Region find_region(const void* p) {
+  const unsigned char* b = static_cast<const unsigned char*>(p);
+  GroupCtx* g = tl_group;
+  if (!g) return Region{nullptr, reinterpret_cast<const unsigned char*>(~uintptr_t(0)),
+                        nullptr, kUnknown};
+  for (const Region& r : g->launch->regions)
+    if (b >= r.lo && b <= r.hi) return r;
+  const unsigned char* bases[2] = {g->arena, g->private_tg ? g->fibers[g->cur].view : nullptr};
+  for (const unsigned char* base : bases) {
+    if (!base || b < base || b > base + g->arena_used) continue;
+    for (const TgSlot& ts : g->tg_slots)
+      if (ts.set && b >= base + ts.off && b <= base + ts.off + ts.bytes)
+        return Region{base + ts.off, base + ts.off + ts.bytes, ts.name, kThreadgroup};
+  }
+  // not a buffer of ours (a program-scope constant array, say): not checked
+  return Region{nullptr, reinterpret_cast<const unsigned char*>(~uintptr_t(0)), nullptr,
+                kUnknown};
+}
+
+void out_of_bounds(const Region& r, const void* addr, size_t size) {
+  static const char* kinds[] = {"input", "output", "threadgroup array", "argument", "?", "?"};
+  std::string msg;
+  if (r.kind == kNull) {
+    msg = "access through a null device / threadgroup pointer";
+  } else {
+    const long off = long(static_cast<const unsigned char*>(addr) - r.lo);
+    const long bytes = long(r.hi - r.lo);
+    msg = std::string("out-of-bounds ") + (r.kind == kInput || r.kind == kArgument
+                                               ? "read of " : "access to ") +
+          kinds[r.kind] + " '" + (r.name ? r.name : "?") + "': ";
+    if (off % long(size) == 0 && bytes % long(size) == 0) {
+      msg += "element " + std::to_string(off / long(size)) + " of " +
+             std::to_string(bytes / long(size)) + " (" + std::to_string(size) +
+             "-byte elements)";
+    } else {
+      msg += "bytes [" + std::to_string(off) + ", " + std::to_string(off + long(size)) +
+             ") of " + std::to_string(bytes);
+    }
+    msg += "; reported even when the value read is discarded";
+  }
+  kernel_error(msg.c_str());
+}
 
 static bool run_group(GroupCtx& g, Launch& L, long gid) {
   long bx = gid % L.ngroups[0];
@@ -286,7 +417,8 @@ static bool run_group(GroupCtx& g, Launch& L, long gid) {
   g.error.clear();
   g.body = L.body;
   g.args = L.args;
-  g.tg_slots.assign(g.tg_slots.size(), nullptr);
+  g.tg_slots.assign(g.tg_slots.size(), TgSlot{});
+  g.launch = &L;
   if (g.arena_used) std::memset(g.arena, 0xFF, g.arena_used);
   g.arena_used = 0;
   int nsg = (n + 31) / 32;
@@ -326,18 +458,28 @@ static bool run_group(GroupCtx& g, Launch& L, long gid) {
     a.thread_index_in_quadgroup = uint(i % 4);
     a.dispatch_simdgroups_per_threadgroup = (dispatch_n + 31) / 32;
     a.dispatch_quadgroups_per_threadgroup = (dispatch_n + 3) / 4;
-    getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = g.stacks + size_t(i) * g.stack_size + 4096;
-    f.ctx.uc_stack.ss_size = g.stack_size - 4096;
-    f.ctx.uc_link = nullptr;
-    makecontext(&f.ctx, fiber_main, 0);
+    ctx_make(f.ctx, g.stacks + size_t(i) * g.stack_size + 4096, g.stack_size - 4096,
+             fiber_main);
     f.state = READY;
   }
   g.private_tg = L.private_tg;
   if (g.private_tg) {
-    g.views.resize(size_t(n) * 2 * kMaxThreadgroupMemory);
+    const size_t need = size_t(n) * 2 * kMaxThreadgroupMemory;
+    if (g.views_bytes < need) {
+      if (g.views) munmap(g.views, g.views_bytes);
+      void* m = mmap(nullptr, need, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+      if (m == MAP_FAILED) {
+        std::lock_guard<std::mutex> lk(L.err_mu);
+        L.error = "could not allocate private threadgroup-memory views";
+        L.failed = true;
+        return false;
+      }
+      g.views = static_cast<unsigned char*>(m);
+      g.views_bytes = need;
+    }
     for (int i = 0; i < n; ++i) {
-      g.fibers[i].view = g.views.data() + size_t(i) * 2 * kMaxThreadgroupMemory;
+      g.fibers[i].view = g.views + size_t(i) * 2 * kMaxThreadgroupMemory;
       g.fibers[i].snap = g.fibers[i].view + kMaxThreadgroupMemory;
     }
   }
@@ -370,7 +512,7 @@ static bool run_group(GroupCtx& g, Launch& L, long gid) {
         if (g.fibers[i].state != READY) continue;
         if (random && (i / 32 == slow_sg) != (pass == 1)) continue;
         g.cur = i;
-        swapcontext(&g.sched, &g.fibers[i].ctx);
+        ctx_switch(g.sched, g.fibers[i].ctx);
         progressed = true;
       }
     }
@@ -436,8 +578,14 @@ static void worker(Launch& L, long total, int tgsize) {
 
 extern "C" int mtl_launch(mtl_rt::BodyFn body, void** args, const long* dims,
                           int nworkers, long stack_size, int schedule, int private_tg,
+                          const void* const* reg_lo, const long* reg_bytes,
+                          const char* const* reg_names, const int* reg_kinds, int nreg,
                           char* err, int errlen) {
   mtl_rt::Launch L;
+  for (int i = 0; i < nreg; ++i) {
+    const unsigned char* lo = static_cast<const unsigned char*>(reg_lo[i]);
+    L.regions.push_back(mtl_rt::Region{lo, lo + reg_bytes[i], reg_names[i], reg_kinds[i]});
+  }
   L.body = body;
   L.args = args;
   L.schedule = schedule;

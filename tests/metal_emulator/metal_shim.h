@@ -40,7 +40,8 @@
 
 namespace mtl_rt {
 struct GroupCtx;
-void* tg_slot(int slot, size_t bytes, size_t align);
+// `name`: the variable's name, for bounds messages
+void* tg_slot(int slot, size_t bytes, size_t align, const char* name);
 void tg_barrier(unsigned flags);
 void sg_barrier(unsigned flags);
 unsigned sg_lane();  // thread_index_in_simdgroup of the running thread
@@ -50,6 +51,161 @@ unsigned sg_lane();  // thread_index_in_simdgroup of the running thread
 // divergence checks).
 const unsigned char* sg_exchange(int kind, const void* src, size_t bytes,
                                  unsigned* lane, unsigned* active_mask);
+
+// ------------------------------------------------------------ bounds-checked memory
+// emulator.py rewrites every `device` / `constant` / `threadgroup` pointer of a kernel into
+// cptr<T> (read-only) or mptr<T>, and every threadgroup array declaration into a tg_view of
+// its declared size. Each carries the region it points into (a buffer of the launch or a
+// threadgroup array) and checks every element it touches against it when it is indexed or
+// dereferenced: an out-of-bounds read is reported even if its value is then discarded
+// (`x = p[d]; y = d < n ? x : 0`). Pointer arithmetic itself is not checked, only accesses.
+enum RegionKind { kInput = 0, kOutput = 1, kThreadgroup = 2, kArgument = 3, kUnknown = 4,
+                  kNull = 5 };
+struct Region {
+  const unsigned char* lo;  // [lo, hi): the bytes that may be accessed
+  const unsigned char* hi;
+  const char* name;
+  int kind;
+};
+Region find_region(const void* p);  // the region holding a raw address (metal_runtime.cpp)
+[[noreturn]] void out_of_bounds(const Region& r, const void* addr, size_t size);
+
+inline Region null_region() { return Region{nullptr, nullptr, nullptr, kNull}; }
+
+template <class T>
+struct cptr {  // `const device T*`, `constant T*`, `const threadgroup T*`
+  const T* p_ = nullptr;
+  Region r_ = null_region();
+
+  cptr() = default;
+  cptr(std::nullptr_t) {}
+  cptr(const T* p) : p_(p), r_(p ? find_region(p) : null_region()) {}
+  cptr(const T* p, const Region& r) : p_(p), r_(r) {}
+  // casts between element types keep the region (C-style casts, ptr_cast)
+  template <class U>
+    requires(!std::is_same_v<std::remove_cv_t<U>, std::remove_cv_t<T>>)
+  explicit cptr(const cptr<U>& o) : p_(reinterpret_cast<const T*>(o.p_)), r_(o.r_) {}
+  template <class U>
+    requires(!std::is_same_v<std::remove_cv_t<U>, std::remove_cv_t<T>> && !std::is_void_v<U>)
+  explicit cptr(const U* p) : cptr(reinterpret_cast<const T*>(p)) {}
+
+  const T* check(const T* a) const {
+    const unsigned char* b = reinterpret_cast<const unsigned char*>(a);
+    if (__builtin_expect(b < r_.lo || b + sizeof(T) > r_.hi, 0)) out_of_bounds(r_, a, sizeof(T));
+    return a;
+  }
+  template <class I>
+    requires std::is_integral_v<I>
+  const T& operator[](I i) const { return *check(p_ + i); }
+  const T& operator*() const { return *check(p_); }
+  const T* operator->() const { return check(p_); }
+  operator const T*() const { return p_; }  // to raw (not checked from then on)
+  explicit operator bool() const { return p_ != nullptr; }
+
+  template <class I>
+    requires std::is_integral_v<I>
+  cptr operator+(I i) const { return cptr(p_ + i, r_); }
+  template <class I>
+    requires std::is_integral_v<I>
+  friend cptr operator+(I i, const cptr& c) { return cptr(c.p_ + i, c.r_); }
+  template <class I>
+    requires std::is_integral_v<I>
+  cptr operator-(I i) const { return cptr(p_ - i, r_); }
+  std::ptrdiff_t operator-(const cptr& o) const { return p_ - o.p_; }
+  template <class I>
+    requires std::is_integral_v<I>
+  cptr& operator+=(I i) { p_ += i; return *this; }
+  template <class I>
+    requires std::is_integral_v<I>
+  cptr& operator-=(I i) { p_ -= i; return *this; }
+  cptr& operator++() { ++p_; return *this; }
+  cptr& operator--() { --p_; return *this; }
+  cptr operator++(int) { cptr o = *this; ++p_; return o; }
+  cptr operator--(int) { cptr o = *this; --p_; return o; }
+};
+
+template <class T>
+struct mptr : cptr<T> {  // `device T*`, `threadgroup T*`
+  mptr() = default;
+  mptr(std::nullptr_t) {}
+  mptr(T* p) : cptr<T>(p) {}
+  mptr(T* p, const Region& r) : cptr<T>(p, r) {}
+  template <class U>
+    requires(!std::is_same_v<std::remove_cv_t<U>, std::remove_cv_t<T>>)
+  explicit mptr(const cptr<U>& o) : cptr<T>(o) {}
+  explicit mptr(const cptr<T>& o) : cptr<T>(o) {}  // const_cast
+  template <class U>
+    requires(!std::is_same_v<std::remove_cv_t<U>, std::remove_cv_t<T>> && !std::is_void_v<U>)
+  explicit mptr(U* p) : cptr<T>(reinterpret_cast<const T*>(p)) {}
+
+  T* raw() const { return const_cast<T*>(this->p_); }
+  template <class I>
+    requires std::is_integral_v<I>
+  T& operator[](I i) const { return *const_cast<T*>(this->check(this->p_ + i)); }
+  T& operator*() const { return *const_cast<T*>(this->check(this->p_)); }
+  T* operator->() const { return const_cast<T*>(this->check(this->p_)); }
+
+  template <class I>
+    requires std::is_integral_v<I>
+  mptr operator+(I i) const { return mptr(raw() + i, this->r_); }
+  template <class I>
+    requires std::is_integral_v<I>
+  friend mptr operator+(I i, const mptr& c) { return mptr(c.raw() + i, c.r_); }
+  template <class I>
+    requires std::is_integral_v<I>
+  mptr operator-(I i) const { return mptr(raw() - i, this->r_); }
+  std::ptrdiff_t operator-(const cptr<T>& o) const { return this->p_ - o.p_; }
+  template <class I>
+    requires std::is_integral_v<I>
+  mptr& operator+=(I i) { this->p_ += i; return *this; }
+  template <class I>
+    requires std::is_integral_v<I>
+  mptr& operator-=(I i) { this->p_ -= i; return *this; }
+  mptr& operator++() { ++this->p_; return *this; }
+  mptr& operator--() { --this->p_; return *this; }
+  mptr operator++(int) { mptr o = *this; ++this->p_; return o; }
+  mptr operator--(int) { mptr o = *this; --this->p_; return o; }
+};
+
+// reinterpret_cast / static_cast / const_cast to a checked pointer type (emulator.py's rewrite)
+template <class P, class X>
+inline P ptr_cast(const X& x) { return P(x); }
+
+// `threadgroup T name[N0][N1]...;` -- a view of the variable's slot in threadgroup memory. One
+// dimension: a pointer to the array (it decays like the array). More: indexing checks the
+// first index and gives the view of that row.
+template <class T, long... Dims>
+struct tg_view;
+
+template <class T, long N>
+struct tg_view<T, N> : mptr<T> {
+  tg_view(void* raw, const char* name)
+      : mptr<T>(static_cast<T*>(raw),
+                Region{static_cast<unsigned char*>(raw),
+                       static_cast<unsigned char*>(raw) + N * sizeof(T), name, kThreadgroup}) {}
+  tg_view(T* p, const Region& r) : mptr<T>(p, r) {}
+};
+
+template <class T, long N0, long N1, long... Ns>
+struct tg_view<T, N0, N1, Ns...> {
+  static constexpr long kRow = (N1 * ... * Ns);  // elements per first index
+  T* p_;
+  Region r_;
+  tg_view(void* raw, const char* name)
+      : p_(static_cast<T*>(raw)),
+        r_{static_cast<unsigned char*>(raw), static_cast<unsigned char*>(raw) + N0 * kRow * sizeof(T),
+           name, kThreadgroup} {}
+  template <class I>
+    requires std::is_integral_v<I>
+  tg_view<T, N1, Ns...> operator[](I i) const {
+    T* row = p_ + i * kRow;
+    if (long(i) < 0 || long(i) >= N0) out_of_bounds(r_, row, sizeof(T) * kRow);
+    return tg_view<T, N1, Ns...>(
+        row, Region{reinterpret_cast<unsigned char*>(row),
+                    reinterpret_cast<unsigned char*>(row + kRow), r_.name, kThreadgroup});
+  }
+};
+
 } // namespace mtl_rt
 
 namespace metal {
@@ -707,6 +863,54 @@ MTL_ATOMIC_RMW(or, o | v)
 MTL_ATOMIC_RMW(xor, o ^ v)
 #undef MTL_ATOMIC_RMW
 
+// the same through a checked pointer (`out + i` rather than `&out[i]`): element 0 is checked
+template <class T>
+inline atomic<T>* atomic_raw_(const mtl_rt::cptr<atomic<T>>& a) {
+  return const_cast<atomic<T>*>(&a[0]);
+}
+template <class T, class U>
+inline void atomic_store_explicit(const mtl_rt::cptr<atomic<T>>& a, U v,
+                                  memory_order m = memory_order_relaxed) {
+  atomic_store_explicit(atomic_raw_(a), v, m);
+}
+template <class T>
+inline T atomic_load_explicit(const mtl_rt::cptr<atomic<T>>& a,
+                              memory_order m = memory_order_relaxed) {
+  return atomic_load_explicit(atomic_raw_(a), m);
+}
+template <class T, class U>
+inline T atomic_exchange_explicit(const mtl_rt::cptr<atomic<T>>& a, U v,
+                                  memory_order m = memory_order_relaxed) {
+  return atomic_exchange_explicit(atomic_raw_(a), v, m);
+}
+template <class T, class U>
+inline bool atomic_compare_exchange_weak_explicit(const mtl_rt::cptr<atomic<T>>& a, T* expected,
+                                                  U desired, memory_order m1 = memory_order_relaxed,
+                                                  memory_order m2 = memory_order_relaxed) {
+  return atomic_compare_exchange_weak_explicit(atomic_raw_(a), expected, desired, m1, m2);
+}
+template <class T, class U>
+inline bool atomic_compare_exchange_strong_explicit(const mtl_rt::cptr<atomic<T>>& a,
+                                                    T* expected, U desired,
+                                                    memory_order m1 = memory_order_relaxed,
+                                                    memory_order m2 = memory_order_relaxed) {
+  return atomic_compare_exchange_weak_explicit(atomic_raw_(a), expected, desired, m1, m2);
+}
+#define MTL_ATOMIC_RMW_CHECKED(NAME)                                                    \
+  template <class T, class U>                                                          \
+  inline T atomic_fetch_##NAME##_explicit(const mtl_rt::cptr<atomic<T>>& a, U v,       \
+                                          memory_order m = memory_order_relaxed) {     \
+    return atomic_fetch_##NAME##_explicit(atomic_raw_(a), v, m);                       \
+  }
+MTL_ATOMIC_RMW_CHECKED(add)
+MTL_ATOMIC_RMW_CHECKED(sub)
+MTL_ATOMIC_RMW_CHECKED(max)
+MTL_ATOMIC_RMW_CHECKED(min)
+MTL_ATOMIC_RMW_CHECKED(and)
+MTL_ATOMIC_RMW_CHECKED(or)
+MTL_ATOMIC_RMW_CHECKED(xor)
+#undef MTL_ATOMIC_RMW_CHECKED
+
 // ---------------------------------------------------------- barriers, simd
 enum class mem_flags : unsigned {
   mem_none = 0,
@@ -919,8 +1123,8 @@ inline size_t mma_offset(int row, int col, size_t elements_per_row, vec<unsigned
   return (origin.v[1] + size_t(row)) * elements_per_row + origin.v[0] + size_t(col);
 }
 
-template <class T, class U>
-inline void simdgroup_load(simdgroup_matrix<T, 8, 8>& d, const U* src,
+template <class T, class P>
+inline void simdgroup_load(simdgroup_matrix<T, 8, 8>& d, const P& src,
                            size_t elements_per_row = 8,
                            vec<unsigned long, 2> matrix_origin = vec<unsigned long, 2>(0ul),
                            bool transpose_matrix = false) {
@@ -931,8 +1135,8 @@ inline void simdgroup_load(simdgroup_matrix<T, 8, 8>& d, const U* src,
         src[mma_offset(row, col + j, elements_per_row, matrix_origin, transpose_matrix)]);
 }
 
-template <class T, class U>
-inline void simdgroup_store(const simdgroup_matrix<T, 8, 8>& a, U* dst,
+template <class T, class P>
+inline void simdgroup_store(const simdgroup_matrix<T, 8, 8>& a, const P& dst,
                             size_t elements_per_row = 8,
                             vec<unsigned long, 2> matrix_origin = vec<unsigned long, 2>(0ul),
                             bool transpose_matrix = false) {
@@ -940,7 +1144,7 @@ inline void simdgroup_store(const simdgroup_matrix<T, 8, 8>& a, U* dst,
   simd_detail::mma_coord(mtl_rt::sg_lane(), row, col);
   for (int j = 0; j < 2; ++j)
     dst[mma_offset(row, col + j, elements_per_row, matrix_origin, transpose_matrix)] =
-        static_cast<U>(a.e.v[j]);
+        static_cast<std::remove_cvref_t<decltype(dst[0])>>(a.e.v[j]);
 }
 
 template <class TD, class TA, class TB, class TC>
