@@ -78,7 +78,8 @@ def convert(hf_path: str, out: str, *, dtype: Optional[str] = None, quantize: bo
     """Convert a Hugging Face checkpoint (local directory or Hub id) into an MLX model
     directory `out`. Errors are ConversionError (a ValueError) with one line; `out` is only
     created, complete, at the very end."""
-    from .common import cast, check_output, quantize as quantize_model, save_model_dir, source_dtype
+    from .common import (cast, check_output, check_tokenizer_files, quantize as quantize_model,
+                         save_model_dir, source_dtype)
 
     check_output(out, force, hf_path if os.path.isdir(hf_path) else None)
     try:
@@ -88,6 +89,10 @@ def convert(hf_path: str, out: str, *, dtype: Optional[str] = None, quantize: bo
         raise ConversionError(str(e))
     src = resolve_source(hf_path)
     check_output(out, force, src)
+    try:  # copied as they are: what `load` would refuse is refused now, before any work
+        check_tokenizer_files(src)
+    except (ConfigError, FileNotFoundError) as e:
+        raise ConversionError(str(e))
     model, conv, hf = build(src, core=core, insert_jet_layers=insert_jet_layers)
     cast(model, dtype or source_dtype(hf))
     config = {
