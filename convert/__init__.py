@@ -49,8 +49,8 @@ def build(src: str, *, core: Optional[Tuple[int, int]] = None, insert_jet_layers
     try:
         config = conv.from_hf_config(hf)
     except (ConfigError, TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError) as e:
-        raise ConversionError(f"config.json: {type(e).__name__ if isinstance(e, KeyError) else ''}"
-                              f"{e}")
+        raise ConversionError(f"{os.path.join(src, 'config.json')}: "
+                              f"{type(e).__name__ if isinstance(e, KeyError) else ''}{e}")
     if not isinstance(insert_jet_layers, int) or not 0 <= insert_jet_layers <= config.num_layers:
         raise ConversionError(f"--insert-jet-layers must be in 0..{config.num_layers} (at most one "
                               f"per block; got {insert_jet_layers})")

@@ -332,7 +332,8 @@ def test_tie_word_embeddings_a_string_is_refused_by_convert(work):
     edit_json(src / "config.json", lambda c: c.update(tie_word_embeddings="false"))
     before = snapshot(work)
     assert_one_clear_line(*cli("convert", "--hf-path", src, "--out", work / "m"),
-                          "config.json: tie_word_embeddings must be true or false (got 'false')")
+                          f"{src}/config.json: tie_word_embeddings must be true or false "
+                          "(got 'false')")
     assert snapshot(work) == before
 
 
