@@ -49,8 +49,8 @@ def build(src: str, *, core: Optional[Tuple[int, int]] = None, insert_jet_layers
     try:
         config = conv.from_hf_config(hf)
     except (ConfigError, TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError) as e:
-        raise ConversionError(f"config.json: {type(e).__name__ if isinstance(e, KeyError) else ''}"
-                              f"{e}")
+        raise ConversionError(f"{os.path.join(src, 'config.json')}: "
+                              f"{type(e).__name__ if isinstance(e, KeyError) else ''}{e}")
     if not isinstance(insert_jet_layers, int) or not 0 <= insert_jet_layers <= config.num_layers:
         raise ConversionError(f"--insert-jet-layers must be in 0..{config.num_layers} (at most one "
                               f"per block; got {insert_jet_layers})")
@@ -78,7 +78,8 @@ def convert(hf_path: str, out: str, *, dtype: Optional[str] = None, quantize: bo
     """Convert a Hugging Face checkpoint (local directory or Hub id) into an MLX model
     directory `out`. Errors are ConversionError (a ValueError) with one line; `out` is only
     created, complete, at the very end."""
-    from .common import cast, check_output, quantize as quantize_model, save_model_dir, source_dtype
+    from .common import (cast, check_output, check_tokenizer_files, quantize as quantize_model,
+                         save_model_dir, source_dtype)
 
     check_output(out, force, hf_path if os.path.isdir(hf_path) else None)
     try:
@@ -88,6 +89,10 @@ def convert(hf_path: str, out: str, *, dtype: Optional[str] = None, quantize: bo
         raise ConversionError(str(e))
     src = resolve_source(hf_path)
     check_output(out, force, src)
+    try:  # copied as they are: what `load` would refuse is refused now, before any work
+        check_tokenizer_files(src)
+    except (ConfigError, FileNotFoundError) as e:
+        raise ConversionError(str(e))
     model, conv, hf = build(src, core=core, insert_jet_layers=insert_jet_layers)
     cast(model, dtype or source_dtype(hf))
     config = {

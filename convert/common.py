@@ -13,15 +13,14 @@ from mlx.utils import tree_flatten
 
 from ..io import (MARKER, atomic_dir, check_replaceable_dir, file_mode, read_json_object,
                   save_arrays, write_json)
+from ..loading import TOKENIZER_FILES, check_tokenizer_files  # noqa: F401 (convert uses it)
 from ..weights import CheckpointError, listing, shape_str
 
 # One error for reading and converting checkpoints.
 ConversionError = CheckpointError
 
-# Tokenizer and generation files copied next to the weights when present.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
-                   "chat_template.jinja", "chat_template.json", "generation_config.json")
+# TOKENIZER_FILES: the tokenizer and generation files copied next to the weights when present,
+# after check_tokenizer_files (regular files, JSON within limits, no auto_map).
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 MAX_SHARD_BYTES = 5 << 30  # as mlx-lm
 

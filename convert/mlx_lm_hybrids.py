@@ -83,7 +83,7 @@ class HybridConverter:
         c = dict(hf.get("text_config") or hf)  # multimodal Qwen3.5: the text model's config
         if "tie_word_embeddings" not in c and "tie_word_embeddings" in hf:
             c["tie_word_embeddings"] = hf["tie_word_embeddings"]
-        for key in ("text_config", "vision_config"):
+        for key in ("text_config", "vision_config", "auto_map"):  # auto_map: never carried over
             c.pop(key, None)
         _need(c, self._required)
         if c.get("hidden_act", "silu") != "silu":

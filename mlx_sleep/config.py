@@ -66,9 +66,28 @@ def _type_name(hint) -> str:
     if origin is tuple:
         return f"a list of {len(args)} integers"
     if origin is list:
-        return "a list of integers"
+        item = {int: "integers", str: "strings", float: "numbers", bool: "booleans"}
+        return "a list of " + item.get(args[0], "values") if args else "a list"
+    if hint is dict or origin is dict:
+        return "an object"
     return {int: f"an integer (|x| <= {MAX_INT})", float: "a finite number", bool: "true or false",
             str: "a string", dict: "an object"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def check_type(name: str, value, hint, where: str = ""):
+    """`value` has the type `hint` says (see check_types), else ConfigError naming `name`."""
+    if not _type_ok(value, hint):
+        raise ConfigError(f"{where}{name} must be {_type_name(hint)} (got {_show(value)})")
+
+
+def json_bool(d: dict, key: str, default: bool = False) -> bool:
+    """A true/false setting read from a JSON object: absent or null gives `default`; anything
+    but a JSON boolean is refused (bool("false") would be True)."""
+    value = d.get(key)
+    if value is None:
+        return default
+    check_type(key, value, bool)
+    return value
 
 
 def check_types(obj):

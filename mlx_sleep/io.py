@@ -152,8 +152,7 @@ def owner_of(path: str):
     marker = os.path.join(path, MARKER)
     if os.path.isfile(marker):
         try:
-            with open(marker) as f:
-                owner = json.load(f).get("owner")
+            owner = read_json(marker, max_bytes=1 << 20).get("owner")
             return owner if owner in OWNERS else None
         except (OSError, ValueError, AttributeError):
             return None
@@ -166,9 +165,8 @@ def owner_of(path: str):
         return "demo"
     if os.path.isfile(config):
         try:
-            with open(config) as f:
-                if json.load(f).get("format") == "mlx-sleep":
-                    return "model"
+            if read_json(config).get("format") == "mlx-sleep":
+                return "model"
         except (OSError, ValueError, AttributeError):
             return None
     return None
@@ -327,14 +325,63 @@ def write_json(path, obj, mode=None):
             f.write("\n")
 
 
-def read_json(path, what: str = ""):
-    """A JSON file; errors name the file (and `what` it should be)."""
-    check_regular_file(path, what)
+# Limits on what a JSON file may hold (config files, records, tokenizer files, headers): a
+# deeply nested one would exhaust Python's recursion (a "JSON bomb"), a huge one the memory.
+MAX_JSON_DEPTH = 64  # real configs and tokenizer.json files nest fewer than 10 levels
+MAX_JSON_BYTES = 256 << 20  # the largest tokenizer.json files are ~35 MB
+
+
+def json_depth(obj) -> int:
+    """How deeply `obj` (parsed JSON) nests: 0 for a scalar, 1 for a flat list or object.
+    Iterative, so it cannot itself run out of recursion."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = item.values()
+        elif not isinstance(item, list):
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((v, depth + 1) for v in item if isinstance(v, (dict, list)))
+    return deepest
+
+
+def parse_json(text, where: str = "JSON", max_depth: int = MAX_JSON_DEPTH):
+    """json.loads for text from outside (a file, a line of records, a header): malformed,
+    nested deeper than `max_depth` or holding an unparseable number gives a ConfigError (one
+    line, starting with `where`), never a RecursionError."""
     try:
-        with open(path) as f:
-            return json.load(f)
+        obj = json.loads(text)
+    except RecursionError:
+        raise ConfigError(f"{where} nests deeper than {max_depth} levels; refusing it")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{where} is not valid JSON ({e})")
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise ConfigError(f"{where} is not valid JSON ({str(e).split(':')[0][:100]})")
+    if json_depth(obj) > max_depth:
+        raise ConfigError(f"{where} nests deeper than {max_depth} levels; refusing it")
+    return obj
+
+
+def read_json(path, what: str = "", max_bytes: int = MAX_JSON_BYTES):
+    """A JSON file; errors name the file (and `what` it should be). Only a regular file is
+    opened (a FIFO would block); one larger than `max_bytes` or nested deeper than
+    MAX_JSON_DEPTH is refused."""
+    check_regular_file(path, what)
+    size = os.path.getsize(path)
+    if size > max_bytes:
+        raise ConfigError(f"{path} is {size:,} bytes, more than the {max_bytes:,} a JSON file "
+                          f"may hold here{what}")
+    with open(path, "rb") as f:
+        data = f.read(max_bytes + 1)
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON ({e}){what}")
+    try:
+        return parse_json(text, path)
+    except ConfigError as e:
+        raise ConfigError(f"{e}{what}") from None
 
 
 def read_json_object(path, what: str = "") -> dict:

@@ -5,45 +5,147 @@
     logits = model(mx.array([ids]))                       # [B, T, V], a plain forward
     engine = SleepEngine(model, model.sleep_config)       # sleep with the stored settings
 
-A directory written by `mlx-sleep convert` is loaded as is. An unconverted Hugging Face
-checkpoint of a supported architecture (local or on the Hub) is converted in memory on the way
-(nothing is written; its code is never run). Hub ids go through huggingface_hub.
+Only a directory written by `mlx-sleep convert` (or a fine-tune's fused model) is loaded. A Hugging
+Face checkpoint is refused in one line saying to convert it first (`mlx_sleep.convert.build`
+converts one in memory, weights only). Hub ids go through huggingface_hub.
+
+A model directory is untrusted input, and nothing in it is ever executed: config.json and the
+tokenizer files are read as JSON with limits (io.read_json), an `auto_map` (Python code for
+transformers to import) in config.json or tokenizer_config.json is refused, transformers and
+mlx-lm are called with trust_remote_code=False (so they never ask "Do you wish to run the custom
+code?" on stdin), and anything but a regular file where one is read (a FIFO, a device) is refused
+before it is opened. Each problem is one line naming the file and the field.
 """
 
+import importlib.util
 import os
+import stat
 from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
 
 from .config import ConfigError, SleepConfig
-from .io import read_json_object
+from .io import check_regular_file, read_json, read_json_object
 from .models import model_from_config
-from .weights import apply_quantization, read_weights, resolve_source
+from .weights import apply_quantization, check_quantization, read_weights, resolve_source
 
-# Any one of these lets the tokenizer loader open a directory (convert copies more: its
-# TOKENIZER_FILES).
+# Any one of these lets the tokenizer loader open a directory.
 TOKENIZER_ENTRY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+# The tokenizer and generation files a model directory may hold: convert copies them next to
+# the weights; each must be a regular file, the JSON ones valid JSON within io's limits.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json", "generation_config.json")
+# transformers also reads every *.jinja in this folder as a chat template.
+CHAT_TEMPLATE_DIR = "additional_chat_templates"
+# tokenizer_config.json settings that make mlx-lm import one of its own modules by name.
+MLX_LM_MODULES = {"chat_template_type": "mlx_lm.chat_templates",
+                  "tool_parser_type": "mlx_lm.tool_parsers"}
+CONVERT_HINT = "convert it first: mlx-sleep convert --hf-path {} --out DIR"
+
+
+def refuse_code(config: dict, where: str):
+    """An `auto_map` names Python files for transformers to import and run (its remote-code
+    mechanism); a model directory may not carry one."""
+    if "auto_map" in config:
+        names = config["auto_map"]
+        names = list(names.values()) if isinstance(names, dict) else names
+        shown = str(names)[:80]
+        raise ConfigError(f"{where}: auto_map names Python code to run ({shown}); mlx-sleep never "
+                          "runs code from a model directory (remove auto_map to use the standard "
+                          "classes)")
+
+
+def check_special_files(path: str):
+    """Refuse FIFOs, devices and sockets in a model directory (and its chat-template folder):
+    a library reading one would block or read without end. Links are followed; dangling ones are
+    left to whoever reads them."""
+    for directory in (path, os.path.join(path, CHAT_TEMPLATE_DIR)):
+        try:
+            names = sorted(os.listdir(directory))
+        except OSError:
+            continue
+        for name in names:
+            entry = os.path.join(directory, name)
+            try:
+                st = os.stat(entry)
+            except OSError:
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                check_regular_file(entry, "; a model directory may hold only regular files")
+
+
+def read_model_config(path: str, shown: Optional[str] = None) -> dict:
+    """config.json of the converted model directory `path` (`shown`: how the user named it),
+    after refusing a Hugging Face checkpoint (convert first), an auto_map, and special files."""
+    shown = shown or path
+    config_path = os.path.join(path, "config.json")
+    if not os.path.lexists(config_path):
+        raise FileNotFoundError(f"{path} has no config.json: not a model directory mlx-sleep "
+                                f"converted ({CONVERT_HINT.format(shown)})")
+    config = read_json_object(config_path)
+    if "model" not in config or "sleep" not in config:
+        if "model_type" in config or "architectures" in config:
+            raise ConfigError(f"{shown} is a Hugging Face checkpoint, not a model directory "
+                              f"mlx-sleep converted: {CONVERT_HINT.format(shown)}")
+        raise ConfigError(f"{config_path} has no 'model' and 'sleep' settings: not a model "
+                          f"directory mlx-sleep converted ({CONVERT_HINT.format(shown)})")
+    refuse_code(config, config_path)
+    check_special_files(path)
+    return config
+
+
+def check_tokenizer_files(path: str) -> Optional[dict]:
+    """The tokenizer files in `path` are safe to hand to transformers / mlx-lm: regular files,
+    JSON within io's limits, no auto_map, and mlx-lm module names that exist. Returns
+    tokenizer_config.json's settings (None without one)."""
+    for name in TOKENIZER_FILES:
+        file = os.path.join(path, name)
+        if not os.path.lexists(file):
+            continue
+        check_regular_file(file, " (a tokenizer file)")
+        if name.endswith(".json"):
+            read_json(file)
+    template_dir = os.path.join(path, CHAT_TEMPLATE_DIR)
+    if os.path.isdir(template_dir):
+        for name in sorted(os.listdir(template_dir)):
+            check_regular_file(os.path.join(template_dir, name), " (a chat template)")
+    config_path = os.path.join(path, "tokenizer_config.json")
+    if not os.path.lexists(config_path):
+        return None
+    config = read_json_object(config_path)
+    refuse_code(config, config_path)
+    for key, package in MLX_LM_MODULES.items():
+        value = config.get(key)
+        if value is None:
+            continue
+        if not (isinstance(value, str) and value.isidentifier()
+                and importlib.util.find_spec(f"{package}.{value}") is not None):
+            raise ConfigError(f"{config_path}: {key} {str(value)[:40]!r} is not one of mlx-lm's "
+                              f"({package})")
+    return config
 
 
 def load_model(path_or_id: str, lazy: bool = False, force: bool = False):
-    """The model of a converted directory (or a supported Hugging Face checkpoint), with its
-    sleep settings as `model.sleep_config` (a SleepConfig). A config that cannot fit the
-    machine's memory is refused unless `force`."""
-    path = resolve_source(path_or_id)
-    if not os.path.lexists(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"{path} has no config.json")
-    config = read_json_object(os.path.join(path, "config.json"))
-    if "model" not in config or "sleep" not in config:  # a Hugging Face checkpoint: convert
-        from .convert import DEFAULT_SLEEP, build
-        model, _, _ = build(path)
-        model.sleep_config = SleepConfig(**DEFAULT_SLEEP)
-        return model
-    model = model_from_config(config.get("model_type", "hybrid"), config["model"], force=force)
-    sleep = SleepConfig.from_dict(config["sleep"])
+    """The model of a converted directory, with its sleep settings as `model.sleep_config` (a
+    SleepConfig). A config that cannot fit the machine's memory is refused unless `force`."""
+    path = resolve_source(path_or_id, lambda d: read_model_config(d, path_or_id))
+    config = read_model_config(path, path_or_id)
+    where = os.path.join(path, "config.json")
+    check_quantization(config, where)
+    try:
+        model = model_from_config(config.get("model_type", "hybrid"), config["model"], force=force)
+        sleep = SleepConfig.from_dict(config["sleep"])
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
     weights = read_weights(path)
-    apply_quantization(model, config, weights)
-    model.load_weights(list(weights.items()))
+    apply_quantization(model, config, weights, where)
+    try:
+        model.load_weights(list(weights.items()))
+    except ValueError as e:  # names missing, unexpected or mis-shaped tensors
+        raise ConfigError(f"{path}: the weights do not match config.json "
+                          f"({' '.join(str(e).split())[:300]})") from None
     if not lazy:
         mx.eval(model.parameters())
     model.eval()
@@ -78,23 +180,40 @@ def _quietly(fn, *args, **kwargs):
         hf_logging.set_verbosity(level)
 
 
+def tokenizer_options(tokenizer_config: Optional[dict]) -> dict:
+    """What goes to AutoTokenizer.from_pretrained: the caller's settings with
+    trust_remote_code=False (explicit: left unset, transformers asks on stdin)."""
+    options = dict(tokenizer_config or {})
+    if options.get("trust_remote_code"):
+        raise ConfigError("trust_remote_code: mlx-sleep never runs code from a model directory")
+    options["trust_remote_code"] = False
+    return options
+
+
 def load(path_or_id: str, tokenizer_config: Optional[dict] = None, lazy: bool = False):
     """(model, tokenizer): the tokenizer is mlx-lm's TokenizerWrapper (streaming detokenizer,
     chat template) over the directory's tokenizer files."""
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-    path = resolve_source(path_or_id)
-    if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_ENTRY_FILES):
+    options = tokenizer_options(tokenizer_config)
+    path = resolve_source(path_or_id, lambda d: read_model_config(d, path_or_id))
+    config = read_model_config(path, path_or_id)
+    if not any(os.path.lexists(os.path.join(path, f)) for f in TOKENIZER_ENTRY_FILES):
         raise FileNotFoundError(f"{path} has no tokenizer files "
                                 f"({', '.join(TOKENIZER_ENTRY_FILES)}); "
                                 "use load_model() for the weights alone")
-    model = load_model(path, lazy=lazy)
-    config = read_json_object(os.path.join(path, "config.json"))
+    check_tokenizer_files(path)
     eos = config.get("eos_token_id")
-    eos = [eos] if isinstance(eos, int) else eos
+    eos = [eos] if type(eos) is int else eos
     if eos is not None and not (isinstance(eos, list) and all(type(i) is int for i in eos)):
         raise ConfigError(f"{path}/config.json: eos_token_id must be an integer or a list of "
-                          f"integers (got {eos!r})")
-    tokenizer = _quietly(load_tokenizer, Path(path), tokenizer_config or {}, eos_token_ids=eos)
+                          f"integers (got {str(eos)[:40]})")
+    model = load_model(path, lazy=lazy)
+    try:
+        tokenizer = _quietly(load_tokenizer, Path(path), options, eos_token_ids=eos)
+    except Exception as e:  # transformers' and tokenizers' many errors: one line, the directory
+        message = " ".join(str(e).split())[:200]
+        raise ConfigError(f"{path}: the tokenizer files could not be loaded "
+                          f"({type(e).__name__}{': ' + message if message else ''})") from None
     check_tokenizer(model, tokenizer, eos or ())
     return model, tokenizer

@@ -8,15 +8,15 @@ which refuses pickled code; a Hub download never fetches *.py files.
 """
 
 import glob
-import json
 import os
 import struct
-from typing import Dict
+from typing import Callable, Dict, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from .io import check_regular_file
+from .config import ConfigError
+from .io import check_regular_file, parse_json, read_json
 
 
 class CheckpointError(ValueError):
@@ -40,21 +40,30 @@ def listing(items, n=3) -> str:
 
 # -- finding a checkpoint ---------------------------------------------------------------------
 
-def resolve_source(path_or_id: str) -> str:
+def resolve_source(path_or_id: str, check_config: Optional[Callable[[str], object]] = None) -> str:
     """A local directory, or a Hugging Face Hub id downloaded with huggingface_hub (users'
-    machines; tests only use local directories)."""
+    machines; tests only use local directories). `check_config(directory)`, for a Hub id, runs
+    on the directory holding its config.json alone, before the rest (the weights) is fetched:
+    it raises to stop there (e.g. a checkpoint that needs converting first)."""
     if os.path.isdir(path_or_id):
         return path_or_id
     if os.path.exists(path_or_id):
         raise CheckpointError(f"{path_or_id} is a file; pass the checkpoint directory")
     if path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") != 1:
         raise CheckpointError(f"{path_or_id}: no such directory (and not a Hub id 'owner/name')")
-    try:
-        from huggingface_hub import snapshot_download
-        return snapshot_download(path_or_id, allow_patterns=HUB_PATTERNS)
-    except Exception as e:  # network, auth, missing repo: one line either way
-        raise CheckpointError(f"could not download {path_or_id} from the Hugging Face Hub: "
-                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+    def download(fetch):
+        try:
+            return fetch()
+        except Exception as e:  # network, auth, missing repo: one line either way
+            raise CheckpointError(f"could not download {path_or_id} from the Hugging Face Hub: "
+                                  f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+    import huggingface_hub as hub
+    if check_config is not None:
+        check_config(os.path.dirname(download(lambda: hub.hf_hub_download(path_or_id,
+                                                                          "config.json"))))
+    return download(lambda: hub.snapshot_download(path_or_id, allow_patterns=HUB_PATTERNS))
 
 
 # -- reading tensors --------------------------------------------------------------------------
@@ -82,9 +91,9 @@ def check_safetensors(path: str) -> dict:
             raise CheckpointError(f"{name} is corrupt or truncated: header of {n} bytes in a "
                                   f"{size}-byte file")
         try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"{name} is corrupt: its header is not valid JSON")
+            header = parse_json(f.read(n), f"{name}: its header")
+        except ConfigError as e:
+            raise CheckpointError(f"{name} is corrupt: {str(e)[len(name) + 2:]}")
     if not isinstance(header, dict):
         raise CheckpointError(f"{name} is corrupt: its header is not a JSON object")
     header.pop("__metadata__", None)
@@ -154,9 +163,7 @@ def _shard_files(src: str, ext: str):
                          else "pytorch_model.bin.index.json")
     if os.path.exists(index):
         try:
-            check_regular_file(index)
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
+            weight_map = read_json(index, max_bytes=64 << 20)["weight_map"]
         except (ValueError, KeyError, TypeError, OSError):
             weight_map = None
         if not isinstance(weight_map, dict) or not all(
@@ -202,16 +209,71 @@ def read_weights(src: str) -> Dict[str, mx.array]:
     return weights
 
 
-def apply_quantization(model: nn.Module, config: dict, weights: dict):
-    """Before loading a quantized model: quantize exactly the layers that have scales on disk."""
+# What mlx's quantization accepts, by mode (mlx-lm's modes): {mode: (group sizes, bits)}.
+QUANT_MODES = {"affine": ((32, 64, 128), (2, 3, 4, 5, 6, 8)), "mxfp4": ((32,), (4,)),
+               "mxfp8": ((32,), (8,)), "nvfp4": ((16,), (4,))}
+_QUANT_KEYS = ("group_size", "bits", "mode")
+
+
+def _quant_params(q, where: str) -> dict:
+    """{group_size, bits, mode} of one quantization entry, checked (`where` names it)."""
+    if not isinstance(q, dict):
+        raise ConfigError(f"{where} must be an object with group_size and bits (got "
+                          f"{type(q).__name__})")
+    mode = q.get("mode", "affine")
+    if not isinstance(mode, str) or mode not in QUANT_MODES:
+        raise ConfigError(f"{where}.mode must be one of {', '.join(QUANT_MODES)} (got {mode!r:.40})")
+    sizes, bits = QUANT_MODES[mode]
+    for key, allowed in (("group_size", sizes), ("bits", bits)):
+        if key not in q:
+            raise ConfigError(f"{where} has no {key}")
+        value = q[key]
+        if type(value) is not int or value not in allowed:
+            raise ConfigError(f"{where}.{key} must be one of {', '.join(map(str, allowed))} for "
+                              f"{mode} quantization (got {value!r:.40})")
+    return {"group_size": q["group_size"], "bits": q["bits"], "mode": mode}
+
+
+def check_quantization(config: dict, where: str = "config.json"):
+    """config["quantization"] as mlx-lm writes it (group_size, bits, mode and per-layer
+    overrides: path -> parameters or false), or None; anything else raises ConfigError naming
+    the field."""
     q = config.get("quantization")
-    if not q:
+    if q is None:
+        return None
+    where = f"{where}: quantization"
+    params = _quant_params(q, where)
+    for path, entry in q.items():
+        if path in _QUANT_KEYS:
+            continue
+        if not isinstance(entry, bool):
+            _quant_params(entry, f"{where}[{path!r:.60}]")
+    return params
+
+
+def apply_quantization(model: nn.Module, config: dict, weights: dict, where: str = "config.json"):
+    """Before loading a quantized model: quantize exactly the layers that have scales on disk.
+    A quantization the weights do not carry (no scales at all) is refused, as are malformed
+    settings; shapes that disagree are caught by the strict load that follows."""
+    params = check_quantization(config, where)
+    if params is None:
         return
+    q = config["quantization"]
+    if not any(k.endswith(".scales") for k in weights):
+        raise ConfigError(f"{where}: quantization says {params['bits']}-bit {params['mode']} but "
+                          "the weights hold no quantization scales (they are not quantized)")
 
     def predicate(path, module):
-        if isinstance(q.get(path), dict):
-            return q[path]
-        return hasattr(module, "to_quantized") and f"{path}.scales" in weights
+        if not (hasattr(module, "to_quantized") and f"{path}.scales" in weights):
+            return False
+        entry = None if path in _QUANT_KEYS else q.get(path)
+        if isinstance(entry, dict):
+            return entry  # its own parameters (checked above)
+        return entry is None or entry
 
-    nn.quantize(model, group_size=q["group_size"], bits=q["bits"], mode=q.get("mode", "affine"),
-                class_predicate=predicate)
+    try:
+        nn.quantize(model, group_size=params["group_size"], bits=params["bits"],
+                    mode=params["mode"], class_predicate=predicate)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{where}: quantization does not fit the model "
+                          f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})")

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from mlx_sleep import SleepConfig, SleepEngine, load_model, sleep_forward
-from mlx_sleep.convert import ConversionError, convert
+from mlx_sleep.convert import ConversionError, build, convert
 from mlx_sleep.config import middle_half_core as default_core
 from mlx_sleep.models.mlx_lm_adapters import FULL, LINEAR
 
@@ -187,7 +187,7 @@ def test_converted_model_sleeps_with_n_above_one(cases, case, eviction):
 
 def test_unconverted_checkpoint_loads_and_bf16_keeps_A_log(cases, tmp_path):
     model, ids, want, src = cases["qwen3_next"]
-    direct = load_model(str(src))  # a Hugging Face directory, converted in memory
+    direct = build(str(src))[0]  # a Hugging Face directory, converted in memory
     assert float(mx.abs(direct(ids) - want).max()) <= TOL
     # (Qwen3.5: MLX's CPU backend runs MoE gathers in float32 only)
     model, ids, want, src = cases["qwen3_5"]
@@ -225,7 +225,7 @@ def test_qwen3_5_moe_released_layout(cases, tmp_path):
     cfg = {"model_type": "qwen3_5_moe", "architectures": ["Qwen3_5MoeForConditionalGeneration"],
            "tie_word_embeddings": False, "text_config": text, "vision_config": {"depth": 1}}
     json.dump(cfg, open(tmp_path / "vl" / "config.json", "w"))
-    model = load_model(str(tmp_path / "vl"))
+    model = build(str(tmp_path / "vl"))[0]
     check("qwen3_5_moe/released layout", model(ids), want)
 
 

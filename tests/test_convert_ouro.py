@@ -168,10 +168,14 @@ def test_quantized_jet_insertion_keeps_zero_output(tmp_path, ref):
     assert float(mx.abs(plain(ids) - jet(ids)).max()) == 0.0
 
 
-def test_load_model_converts_hugging_face_dirs_in_memory(ref):
-    """load_model on an unconverted checkpoint converts on the way (nothing written)."""
-    model = load_model(FIX)
+def test_build_converts_hugging_face_dirs_in_memory_and_load_model_refuses_them(ref):
+    """build converts an unconverted checkpoint in memory (nothing written); load_model, which
+    opens model directories, says to convert it first (tests/test_untrusted_models.py)."""
+    from mlx_sleep.convert import build
+    model = build(FIX)[0]
     check("load_unconverted", model(ref["input_ids"]), ref["logits_default"])
+    with pytest.raises(ValueError, match="Hugging Face checkpoint.*convert it first"):
+        load_model(FIX)
 
 
 def test_unsupported_ouro_settings(tmp_path):

@@ -357,7 +357,9 @@ def test_bad_options_give_one_line(tiny, tmp_path, extra, message):
 
 
 def test_a_model_without_tokenizer_gives_one_line(tmp_path):
-    fixture_dir = os.path.join(os.path.dirname(__file__), "fixtures", "jet-nemotron-tiny")
+    from mlx_sleep.convert import convert
+    fixture_dir = convert(os.path.join(os.path.dirname(__file__), "fixtures", "jet-nemotron-tiny"),
+                          str(tmp_path / "m"))  # converted, without tokenizer files
     r = CliRunner().invoke(main, ["eval", "--model", fixture_dir, "--task", "gsm-infinite",
                                   "--out", str(tmp_path / "o")])
     assert r.exit_code == 1 and "has no tokenizer files" in r.output

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from mlx_lm.generate import generate_step
 
-from mlx_sleep import HybridLM, ModelConfig, SleepConfig, SleepEngine, load_model
+from mlx_sleep import HybridLM, ModelConfig, SleepConfig, SleepEngine
+from mlx_sleep.convert import build
 
 
 def test_generate_step_matches_the_sleep_engine_without_eviction():
@@ -45,5 +46,5 @@ def check_generate_step(model, prompt, n=4):
 
 @pytest.mark.parametrize("fixture", ["jet-nemotron-tiny", "ouro-tiny"])
 def test_generate_step_drives_converted_models(fixture):
-    model = load_model(os.path.join(os.path.dirname(__file__), "fixtures", fixture))
+    model = build(os.path.join(os.path.dirname(__file__), "fixtures", fixture))[0]  # in memory
     check_generate_step(model, [5, 17, 300, 42, 9, 101])

@@ -13,7 +13,8 @@ from mlx.utils import tree_flatten
 from mlx_lm.tuner.lora import LoRALinear, LoRASwitchLinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from mlx_sleep import HybridLM, ModelConfig, SleepConfig, load_model, sleep_value_and_grad
+from mlx_sleep import HybridLM, ModelConfig, SleepConfig, sleep_value_and_grad
+from mlx_sleep.convert import build
 from mlx_sleep.convert.mlx_lm_hybrids import HYBRIDS
 from mlx_sleep.models import model_from_config
 from mlx_sleep.models.mlx_lm_adapters import FULL, LINEAR
@@ -44,9 +45,9 @@ def tiny_model(name):
         return HybridLM(ModelConfig(vocab_size=64, hidden_size=32, layers="attn,gdn,jet,swa",
                                     swa_window=4, num_heads=2, core=(1, 3)))
     if name == "jet_nemotron":  # the original's checkpoint, converted in memory
-        return load_model(os.path.join(FIX, "jet-nemotron-tiny"))
+        return build(os.path.join(FIX, "jet-nemotron-tiny"))[0]
     if name == "ouro+jet":
-        return insert_jet_layers(load_model(os.path.join(FIX, "ouro-tiny")), 2)
+        return insert_jet_layers(build(os.path.join(FIX, "ouro-tiny"))[0], 2)
     config = HYBRIDS[name].from_hf_config({**ADAPTER_SIZES, **ADAPTERS[name], "model_type": name})
     return model_from_config(name, config.to_dict())
 

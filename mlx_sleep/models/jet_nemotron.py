@@ -18,7 +18,7 @@ tests/fixtures and the reference README):
 
 import re
 
-from ..config import ConfigError, ModelConfig, middle_half_core
+from ..config import ConfigError, ModelConfig, json_bool, middle_half_core
 from .hybrid import HybridLM
 
 Model = HybridLM
@@ -58,7 +58,7 @@ def from_hf_config(hf: dict) -> ModelConfig:
         attention_bias=True,  # Qwen2-style: q/k/v biases; o_proj has none (Attention never has one)
         rope_theta=float(hf.get("rope_theta", 10000.0)),
         norm_eps=float(get(hf, "rms_norm_eps")),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        tie_embeddings=json_bool(hf, "tie_word_embeddings"),
     )
     if hf.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"hidden_act {hf['hidden_act']!r} is not supported (silu only)")

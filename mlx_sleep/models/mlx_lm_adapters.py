@@ -22,6 +22,7 @@ no longer write it), so mismatching layers are rebuilt here with the right kind.
 import copy
 import dataclasses
 import importlib
+import typing
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Optional, Tuple
@@ -30,7 +31,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .. import kernels
-from ..config import ConfigError, ModelConfigBase
+from ..config import ConfigError, ModelConfigBase, check_type
 from ..gdn_math import evict_conv
 from ..layers.attention import attention_mask, evict_kv
 from .base import SleepModel
@@ -92,7 +93,20 @@ class AdapterConfig(ModelConfigBase):
                               f"supported: {LINEAR}, {FULL}")
         if n != len(types):
             raise ConfigError(f"layer_types has {len(types)} entries but num_hidden_layers is {n}")
+        self.check_args()
         super().validate()
+
+    def check_args(self):
+        """Every setting mlx-lm's ModelArgs declares has the type it declares (a string
+        "false" for tie_word_embeddings would be true); null is left to mlx-lm's handling."""
+        arch = ARCHS[self.model_type]
+        module = _mlx_lm_module(arch.module)
+        args_cls = module.TextModelArgs if arch.model_class == "TextModel" else module.ModelArgs
+        hints = typing.get_type_hints(args_cls)
+        for f in dataclasses.fields(args_cls):
+            value = self.args.get(f.name)
+            if value is not None and f.name in hints:
+                check_type(f.name, value, hints[f.name])
 
 
 # -- per-layer state <-> mlx-lm cache objects ---------------------------------------------------

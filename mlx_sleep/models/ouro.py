@@ -30,7 +30,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..config import ConfigError, ModelConfigBase
+from ..config import ConfigError, ModelConfigBase, json_bool
 from ..layers import Attention, JetBlock, SwiGLU
 from .base import SleepModel
 
@@ -134,7 +134,7 @@ def from_hf_config(hf: dict) -> OuroConfig:
         total_ut_steps=int(hf.get("total_ut_steps", 4)),
         early_exit_threshold=hf.get("early_exit_threshold", 1.0),
         early_exit_step=hf.get("early_exit_step"),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+        tie_embeddings=json_bool(hf, "tie_word_embeddings"))
 
 
 def to_ours(hf_name: str):
