@@ -16,6 +16,7 @@ The policy (docs/files.md):
 """
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -145,6 +146,29 @@ def check_regular_file(path: str, what: str = "") -> str:
     return path
 
 
+def open_nofollow(path: str, flags: int = os.O_RDONLY, mode: int = 0o600, what: str = "") -> int:
+    """os.open for a file of ours: a symlink (as the last component) or anything but a regular
+    file (a FIFO, a device, a directory) is refused with a one-line ConfigError, without
+    following or blocking on it. FileNotFoundError when it is absent (and not created)."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        try:
+            kind = _kind(os.lstat(path))
+        except OSError:
+            kind = None
+        if e.errno == errno.ELOOP or kind not in (None, "a regular file"):
+            raise ConfigError(f"{path} is {kind or 'a symlink'}, not a regular file{what}")
+        raise ConfigError(f"{path}: {e.strerror}{what}")
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise ConfigError(f"{path} is {_kind(st)}, not a regular file{what}")
+    return fd
+
+
 def owner_of(path: str):
     """The owner recorded in `path`'s marker (run, model, demo, session), or None. Directories
     written before markers existed are recognised by their contents."""
@@ -252,10 +276,14 @@ def lock_dir(path: str, what: str = "a training"):
         os.close(fd)
 
 
-def lock_file(path: str, in_use: str) -> int:
+def lock_file(path: str, in_use: str, nofollow: bool = False) -> int:
     """An exclusive flock on the file `path` (created 0600 if absent): the fd holding it (close
-    it to release; the kernel releases it even on SIGKILL). Held elsewhere: OutputError(in_use)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    it to release; the kernel releases it even on SIGKILL). Held elsewhere: OutputError(in_use).
+    `nofollow`: a symlink or anything but a regular file there is refused (open_nofollow)."""
+    if nofollow:
+        fd = open_nofollow(path, os.O_RDWR | os.O_CREAT, 0o600)
+    else:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -324,14 +352,31 @@ def write_json(path, obj, mode=None):
             f.write("\n")
 
 
-def read_json(path, what: str = ""):
-    """A JSON file; errors name the file (and `what` it should be)."""
-    check_regular_file(path, what)
+def read_json(path, what: str = "", max_depth: int = None, nofollow: bool = False):
+    """A JSON file; errors name the file (and `what` it should be). `max_depth` bounds how deeply
+    arrays and objects nest (a nested-array bomb is refused in one line, not a RecursionError);
+    `nofollow` refuses a symlink (open_nofollow)."""
+    if nofollow:
+        f = os.fdopen(open_nofollow(path, what=what), encoding="utf-8")
+    else:
+        check_regular_file(path, what)
+        f = open(path, encoding="utf-8")
     try:
-        with open(path) as f:
-            return json.load(f)
+        with f:
+            obj = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path} is not valid JSON ({e}){what}")
+    except RecursionError:  # nested beyond what Python parses
+        raise ConfigError(f"{path} nests arrays or objects too deeply to be read{what}")
+    level, depth = [obj] if isinstance(obj, (dict, list)) else [], 0
+    while max_depth is not None and level:
+        depth += 1
+        if depth > max_depth:
+            raise ConfigError(f"{path} nests arrays or objects deeper than {max_depth} "
+                              f"levels{what}")
+        level = [v for c in level for v in (c.values() if isinstance(c, dict) else c)
+                 if isinstance(v, (dict, list))]
+    return obj
 
 
 def read_json_object(path, what: str = "") -> dict:
