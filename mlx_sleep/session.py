@@ -43,7 +43,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import EVICTION_MODES, MAX_INT, MAX_LOOPS, MAX_WINDOW, ConfigError, SleepConfig
-from .io import (TMP_PREFIX, OutputError, _fsync_dir, clean_stale_temps, lock_file,
+from .io import (TMP_PREFIX, OutputError, _fsync_dir, _kind, clean_stale_temps, lock_file,
                  open_nofollow, read_json, save_arrays, write_json)
 from .sleep import SleepEngine, check_state, fill_state, run_chunk
 
@@ -557,7 +557,8 @@ def read_meta(name: str) -> dict:
     except FileNotFoundError:
         raise _corrupt(name, f"its state file {meta['state_file']} is missing")
     if not stat.S_ISREG(st.st_mode):
-        raise _corrupt(name, f"its state file {meta['state_file']} is not a regular file")
+        raise _corrupt(name, f"its state file {meta['state_file']} is {_kind(st)}, not a "
+                             "regular file")
     if st.st_size != meta["state_bytes"]:
         raise _corrupt(name, f"{meta['state_file']} does not match its checksum (truncated or "
                              "modified)")
@@ -577,11 +578,15 @@ class Session:
         self._lock = None
 
     # Only one process writes a session: flock, released by the kernel even on SIGKILL.
-    def lock(self):
-        path = session_dir(self.name, create=True)
-        lock_path = os.path.join(path, "lock")
+    def lock(self, create: bool = True):
+        """Take the session's lock (SessionInUse when another process holds it); `create`: make
+        the directory of a new session, else it must still be there."""
         gone = SessionError(f"session {self.name!r} was removed while it was being opened; "
                             "try again")
+        path = session_dir(self.name, create)
+        if path is None:
+            raise gone
+        lock_path = os.path.join(path, "lock")
         try:
             fd = lock_file(lock_path, f"session {self.name!r} is in use by another mlx-sleep "
                            "process; close it first", nofollow=True)
@@ -672,7 +677,7 @@ def open_session(name: str, model, model_dir: str, sleep: Optional[SleepConfig] 
 
     session = Session(name, None, identity)
     if lock:
-        session.lock()
+        session.lock(create=False)
     try:
         meta = read_meta(name)
         check_model(name, meta, identity)
@@ -708,7 +713,7 @@ def remove_session(name: str) -> List[str]:
     root = sessions_dir()
     clean_stale_temps(root)
     probe = Session(name, None, None)
-    probe.lock()  # not while another process has it open
+    probe.lock(create=False)  # not while another process has it open
     try:
         names = sorted(os.listdir(path))
         others = []
