@@ -30,10 +30,10 @@ CLI = [_SCRIPT] if os.path.exists(_SCRIPT) else [sys.executable, "-m", "mlx_slee
 NAME = "x"
 
 
-def run(home, *args, input="", umask=None):
-    return subprocess.run(CLI + [str(a) for a in args], input=input, capture_output=True,
-                          text=True, env={**os.environ, "MLX_SLEEP_HOME": str(home)}, timeout=300,
-                          preexec_fn=None if umask is None else (lambda: os.umask(umask)))
+def run(home, *args):
+    """The installed command in a process of its own, with stdin empty."""
+    return subprocess.run(CLI + [str(a) for a in args], input="", capture_output=True, text=True,
+                          env={**os.environ, "MLX_SLEEP_HOME": str(home)}, timeout=300)
 
 
 class Result:
@@ -405,9 +405,12 @@ def test_a_session_name_is_a_plain_name(golden, tmp_path, name):
 
 
 def all_commands(home, model_dir):
-    return [["sessions", "show", NAME], ["sessions", "export", NAME], ["sessions", "rm", NAME],
-            ["chat", "-s", NAME], ["consolidate", "-s", NAME, "--min-fill", "0"],
-            ["chat", "--model", model_dir, "-s", NAME]]
+    """(runner, args): each command as a process, but a chat that loads the tokenizer first
+    (--model) in this process."""
+    return [(run, ["sessions", "show", NAME]), (run, ["sessions", "export", NAME]),
+            (run, ["sessions", "rm", NAME]), (run, ["chat", "-s", NAME]),
+            (run, ["consolidate", "-s", NAME, "--min-fill", "0"]),
+            (run_here, ["chat", "--model", model_dir, "-s", NAME])]
 
 
 def test_a_symlinked_sessions_directory_is_refused(golden, tmp_path):
@@ -417,9 +420,9 @@ def test_a_symlinked_sessions_directory_is_refused(golden, tmp_path):
     home.mkdir()
     (home / "sessions").symlink_to(outside / "sessions")
     before = snapshot(tmp_path)
-    for args in all_commands(home, golden[0]) + [["sessions", "list"],
-                                                 ["consolidate", "--all"]]:
-        refused(run(home, *args), f"{home / 'sessions'} is a symlink")
+    for runner, args in all_commands(home, golden[0]) + [(run, ["sessions", "list"]),
+                                                         (run, ["consolidate", "--all"])]:
+        refused(runner(home, *args), f"{home / 'sessions'} is a symlink")
     assert snapshot(tmp_path) == before
 
 
@@ -433,8 +436,8 @@ def test_a_symlinked_session_directory_is_refused_and_its_target_untouched(golde
     os.chmod(home, 0o700)
     (home / "sessions" / NAME).symlink_to(target)
     before = snapshot(tmp_path)
-    for args in all_commands(home, golden[0]) + [["consolidate", "--all"]]:
-        refused(run(home, *args), f"{home / 'sessions' / NAME} is a symlink")
+    for runner, args in all_commands(home, golden[0]) + [(run, ["consolidate", "--all"])]:
+        refused(runner(home, *args), f"{home / 'sessions' / NAME} is a symlink")
     r = run(home, "sessions", "list")
     assert r.returncode == 0 and r.stdout.startswith(f"{NAME}: ") and "is a symlink" in r.stdout
     assert snapshot(tmp_path) == before
@@ -460,8 +463,9 @@ def test_a_symlinked_file_in_a_session_is_refused(golden, tmp_path, which):
         commands.append(["sessions", "rm", NAME])
     else:
         commands += [["sessions", "show", NAME], ["sessions", "export", NAME]]
-    for args in commands:
-        refused(run(home, *args), f"session '{NAME}' is corrupt", "is a symlink")
+    for args in commands:  # a chat reaching the lock has loaded the tokenizer: in this process
+        runner = run_here if args[0] == "chat" and "lock" in which else run
+        refused(runner(home, *args), f"session '{NAME}' is corrupt", "is a symlink")
     assert snapshot(tmp_path) == before and not os.path.lexists(outside / "created-through-the-link")
     if "lock" not in which:  # rm unlinks the link, never what it points to
         r = run(home, "sessions", "rm", NAME)
@@ -513,7 +517,7 @@ def test_rm_while_a_chat_holds_the_session_is_refused(golden, tmp_path):
 
 def test_history_flag_is_bounded(golden, tmp_path):
     home, _ = install(golden, tmp_path)
-    refused(run(home, "chat", "--model", golden[0], "-s", "new", "--history", "1000000000"),
+    refused(run_here(home, "chat", "--model", golden[0], "-s", "new", "--history", "1000000000"),
             "--history must be an integer in 0..64")
     assert not os.path.exists(home / "sessions" / "new")
 
@@ -576,7 +580,11 @@ def test_sigkill_at_every_step_of_consolidate_leaves_the_session_loadable(golden
         assert r.returncode == -signal.SIGKILL, (at, r.stdout + r.stderr)
         seen.append(loads(golden, home))  # loadable: the old session or the new one
         assert seen[-1] in (old, new), at
-        r = run(home, *args, umask=0)  # and the next run completes it
+        mask = os.umask(0)
+        try:
+            r = run_here(home, *args)  # and the next run completes it
+        finally:
+            os.umask(mask)
         assert r.returncode == 0 and loads(golden, home) == new, (at, r.stdout + r.stderr)
         left = set(os.listdir(path)) - {"lock", "session.json", "state-000001.safetensors",
                                         "state-000002.safetensors"}
@@ -604,10 +612,10 @@ def test_sigkill_at_every_step_of_rm_leaves_the_session_whole_or_gone(golden, tm
             assert loads(golden, home)[0] == meta_of(golden[1])["state_sha256"]
             outcomes.append("whole")
         else:  # gone: not listed, not shown; the next write to the store removes the rest
-            refused(run(home, "sessions", "show", NAME), f"no session '{NAME}'")
-            assert run(home, "sessions", "list").stdout.startswith("no sessions")
+            refused(run_here(home, "sessions", "show", NAME), f"no session '{NAME}'")
+            assert run_here(home, "sessions", "list").stdout.startswith("no sessions")
             shutil.copytree(golden[1], home / "sessions" / "y")
-            assert run(home, "sessions", "rm", "y").returncode == 0
+            assert run_here(home, "sessions", "rm", "y").returncode == 0
             assert os.listdir(home / "sessions") == [], at
             outcomes.append("gone")
     assert "whole" in outcomes and "gone" in outcomes, outcomes
