@@ -257,6 +257,32 @@ def list_sessions() -> List[str]:
                   and os.path.lexists(os.path.join(root, n, "session.json")))
 
 
+def report_sessions(echo=print):
+    """`mlx-sleep sessions list`: one line per session (for one that cannot be read, why), then
+    SessionError naming those that cannot be read, if any (exit status 1)."""
+    import datetime
+
+    names, unreadable = list_sessions(), []
+    if not names:
+        echo(f"no sessions in {sessions_dir()}")
+    for name in names:
+        try:
+            meta = read_meta(name)
+        except SessionError as e:
+            echo(f"{name}: {e}")
+            unreadable.append(name)
+            continue
+        e, L = meta["engine"], meta["sleep"]["window"]
+        saved = datetime.datetime.fromtimestamp(meta["saved"]).strftime("%Y-%m-%d %H:%M")
+        echo(f"{name}: {e['offset']} tokens, window {e['offset'] - e['window_start']}/{L}, "
+             f"{e['sleeps']} consolidations, {len(meta['transcript']['messages'])} messages, "
+             f"{meta['state_bytes'] / (1 << 20):.1f} MiB, saved {saved}, "
+             f"model {os.path.basename(meta['model']['path'])}")
+    if unreadable:
+        raise SessionError(f"{len(unreadable)} of {len(names)} sessions cannot be read "
+                           f"({', '.join(unreadable)}): see above")
+
+
 # -- the model a session belongs to ------------------------------------------------------------
 
 SAMPLE_BLOCKS, BLOCK = 64, 1 << 16

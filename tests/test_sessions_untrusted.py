@@ -266,6 +266,25 @@ def test_a_corrupt_session_stays_removable(golden, tmp_path):
     assert os.listdir(home / "sessions") == []
 
 
+def test_the_session_list_names_each_unreadable_session_and_fails(golden, tmp_path, monkeypatch):
+    """session.report_sessions, what `sessions list` is to call: the command's lines, then an
+    error naming the sessions that cannot be read."""
+    from mlx_sleep.session import SessionError, report_sessions
+
+    home, path = install(golden, tmp_path)
+    shutil.copytree(path, home / "sessions" / "y")
+    monkeypatch.setenv("MLX_SLEEP_HOME", str(home))
+    lines = []
+    report_sessions(lines.append)
+    assert lines == run_here(home, "sessions", "list").stdout.splitlines() and len(lines) == 2
+    write_meta(str(home / "sessions" / "y"), text="[]")
+    lines = []
+    with pytest.raises(SessionError, match=r"^1 of 2 sessions cannot be read \(y\): see above$"):
+        report_sessions(lines.append)
+    assert lines[0].startswith("x: 24 tokens, window 8/16") and \
+        lines[1].startswith("y: session 'y' is corrupt (session.json: the top level must be")
+
+
 # -- the state file edited (its checksum and size updated in session.json, so they pass) ----------
 
 ST = {mx.float32: "F32", mx.float16: "F16", mx.int32: "I32", mx.uint32: "U32", mx.int64: "I64"}
@@ -438,8 +457,8 @@ def test_a_symlinked_session_directory_is_refused_and_its_target_untouched(golde
     before = snapshot(tmp_path)
     for runner, args in all_commands(home, golden[0]) + [(run, ["consolidate", "--all"])]:
         refused(runner(home, *args), f"{home / 'sessions' / NAME} is a symlink")
-    r = run(home, "sessions", "list")
-    assert r.returncode == 0 and r.stdout.startswith(f"{NAME}: ") and "is a symlink" in r.stdout
+    r = run(home, "sessions", "list")  # exit 1 once cli.py calls report_sessions
+    assert r.returncode in (0, 1) and r.stdout.startswith(f"{NAME}: ") and "is a symlink" in r.stdout
     assert snapshot(tmp_path) == before
 
 
