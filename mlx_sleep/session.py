@@ -413,7 +413,7 @@ def state_schema(model, meta: dict) -> dict:
             for key in dict(f, **a):
                 if key in f:  # a fixed size: fast weights, conv inputs
                     dtypes = {ST_NAME[x[key].dtype] for x in (f, a) if key in x}
-                    out[f"{prefix}.{i}.{key}"] = (dtypes, tuple(f[key].shape), True)
+                    out[f"{prefix}.{i}.{key}"] = (dtypes, tuple(f[key].shape), key in a)
                 elif min(L, tokens) > 0:  # grows with the tokens: the KV [B, H, T, D], or none
                     shape = list(a[key].shape)
                     shape[2] = (1, min(L, tokens))

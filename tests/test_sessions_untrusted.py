@@ -515,6 +515,32 @@ def test_the_home_may_be_a_symlink(golden, tmp_path):
     assert r.returncode == 0 and "user: hi" in r.stdout, r.stdout + r.stderr
 
 
+def test_io_readers_refuse_links_fifos_and_deep_nesting(tmp_path):
+    from mlx_sleep.config import ConfigError
+    from mlx_sleep.io import lock_file, open_nofollow, read_json
+
+    (tmp_path / "ok.json").write_text('{"a": [[1]]}')
+    (tmp_path / "link.json").symlink_to(tmp_path / "ok.json")
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "bomb.json").write_text(BOMB)
+    assert read_json(tmp_path / "ok.json", max_depth=3, nofollow=True) == {"a": [[1]]}
+    assert read_json(tmp_path / "link.json") == {"a": [[1]]}  # the old behaviour by default
+    for path, flags, match in (("ok.json", {"max_depth": 2}, "deeper than 2 levels"),
+                               ("bomb.json", {}, "too deeply"),
+                               ("link.json", {"nofollow": True}, "is a symlink"),
+                               ("fifo", {"nofollow": True}, "is a FIFO")):
+        with pytest.raises(ConfigError, match=match):
+            read_json(tmp_path / path, **flags)
+    with pytest.raises(ConfigError, match="is a symlink"):
+        lock_file(str(tmp_path / "link.json"), "busy", nofollow=True)
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match="is a symlink"):
+        open_nofollow(str(tmp_path / "dangling"), os.O_RDWR | os.O_CREAT)
+    assert not os.path.lexists(tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match="is a directory"):
+        open_nofollow(str(tmp_path))
+
+
 # -- the lock ----------------------------------------------------------------------------------------
 
 def test_rm_while_a_chat_holds_the_session_is_refused(golden, tmp_path):
