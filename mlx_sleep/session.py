@@ -237,6 +237,9 @@ def store(create: bool = False) -> Optional[str]:
             os.mkdir(home(), 0o700)
             os.chmod(home(), 0o700)
     if not os.path.isdir(home()):
+        if create or os.path.lexists(home()):
+            raise SessionError(f"{home()} (MLX_SLEEP_HOME) is not a directory; point "
+                               "MLX_SLEEP_HOME at a directory")
         return None
     return sessions_dir() if _real_dir(sessions_dir(), create) else None
 
