@@ -16,6 +16,7 @@ The policy (docs/files.md):
 """
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -146,6 +147,29 @@ def check_regular_file(path: str, what: str = "") -> str:
     return path
 
 
+def open_nofollow(path: str, flags: int = os.O_RDONLY, mode: int = 0o600, what: str = "") -> int:
+    """os.open for a file of ours: a symlink (as the last component) or anything but a regular
+    file (a FIFO, a device, a directory) is refused with a one-line ConfigError, without
+    following or blocking on it. FileNotFoundError when it is absent (and not created)."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        try:
+            kind = _kind(os.lstat(path))
+        except OSError:
+            kind = None
+        if e.errno == errno.ELOOP or kind not in (None, "a regular file"):
+            raise ConfigError(f"{path} is {kind or 'a symlink'}, not a regular file{what}")
+        raise ConfigError(f"{path}: {e.strerror}{what}")
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise ConfigError(f"{path} is {_kind(st)}, not a regular file{what}")
+    return fd
+
+
 def owner_of(path: str):
     """The owner recorded in `path`'s marker (run, model, demo, session), or None. Directories
     written before markers existed are recognised by their contents."""
@@ -253,10 +277,14 @@ def lock_dir(path: str, what: str = "a training"):
         os.close(fd)
 
 
-def lock_file(path: str, in_use: str) -> int:
+def lock_file(path: str, in_use: str, nofollow: bool = False) -> int:
     """An exclusive flock on the file `path` (created 0600 if absent): the fd holding it (close
-    it to release; the kernel releases it even on SIGKILL). Held elsewhere: OutputError(in_use)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    it to release; the kernel releases it even on SIGKILL). Held elsewhere: OutputError(in_use).
+    `nofollow`: a symlink or anything but a regular file there is refused (open_nofollow)."""
+    if nofollow:
+        fd = open_nofollow(path, os.O_RDWR | os.O_CREAT, 0o600)
+    else:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -353,7 +381,8 @@ def parse_json(text, where: str = "JSON", max_depth: int = MAX_JSON_DEPTH):
     try:
         obj = json.loads(text)
     except RecursionError:
-        raise ConfigError(f"{where} nests deeper than {max_depth} levels; refusing it")
+        raise ConfigError(f"{where} nests deeper than {max_depth} levels (arrays or objects "
+                          "nested too deeply to read); refusing it")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{where} is not valid JSON ({e})")
     except ValueError as e:  # e.g. an integer of more than 4300 digits
@@ -363,23 +392,28 @@ def parse_json(text, where: str = "JSON", max_depth: int = MAX_JSON_DEPTH):
     return obj
 
 
-def read_json(path, what: str = "", max_bytes: int = MAX_JSON_BYTES):
+def read_json(path, what: str = "", max_bytes: int = MAX_JSON_BYTES,
+              max_depth: int = MAX_JSON_DEPTH, nofollow: bool = False):
     """A JSON file; errors name the file (and `what` it should be). Only a regular file is
-    opened (a FIFO would block); one larger than `max_bytes` or nested deeper than
-    MAX_JSON_DEPTH is refused."""
-    check_regular_file(path, what)
-    size = os.path.getsize(path)
-    if size > max_bytes:
-        raise ConfigError(f"{path} is {size:,} bytes, more than the {max_bytes:,} a JSON file "
-                          f"may hold here{what}")
-    with open(path, "rb") as f:
+    opened (a FIFO would block; with `nofollow` a symlink is refused too: open_nofollow); one
+    larger than `max_bytes` or nested deeper than `max_depth` is refused."""
+    if nofollow:
+        f = os.fdopen(open_nofollow(path, what=what), "rb")
+    else:
+        check_regular_file(path, what)
+        f = open(path, "rb")
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        if size > max_bytes:
+            raise ConfigError(f"{path} is {size:,} bytes, more than the {max_bytes:,} a JSON "
+                              f"file may hold here{what}")
         data = f.read(max_bytes + 1)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON ({e}){what}")
     try:
-        return parse_json(text, path)
+        return parse_json(text, str(path), max_depth)
     except ConfigError as e:
         raise ConfigError(f"{e}{what}") from None
 

@@ -16,13 +16,25 @@ its KV (not re-prefilled on load): loading is a copy, and resuming continues bit
 A session belongs to one model: the architecture fingerprint (`model.fingerprint()`) and a hash
 of the weights (`weights_hash`: every safetensors file's header and size and samples of its
 data, cheap for any model size) must both match to load it.
+
+A session on disk is untrusted input (edited by hand, written by another tool, a link planted in
+the store). Names are plain names resolved only inside the store, and no symlink is followed at
+any level below the home (the sessions directory, a session's directory, its files). Every read
+checks session.json against SESSION_JSON (types, ranges, no unknown fields, nesting depth) and
+CONSISTENT; opening a session with its model checks the state file against `state_schema` (the
+arrays' names, dtypes and shapes from the model, finite values, token ids in the vocabulary)
+before anything is loaded into the engine. Whatever fails is refused with one line naming the
+field, and the files stay as they were.
 """
 
 import contextlib
 import glob
 import hashlib
+import io
+import json
 import os
 import re
+import stat
 import struct
 import time
 from typing import List, Optional
@@ -30,19 +42,151 @@ from typing import List, Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .config import ConfigError, SleepConfig
-from .io import OutputError, lock_file, read_json, save_arrays, write_json
-from .sleep import SleepEngine, _check_state, _fill, run_chunk
+from .config import EVICTION_MODES, MAX_INT, MAX_LOOPS, MAX_WINDOW, ConfigError, SleepConfig
+from .io import (TMP_PREFIX, OutputError, _fsync_dir, _kind, clean_stale_temps, lock_file,
+                 open_nofollow, read_json, save_arrays, write_json)
+from .sleep import SleepEngine, check_state, fill_state, run_chunk
 
 FORMAT = 1  # bump when session.json or the state file changes incompatibly
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # fullmatch: no '/', no leading '.'
+STATE_FILE_RE = re.compile(r"state-[0-9]{6,10}\.safetensors")
+MAX_HISTORY = 64  # /forget snapshots: each is a full copy of the fast weights
+MAX_META_BYTES = 256 << 20
+MAX_JSON_DEPTH = 8  # session.json nests 4 deep (transcript.messages[i].role)
 
 
 class SessionError(ValueError):
     """A session cannot be opened or written; the message says why and what to do."""
 
 
+class SessionInUse(SessionError):
+    """Another process holds the session's lock."""
+
+
+class SchemaError(ValueError):
+    """A field of a session does not fit its schema; the message names the field."""
+
+
+# -- what a session may hold --------------------------------------------------------------------
+# session.json, field by field. A spec is an object ({field: spec}: exactly these fields) or
+# (kind, ...): ("int", lo, hi), ("number", lo, hi), ("text", regex or None, what it is),
+# ("one of", values), ("list", item spec, at most). `conform` is the one checker.
+
+def Int(lo, hi): return ("int", lo, hi)
+def Number(lo, hi): return ("number", lo, hi)
+def Text(regex=None, what=None): return ("text", regex, what)
+def OneOf(*values): return ("one of", values)
+def ListOf(item, most): return ("list", item, most)
+
+
+TIME = Number(0, 32503680000)  # seconds since 1970, before the year 3000
+POS = Int(0, MAX_INT)  # token positions and counts (MLX indexes with 32 bits)
+HEX16 = Text(r"[0-9a-f]{16}", "16 hex digits")
+SLEEP = {"loops": Int(1, MAX_LOOPS), "window": Int(1, MAX_WINDOW),
+         "eviction": OneOf(*EVICTION_MODES)}
+SESSION_JSON = {
+    "format": Int(1, FORMAT),
+    "name": Text(NAME_RE.pattern, "a session name"),
+    "created": TIME,
+    "saved": TIME,
+    "generation": Int(1, 10**9),
+    "model": {"path": Text(r"/[^\x00]{0,4095}", "an absolute path"), "fingerprint": HEX16,
+              "weights": Text(r"[0-9a-f]{16}|none", "16 hex digits or 'none'")},
+    "sleep": SLEEP,
+    "history": Int(0, MAX_HISTORY),
+    "engine": {"offset": POS, "window_start": POS, "sleeps": POS, "batch_size": Int(1, 1),
+               "sleep": SLEEP, "model": HEX16, "snapshot_starts": ListOf(POS, MAX_HISTORY)},
+    "state_file": Text(STATE_FILE_RE.pattern, "a state file name (state-NNNNNN.safetensors)"),
+    "state_sha256": Text(r"[0-9a-f]{64}", "64 hex digits"),
+    "state_bytes": Int(8, 1 << 40),
+    "transcript": {"messages": ListOf({"role": OneOf("system", "user", "assistant"),
+                                       "content": Text()}, 1 << 20),
+                   "fed_text": Text()},
+}
+# What the fields of a conforming session.json must agree on.
+CONSISTENT = [
+    (lambda m: m["engine"]["window_start"] <= m["engine"]["offset"],
+     "engine.window_start must be <= engine.offset"),
+    (lambda m: m["engine"]["offset"] - m["engine"]["window_start"] <= m["sleep"]["window"],
+     "the live window (engine.offset - engine.window_start) must be <= sleep.window"),
+    (lambda m: m["engine"]["sleep"] == m["sleep"], "engine.sleep must equal sleep"),
+    (lambda m: m["engine"]["model"] == m["model"]["fingerprint"],
+     "engine.model must equal model.fingerprint"),
+    (lambda m: len(m["engine"]["snapshot_starts"]) <= min(m["history"], m["engine"]["sleeps"]),
+     "engine.snapshot_starts may hold at most history and engine.sleeps entries"),
+    (lambda m: m["engine"]["snapshot_starts"] == sorted(m["engine"]["snapshot_starts"]) and
+     all(a <= m["engine"]["window_start"] for a in m["engine"]["snapshot_starts"]),
+     "engine.snapshot_starts must ascend, up to engine.window_start"),
+    (lambda m: m["state_file"] == state_file_name(m["generation"]),
+     "state_file must be state-<generation>.safetensors"),
+]
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _show(value) -> str:
+    if isinstance(value, (list, dict)):
+        return f"a JSON {'array' if isinstance(value, list) else 'object'} of {len(value)}"
+    if isinstance(value, str) and len(value) > 40:
+        return repr(value[:37]) + "..."
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def conform(spec, value, field: str = ""):
+    """`value` fits `spec` (see SESSION_JSON), or SchemaError naming the first field that does
+    not. Recurses only as deep as the spec (a value nested deeper is refused by its type)."""
+    where = field or "the top level"
+    if isinstance(spec, dict):
+        if type(value) is not dict:
+            raise SchemaError(f"{where} must be an object (got {_show(value)})")
+        for key in value:
+            if key not in spec:
+                raise SchemaError(f"{where} has an unknown field {_show(key)}")
+        for key, sub in spec.items():
+            if key not in value:
+                raise SchemaError(f"{where} lacks the field {key!r}")
+            conform(sub, value[key], f"{field}.{key}" if field else key)
+        return
+    kind = spec[0]
+    if kind == "list":
+        if type(value) is not list or len(value) > spec[2]:
+            raise SchemaError(f"{where} must be a list of at most {spec[2]} (got {_show(value)})")
+        for i, item in enumerate(value):
+            conform(spec[1], item, f"{field}[{i}]")
+        return
+    if kind == "int":
+        ok, want = type(value) is int and spec[1] <= value <= spec[2], \
+            f"an integer in {spec[1]}..{spec[2]}"
+    elif kind == "number":  # NaN and the infinities fail the comparison
+        ok, want = type(value) in (int, float) and spec[1] <= value <= spec[2], \
+            f"a number in {spec[1]}..{spec[2]}"
+    elif kind == "one of":
+        ok, want = type(value) is str and value in spec[1], "one of " + ", ".join(spec[1])
+    else:  # text: a string (valid Unicode), matching the regex if any
+        ok = type(value) is str and not _SURROGATE.search(value) and \
+            (spec[1] is None or re.fullmatch(spec[1], value) is not None)
+        want = spec[2] or "a string"
+    if not ok:
+        raise SchemaError(f"{where} must be {want} (got {_show(value)})")
+
+
+def check_meta(meta):
+    """session.json's content: SESSION_JSON, then CONSISTENT; SchemaError otherwise."""
+    conform(SESSION_JSON, meta)
+    for test, rule in CONSISTENT:
+        if not test(meta):
+            raise SchemaError(rule)
+
+
+def state_file_name(generation: int) -> str:
+    return f"state-{generation:06d}.safetensors"
+
+
+# -- the store: plain names, real directories, no symlinks ----------------------------------------
+
 def home() -> str:
+    """The home may be anywhere the user puts it (a link to another disk included); nothing
+    below it is followed through a symlink."""
     return os.path.expanduser(os.environ.get("MLX_SLEEP_HOME") or "~/.mlx_sleep")
 
 
@@ -50,29 +194,96 @@ def sessions_dir() -> str:
     return os.path.join(home(), "sessions")
 
 
+def check_name(name) -> str:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise SessionError(f"{_show(name)} is not a session name: use letters, digits, '.', '_', "
+                           "'-' (at most 64, starting with a letter or digit)")
+    return name
+
+
 def session_path(name: str) -> str:
-    if not NAME_RE.match(name or ""):
-        raise SessionError(f"{name!r} is not a session name: use letters, digits, '.', '_', '-' "
-                           "(at most 64, starting with a letter or digit)")
-    return os.path.join(sessions_dir(), name)
+    """Where session `name` lives (the name checked; nothing on disk is)."""
+    return os.path.join(sessions_dir(), check_name(name))
 
 
-def private_dir(path: str):
-    """Create the home, the sessions directory and `path` under it, owner-only (0700); a
-    directory that already exists keeps its mode (it may not be ours)."""
-    os.makedirs(os.path.dirname(home()), exist_ok=True)
-    for p in dict.fromkeys([home(), sessions_dir(), path]):
-        if not os.path.isdir(p):
-            os.mkdir(p, 0o700)
-            os.chmod(p, 0o700)  # whatever the umask
+def _real_dir(path: str, create: bool) -> bool:
+    """`path` is a directory of ours, not a symlink (created 0700 if absent and `create`):
+    True; absent: False; anything else: SessionError."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        if not create:
+            return False
+        with contextlib.suppress(FileExistsError):  # a concurrent creator: checked below
+            os.mkdir(path, 0o700)
+            os.chmod(path, 0o700)  # whatever the umask
+        st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise SessionError(f"{path} is a symlink; sessions are kept only in real directories "
+                           f"under {home()}: replace the link with a directory (or remove it)")
+    if not stat.S_ISDIR(st.st_mode):
+        raise SessionError(f"{path} is not a directory; move it away")
+    if st.st_uid != os.geteuid():
+        raise SessionError(f"{path} belongs to another user; mlx-sleep keeps sessions only in "
+                           "directories of yours")
+    return True
+
+
+def store(create: bool = False) -> Optional[str]:
+    """The sessions directory (None when absent and not `create`d)."""
+    if create and not os.path.isdir(home()):
+        os.makedirs(os.path.dirname(os.path.abspath(home())), exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(home(), 0o700)
+            os.chmod(home(), 0o700)
+    if not os.path.isdir(home()):
+        if create or os.path.lexists(home()):
+            raise SessionError(f"{home()} (MLX_SLEEP_HOME) is not a directory; point "
+                               "MLX_SLEEP_HOME at a directory")
+        return None
+    return sessions_dir() if _real_dir(sessions_dir(), create) else None
+
+
+def session_dir(name: str, create: bool = False) -> Optional[str]:
+    """Session `name`'s directory, a real directory inside the store (None when absent)."""
+    path = session_path(name)
+    if store(create) is None:
+        return None
+    return path if _real_dir(path, create) else None
 
 
 def list_sessions() -> List[str]:
-    root = sessions_dir()
-    if not os.path.isdir(root):
+    root = store()
+    if root is None:
         return []
-    return sorted(n for n in os.listdir(root)
-                  if NAME_RE.match(n) and os.path.isfile(os.path.join(root, n, "session.json")))
+    return sorted(n for n in os.listdir(root) if NAME_RE.fullmatch(n)
+                  and os.path.lexists(os.path.join(root, n, "session.json")))
+
+
+def report_sessions(echo=print):
+    """`mlx-sleep sessions list`: one line per session (for one that cannot be read, why), then
+    SessionError naming those that cannot be read, if any (exit status 1)."""
+    import datetime
+
+    names, unreadable = list_sessions(), []
+    if not names:
+        echo(f"no sessions in {sessions_dir()}")
+    for name in names:
+        try:
+            meta = read_meta(name)
+        except SessionError as e:
+            echo(f"{name}: {e}")
+            unreadable.append(name)
+            continue
+        e, L = meta["engine"], meta["sleep"]["window"]
+        saved = datetime.datetime.fromtimestamp(meta["saved"]).strftime("%Y-%m-%d %H:%M")
+        echo(f"{name}: {e['offset']} tokens, window {e['offset'] - e['window_start']}/{L}, "
+             f"{e['sleeps']} consolidations, {len(meta['transcript']['messages'])} messages, "
+             f"{meta['state_bytes'] / (1 << 20):.1f} MiB, saved {saved}, "
+             f"model {os.path.basename(meta['model']['path'])}")
+    if unreadable:
+        raise SessionError(f"{len(unreadable)} of {len(names)} sessions cannot be read "
+                           f"({', '.join(unreadable)}): see above")
 
 
 # -- the model a session belongs to ------------------------------------------------------------
@@ -169,42 +380,217 @@ class SessionEngine(SleepEngine):
         fresh = self.model.initial_state(self.batch_size)
         snapshots = []
         for i, start in enumerate(starts):
-            s = _fill(fresh, tree[i] if i < len(tree) else [])
-            _check_state(f"snapshot {i}", s, fresh)
+            s = fill_state(fresh, tree[i] if i < len(tree) else [])
+            check_state(f"snapshot {i}", s, fresh)
             snapshots.append((s, int(start)))
         self.load_state_dict({"arrays": rest, "meta": meta})  # checks, or leaves all unchanged
         self.snapshots = snapshots[-self.history:] if self.history > 0 else []
+
+
+# -- the state file: what its arrays must be for the model ---------------------------------------
+
+ST_DTYPES = {"F32": (mx.float32, 4), "F16": (mx.float16, 2), "BF16": (mx.bfloat16, 2),
+             "F64": (mx.float64, 8), "I64": (mx.int64, 8), "I32": (mx.int32, 4),
+             "I16": (mx.int16, 2), "I8": (mx.int8, 1), "U64": (mx.uint64, 8),
+             "U32": (mx.uint32, 4), "U16": (mx.uint16, 2), "U8": (mx.uint8, 1),
+             "BOOL": (mx.bool_, 1)}
+ST_NAME = {dtype: name for name, (dtype, _) in ST_DTYPES.items()}
+TOKEN_DTYPES = frozenset({"I32", "I64", "U32"})
+
+
+def state_schema(model, meta: dict) -> dict:
+    """{array name: (dtypes, shape, required)} that the state file of `meta` (a checked
+    session.json) may hold for `model`, and nothing else. A shape entry (lo, hi) is a range: the
+    token axis of the KV, at most min(window L, the tokens before that state). The dtypes and
+    shapes come from the model itself: its fresh state, and that state after one token (MLX is
+    lazy: nothing is computed, only shapes are)."""
+    e, L = meta["engine"], meta["sleep"]["window"]
+    sleep = SleepConfig.from_dict(meta["sleep"])
+    fresh, core = model.initial_state(1), []
+    _, after = run_chunk(model, mx.zeros((1, 1), dtype=mx.int32), fresh, 0, 1,
+                         sleep.attention_window, core_out=core)
+
+    def layers(prefix, tokens):
+        out = {}
+        for i, (f, a) in enumerate(zip(fresh, after)):
+            for key in dict(f, **a):
+                if key in f:  # a fixed size: fast weights, conv inputs
+                    dtypes = {ST_NAME[x[key].dtype] for x in (f, a) if key in x}
+                    out[f"{prefix}.{i}.{key}"] = (dtypes, tuple(f[key].shape), key in a)
+                elif min(L, tokens) > 0:  # grows with the tokens: the KV [B, H, T, D], or none
+                    shape = list(a[key].shape)
+                    shape[2] = (1, min(L, tokens))
+                    out[f"{prefix}.{i}.{key}"] = ({ST_NAME[a[key].dtype]}, tuple(shape), False)
+        return out
+
+    spec = {**layers("state", e["offset"]), **layers("window_start_state", e["window_start"])}
+    for j, start in enumerate(e["snapshot_starts"]):
+        spec.update(layers(f"snapshots.{j}", start))
+    live = e["offset"] - e["window_start"]
+    if live:
+        spec["window_ids"] = (TOKEN_DTYPES, (1, live), True)
+        spec["window_core"] = ({ST_NAME[core[0].dtype]}, (1, live, core[0].shape[-1]), False)
+    return spec
+
+
+def _shape_text(shape) -> str:
+    return "[" + ", ".join(f"{s[0]}..{s[1]}" if isinstance(s, tuple) else str(s)
+                           for s in shape) + "]"
+
+
+def conform_arrays(spec: dict, found: dict, where: str):
+    """The arrays `found` ({name: (dtype, shape)}, a safetensors header) are those of `spec`
+    (state_schema): each required one there, no other, dtypes and shapes in range, and the
+    optional arrays of one layer (keys, values) all there or none, of one shape."""
+    for name in found:
+        if name not in spec:
+            raise SchemaError(f"{where} holds an array {_show(name)} that this model's sessions "
+                              "do not have")
+    groups = {}
+    for name, (dtypes, shape, required) in spec.items():
+        if name not in found:
+            if required:
+                raise SchemaError(f"{where} lacks the array {name}")
+            continue
+        dtype, got = found[name]
+        if dtype not in dtypes:
+            raise SchemaError(f"{where} {name} is {dtype}; the model needs "
+                              f"{' or '.join(sorted(dtypes))}")
+        if len(got) != len(shape) or not all(
+                lo_hi[0] <= g <= lo_hi[1] if isinstance(lo_hi, tuple) else g == lo_hi
+                for g, lo_hi in zip(got, shape)):
+            raise SchemaError(f"{where} {name} is {_shape_text(got)}; the model needs "
+                              f"{_shape_text(shape)}")
+        if not required:
+            groups.setdefault(name.rsplit(".", 1)[0], set()).add(name)
+    for group, names in groups.items():
+        want = {n for n in spec if n.rsplit(".", 1)[0] == group and not spec[n][2]}
+        if names != want or len({found[n][1] for n in names}) != 1:
+            raise SchemaError(f"{where} {group} must hold {' and '.join(sorted(want))} of one "
+                              "shape, or none of them")
+
+
+def safetensors_header(data: bytes, where: str) -> dict:
+    """{name: (dtype, shape)} of a safetensors file's bytes, every entry checked against them."""
+    if len(data) < 8 or struct.unpack("<Q", data[:8])[0] > len(data) - 8:
+        raise SchemaError(f"{where} is not a safetensors file (truncated header)")
+    n = struct.unpack("<Q", data[:8])[0]
+    try:
+        header = json.loads(data[8:8 + n])
+    except (ValueError, RecursionError):
+        raise SchemaError(f"{where} is not a safetensors file (its header is not JSON)")
+    if not isinstance(header, dict):
+        raise SchemaError(f"{where} is not a safetensors file (its header is not an object)")
+    header.pop("__metadata__", None)
+    out, spans = {}, []
+    for name, info in header.items():
+        try:
+            dtype, shape, (a, b) = info["dtype"], info["shape"], info["data_offsets"]
+            ok = dtype in ST_DTYPES and type(shape) is list and len(shape) <= 8 and \
+                all(type(x) is int and 0 <= x <= MAX_INT for x in shape) and \
+                all(type(x) is int for x in (a, b)) and 0 <= a <= b <= len(data) - 8 - n
+            count = 1
+            for x in shape if ok else ():
+                count *= x
+            ok = ok and b - a == count * ST_DTYPES[dtype][1]
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise SchemaError(f"{where} has a bad header entry for {_show(name)}")
+        out[name] = (dtype, tuple(shape))
+        spans.append((a, b))
+    spans.sort()
+    if any(b > c for (_, b), (c, _) in zip(spans, spans[1:])):
+        raise SchemaError(f"{where} has overlapping arrays")
+    return out
+
+
+def max_state_bytes(spec: dict) -> int:
+    """The largest state file `spec` allows (its header included, generously)."""
+    total = 1 << 20
+    for dtypes, shape, _ in spec.values():
+        count = 1
+        for s in shape:
+            count *= s[1] if isinstance(s, tuple) else s
+        total += count * max(ST_DTYPES[d][1] for d in dtypes)
+    return total
+
+
+def read_state(path: str, meta: dict, model) -> dict:
+    """The arrays of a session's state file, checked: a regular file (no symlink) of the size
+    and sha256 session.json records, a header that fits state_schema(model, meta), finite
+    floating-point values and token ids in the vocabulary. SchemaError otherwise."""
+    name = meta["state_file"]
+    spec = state_schema(model, meta)
+    if meta["state_bytes"] > max_state_bytes(spec):
+        raise SchemaError(f"state_bytes {meta['state_bytes']} is larger than a state of this "
+                          f"model can be ({max_state_bytes(spec)})")
+    try:
+        with os.fdopen(open_nofollow(path), "rb") as f:
+            data = f.read(meta["state_bytes"] + 1)
+    except FileNotFoundError:
+        raise SchemaError(f"its state file {name} is missing")
+    except ConfigError as e:
+        raise SchemaError(str(e))
+    if len(data) != meta["state_bytes"] or hashlib.sha256(data).hexdigest() != meta["state_sha256"]:
+        raise SchemaError(f"{name} does not match its checksum (truncated or modified)")
+    conform_arrays(spec, safetensors_header(data, name), name)
+    arrays = mx.load(io.BytesIO(data), format="safetensors")
+    for key, a in sorted(arrays.items()):
+        if mx.issubdtype(a.dtype, mx.floating) and not mx.all(mx.isfinite(a)).item():
+            raise SchemaError(f"{name} {key} holds NaN or infinite values")
+    if "window_ids" in arrays:
+        model.check_ids(arrays["window_ids"])
+    return arrays
 
 
 # -- a session: engine + transcript + files ----------------------------------------------------
 
 def _sha256_file(path: str) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with os.fdopen(open_nofollow(path), "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
 
 
+def _corrupt(name: str, why) -> SessionError:
+    return SessionError(f"session {name!r} is corrupt ({why}); remove it with `mlx-sleep "
+                        f"sessions rm {name}` or use another name")
+
+
 def read_meta(name: str) -> dict:
-    """session.json of `name`, checked for format; SessionError with one line otherwise."""
-    path = session_path(name)
-    meta_path = os.path.join(path, "session.json")
-    if not os.path.isfile(meta_path):
+    """session.json of `name`, checked (check_meta), and its state file present as a regular
+    file of the recorded size; SessionError with one line otherwise. Reads nothing through a
+    symlink."""
+    path = session_dir(name)
+    meta_path = os.path.join(path or session_path(name), "session.json")
+    if path is None or not os.path.lexists(meta_path):
         raise SessionError(f"no session {name!r} in {sessions_dir()} (mlx-sleep sessions list)")
     try:
-        meta = read_json(meta_path)
-    except ConfigError as e:  # not valid JSON, or not a regular file
-        raise SessionError(f"session {name!r} is corrupt ({e}); "
-                           f"remove it with `mlx-sleep sessions rm {name}` or use another name")
-    if not isinstance(meta, dict) or not isinstance(meta.get("format"), int):
-        raise SessionError(f"session {name!r} is corrupt ({meta_path} has no format version)")
-    if meta["format"] > FORMAT:
+        if os.lstat(meta_path).st_size > MAX_META_BYTES:
+            raise ConfigError(f"session.json is larger than {MAX_META_BYTES >> 20} MiB")
+        meta = read_json(meta_path, max_depth=MAX_JSON_DEPTH, nofollow=True)
+    except ConfigError as e:  # not valid JSON, too deep, a symlink, not a regular file
+        raise _corrupt(name, e)
+    if isinstance(meta, dict) and type(meta.get("format")) is int and meta["format"] > FORMAT:
         raise SessionError(f"session {name!r} was written by a newer mlx-sleep (format "
                            f"{meta['format']}, this one reads {FORMAT}): upgrade mlx-sleep")
-    for key in ("model", "sleep", "engine", "state_file", "state_sha256", "transcript"):
-        if key not in meta:
-            raise SessionError(f"session {name!r} is corrupt (session.json lacks {key!r})")
+    try:
+        check_meta(meta)
+    except SchemaError as e:
+        raise _corrupt(name, f"session.json: {e}")
+    state_path = os.path.join(path, meta["state_file"])
+    try:
+        st = os.lstat(state_path)
+    except FileNotFoundError:
+        raise _corrupt(name, f"its state file {meta['state_file']} is missing")
+    if not stat.S_ISREG(st.st_mode):
+        raise _corrupt(name, f"its state file {meta['state_file']} is {_kind(st)}, not a "
+                             "regular file")
+    if st.st_size != meta["state_bytes"]:
+        raise _corrupt(name, f"{meta['state_file']} does not match its checksum (truncated or "
+                             "modified)")
     return meta
 
 
@@ -221,14 +607,34 @@ class Session:
         self._lock = None
 
     # Only one process writes a session: flock, released by the kernel even on SIGKILL.
-    def lock(self):
-        private_dir(self.path)
+    def lock(self, create: bool = True):
+        """Take the session's lock (SessionInUse when another process holds it); `create`: make
+        the directory of a new session, else it must still be there."""
+        gone = SessionError(f"session {self.name!r} was removed while it was being opened; "
+                            "try again")
+        path = session_dir(self.name, create)
+        if path is None:
+            raise gone
+        lock_path = os.path.join(path, "lock")
         try:
-            self._lock = lock_file(os.path.join(self.path, "lock"),
-                                   f"session {self.name!r} is in use by another mlx-sleep "
-                                   "process; close it first")
+            fd = lock_file(lock_path, f"session {self.name!r} is in use by another mlx-sleep "
+                           "process; close it first", nofollow=True)
         except OutputError as e:
-            raise SessionError(str(e))
+            raise SessionInUse(str(e))
+        except FileNotFoundError:
+            raise gone
+        except ConfigError as e:  # a symlink or not a regular file
+            raise _corrupt(self.name, e)
+        # `sessions rm` renames the directory away while it holds the lock: a lock taken on
+        # the file it moved is no lock on this session.
+        try:
+            same = os.path.samestat(os.fstat(fd), os.lstat(lock_path))
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.close(fd)
+            raise gone
+        self._lock = fd
 
     def close(self):
         if self._lock is not None:
@@ -239,25 +645,25 @@ class Session:
         """Write the session (see the module docstring for why this order); returns bytes."""
         arrays, engine_meta = self.engine.arrays_and_meta()
         generation = self.meta.get("generation", 0) + 1
-        state_file = f"state-{generation:06d}.safetensors"
-        state_path = os.path.join(self.path, state_file)
-        private_dir(self.path)
+        state_file = state_file_name(generation)
+        path = session_dir(self.name, create=True)  # still a real directory in the store
+        state_path = os.path.join(path, state_file)
         save_arrays(state_path, arrays, mode=0o600)
         meta = dict(self.meta, format=FORMAT, name=self.name, saved=time.time(),
                     generation=generation, model=self.identity,
                     sleep=self.engine.sleep.to_dict(), history=self.engine.history,
                     engine=engine_meta, state_file=state_file,
                     state_sha256=_sha256_file(state_path),
-                    state_bytes=os.path.getsize(state_path),
+                    state_bytes=os.lstat(state_path).st_size,
                     transcript={"messages": self.messages, "fed_text": self.fed_text})
-        write_json(os.path.join(self.path, "session.json"), meta, mode=0o600)
+        write_json(os.path.join(path, "session.json"), meta, mode=0o600)
         self.meta = meta
         # Older state files and temporaries a killed save left behind (all ours by name).
-        for path in glob.glob(os.path.join(self.path, "state-*.safetensors")) + \
-                glob.glob(os.path.join(self.path, ".tmp-*")):
-            if os.path.basename(path) != state_file:
+        for old in glob.glob(os.path.join(path, "state-*.safetensors")) + \
+                glob.glob(os.path.join(path, TMP_PREFIX + "*")):
+            if os.path.basename(old) != state_file:
                 with contextlib.suppress(FileNotFoundError):
-                    os.remove(path)
+                    os.remove(old)
         return meta["state_bytes"]
 
 
@@ -277,73 +683,89 @@ def open_session(name: str, model, model_dir: str, sleep: Optional[SleepConfig] 
     """Open (or create) session `name` for `model` (loaded from `model_dir`).
 
     `sleep` overrides the model's settings for a new session; an existing one keeps its own and
-    refuses different ones. Every check runs before anything is written: a session that cannot be
-    opened is left byte for byte as it was."""
-    path = session_path(name)
+    refuses different ones. The lock is taken first, then every check runs before anything is
+    written: a session that cannot be opened is left byte for byte as it was."""
+    if type(history) is not int or not 0 <= history <= MAX_HISTORY:
+        raise SessionError(f"--history must be an integer in 0..{MAX_HISTORY} "
+                           f"(got {_show(history)})")
+    path = session_dir(name)
     identity = model_identity(model, model_dir)
-    if not os.path.exists(os.path.join(path, "session.json")):
+    if path is None or not os.path.lexists(os.path.join(path, "session.json")):
         if not create:
             raise SessionError(f"no session {name!r} in {sessions_dir()} (mlx-sleep sessions list)")
-        if os.path.exists(path) and os.listdir(path) not in ([], ["lock"]):
+        if path is not None and os.listdir(path) not in ([], ["lock"]):
             raise SessionError(f"{path} exists but holds no session.json; remove it or use "
                                "another name")
         engine = SessionEngine(model, sleep or model.sleep_config, history)
         messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
         session = Session(name, engine, identity, messages)
-        private_dir(sessions_dir())
+        clean_stale_temps(store(create=True))  # what a killed `sessions rm` left
         if lock:
             session.lock()
         return session
 
-    meta = read_meta(name)
-    check_model(name, meta, identity)
-    saved_sleep = SleepConfig.from_dict(meta["sleep"])
-    if sleep is not None and sleep != saved_sleep:
-        raise SessionError(f"session {name!r} sleeps with {saved_sleep.to_dict()}; resume it "
-                           "without --window/--loops/--eviction, or start a new --session")
-    state_path = os.path.join(path, os.path.basename(meta["state_file"]))
-    if not os.path.isfile(state_path):
-        raise SessionError(f"session {name!r} is corrupt: its state file {meta['state_file']} "
-                           "is missing")
-    if os.path.getsize(state_path) != meta.get("state_bytes") or \
-            _sha256_file(state_path) != meta["state_sha256"]:
-        raise SessionError(f"session {name!r} is corrupt: {meta['state_file']} does not match "
-                           "its checksum (truncated or modified)")
-    engine = SessionEngine(model, saved_sleep, int(meta.get("history", history)))
-    try:
-        arrays = mx.load(state_path)
-        engine.load_arrays_and_meta(arrays, meta["engine"])
-    except (ValueError, RuntimeError, KeyError, TypeError) as e:
-        raise SessionError(f"session {name!r} cannot be loaded: {str(e).splitlines()[0]}")
-    transcript = meta["transcript"]
-    session = Session(name, engine, identity, list(transcript.get("messages", [])),
-                      transcript.get("fed_text", ""), meta)
+    session = Session(name, None, identity)
     if lock:
-        session.lock()
+        session.lock(create=False)
+    try:
+        meta = read_meta(name)
+        check_model(name, meta, identity)
+        saved_sleep = SleepConfig.from_dict(meta["sleep"])
+        if sleep is not None and sleep != saved_sleep:
+            raise SessionError(f"session {name!r} sleeps with {saved_sleep.to_dict()}; resume "
+                               "it without --window/--loops/--eviction, or start a new --session")
+        try:
+            arrays = read_state(os.path.join(path, meta["state_file"]), meta, model)
+            engine = SessionEngine(model, saved_sleep, meta["history"])
+            engine.load_arrays_and_meta(arrays, meta["engine"])
+        except (SchemaError, ValueError, RuntimeError, KeyError, TypeError) as e:
+            raise _corrupt(name, str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except BaseException:
+        session.close()
+        raise
+    transcript = meta["transcript"]
+    session.engine, session.meta = engine, meta
+    session.messages, session.fed_text = list(transcript["messages"]), transcript["fed_text"]
     return session
 
 
 def remove_session(name: str) -> List[str]:
-    """Delete a session's files (only those a session consists of) and its directory."""
-    path = session_path(name)
-    if not os.path.isdir(path):
+    """Delete a session's files (only those a session consists of) and its directory, holding
+    its lock (a session open in a chat or a consolidation is refused). The directory first
+    leaves the store in one rename, so a process killed at any moment leaves the session whole
+    or gone; the next write to the store removes what it left. Nothing is followed through a
+    symlink (a link among its files is unlinked, its target untouched); the content is not
+    read (a corrupt session stays removable)."""
+    path = session_dir(name)
+    if path is None:
         raise SessionError(f"no session {name!r} in {sessions_dir()}")
+    root = sessions_dir()
+    clean_stale_temps(root)
     probe = Session(name, None, None)
-    probe.lock()  # not while another process has it open
+    probe.lock(create=False)  # not while another process has it open
     try:
-        ours = [os.path.join(path, f) for f in os.listdir(path)
-                if f in ("session.json", "lock") or f.startswith(".tmp-")
-                or re.fullmatch(r"state-\d+\.safetensors", f)]
-        others = sorted(set(os.listdir(path)) - {os.path.basename(p) for p in ours})
+        names = sorted(os.listdir(path))
+        others = []
+        for f in names:
+            ours = f in ("session.json", "lock") or f.startswith(TMP_PREFIX) \
+                or STATE_FILE_RE.fullmatch(f)
+            mode = os.lstat(os.path.join(path, f)).st_mode
+            if not ours:
+                others.append(f)
+            elif stat.S_ISDIR(mode):  # unlinking anything else (a link too) is safe
+                others.append(f"{f} (a directory)")
         if others:
             raise SessionError(f"{path} holds files mlx-sleep did not write ({', '.join(others)}); "
                                "remove them first")
-        for p in sorted(ours, key=lambda p: p.endswith("session.json"), reverse=True):
-            os.remove(p)  # session.json first: a half-removed session is no longer listed
-        os.rmdir(path)
+        trash = os.path.join(root, f"{TMP_PREFIX}{os.getpid()}-rm-{name}")
+        os.rename(path, trash)  # the step that removes it: before, all there; after, gone
+        _fsync_dir(root)
+        for f in names:
+            os.remove(os.path.join(trash, f))
+        os.rmdir(trash)
     finally:
         probe.close()
-    return ours
+    return [os.path.join(path, f) for f in names]
 
 
 # -- consolidating saved sessions outside the chat ---------------------------------------------
@@ -356,14 +778,28 @@ def consolidate_sessions(names, min_fill: float = 0.5, idle=None, poll: float = 
     every `poll` seconds, at most `max_wait` seconds), and yields as soon as it is not: the
     running consolidation is cancelled between passes and nothing half-done is saved. Sessions
     open in a chat (locked) are skipped. Returns {name: "consolidated" | "skipped: why" |
-    "yielded"}."""
+    "yielded"}. A session that cannot be read (corrupt, another model, a symlink) is left as it
+    is and the others go on; then SessionError names every such session, in one line."""
+    refused = []
+    results = _consolidate(names, min_fill, idle, poll, max_wait, echo, refused)
+    if refused:
+        raise SessionError("; ".join(refused))
+    return results
+
+
+def _consolidate(names, min_fill, idle, poll, max_wait, echo, refused) -> dict:
     from .loading import load_model
     from .weights import resolve_source
 
     results, models = {}, {}
     waited_since = time.monotonic()
     for name in names:
-        meta = read_meta(name)
+        try:
+            meta = read_meta(name)
+        except SessionError as e:
+            results[name] = "refused"
+            refused.append(str(e))
+            continue
         L = meta["sleep"]["window"]
         live = meta["engine"]["offset"] - meta["engine"]["window_start"]
         if live == 0 or live < min_fill * L:
@@ -386,9 +822,13 @@ def consolidate_sessions(names, min_fill: float = 0.5, idle=None, poll: float = 
             models[path] = load_model(resolve_source(path))
         try:
             session = open_session(name, models[path], path, create=False)
-        except SessionError as e:
+        except SessionInUse as e:
             results[name] = f"skipped: {e}"
             echo(f"{name}: {results[name]}")
+            continue
+        except SessionError as e:
+            results[name] = "refused"
+            refused.append(str(e))
             continue
         try:
             cancel = None if idle is None else (lambda: not idle()[0])

@@ -447,10 +447,10 @@ class SleepEngine:
         tree = tree_unflatten(list(arrays.items()))
         fresh = self.model.initial_state(self.batch_size)
         # Layers whose state is empty (attention right after eviction) are absent from the flat dict.
-        state = _fill(fresh, tree.get("state", []))
-        start_state = _fill(fresh, tree.get("window_start_state", []))
+        state = fill_state(fresh, tree.get("state", []))
+        start_state = fill_state(fresh, tree.get("window_start_state", []))
         for name, s in (("state", state), ("window_start_state", start_state)):
-            _check_state(name, s, fresh)
+            check_state(name, s, fresh)
         offset, window_start = int(meta["offset"]), int(meta["window_start"])
         n_live = window_ids.shape[1] if window_ids is not None else 0
         if not 0 <= window_start <= offset or offset - window_start != n_live \
@@ -470,13 +470,13 @@ class SleepEngine:
         self.window_core = [window_core] if window_core is not None else []
 
 
-def _fill(fresh: State, loaded) -> State:
+def fill_state(fresh: State, loaded) -> State:
     """tree_unflatten pads missing leading layers with {} but stops at the last saved one."""
     loaded = list(loaded) + [{}] * (len(fresh) - len(loaded))
     return [l if l else f for f, l in zip(fresh, loaded)]
 
 
-def _check_state(name: str, state: State, fresh: State):
+def check_state(name: str, state: State, fresh: State):
     """Every saved entry is one the model has, with its shape (the KV length may differ)."""
     if len(state) != len(fresh):
         raise ValueError(f"saved {name} has {len(state)} layers, the model {len(fresh)}")
