@@ -193,6 +193,12 @@ def tokenizer_options(tokenizer_config: Optional[dict]) -> dict:
 def load(path_or_id: str, tokenizer_config: Optional[dict] = None, lazy: bool = False):
     """(model, tokenizer): the tokenizer is mlx-lm's TokenizerWrapper (streaming detokenizer,
     chat template) over the directory's tokenizer files."""
+    _, model, tokenizer = load_with_path(path_or_id, tokenizer_config, lazy)
+    return model, tokenizer
+
+
+def load_with_path(path_or_id: str, tokenizer_config: Optional[dict] = None, lazy: bool = False):
+    """(local directory, model, tokenizer): `load` for callers that record where it came from."""
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
     options = tokenizer_options(tokenizer_config)
@@ -216,4 +222,4 @@ def load(path_or_id: str, tokenizer_config: Optional[dict] = None, lazy: bool = 
         raise ConfigError(f"{path}: the tokenizer files could not be loaded "
                           f"({type(e).__name__}{': ' + message if message else ''})") from None
     check_tokenizer(model, tokenizer, eos or ())
-    return model, tokenizer
+    return path, model, tokenizer

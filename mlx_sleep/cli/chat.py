@@ -97,30 +97,10 @@ def sessions():
 
 @sessions.command("list")
 def sessions_list():
-    """One line per session."""
-    import datetime
-    import os
+    """One line per session (exit status 1 if one cannot be read)."""
+    from ..session import report_sessions
 
-    from ..session import list_sessions, read_meta, sessions_dir
-
-    def go():
-        names = list_sessions()
-        if not names:
-            click.echo(f"no sessions in {sessions_dir()}")
-        for name in names:
-            try:
-                meta = read_meta(name)
-            except ValueError as e:
-                click.echo(f"{name}: {e}")
-                continue
-            e, L = meta["engine"], meta["sleep"]["window"]
-            saved = datetime.datetime.fromtimestamp(meta["saved"]).strftime("%Y-%m-%d %H:%M")
-            click.echo(f"{name}: {e['offset']} tokens, window {e['offset'] - e['window_start']}/{L}, "
-                       f"{e['sleeps']} consolidations, {len(meta['transcript']['messages'])} "
-                       f"messages, {meta['state_bytes'] / (1 << 20):.1f} MiB, saved {saved}, "
-                       f"model {os.path.basename(meta['model']['path'])}")
-
-    run_safely(go)
+    run_safely(lambda: report_sessions(click.echo))
 
 
 @sessions.command("show")

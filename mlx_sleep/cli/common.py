@@ -99,10 +99,7 @@ def sleep_override(model, window, loops, eviction):
 def load_for_chat(model_path):
     from transformers.utils import logging as hf_logging
 
-    from ..loading import load
-    from ..weights import resolve_source
+    from ..loading import load_with_path
 
     hf_logging.set_verbosity_error()  # its "model of type hybrid" note is noise here
-    path = resolve_source(model_path)
-    model, tokenizer = load(path)
-    return path, model, tokenizer
+    return load_with_path(model_path)

@@ -9,7 +9,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..config import ConfigError, SleepConfig
-from ..io import read_json
+from ..io import read_json, read_json_object
 from .config import FinetuneConfig
 
 
@@ -88,6 +88,11 @@ def load_adapter(model, path: str):
     if not os.path.isfile(os.path.join(path, "adapter_config.json")):
         raise FileNotFoundError(f"{path} has no adapter_config.json: not an adapter directory")
     from mlx_lm.tuner.utils import load_adapters
+
+    from ..weights import check_safetensors
+
+    read_json_object(os.path.join(path, "adapter_config.json"))  # regular file, depth, size
+    check_safetensors(os.path.join(path, "adapters.safetensors"))
 
     try:
         model = load_adapters(model, path)

@@ -32,8 +32,9 @@ def read_records(path: str) -> List[Tuple[int, dict]]:
             where = f"{path}:{lineno}"
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg}); each line must be one "
+            except (json.JSONDecodeError, RecursionError) as e:
+                why = getattr(e, "msg", "nested too deeply")
+                raise DataError(f"{where}: not valid JSON ({why}); each line must be one "
                                 "JSON object") from None
             _check_record(rec, where)
             records.append((lineno, rec))

@@ -30,9 +30,10 @@ def read_jsonl(path: str, required=("problem", "question", "op")) -> List[dict]:
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {n} is not valid JSON ({e.msg}); expected one "
-                                 "GSM-Infinite record per line")
+            except (json.JSONDecodeError, RecursionError) as e:
+                why = getattr(e, "msg", "nested too deeply")
+                raise ValueError(f"{path} line {n} is not valid JSON ({why}); expected one "
+                                 "GSM-Infinite record per line") from None
             missing = [k for k in required if k not in record] if isinstance(record, dict) else []
             if not isinstance(record, dict) or missing:
                 raise ValueError(f"{path} line {n} lacks {', '.join(missing) or 'fields'}: not a "

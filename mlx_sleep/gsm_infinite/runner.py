@@ -11,9 +11,8 @@ import mlx.core as mx
 from ..config import SleepConfig
 from ..generate import generate, stream_text
 from ..io import atomic_path, claim_dir, read_json, write_json
-from ..loading import load
+from ..loading import load_with_path
 from ..sleep import SleepEngine
-from ..weights import resolve_source
 from ..finetune.adapters import load_adapter
 from .data import ANSWER_CUE, load_records, messages, paper_example, parse_ops, read_jsonl
 from .report import PREDICTIONS, describe, markdown_table, summarize, write_results
@@ -103,7 +102,7 @@ def read_predictions(path: str) -> List[dict]:
             continue
         try:
             out.append(json.loads(line))
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             if n != len(lines) - 1:
                 raise ValueError(f"{path} line {n + 1} is not valid JSON: not a predictions file")
             partial = True
@@ -217,20 +216,13 @@ def rescore(path: str, protocol: str, judge: Optional[Callable[[str], str]] = No
     return summary
 
 
-def load_with_tokenizer(path_or_id: str):
-    """(model, tokenizer, local path)."""
-    path = resolve_source(path_or_id)
-    model, tokenizer = load(path)
-    return model, tokenizer, path
-
-
 def run_cli(model_path, loops, window, eviction, subset, length, ops, limit, data, protocol,
             max_tokens, judge_model, judge_max_tokens, adapter, out, score_path,
             echo=print) -> dict:
     """`mlx-sleep eval --task gsm-infinite ...` (and `--score FILE`)."""
     judge = None
     if judge_model is not None:
-        judge_model_, judge_tokenizer, _ = load_with_tokenizer(judge_model)
+        _, judge_model_, judge_tokenizer = load_with_path(judge_model)
         judge = make_judge(judge_model_, judge_tokenizer, max_tokens=judge_max_tokens)
     if score_path is not None:
         return rescore(score_path, protocol, judge, out, echo=echo)
@@ -238,7 +230,7 @@ def run_cli(model_path, loops, window, eviction, subset, length, ops, limit, dat
         raise ValueError("--task gsm-infinite needs --model DIR and --out DIR (or --score FILE)")
     if judge is not None and (protocol != "official" or subset != "symbolic"):
         raise ValueError("--judge-model is for --subset symbolic --protocol official")
-    model, tokenizer, path = load_with_tokenizer(model_path)
+    path, model, tokenizer = load_with_path(model_path)
     if adapter is not None:
         model = load_adapter(model, adapter)
     sweep = sorted(set(loops or [model.sleep_config.loops]))
