@@ -5,7 +5,8 @@ import sys
 
 import click
 
-from .common import Failure, load_for_chat, run_safely, sampling_options, sleep_override
+from .common import (Failure, load_for_chat, refuse_unused, run_safely, sampling_options,
+                     sleep_override)
 
 
 @click.command()
@@ -178,6 +179,10 @@ def consolidate(names, all_sessions, min_fill, when_idle, idle_source, idle_seco
     """Consolidate saved sessions' live windows (sleep outside the chat)."""
     from ..idle import idle_source as make_idle_source
     from ..session import consolidate_sessions, list_sessions
+
+    if not when_idle:
+        refuse_unused({"idle_source", "idle_seconds", "max_load", "poll", "max_wait"},
+                      "without --when-idle")
 
     def go():
         chosen = list_sessions() if all_sessions else list(names)

@@ -103,3 +103,18 @@ def load_for_chat(model_path):
 
     hf_logging.set_verbosity_error()  # its "model of type hybrid" note is noise here
     return load_with_path(model_path)
+
+
+def refuse_unused(names, why: str):
+    """Flags the user gave that do nothing on the path the command took: refused in one line
+    naming them (a flag is never silently ignored)."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    given = [p.opts[-1] if p.opts[-1].startswith("--") else p.opts[0]
+             for p in ctx.command.params
+             if p.name in names and ctx.get_parameter_source(p.name) not in
+             (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)]
+    if given:
+        raise click.UsageError(f"{', '.join(sorted(given))} {'does' if len(given) == 1 else 'do'} "
+                               f"nothing {why}; drop {'it' if len(given) == 1 else 'them'}")

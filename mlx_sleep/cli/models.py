@@ -3,7 +3,7 @@
 import click
 
 from ..config import ConfigError
-from .common import parse_core, run_safely
+from .common import parse_core, refuse_unused, run_safely
 
 
 @click.group()
@@ -23,6 +23,9 @@ def data():
 def data_gsm_infinite(out, subset, length, ops, limit, skip, data_path, force):
     """The paper-format fine-tuning file ({"prompt", "answer"} a line; question before context)."""
     from ..gsm_infinite import write_data
+
+    if data_path is not None:
+        refuse_unused({"subset", "length"}, "with --data (the file is the data)")
 
     run_safely(lambda: write_data(out, subset, length, ops, limit, skip, data_path, force,
                                    click.echo))
@@ -59,6 +62,9 @@ def convert(hf_path, out, dtype, quantize, q_bits, q_group_size, loops, window, 
     """Import a Jet-Nemotron, Ouro, Qwen3.5, Qwen3-Next or OLMo Hybrid checkpoint into an MLX
     model directory with sleep settings."""
     from ..convert import convert as run_convert
+
+    if not quantize:
+        refuse_unused({"q_bits", "q_group_size"}, "without -q")
 
     def go():
         path = run_convert(hf_path, out, dtype=dtype, quantize=quantize, q_bits=q_bits,
@@ -116,6 +122,15 @@ def finetune(model_dir, data, valid, out, steps, batch_size, grad_accum, lr, ada
     """Fine-tune a converted model to sleep (LoRA/DoRA or full), on one Mac or several
     (launch with `mlx.launch`; see docs/finetune.md)."""
     from ..finetune import Finetune, FinetuneConfig, estimate_step, format_estimate
+
+    if full:
+        refuse_unused({"dora", "rank", "scale", "dropout", "lora_layers"},
+                      "with --full (they shape LoRA adapters)")
+    else:
+        refuse_unused({"adam_lr"}, "without --full (adapters train with --lr)")
+    if estimate:
+        refuse_unused({"fuse", "valid_every", "valid_batches", "checkpoint_every", "log_every"},
+                      "with --estimate (it trains nothing)")
 
     def go():
         if full and dora:

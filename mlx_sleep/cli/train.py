@@ -4,7 +4,14 @@ evaluating runs and models."""
 import click
 
 from ..config import ConfigError, ModelConfig, SleepConfig
-from .common import Failure, parse_core, parse_loops_list, parse_options, run_safely
+from .common import Failure, parse_core, parse_loops_list, parse_options, refuse_unused, run_safely
+
+# eval's three paths and the flags each reads (anything else given is refused)
+RUN_FLAGS = {"checkpoint", "samples", "batch_size", "seed", "json_path", "plot_path"}
+GSM_FLAGS = {"model_path", "task_name", "subset", "length", "ops", "limit", "data", "max_tokens",
+             "adapter"}
+SCORE_FLAGS = {"score_path", "protocol", "judge_model", "judge_max_tokens", "out"}
+SLEEP_FLAGS = {"loops", "window", "eviction"}
 
 # The paper's full settings (for a Mac GPU; far beyond a CPU): Section "Models in the paper".
 PAPER_PRESETS = {
@@ -55,6 +62,10 @@ def train(task_name, loops, loops_sample, window, eviction, out, task_option, hi
     """Train a hybrid from scratch on a synthetic task with N sleep loops."""
     from ..tasks import get_task
     from ..train import TrainConfig, Trainer, default_compile
+
+    if paper:
+        refuse_unused({"hidden_size", "layers", "heads", "batch_size", "lr", "adam_lr"},
+                      "with --paper (it sets the paper's model and batch)")
 
     def go():
         model_kw = dict(hidden_size=hidden_size, layers=layers, num_heads=heads,
@@ -133,6 +144,13 @@ def eval_cmd(checkpoint, loops, window, eviction, samples, batch_size, seed, jso
     from ..io import check_file_target, write_json
     from ..train import load_run
 
+    if gsm["score_path"]:
+        refuse_unused(RUN_FLAGS | GSM_FLAGS | SLEEP_FLAGS, "with --score (it re-scores a file)")
+    elif task_name == "gsm-infinite":
+        refuse_unused(RUN_FLAGS, "with --task gsm-infinite (they are for --checkpoint RUN)")
+    else:
+        refuse_unused(GSM_FLAGS | SCORE_FLAGS, "with --checkpoint RUN (they are for --task "
+                      "gsm-infinite or --score)")
     if task_name == "gsm-infinite" or gsm["score_path"]:
         from ..gsm_infinite import run_cli
 
