@@ -85,7 +85,7 @@ def test_output_under_a_file(tmp_path):
     (["--batch-size", "0"], "batch_size must be an integer in 1.."),
     (["--samples", "0"], "samples must be an integer in 1.."),
     (["--seed", "-5"], "seed must be an integer"),
-    (["--loops", "0"], "loops (N) must be an integer >= 1"),
+    (["--loops", "0"], "is not a list of loop counts in 1..1024"),
 ])
 def test_bad_eval_flags(run, extra, message):
     assert_one_clear_line(*cli("eval", "--checkpoint", run, *extra), message)

@@ -409,3 +409,21 @@ def test_two_ring_processes_match_one_process_on_the_global_batch(tmp_path, work
             np.testing.assert_array_equal(np.array(rank0[k]), np.array(rank1[k]), err_msg=k)
             np.testing.assert_allclose(np.array(rank0[k]), v, atol=1e-5, rtol=0, err_msg=k)
         assert max(np.abs(one[k] - initial[k]).max() for k in one) > 1e-4  # it did train
+
+
+def test_evaluation_is_deterministic_with_lora_dropout(tmp_path, workdir):
+    """Dropout 0.5 on the adapters: validation and a loaded adapter run in evaluation mode, so
+    two evaluations agree bit for bit; training draws dropout (two training-mode calls differ)."""
+    from mlx_sleep.finetune import load_adapter
+    from mlx_sleep.loading import load
+
+    ft = finetune(workdir, "jet_nemotron", tmp_path / "run", steps=2, dropout=0.5)
+    ft.run()
+    assert ft.validate() == ft.validate()
+    ids = mx.array([[ord(c) for c in "keep 123 first:"]])
+    ft.model.train()
+    assert not mx.array_equal(ft.model(ids), ft.model(ids))  # dropout is really on in training
+
+    model, _ = load(str(workdir / "jet_nemotron"))
+    model = load_adapter(model, str(tmp_path / "run" / "checkpoint"))
+    assert mx.array_equal(model(ids), model(ids))
