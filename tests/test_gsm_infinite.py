@@ -279,7 +279,7 @@ def test_sweep_end_to_end_with_resume_and_rescoring(tiny, tmp_path):
     assert json.load(open(out / "run.json"))["loops"] == [1, 2, 4]
     # other settings into the same directory: refused
     r = CliRunner().invoke(main, [str(a) for a in base] + ["--protocol", "official"])
-    assert r.exit_code == 1 and "holds a run with other settings (protocol)" in r.output
+    assert r.exit_code == 1 and "holds a run with other settings (protocol: " in r.output
 
     # --score: the stored outputs under the official keyword rule, no model
     r = invoke("eval", "--score", out / "predictions.jsonl", "--protocol", "official",

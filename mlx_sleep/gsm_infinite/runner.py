@@ -8,9 +8,10 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import mlx.core as mx
 
-from ..config import SleepConfig
+from ..config import ConfigError, SleepConfig
 from ..generate import generate, stream_text
-from ..io import atomic_path, claim_dir, read_json, write_json
+from ..io import atomic_path, claim_dir, read_json_object, write_json
+from ..loop import refuse_other_settings
 from ..loading import load_with_path
 from ..sleep import SleepEngine
 from ..finetune.adapters import load_adapter
@@ -116,13 +117,13 @@ def _open_run(out: str, settings: dict):
     """Create the run directory, or check that the one there holds this very run (resume)."""
     run_file = os.path.join(out, RUN_FILE)
     if os.path.exists(run_file):
-        saved = read_json(run_file)
-        differ = sorted(k for k in set(saved) | set(settings)
-                        if k != "loops" and saved.get(k) != settings.get(k))
-        if differ:
-            raise ValueError(f"{out} holds a run with other settings ({', '.join(differ)}); "
-                             "pass another --out to start a new one")
-        settings = {**settings, "loops": sorted(set(saved["loops"]) | set(settings["loops"]))}
+        saved = read_json_object(run_file, " (a GSM-Infinite run's settings)")
+        loops = saved.get("loops")
+        if not (isinstance(loops, list) and all(type(n) is int and n >= 1 for n in loops)):
+            raise ConfigError(f"{run_file}: loops must be a list of integers >= 1; it was not "
+                              "written by mlx-sleep: pass another --out")
+        refuse_other_settings(out, saved, settings, ignore=("loops",))
+        settings = {**settings, "loops": sorted(set(loops) | set(settings["loops"]))}
     elif os.path.isdir(out) and os.listdir(out):
         raise ValueError(f"{out} exists and is not a GSM-Infinite run directory; pass a new "
                          "or empty --out")
