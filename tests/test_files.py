@@ -67,15 +67,25 @@ def test_train_force_writes_next_to_foreign_files_but_never_replaces_them(tmp_pa
 
 
 @pytest.mark.parametrize("change", [["--lr", "0.01"], ["--batch-size", "8"], ["--seed", "3"],
-                                    ["--steps", "5"], ["--loops", "2"]])
+                                    ["--steps", "1"], ["--loops", "2"]])
 def test_rerunning_a_run_with_other_settings_is_refused_naming_them(tmp_path, run_dir, change):
     out = copy_run(run_dir, tmp_path / "run")
     before = snapshot(out)
     code, output = cli("train", *TINY_TRAIN, "--out", out, *change)
     key = {"--lr": "train.lr", "--batch-size": "train.batch_size", "--seed": "train.seed",
-           "--steps": "train.steps", "--loops": "sleep.loops"}[change[0]]
+           "--steps": "pass --steps 2 or more", "--loops": "sleep.loops"}[change[0]]
     assert_one_clear_line(code, output, key)
     assert snapshot(out) == before
+
+
+def test_a_larger_steps_extends_a_finished_run(tmp_path, run_dir):
+    out = copy_run(run_dir, tmp_path / "run")
+    code, output = cli("train", *TINY_TRAIN, "--out", out, "--steps", "3")
+    assert code == 0, output
+    meta = json.loads((out / "checkpoint" / "trainer.json").read_text())
+    assert meta["step"] == 3 and json.loads((out / "config.json").read_text())["train"]["steps"] == 3
+    steps = [json.loads(line).get("step") for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps)  # no step logged twice
 
 
 def test_rerunning_a_finished_run_with_the_same_settings_changes_nothing_it_keeps(tmp_path, run_dir):
