@@ -376,8 +376,9 @@ def test_rank_slices_sum_to_the_global_batch(tmp_path, workdir):
     assert n.item() == sum(p[1].item() for p in parts) == mask.sum()
     whole, halves = dict(tree_flatten(grads)), [dict(tree_flatten(p[2])) for p in parts]
     for k, g in whole.items():
-        np.testing.assert_allclose(np.array(halves[0][k] + halves[1][k]), np.array(g),
-                                   atol=1e-4, rtol=1e-4, err_msg=k)
+        # float32 sums in another order: bounded relative to the tensor's scale, not per entry
+        a, b = np.array(halves[0][k] + halves[1][k]), np.array(g)
+        assert np.abs(a - b).max() <= 1e-4 * max(np.abs(b).max(), 1e-6), k
 
 
 # In the default run (15-70 s here, three Python processes on 2 cores): the distributed path is
