@@ -23,6 +23,7 @@ from mlx_sleep.convert import ConversionError, convert
 from mlx_sleep.config import middle_half_core as default_core
 
 from . import parity
+from .numerics import assert_close
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "jet-nemotron-tiny")
 CHECKPOINTS = {"main": FIX, "expand_v": os.path.join(FIX, "variant_expand_v")}
@@ -35,9 +36,8 @@ def max_diff(a, b):
 
 
 def check(name, got, want, atol):
-    d = max_diff(got, want)
-    MEASURED[name] = d
-    assert d <= atol, f"{name}: max |diff| {d:.3g} > {atol}"
+    MEASURED[name] = max_diff(got, want)
+    assert_close(got, want, rtol=0, atol=atol, what=name)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_hidden_states_match_original(converted):
         hidden.append(h)
     hidden[-1] = model.norm(h)
     for i, h in enumerate(hidden):
-        assert max_diff(h, r["hidden_states_full"][i]) < 1e-4, i
+        assert_close(h, r["hidden_states_full"][i], rtol=0, atol=1e-4, what=f"hidden {i}")
 
 
 @pytest.mark.parametrize("ckpt", list(CHECKPOINTS))
@@ -103,14 +103,17 @@ def test_state_after_prefill_matches_original_cache(converted, ckpt):
     tol = 5e-5
     for i, (layer, s) in enumerate(zip(model.layers, engine.state)):
         if layer.layer_type == "jet":
-            assert max_diff(s["S"], cache[f"layer{i}.recurrent_state"].transpose(0, 1, 3, 2)) < tol
-            assert max_diff(s["conv"], cache[f"layer{i}.conv_state"][..., 1:].transpose(0, 2, 1)) < tol
+            assert_close(s["S"], cache[f"layer{i}.recurrent_state"].transpose(0, 1, 3, 2),
+                         rtol=0, atol=tol, what=f"layer {i} S")
+            assert_close(s["conv"], cache[f"layer{i}.conv_state"][..., 1:].transpose(0, 2, 1),
+                         rtol=0, atol=tol, what=f"layer {i} conv")
         else:
             k, v = cache[f"layer{i}.key_cache"], cache[f"layer{i}.value_cache"]
             n = s["keys"].shape[2]
             assert n == (min(P, 15) if layer.layer_type == "swa" else P)
-            assert max_diff(s["keys"], k[:, :, k.shape[2] - n:]) < tol
-            assert max_diff(s["values"], v[:, :, v.shape[2] - n:]) < tol
+            assert_close(s["keys"], k[:, :, k.shape[2] - n:], rtol=0, atol=tol, what=f"layer {i} keys")
+            assert_close(s["values"], v[:, :, v.shape[2] - n:], rtol=0, atol=tol,
+                         what=f"layer {i} values")
 
 
 def test_converted_model_sleeps_with_n_above_one(converted):
@@ -131,7 +134,7 @@ def test_converted_model_sleeps_with_n_above_one(converted):
         engine.feed(ids[:, :16])
         logits = engine.feed(ids[:, 16:])
         assert engine.sleeps == 2
-        assert max_diff(logits, answer[2]) < 1e-4
+        assert_close(logits, answer[2], rtol=0, atol=1e-4, what=f"N = {loops} logits")
         out[loops] = logits
     assert max_diff(out[1], out[2]) > 1e-3
 
@@ -213,7 +216,7 @@ def test_pytorch_bin_is_read_with_weights_only(tmp_path):
     torch.save({k: torch.from_numpy(np.array(v)) for k, v in w.items()}, src / "pytorch_model.bin")
     model = load_model(convert(str(src), str(tmp_path / "first")))
     r, _ = ref("main", "reference_short")
-    assert max_diff(model(r["input_ids"]), r["logits_full"]) < 1e-4
+    assert_close(model(r["input_ids"]), r["logits_full"], rtol=0, atol=1e-4, what=".bin logits")
     # A pickle that would run code is refused, not executed.
     torch.save({"x": _RunsCode()}, src / "pytorch_model.bin")
     expect_error(tmp_path, str(src), "could not be read safely")

@@ -26,6 +26,7 @@ from mlx_sleep.config import middle_half_core as default_core
 from mlx_sleep.models.mlx_lm_adapters import FULL, LINEAR
 
 from . import parity
+from .numerics import assert_close
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -110,9 +111,8 @@ def cases(tmp_path_factory):
 
 
 def check(name, got, want):
-    d = float(mx.abs(got.astype(mx.float32) - want).max())
-    MEASURED[name] = d
-    assert d <= TOL, f"{name}: max |diff| {d:.3g} > {TOL}"
+    MEASURED[name] = float(mx.abs(got.astype(mx.float32) - want).max())
+    assert_close(got, want, rtol=0, atol=TOL, what=name)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -177,7 +177,7 @@ def test_converted_model_sleeps_with_n_above_one(cases, case, eviction):
         engine.feed(ids[:, :10])
         logits = engine.feed(ids[:, 10:])
         assert engine.sleeps == 2
-        assert float(mx.abs(logits - answer[2]).max()) < 1e-4
+        assert_close(logits, answer[2], rtol=0, atol=1e-4, what=f"N = {loops} logits")
         for block, s in zip(model.sleep_blocks(), engine.state):
             if block.kind == FULL:  # hard: only the live window's 3; sliding: the last L - 1
                 assert s["keys"].shape[2] == (3 if eviction == "hard" else 4)
@@ -188,7 +188,7 @@ def test_converted_model_sleeps_with_n_above_one(cases, case, eviction):
 def test_unconverted_checkpoint_loads_and_bf16_keeps_A_log(cases, tmp_path):
     model, ids, want, src = cases["qwen3_next"]
     direct = load_model(str(src))  # a Hugging Face directory, converted in memory
-    assert float(mx.abs(direct(ids) - want).max()) <= TOL
+    assert_close(direct(ids), want, rtol=0, atol=TOL, what="unconverted logits")
     # (Qwen3.5: MLX's CPU backend runs MoE gathers in float32 only)
     model, ids, want, src = cases["qwen3_5"]
     m16 = load_model(convert(str(src), str(tmp_path / "bf16"), dtype="bfloat16"))

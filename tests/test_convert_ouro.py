@@ -22,6 +22,7 @@ from mlx_sleep.convert import convert
 from mlx_sleep.models.ouro import insert_jet_layers
 
 from . import parity
+from .numerics import assert_close
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "ouro-tiny")
 TOL = 1e-4
@@ -29,9 +30,8 @@ MEASURED = parity.table("Ouro vs original")
 
 
 def check(name, got, want, atol=TOL):
-    d = float(mx.abs(got.astype(mx.float32) - want).max())
-    MEASURED[name] = d
-    assert d <= atol, f"{name}: max |diff| {d:.3g} > {atol}"
+    MEASURED[name] = float(mx.abs(got.astype(mx.float32) - want).max())
+    assert_close(got, want, rtol=0, atol=atol, what=name)
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +155,7 @@ def test_ouro_with_jet_sleeps(model, ref):
         engine = SleepEngine(jet, sleep, batch_size=2)
         engine.feed(ids[:, :16])
         logits = engine.feed(ids[:, 16:])
-        assert float(mx.abs(logits - answer[2]).max()) < 1e-4
+        assert_close(logits, answer[2], rtol=0, atol=1e-4, what=f"N = {loops} logits")
         results[loops] = [s["S"] for s in state if "S" in s]
     assert max(float(mx.abs(a - b).max()) for a, b in zip(results[1], results[2])) > 1e-4
 

@@ -9,6 +9,7 @@ from mlx.utils import tree_flatten
 from mlx_sleep import HybridLM, ModelConfig, SleepConfig, SleepEngine, sleep_forward, sleep_loss
 from mlx_sleep.config import ConfigError
 from mlx_sleep.sleep import chunk_bounds, evict, plan_chunks, run_chunk, sleep_value_and_grad
+from tests.numerics import assert_close
 
 V = 13
 
@@ -26,12 +27,8 @@ def flat(tree):
     return {k: np.array(v) for k, v in tree_flatten(tree)}
 
 
-def assert_trees_close(a, b, atol=1e-5):
-    fa, fb = flat(a), flat(b)
-    assert fa.keys() == fb.keys(), (sorted(fa), sorted(fb))
-    for k in fa:
-        assert fa[k].shape == fb[k].shape, k
-        np.testing.assert_allclose(fa[k], fb[k], atol=atol, rtol=1e-4, err_msg=k)
+def assert_trees_close(a, b, atol=1e-5, rtol=1e-4):
+    assert_close(a, b, rtol=rtol, atol=atol)
 
 
 def tokens(B, T, seed=0):
@@ -362,11 +359,12 @@ def test_chunkwise_value_and_grad_equals_plain_backprop(layers, eviction, loops,
     (l0, n0), g0 = plain_value_and_grad(model, ids, targets, mask, sleep)
     (l1, n1), g1 = sleep_value_and_grad(model, ids, targets, mask, sleep)
     assert n1.item() == n0.item() == mask.sum()
-    assert abs(l0.item() - l1.item()) < 1e-5
+    assert_close(l1.item(), l0.item(), rtol=0, atol=1e-5, what="loss")
     assert max(np.abs(v).max() for v in flat(g0).values()) > 1e-3  # a non-trivial comparison
     assert_trees_close(g1, g0, atol=1e-5)
     # the model is left with its own parameters
-    assert abs(sleep_loss(model, ids, targets, mask, sleep)[0].item() - l0.item()) < 1e-6
+    assert_close(sleep_loss(model, ids, targets, mask, sleep)[0].item(), l0.item(), rtol=0, atol=1e-6,
+                 what="loss after")
 
 
 def test_chunkwise_value_and_grad_prelude_coda_random_chunks_and_no_answers():
@@ -379,7 +377,7 @@ def test_chunkwise_value_and_grad_prelude_coda_random_chunks_and_no_answers():
     assert len(set(b - a for a, b in plan[0])) > 1
     (l0, _), g0 = plain_value_and_grad(model, ids, targets, mask, sleep, plan)
     (l1, _), g1 = sleep_value_and_grad(model, ids, targets, mask, sleep, plan=plan)
-    assert abs(l0.item() - l1.item()) < 1e-5
+    assert_close(l1.item(), l0.item(), rtol=0, atol=1e-5, what="loss")
     assert_trees_close(g1, g0, atol=1e-5)
     (l0, n0), g0 = plain_value_and_grad(model, ids, targets, np.zeros((3, 17)), sleep)
     (l1, n1), g1 = sleep_value_and_grad(model, ids, targets, np.zeros((3, 17)), sleep)
@@ -400,7 +398,7 @@ def test_chunkwise_value_and_grad_puts_only_scored_positions_through_the_head(mo
     monkeypatch.setattr(model, "head", lambda h: widths.append(h.shape[1]) or head(h))
     (l1, _), g1 = sleep_value_and_grad(model, ids, targets, mask, sleep)
     assert widths == [2]
-    assert abs(l0.item() - l1.item()) < 1e-5
+    assert_close(l1.item(), l0.item(), rtol=0, atol=1e-5, what="loss")
     assert_trees_close(g1, g0, atol=1e-5)
 
 
