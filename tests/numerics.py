@@ -49,15 +49,19 @@ def _log(record):
         f.write(json.dumps(record) + "\n")
 
 
-def assert_close(actual, expected, rtol, atol=0.0, what="", scale=None):
-    """Assert max|actual - expected| <= rtol * scale + atol for every tensor (leaf of a tree);
-    scale is max|expected| of that tensor, or the number given, or with scale="tree" the
-    largest |expected| of the whole tree. Returns the worst margin (error / tolerance)."""
+def assert_close(actual, expected, rtol, atol=0.0, what="", scale=None, floor=0.0):
+    """Assert max|actual - expected| <= rtol * scale + atol + floor * tree_scale for every tensor
+    (leaf of a tree); scale is max|expected| of that tensor, or the number given, or with
+    scale="tree" tree_scale, the largest |expected| of the whole tree. `floor` is for trees of
+    gradients: a small gradient can be a sum of large cancelling terms, and its rounding error
+    then follows those. Returns the worst margin (error / tolerance)."""
     a_leaves, b_leaves = _leaves(actual), _leaves(expected)
     assert [k for k, _ in a_leaves] == [k for k, _ in b_leaves], \
         f"{what}: keys {[k for k, _ in a_leaves]} vs {[k for k, _ in b_leaves]}"
+    tree_scale = max((float(np.abs(b).max()) for _, b in b_leaves if b.size), default=0.0)
     if scale == "tree":
-        scale = max((float(np.abs(b).max()) for _, b in b_leaves if b.size), default=0.0)
+        scale = tree_scale
+    atol = atol + floor * tree_scale
     worst = None
     for (key, a), (_, b) in zip(a_leaves, b_leaves):
         assert a.shape == b.shape, f"{what} {key}: shapes {a.shape} vs {b.shape}"

@@ -36,8 +36,8 @@ EXP_SOURCE = """
 """
 
 
-@pytest.mark.parametrize(
-    "dtype,tol", [(mx.float32, 1e-6), (mx.float16, 1e-3), (mx.bfloat16, 1e-2)]
+@pytest.mark.parametrize(  # 4 units of rounding of each dtype (float32: ~17, for Metal's exp)
+    "dtype,tol", [(mx.float32, 1e-6), (mx.float16, 2 ** -9), (mx.bfloat16, 2 ** -6)]
 )
 def test_elementwise_exp_template_dtype(dtype, tol):
     k = metal_kernel("myexp", ["inp"], ["out"], EXP_SOURCE)
@@ -198,7 +198,7 @@ def _reduce(barrier: str, x: np.ndarray, tg: int = 256):
 def test_threadgroup_memory_reduction():
     x = np.random.default_rng(1).standard_normal(4 * 256).astype(np.float32)
     out = _reduce("threadgroup_barrier(mem_flags::mem_threadgroup);", x)
-    assert_close(out, x.reshape(4, 256).sum(1), rtol=1e-5, atol=1e-5, what="threadgroup sums")
+    assert_close(out, x.reshape(4, 256).sum(1), rtol=1e-5, what="threadgroup sums")
 
 
 def test_simd_sum_reduction():
@@ -224,7 +224,7 @@ def test_simd_sum_reduction():
         output_shapes=[(3,)],
         output_dtypes=[mx.float32],
     )
-    assert_close(out, x.reshape(3, 1024).sum(1), rtol=1e-5, atol=1e-4, what="simd sums")
+    assert_close(out, x.reshape(3, 1024).sum(1), rtol=1e-5, what="simd sums")
 
 
 def test_simd_lane_operations():
@@ -437,8 +437,8 @@ MMA_SOURCE = """
 """
 
 
-@pytest.mark.parametrize("dtype,tol", [(mx.float32, 1e-5), (mx.float16, 2e-2),
-                                       (mx.bfloat16, 1.5e-1)])
+@pytest.mark.parametrize("dtype,tol", [(mx.float32, 1e-5), (mx.float16, 2 ** -8),  # 4 ulps
+                                       (mx.bfloat16, 2 ** -5)])
 def test_simdgroup_multiply_accumulate_matches_numpy(dtype, tol):
     rng = np.random.default_rng(5)
     A, Bt, C = (rng.standard_normal(s).astype(np.float32) for s in ((16, 16), (8, 8), (8, 8)))
@@ -449,7 +449,7 @@ def test_simdgroup_multiply_accumulate_matches_numpy(dtype, tol):
     assert D.dtype == dtype  # a half / bfloat16 output
     a, bt, c = (_np(x) for x in ins)
     ref = np.concatenate([2 * a[0:8, 8:16], a[0:8, 8:16] @ bt.T + c])
-    assert_close(D, ref, rtol=tol, atol=tol, what="simdgroup matrices")
+    assert_close(D, ref, rtol=tol, what="simdgroup matrices")
 
 
 def test_simdgroup_multiply_needs_every_lane():
@@ -601,9 +601,6 @@ def test_mlx_lm_gdn_kernel_matches_mlx_ops(emulated_gdn, case, Dk, dtype, varian
     def maxdiff(a, b):
         return float(np.abs(_np(a) - _np(b)).max())
 
-    def scale(a):
-        return max(1.0, float(np.abs(_np(a)).max()))
-
     dy_ops = None if mask is not None else maxdiff(y, y_ops)
     ds_ops = maxdiff(st, st_ops)
     dy_fast, ds_fast = maxdiff(y, y_fast), maxdiff(st, st_fast)
@@ -612,12 +609,12 @@ def test_mlx_lm_gdn_kernel_matches_mlx_ops(emulated_gdn, case, Dk, dtype, varian
         f"vs mx.fast.gated_delta_update: max|dy|={dy_fast:.3g} max|dstate|={ds_fast:.3g}"
     )
     ytol = 1e-2 if dtype == mx.bfloat16 else 1e-5  # y is rounded to dtype
-    assert_close(st, st_ops, rtol=1e-5, atol=1e-5, what="state vs ops")
+    assert_close(st, st_ops, rtol=1e-5, what="state vs ops")
     if dy_ops is not None:
-        assert_close(y, y_ops, rtol=ytol, atol=ytol, what="y vs ops")
+        assert_close(y, y_ops, rtol=ytol, what="y vs ops")
     fast_tol = 2e-2 if dtype == mx.bfloat16 else 1e-5
-    assert_close(y, y_fast, rtol=fast_tol, atol=fast_tol, what="y vs mx.fast")
-    assert_close(st, st_fast, rtol=fast_tol, atol=fast_tol, what="state vs mx.fast")
+    assert_close(y, y_fast, rtol=fast_tol, what="y vs mx.fast")
+    assert_close(st, st_fast, rtol=fast_tol, what="state vs mx.fast")
 
 
 def test_mlx_lm_packed_gdn_is_bitwise_equal_to_xtree(emulated_gdn):

@@ -21,7 +21,7 @@ def test_generate_step_matches_the_sleep_engine_without_eviction():
     logits = engine.feed(prompt[None])[:, -1]
     for token, logprobs in steps:
         expected = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        assert_close(logprobs, expected[0], rtol=0, atol=1e-4, what="log-probabilities")
+        assert_close(logprobs, expected[0], rtol=1e-5, what="log-probabilities")
         assert int(token) == int(mx.argmax(logits[0]))
         logits = engine.feed(mx.array([[int(token)]]))[:, -1]
 
@@ -40,7 +40,7 @@ def check_generate_step(model, prompt, n=4):
     for token, logprobs in generate_step(mx.array(prompt), model, max_tokens=n):
         logits = model(mx.array([seq]))[0, -1]
         expected = logits - mx.logsumexp(logits)
-        assert_close(logprobs, expected, rtol=0, atol=2e-4, what="log-probabilities")
+        assert_close(logprobs, expected, rtol=1e-5, what="log-probabilities")  # measured <= 2.6e-7
         seq.append(int(token))
 
 

@@ -75,11 +75,13 @@ def test_activation_checkpoint_trains_like_plain_backprop(tmp_path, monkeypatch,
     for batch in batches:
         l0, n0 = plain.train_step(batch)
         l1, n1 = chunked.train_step(batch)
-        assert_close(l1, l0, rtol=0, atol=1e-5, what="loss")
-        assert_close(n1, n0, rtol=1e-4, atol=1e-4, what="gradient norm")
+        assert_close(l1, l0, rtol=1e-5, what="loss")  # measured <= 2e-7 of it
+        assert_close(n1, n0, rtol=1e-5, what="gradient norm")
     assert len(calls) == 3
     a, b = dict(tree_flatten(plain.model.parameters())), dict(tree_flatten(chunked.model.parameters()))
     for k in a:
+        # on the scale of the learning rates, not float32's: Adam turns a rounding difference in a
+        # near-zero gradient entry into an update of up to lr (1e-4 = 3% of one AdamW step)
         assert_close(b[k], a[k], rtol=0, atol=1e-4, what=k)
 
 
