@@ -88,7 +88,8 @@ def test_paper_answers_are_exact():
 def test_auc_is_the_leaderboards_formula():
     acc = {8: 0.25, 2: 0.9, 4: 0.5, 6: 0.5}  # unsorted on purpose
     by_hand = 100 * sum((b - a) * (acc[a] + acc[b]) / 2 for a, b in [(2, 4), (4, 6), (6, 8)])
-    assert gi.leaderboard_auc(acc) == pytest.approx(by_hand) == pytest.approx(315.0)
+    assert_close(gi.leaderboard_auc(acc), by_hand, rtol=1e-12, what="AUC")
+    assert_close(by_hand, 315.0, rtol=1e-12, what="AUC by hand")
 
 
 def test_summary_counts_and_wilson_interval():
@@ -99,8 +100,8 @@ def test_summary_counts_and_wilson_interval():
     assert list(s) == ["N = 1", "N = 2"]
     op4 = s["N = 2"]["ops"][4]
     assert (op4["n"], op4["correct"], op4["accuracy"]) == (10, 8, 0.8)
-    assert op4["ci95"] == pytest.approx([0.4902, 0.9433], abs=1e-4)  # Wilson, z = 1.96
-    assert s["N = 2"]["auc"] == pytest.approx(100 * 2 * (1.0 + 0.8) / 2)
+    assert_close(op4["ci95"], [0.4902, 0.9433], rtol=0, atol=1e-4, what="Wilson, z = 1.96")  # 4 digits
+    assert_close(s["N = 2"]["auc"], 100 * 2 * (1.0 + 0.8) / 2, rtol=1e-12, what="AUC")
     assert s["N = 1"]["auc"] is None  # one op count: no area
     table = gi.markdown_table(s)
     assert "| 4 | - | 0.800 [0.49, 0.94] (n=10) |" in table and "| AUC | - | 180.0 |" in table
