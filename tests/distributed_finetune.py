@@ -1,8 +1,10 @@
 """Run by tests/test_finetune.py under `mlx.launch --backend ring -n 2`: fine-tune with LoRA and
 with all weights, then every process writes the weights it holds to
-WEIGHTS_DIR/<lora|full>-rank<r>.safetensors.
+WEIGHTS_DIR/<lora|full>-rank<r>.safetensors and the gradient of every step (what the optimizer
+was given: summed over the processes, normalised, clipped) to
+WEIGHTS_DIR/<lora|full>-grads-rank<r>.safetensors.
 
-    python tests/distributed_finetune.py MODEL_DIR DATA OUT WEIGHTS_DIR STEPS
+    python tests/distributed_finetune.py MODEL_DIR DATA OUT WEIGHTS_DIR STEPS VALID
 """
 
 import os
@@ -25,18 +27,36 @@ def config(fine_tune_type: str, steps: int) -> FinetuneConfig:
                           valid_every=0, checkpoint_every=2, log_every=1)
 
 
-def main(model_dir, data, out, weights_dir, steps):
+def record_gradients(ft) -> dict:
+    """{"step<i>.<name>": gradient} of every optimizer step `ft` takes from now on."""
+    from mlx.utils import tree_flatten
+
+    grads, update = {}, ft.optimizer.update
+
+    def recording(model, gradients):
+        step = len({k.split(".")[0] for k in grads})
+        grads.update({f"step{step}.{k}": g for k, g in tree_flatten(gradients)})
+        return update(model, gradients)
+
+    ft.optimizer.update = recording
+    return grads
+
+
+def main(model_dir, data, out, weights_dir, steps, valid):
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
     for kind in FINE_TUNE_TYPES:
         ft = Finetune(model_dir, data, os.path.join(out, kind), config(kind, int(steps)),
-                      progress=False)
+                      valid=valid, progress=False)
+        grads = record_gradients(ft)
         ft.run()
         os.makedirs(weights_dir, exist_ok=True)
         mx.save_safetensors(os.path.join(weights_dir, f"{kind}-rank{ft.world.rank}.safetensors"),
                             dict(tree_flatten(ft.model.parameters())))
+        mx.save_safetensors(os.path.join(weights_dir, f"{kind}-grads-rank{ft.world.rank}.safetensors"),
+                            grads)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:6])
+    main(*sys.argv[1:7])

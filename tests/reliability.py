@@ -1,9 +1,12 @@
 """Helpers for the reliability tests: run the CLI the way a user does, and prove that files which
 existed before a command are byte-for-byte the same after it."""
 
+import contextlib
 import hashlib
 import os
 import stat
+import sys
+import threading
 
 from click.testing import CliRunner
 
@@ -86,3 +89,62 @@ def copy_run(run, dest):
     import shutil
     shutil.copytree(run, dest, symlinks=True)
     return dest
+
+
+class TooMuchWork(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def bounded_work(calls: int = 100_000, mlx_bytes: int = 16 << 20):
+    """Asserts that the block did little work, whatever the machine's speed: at most `calls`
+    Python function calls (counted by a profiler, which raises TooMuchWork past the bound, so
+    a loop that would hang fails instead) and at most `mlx_bytes` of MLX memory at its peak.
+    "Refused up front" in numbers that no slow or busy machine changes (measured: the refused
+    commands of test_bad_input.py make at most ~6,400 calls and allocate at most ~1.3 kB)."""
+    import mlx.core as mx
+
+    count = [0]
+
+    def profile(frame, event, arg):
+        if event == "call":
+            count[0] += 1
+            if count[0] > calls:
+                sys.setprofile(None)
+                raise TooMuchWork(f"more than {calls} Python calls")
+
+    mx.reset_peak_memory()
+    active = mx.get_active_memory()
+    previous = sys.getprofile()
+    sys.setprofile(profile)
+    try:
+        yield count
+    finally:
+        sys.setprofile(previous)
+    peak = mx.get_peak_memory() - active
+    assert count[0] <= calls, f"{count[0]} Python calls > {calls}"
+    assert peak <= mlx_bytes, f"{peak} bytes of MLX memory > {mlx_bytes}"
+
+
+@contextlib.contextmanager
+def fifo_never_opened(path):
+    """Asserts that nothing in the block opened the FIFO at `path`. A writer waits on it; a
+    reader that opened it would meet that writer (and read an empty file rather than hang)."""
+    opened, done = threading.Event(), threading.Event()
+
+    def writer():
+        fd = os.open(path, os.O_WRONLY)  # blocks until someone opens the FIFO to read
+        if not done.is_set():
+            opened.set()
+        os.close(fd)
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # lets the writer go
+        thread.join()
+        os.close(fd)
+    assert not opened.is_set(), f"{path}, a FIFO, was opened"

@@ -26,6 +26,7 @@ from mlx_sleep.idle import (file_source, idle_source, launchd_plist, on_ac_power
                             thermally_throttled)
 from mlx_sleep.session import SessionError, open_session, weights_hash
 
+from .numerics import assert_close
 from .tiny_models import make_model_dir
 
 CLI = [sys.executable, "-m", "mlx_sleep.cli"]
@@ -345,7 +346,7 @@ def test_forget_rolls_back_exactly_and_history_is_bounded(models, home):
     assert engine.forget() and engine.sleeps == 0 and not engine.forget()
     for a, b in zip(engine.state, ref.state):
         for k in a:
-            assert np.allclose(np.array(a[k]), np.array(b[k]), atol=1e-5), k
+            assert_close(a[k], b[k], rtol=1e-5, what=k)
     for _ in range(4):
         engine.feed(mx.array([list(range(60, 68))]))
     assert len(engine.snapshots) == 2

@@ -4,8 +4,10 @@ loop under the default threshold 1.0), every loop's logits, features and exit-ga
 exit by threshold 0.8, the weighted exit, and incremental decoding with per-loop KV caches.
 Then the paper's recipe: Jet layers inserted into the stack leave the outputs unchanged.
 
-Tolerance 1e-4 on logits (fp32; logit std 2.1; the original's own incremental and full paths
-differ by up to 1.2e-5 and an independent re-implementation by 1.7e-5). Exit-step choices at
+Tolerance 3e-5 of the largest |value| (fp32; tests/numerics.py) on logits, features and
+exit-gate values (logit std 2.1, |logit| up to ~10; the original's own incremental and full
+paths differ by up to 1.2e-5 and an independent re-implementation by 1.7e-5; measured here at
+most 3.7e-6 of the scale under every BLAS setting of tests/check_tolerances.py). Exit-step choices at
 threshold 0.8 must be identical (the closest cumulative probability is 9.7e-4 from 0.8).
 """
 
@@ -22,16 +24,16 @@ from mlx_sleep.convert import convert
 from mlx_sleep.models.ouro import insert_jet_layers
 
 from . import parity
+from .numerics import assert_close
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "ouro-tiny")
-TOL = 1e-4
+TOL = 3e-5  # of the compared values' scale
 MEASURED = parity.table("Ouro vs original")
 
 
-def check(name, got, want, atol=TOL):
-    d = float(mx.abs(got.astype(mx.float32) - want).max())
-    MEASURED[name] = d
-    assert d <= atol, f"{name}: max |diff| {d:.3g} > {atol}"
+def check(name, got, want, rtol=TOL):
+    MEASURED[name] = float(mx.abs(got.astype(mx.float32) - want).max())
+    assert_close(got, want, rtol=rtol, what=name)
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +66,8 @@ def test_every_loop(model, ref):
     for u in range(4):
         check(f"per_ut_step[{u}]", model(ref["input_ids"], exit_at_step=u), ref["logits_per_ut_step"][u])
         check(f"hidden[{u}]", hidden[u], ref["hidden_per_ut_step"][u])
-        check(f"gate[{u}]", model.early_exit_gate(hidden[u])[..., 0], ref["gate_logits"][u], 1e-5)
-    check("exit_pdf", model.exit_pdf(hidden), ref["exit_pdf"], 1e-5)
+        check(f"gate[{u}]", model.early_exit_gate(hidden[u])[..., 0], ref["gate_logits"][u])
+    check("exit_pdf", model.exit_pdf(hidden), ref["exit_pdf"])
 
 
 def test_exit_threshold(model, ref):
@@ -155,7 +157,7 @@ def test_ouro_with_jet_sleeps(model, ref):
         engine = SleepEngine(jet, sleep, batch_size=2)
         engine.feed(ids[:, :16])
         logits = engine.feed(ids[:, 16:])
-        assert float(mx.abs(logits - answer[2]).max()) < 1e-4
+        assert_close(logits, answer[2], rtol=1e-5, what=f"N = {loops} logits")
         results[loops] = [s["S"] for s in state if "S" in s]
     assert max(float(mx.abs(a - b).max()) for a, b in zip(results[1], results[2])) > 1e-4
 

@@ -1,6 +1,7 @@
 """The demo's multi-seed summary: means, spreads and the verdict, from hand-made results."""
 
 from mlx_sleep.demo import combine_seeds, conclude, seed_tables
+from tests.numerics import assert_close
 
 
 def fake(token_by_seed):
@@ -11,7 +12,7 @@ def fake(token_by_seed):
 def test_combine_and_verdict():
     by_seed = {"N = 1": fake({0: 0.5, 1: 0.6, 2: 0.4}), "N = 3": fake({0: 0.7, 1: 0.75, 2: 0.5})}
     results, spread = combine_seeds(by_seed, [0, 1, 2])
-    assert abs(results["N = 3"][2]["token"] - 0.65) < 1e-9
+    assert_close(results["N = 3"][2]["token"], 0.65, rtol=1e-12, what="mean over seeds")
     assert results["N = 3"][2]["count"] == 24 and spread["N = 1"][2] == (0.4, 0.6)
     assert results["N = 1"][2]["token_by_seed"] == [0.5, 0.6, 0.4]
     verdict = conclude(results, [0, 1, 2], "k (hops)")

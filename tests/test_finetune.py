@@ -22,6 +22,7 @@ from mlx_sleep.finetune import (DataError, Finetune, FinetuneConfig, load_exampl
                                 tokenize_record)
 from mlx_sleep.sleep import plan_chunks
 from mlx_sleep.generate import generate, stream_generate
+from tests.numerics import assert_close
 from tests.tiny_models import make_model_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -161,11 +162,17 @@ def test_finetune_learns_resumes_exactly_and_fuses(tmp_path, workdir, kind, fine
     prompt = [ord(c) for c in "keep 12"]
     trained_tokens = list(stream_generate(mlx_sleep.SleepEngine(straight.model, straight.sleep),
                                           prompt, 6))
+    generated = mx.array([prompt + trained_tokens])
+    trained_engine_logits = mlx_sleep.SleepEngine(straight.model, straight.sleep).feed(generated)
     fused_dir = straight.fuse()
     model, tok = mlx_sleep.load(fused_dir)
     assert model.sleep_config == straight.sleep and model.model_type == straight.model.model_type
-    np.testing.assert_allclose(np.array(model(ids)), np.array(trained_logits), atol=1e-4)
-    assert list(stream_generate(mlx_sleep.SleepEngine(model), prompt, 6)) == trained_tokens
+    # W + BA merged rounds otherwise than W x + B(A x): 3e-5 of the logits' scale (measured
+    # <= 5.3e-6 through N = 2 passes). Logits, not greedy tokens: a near-tie may flip.
+    assert_close(model(ids), trained_logits, rtol=3e-5, what="fused logits")
+    assert_close(mlx_sleep.SleepEngine(model).feed(generated), trained_engine_logits,
+                 rtol=3e-5, what="fused engine logits")
+    assert len(list(stream_generate(mlx_sleep.SleepEngine(model), prompt, 6))) == 6
     assert isinstance(generate(mlx_sleep.SleepEngine(model), tok, prompt, 3), str)
 
 
@@ -372,25 +379,25 @@ def test_rank_slices_sum_to_the_global_batch(tmp_path, workdir):
     ce, n, grads = summed_loss_and_grads(ft.model, inputs, targets, mask, ft.sleep, plan, True)
     parts = [summed_loss_and_grads(ft.model, inputs[r], targets[r], mask[r], ft.sleep, plan, True)
              for r in (slice(0, 2), slice(2, 4))]
-    assert abs(ce.item() - sum(p[0].item() for p in parts)) < 1e-4 * ce.item()
+    assert_close(sum(p[0].item() for p in parts), ce.item(), rtol=1e-5, what="summed loss")
     assert n.item() == sum(p[1].item() for p in parts) == mask.sum()
     whole, halves = dict(tree_flatten(grads)), [dict(tree_flatten(p[2])) for p in parts]
-    for k, g in whole.items():
-        # float32 sums in another order: bounded relative to the tensor's scale, not per entry
-        a, b = np.array(halves[0][k] + halves[1][k]), np.array(g)
-        assert np.abs(a - b).max() <= 1e-4 * max(np.abs(b).max(), 1e-6), k
+    # float32 sums over the batch in another order: 1e-4 of each gradient's scale, and at least
+    # 1e-6 of the largest gradient (a small gradient can be a sum of large cancelling terms)
+    assert_close({k: halves[0][k] + halves[1][k] for k in whole}, whole, rtol=1e-4, floor=1e-6)
 
 
 # In the default run (15-70 s here, three Python processes on 2 cores): the distributed path is
 # what several Macs run, and nothing else covers it end to end.
 def test_two_ring_processes_match_one_process_on_the_global_batch(tmp_path, workdir):
     """`mlx.launch --backend ring -n 2` on loopback, 3 steps of LoRA and of full fine-tuning:
-    both processes hold identical weights, equal (1e-5) to one process on the same global batch."""
+    both processes hold identical weights; the first step's gradient (summed over the processes)
+    and every step's loss and gradient norm equal one process's on the same global batch."""
     sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from distributed_finetune import FINE_TUNE_TYPES, config
+    from distributed_finetune import FINE_TUNE_TYPES, config, record_gradients
 
     args = [str(workdir / "jet_nemotron"), str(workdir / "train.jsonl"), str(tmp_path / "run"),
-            str(tmp_path / "weights"), "3"]
+            str(tmp_path / "weights"), "3", str(workdir / "valid.jsonl")]
     launch = [sys.executable, "-c", "from mlx._distributed_utils.launch import main; main()",
               "--backend", "ring", "-n", "2", "-p", str(_free_port()), "--",
               sys.executable, os.path.join(ROOT, "tests", "distributed_finetune.py"), *args]
@@ -401,14 +408,32 @@ def test_two_ring_processes_match_one_process_on_the_global_batch(tmp_path, work
         rank1 = mx.load(str(tmp_path / "weights" / f"{kind}-rank1.safetensors"))
         assert json.load(open(tmp_path / "run" / kind / "config.json"))["processes"] == 2
         single = Finetune(str(workdir / "jet_nemotron"), str(workdir / "train.jsonl"),
-                          str(tmp_path / "single" / kind), config(kind, 3), progress=False)
+                          str(tmp_path / "single" / kind), config(kind, 3),
+                          valid=str(workdir / "valid.jsonl"), progress=False)
         initial = params(single.model)
+        single_grads = record_gradients(single)
         single.run()
         one = params(single.model)
         assert one.keys() == rank0.keys()
         for k, v in one.items():
             np.testing.assert_array_equal(np.array(rank0[k]), np.array(rank1[k]), err_msg=k)
-            np.testing.assert_allclose(np.array(rank0[k]), v, atol=1e-5, rtol=0, err_msg=k)
+        # Not the weights: Adam turns the rounding noise of a near-zero gradient entry (the
+        # processes sum in another order) into an update of up to lr, and later gradients are
+        # taken at those weights. So: the first step's gradients (same weights, float32 sums in
+        # another order), and every step's loss and gradient norm and the final validation
+        # loss, which move with those updates only to second order (they sit where g ~ 0).
+        grads = mx.load(str(tmp_path / "weights" / f"{kind}-grads-rank0.safetensors"))
+        assert grads.keys() == single_grads.keys()
+        assert len(grads) == 3 * len(tree_flatten(single.model.trainable_parameters()))
+        first = sorted(k for k in single_grads if k.startswith("step0."))
+        assert_close({k: grads[k] for k in first}, {k: single_grads[k] for k in first},
+                     rtol=1e-4, floor=1e-6)  # as test_rank_slices_sum_to_the_global_batch
+        logged = [[json.loads(l) for l in open(tmp_path / run / kind / "metrics.jsonl")]
+                  for run in ("run", "single")]
+        for name, rtol in (("loss", 1e-5), ("valid_loss", 1e-5), ("grad_norm", 1e-4)):
+            ring, alone = ([r[name] for r in log if name in r] for log in logged)
+            assert len(ring) == len(alone) == (3 if name != "valid_loss" else 2), name  # valid: start, end
+            assert_close(ring, alone, rtol=rtol, what=name)
         assert max(np.abs(one[k] - initial[k]).max() for k in one) > 1e-4  # it did train
 
 

@@ -15,6 +15,7 @@ from mlx_sleep.cli import main
 from mlx_sleep import gsm_infinite as gi
 from mlx_sleep.sleep import chunk_bounds
 
+from .numerics import assert_close
 from .tiny_models import make_model_dir
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "gsm-infinite")
@@ -87,7 +88,8 @@ def test_paper_answers_are_exact():
 def test_auc_is_the_leaderboards_formula():
     acc = {8: 0.25, 2: 0.9, 4: 0.5, 6: 0.5}  # unsorted on purpose
     by_hand = 100 * sum((b - a) * (acc[a] + acc[b]) / 2 for a, b in [(2, 4), (4, 6), (6, 8)])
-    assert gi.leaderboard_auc(acc) == pytest.approx(by_hand) == pytest.approx(315.0)
+    assert_close(gi.leaderboard_auc(acc), by_hand, rtol=1e-12, what="AUC")
+    assert_close(by_hand, 315.0, rtol=1e-12, what="AUC by hand")
 
 
 def test_summary_counts_and_wilson_interval():
@@ -98,8 +100,8 @@ def test_summary_counts_and_wilson_interval():
     assert list(s) == ["N = 1", "N = 2"]
     op4 = s["N = 2"]["ops"][4]
     assert (op4["n"], op4["correct"], op4["accuracy"]) == (10, 8, 0.8)
-    assert op4["ci95"] == pytest.approx([0.4902, 0.9433], abs=1e-4)  # Wilson, z = 1.96
-    assert s["N = 2"]["auc"] == pytest.approx(100 * 2 * (1.0 + 0.8) / 2)
+    assert_close(op4["ci95"], [0.4902, 0.9433], rtol=0, atol=1e-4, what="Wilson, z = 1.96")  # 4 digits
+    assert_close(s["N = 2"]["auc"], 100 * 2 * (1.0 + 0.8) / 2, rtol=1e-12, what="AUC")
     assert s["N = 1"]["auc"] is None  # one op count: no area
     table = gi.markdown_table(s)
     assert "| 4 | - | 0.800 [0.49, 0.94] (n=10) |" in table and "| AUC | - | 180.0 |" in table
@@ -410,7 +412,7 @@ def test_adapter_is_applied(tiny, tmp_path):
     base = mlx_sleep.load(tiny)[0]
     adapted = gi.load_adapter(mlx_sleep.load(tiny)[0], str(adapter))
     assert float(mx.abs(adapted(ids) - base(ids)).max()) > 1e-2
-    assert float(mx.abs(adapted(ids) - model(ids)).max()) < 1e-5
+    assert_close(adapted(ids), model(ids), rtol=1e-5, what="adapter logits")
 
     r = invoke("eval", "--model", tiny, "--task", "gsm-infinite", "--adapter", adapter, "--data",
                os.path.join(FIX, "medium_0.jsonl"), "--ops", "2", "--limit", "1",

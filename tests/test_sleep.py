@@ -9,6 +9,7 @@ from mlx.utils import tree_flatten
 from mlx_sleep import HybridLM, ModelConfig, SleepConfig, SleepEngine, sleep_forward, sleep_loss
 from mlx_sleep.config import ConfigError
 from mlx_sleep.sleep import chunk_bounds, evict, plan_chunks, run_chunk, sleep_value_and_grad
+from tests.numerics import assert_close
 
 V = 13
 
@@ -26,12 +27,10 @@ def flat(tree):
     return {k: np.array(v) for k, v in tree_flatten(tree)}
 
 
-def assert_trees_close(a, b, atol=1e-5):
-    fa, fb = flat(a), flat(b)
-    assert fa.keys() == fb.keys(), (sorted(fa), sorted(fb))
-    for k in fa:
-        assert fa[k].shape == fb[k].shape, k
-        np.testing.assert_allclose(fa[k], fb[k], atol=atol, rtol=1e-4, err_msg=k)
+def assert_trees_close(a, b, rtol=1e-5):
+    """Logits, states or gradients of two computation orders: 1e-5 of each tensor's scale (float32
+    through a few blocks and passes; measured <= 2.6e-6), and at least 1e-7 of the tree's."""
+    assert_close(a, b, rtol=rtol, floor=rtol / 100)
 
 
 def tokens(B, T, seed=0):
@@ -167,7 +166,7 @@ def test_n1_sliding_equals_plain_sliding_window_forward():
     plain = model.head(h)
     engine = SleepEngine(model, SleepConfig(loops=1, window=L, eviction="sliding"), batch_size=2)
     out = mx.concatenate([engine.feed(ids[:, a:a + 3]) for a in range(0, 23, 3)], axis=1)
-    assert_trees_close(out, plain, atol=2e-5)
+    assert_trees_close(out, plain)
 
 
 def test_n1_hard_equals_plain_forward_per_window():
@@ -184,7 +183,7 @@ def test_n1_hard_equals_plain_forward_per_window():
         carried = [model.initial_state(1)[0], {"conv": mx.zeros_like(state[1]["conv"]), "S": state[1]["S"]}]
         for i, layer in enumerate(model.layers):
             h, state[i] = layer(h, carried[i], a)
-        assert_trees_close(out[:, a:a + L], model.head(h), atol=2e-5)
+        assert_trees_close(out[:, a:a + L], model.head(h))
 
 
 def test_engine_n1_state_equals_training_n1_state():
@@ -207,7 +206,7 @@ def test_feed_token_by_token_equals_feed_at_once():
     e1, e2 = SleepEngine(model, sleep), SleepEngine(model, sleep)
     whole = e1.feed(ids)
     steps = mx.concatenate([e2.feed(ids[:, t:t + 1]) for t in range(10)], axis=1)
-    assert_trees_close(steps, whole, atol=2e-5)
+    assert_trees_close(steps, whole)
     assert_trees_close(e2.state, e1.state)
 
 
@@ -265,7 +264,7 @@ def test_feed_returns_the_logits_asked_for():
     assert last.shape == (2, 1, V)
     assert_trees_close(last, whole[:, -1:])
     assert none_engine.feed(ids, logits=None) is None
-    assert_trees_close(none_engine.state, last_engine.state, atol=0)
+    assert_trees_close(none_engine.state, last_engine.state)
     with pytest.raises(ValueError, match="logits must be"):
         none_engine.feed(ids, logits="first")
 
@@ -362,11 +361,12 @@ def test_chunkwise_value_and_grad_equals_plain_backprop(layers, eviction, loops,
     (l0, n0), g0 = plain_value_and_grad(model, ids, targets, mask, sleep)
     (l1, n1), g1 = sleep_value_and_grad(model, ids, targets, mask, sleep)
     assert n1.item() == n0.item() == mask.sum()
-    assert abs(l0.item() - l1.item()) < 1e-5
+    assert_close(l1.item(), l0.item(), rtol=1e-6, what="loss")
     assert max(np.abs(v).max() for v in flat(g0).values()) > 1e-3  # a non-trivial comparison
-    assert_trees_close(g1, g0, atol=1e-5)
+    assert_trees_close(g1, g0)
     # the model is left with its own parameters
-    assert abs(sleep_loss(model, ids, targets, mask, sleep)[0].item() - l0.item()) < 1e-6
+    assert_close(sleep_loss(model, ids, targets, mask, sleep)[0].item(), l0.item(), rtol=1e-6,
+                 what="loss after")
 
 
 def test_chunkwise_value_and_grad_prelude_coda_random_chunks_and_no_answers():
@@ -379,8 +379,8 @@ def test_chunkwise_value_and_grad_prelude_coda_random_chunks_and_no_answers():
     assert len(set(b - a for a, b in plan[0])) > 1
     (l0, _), g0 = plain_value_and_grad(model, ids, targets, mask, sleep, plan)
     (l1, _), g1 = sleep_value_and_grad(model, ids, targets, mask, sleep, plan=plan)
-    assert abs(l0.item() - l1.item()) < 1e-5
-    assert_trees_close(g1, g0, atol=1e-5)
+    assert_close(l1.item(), l0.item(), rtol=1e-6, what="loss")
+    assert_trees_close(g1, g0)
     (l0, n0), g0 = plain_value_and_grad(model, ids, targets, np.zeros((3, 17)), sleep)
     (l1, n1), g1 = sleep_value_and_grad(model, ids, targets, np.zeros((3, 17)), sleep)
     assert l1.item() == l0.item() == 0 and n1.item() == 0
@@ -400,8 +400,8 @@ def test_chunkwise_value_and_grad_puts_only_scored_positions_through_the_head(mo
     monkeypatch.setattr(model, "head", lambda h: widths.append(h.shape[1]) or head(h))
     (l1, _), g1 = sleep_value_and_grad(model, ids, targets, mask, sleep)
     assert widths == [2]
-    assert abs(l0.item() - l1.item()) < 1e-5
-    assert_trees_close(g1, g0, atol=1e-5)
+    assert_close(l1.item(), l0.item(), rtol=1e-6, what="loss")
+    assert_trees_close(g1, g0)
 
 
 def test_chunkwise_value_and_grad_bounds_peak_memory():

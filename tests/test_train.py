@@ -10,6 +10,7 @@ from mlx.utils import tree_flatten
 from mlx_sleep.config import ConfigError, ModelConfig, SleepConfig
 from mlx_sleep.tasks import get_task
 from mlx_sleep.train import TrainConfig, Trainer, build_model, load_run
+from tests.numerics import assert_close
 
 TASK = get_task("rule110", n_strings=2, n_bits=4, steps=1)
 
@@ -74,11 +75,14 @@ def test_activation_checkpoint_trains_like_plain_backprop(tmp_path, monkeypatch,
     for batch in batches:
         l0, n0 = plain.train_step(batch)
         l1, n1 = chunked.train_step(batch)
-        assert abs(l0 - l1) < 1e-5 and abs(n0 - n1) < 1e-4 * max(1.0, n0)
+        assert_close(l1, l0, rtol=1e-5, what="loss")  # measured <= 2e-7 of it
+        assert_close(n1, n0, rtol=1e-5, what="gradient norm")
     assert len(calls) == 3
     a, b = dict(tree_flatten(plain.model.parameters())), dict(tree_flatten(chunked.model.parameters()))
     for k in a:
-        np.testing.assert_allclose(np.array(b[k]), np.array(a[k]), atol=1e-4, err_msg=k)
+        # on the scale of the learning rates, not float32's: Adam turns a rounding difference in a
+        # near-zero gradient entry into an update of up to lr (1e-4 = 3% of one AdamW step)
+        assert_close(b[k], a[k], rtol=0, atol=1e-4, what=k)
 
 
 def test_run_directory_and_load_run(tmp_path):
