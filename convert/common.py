@@ -4,6 +4,7 @@ model directory atomically. config.json is read as JSON: nothing in a checkpoint
 """
 
 import os
+import re
 import shutil
 from typing import Callable, Dict, Optional
 
@@ -36,6 +37,16 @@ def read_config(src: str) -> dict:
 
 
 # -- checking tensors against the model -------------------------------------------------------
+
+def rename(name: str, rules) -> Optional[str]:
+    """`name` rewritten by the first of the (pattern, replacement) rules that matches; None when
+    none does."""
+    for pattern, repl in rules:
+        new, n = re.subn(pattern, repl, name)
+        if n:
+            return new
+    return None
+
 
 def rename_weights(weights: dict, to_ours: Callable[[str], Optional[str]]) -> dict:
     out, unknown = {}, []

@@ -159,7 +159,7 @@ class GDNState:
         return {**state, **{s: evict_conv(state[s], keep) for s in self.slots[:-1]}}
 
 
-class Block:
+class MlxLmLayerBlock:
     """One mlx-lm decoder layer as a sleep-engine block: (h, state, offset, window) -> (h, state).
     Not an nn.Module: the layer's weights are registered once, under the adapter's `model`."""
 
@@ -262,7 +262,7 @@ class Model(SleepModel):
         blocks = []
         for layer, kind in zip(self.model.layers, self.config.layer_types):
             if kind == FULL:
-                blocks.append(Block(layer, kind, AttentionState()))
+                blocks.append(MlxLmLayerBlock(layer, kind, AttentionState()))
                 continue
             la = layer.linear_attn
             if len(self._arch.conv_slots) == 1:
@@ -271,7 +271,7 @@ class Model(SleepModel):
                 channels = (la.key_dim, la.key_dim, la.value_dim)
             mixer = GDNState(self._arch.conv_slots, channels, la.conv_kernel_size,
                              (la.num_v_heads, la.head_v_dim, la.head_k_dim), dtype)
-            blocks.append(Block(layer, kind, mixer))
+            blocks.append(MlxLmLayerBlock(layer, kind, mixer))
         return blocks
 
     def embed(self, ids):

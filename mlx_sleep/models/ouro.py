@@ -30,7 +30,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..config import ConfigError, ModelConfigBase, json_bool
+from ..config import ConfigError, ModelConfigBase
 from ..layers import Attention, JetBlock, SwiGLU
 from .base import SleepModel
 
@@ -110,46 +110,6 @@ class OuroConfig(ModelConfigBase):
             need(0 <= self.early_exit_step < self.total_ut_steps,
                  f"early_exit_step must be in 0..{self.total_ut_steps - 1}")
         super().validate()
-
-
-def from_hf_config(hf: dict) -> OuroConfig:
-    """OuroConfig for a Hugging Face Ouro config.json (a dict)."""
-    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                "intermediate_size"):
-        if key not in hf:
-            raise ConfigError(f"config.json has no {key!r}")
-    if hf.get("rope_scaling"):
-        raise ConfigError(f"rope_scaling {hf['rope_scaling']!r} is not supported yet")
-    if hf.get("use_sliding_window") or any(t != "full_attention" for t in hf.get("layer_types") or []):
-        raise ConfigError("sliding-window Ouro layers are not supported yet")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ConfigError(f"hidden_act {hf['hidden_act']!r} is not supported (silu only)")
-    return OuroConfig(
-        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-        num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
-        intermediate_size=hf["intermediate_size"],
-        num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
-        rope_theta=float(hf.get("rope_theta", 10000.0)), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        total_ut_steps=int(hf.get("total_ut_steps", 4)),
-        early_exit_threshold=hf.get("early_exit_threshold", 1.0),
-        early_exit_step=hf.get("early_exit_step"),
-        tie_embeddings=json_bool(hf, "tie_word_embeddings"))
-
-
-def to_ours(hf_name: str):
-    if hf_name == "lm_head.weight":
-        return hf_name
-    if not hf_name.startswith("model."):
-        return None
-    name = hf_name[len("model."):]
-    return name.replace(".self_attn.", ".mixer.")
-
-
-def to_hf(name: str) -> str:
-    if name.startswith("lm_head."):
-        return name
-    return "model." + name.replace(".mixer.", ".self_attn.")
 
 
 class OuroBlock(nn.Module):
