@@ -15,6 +15,7 @@ import numpy as np
 
 from .config import ModelConfig, SleepConfig
 from .eval import evaluate, format_table, plot
+from .report import markdown_table
 from .io import claim_dir, write_json, write_text
 from .tasks import get_task, task_from_dict
 from .train import TrainConfig, Trainer
@@ -130,21 +131,18 @@ def combine_seeds(by_seed, seed_list):
 def seed_tables(results, by_seed, seed_list, dname) -> str:
     runs = list(results)
     diffs = sorted({int(d) for r in results.values() for d in r})
-    lines = [f"### per-query accuracy over {len(seed_list)} seeds: mean [min, max]", "",
-             f"| {dname} | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]
-    for d in diffs:
-        cells = [f"{results[r][d]['token']:.3f} [{min(results[r][d]['token_by_seed']):.3f}, "
-                 f"{max(results[r][d]['token_by_seed']):.3f}]" for r in runs]
-        lines.append(f"| {d} | " + " | ".join(cells) + " |")
+    mean_rows = [[d] + [f"{results[r][d]['token']:.3f} [{min(results[r][d]['token_by_seed']):.3f}, "
+                        f"{max(results[r][d]['token_by_seed']):.3f}]" for r in runs]
+                 for d in diffs]
     head = [f"{r}, {dname.split()[0]} = {d}" for d in diffs for r in runs]
-    lines += ["", "### per-query accuracy, each seed", "",
-              "| seed | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
-    for s in seed_list:
-        lines.append(f"| {s} | " + " | ".join(f"{by_seed[r][s][d]['token']:.3f}"
-                                                for d in diffs for r in runs) + " |")
-    lines += ["", "### exact match (all queries of a sequence right), mean over seeds", "",
-              format_table(results, dname, "exact")]
-    return "\n".join(lines) + "\n"
+    seed_rows = [[s] + [f"{by_seed[r][s][d]['token']:.3f}" for d in diffs for r in runs]
+                 for s in seed_list]
+    return "\n".join([
+        f"### per-query accuracy over {len(seed_list)} seeds: mean [min, max]", "",
+        markdown_table([dname] + runs, mean_rows), "",
+        "### per-query accuracy, each seed", "", markdown_table(["seed"] + head, seed_rows), "",
+        "### exact match (all queries of a sequence right), mean over seeds", "",
+        format_table(results, dname, "exact")]) + "\n"
 
 
 def conclude(results, seed_list, dname) -> str:

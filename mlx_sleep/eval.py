@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 
 from .config import ConfigError, SleepConfig
-from .io import atomic_path, check_file_target, stream
+from .report import Line, line_plot, markdown_table
 from .sleep import sleep_forward
 from .tasks.base import score
 
@@ -58,45 +58,21 @@ def evaluate(model, task, sleep: SleepConfig, samples: int = 256, batch_size: in
     return results
 
 
+def _cell(results: dict, d: int):
+    return results.get(d) or results.get(str(d))  # keys are ints, or strings read from JSON
+
+
 def format_table(results_by_run: Dict[str, Dict[int, dict]], difficulty_name: str = "difficulty",
                  metric: str = "exact") -> str:
     """A markdown table: one row per difficulty, one column per run (e.g. N = 1, N = 4)."""
     runs = list(results_by_run)
     diffs = sorted({int(d) for r in results_by_run.values() for d in r})
-    lines = [f"| {difficulty_name} | " + " | ".join(runs) + " |",
-             "|---|" + "---|" * len(runs)]
-    for d in diffs:
-        cells = []
-        for run in runs:
-            r = results_by_run[run].get(d) or results_by_run[run].get(str(d))
-            cells.append(f"{r[metric]:.3f}" if r else "-")
-        lines.append(f"| {d} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    rows = [[d] + [f"{_cell(results_by_run[run], d)[metric]:.3f}"
+                   if _cell(results_by_run[run], d) else "-" for run in runs] for d in diffs]
+    return markdown_table([difficulty_name] + runs, rows)
 
 
 METRIC_LABELS = {"token": "per-item accuracy", "exact": "exact-match accuracy"}
-
-
-def save_accuracy_plot(fig, ax, path: str, title: str, ylabel: str):
-    """What every accuracy plot ends with: the y axis in [0, 1], grid, legend, title, and the PNG
-    written under the write policy (atomically, or through /dev/stdout)."""
-    import matplotlib.pyplot as plt
-
-    ax.set_ylabel(ylabel)
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    if check_file_target(path) == "stream":
-        out = stream(path)
-        out.flush()
-        fig.savefig(getattr(out, "buffer", out), format="png")
-    else:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png")
-    plt.close(fig)
 
 
 def plot(results_by_run: Dict[str, Dict[int, dict]], path: str, title: str = "",
@@ -104,48 +80,26 @@ def plot(results_by_run: Dict[str, Dict[int, dict]], path: str, title: str = "",
          chance: Optional[float] = None, spread: Optional[Dict[str, Dict[int, tuple]]] = None):
     """PNG of accuracy vs difficulty, one line per run; `spread[run][d] = (lo, hi)` shades a band
     (e.g. the range over seeds around their mean)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    all_diffs = set()
+    lines = []
     for run, res in results_by_run.items():
         diffs = sorted(int(d) for d in res)
-        all_diffs.update(diffs)
-        line, = ax.plot(diffs, [(res.get(d) or res[str(d)])[metric] for d in diffs], marker="o",
-                        label=run)
+        band = None
         if spread and run in spread:
-            band = [spread[run].get(d) or spread[run][str(d)] for d in diffs]
-            ax.fill_between(diffs, [b[0] for b in band], [b[1] for b in band],
-                            color=line.get_color(), alpha=0.2, linewidth=0)
-    if chance is not None:
-        ax.axhline(chance, color="gray", linestyle="--", linewidth=1, label="chance")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sorted(all_diffs), [str(d) for d in sorted(all_diffs)])
-    ax.minorticks_off()
-    ax.set_xlabel(difficulty_name)
-    save_accuracy_plot(fig, ax, path, title, METRIC_LABELS.get(metric, metric))
+            lo_hi = [_cell(spread[run], d) for d in diffs]
+            band = ([b[0] for b in lo_hi], [b[1] for b in lo_hi])
+        lines.append(Line(run, diffs, [_cell(res, d)[metric] for d in diffs], band))
+    line_plot(path, lines, xlabel=difficulty_name, ylabel=METRIC_LABELS.get(metric, metric),
+              title=title, logx=True, chance=chance)
 
 
 def plot_against_loops(results_by_loops: Dict[int, Dict[int, dict]], path: str, title: str = "",
                        difficulty_name: str = "difficulty", metric: str = "token",
                        chance: Optional[float] = None):
-    """PNG of accuracy vs test-time sleep passes N, one line per difficulty (sleep depth as a dial)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """PNG of accuracy vs test-time sleep passes N, one line per difficulty (sleep depth as a
+    dial)."""
     loops = sorted(int(n) for n in results_by_loops)
     diffs = sorted({int(d) for r in results_by_loops.values() for d in r})
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for d in diffs:
-        ys = [(results_by_loops[n].get(d) or results_by_loops[n][str(d)])[metric] for n in loops]
-        ax.plot(loops, ys, marker="o", label=f"{difficulty_name.split()[0]} = {d}")
-    if chance is not None:
-        ax.axhline(chance, color="gray", linestyle="--", linewidth=1, label="chance")
-    ax.set_xticks(loops)
-    ax.set_xlabel("sleep passes N at test time")
-    save_accuracy_plot(fig, ax, path, title, METRIC_LABELS.get(metric, metric))
+    lines = [Line(f"{difficulty_name.split()[0]} = {d}", loops,
+                  [_cell(results_by_loops[n], d)[metric] for n in loops]) for d in diffs]
+    line_plot(path, lines, xlabel="sleep passes N at test time",
+              ylabel=METRIC_LABELS.get(metric, metric), title=title, chance=chance)

@@ -7,12 +7,11 @@ from typing import Dict, Iterable, List
 
 import numpy as np
 
-from ..eval import save_accuracy_plot
+from .. import report
 from ..io import atomic_path, write_json
 
 PREDICTIONS, RESULTS_JSON, RESULTS_MD, PLOT = (
     "predictions.jsonl", "results.json", "results.md", "accuracy.png")
-
 
 
 def wilson(correct: int, n: int, z: float = 1.96):
@@ -53,36 +52,27 @@ def markdown_table(summary: Dict[str, dict]) -> str:
     """Accuracy [95% CI] per op (rows) and N (columns), then the AUC."""
     runs = list(summary)
     ops = sorted({op for r in summary.values() for op in r["ops"]})
-    lines = ["| op | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]
-    for op in ops:
-        cells = []
-        for run in runs:
-            r = summary[run]["ops"].get(op)
-            cells.append(f"{r['accuracy']:.3f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] "
-                         f"(n={r['n']})" if r else "-")
-        lines.append(f"| {op} | " + " | ".join(cells) + " |")
-    aucs = [f"{summary[r]['auc']:.1f}" if summary[r]["auc"] is not None else "-" for r in runs]
-    lines.append("| AUC | " + " | ".join(aucs) + " |")
-    return "\n".join(lines)
+
+    def cell(r):
+        return (f"{r['accuracy']:.3f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] (n={r['n']})"
+                if r else "-")
+
+    rows = [[op] + [cell(summary[run]["ops"].get(op)) for run in runs] for op in ops]
+    rows.append(["AUC"] + [f"{summary[r]['auc']:.1f}" if summary[r]["auc"] is not None else "-"
+                           for r in runs])
+    return report.markdown_table(["op"] + runs, rows)
 
 
 def plot(summary: Dict[str, dict], path: str, title: str = ""):
     """PNG of accuracy against op count, one line per N, with the 95% intervals shaded."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    lines = []
     for run, r in summary.items():
         ops = sorted(r["ops"])
-        acc = [r["ops"][o]["accuracy"] for o in ops]
         label = run + (f" (AUC {r['auc']:.1f})" if r["auc"] is not None else "")
-        line, = ax.plot(ops, acc, marker="o", label=label)
-        ax.fill_between(ops, [r["ops"][o]["ci95"][0] for o in ops],
-                        [r["ops"][o]["ci95"][1] for o in ops], color=line.get_color(), alpha=0.15)
-    ax.set_xlabel("operations (op)")
-    save_accuracy_plot(fig, ax, path, title, "accuracy")
+        lines.append(report.Line(label, ops, [r["ops"][o]["accuracy"] for o in ops],
+                                 band=([r["ops"][o]["ci95"][0] for o in ops],
+                                       [r["ops"][o]["ci95"][1] for o in ops])))
+    report.line_plot(path, lines, xlabel="operations (op)", ylabel="accuracy", title=title)
 
 
 def write_results(out: str, summary: dict, settings: dict) -> str:
