@@ -8,7 +8,7 @@ import numpy as np
 from .config import ConfigError, SleepConfig
 from .report import Line, line_plot, markdown_table
 from .sleep import sleep_forward
-from .tasks.base import score
+from .tasks.base import accuracy_by_difficulty
 
 
 def predict(model, batch, sleep: SleepConfig) -> np.ndarray:
@@ -44,7 +44,7 @@ def evaluate(model, task, sleep: SleepConfig, samples: int = 256, batch_size: in
         while done < samples:
             n = min(batch_size, samples - done)
             batch = task.sample(rng, n, difficulty=int(d))
-            r = score(batch, predict(model, batch, sleep))[int(d)]
+            r = accuracy_by_difficulty(batch, predict(model, batch, sleep))[int(d)]
             exact += r["exact"] * n
             token += r["token"] * r["count"]
             count += r["count"]

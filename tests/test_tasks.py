@@ -13,7 +13,7 @@ from mlx_sleep.tasks import (
     get_task,
     rule110_run,
     rule110_step,
-    score,
+    accuracy_by_difficulty,
     task_from_dict,
 )
 from tests.numerics import assert_close
@@ -327,25 +327,25 @@ def test_get_task_errors():
 def test_score():
     task = Rule110(n_strings=2, n_bits=6, steps_range=(1, 2))
     batch = task.sample(rng(12), 50)
-    perfect = score(batch, batch.targets)
+    perfect = accuracy_by_difficulty(batch, batch.targets)
     assert perfect["all"] == {"exact": 1.0, "token": 1.0, "count": 100}
     assert sum(perfect[d]["count"] for d in (1, 2)) == 100
 
     wrong = batch.targets.copy()
     wrong[:, -1] = 1 - wrong[:, -1]  # second query of every sequence wrong
-    s = score(batch, wrong)
+    s = accuracy_by_difficulty(batch, wrong)
     assert s["all"]["exact"] == 0.0 and s["all"]["token"] == 0.5
     assert s[1]["token"] == 0.5 and s[2]["exact"] == 0.0
 
     # predictions at unscored positions don't matter
     junk = np.where(batch.mask > 0, batch.targets, 5)
-    assert score(batch, junk)["all"]["exact"] == 1.0
+    assert accuracy_by_difficulty(batch, junk)["all"]["exact"] == 1.0
 
     # exact counts only the sequences holding items of that difficulty
     t1 = batch.difficulty[:, -1] == 1
     only_t1_wrong = batch.targets.copy()
     only_t1_wrong[t1, -1] ^= 1
-    s = score(batch, only_t1_wrong)
+    s = accuracy_by_difficulty(batch, only_t1_wrong)
     assert s[1]["exact"] == 0.0 and s[2]["exact"] == 1.0
     assert_close(s["all"]["exact"], 1 - t1.mean(), rtol=1e-12, what="exact over all")
 

@@ -2,14 +2,14 @@
 
     task = get_task("rule110", n_strings=2, n_bits=8, steps=4)
     batch = task.sample(np.random.default_rng(0), batch_size=32)
-    metrics = score(batch, predictions)
+    metrics = accuracy_by_difficulty(batch, predictions)
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from .base import MAX_SEQ_LEN, Batch, Task, score
+from .base import MAX_SEQ_LEN, Batch, Task, accuracy_by_difficulty
 from .depo import Depo
 from .rule110 import Rule110, rule110_run, rule110_step
 
@@ -49,6 +49,6 @@ def task_from_dict(d: dict) -> Task:
 
 
 __all__ = [
-    "Batch", "Task", "score", "Rule110", "Depo", "TASKS", "get_task", "task_from_dict",
+    "Batch", "Task", "accuracy_by_difficulty", "Rule110", "Depo", "TASKS", "get_task", "task_from_dict",
     "rule110_step", "rule110_run",
 ]

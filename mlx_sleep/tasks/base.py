@@ -1,5 +1,5 @@
 """The shared shape of a synthetic task: a `Batch` of tokens plus what is scored, a
-`Task` base class, and `score` for turning predictions into accuracies.
+`Task` base class, and `accuracy_by_difficulty` for turning predictions into accuracies.
 
 Everything here is numpy only, so data generation never touches the accelerator and
 stays bit-for-bit reproducible from a seed.
@@ -106,7 +106,7 @@ def check_int(name: str, value, lo: int | None = None, hi: int | None = None) ->
         raise ValueError(f"{name} must be <= {hi} (got {value})")
 
 
-def score(batch: Batch, predictions: np.ndarray) -> dict:
+def accuracy_by_difficulty(batch: Batch, predictions: np.ndarray) -> dict:
     """Accuracy of `predictions` (int [B, T], e.g. argmax of logits) per difficulty.
 
     Returns {difficulty: {"exact", "token", "count"}, ..., "all": {...}} where
