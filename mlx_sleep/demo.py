@@ -25,8 +25,7 @@ from .train import TrainConfig, Trainer
 # answer time it reads S once, so a 2-hop answer must already be in S, and in one pass no edge's
 # continuation is in S when the edge is written; a third pass writes from reads of the whole S.
 # A depth curriculum (k = 1 only for the first 300 steps) lets N = 3 compose early: the best
-# setting of the search (docs/demo-search.md). `mlx-sleep demo` on 2 x86 cores: N = 3 - N = 1 at
-# k = 2 +0.35 to +0.62 over seeds 0-4 (N = 3: 0.98-1.00), k = 1 equal, in 14 minutes.
+# setting of the search (docs/demo-search.md, where its results are).
 DEMO = dict(
     task=dict(name="depo", max_nodes=8, min_nodes=8, n_names=16, max_hops=2, window=24,
               context_len=24, n_queries=8, edge_order="forward"),

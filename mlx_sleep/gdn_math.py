@@ -63,7 +63,7 @@ def _key_heads_to_value_heads(x, v_heads):
 def _delta_step(S, q, k, v, decay, beta):
     """One token for all heads, float32. S [B, H, Dv, Dk]; q, k [B, H, Dk]; v [B, H, Dv];
     decay, beta [B, H]. Returns (S_t, y_t, v - a S_{t-1} k). Products as multiply + sum, not
-    matmul: on the CPU a batch of matrix-vector products is about 3x slower."""
+    matmul: batched matrix-vector products are slower on the CPU (docs/kernels.md)."""
     S = decay[..., None, None] * S
     residual = v - (S * k[..., None, :]).sum(-1)
     S = S + (beta[..., None] * residual)[..., None] * k[..., None, :]

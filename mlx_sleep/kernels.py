@@ -17,10 +17,8 @@ fallback serves the rest of the process. Without Metal (Linux, or a CPU default 
 fallbacks run and nothing is built.
 
 The SiLU after Jet's conv is fused (template flag SILU): unfused, the activation re-reads and
-re-writes y, which for W = 4 adds 2 to the 6 [B, T, C]-sized transfers of the conv (x, the four
-taps, y) plus a launch -- the whole cost at T = 1. The backward recomputes the pre-activation
-from taps it loads anyway (W multiply-adds) rather than storing it. benchmarks/kernels.py times
-the unfused variant too, so a Mac run can confirm this.
+re-writes y and costs a launch (docs/kernels.md counts the transfers). The backward recomputes
+the pre-activation from taps it loads anyway rather than storing it.
 
 Kernel bodies live in metal/*.metal (headers in metal/*.h) and are handed to
 `mx.fast.metal_kernel`, or to whatever factory `configure(factory=...)` injects -- the tests
@@ -153,8 +151,8 @@ def _compare(out, ref, rtol=1e-4):
 
 _RTOL = {mx.float32: 1e-4, mx.float16: 2e-3, mx.bfloat16: 1.6e-2}  # of outputs rounded once
 GDN_RTOL_F32 = 2e-5
-# the backward's decay gradient sums Dv x Dk products per token (24,576 on Jet-Nemotron 2B): its
-# float32 summation-order difference reached 0.29 of 2e-5 of its own scale (emulator, model heads)
+# the backward's decay gradient sums Dv x Dk products per token, so its float32 summation-order
+# error is larger than the forward's (docs/kernels.md)
 GDN_BWD_RTOL_F32 = 5e-5
 
 

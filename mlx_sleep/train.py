@@ -97,7 +97,7 @@ LIMITS = (("steps", 1, 10**9), ("batch_size", 1, 1 << 20), ("warmup", 0, 10**9),
 
 def default_compile() -> bool:
     """mx.compile pays on Metal. On the CPU backend the first compile of a sleep step runs the
-    C++ compiler for minutes and measured no faster per step, so it is off there."""
+    C++ compiler for minutes and is no faster per step (docs/linux-cpu.md), so it is off there."""
     return mx.metal.is_available()
 
 
