@@ -93,7 +93,8 @@ def _tmp_prefix(name: str = "") -> str:
     return f"{TMP_PREFIX}{os.getpid()}-{name}"
 
 
-def _fsync_dir(path):
+def fsync_dir(path):
+    """Make a rename or a new entry in directory `path` durable (best effort)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -106,7 +107,8 @@ def _fsync_dir(path):
 
 # -- what may be written where ----------------------------------------------------------------
 
-def _kind(st) -> str:
+def file_kind(st) -> str:
+    """What an lstat result is, in words ("a symlink", "a FIFO", "a regular file", ...)."""
     mode = st.st_mode
     for test, what in ((stat.S_ISLNK, "a symlink"), (stat.S_ISFIFO, "a FIFO"),
                        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
@@ -131,7 +133,7 @@ def check_file_target(path: str) -> str:
         return "replace"
     if stat.S_ISREG(st.st_mode):
         return "replace"
-    raise OutputError(f"{path} is {_kind(st)}; mlx-sleep only replaces regular files "
+    raise OutputError(f"{path} is {file_kind(st)}; mlx-sleep only replaces regular files "
                       "(it would replace it with one): name a new file path")
 
 
@@ -143,7 +145,7 @@ def check_regular_file(path: str, what: str = "") -> str:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} does not exist{what}")
     if not stat.S_ISREG(st.st_mode):
-        raise ConfigError(f"{path} is {_kind(st)}, not a regular file{what}")
+        raise ConfigError(f"{path} is {file_kind(st)}, not a regular file{what}")
     return path
 
 
@@ -157,7 +159,7 @@ def open_nofollow(path: str, flags: int = os.O_RDONLY, mode: int = 0o600, what: 
         raise
     except OSError as e:
         try:
-            kind = _kind(os.lstat(path))
+            kind = file_kind(os.lstat(path))
         except OSError:
             kind = None
         if e.errno == errno.ELOOP or kind not in (None, "a regular file"):
@@ -166,7 +168,7 @@ def open_nofollow(path: str, flags: int = os.O_RDONLY, mode: int = 0o600, what: 
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
-        raise ConfigError(f"{path} is {_kind(st)}, not a regular file{what}")
+        raise ConfigError(f"{path} is {file_kind(st)}, not a regular file{what}")
     return fd
 
 
@@ -320,7 +322,7 @@ def atomic_path(path, mode=None):
             os.fsync(f.fileno())
         os.chmod(tmp, file_mode() if mode is None else mode)
         os.replace(tmp, path)
-        _fsync_dir(directory)
+        fsync_dir(directory)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
@@ -456,14 +458,14 @@ def atomic_dir(path):
     try:
         os.chmod(tmp, dir_mode())  # mkdtemp makes 0700
         yield tmp
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         old = _old_copy(path)
         if os.path.exists(path):
             if os.path.lexists(old):
                 shutil.rmtree(old)
             os.replace(path, old)
         os.replace(tmp, path)
-        _fsync_dir(parent)
+        fsync_dir(parent)
         if os.path.exists(old):
             shutil.rmtree(old)
     except BaseException:

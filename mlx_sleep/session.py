@@ -43,7 +43,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import EVICTION_MODES, MAX_INT, MAX_LOOPS, MAX_WINDOW, ConfigError, SleepConfig
-from .io import (TMP_PREFIX, OutputError, _fsync_dir, _kind, clean_stale_temps, lock_file,
+from .io import (TMP_PREFIX, OutputError, fsync_dir, file_kind, clean_stale_temps, lock_file,
                  open_nofollow, read_json, save_arrays, write_json)
 from .sleep import SleepEngine, check_state, fill_state, run_chunk
 
@@ -586,7 +586,7 @@ def read_meta(name: str) -> dict:
     except FileNotFoundError:
         raise _corrupt(name, f"its state file {meta['state_file']} is missing")
     if not stat.S_ISREG(st.st_mode):
-        raise _corrupt(name, f"its state file {meta['state_file']} is {_kind(st)}, not a "
+        raise _corrupt(name, f"its state file {meta['state_file']} is {file_kind(st)}, not a "
                              "regular file")
     if st.st_size != meta["state_bytes"]:
         raise _corrupt(name, f"{meta['state_file']} does not match its checksum (truncated or "
@@ -759,7 +759,7 @@ def remove_session(name: str) -> List[str]:
                                "remove them first")
         trash = os.path.join(root, f"{TMP_PREFIX}{os.getpid()}-rm-{name}")
         os.rename(path, trash)  # the step that removes it: before, all there; after, gone
-        _fsync_dir(root)
+        fsync_dir(root)
         for f in names:
             os.remove(os.path.join(trash, f))
         os.rmdir(trash)
