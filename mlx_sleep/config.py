@@ -147,6 +147,11 @@ class ModelConfigBase:
         self.validate()
 
     @property
+    def num_sleep_blocks(self) -> int:
+        """Blocks one sleep pass runs (a looped model unrolls its loops)."""
+        return self.num_layers
+
+    @property
     def core_range(self) -> Tuple[int, int]:
         return self.core if self.core is not None else (0, self.num_sleep_blocks)
 
@@ -230,10 +235,6 @@ class ModelConfig(ModelConfigBase):
     @property
     def num_layers(self) -> int:
         return len(self.layer_types)
-
-    @property
-    def num_sleep_blocks(self) -> int:
-        return self.num_layers
 
     def resolved(self, name):
         """The value of an optional size with its documented default applied."""

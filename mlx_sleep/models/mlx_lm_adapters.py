@@ -76,10 +76,6 @@ class AdapterConfig(ModelConfigBase):
     def num_layers(self) -> int:
         return len(self.layer_types)
 
-    @property
-    def num_sleep_blocks(self) -> int:
-        return self.num_layers
-
     def validate(self):
         if self.model_type not in ARCHS:
             raise ConfigError(f"unsupported mlx-lm hybrid {self.model_type!r}; supported: "
