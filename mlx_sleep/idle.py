@@ -104,16 +104,32 @@ def idle_source(spec: str = "auto", idle_seconds: float = 300, max_load: float =
 LABEL = "com.mlx-sleep.consolidate"
 
 
-def launchd_plist(command, interval: int = 1800) -> bytes:
+# Environment variables that decide which sessions a scheduled run sees: the job runs outside
+# the user's shell, so they are written into the unit or agent as they are when it is installed.
+CARRIED_ENVIRONMENT = ("MLX_SLEEP_HOME", "HF_HOME", "HF_HUB_CACHE")
+
+
+def carried_environment(environ=None) -> dict:
+    """The CARRIED_ENVIRONMENT variables set in `environ` (default: this process), paths made
+    absolute: the scheduled job's working directory is not the user's."""
+    environ = os.environ if environ is None else environ
+    return {k: os.path.abspath(os.path.expanduser(environ[k]))
+            for k in CARRIED_ENVIRONMENT if environ.get(k)}
+
+
+def launchd_plist(command, interval: int = 1800, env=None) -> bytes:
     """A launchd agent that runs `command` every `interval` seconds as a background process
-    (low CPU and I/O priority)."""
+    (low CPU and I/O priority), with `env` (default: carried_environment())."""
     import plistlib
 
     log = os.path.expanduser("~/Library/Logs/mlx-sleep-consolidate.log")
-    return plistlib.dumps({"Label": LABEL, "ProgramArguments": list(command),
-                           "StartInterval": int(interval), "ProcessType": "Background",
-                           "LowPriorityIO": True, "Nice": 10, "RunAtLoad": False,
-                           "StandardOutPath": log, "StandardErrorPath": log})
+    agent = {"Label": LABEL, "ProgramArguments": list(command), "StartInterval": int(interval),
+             "ProcessType": "Background", "LowPriorityIO": True, "Nice": 10, "RunAtLoad": False,
+             "StandardOutPath": log, "StandardErrorPath": log}
+    env = carried_environment() if env is None else env
+    if env:
+        agent["EnvironmentVariables"] = dict(env)
+    return plistlib.dumps(agent)
 
 
 def launchd_path() -> str:
@@ -132,7 +148,7 @@ def _agent_label(path):
         return None
 
 
-def install_launchd_agent(command, interval: int):
+def install_launchd_agent(command, interval: int, env=None):
     """Write our agent (replacing only our own) and load it: (its path, a warning or None)."""
     from .io import OutputError, atomic_path
 
@@ -143,7 +159,7 @@ def install_launchd_agent(command, interval: int):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with atomic_path(path, 0o644) as tmp:
         with open(tmp, "wb") as f:
-            f.write(launchd_plist(command, interval))
+            f.write(launchd_plist(command, interval, env))
     domain = f"gui/{os.getuid()}"
     subprocess.run(["launchctl", "bootout", domain, path], capture_output=True)
     loaded = subprocess.run(["launchctl", "bootstrap", domain, path], capture_output=True,
@@ -168,9 +184,12 @@ def remove_launchd_agent() -> str:
     return path
 
 
-def systemd_units(command, interval: int = 1800) -> str:
-    """The equivalent systemd user service + timer (printed, for the user to install)."""
-    exec_line = " ".join(_shell_quote(c) for c in command)
+def systemd_units(command, interval: int = 1800, env=None) -> str:
+    """The equivalent systemd user service + timer (printed, for the user to install), with
+    `env` (default: carried_environment())."""
+    exec_line = " ".join(_systemd_word(c) for c in command)
+    env = carried_environment() if env is None else env
+    environment = "".join(f"Environment={_systemd_word(f'{k}={v}')}\n" for k, v in env.items())
     return f"""# ~/.config/systemd/user/mlx-sleep-consolidate.service
 [Unit]
 Description=mlx-sleep: consolidate chat sessions while the machine is idle
@@ -181,7 +200,7 @@ ExecStart={exec_line}
 Nice=10
 IOSchedulingClass=idle
 CPUSchedulingPolicy=batch
-
+{environment}
 # ~/.config/systemd/user/mlx-sleep-consolidate.timer
 [Unit]
 Description=mlx-sleep: run the idle consolidation every {interval} s
@@ -197,6 +216,11 @@ WantedBy=timers.target
 """
 
 
-def _shell_quote(s: str) -> str:
-    import shlex
-    return shlex.quote(s)
+def _systemd_word(s: str) -> str:
+    """`s` as one word of a systemd unit line: as it is when plain, else double-quoted with
+    backslash, quote, `%` (specifiers) and `$` (variables) escaped."""
+    if s and all(c.isalnum() or c in "_./:=,+-@" for c in s):
+        return s
+    escaped = s.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%").replace("$", "$$")
+    return f'"{escaped}"'
+

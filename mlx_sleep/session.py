@@ -787,6 +787,27 @@ def consolidate_sessions(names, min_fill: float = 0.5, idle=None, poll: float = 
     return results
 
 
+WAIT_NOTICE_EVERY = 600  # seconds between "still waiting" lines: a poll every 30 s is noise
+
+
+def _wait_until_idle(idle, poll, max_wait, since, echo) -> bool:
+    """Poll `idle` until it says idle (True) or `max_wait` seconds from `since` have passed."""
+    last_notice = None
+    while True:
+        ok, why = idle()
+        if ok:
+            return True
+        now = time.monotonic()
+        if max_wait is not None and now - since >= max_wait:
+            echo(f"not idle after {max_wait:g} s ({why}); stopping")
+            return False
+        if last_notice is None or now - last_notice >= WAIT_NOTICE_EVERY:
+            limit = "" if max_wait is None else f" (up to {max_wait:g} s)"
+            echo(f"waiting for the machine to be idle{limit}: {why}")
+            last_notice = now
+        time.sleep(poll if max_wait is None else max(0.0, min(poll, since + max_wait - now)))
+
+
 def _consolidate(names, min_fill, idle, poll, max_wait, echo, refused) -> dict:
     from .loading import load_model
     from .weights import resolve_source
@@ -806,17 +827,9 @@ def _consolidate(names, min_fill, idle, poll, max_wait, echo, refused) -> dict:
             results[name] = f"skipped: window {live}/{L} is below {min_fill:.0%} full"
             echo(f"{name}: {results[name]}")
             continue
-        if idle is not None:
-            while True:
-                ok, why = idle()
-                if ok:
-                    break
-                if max_wait is not None and time.monotonic() - waited_since >= max_wait:
-                    echo(f"not idle ({why}); stopping")
-                    results.update({n: "skipped: not idle" for n in names if n not in results})
-                    return results
-                echo(f"waiting for the machine to be idle: {why}")
-                time.sleep(poll)
+        if idle is not None and not _wait_until_idle(idle, poll, max_wait, waited_since, echo):
+            results.update({n: "skipped: not idle" for n in names if n not in results})
+            return results
         path = meta["model"]["path"]
         if path not in models:
             models[path] = load_model(resolve_source(path))

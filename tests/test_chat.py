@@ -389,7 +389,7 @@ def test_consolidate_when_idle_waits_yields_and_completes(models, home, tmp_path
     flag.write_text("busy")
     args = ["consolidate", "-s", "q", "--when-idle", "--idle-source", f"file:{flag}", "--poll", "0.1"]
     proc = spawn(home, *args)
-    proc.expect_exact(f"waiting for the machine to be idle: {flag} says busy")
+    proc.expect_exact(f"waiting for the machine to be idle (up to 3600 s): {flag} says busy")
     flag.write_text("idle")
     proc.expect_exact("q: pass 1/300")
     flag.write_text("busy")  # the user is back: it yields between passes, saving nothing
@@ -403,6 +403,45 @@ def test_consolidate_when_idle_waits_yields_and_completes(models, home, tmp_path
     # without --when-idle, and the fill threshold
     r = CliRunner().invoke(main, ["consolidate", "--all"])
     assert r.exit_code == 0 and "q: skipped: window 0/64" in r.output, r.output
+
+
+def test_consolidate_gives_up_with_status_1_when_never_idle(models, home, tmp_path):
+    """A machine that stays busy: one waiting line, then exit status 1 after --max-wait and
+    the session unchanged (it once waited forever, printing a line per poll)."""
+    model, _ = mlx_sleep.load(models["small"])
+    s = open_session("busy", model, models["small"], mlx_sleep.SleepConfig(loops=2, window=64))
+    s.engine.feed(mx.array([list(range(40, 80))]))
+    s.save()
+    s.close()
+    before = snapshot_files(os.path.join(home, "sessions", "busy"))
+    flag = tmp_path / "idle"
+    flag.write_text("busy")
+    r = CliRunner().invoke(main, ["consolidate", "-s", "busy", "--when-idle", "--idle-source",
+                                  f"file:{flag}", "--poll", "0.01", "--max-wait", "0.2"])
+    assert r.exit_code == 1, r.output
+    assert r.output.count("waiting for the machine to be idle") == 1, r.output
+    assert "not idle within --max-wait 0.2 s" in r.output.splitlines()[-1], r.output
+    assert snapshot_files(os.path.join(home, "sessions", "busy")) == before
+
+
+def test_schedule_carries_the_session_store_into_the_unit_and_agent(tmp_path, monkeypatch):
+    """The scheduled job runs outside the user's shell: MLX_SLEEP_HOME (made absolute) goes into
+    the systemd unit and the launchd agent, quoted for systemd."""
+    import plistlib
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLX_SLEEP_HOME", "my store/$x%y")
+    monkeypatch.delenv("HF_HOME", raising=False)
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    store = str(tmp_path / "my store/$x%y")
+    unit = systemd_units(["mlx-sleep", "consolidate"], 600)
+    escaped = store.replace("%", "%%").replace("$", "$$")
+    assert f'Environment="MLX_SLEEP_HOME={escaped}"' in unit, unit
+    agent = plistlib.loads(launchd_plist(["mlx-sleep", "consolidate"], 600))
+    assert agent["EnvironmentVariables"] == {"MLX_SLEEP_HOME": store}
+    monkeypatch.delenv("MLX_SLEEP_HOME")
+    assert "Environment=" not in systemd_units(["mlx-sleep"], 600)
+    assert "EnvironmentVariables" not in plistlib.loads(launchd_plist(["mlx-sleep"], 600))
 
 
 def test_idle_sources_and_schedule():

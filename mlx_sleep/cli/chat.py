@@ -173,7 +173,8 @@ def sessions_rm(name):
 @click.option("--max-load", type=float, default=0.3, show_default=True,
               help="load: 1-minute load average per core below this.")
 @click.option("--poll", type=float, default=30, show_default=True, help="Seconds between idle checks.")
-@click.option("--max-wait", type=float, default=None, help="Give up waiting after this many seconds.")
+@click.option("--max-wait", type=float, default=3600, show_default=True,
+              help="Give up (exit status 1) when not idle after this many seconds.")
 def consolidate(names, all_sessions, min_fill, when_idle, idle_source, idle_seconds, max_load,
                 poll, max_wait):
     """Consolidate saved sessions' live windows (sleep outside the chat)."""
@@ -189,7 +190,10 @@ def consolidate(names, all_sessions, min_fill, when_idle, idle_source, idle_seco
         if not chosen:
             raise Failure("name sessions with --session NAME, or pass --all")
         idle = make_idle_source(idle_source, idle_seconds, max_load) if when_idle else None
-        consolidate_sessions(chosen, min_fill, idle, poll, max_wait, echo=click.echo)
+        results = consolidate_sessions(chosen, min_fill, idle, poll, max_wait, echo=click.echo)
+        if "skipped: not idle" in results.values():
+            raise Failure(f"the machine was not idle within --max-wait {max_wait:g} s; the "
+                          "sessions not consolidated are unchanged (docs/chat.md: idle rules)")
 
     run_safely(go)
 
