@@ -9,19 +9,27 @@ during an idle sleep cancels it between two passes (the engine is then exactly a
 runs as soon as the sleep has stopped; nothing typed is lost. Ctrl-C stops a reply or a /sleep,
 not the session. The session is saved after every turn and sleep, and on exit.
 
-Input is read from the raw file descriptor (select + os.read), not sys.stdin, so it works the
-same on a terminal and on a pipe (one line per turn) and can wait with a timeout.
+On a terminal, input is read with prompt_toolkit (the line editor IPython and ptpython use):
+line editing, the session's own turns as history, pastes of any length kept whole (bracketed
+paste, not the tty's 4,095-character line buffer), Alt-Enter for a new line; the idle sleep runs
+in a thread while the prompt waits. On a pipe, lines are read from the raw file descriptor
+(select + os.read) with a timeout, one line per turn. On both, a line starting with three
+double quotes opens a block that the next line ending with them closes (one multi-line turn). Notices ([window
+full], passes, speed, [saved]) go to stderr, so a piped reply on stdout is the reply alone.
 """
 
 import codecs
+import contextlib
 import os
 import resource
 import select
 import signal
 import sys
+import termios
 import threading
 import time
 
+import mlx.core as mx
 
 from .generate import Reply, chat_prompt, make_sampling, stream_reply
 
@@ -93,21 +101,75 @@ def process_memory() -> str:
         return f"{mib(peak)} peak resident"
 
 
+def plural(n: int, word: str) -> str:
+    """"1 pass", "2 passes", "3 consolidations"."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}{'es' if word.endswith('s') else 's'}"
+
+
+BLOCK_QUOTES = '"' * 3  # a line starting with these opens a multi-line turn; one ending closes it
+
+
+def read_block(first: str, next_line) -> str:
+    """A block: `first` starts with BLOCK_QUOTES; lines from `next_line()` are added until one
+    ends with them (or the input ends: None). Returns the text between the quotes."""
+    lines, text = [], first[3:]
+    while not text.rstrip().endswith(BLOCK_QUOTES):
+        lines.append(text)
+        text = next_line()
+        if text is None:  # end of input: the block ends here
+            return "\n".join(lines).strip("\n")
+    lines.append(text.rstrip()[:-3])
+    return "\n".join(lines).strip("\n")
+
+
+@contextlib.contextmanager
+def no_echo(fd):
+    """Keys typed while a reply streams are not echoed into it (the next prompt shows them)."""
+    try:
+        old = termios.tcgetattr(fd)
+    except (termios.error, OSError):
+        yield
+        return
+    new = list(old)
+    new[3] &= ~termios.ECHO
+    termios.tcsetattr(fd, termios.TCSANOW, new)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, old)
+
+
 class Chat:
-    def __init__(self, session, tokenizer, out=sys.stdout, max_tokens=512, stop=(),
-                 idle_delay=60.0, idle_fill=0.5, sampling=None):
-        self.session, self.engine, self.tokenizer, self.out = session, session.engine, tokenizer, out
+    def __init__(self, session, tokenizer, out=None, max_tokens=512, stop=(),
+                 idle_delay=60.0, idle_fill=0.5, sampling=None, err=None):
+        self.session, self.engine, self.tokenizer = session, session.engine, tokenizer
+        self.out, self.err = out, err  # None: sys.stdout / sys.stderr when written (patched)
         self.max_tokens, self.stop = max_tokens, list(stop)
         self.idle_delay, self.idle_fill = idle_delay, idle_fill
         self.sampler, self.processors = make_sampling(**(sampling or {}))
         self.interrupt = threading.Event()
-        self.engine.on_full = lambda: self.say(
-            f"\n[window full ({self.engine.sleep.window} tokens): sleeping, "
-            f"{self.engine.sleep.loops} passes]")
+        self.engine.on_forced_sleep = self.forced_sleep
 
     def say(self, text="", end="\n"):
-        self.out.write(text + end)
-        self.out.flush()
+        out = self.out or sys.stdout
+        out.write(text + end)
+        out.flush()
+
+    def note(self, text, end="\n"):
+        """A notice, not part of a reply: stderr."""
+        (self.out or sys.stdout).flush()
+        err = self.err or sys.stderr
+        err.write(text + end)
+        err.flush()
+
+    def forced_sleep(self) -> dict:
+        """The window filled during a turn: a line per pass, and Ctrl-C stops it between passes
+        (the reply stops there and the window stays full until the next turn)."""
+        e = self.engine
+        self.note(f"\n[window full ({e.sleep.window} tokens): sleeping, "
+                  f"{plural(e.sleep.loops, 'pass')}; Ctrl-C stops]")
+        return dict(cancel=self.interrupt.is_set,
+                    on_pass=lambda i, n: self.note(f"[sleeping: pass {i}/{n}]"))
 
     # -- one turn ------------------------------------------------------------------------------
     def turn(self, text: str):
@@ -124,18 +186,26 @@ class Chat:
             return
         self.interrupt.clear()
         reply = Reply()
-        sleeps = self.engine.sleeps
+        sleeps, start = self.engine.sleeps, self.engine.offset
+        mx.reset_peak_memory()
         for piece in stream_reply(self.engine, self.tokenizer, ids, self.max_tokens, self.stop,
                                   self.interrupt.is_set, reply, sampler=self.sampler,
                                   logits_processors=self.processors):
-            self.out.write(piece)
-            self.out.flush()
-        self.say("" if reply.stopped != "interrupted" else " [stopped]")
+            self.say(piece, end="")
+        if reply.stopped == "interrupted":
+            self.note(" [stopped]", end="")
+        self.say("")
         if self.engine.sleeps > sleeps:
-            self.say(f"[slept {self.engine.sleeps - sleeps} time(s) during this turn; "
-                     f"{self.engine.sleeps} consolidations so far]")
+            self.note(f"[slept {plural(self.engine.sleeps - sleeps, 'time')} during this turn; "
+                      f"{plural(self.engine.sleeps, 'consolidation')} so far]")
+        self.note(f"[{reply.speed(len(ids))}]")
+        # What the engine consumed: a forced sleep stopped by Ctrl-C can end the turn inside the
+        # prompt; the next turn then feeds the rest (its text follows the common prefix).
+        fed = self.engine.offset - start
+        consumed = (self.tokenizer.decode(ids[:fed]) if fed < len(ids) else
+                    delta + self.tokenizer.decode(reply.tokens[:fed - len(ids)]))
         self.session.messages = messages + [{"role": "assistant", "content": reply.text}]
-        self.session.fed_text = common + delta + self.tokenizer.decode(reply.tokens[:reply.consumed])
+        self.session.fed_text = common + consumed
         self.session.save()
 
     # -- commands ------------------------------------------------------------------------------
@@ -145,7 +215,7 @@ class Chat:
                    for k, a in s.items() if k in block.mixer.carried)
         L = e.sleep.window
         self.say(f"session {self.session.name}: {e.offset} tokens seen, window {e.window_len}/{L} "
-                 f"({100 * e.window_len / L:.0f}%), {e.sleeps} consolidations "
+                 f"({100 * e.window_len / L:.0f}%), {plural(e.sleeps, 'consolidation')} "
                  f"(N = {e.sleep.loops}, {e.sleep.eviction} eviction), "
                  f"{len(e.snapshots)}/{e.history} snapshots for /forget")
         self.say(f"memory: fast weights {mib(fast)}, process {process_memory()}")
@@ -157,12 +227,14 @@ class Chat:
             return True
         n = self.engine.window_len
         done = self.engine.consolidate(
-            cancel=cancel, on_pass=lambda i, N: self.say(f"[{label}: pass {i}/{N}]"))
+            cancel=cancel, on_pass=lambda i, N: self.note(f"[{label}: pass {i}/{N}]"))
         if done:
             self.session.save()
-            self.say(f"[consolidated {n} tokens; {self.engine.sleeps} consolidations so far]")
+            self.note(f"[consolidated {n} tokens; "
+                      f"{plural(self.engine.sleeps, 'consolidation')} so far]")
         else:
-            self.say("[sleep cancelled; the session is as it was]")
+            self.note("[sleep cancelled; the session is as it was, and the next sleep starts "
+                      "again from pass 1]")
         return done
 
     def command(self, line: str) -> bool:
@@ -203,55 +275,125 @@ class Chat:
         return self.idle_delay > 0 and e.window_len > 0 and e.window_len >= self.idle_fill * e.sleep.window
 
     def idle_sleep(self, reader: LineReader):
-        """Consolidate in a background thread until done or until a line arrives."""
+        """Pipes: consolidate in a background thread until done or until a line arrives."""
         cancel = threading.Event()
-        result = {}
-        self.say("[idle: sleeping on the live window]")
-        worker = threading.Thread(
-            target=lambda: result.update(done=self.sleep_now(cancel.is_set, "idle sleep")))
+        self.note("[idle: sleeping on the live window]")
+        worker = threading.Thread(target=lambda: self.sleep_now(cancel.is_set, "idle sleep"))
         worker.start()
         while worker.is_alive():
             if reader.ready(0.05) or self.interrupt.is_set():
                 cancel.set()
                 break
         worker.join()  # the main thread touches the engine only once the sleep has stopped
-        return result.get("done", False)
+
+    def idle_sleeper(self):
+        """Terminals: a thread that sleeps on the window after `idle_delay` quiet seconds while
+        the prompt waits. Returns stop(), which cancels it between passes and joins it."""
+        quit_ = threading.Event()
+
+        def wait_then_sleep():
+            if not quit_.wait(self.idle_delay):
+                self.note("[idle: sleeping on the live window]")
+                self.sleep_now(quit_.is_set, "idle sleep")
+
+        worker = threading.Thread(target=wait_then_sleep, daemon=True)
+        worker.start()
+
+        def stop():
+            quit_.set()
+            worker.join()  # the engine is the main thread's again
+        return stop
 
     # -- the loop ------------------------------------------------------------------------------
+    def handle(self, line: str) -> bool:
+        """One input (a line or a block); False means quit."""
+        if line.strip().startswith("/"):
+            return self.command(line.strip())
+        if line.strip():
+            self.turn(line)
+        return True
+
+    def banner(self):
+        e, s = self.engine, self.engine.sleep
+        self.note(f"model {self.session.identity['path']}: N = {s.loops}, L = {s.window}, "
+                  f"{s.eviction} eviction")
+        self.note(f"session {self.session.name}: {e.offset} tokens, "
+                  f"{plural(e.sleeps, 'consolidation')}. /help for commands, {BLOCK_QUOTES} or "
+                  "Alt-Enter for several lines, Ctrl-D to leave.")
+
     def run(self, fd=None):
         fd = sys.stdin.fileno() if fd is None else fd
-        interactive = os.isatty(fd)
-        reader = LineReader(fd)
 
         def on_sigint(signum, frame):
             self.interrupt.set()
 
         previous = signal.signal(signal.SIGINT, on_sigint)
         try:
-            if interactive:
-                self.say(f"session {self.session.name}: {self.engine.offset} tokens, "
-                         f"{self.engine.sleeps} consolidations. /help for commands.")
-            while True:
-                if interactive:
-                    self.say(">>> ", end="")
-                self.interrupt.clear()
-                line = reader.readline(self.idle_delay if self.wants_idle_sleep() else None)
-                if line is None:  # quiet for idle_delay seconds
-                    if interactive:
-                        self.say("")
-                    self.idle_sleep(reader)
-                    continue
-                if line == "":
-                    break
-                line = line.strip()
-                if not line:
-                    continue
-                if line.startswith("/"):
-                    if not self.command(line):
-                        break
-                else:
-                    self.turn(line)
+            if os.isatty(fd):
+                self.run_terminal(fd)
+            else:
+                self.run_pipe(fd)
         finally:
             signal.signal(signal.SIGINT, previous)
             self.session.save()
-            self.say(f"[saved session {self.session.name}]")
+            self.note(f"[saved session {self.session.name}]")
+
+    def run_pipe(self, fd):
+        reader = LineReader(fd)
+        while True:
+            self.interrupt.clear()
+            line = reader.readline(self.idle_delay if self.wants_idle_sleep() else None)
+            if line is None:  # quiet for idle_delay seconds
+                self.idle_sleep(reader)
+                continue
+            if line == "":
+                return
+            if line.lstrip().startswith(BLOCK_QUOTES):
+                def next_line():
+                    more = reader.readline()
+                    return more.rstrip("\n") if more else None
+                line = read_block(line.lstrip().rstrip("\n"), next_line)
+            if not self.handle(line.rstrip("\n")):
+                return
+
+    def run_terminal(self, fd):
+        from prompt_toolkit import PromptSession
+        from prompt_toolkit.history import InMemoryHistory
+        from prompt_toolkit.key_binding import KeyBindings
+        from prompt_toolkit.patch_stdout import patch_stdout
+
+        history = InMemoryHistory()
+        for m in self.session.messages:
+            if m["role"] == "user":
+                history.append_string(m["content"])
+        keys = KeyBindings()
+
+        @keys.add("escape", "enter")  # Alt-Enter (Esc then Enter): a new line in the input
+        def _(event):
+            event.current_buffer.insert_text("\n")
+
+        prompt = PromptSession(history=history, key_bindings=keys)
+        self.banner()
+
+        def ask(text=">>> "):
+            with patch_stdout(raw=True):
+                return prompt.prompt(text)
+
+        while True:
+            self.interrupt.clear()
+            stop_idle = self.idle_sleeper() if self.wants_idle_sleep() else None
+            try:
+                line = ask()
+                if line.lstrip().startswith(BLOCK_QUOTES):
+                    line = read_block(line.lstrip(), lambda: ask("... "))
+            except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh line
+                continue
+            except EOFError:  # Ctrl-D
+                self.note("")
+                return
+            finally:
+                if stop_idle is not None:
+                    stop_idle()
+            with no_echo(fd):
+                if not self.handle(line):
+                    return

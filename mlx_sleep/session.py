@@ -325,10 +325,10 @@ def model_identity(model, model_dir: str) -> dict:
 
 class SessionEngine(SleepEngine):
     """A SleepEngine that keeps, for /forget, the state before each of its last `history`
-    consolidated windows, and calls `on_full()` when a full window forces a sleep in feed()."""
+    consolidated windows."""
 
     def __init__(self, model, sleep: Optional[SleepConfig] = None, history: int = 3):
-        self.history, self.on_full = history, None
+        self.history = history
         super().__init__(model, sleep)
 
     def reset(self):
@@ -338,8 +338,6 @@ class SessionEngine(SleepEngine):
     def consolidate(self, cancel=None, on_pass=None) -> bool:
         if self.window_len == 0:
             return True
-        if cancel is None and on_pass is None and self.on_full is not None:
-            self.on_full()  # feed() forcing a sleep (the others pass progress / cancel)
         before = (self.window_start_state, self.window_start)
         done = super().consolidate(cancel, on_pass)
         if done and self.history > 0:

@@ -278,7 +278,7 @@ def sleep_value_and_grad(model, inputs, targets, mask, sleep: SleepConfig, *, pl
 
 
 class SleepCancelled(Exception):
-    pass
+    """A consolidation stopped between passes; the engine is as it was before it."""
 
 
 class SleepEngine:
@@ -290,6 +290,9 @@ class SleepEngine:
     wake pass is the first of them: same tokens, same start state), then evicts and starts a new
     window. `feed` consolidates on its own when the window is full (a forced sleep); the
     caller may consolidate earlier (an idle sleep). A cancelled consolidation changes nothing.
+    `on_forced_sleep()`, when set, is called as a forced sleep starts and returns
+    consolidate()'s keyword arguments for it (`cancel=`, `on_pass=`): a chat shows each pass
+    and lets Ctrl-C stop it, and feed() then raises SleepCancelled with the window still full.
 
         engine = SleepEngine(model, SleepConfig(loops=4, window=256))
         logits = engine.feed(prompt_ids)      # [B, T, V]
@@ -301,6 +304,7 @@ class SleepEngine:
         if sleep is None:
             sleep = getattr(model, "sleep_config", None) or SleepConfig()
         self.model, self.sleep, self.batch_size = model, sleep, batch_size
+        self.on_forced_sleep: Optional[Callable[[], dict]] = None
         self.reset()
 
     def reset(self):
@@ -341,7 +345,10 @@ class SleepEngine:
         out, pos = [], 0
         while pos < T:
             if self.window_len == L:
-                self.consolidate()
+                hooks = self.on_forced_sleep() if self.on_forced_sleep is not None else {}
+                if not self.consolidate(**hooks):
+                    raise SleepCancelled(f"the forced sleep was cancelled after {pos} of {T} "
+                                         "tokens; the window is still full")
             piece = ids[:, pos:pos + L - self.window_len]
             # Keep the wake pass's core features while the window is one piece (a prompt's full
             # windows): its sleep then reuses them as pass 1, bit for bit what recomputing gives.

@@ -47,7 +47,9 @@ def home(tmp_path, monkeypatch):
 
 
 def env_with(home):
-    return {**os.environ, "MLX_SLEEP_HOME": home, "PYTHONUNBUFFERED": "1"}
+    # a pty under pexpect answers no cursor-position request: prompt_toolkit is told not to ask
+    return {**os.environ, "MLX_SLEEP_HOME": home, "PYTHONUNBUFFERED": "1",
+            "PROMPT_TOOLKIT_NO_CPR": "1"}
 
 
 def cli(home, *args, input=None, timeout=300):
@@ -57,7 +59,8 @@ def cli(home, *args, input=None, timeout=300):
 
 def spawn(home, *args):
     return pexpect.spawn(CLI[0], CLI[1:] + list(args), env=env_with(home), encoding="utf-8",
-                         codec_errors="replace", timeout=120, dimensions=(50, 400))
+                         codec_errors="replace", timeout=120, dimensions=(50, 400),
+                         logfile=open(os.environ["CHAT_LOG"], "a") if "CHAT_LOG" in os.environ else None)
 
 
 def snapshot_files(path):
@@ -101,8 +104,18 @@ def test_generate_cli_streams_the_python_functions_greedy_reply(models, home):
     model, tokenizer = mlx_sleep.load(models["small"])
     expected = generate_text(model, tokenizer, "Hello there", max_tokens=24)
     assert r.stdout == expected + "\n"
-    assert re.search(r"\[\d+ prompt \+ \d+ generated tokens .* consolidations\]", r.stderr)
+    assert re.search(r"\[\d+ prompt tokens at [\d.]+ tok/s, 24 generated at [\d.]+ tok/s, "
+                     r"peak memory [\d.]+ [MG]B, stopped: max_tokens, \d+ consolidations?\]",
+                     r.stderr), r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_stop_flags_take_escapes_as_typed_in_a_shell():
+    """docs/chat.md's `--stop "\\n\\n"`: the shell passes a backslash and an n."""
+    from mlx_sleep.cli.common import unescape_stops
+
+    typed = ("\\n\\n", "a\\\\n", "\\t|\\x", "é\\r")
+    assert unescape_stops(None, None, typed) == ("\n\n", "a\\n", "\t|\\x", "é\r")
 
 
 def test_stop_strings_and_interruption(models):
@@ -130,16 +143,20 @@ def test_stop_strings_and_interruption(models):
 def test_chat_commands_forced_sleep_ctrl_c_idle_sleep_and_sigkill_in_a_reply(models, home):
     chat = spawn(home, "chat", "--model", models["small"], "-s", "a", "-m", "100000",
                  "--idle-delay", "3", "--idle-fill", "0.25")
+    chat.expect_exact(f"model {os.path.abspath(models['small'])}: N = 2, L = 16, hard eviction")
     chat.expect("/help for commands")
-    chat.expect_exact(">>> ")
+    chat.expect_exact(">>>")
     chat.sendline("hello")
-    chat.expect_exact("[window full (16 tokens): sleeping, 2 passes]")  # a forced sleep
-    chat.sendintr()  # Ctrl-C stops the reply, not the session
+    chat.expect_exact("[window full (16 tokens): sleeping, 2 passes; Ctrl-C stops]")  # forced
+    chat.expect_exact("[sleeping: pass 2/2]")  # a line per pass
+    chat.sendintr()  # Ctrl-C stops the reply (or a later forced sleep), not the session
     chat.expect_exact("[stopped]")
-    chat.expect(r"\[slept \d+ time\(s\) during this turn")
-    chat.expect_exact(">>> ")
+    chat.expect(r"\[slept \d+ times? during this turn")
+    chat.expect(r"\[\d+ prompt tokens at [\d.]+ tok/s, \d+ generated at [\d.]+ tok/s, "
+                r"peak memory [\d.]+ [MG]B\]")
+    chat.expect_exact(">>>")
     chat.sendline("/status")
-    chat.expect(r"(\d+) tokens seen, window (\d+)/16 .* (\d+) consolidations")
+    chat.expect(r"(\d+) tokens seen, window (\d+)/16 .* (\d+) consolidations?")
     seen, sleeps = int(chat.match.group(1)), int(chat.match.group(3))
     assert seen > 16 and sleeps >= 1
     chat.expect("fast weights .* process .* resident")
@@ -164,9 +181,9 @@ def test_chat_commands_forced_sleep_ctrl_c_idle_sleep_and_sigkill_in_a_reply(mod
     chat.expect_exact("[stopped]")
     chat.expect_exact("[idle: sleeping on the live window]", timeout=60)
     chat.expect_exact("[idle sleep: pass 2/2]")
-    chat.expect(r"\[consolidated \d+ tokens; (\d+) consolidations so far\]")
+    chat.expect(r"\[consolidated \d+ tokens; (\d+) consolidations? so far\]")
     chat.sendline("/status")
-    chat.expect(r"(\d+) tokens seen, window 0/16 .* (\d+) consolidations")
+    chat.expect(r"(\d+) tokens seen, window 0/16 .* (\d+) consolidations?")
     seen, sleeps = int(chat.match.group(1)), int(chat.match.group(2))
     # SIGKILL during a reply: the session saved after the idle sleep loads as it was
     chat.sendline("more")
@@ -179,27 +196,98 @@ def test_chat_commands_forced_sleep_ctrl_c_idle_sleep_and_sigkill_in_a_reply(mod
 
 
 def test_idle_sleep_cancelled_by_typing_then_completed_and_sigkill_in_a_sleep(models, home):
-    chat = spawn(home, "chat", "--model", models["small"], "-s", "b", "-m", "6", "-N", "600",
-                 "-L", "64", "--idle-delay", "1", "--idle-fill", "0.1")
-    chat.expect_exact(">>> ")
-    chat.sendline("hi")
-    chat.expect_exact(">>> ")
-    chat.expect_exact("[idle sleep: pass 1/600]", timeout=60)
-    chat.sendline("/status")  # typed during the sleep: it cancels it and then runs
-    chat.expect_exact("[sleep cancelled; the session is as it was]")
-    chat.expect(r"(\d+) tokens seen, window (\d+)/64 \(\d+%\), 0 consolidations")
+    chat = spawn(home, "chat", "--model", models["small"], "-s", "b", "-m", "6", "-N", "1024",
+                 "-L", "1024", "--idle-delay", "1", "--idle-fill", "0.1")
+    chat.expect_exact(">>>")
+    chat.sendline("hi " * 200)
+    chat.expect_exact(">>>")
+    chat.expect_exact("[idle sleep: pass 1/1024]", timeout=60)
+    # typed during the sleep (which is long, so that a loaded machine still types into it):
+    # it cancels the sleep between passes and then runs
+    chat.sendline("/status")
+    chat.expect_exact("[sleep cancelled; the session is as it was, and the next sleep starts "
+                      "again from pass 1]")
+    chat.expect(r"(\d+) tokens seen, window (\d+)/1024 \(\d+%\), 0 consolidations")
     seen = int(chat.match.group(1))
     assert int(chat.match.group(2)) == seen
-    chat.expect_exact("[idle sleep: pass 600/600]", timeout=120)  # quiet again: it completes
-    chat.expect_exact(f"[consolidated {seen} tokens; 1 consolidations so far]")
-    chat.sendline("yo")
-    chat.expect_exact(">>> ")
-    chat.expect_exact("[idle sleep: pass 1/600]", timeout=60)
+    chat.expect_exact("[idle sleep: pass 1024/1024]", timeout=900)  # quiet again: it completes
+    chat.expect_exact(f"[consolidated {seen} tokens; 1 consolidation so far]")
+    chat.sendline("yo " * 50)  # over --idle-fill (10% of L) again
+    chat.expect_exact(">>>")
+    chat.expect_exact("[idle sleep: pass 1/1024]", timeout=60)
     os.kill(chat.pid, signal.SIGKILL)  # during a sleep
     chat.expect(pexpect.EOF)
     session = load(models, "b")
     assert session.engine.sleeps == 1 and session.engine.window_len > 0
     assert session.engine.offset > seen and len(session.messages) == 4
+
+
+def test_ctrl_c_stops_a_forced_sleep_between_passes_and_the_input_editor(models, home):
+    """A forced sleep prints each pass and Ctrl-C stops it between two (the window stays full,
+    nothing consolidated); a 10,000-character paste arrives whole; Up recalls the session's own
+    turns; Alt-Enter and a triple-quote block give one multi-line turn."""
+    chat = spawn(home, "chat", "--model", models["small"], "-s", "t", "-m", "100000",
+                 "-N", "600", "-L", "16", "--idle-delay", "0")
+    chat.expect_exact(">>>")
+    chat.sendline("hello")
+    chat.expect_exact("[sleeping: pass 3/600]")
+    chat.sendintr()
+    chat.expect_exact("[stopped]")
+    chat.expect_exact(">>>")
+    chat.sendline("/status")
+    chat.expect_exact("window 16/16 (100%), 0 consolidations")
+    chat.sendline("/quit")
+    chat.expect(pexpect.EOF)
+    session = load(models, "t")
+    assert (session.engine.window_len, session.engine.sleeps) == (16, 0)
+    assert session.messages[-2] == {"role": "user", "content": "hello"}
+
+    chat = spawn(home, "chat", "--model", models["small"], "-s", "t2", "-m", "1", "-N", "1",
+                 "-L", "512", "--idle-delay", "0")
+    chat.expect_exact(">>>")
+    chat.sendline("hello")
+    chat.expect("peak memory")
+    chat.expect_exact(">>>")
+    chat.send("\x04")
+    chat.expect(pexpect.EOF)
+    chat = spawn(home, "chat", "-s", "t2", "-m", "1", "--idle-delay", "0")  # resumed
+    chat.expect_exact(">>>")
+    pasted = "".join(chr(ord("a") + i % 26) for i in range(10_000))
+    chat.send(f"\x1b[200~{pasted}\x1b[201~\r")  # a bracketed paste, as terminals send one
+    chat.expect(r"peak memory", timeout=300)
+    chat.expect_exact(">>>")
+    chat.send("\x1b[A\x1b[A\r")  # Up twice: the turn before the paste, from the saved session
+    chat.expect("peak memory")
+    chat.expect_exact(">>>")
+    chat.send("first\x1b\rsecond\r")  # Alt-Enter (Esc, Enter) then Enter
+    chat.expect("peak memory")
+    chat.expect_exact(">>>")
+    chat.send('"""\rone\rtwo"""\r')
+    chat.expect("peak memory")
+    chat.expect_exact(">>>")
+    chat.send("\x04")  # Ctrl-D: saved on a line of its own
+    chat.expect(r"\r\n\[saved session t2\]")
+    chat.expect(pexpect.EOF)
+    users = [m["content"] for m in load(models, "t2").messages if m["role"] == "user"]
+    assert users == ["hello", pasted, "hello", "first\nsecond", "one\ntwo"]
+
+
+def test_a_piped_chat_keeps_notices_off_stdout_and_stops_quietly_when_the_reader_leaves(
+        models, home):
+    lines = '"""\nline one\n\nline three"""\nhello again\n/status\n'
+    r = cli(home, "chat", "--model", models["small"], "-s", "p", "-m", "40", input=lines)
+    assert r.returncode == 0, r.stderr
+    assert "[" not in r.stdout and "window full" in r.stderr, (r.stdout, r.stderr)
+    assert "tok/s" in r.stderr and "[saved session p]" in r.stderr
+    users = [m["content"] for m in load(models, "p").messages if m["role"] == "user"]
+    assert users == ["line one\n\nline three", "hello again"]
+    # `... | head -1`: the reader leaves; the chat stops without an error, the session saved
+    proc = subprocess.Popen(CLI + ["chat", "-s", "p", "-m", "40"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env_with(home))
+    proc.stdout.close()
+    _, err = proc.communicate(b"/status\nhi\n", timeout=300)
+    assert proc.returncode == 141 and b"Error" not in err and b"Traceback" not in err, err
+    assert load(models, "p").messages[-1]["role"] == "assistant"
 
 
 # -- resume, files, errors ---------------------------------------------------------------------

@@ -546,9 +546,9 @@ def test_io_readers_refuse_links_fifos_and_deep_nesting(tmp_path):
 def test_rm_while_a_chat_holds_the_session_is_refused(golden, tmp_path):
     home, path = install(golden, tmp_path)
     chat = pexpect.spawn(CLI[0], CLI[1:] + ["chat", "-s", NAME, "--idle-delay", "0"],
-                         env={**os.environ, "MLX_SLEEP_HOME": str(home)}, encoding="utf-8",
-                         timeout=120)
-    chat.expect_exact(">>> ")
+                         env={**os.environ, "MLX_SLEEP_HOME": str(home),
+                              "PROMPT_TOOLKIT_NO_CPR": "1"}, encoding="utf-8", timeout=120)
+    chat.expect_exact(">>>")
     before = snapshot(tmp_path)
     refused(run(home, "sessions", "rm", NAME), "in use by another mlx-sleep process")
     r = run(home, "consolidate", "-s", NAME, "--min-fill", "0")  # skipped, as documented

@@ -17,8 +17,6 @@ from .common import (Failure, load_for_chat, refuse_unused, run_safely, sampling
 def generate(model, prompt, no_chat_template, max_tokens, temp, top_p, top_k, min_p,
              repetition_penalty, seed, stop, system_prompt, window, loops, eviction):
     """Generate a reply to one prompt, streamed, over the sleep engine."""
-    import time
-
     import mlx.core as mx
 
     from ..generate import Reply, chat_prompt, make_sampling, stream_reply
@@ -36,14 +34,14 @@ def generate(model, prompt, no_chat_template, max_tokens, temp, top_p, top_k, mi
             mx.random.seed(seed)
         sampler, processors = make_sampling(temp, top_p, top_k, min_p, repetition_penalty)
         engine = SleepEngine(m, sleep_override(m, window, loops, eviction))
-        reply, start = Reply(), time.perf_counter()
+        reply = Reply()
+        mx.reset_peak_memory()
         for piece in stream_reply(engine, tokenizer, ids, max_tokens, stop, reply=reply,
                                   sampler=sampler, logits_processors=processors):
             click.echo(piece, nl=False)
         click.echo()
-        took = time.perf_counter() - start
-        click.echo(f"[{len(ids)} prompt + {len(reply.tokens)} generated tokens in {took:.2f} s, "
-                   f"stopped: {reply.stopped}, {engine.sleeps} consolidations]", err=True)
+        sleeps = f"{engine.sleeps} consolidation" + ("" if engine.sleeps == 1 else "s")
+        click.echo(f"[{reply.speed(len(ids))}, stopped: {reply.stopped}, {sleeps}]", err=True)
 
     run_safely(go)
 

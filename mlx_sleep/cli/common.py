@@ -2,6 +2,8 @@
 sleep flags, and loading a model for generation."""
 
 import json
+import os
+import sys
 
 import click
 
@@ -19,6 +21,9 @@ def run_safely(fn):
     """Turn expected errors (bad settings, missing files) into one clear line, not a traceback."""
     try:
         return fn()
+    except BrokenPipeError:  # `mlx-sleep ... | head`: the reader left; stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)  # 128 + SIGPIPE, what the shell reports for a command killed by it
     except (ConfigError, ValueError, FloatingPointError) as e:
         raise Failure(str(e)) from None
     except OSError as e:  # unwritable, not a directory, disk full, ...: the path and the reason
@@ -65,6 +70,17 @@ def parse_core(value, hint="--core", form="START:STOP"):
     return (start, stop)
 
 
+ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def unescape_stops(ctx, param, values):
+    r"""`--stop "\n\n"` as users type it in a shell: the two-character escapes \n, \t, \r and
+    \\ become the characters (the shell passes them through as a backslash and a letter)."""
+    import re
+
+    return tuple(re.sub(r"\\([ntr\\])", lambda m: ESCAPES[m.group(1)], v) for v in values)
+
+
 def sampling_options(fn):
     """The generation flags `generate` and `chat` share (mlx-lm's sampler and processors)."""
     options = [
@@ -75,7 +91,8 @@ def sampling_options(fn):
         click.option("--min-p", type=float, default=0.0, help="Min-p sampling (0: off)."),
         click.option("--repetition-penalty", type=float, default=None),
         click.option("--seed", type=int, default=None, help="Random seed for sampling."),
-        click.option("--stop", multiple=True, help="Stop at this string (repeatable)."),
+        click.option("--stop", multiple=True, callback=unescape_stops,
+                     help=r"Stop at this string (repeatable; \n, \t, \r and \\ as typed)."),
         click.option("--system-prompt", default=None),
         click.option("--window", "-L", type=int, default=None, help="Override the model's window L."),
         click.option("--loops", "-N", type=int, default=None, help="Override the sleep passes N."),
