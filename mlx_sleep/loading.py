@@ -197,6 +197,17 @@ def load(path_or_id: str, tokenizer_config: Optional[dict] = None, lazy: bool = 
     return model, tokenizer
 
 
+def has_tokenizer(path: str) -> bool:
+    return any(os.path.lexists(os.path.join(path, f)) for f in TOKENIZER_ENTRY_FILES)
+
+
+def missing_tokenizer(path: str) -> str:
+    """What to do about a model directory without tokenizer files (docs/models.md)."""
+    return (f"{path} has no tokenizer files ({', '.join(TOKENIZER_ENTRY_FILES)}): copy them "
+            "from the original checkpoint into it (docs/models.md, 'Adding a tokenizer'); "
+            "in Python, mlx_sleep.load_model() loads the weights alone")
+
+
 def load_with_path(path_or_id: str, tokenizer_config: Optional[dict] = None, lazy: bool = False):
     """(local directory, model, tokenizer): `load` for callers that record where it came from."""
     from mlx_lm.tokenizer_utils import load as load_tokenizer
@@ -204,10 +215,8 @@ def load_with_path(path_or_id: str, tokenizer_config: Optional[dict] = None, laz
     options = tokenizer_options(tokenizer_config)
     path = resolve_source(path_or_id, lambda d: read_model_config(d, path_or_id))
     config = read_model_config(path, path_or_id)
-    if not any(os.path.lexists(os.path.join(path, f)) for f in TOKENIZER_ENTRY_FILES):
-        raise FileNotFoundError(f"{path} has no tokenizer files "
-                                f"({', '.join(TOKENIZER_ENTRY_FILES)}); "
-                                "use load_model() for the weights alone")
+    if not has_tokenizer(path):
+        raise FileNotFoundError(missing_tokenizer(path))
     check_tokenizer_files(path)
     eos = config.get("eos_token_id")
     eos = [eos] if type(eos) is int else eos

@@ -207,6 +207,24 @@ def test_load_with_tokenizer(tmp_path):
     assert model(mx.array([ids])).shape == (1, 3, 512)
 
 
+def test_convert_without_tokenizer_warns_and_generate_says_what_to_do(tmp_path):
+    """A checkpoint without tokenizer files converts (with a warning); generate then says how to
+    add one in one line, not a Python hint."""
+    from click.testing import CliRunner
+
+    from mlx_sleep.cli import main
+
+    src = tmp_path / "src"
+    shutil.copytree(FIX, src, ignore=shutil.ignore_patterns("variant*", "reference*", "cache*"))
+    out = str(tmp_path / "out")
+    r = CliRunner().invoke(main, ["convert", "--hf-path", str(src), "--out", out])
+    assert r.exit_code == 0, r.output
+    assert "warning:" in r.stderr and "copy them from the original checkpoint" in r.stderr
+    r = CliRunner().invoke(main, ["generate", "--model", out, "-p", "hi"])
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+    assert "has no tokenizer files" in r.output and "docs/models.md" in r.output
+
+
 def test_pytorch_bin_is_read_with_weights_only(tmp_path):
     torch = pytest.importorskip("torch")
     src = tmp_path / "bin"

@@ -62,6 +62,7 @@ def convert(hf_path, out, dtype, quantize, q_bits, q_group_size, loops, window, 
     """Import a Jet-Nemotron, Ouro, Qwen3.5, Qwen3-Next or OLMo Hybrid checkpoint into an MLX
     model directory with sleep settings."""
     from ..convert import convert as run_convert
+    from ..loading import has_tokenizer, missing_tokenizer
 
     if not quantize:
         refuse_unused({"q_bits", "q_group_size"}, "without -q")
@@ -72,6 +73,8 @@ def convert(hf_path, out, dtype, quantize, q_bits, q_group_size, loops, window, 
                            eviction=eviction, core=parse_core(core),
                            insert_jet_layers=insert_jet_layers, force=force)
         click.echo(f"saved to {path}")
+        if not has_tokenizer(path):
+            click.echo(f"warning: {missing_tokenizer(path)}", err=True)
 
     run_safely(go)
 
