@@ -7,6 +7,8 @@ on the same model, in one process on one machine.
   (d) the live window on disk: its KV stored, or its tokens re-prefilled on load
   (e) the wake pass reused as the first sleep pass, against recomputing it: time and how far
       the consolidated state and the next logits move (and prefill tokens/s with each)
+  (f) the decode loop itself: the library's stream_generate (pipelined with mx.async_eval)
+      against the step-by-step loop it replaced and mlx-lm's generate_step
 
     python benchmarks/chat.py                  # hidden 512, 6 layers, L = 512, N = 2
     python benchmarks/chat.py --quick          # a smaller model and lengths, for a smoke run
@@ -30,6 +32,7 @@ from mlx_lm.generate import generate_step
 
 from mlx_sleep import HybridLM, ModelConfig, SleepConfig
 from mlx_sleep import _blas
+from mlx_sleep.generate import stream_generate
 from mlx_sleep.session import SessionEngine, open_session
 from mlx_sleep.sleep import continue_passes, evict, run_chunk
 
@@ -69,6 +72,53 @@ def decode_mlx_lm(model, cache, token, n):
         times.append(now - start)
         start = now
     return times, token
+
+
+def decode_stream(engine, token, n):
+    """Per-token seconds between the tokens of the library's decode loop (stream_generate,
+    which queues each step before reading the token before it); returns (times, token)."""
+    times, last = [], None
+    for token in stream_generate(engine, [token], n):
+        now = time.perf_counter()
+        if last is not None:
+            times.append(now - last)
+        last = now
+    return times, token
+
+
+def bench_decode_loop(model, sleep, T, n_decode, rounds, rng, vocab):
+    """Greedy decode after a T-token prompt, within one window (no sleep among the timed steps:
+    this is the loop's own cost): the step-by-step loop (read the token, then feed it: what
+    stream_generate did before it was pipelined), stream_generate, and mlx-lm's generate_step
+    on a full KV cache, in interleaved rounds."""
+    prompt = rng.integers(0, vocab, T + 1).tolist()  # T + 1: the window after it is almost empty
+    if (rounds + 1) * n_decode >= sleep.window - (T + 1) % sleep.window:
+        raise ValueError("the timed decode must fit in one window: fewer tokens or a larger L")
+    engines = {}
+    for name in ("step_by_step", "pipelined"):
+        engines[name] = SessionEngine(model, sleep)
+        engines[name].feed(mx.array([prompt[:-1]]), logits=None)
+        mx.eval(engines[name].state)
+    cache = prefill_mlx_lm(model, prompt[:-1])
+    tokens = {name: prompt[-1] for name in ("step_by_step", "pipelined", "mlx_lm")}
+    times = {name: [] for name in tokens}
+    loops = {"step_by_step": lambda t: decode_engine(engines["step_by_step"], t, n_decode),
+             "pipelined": lambda t: decode_stream(engines["pipelined"], t, n_decode),
+             "mlx_lm": lambda t: decode_mlx_lm(model, cache, t, n_decode)}
+    for r in range(rounds + 1):  # round 0 warms up
+        for name, loop in loops.items():
+            got, tokens[name] = loop(tokens[name])
+            if r > 0:
+                times[name] += got
+    rate = {name: 1 / statistics.median(t) for name, t in times.items()}
+    row = {"length": T, "tokens_timed": {k: len(v) for k, v in times.items()},
+           "step_by_step_tok_s": rate["step_by_step"], "pipelined_tok_s": rate["pipelined"],
+           "mlx_lm_tok_s": rate["mlx_lm"],
+           "pipelined_over_step_by_step": rate["pipelined"] / rate["step_by_step"],
+           "step_by_step_over_mlx_lm": rate["step_by_step"] / rate["mlx_lm"],
+           "pipelined_over_mlx_lm": rate["pipelined"] / rate["mlx_lm"]}
+    print(row, flush=True)
+    return row
 
 
 def prefill_mlx_lm(model, prompt, step=1024):
@@ -344,6 +394,18 @@ def markdown(res) -> str:
         out.append(f"| {r['pieces']} piece(s) | {r['recompute_s']:.3f} | {r['reuse_s']:.3f} | "
                    f"{r['fast_weights_max_abs_diff']:.1e} ({r['fast_weights_max_abs']:.1e}) | "
                    f"{r['next_logits_max_abs_diff']:.1e} |")
+    if "decode_loop" in res:
+        d = res["decode_loop"]
+        out += ["", "## (f) the decode loop", "",
+                f"Greedy decode after a {d['length']}-token prompt, within one window (no sleep "
+                "among the timed steps); median step over interleaved rounds.", "",
+                "| loop | tok/s | against mlx-lm |", "|---|---|---|",
+                f"| step by step (read the token, then feed it) | {d['step_by_step_tok_s']:.1f} | "
+                f"{d['step_by_step_over_mlx_lm']:.2f} |",
+                f"| stream_generate, pipelined (mx.async_eval) | {d['pipelined_tok_s']:.1f} | "
+                f"{d['pipelined_over_mlx_lm']:.2f} |",
+                f"| mlx-lm generate_step, full KV cache | {d['mlx_lm_tok_s']:.1f} | 1.00 |", "",
+                f"Pipelining: {d['pipelined_over_step_by_step']:.2f}x the step-by-step loop."]
     return "\n".join(out) + "\n"
 
 
@@ -354,8 +416,8 @@ def main():
     p.add_argument("--out", default=os.path.join(HERE, "results", "chat"))
     p.add_argument("--only", default=None, metavar="SECTIONS",
                    help="Re-run these sections (comma-separated: decode, prefill, consolidation, "
-                        "sessions, window_storage, wake_reuse) on a quiet machine; the others "
-                        "are kept from --out's JSON.")
+                        "sessions, window_storage, wake_reuse, decode_loop) on a quiet machine; "
+                        "the others are kept from --out's JSON.")
     p.add_argument("--repeats", type=int, default=None, help="Interleaved repeats per timing.")
     args = p.parse_args()
     if args.quick:
@@ -392,6 +454,8 @@ def main():
                                                        repeats),
         "wake_reuse": lambda: [bench_wake_reuse(model, sleep, rng, vocab, repeats, pieces)
                                for pieces in (1, 8, sleep.window)],
+        "decode_loop": lambda: bench_decode_loop(model, sleep, lengths[0], n_decode, 4, rng,
+                                                 vocab),
     }
     only = args.only.split(",") if args.only else list(sections)
     if set(only) - set(sections):

@@ -32,10 +32,15 @@ def stream_generate(engine, prompt_ids: Sequence[int], max_tokens: int,
     """Feed the prompt to `engine`, then yield up to `max_tokens` generated token ids.
 
     Stops before yielding a token in `stop_ids` (the stop token itself is neither yielded nor
-    fed). When the generator is exhausted, the engine has consumed the prompt and every yielded
-    token; when the caller stops early, all but the last yielded token. `sampler` takes
-    log-probabilities [1, V] (mlx-lm's convention); logits processors take (tokens so far,
-    logits)."""
+    fed). Every yielded token has been fed to the engine, so wherever the caller stops, the
+    engine holds the prompt and what it was given. `sampler` takes log-probabilities [1, V]
+    (mlx-lm's convention); logits processors take (tokens so far, logits).
+
+    Pipelined like mlx-lm's generate_step: the step after token n is queued (mx.async_eval) on
+    the still-lazy token n before token n is read, so the model computes while the caller
+    handles token n. If token n turns out to be a stop id, that step is taken back
+    (engine.undo). A step that must first sleep (the window is full) waits for its token
+    instead: a sleep cannot be taken back."""
     prompt = [int(t) for t in prompt_ids]
     engine.model.check_ids(mx.array(prompt, dtype=mx.int32))
     if not prompt:
@@ -43,20 +48,46 @@ def stream_generate(engine, prompt_ids: Sequence[int], max_tokens: int,
     stop = {int(t) for t in stop_ids}
     processors = list(logits_processors or [])
     history = mx.array(prompt)
-    logits = last_logits(engine, prompt)
-    for _ in range(max_tokens):
+
+    def sample(logits):
         for process in processors:
             logits = process(history, logits)
         if sampler is None:
-            token = int(mx.argmax(logits, axis=-1).item())
-        else:
-            token = int(sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True)).item())
-        if token in stop:
-            return
-        yield token
+            return mx.argmax(logits, axis=-1)
+        return sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+
+    def feed_and_queue(token, last: bool):
+        """Feed `token` [1] (maybe lazy); unless it is the last, queue the next token."""
+        nonlocal history
         if processors:
-            history = mx.concatenate([history, mx.array([token])])
-        logits = last_logits(engine, [token])
+            history = mx.concatenate([history, token])
+        logits = engine.feed(token[None], logits=None if last else "last", sampled=True)
+        if last:
+            return None
+        following = sample(logits[:, -1, :])
+        mx.async_eval(following)
+        return following
+
+    if max_tokens <= 0:
+        engine.feed(mx.array([prompt]), logits=None)
+        return
+    token = sample(last_logits(engine, prompt))
+    mx.async_eval(token)
+    for n in range(max_tokens):
+        last = n + 1 == max_tokens
+        ahead = engine.window_len < engine.sleep.window  # no sleep before this feed
+        if ahead:
+            mark = engine.mark()
+            following = feed_and_queue(token, last)
+        value = token.item()
+        if value in stop:
+            if ahead:
+                engine.undo(mark)
+            return
+        if not ahead:
+            following = feed_and_queue(token, last)
+        yield value
+        token = following
 
 
 def stream_text(engine, tokenizer, prompt_ids: Sequence[int], max_tokens: int,
@@ -82,16 +113,16 @@ def generate(engine, tokenizer, prompt_ids: Sequence[int], max_tokens: int, **kw
     return "".join(stream_text(engine, tokenizer, prompt_ids, max_tokens, **kwargs))
 
 
-# -- replies: text with stop strings, interruption and a record of what the engine consumed -----
+# -- replies: text with stop strings, interruption and timing ------------------------------------
 
 class Reply:
-    """What `stream_reply` produced: token ids, the text shown, why it stopped ("eos",
-    "max_tokens", "stop" or "interrupted": by the caller, or a forced sleep cancelled), how many
-    of the tokens the engine consumed, and the seconds to the first token (the prompt's wake
-    pass, and any sleep it forced) and from there to the last."""
+    """What `stream_reply` produced: token ids (all fed to the engine), the text shown, why it
+    stopped ("eos", "max_tokens", "stop" or "interrupted": by the caller, or a forced sleep
+    cancelled), and the seconds to the first token (the prompt's wake pass, and any sleep it
+    forced) and from there to the last."""
 
     def __init__(self):
-        self.tokens, self.text, self.stopped, self.consumed = [], "", None, 0
+        self.tokens, self.text, self.stopped = [], "", None
         self.prompt_seconds = self.generation_seconds = 0.0
 
     def speed(self, prompt_tokens: int) -> str:
@@ -160,8 +191,6 @@ def stream_reply(engine, tokenizer, prompt_ids: Sequence[int], max_tokens: int,
     if reply.stopped != "stop":
         detokenizer.finalize()
         full += detokenizer.last_segment
-    # an exhausted generator has fed every token it yielded; one stopped early, all but the last
-    reply.consumed = max(0, len(reply.tokens) - (reply.stopped in ("stop", "interrupted")))
     if len(full) > shown:
         yield full[shown:]
     reply.text = full

@@ -321,10 +321,12 @@ class SleepEngine:
     def window_len(self) -> int:
         return self.offset - self.window_start
 
-    def feed(self, ids, logits: Optional[str] = "all") -> Optional[mx.array]:
+    def feed(self, ids, logits: Optional[str] = "all", sampled: bool = False) -> Optional[mx.array]:
         """Run tokens [B, T] (or [T]) through one wake pass. Sleeps first whenever the window is
         full (L tokens) and more tokens arrive. Returns the logits the caller asks for:
-        "all" [B, T, V], "last" [B, 1, V] (all a generator needs) or None.
+        "all" [B, T, V], "last" [B, 1, V] (all a generator needs) or None. `sampled`: the ids
+        were sampled from this model's logits, so they are in the vocabulary by construction and
+        may still be lazy (checking them would wait for them: a pipelined decoder's next step).
 
         A feed that spans several windows evaluates window by window, so its peak memory is one
         window's, not the whole prompt's (unevaluated logits would keep every window's wake-pass
@@ -337,7 +339,8 @@ class SleepEngine:
         if ids.ndim != 2 or ids.shape[0] != self.batch_size:
             raise ValueError(f"ids must be [batch, tokens] with batch {self.batch_size} "
                              f"(got shape {tuple(ids.shape)})")
-        self.model.check_ids(ids)
+        if not sampled:
+            self.model.check_ids(ids)
         T, L = ids.shape[1], self.sleep.window
         if T == 0:
             empty = mx.zeros((self.batch_size, 0, self.model.vocab_size))
@@ -372,6 +375,20 @@ class SleepEngine:
         if logits is None:
             return None
         return mx.concatenate(out, axis=1) if len(out) > 1 else out[0]
+
+    def mark(self):
+        """A point `undo` can return to, as long as no sleep happens in between (a decoder's
+        speculative step on a token that may turn out to be a stop token)."""
+        return self.state, len(self.window_ids), self.window_core, self.offset, self.sleeps
+
+    def undo(self, mark):
+        """Take back the feeds since `mark` (arrays are immutable: this is bookkeeping)."""
+        state, pieces, core, offset, sleeps = mark
+        if sleeps != self.sleeps:
+            raise RuntimeError("undo across a consolidation: only feeds within one window can "
+                               "be taken back")
+        self.state, self.window_core, self.offset = state, core, offset
+        del self.window_ids[pieces:]
 
     def consolidate(self, cancel: Optional[Callable[[], bool]] = None,
                     on_pass: Optional[Callable[[int, int], None]] = None) -> bool:

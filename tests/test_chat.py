@@ -124,14 +124,14 @@ def test_stop_strings_and_interruption(models):
     stop = full[10:13]  # a string the greedy reply contains
     cut = generate_text(model, tokenizer, "abc", max_tokens=30, chat_template=False, stop=[stop])
     assert cut == full[:full.find(stop)]
-    # interrupted after 5 tokens: 5 tokens kept, 4 consumed by the engine (the 5th was not fed)
+    # interrupted after 5 tokens: 5 tokens kept, all 5 fed (each is fed before it is yielded)
     engine = mlx_sleep.SleepEngine(model)
     reply = Reply()
     ids = tokenizer.encode("abc", add_special_tokens=False)
     text = "".join(stream_reply(engine, tokenizer, ids, 30, interrupted=lambda: len(reply.tokens) >= 5,
                                 reply=reply))
-    assert reply.stopped == "interrupted" and len(reply.tokens) == 5 and reply.consumed == 4
-    assert engine.offset == len(ids) + 4 and text == tokenizer.decode(reply.tokens)
+    assert reply.stopped == "interrupted" and len(reply.tokens) == 5
+    assert engine.offset == len(ids) + 5 and text == tokenizer.decode(reply.tokens)
     # seeded sampling through mlx-lm's sampler is reproducible
     runs = [generate_text(model, tokenizer, "abc", max_tokens=12, temp=1.0, top_p=0.9, seed=3)
             for _ in range(2)]

@@ -5,6 +5,7 @@ every tiny model kind."""
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 import mlx_sleep
@@ -97,8 +98,61 @@ def test_engine_consumes_the_prompt_and_every_yielded_token(tiny):
     assert len(tokens) == 5 and engine.offset == len(PROMPT) + 5
     early = SleepEngine(model, SleepConfig(loops=2, window=7))
     for _ in zip(range(2), stream_generate(early, PROMPT, 5)):
-        pass  # the caller stops after two tokens: the second was yielded, not fed
-    assert early.offset == len(PROMPT) + 1
+        pass  # the caller stops after two tokens: both were fed before they were yielded
+    assert early.offset == len(PROMPT) + 2
+
+
+def step_by_step(model, sleep, n, stop=()):
+    """The decode loop without pipelining: read each token, then feed it (the reference)."""
+    engine = SleepEngine(model, sleep)
+    logits, tokens = engine.feed(mx.array([PROMPT]), logits="last"), []
+    for _ in range(n):
+        token = int(mx.argmax(logits[0, -1]).item())
+        if token in stop:
+            break
+        tokens.append(token)
+        logits = engine.feed(mx.array([[token]]), logits="last")
+    return engine, tokens
+
+
+def assert_same_engine(got, want):
+    assert (got.offset, got.sleeps, got.window_start) == (want.offset, want.sleeps,
+                                                           want.window_start)
+    assert mx.array_equal(mx.concatenate(got.window_ids, axis=1),
+                          mx.concatenate(want.window_ids, axis=1))
+    for (name, a), (_, b) in zip(tree_flatten(got.state), tree_flatten(want.state)):
+        assert_close(a, b, rtol=1e-5, what=name)
+
+
+@pytest.mark.parametrize("stop_at", [None, 0, 2, 3, 4, 7])
+def test_pipelined_decode_is_the_step_by_step_loop_and_a_stop_token_is_taken_back(tiny, stop_at):
+    """mx.async_eval queues the step after each token before the token is read; the tokens, the
+    sleeps and the engine state are the step-by-step loop's. A stop token, whether its step was
+    queued ahead (taken back with engine.undo) or waited for at a full window, is never fed."""
+    model, _ = tiny["hybrid"]
+    sleep = SleepConfig(loops=2, window=5)  # the 12-token prompt leaves 2 in the window: full
+    # after 3 generated tokens, so steps 0-2 run ahead, step 3 waits, and so on
+    _, greedy = step_by_step(model, sleep, 9)
+    stop = () if stop_at is None else (greedy[stop_at],)
+    want, want_tokens = step_by_step(model, sleep, 9, stop)
+    engine = SleepEngine(model, sleep)
+    assert list(stream_generate(engine, PROMPT, 9, stop_ids=stop)) == want_tokens
+    assert_same_engine(engine, want)
+
+
+def test_undo_takes_back_feeds_within_a_window_and_refuses_across_a_sleep(tiny):
+    model, _ = tiny["hybrid"]
+    engine = SleepEngine(model, SleepConfig(loops=2, window=5))
+    engine.feed(mx.array([PROMPT[:3]]))
+    before = engine.mark()
+    engine.feed(mx.array([PROMPT[3:5]]))
+    engine.undo(before)
+    want = SleepEngine(model, SleepConfig(loops=2, window=5))
+    want.feed(mx.array([PROMPT[:3]]))
+    assert_same_engine(engine, want)
+    engine.feed(mx.array([PROMPT[3:8]]))  # fills the window and sleeps
+    with pytest.raises(RuntimeError, match="across a consolidation"):
+        engine.undo(before)
 
 
 def test_text_is_the_detokenized_tokens(tiny):
