@@ -37,8 +37,7 @@ def assert_one_clear_line(code, output, expect=None):
     assert "Traceback" not in output, output
     errors = [l for l in output.splitlines() if l.startswith("Error:")]
     assert len(errors) == 1, output
-    if code == 1:
-        assert output.strip() == errors[0], output  # nothing but that line
+    assert output.strip() == errors[0], output  # nothing but that line
     assert len(errors[0]) > len("Error: ") + 10, output
     if expect is not None:
         assert expect in output, output

@@ -56,8 +56,8 @@ def test_sampled_loops_then_eval_at_several_n(tmp_path):
 @pytest.mark.parametrize("extra,message", [
     (["--loops-sample", "3:1"], "loops_sample must be LO:HI with 1 <= LO <= HI"),
     (["--loops-sample", "x"], "'x' is not A:B"),
-    (["--loops", "0"], "loops (N) must be an integer >= 1"),
-    (["--window", "0"], "window (L) must be an integer >= 1"),
+    (["--loops", "0"], "'--loops' / '-N': 0 is not in the range 1<=x<=1024"),
+    (["--window", "0"], "'--window' / '-L': 0 is not in the range x>=1"),
     (["--window", "1000"], "larger than the task's sequence length"),
     (["-o", "n_bits=1"], "n_bits must be >= 3"),
     (["-o", "nonsense"], "is not KEY=VALUE"),

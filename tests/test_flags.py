@@ -70,3 +70,89 @@ def test_every_command_is_walked():
     assert set(commands(main)) == with_paths | one_path
     walked = {" ".join(b[:2]) if b[0] == "data" else b[0] for b, _, _ in UNUSED}
     assert walked == with_paths
+
+
+# -- every value checked where it enters (one type per kind of flag: cli/common.py) -------------
+
+GEN = ["generate", "--model", "m", "-p", "hi"]
+CHAT = ["chat", "--model", "m", "-s", "x"]
+FT = ["finetune", "--model", "m", "--data", "d.jsonl", "--out", "o"]
+GSM = ["eval", "--model", "m", "--task", "gsm-infinite", "--data", "d.jsonl"]
+BAD_VALUES = [  # the issue's list, then the rest of each kind
+    (GEN, ["--temp", "-1"], "'--temp': -1 is not >= 0"),
+    (GEN, ["--temp", "nan"], "'--temp': 'nan' is not a finite number"),
+    (GEN, ["--temp", "inf"], "'--temp': 'inf' is not a finite number"),
+    (GEN, ["--top-p", "-0.5"], "'--top-p': -0.5 is not in [0, 1]"),
+    (GEN, ["--top-p", "2"], "'--top-p': 2 is not in [0, 1]"),
+    (GEN, ["--top-p", "nan"], "'--top-p': 'nan' is not a finite number"),
+    (GEN, ["--top-k", "-1"], "'--top-k': -1 is not in the range x>=0"),
+    (GEN, ["--min-p", "-1"], "'--min-p': -1 is not in [0, 1]"),
+    (GEN, ["--min-p", "2"], "'--min-p': 2 is not in [0, 1]"),
+    (GEN, ["--repetition-penalty", "0"], "'--repetition-penalty': 0 is not > 0"),
+    (GEN, ["--repetition-penalty", "nan"], "'--repetition-penalty': 'nan' is not a finite"),
+    (GEN, ["-m", "-1"], "'--max-tokens' / '-m': -1 is not in the range x>=1"),
+    (GEN, ["--max-tokens", "-5"], "'--max-tokens' / '-m': -5 is not in the range x>=1"),
+    (GEN, ["--seed", "-1"], "'--seed': -1 is not in the range 0<=x<=2147483647"),
+    (GEN, ["--seed", "18446744073709551616"], "'--seed': 18446744073709551616 is not in the"),
+    (GEN, ["--window", "0"], "'--window' / '-L': 0 is not in the range x>=1"),
+    (GEN, ["--loops", "2000"], "'--loops' / '-N': 2000 is not in the range 1<=x<=1024"),
+    (CHAT, ["--history", "-1"], "'--history': -1 is not in the range 0<=x<=64"),
+    (CHAT, ["--idle-fill", "-1"], "'--idle-fill': -1 is not in [0, 1]"),
+    (CHAT, ["--idle-fill", "2"], "'--idle-fill': 2 is not in [0, 1]"),
+    (CHAT, ["--idle-fill", "nan"], "'--idle-fill': 'nan' is not a finite number"),
+    (CHAT, ["--idle-delay", "nan"], "'--idle-delay': 'nan' is not a finite number"),
+    (CHAT, ["--idle-delay", "inf"], "'--idle-delay': 'inf' is not a finite number"),
+    (FT, ["--valid-batches", "-1"], "'--valid-batches': -1 is not in the range x>=0"),
+    (FT, ["--train-only", ""], "'--train-only': must not be empty"),
+    (FT, ["--seed", "-1"], "'--seed': -1 is not in the range 0<=x<=2147483647"),
+    (FT, ["--rank", "0"], "'--rank': 0 is not in the range x>=1"),
+    (FT, ["--dropout", "1"], "'--dropout': 1 is not in [0, 0.999]"),
+    (FT, ["--lr", "0"], "'--lr': 0 is not > 0"),
+    (FT, ["--lora-layers", "0"], "'--lora-layers': 0 is not in the range x>=1"),
+    (["train", "--task", "rule110", "--out", "r"], ["--checkpoint-every", "0"],
+     "'--checkpoint-every': 0 is not in the range x>=1"),
+    (["eval", "--checkpoint", "r"], ["--loops", "1,,"], "'1,,' is not a list of loop counts"),
+    (["eval", "--checkpoint", "r"], ["--json", ""], "'--json': must be a non-empty path"),
+    (["eval", "--checkpoint", "r"], ["--plot", ""], "'--plot': must be a non-empty path"),
+    (["data", "gsm-infinite", "--out", "o.jsonl"], ["--limit", "-1"],
+     "'--limit': -1 is not in the range x>=0"),
+    (["data", "gsm-infinite", "--out", "o.jsonl"], ["--skip", "-1"],
+     "'--skip': -1 is not in the range x>=0"),
+    (GSM, ["--limit", "-1"], "'--limit': -1 is not in the range x>=0"),
+    (GSM, ["--max-tokens", "0"], "'--max-tokens': 0 is not in the range x>=1"),
+    (["convert", "--hf-path", "h", "--out", "o", "-q"], ["--q-bits", "7"], "'--q-bits': '7' is not"),
+    (["consolidate", "--all", "--when-idle"], ["--poll", "0"], "'--poll': 0 is not > 0"),
+    (["schedule", "install"], ["--interval", "5"], "'--interval': 5 is not in the range x>=60"),
+]
+
+
+@pytest.mark.parametrize("base, extra, message", BAD_VALUES,
+                         ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_a_bad_value_is_one_line_naming_the_flag(tmp_path, monkeypatch, base, extra, message):
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(main, base + extra)
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("Error: "), r.output
+    assert message in lines[0] and "--help' lists the flags" in lines[0], r.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_values_that_need_the_model_or_stdin(tmp_path, monkeypatch):
+    """--lora-layers past the model's layers and a --rank past the machine's memory are refused
+    before any adapter is allocated (a 10^9 rank crashed MLX); binary stdin for -p - is one line."""
+    from .tiny_models import make_model_dir
+
+    monkeypatch.chdir(tmp_path)
+    model = make_model_dir(tmp_path / "m")
+    (tmp_path / "d.jsonl").write_text('{"prompt": "a b", "answer": " c"}\n' * 4)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for extra, message in ((["--lora-layers", "1000"], "more than this model's 4 decoder layers"),
+                           (["--rank", "1000000000"], "more than this machine's"),
+                           (["--rank", "1000000000", "--estimate"], "more than this machine's")):
+        r = CliRunner().invoke(main, ["finetune", "--model", model, "--data", "d.jsonl",
+                                      "--out", "o", *extra])
+        assert r.exit_code == 1 and r.output.count("\n") == 1 and message in r.output, r.output
+    r = CliRunner().invoke(main, ["generate", "--model", model, "-p", "-"],
+                           input=b"\xa3\xff binary")
+    assert r.exit_code == 1 and "standard input is not UTF-8 text" in r.output, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -8,12 +8,37 @@
 
 from .. import _blas  # noqa: F401  (first: loads an optimized BLAS before mlx.core)
 
+import sys
+
 import click
 
 from . import chat, models, train
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineErrors(click.Group):
+    """click, except that a usage error (a bad flag value, a missing option) is one line naming
+    the flag and where help is, not click's usage block."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            where = e.ctx.command_path if e.ctx is not None else "mlx-sleep"
+            message = " ".join(e.format_message().split())
+            click.echo(f"Error: {message} ('{where} --help' lists the flags)", err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mlx-sleep")
 def main():
     """Sleep-like fast-weight consolidation for hybrid language models on MLX."""

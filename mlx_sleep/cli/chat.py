@@ -5,8 +5,19 @@ import sys
 
 import click
 
-from .common import (Failure, load_for_chat, refuse_unused, run_safely, sampling_options,
-                     sleep_override)
+from ..session import MAX_HISTORY
+from .common import (Failure, Finite, PathArg, count, load_for_chat, refuse_unused, run_safely,
+                     sampling_options, sleep_override)
+
+
+def read_stdin_text() -> str:
+    """`-p -`: standard input as UTF-8 text (bytes that are not text stop here, in one line)."""
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise Failure(f"standard input is not UTF-8 text (byte {e.start}: "
+                      f"{data[e.start:e.start + 1]!r}); -p - reads a text prompt")
 
 
 @click.command()
@@ -24,7 +35,7 @@ def generate(model, prompt, no_chat_template, max_tokens, temp, top_p, top_k, mi
 
     def go():
         path, m, tokenizer = load_for_chat(model)
-        text = sys.stdin.read() if prompt == "-" else prompt
+        text = read_stdin_text() if prompt == "-" else prompt
         if not no_chat_template:
             messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) \
                 + [{"role": "user", "content": text}]
@@ -49,11 +60,11 @@ def generate(model, prompt, no_chat_template, max_tokens, temp, top_p, top_k, mi
 @click.command()
 @click.option("--model", default=None, help="A converted model directory (default: the session's).")
 @click.option("--session", "-s", "session_name", default="default", show_default=True)
-@click.option("--history", type=int, default=3, show_default=True,
+@click.option("--history", type=count(0, MAX_HISTORY), default=3, show_default=True,
               help="Consolidations /forget can roll back.")
-@click.option("--idle-delay", type=float, default=60.0, show_default=True,
+@click.option("--idle-delay", type=Finite(0), default=60.0, show_default=True,
               help="Sleep after this many quiet seconds (0: never).")
-@click.option("--idle-fill", type=float, default=0.5, show_default=True,
+@click.option("--idle-fill", type=Finite(0, 1), default=0.5, show_default=True,
               help="...if the window is at least this full.")
 @sampling_options
 def chat(model, session_name, history, idle_delay, idle_fill, max_tokens, temp, top_p, top_k,
@@ -124,7 +135,7 @@ def sessions_show(name):
 
 @sessions.command("export")
 @click.argument("name")
-@click.option("--out", "-o", type=click.Path(dir_okay=False), default=None,
+@click.option("--out", "-o", type=PathArg(dir_okay=False), default=None,
               help="Write the transcript JSON here (default: stdout).")
 def sessions_export(name, out):
     """The transcript and settings as JSON (no weights, no state)."""
@@ -161,17 +172,17 @@ def sessions_rm(name):
 @click.command()
 @click.option("--session", "-s", "names", multiple=True, help="A session (repeatable).")
 @click.option("--all", "all_sessions", is_flag=True, help="Every saved session.")
-@click.option("--min-fill", type=float, default=0.5, show_default=True,
+@click.option("--min-fill", type=Finite(0, 1), default=0.5, show_default=True,
               help="Only windows at least this full.")
 @click.option("--when-idle", is_flag=True, help="Wait until the machine is idle; yield when it is not.")
 @click.option("--idle-source", default="auto", show_default=True,
               help="auto, mac, load or file:PATH (idle while PATH holds 'idle').")
-@click.option("--idle-seconds", type=float, default=300, show_default=True,
+@click.option("--idle-seconds", type=Finite(0), default=300, show_default=True,
               help="mac: no input for this long.")
-@click.option("--max-load", type=float, default=0.3, show_default=True,
+@click.option("--max-load", type=Finite(0, above=True), default=0.3, show_default=True,
               help="load: 1-minute load average per core below this.")
-@click.option("--poll", type=float, default=30, show_default=True, help="Seconds between idle checks.")
-@click.option("--max-wait", type=float, default=3600, show_default=True,
+@click.option("--poll", type=Finite(0, above=True), default=30, show_default=True, help="Seconds between idle checks.")
+@click.option("--max-wait", type=Finite(0), default=3600, show_default=True,
               help="Give up (exit status 1) when not idle after this many seconds.")
 def consolidate(names, all_sessions, min_fill, when_idle, idle_source, idle_seconds, max_load,
                 poll, max_wait):
@@ -208,7 +219,7 @@ def _schedule_command(interval):
 
 
 @schedule.command("install")
-@click.option("--interval", type=int, default=1800, show_default=True, help="Seconds between runs.")
+@click.option("--interval", type=count(60), default=1800, show_default=True, help="Seconds between runs.")
 @click.option("--print", "print_only", is_flag=True, help="Print the agent/units, install nothing.")
 def schedule_install(interval, print_only):
     """macOS: write and load a launchd agent; elsewhere: print the systemd user timer."""

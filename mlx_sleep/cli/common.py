@@ -10,6 +10,72 @@ import click
 from ..config import ConfigError, SleepConfig
 
 
+# -- one validation layer for flag values ---------------------------------------------------------
+# Every numeric or text flag of every command takes one of these types, so a bad value stops at
+# the door with one line naming the flag (never deep inside, never exit 0 on nonsense).
+
+SEED_MAX = 2**31 - 1  # what config.py's seeds allow (every RNG here takes it)
+
+
+def count(lo: int = 0, hi: int = None) -> click.IntRange:
+    """A whole number in [lo, hi]."""
+    return click.IntRange(min=lo, max=hi)
+
+
+SEED = click.IntRange(0, SEED_MAX)
+
+
+class Finite(click.ParamType):
+    """A finite float (nan and inf refused) within optional bounds; `above`: lo itself is out."""
+
+    name = "number"
+
+    def __init__(self, lo: float = None, hi: float = None, above: bool = False):
+        self.lo, self.hi, self.above = lo, hi, above
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float):
+            number = value
+        else:
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                self.fail(f"{value!r} is not a number", param, ctx)
+        if number != number or number in (float("inf"), float("-inf")):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        low_ok = self.lo is None or (number > self.lo if self.above else number >= self.lo)
+        if not low_ok or (self.hi is not None and number > self.hi):
+            self.fail(f"{number:g} is not {self.describe()}", param, ctx)
+        return number
+
+    def describe(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.above else '>='} {self.lo:g}"
+        return f"in {'(' if self.above else '['}{self.lo:g}, {self.hi:g}]"
+
+
+class Text(click.ParamType):
+    """A non-empty string (an empty --json '' or --train-only '' is a mistake, not a value)."""
+
+    name = "text"
+
+    def convert(self, value, param, ctx):
+        if not isinstance(value, str) or not value.strip():
+            self.fail("must not be empty", param, ctx)
+        if "\x00" in value:
+            self.fail("must not contain a NUL character", param, ctx)
+        return value
+
+
+class PathArg(click.Path):
+    """click.Path that also refuses an empty path or one with a NUL character."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and (not value.strip() or "\x00" in value):
+            self.fail("must be a non-empty path", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 class Failure(click.ClickException):
     """A one-line error for the user (exit code 1)."""
 
@@ -83,19 +149,23 @@ def unescape_stops(ctx, param, values):
 
 def sampling_options(fn):
     """The generation flags `generate` and `chat` share (mlx-lm's sampler and processors)."""
+    from ..config import MAX_LOOPS
+
     options = [
-        click.option("--max-tokens", "-m", type=int, default=512, show_default=True),
-        click.option("--temp", type=float, default=0.0, show_default=True, help="0: greedy."),
-        click.option("--top-p", type=float, default=0.0, help="Nucleus sampling (0: off)."),
-        click.option("--top-k", type=int, default=0, help="Top-k sampling (0: off)."),
-        click.option("--min-p", type=float, default=0.0, help="Min-p sampling (0: off)."),
-        click.option("--repetition-penalty", type=float, default=None),
-        click.option("--seed", type=int, default=None, help="Random seed for sampling."),
+        click.option("--max-tokens", "-m", type=count(1), default=512, show_default=True),
+        click.option("--temp", type=Finite(0), default=0.0, show_default=True, help="0: greedy."),
+        click.option("--top-p", type=Finite(0, 1), default=0.0, help="Nucleus sampling (0: off)."),
+        click.option("--top-k", type=count(0), default=0, help="Top-k sampling (0: off)."),
+        click.option("--min-p", type=Finite(0, 1), default=0.0, help="Min-p sampling (0: off)."),
+        click.option("--repetition-penalty", type=Finite(0, above=True), default=None),
+        click.option("--seed", type=SEED, default=None, help="Random seed for sampling."),
         click.option("--stop", multiple=True, callback=unescape_stops,
                      help=r"Stop at this string (repeatable; \n, \t, \r and \\ as typed)."),
         click.option("--system-prompt", default=None),
-        click.option("--window", "-L", type=int, default=None, help="Override the model's window L."),
-        click.option("--loops", "-N", type=int, default=None, help="Override the sleep passes N."),
+        click.option("--window", "-L", type=count(1), default=None,
+                     help="Override the model's window L."),
+        click.option("--loops", "-N", type=count(1, MAX_LOOPS), default=None,
+                     help="Override the sleep passes N."),
         click.option("--eviction", type=click.Choice(["hard", "sliding"]), default=None),
     ]
     for option in reversed(options):

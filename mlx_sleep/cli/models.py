@@ -3,7 +3,8 @@
 import click
 
 from ..config import ConfigError
-from .common import parse_core, refuse_unused, run_safely
+from ..config import MAX_LOOPS
+from .common import SEED, Finite, PathArg, Text, count, parse_core, refuse_unused, run_safely
 
 
 @click.group()
@@ -12,13 +13,13 @@ def data():
 
 
 @data.command("gsm-infinite")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The JSONL to write.")
+@click.option("--out", required=True, type=PathArg(dir_okay=False), help="The JSONL to write.")
 @click.option("--subset", type=click.Choice(["symbolic", "medium", "hard"]), default="medium", show_default=True)
 @click.option("--length", type=click.Choice(["0", "8k", "16k", "32k"]), default="8k", show_default=True)
-@click.option("--ops", default="2-8", show_default=True, help="Op counts: 2,4,6,8 or a range 2-8.")
-@click.option("--limit", type=int, default=None, help="Problems per op (default: all after --skip).")
-@click.option("--skip", type=int, default=None, help="Skip the first K of each op, the test problems (default: 200 from the Hub, 0 with --data).")
-@click.option("--data", "data_path", type=click.Path(dir_okay=False), default=None, help="A local JSONL in the dataset's schema instead of the Hub.")
+@click.option("--ops", type=Text(), default="2-8", show_default=True, help="Op counts: 2,4,6,8 or a range 2-8.")
+@click.option("--limit", type=count(0), default=None, help="Problems per op (default: all after --skip).")
+@click.option("--skip", type=count(0), default=None, help="Skip the first K of each op, the test problems (default: 200 from the Hub, 0 with --data).")
+@click.option("--data", "data_path", type=PathArg(dir_okay=False), default=None, help="A local JSONL in the dataset's schema instead of the Hub.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 def data_gsm_infinite(out, subset, length, ops, limit, skip, data_path, force):
     """The paper-format fine-tuning file ({"prompt", "answer"} a line; question before context)."""
@@ -40,20 +41,20 @@ def doctor():
 
 
 @click.command()
-@click.option("--hf-path", required=True, help="Checkpoint directory or Hugging Face Hub id.")
-@click.option("--out", "--mlx-path", "out", required=True, type=click.Path(file_okay=False),
+@click.option("--hf-path", required=True, type=Text(), help="Checkpoint directory or Hugging Face Hub id.")
+@click.option("--out", "--mlx-path", "out", required=True, type=PathArg(file_okay=False),
               help="Output MLX model directory (written only when complete).")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
               help="Weight dtype (default: the checkpoint's).")
 @click.option("-q", "--quantize", is_flag=True, help="Quantize (mlx-lm's affine quantization).")
-@click.option("--q-bits", type=int, default=4, show_default=True)
-@click.option("--q-group-size", type=int, default=64, show_default=True)
-@click.option("--loops", "-N", type=int, default=None, help="Sleep passes N (default: 1).")
-@click.option("--window", "-L", type=int, default=None, help="Sleep window L (default: 2000).")
+@click.option("--q-bits", type=click.Choice(["2", "3", "4", "5", "6", "8"]), default="4", show_default=True)
+@click.option("--q-group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True)
+@click.option("--loops", "-N", type=count(1, MAX_LOOPS), default=None, help="Sleep passes N (default: 1).")
+@click.option("--window", "-L", type=count(1), default=None, help="Sleep window L (default: 2000).")
 @click.option("--eviction", type=click.Choice(["hard", "sliding"]), default=None, help="Default: hard.")
 @click.option("--core", default=None, metavar="START:STOP",
               help="Looped block range (default per architecture; see docs/models.md).")
-@click.option("--insert-jet-layers", type=int, default=0, metavar="K",
+@click.option("--insert-jet-layers", type=count(0), default=0, metavar="K",
               help="Ouro: insert K MLP-free Jet layers (outputs unchanged until fine-tuned).")
 @click.option("--force", is_flag=True, help="Replace OUT if it is a model converted by mlx-sleep "
               "(never the source, the current directory or a parent of either).")
@@ -68,8 +69,8 @@ def convert(hf_path, out, dtype, quantize, q_bits, q_group_size, loops, window, 
         refuse_unused({"q_bits", "q_group_size"}, "without -q")
 
     def go():
-        path = run_convert(hf_path, out, dtype=dtype, quantize=quantize, q_bits=q_bits,
-                           q_group_size=q_group_size, loops=loops, window=window,
+        path = run_convert(hf_path, out, dtype=dtype, quantize=quantize, q_bits=int(q_bits),
+                           q_group_size=int(q_group_size), loops=loops, window=window,
                            eviction=eviction, core=parse_core(core),
                            insert_jet_layers=insert_jet_layers, force=force)
         click.echo(f"saved to {path}")
@@ -80,40 +81,40 @@ def convert(hf_path, out, dtype, quantize, q_bits, q_group_size, loops, window, 
 
 
 @click.command()
-@click.option("--model", "model_dir", required=True, type=click.Path(), help="A converted model directory.")
-@click.option("--data", required=True, type=click.Path(dir_okay=False),
+@click.option("--model", "model_dir", required=True, type=PathArg(), help="A converted model directory.")
+@click.option("--data", required=True, type=PathArg(dir_okay=False),
               help='JSONL of {"prompt","answer"}, {"text"} or {"messages"} records.')
-@click.option("--valid", type=click.Path(dir_okay=False), default=None, help="Validation JSONL.")
-@click.option("--out", required=True, type=click.Path(file_okay=False),
+@click.option("--valid", type=PathArg(dir_okay=False), default=None, help="Validation JSONL.")
+@click.option("--out", required=True, type=PathArg(file_okay=False),
               help="Run directory (re-running the same command resumes).")
-@click.option("--steps", type=int, default=1000, show_default=True)
-@click.option("--batch-size", type=int, default=4, show_default=True, help="Sequences per micro-batch (all processes).")
-@click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per step.")
-@click.option("--lr", type=float, default=None, help="Learning rate (default: 1e-4 for LoRA/DoRA (AdamW), 2e-4 for --full (Muon)).")
-@click.option("--adam-lr", type=float, default=1e-5, show_default=True, help="--full: AdamW rate for non-matrix weights.")
-@click.option("--weight-decay", type=float, default=0.0, show_default=True)
-@click.option("--warmup", type=int, default=20, show_default=True)
-@click.option("--grad-clip", type=float, default=1.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--loops", "-N", type=int, default=None, help="Sleep passes N (default: the model's).")
-@click.option("--window", "-L", type=int, default=None, help="Window L (default: the model's).")
+@click.option("--steps", type=count(1), default=1000, show_default=True)
+@click.option("--batch-size", type=count(1), default=4, show_default=True, help="Sequences per micro-batch (all processes).")
+@click.option("--grad-accum", type=count(1), default=1, show_default=True, help="Micro-batches per step.")
+@click.option("--lr", type=Finite(0, above=True), default=None, help="Learning rate (default: 1e-4 for LoRA/DoRA (AdamW), 2e-4 for --full (Muon)).")
+@click.option("--adam-lr", type=Finite(0, above=True), default=1e-5, show_default=True, help="--full: AdamW rate for non-matrix weights.")
+@click.option("--weight-decay", type=Finite(0), default=0.0, show_default=True)
+@click.option("--warmup", type=count(0), default=20, show_default=True)
+@click.option("--grad-clip", type=Finite(0, above=True), default=1.0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--loops", "-N", type=count(1, MAX_LOOPS), default=None, help="Sleep passes N (default: the model's).")
+@click.option("--window", "-L", type=count(1), default=None, help="Window L (default: the model's).")
 @click.option("--eviction", type=click.Choice(["hard", "sliding"]), default=None, help="Default: the model's.")
 @click.option("--core", default=None, metavar="START:STOP", help="Looped block range (default: the model's).")
 @click.option("--full", is_flag=True, help="Train all weights instead of LoRA adapters.")
 @click.option("--dora", is_flag=True, help="DoRA adapters instead of LoRA.")
-@click.option("--rank", type=int, default=8, show_default=True, help="LoRA rank.")
-@click.option("--scale", type=float, default=20.0, show_default=True, help="LoRA scale.")
-@click.option("--dropout", type=float, default=0.0, show_default=True, help="LoRA dropout.")
-@click.option("--lora-layers", type=int, default=None, help="Adapters on the last K decoder layers (default: all).")
-@click.option("--train-only", default=None, metavar="KINDS", help="Train only these layer kinds: jet,gdn,attn,mlp.")
-@click.option("--hard-warmup", type=int, default=0, show_default=True, metavar="STEPS",
+@click.option("--rank", type=count(1), default=8, show_default=True, help="LoRA rank.")
+@click.option("--scale", type=Finite(), default=20.0, show_default=True, help="LoRA scale.")
+@click.option("--dropout", type=Finite(0, 0.999), default=0.0, show_default=True, help="LoRA dropout.")
+@click.option("--lora-layers", type=count(1), default=None, help="Adapters on the last K decoder layers (default: all).")
+@click.option("--train-only", type=Text(), default=None, metavar="KINDS", help="Train only these layer kinds: jet,gdn,attn,mlp.")
+@click.option("--hard-warmup", type=count(0), default=0, show_default=True, metavar="STEPS",
               help="Train the first STEPS with hard eviction, then the configured one.")
 @click.option("--memory-bounded/--no-memory-bounded", default=True, show_default=True,
               help="Recompute one chunk at a time on backward (peak memory ~ one chunk).")
-@click.option("--valid-every", type=int, default=100, show_default=True)
-@click.option("--valid-batches", type=int, default=0, show_default=True, help="0: the whole file.")
-@click.option("--checkpoint-every", type=int, default=100, show_default=True)
-@click.option("--log-every", type=int, default=10, show_default=True)
+@click.option("--valid-every", type=count(1), default=100, show_default=True)
+@click.option("--valid-batches", type=count(0), default=0, show_default=True, help="0: the whole file.")
+@click.option("--checkpoint-every", type=count(1), default=100, show_default=True)
+@click.option("--log-every", type=count(1), default=10, show_default=True)
 @click.option("--fuse", is_flag=True, help="Afterwards, merge the adapters into OUT/fused (a model directory).")
 @click.option("--estimate", is_flag=True, help="Print the expected peak memory and time per step, then exit.")
 @click.option("--force", is_flag=True, help="Write into a directory holding other files (never "

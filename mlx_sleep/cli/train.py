@@ -3,8 +3,9 @@ evaluating runs and models."""
 
 import click
 
-from ..config import ConfigError, ModelConfig, SleepConfig
-from .common import Failure, parse_core, parse_loops_list, parse_options, refuse_unused, run_safely
+from ..config import MAX_LOOPS, ConfigError, ModelConfig, SleepConfig
+from .common import (SEED, Failure, Finite, PathArg, Text, count, parse_core, parse_loops_list,
+                     parse_options, refuse_unused, run_safely)
 
 # eval's three paths and the flags each reads (anything else given is refused)
 RUN_FLAGS = {"checkpoint", "samples", "batch_size", "seed", "json_path", "plot_path"}
@@ -27,28 +28,28 @@ PAPER_PRESETS = {
 
 @click.command()
 @click.option("--task", "task_name", type=click.Choice(["rule110", "depo"]), required=True)
-@click.option("--loops", "-N", type=int, default=None, help="Sleep passes N per context window (default: 1; with --loops-sample, its B).")
+@click.option("--loops", "-N", type=count(1, MAX_LOOPS), default=None, help="Sleep passes N per context window (default: 1; with --loops-sample, its B).")
 @click.option("--loops-sample", default=None, metavar="A:B", help="Draw N per batch uniformly in [A, B] (test-time depth dial).")
-@click.option("--window", "-L", type=int, default=None, help="Window L (default: the task's).")
+@click.option("--window", "-L", type=count(1), default=None, help="Window L (default: the task's).")
 @click.option("--eviction", type=click.Choice(["hard", "sliding"]), default=None, help="Default: the task's.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (resumes if it holds a run).")
+@click.option("--out", required=True, type=PathArg(file_okay=False), help="Run directory (resumes if it holds a run).")
 @click.option("--task-option", "-o", multiple=True, metavar="KEY=VALUE", help="Task setting, e.g. -o n_bits=8 -o steps=4.")
-@click.option("--hidden-size", type=int, default=128, show_default=True)
-@click.option("--layers", default="attn,gdn,attn,gdn", show_default=True, help="Block pattern (attn, swa, gdn, jet).")
-@click.option("--heads", type=int, default=4, show_default=True)
-@click.option("--kv-heads", type=int, default=None)
+@click.option("--hidden-size", type=count(1), default=128, show_default=True)
+@click.option("--layers", type=Text(), default="attn,gdn,attn,gdn", show_default=True, help="Block pattern (attn, swa, gdn, jet).")
+@click.option("--heads", type=count(1), default=4, show_default=True)
+@click.option("--kv-heads", type=count(1), default=None)
 @click.option("--core", default=None, metavar="START:STOP", help="Looped block range (default: all).")
-@click.option("--steps", type=int, default=1000, show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--lr", type=float, default=2e-3, show_default=True, help="Muon learning rate (matrix weights).")
-@click.option("--adam-lr", type=float, default=5e-5, show_default=True, help="AdamW learning rate (other weights).")
-@click.option("--weight-decay", type=float, default=0.0, show_default=True)
-@click.option("--warmup", type=int, default=50, show_default=True)
-@click.option("--grad-clip", type=float, default=1.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--eval-every", type=int, default=0, help="Evaluate every K steps (0: at the end).")
-@click.option("--eval-samples", type=int, default=256, show_default=True)
-@click.option("--checkpoint-every", type=int, default=200, show_default=True)
+@click.option("--steps", type=count(1), default=1000, show_default=True)
+@click.option("--batch-size", type=count(1), default=64, show_default=True)
+@click.option("--lr", type=Finite(0, above=True), default=2e-3, show_default=True, help="Muon learning rate (matrix weights).")
+@click.option("--adam-lr", type=Finite(0, above=True), default=5e-5, show_default=True, help="AdamW learning rate (other weights).")
+@click.option("--weight-decay", type=Finite(0), default=0.0, show_default=True)
+@click.option("--warmup", type=count(0), default=50, show_default=True)
+@click.option("--grad-clip", type=Finite(0, above=True), default=1.0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--eval-every", type=count(0), default=0, help="Evaluate every K steps (0: at the end).")
+@click.option("--eval-samples", type=count(1), default=256, show_default=True)
+@click.option("--checkpoint-every", type=count(1), default=200, show_default=True)
 @click.option("--activation-checkpoint", is_flag=True, help="Recompute activations per chunk on backward.")
 @click.option("--random-chunks", is_flag=True, help="Train with random chunk lengths <= L.")
 @click.option("--compile/--no-compile", default=None, help="mx.compile the step (default: on with Metal).")
@@ -102,20 +103,20 @@ def train(task_name, loops, loops_sample, window, eviction, out, task_option, hi
 def gsm_infinite_options(fn):
     """The options of `eval --task gsm-infinite` (see docs/gsm-infinite.md)."""
     options = [
-        click.option("--model", "model_path", default=None, help="gsm-infinite: a converted model directory (or Hub id)."),
+        click.option("--model", "model_path", type=Text(), default=None, help="gsm-infinite: a converted model directory (or Hub id)."),
         click.option("--task", "task_name", type=click.Choice(["gsm-infinite"]), default=None, help="Evaluate a model on a benchmark instead of a training run."),
         click.option("--subset", type=click.Choice(["symbolic", "medium", "hard"]), default="medium", show_default=True),
         click.option("--length", type=click.Choice(["0", "8k", "16k", "32k"]), default="8k", show_default=True),
-        click.option("--ops", default="2,4,6,8", show_default=True, help="Op counts: 2,4,6,8 or a range 2-8 (2-8:2)."),
-        click.option("--limit", type=int, default=None, help="Problems per op (default: all in --data; from the Hub the official 100 / 200)."),
-        click.option("--data", type=click.Path(dir_okay=False), default=None, help="A local JSONL in the dataset's schema instead of the Hub."),
+        click.option("--ops", type=Text(), default="2,4,6,8", show_default=True, help="Op counts: 2,4,6,8 or a range 2-8 (2-8:2)."),
+        click.option("--limit", type=count(0), default=None, help="Problems per op (default: all in --data; from the Hub the official 100 / 200)."),
+        click.option("--data", type=PathArg(dir_okay=False), default=None, help="A local JSONL in the dataset's schema instead of the Hub."),
         click.option("--protocol", type=click.Choice(["paper", "official"]), default="paper", show_default=True),
-        click.option("--max-tokens", type=int, default=None, help="Generation limit (default: paper 24, symbolic 256; official 4096)."),
-        click.option("--judge-model", default=None, help="Symbolic, official protocol: the judge model (any model `load` opens)."),
-        click.option("--judge-max-tokens", type=int, default=2048, show_default=True, help="The judge's generation limit (upstream's)."),
-        click.option("--adapter", default=None, type=click.Path(file_okay=False), help="A fine-tune's adapter directory."),
-        click.option("--out", default=None, type=click.Path(file_okay=False), help="Results directory (resumes the run in it)."),
-        click.option("--score", "score_path", default=None, type=click.Path(dir_okay=False), help="Re-score a predictions JSONL (no model)."),
+        click.option("--max-tokens", type=count(1), default=None, help="Generation limit (default: paper 24, symbolic 256; official 4096)."),
+        click.option("--judge-model", type=Text(), default=None, help="Symbolic, official protocol: the judge model (any model `load` opens)."),
+        click.option("--judge-max-tokens", type=count(1), default=2048, show_default=True, help="The judge's generation limit (upstream's)."),
+        click.option("--adapter", default=None, type=PathArg(file_okay=False), help="A fine-tune's adapter directory."),
+        click.option("--out", default=None, type=PathArg(file_okay=False), help="Results directory (resumes the run in it)."),
+        click.option("--score", "score_path", default=None, type=PathArg(dir_okay=False), help="Re-score a predictions JSONL (no model)."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -123,15 +124,15 @@ def gsm_infinite_options(fn):
 
 
 @click.command("eval")
-@click.option("--checkpoint", type=click.Path(), default=None, help="A run directory from `train`.")
+@click.option("--checkpoint", type=PathArg(), default=None, help="A run directory from `train`.")
 @click.option("--loops", "-N", default=None, metavar="N[,N...]", help="Override the sleep loops N; several (1,2,4) evaluate each: a run's table gets a column per N and --plot draws accuracy against N; gsm-infinite sweeps them.")
-@click.option("--window", "-L", type=int, default=None, help="Override the window L.")
+@click.option("--window", "-L", type=count(1), default=None, help="Override the window L.")
 @click.option("--eviction", type=click.Choice(["hard", "sliding"]), default=None)
-@click.option("--samples", type=int, default=512, show_default=True, help="Sequences per difficulty.")
-@click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--seed", type=int, default=1234, show_default=True)
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write results here.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="Write a PNG plot here.")
+@click.option("--samples", type=count(1), default=512, show_default=True, help="Sequences per difficulty.")
+@click.option("--batch-size", type=count(1), default=64, show_default=True)
+@click.option("--seed", type=SEED, default=1234, show_default=True)
+@click.option("--json", "json_path", type=PathArg(dir_okay=False), default=None, help="Write results here.")
+@click.option("--plot", "plot_path", type=PathArg(dir_okay=False), default=None, help="Write a PNG plot here.")
 @gsm_infinite_options
 def eval_cmd(checkpoint, loops, window, eviction, samples, batch_size, seed, json_path, plot_path,
              task_name, **gsm):
@@ -205,11 +206,11 @@ def eval_cmd(checkpoint, loops, window, eviction, samples, batch_size, seed, jso
 
 
 @click.command()
-@click.option("--out", default="demo_out", show_default=True, type=click.Path(file_okay=False))
-@click.option("--steps", type=int, default=None, help="Training steps per run (default: the demo's).")
-@click.option("--loops", "-N", type=int, multiple=True, help="Loop counts to compare (default: the demo's).")
-@click.option("--seed", type=int, default=0, show_default=True, help="First seed.")
-@click.option("--seeds", type=click.IntRange(min=1, max=1000), default=None, help="Number of seeds: SEED, SEED+1, ... (default: the demo's).")
+@click.option("--out", default="demo_out", show_default=True, type=PathArg(file_okay=False))
+@click.option("--steps", type=count(1), default=None, help="Training steps per run (default: the demo's).")
+@click.option("--loops", "-N", type=count(1, MAX_LOOPS), multiple=True, help="Loop counts to compare (default: the demo's).")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="First seed.")
+@click.option("--seeds", type=count(1, 1000), default=None, help="Number of seeds: SEED, SEED+1, ... (default: the demo's).")
 @click.option("--force", is_flag=True, help="Write into a directory holding other files (never "
               "replacing them).")
 def demo(out, steps, loops, seed, seeds, force):

@@ -34,10 +34,49 @@ def layer_parts(model):
     return parts
 
 
+def linear_dims(module):
+    """(out, in) of a Linear or QuantizedLinear (whose packed weight hides `in`), else None."""
+    if isinstance(module, nn.QuantizedLinear):
+        return module.weight.shape[0], module.scales.shape[1] * module.group_size
+    if isinstance(module, nn.Linear):
+        return tuple(module.weight.shape)
+    return None
+
+
+def physical_memory() -> int:
+    """Bytes of RAM on this machine (unified memory on a Mac), or 0 when unknown."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return 0
+
+
+def check_adapters_fit(model, cfg: FinetuneConfig):
+    """--lora-layers within the model's layers, and the adapters with their optimizer state
+    within the machine's memory, checked before any is allocated (a --rank of 10^9 would ask MLX
+    for terabytes and crash it)."""
+    layers = len(model.layers)
+    if cfg.lora_layers is not None and cfg.lora_layers > layers:
+        raise ConfigError(f"--lora-layers {cfg.lora_layers} is more than this model's {layers} "
+                          "decoder layers")
+    if cfg.fine_tune_type == "full":
+        return
+    n = layers if cfg.lora_layers is None else cfg.lora_layers
+    sizes = [sum(dims) for layer in model.layers[layers - n:]
+             for _, m in layer.named_modules() if (dims := linear_dims(m)) is not None]
+    # float32 A and B, their gradients and AdamW's two moments: 4 copies
+    need, have = cfg.rank * sum(sizes) * 4 * 4, physical_memory()
+    if have and need > have:
+        raise ConfigError(f"--rank {cfg.rank}: the adapters and their optimizer state need "
+                          f"{need / 1e9:,.1f} GB, more than this machine's {have / 1e9:.1f} GB; "
+                          "use a smaller --rank (8-64 is usual) or fewer --lora-layers")
+
+
 def prepare_model(model, cfg: FinetuneConfig):
     """Freeze what does not train and add the adapters (mlx-lm's linear_to_lora_layers)."""
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
+    check_adapters_fit(model, cfg)
     kinds = cfg.kinds()
     parts = layer_parts(model)
     if kinds:
@@ -60,7 +99,7 @@ def prepare_model(model, cfg: FinetuneConfig):
             model.unfreeze()
     else:
         mx.random.seed(cfg.seed)  # the same adapters on every process
-        n = len(model.layers) if cfg.lora_layers is None else min(cfg.lora_layers, len(model.layers))
+        n = len(model.layers) if cfg.lora_layers is None else cfg.lora_layers
         linear_to_lora_layers(model, n, {"rank": cfg.rank, "scale": cfg.scale,
                                          "dropout": cfg.dropout},
                               use_dora=cfg.fine_tune_type == "dora")
@@ -77,7 +116,7 @@ def prepare_model(model, cfg: FinetuneConfig):
 
 def adapter_config(cfg: FinetuneConfig, model) -> dict:
     """mlx-lm's adapter_config.json fields (its load_adapters reads them)."""
-    n = len(model.layers) if cfg.lora_layers is None else min(cfg.lora_layers, len(model.layers))
+    n = len(model.layers) if cfg.lora_layers is None else cfg.lora_layers
     return {"fine_tune_type": cfg.fine_tune_type, "num_layers": n,
             "lora_parameters": {"rank": cfg.rank, "scale": cfg.scale, "dropout": cfg.dropout}}
 
