@@ -137,6 +137,82 @@ def check_file_target(path: str) -> str:
                       "(it would replace it with one): name a new file path")
 
 
+# -- single output files (eval --json/--plot, data --out, sessions export -o) ---------------------
+# A file cannot hold a marker beside it, so it carries one inside: JSON a "written_by" key (the
+# first record of a JSONL file), PNG a "Software" text chunk. An existing file is replaced only
+# when it carries it.
+WRITTEN_BY = "mlx-sleep"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def written_by(path: str) -> bool:
+    """Whether the regular file at `path` carries mlx-sleep's mark (read without following a
+    symlink or blocking on a FIFO, and at most its first megabyte)."""
+    try:
+        fd = open_nofollow(path)
+    except (OSError, ConfigError):
+        return False
+    with os.fdopen(fd, "rb") as f:
+        head = f.read(1 << 20)
+    if head.startswith(PNG_SIGNATURE):
+        return _png_software(head).startswith(WRITTEN_BY)
+    for text in (head, head.split(b"\n", 1)[0]):  # a JSON document, or a JSONL's first record
+        try:
+            doc = parse_json(text.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            continue
+        mark = doc.get("written_by") if isinstance(doc, dict) else None
+        return isinstance(mark, str) and mark.startswith(WRITTEN_BY)
+    return False
+
+
+def _png_software(data: bytes) -> str:
+    """The text of a PNG's "Software" tEXt chunk ("" if none before the image data)."""
+    pos = len(PNG_SIGNATURE)
+    while pos + 8 <= len(data):
+        length, kind = int.from_bytes(data[pos:pos + 4], "big"), data[pos + 4:pos + 8]
+        if kind in (b"IDAT", b"IEND"):
+            break
+        if kind == b"tEXt":
+            key, _, value = data[pos + 8:pos + 8 + length].partition(b"\x00")
+            if key == b"Software":
+                return value.decode("latin-1")
+        pos += 12 + length
+    return ""
+
+
+def check_output_file(path: str, replace: bool = True, inputs=(),
+                      exists_hint: str = "pass --force to replace it") -> str:
+    """Before a command writes the one file `path`: never one of its `inputs`, never inside a
+    directory mlx-sleep made (a run, a model, a session: their files are theirs), an existing
+    file only if mlx-sleep wrote it (and `replace`), a regular file only. Returns what
+    check_file_target does ("replace" or "stream"); raises OutputError saying what to do."""
+    if path in STREAMS:
+        return "stream"
+    for source in inputs:
+        if source and os.path.exists(source) and os.path.exists(path) \
+                and os.path.samefile(source, path):
+            raise OutputError(f"{path} is this command's input ({source}); name another file "
+                              "to write")
+    directory = os.path.dirname(os.path.realpath(path))
+    while True:
+        owner = owner_of(directory)
+        if owner is not None:
+            raise OutputError(f"{path} is inside {directory}, {OWNERS[owner]}: its files are "
+                              "its own; write the file somewhere else")
+        if os.path.dirname(directory) == directory:
+            break
+        directory = os.path.dirname(directory)
+    kind = check_file_target(path)
+    if os.path.lexists(path):
+        if not written_by(path):
+            raise OutputError(f"{path} exists and was not written by mlx-sleep; leaving it "
+                              "(name a new file, or move it away)")
+        if not replace:
+            raise OutputError(f"{path} exists; {exists_hint}")
+    return kind
+
+
 def check_regular_file(path: str, what: str = "") -> str:
     """For reading: `path` must be an existing regular file (a FIFO would block, a directory
     or device is not a file of ours)."""

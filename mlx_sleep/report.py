@@ -9,7 +9,7 @@ into rows and lines and call these.
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
-from .io import atomic_path, check_file_target, stream
+from .io import WRITTEN_BY, atomic_path, check_file_target, stream
 
 
 def markdown_table(header: Sequence, rows: Sequence[Sequence]) -> str:
@@ -64,6 +64,6 @@ def line_plot(path: str, lines: Sequence[Line], *, xlabel: str, ylabel: str, tit
         out.flush()
         fig.savefig(getattr(out, "buffer", out), format="png")
     else:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png")
+        with atomic_path(path) as tmp:  # marked as ours: io.written_by reads it back
+            fig.savefig(tmp, format="png", metadata={"Software": f"{WRITTEN_BY} plot"})
     plt.close(fig)

@@ -5,6 +5,7 @@ logs and leftovers. Every destructive case runs in a temporary directory."""
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -185,12 +186,51 @@ def test_stdout_is_written_through(capfd):
     assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
 
 
-def test_eval_json_replaces_a_regular_file_it_is_given(tmp_path, run_dir):
-    path = tmp_path / "r.json"
-    path.write_text("old")
-    code, output = cli("eval", "--checkpoint", run_dir, "--samples", "2", "--json", path)
+def test_eval_outputs_replace_only_their_own_files(tmp_path, run_dir):
+    """--json and --plot write new files and replace files eval wrote (their mark inside:
+    a "written_by" key, a PNG Software chunk); a user's file of that name is left alone."""
+    js, png = tmp_path / "r.json", tmp_path / "r.png"
+    code, output = cli("eval", "--checkpoint", run_dir, "--samples", "2", "--json", js,
+                       "--plot", png)
     assert code == 0, output
-    assert json.loads(path.read_text())["sleep"]["loops"] == 1
+    assert json.loads(js.read_text())["written_by"] == "mlx-sleep eval"
+    assert io.written_by(str(js)) and io.written_by(str(png))
+    code, output = cli("eval", "--checkpoint", run_dir, "--samples", "2", "--json", js,
+                       "--plot", png)
+    assert code == 0, output  # eval's own files: replaced
+    for path in (js, png):
+        path.write_text("the user's notes")
+        before = snapshot(tmp_path)
+        flag = "--json" if path == js else "--plot"
+        assert_one_clear_line(*cli("eval", "--checkpoint", run_dir, "--samples", "2", flag, path),
+                              "was not written by mlx-sleep")
+        assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("inside", ["config.json", "checkpoint/model.safetensors",
+                                    "checkpoint/trainer.json", "new.json"])
+def test_eval_never_writes_into_a_run(tmp_path, run_dir, inside):
+    """The issue's data loss: `--json run/checkpoint/model.safetensors` replaced the weights."""
+    run = copy_run(run_dir, tmp_path / "run")
+    before = snapshot(tmp_path)
+    for flag in ("--json", "--plot"):
+        assert_one_clear_line(*cli("eval", "--checkpoint", run, flag, run / inside),
+                              "a training run (mlx-sleep train): its files are its own")
+    assert snapshot(tmp_path) == before
+
+
+def test_data_never_replaces_its_input_or_a_model(tmp_path):
+    """`data gsm-infinite --out g.jsonl --force` with g.jsonl the input once replaced the input."""
+    data = tmp_path / "g.jsonl"
+    shutil.copy(os.path.join(os.path.dirname(__file__), "fixtures", "gsm-infinite",
+                             "medium_0.jsonl"), data)
+    model = make_model_dir(tmp_path / "m")
+    before = snapshot(tmp_path)
+    base = ["data", "gsm-infinite", "--data", data, "--force", "--out"]
+    assert_one_clear_line(*cli(*base, data), "is this command's input")
+    assert_one_clear_line(*cli(*base, os.path.join(model, "config.json")),
+                          "a converted model (mlx-sleep convert): its files are its own")
+    assert snapshot(tmp_path) == before
 
 
 def test_eval_refuses_a_special_file_before_the_work(tmp_path, run_dir, monkeypatch):

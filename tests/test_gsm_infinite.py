@@ -166,10 +166,10 @@ def tiny(tmp_path_factory):
 class RecordingEngine(SleepEngine):
     """Notes, at every feed, what the model can still see."""
 
-    def feed(self, ids, logits="all"):
+    def feed(self, ids, logits="all", sampled=False):
         kv = [s["keys"].shape[2] for s in self.state if "keys" in s]
         self.seen.append((self.offset, self.window_len, sum(kv), ids.shape[-1]))
-        return super().feed(ids, logits)
+        return super().feed(ids, logits, sampled)
 
 
 def test_paper_protocol_evicts_the_question_before_the_answer(tiny):
@@ -329,6 +329,7 @@ def test_data_command_writes_the_paper_format(tmp_path):
                "--ops", "2,4,6,8", "--out", out)
     assert r.exit_code == 0 and "wrote 24 examples" in r.output
     rows = [json.loads(x) for x in open(out)]
+    assert rows[0].pop("written_by") == "mlx-sleep data gsm-infinite"  # the owner mark
     records = fixture("medium_0.jsonl")
     by_op = gi.select(records, [2, 4, 6, 8])
     assert rows == [{**gi.paper_example(r), "op": op} for op, rs in by_op.items() for r in rs]
@@ -336,10 +337,15 @@ def test_data_command_writes_the_paper_format(tmp_path):
                "--ops", "4,8", "--skip", "2", "--limit", "3", "--out", tmp_path / "held_out.jsonl")
     assert r.exit_code == 0 and "wrote 6 examples" in r.output
     rows = [json.loads(x) for x in open(tmp_path / "held_out.jsonl")]
+    rows[0].pop("written_by")
     assert rows == [{**gi.paper_example(r), "op": op} for op in (4, 8) for r in by_op[op][2:5]]
     r = CliRunner().invoke(main, ["data", "gsm-infinite", "--data",
                                   os.path.join(FIX, "medium_0.jsonl"), "--out", str(out)])
-    assert r.exit_code == 1 and "already exists; pass --force" in r.output
+    assert r.exit_code == 1 and "exists; pass --force to replace it" in r.output
+    r = CliRunner().invoke(main, ["data", "gsm-infinite", "--data",
+                                  os.path.join(FIX, "medium_0.jsonl"), "--ops", "2,4",
+                                  "--out", str(out), "--force"])
+    assert r.exit_code == 0, r.output  # ours: --force replaces it
 
 
 @pytest.mark.parametrize("extra,message", [

@@ -1,7 +1,6 @@
 """Layers against the naive references (forward and gradients), and incremental == full sequence."""
 
 import mlx.core as mx
-import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 

@@ -3,7 +3,6 @@
 import os
 
 import mlx.core as mx
-import numpy as np
 import pytest
 from mlx_lm.generate import generate_step
 

@@ -562,8 +562,10 @@ def test_rm_while_a_chat_holds_the_session_is_refused(golden, tmp_path):
 
 def test_history_flag_is_bounded(golden, tmp_path):
     home, _ = install(golden, tmp_path)
-    refused(run_here(home, "chat", "--model", golden[0], "-s", "new", "--history", "1000000000"),
-            "--history must be an integer in 0..64")
+    r = run_here(home, "chat", "--model", golden[0], "-s", "new", "--history", "1000000000")
+    out = (r.stdout + r.stderr).strip()
+    assert r.returncode == 2 and len(out.splitlines()) == 1, out  # a usage error: one line
+    assert "'--history': 1000000000 is not in the range 0<=x<=64" in out, out
     assert not os.path.exists(home / "sessions" / "new")
 
 

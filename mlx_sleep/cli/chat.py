@@ -139,9 +139,7 @@ def sessions_show(name):
               help="Write the transcript JSON here (default: stdout).")
 def sessions_export(name, out):
     """The transcript and settings as JSON (no weights, no state)."""
-    import os
-
-    from ..io import write_json
+    from ..io import WRITTEN_BY, check_output_file, write_json
     from ..session import read_meta
 
     def go():
@@ -151,10 +149,9 @@ def sessions_export(name, out):
         doc["messages"] = meta["transcript"]["messages"]
         if out is None:
             click.echo(json.dumps(doc, indent=2))
-        elif os.path.exists(out):
-            raise Failure(f"{out} exists; choose another --out")
         else:
-            write_json(out, doc, mode=0o600)
+            check_output_file(out, replace=False, exists_hint="choose another --out")
+            write_json(out, dict(doc, written_by=f"{WRITTEN_BY} sessions export"), mode=0o600)
             click.echo(f"wrote {out}")
 
     run_safely(go)

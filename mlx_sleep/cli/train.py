@@ -142,7 +142,7 @@ def eval_cmd(checkpoint, loops, window, eviction, samples, batch_size, seed, jso
     With several --loops (e.g. 1,2,3,4,6) a run is evaluated at each N: one column per N, and
     --plot draws accuracy against N, one line per difficulty."""
     from ..eval import evaluate, format_table, plot, plot_against_loops
-    from ..io import check_file_target, write_json
+    from ..io import WRITTEN_BY, check_output_file, write_json
     from ..train import load_run
 
     if gsm["score_path"]:
@@ -165,7 +165,7 @@ def eval_cmd(checkpoint, loops, window, eviction, samples, batch_size, seed, jso
         loops_list = parse_loops_list(loops) if loops is not None else None
         for path in (json_path, plot_path):  # before the work, not after it
             if path:
-                check_file_target(path)
+                check_output_file(path, inputs=(checkpoint,))
         model, sleep, task, _ = load_run(checkpoint)
         window_ = sleep.window if window is None else window
         if window_ > task.seq_len:
@@ -186,7 +186,8 @@ def eval_cmd(checkpoint, loops, window, eviction, samples, batch_size, seed, jso
             click.echo(format_table({label + " per-item": results}, dname, "token"))
             if json_path:
                 write_json(json_path, {"checkpoint": checkpoint, "sleep": run_sleep.to_dict(),
-                                       "task": task.to_dict(), "results": results})
+                                       "task": task.to_dict(), "results": results,
+                                       "written_by": f"{WRITTEN_BY} eval"})
             if plot_path:
                 plot({label: results}, plot_path, f"{task.name}", dname)
             return
@@ -197,7 +198,7 @@ def eval_cmd(checkpoint, loops, window, eviction, samples, batch_size, seed, jso
         if json_path:
             write_json(json_path, {"checkpoint": checkpoint, "loops": list(by_loops),
                                    "sleep": run_sleep.to_dict(), "task": task.to_dict(),
-                                   "results": named})
+                                   "results": named, "written_by": f"{WRITTEN_BY} eval"})
         if plot_path:
             plot_against_loops(by_loops, plot_path, f"{task.name}: accuracy against test-time N",
                                dname, "token")

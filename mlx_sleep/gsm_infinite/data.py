@@ -6,7 +6,7 @@ import os
 import re
 from typing import Dict, Iterable, List, Optional, Sequence
 
-from ..io import atomic_path, check_file_target
+from ..io import WRITTEN_BY, atomic_path, check_output_file
 from .scoring import gold_answer
 
 SUBSETS = ("symbolic", "medium", "hard")
@@ -167,6 +167,8 @@ def messages(record: dict) -> List[dict]:
 def write_training_file(path: str, by_op: Dict[int, List[dict]]) -> int:
     """The paper-format fine-tuning file: one {"prompt", "answer", "op"} a line; returns rows."""
     rows = [{**paper_example(r), "op": op} for op, rs in by_op.items() for r in rs]
+    if rows:  # the first record carries the mark io.written_by looks for
+        rows[0] = {**rows[0], "written_by": f"{WRITTEN_BY} data gsm-infinite"}
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     return len(rows)
@@ -177,9 +179,7 @@ def write_data(out: str, subset: str, length: str, ops: str, limit: Optional[int
     """`mlx-sleep data gsm-infinite`: the paper-format training file, from the problems after
     the first `skip` of each op (default: from the Hub, the 200 that `eval` uses by default; from
     a local file, none), so training and test problems stay apart."""
-    if os.path.exists(out) and not force:
-        raise ValueError(f"{out} already exists; pass --force to replace it")
-    check_file_target(out)  # --force replaces a regular file only
+    check_output_file(out, replace=force, inputs=(data,))
     ops = parse_ops(ops)
     records = read_jsonl(data) if data is not None else hub_records(subset, length, ops)
     skip = (0 if data is not None else OFFICIAL_LIMIT[subset]) if skip is None else skip
