@@ -322,14 +322,20 @@ class Chat:
                   "Alt-Enter for several lines, Ctrl-D to leave.")
 
     def run(self, fd=None):
-        fd = sys.stdin.fileno() if fd is None else fd
+        if fd is None:
+            try:
+                fd = sys.stdin.fileno()
+            except (AttributeError, OSError, ValueError):
+                fd = None  # a stream without a descriptor (an embedding app, a test runner)
 
         def on_sigint(signum, frame):
             self.interrupt.set()
 
         previous = signal.signal(signal.SIGINT, on_sigint)
         try:
-            if os.isatty(fd):
+            if fd is None:
+                self.run_lines(sys.stdin)
+            elif os.isatty(fd):
                 self.run_terminal(fd)
             else:
                 self.run_pipe(fd)
@@ -353,6 +359,16 @@ class Chat:
                     more = reader.readline()
                     return more.rstrip("\n") if more else None
                 line = read_block(line.lstrip().rstrip("\n"), next_line)
+            if not self.handle(line.rstrip("\n")):
+                return
+
+    def run_lines(self, stream):
+        """Lines from a text stream, one turn each (no idle sleep: it cannot wait on one)."""
+        lines = iter(stream)
+        for line in lines:
+            self.interrupt.clear()
+            if line.lstrip().startswith(BLOCK_QUOTES):
+                line = read_block(line.strip(), lambda: next(lines, None))
             if not self.handle(line.rstrip("\n")):
                 return
 

@@ -18,10 +18,10 @@ TINY_TRAIN = ["--task", "rule110", "-o", "n_strings=2", "-o", "n_bits=4", "-o", 
               "--eval-samples", "4", "--checkpoint-every", "1"]
 
 
-def cli(*args):
-    """(exit code, output) of `mlx-sleep ARGS`; exceptions are caught as the shell would show
-    them (a traceback in the output), so a test sees what a user sees."""
-    r = CliRunner().invoke(main, [str(a) for a in args])
+def cli(*args, input=None):
+    """(exit code, output) of `mlx-sleep ARGS` (stdin: `input`); exceptions are caught as the
+    shell would show them (a traceback in the output), so a test sees what a user sees."""
+    r = CliRunner().invoke(main, [str(a) for a in args], input=input)
     output = r.output
     if r.exception is not None and not isinstance(r.exception, SystemExit):
         import traceback

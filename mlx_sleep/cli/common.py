@@ -23,6 +23,9 @@ def count(lo: int = 0, hi: int = None) -> click.IntRange:
 
 
 SEED = click.IntRange(0, SEED_MAX)
+STEPS = click.IntRange(1, 10**9)  # train.LIMITS: a typo must not run for years
+BATCH = click.IntRange(1, 1 << 20)
+GRAD_ACCUM = click.IntRange(1, 1024)
 
 
 class Finite(click.ParamType):

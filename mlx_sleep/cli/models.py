@@ -4,7 +4,7 @@ import click
 
 from ..config import ConfigError
 from ..config import MAX_LOOPS
-from .common import SEED, Finite, PathArg, Text, count, parse_core, refuse_unused, run_safely
+from .common import BATCH, GRAD_ACCUM, SEED, STEPS, Finite, PathArg, Text, count, parse_core, refuse_unused, run_safely
 
 
 @click.group()
@@ -87,9 +87,9 @@ def convert(hf_path, out, dtype, quantize, q_bits, q_group_size, loops, window, 
 @click.option("--valid", type=PathArg(dir_okay=False), default=None, help="Validation JSONL.")
 @click.option("--out", required=True, type=PathArg(file_okay=False),
               help="Run directory (re-running the same command resumes).")
-@click.option("--steps", type=count(1), default=1000, show_default=True)
-@click.option("--batch-size", type=count(1), default=4, show_default=True, help="Sequences per micro-batch (all processes).")
-@click.option("--grad-accum", type=count(1), default=1, show_default=True, help="Micro-batches per step.")
+@click.option("--steps", type=STEPS, default=1000, show_default=True)
+@click.option("--batch-size", type=BATCH, default=4, show_default=True, help="Sequences per micro-batch (all processes).")
+@click.option("--grad-accum", type=GRAD_ACCUM, default=1, show_default=True, help="Micro-batches per step.")
 @click.option("--lr", type=Finite(0, above=True), default=None, help="Learning rate (default: 1e-4 for LoRA/DoRA (AdamW), 2e-4 for --full (Muon)).")
 @click.option("--adam-lr", type=Finite(0, above=True), default=1e-5, show_default=True, help="--full: AdamW rate for non-matrix weights.")
 @click.option("--weight-decay", type=Finite(0), default=0.0, show_default=True)

@@ -4,7 +4,7 @@ evaluating runs and models."""
 import click
 
 from ..config import MAX_LOOPS, ConfigError, ModelConfig, SleepConfig
-from .common import (SEED, Failure, Finite, PathArg, Text, count, parse_core, parse_loops_list,
+from .common import (BATCH, SEED, STEPS, Failure, Finite, PathArg, Text, count, parse_core, parse_loops_list,
                      parse_options, refuse_unused, run_safely)
 
 # eval's three paths and the flags each reads (anything else given is refused)
@@ -39,8 +39,8 @@ PAPER_PRESETS = {
 @click.option("--heads", type=count(1), default=4, show_default=True)
 @click.option("--kv-heads", type=count(1), default=None)
 @click.option("--core", default=None, metavar="START:STOP", help="Looped block range (default: all).")
-@click.option("--steps", type=count(1), default=1000, show_default=True)
-@click.option("--batch-size", type=count(1), default=64, show_default=True)
+@click.option("--steps", type=STEPS, default=1000, show_default=True)
+@click.option("--batch-size", type=BATCH, default=64, show_default=True)
 @click.option("--lr", type=Finite(0, above=True), default=2e-3, show_default=True, help="Muon learning rate (matrix weights).")
 @click.option("--adam-lr", type=Finite(0, above=True), default=5e-5, show_default=True, help="AdamW learning rate (other weights).")
 @click.option("--weight-decay", type=Finite(0), default=0.0, show_default=True)
@@ -128,8 +128,8 @@ def gsm_infinite_options(fn):
 @click.option("--loops", "-N", default=None, metavar="N[,N...]", help="Override the sleep loops N; several (1,2,4) evaluate each: a run's table gets a column per N and --plot draws accuracy against N; gsm-infinite sweeps them.")
 @click.option("--window", "-L", type=count(1), default=None, help="Override the window L.")
 @click.option("--eviction", type=click.Choice(["hard", "sliding"]), default=None)
-@click.option("--samples", type=count(1), default=512, show_default=True, help="Sequences per difficulty.")
-@click.option("--batch-size", type=count(1), default=64, show_default=True)
+@click.option("--samples", type=count(1, 1 << 24), default=512, show_default=True, help="Sequences per difficulty.")
+@click.option("--batch-size", type=BATCH, default=64, show_default=True)
 @click.option("--seed", type=SEED, default=1234, show_default=True)
 @click.option("--json", "json_path", type=PathArg(dir_okay=False), default=None, help="Write results here.")
 @click.option("--plot", "plot_path", type=PathArg(dir_okay=False), default=None, help="Write a PNG plot here.")
@@ -208,7 +208,7 @@ def eval_cmd(checkpoint, loops, window, eviction, samples, batch_size, seed, jso
 
 @click.command()
 @click.option("--out", default="demo_out", show_default=True, type=PathArg(file_okay=False))
-@click.option("--steps", type=count(1), default=None, help="Training steps per run (default: the demo's).")
+@click.option("--steps", type=STEPS, default=None, help="Training steps per run (default: the demo's).")
 @click.option("--loops", "-N", type=count(1, MAX_LOOPS), multiple=True, help="Loop counts to compare (default: the demo's).")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="First seed.")
 @click.option("--seeds", type=count(1, 1000), default=None, help="Number of seeds: SEED, SEED+1, ... (default: the demo's).")
