@@ -226,7 +226,7 @@ class TrainingRun:
             self.optimizer.state = restore_lists(tree_unflatten(list(opt_state.items())),
                                                  self.optimizer.state)
             self.restore_meta(meta)
-        except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError, FileNotFoundError) as e:
             raise ConfigError(f"{ckpt} is damaged ({type(e).__name__}: {str(e)[:300]}); move it "
                               "away to start the run over") from None
         self.step, self.tokens = self._saved_step = step, tokens

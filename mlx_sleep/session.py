@@ -675,6 +675,12 @@ def check_model(name: str, meta: dict, identity: dict):
                 "new --session")
 
 
+def unfinished_file(name: str) -> bool:
+    """What a session's first save leaves before its session.json: the lock, a state file, a
+    temporary (every one named by us)."""
+    return name == "lock" or bool(STATE_FILE_RE.fullmatch(name)) or name.startswith(TMP_PREFIX)
+
+
 def open_session(name: str, model, model_dir: str, sleep: Optional[SleepConfig] = None,
                  history: int = 3, system_prompt: Optional[str] = None, create: bool = True,
                  lock: bool = True) -> Session:
@@ -691,9 +697,12 @@ def open_session(name: str, model, model_dir: str, sleep: Optional[SleepConfig] 
     if path is None or not os.path.lexists(os.path.join(path, "session.json")):
         if not create:
             raise SessionError(f"no session {name!r} in {sessions_dir()} (mlx-sleep sessions list)")
-        if path is not None and os.listdir(path) not in ([], ["lock"]):
-            raise SessionError(f"{path} exists but holds no session.json; remove it or use "
-                               "another name")
+        # A first save killed before session.json was written leaves the lock, a state file
+        # and temporaries: ours by name, replaced by this session's first save.
+        others = [] if path is None else [f for f in os.listdir(path) if not unfinished_file(f)]
+        if others:
+            raise SessionError(f"{path} exists but holds no session.json (it has "
+                               f"{', '.join(sorted(others)[:3])}); remove it or use another name")
         engine = SessionEngine(model, sleep or model.sleep_config, history)
         messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
         session = Session(name, engine, identity, messages)

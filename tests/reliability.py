@@ -147,3 +147,49 @@ def fifo_never_opened(path):
         thread.join()
         os.close(fd)
     assert not opened.is_set(), f"{path}, a FIFO, was opened"
+
+
+# -- SIGKILL at a chosen filesystem step ----------------------------------------------------------
+
+# The CLI with every call that changes the file system (and the array writer) counted; the
+# KILL_AT-th is preceded by SIGKILL. KILL_AT=0 only counts (written to KILL_COUNT at exit).
+KILLER = """
+import atexit, os, signal, sys
+from mlx_sleep.cli import main  # first: it picks the BLAS mlx.core uses (the same as `run`)
+import mlx.core as mx
+at, count = int(os.environ["KILL_AT"]), [0]
+def wrap(module, name):
+    real = getattr(module, name)
+    def step(*args, **kwargs):
+        count[0] += 1
+        if count[0] == at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+    setattr(module, name, step)
+for name in ("open", "write", "fsync", "replace", "rename", "remove", "unlink", "rmdir", "mkdir",
+             "chmod", "ftruncate"):
+    wrap(os, name)
+wrap(mx, "save_safetensors")
+atexit.register(lambda: open(os.environ["KILL_COUNT"], "w").write(str(count[0])))
+sys.argv[0] = "mlx-sleep"
+main()
+"""
+
+
+def run_killed(at, count_file, *args, env=None, input=None):
+    """`mlx-sleep ARGS` in a new process, SIGKILLed just before its `at`-th filesystem step
+    (0: never; the number of steps is then written to `count_file`)."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", KILLER, *map(str, args)], capture_output=True,
+                          text=True, input=input, timeout=600,
+                          env={**os.environ, **(env or {}), "KILL_AT": str(at),
+                               "KILL_COUNT": str(count_file)})
+
+
+def kill_points(steps: int, most: int = None):
+    """Every step 1..steps, or `most` of them evenly spread (first and last included)."""
+    if most is None or steps <= most:
+        return list(range(1, steps + 1))
+    return sorted({1 + round(i * (steps - 1) / (most - 1)) for i in range(most)})

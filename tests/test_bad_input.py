@@ -389,6 +389,7 @@ def test_load_run_on_a_run_missing_keys(tmp_path, run):
     ("trainer.json missing step", "is damaged (KeyError"),
     ("trainer.json step a string", "must be integers >= 0"),
     ("trainer.json a list", "not an object"),
+    ("trainer.json random state out of range", "is damaged (OverflowError"),
     ("optimizer truncated", "truncated"),
     ("optimizer of another model", "is damaged"),
     ("optimizer missing", "does not exist"),
@@ -402,6 +403,8 @@ def test_resuming_from_a_damaged_checkpoint(tmp_path, run, damage, message):
         meta.pop("step")
     elif damage == "trainer.json step a string":
         meta["step"] = "2"
+    elif damage == "trainer.json random state out of range":  # found by the fuzz
+        meta["loops_rng"]["uinteger"] = -1
     if damage == "trainer.json a list":
         (ckpt / "trainer.json").write_text("[]")
     else:

@@ -63,8 +63,10 @@ def check(name, root, args, must_fail=False, input=None, may_change=False):
         code, output = cli(*args, input=input)
     counts = COUNTS.setdefault(name, [0, 0])
     counts[0] += 1
-    if (code != 0 or must_fail) and args[:2] in (["sessions", "list"], ["consolidate", "--all"]):
-        # commands over many sessions report each and then end with one error line
+    if (code != 0 or must_fail) and (args[:2] in (["sessions", "list"], ["consolidate", "--all"])
+                                     or args[0] in ("train", "finetune") and code == 1):
+        # commands over many sessions report each, and a training that fails mid-run (a loss
+        # that became nan) reports its steps: then one error line ends the output
         assert code == 1 and "Traceback" not in output, output
         assert [l for l in output.splitlines() if l.startswith("Error:")] == \
             [output.strip().splitlines()[-1]], output

@@ -22,7 +22,7 @@ import pytest
 
 import mlx_sleep
 from mlx_sleep.session import open_session
-from tests.reliability import snapshot
+from tests.reliability import run_killed, snapshot
 from tests.tiny_models import make_model_dir
 
 _SCRIPT = os.path.join(os.path.dirname(sys.executable), "mlx-sleep")
@@ -571,35 +571,8 @@ def test_history_flag_is_bounded(golden, tmp_path):
 
 # -- SIGKILL at every filesystem step ---------------------------------------------------------------
 
-# The CLI with every call that changes the file system (and the array writer) counted; the
-# KILL_AT-th is preceded by SIGKILL. KILL_AT=0 only counts (written to KILL_COUNT at exit).
-KILLER = """
-import atexit, os, signal, sys
-from mlx_sleep.cli import main  # first: it picks the BLAS mlx.core uses (the same as `run`)
-import mlx.core as mx
-at, count = int(os.environ["KILL_AT"]), [0]
-def wrap(module, name):
-    real = getattr(module, name)
-    def step(*args, **kwargs):
-        count[0] += 1
-        if count[0] == at:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real(*args, **kwargs)
-    setattr(module, name, step)
-for name in ("open", "write", "fsync", "replace", "rename", "remove", "unlink", "rmdir", "mkdir",
-             "chmod", "ftruncate"):
-    wrap(os, name)
-wrap(mx, "save_safetensors")
-atexit.register(lambda: open(os.environ["KILL_COUNT"], "w").write(str(count[0])))
-sys.argv[0] = "mlx-sleep"
-main()
-"""
-
-
 def killed_run(home, at, count_file, *args):
-    return subprocess.run([sys.executable, "-c", KILLER, *args], capture_output=True, text=True,
-                          env={**os.environ, "MLX_SLEEP_HOME": str(home), "KILL_AT": str(at),
-                               "KILL_COUNT": str(count_file)}, timeout=300)
+    return run_killed(at, count_file, *args, env={"MLX_SLEEP_HOME": str(home)})
 
 
 def loads(golden, home):

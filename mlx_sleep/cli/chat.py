@@ -6,7 +6,7 @@ import sys
 import click
 
 from ..session import MAX_HISTORY
-from .common import (Failure, Finite, PathArg, count, load_for_chat, refuse_unused, run_safely,
+from .common import (Failure, Finite, PathArg, Text, count, load_for_chat, refuse_unused, run_safely,
                      sampling_options, sleep_override)
 
 
@@ -22,7 +22,8 @@ def read_stdin_text() -> str:
 
 @click.command()
 @click.option("--model", required=True, help="A converted model directory (or Hub id).")
-@click.option("--prompt", "-p", required=True, help="The prompt ('-' reads stdin).")
+@click.option("--prompt", "-p", required=True, type=Text(empty=True),
+              help="The prompt ('-' reads stdin).")
 @click.option("--no-chat-template", is_flag=True, help="Feed the prompt as is.")
 @sampling_options
 def generate(model, prompt, no_chat_template, max_tokens, temp, top_p, top_k, min_p,

@@ -58,15 +58,24 @@ class Finite(click.ParamType):
 
 
 class Text(click.ParamType):
-    """A non-empty string (an empty --json '' or --train-only '' is a mistake, not a value)."""
+    """A string that is text: valid UTF-8 (an argument of bytes that are not arrives with lone
+    surrogates, which no tokenizer takes), no NUL, and not empty unless `empty` (an empty
+    --json '' or --train-only '' is a mistake, not a value)."""
 
     name = "text"
 
+    def __init__(self, empty: bool = False):
+        self.empty = empty
+
     def convert(self, value, param, ctx):
-        if not isinstance(value, str) or not value.strip():
+        if not isinstance(value, str) or (not self.empty and not value.strip()):
             self.fail("must not be empty", param, ctx)
         if "\x00" in value:
             self.fail("must not contain a NUL character", param, ctx)
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            self.fail(f"is not UTF-8 text (position {e.start})", param, ctx)
         return value
 
 
@@ -162,9 +171,9 @@ def sampling_options(fn):
         click.option("--min-p", type=Finite(0, 1), default=0.0, help="Min-p sampling (0: off)."),
         click.option("--repetition-penalty", type=Finite(0, above=True), default=None),
         click.option("--seed", type=SEED, default=None, help="Random seed for sampling."),
-        click.option("--stop", multiple=True, callback=unescape_stops,
+        click.option("--stop", type=Text(), multiple=True, callback=unescape_stops,
                      help=r"Stop at this string (repeatable; \n, \t, \r and \\ as typed)."),
-        click.option("--system-prompt", default=None),
+        click.option("--system-prompt", type=Text(empty=True), default=None),
         click.option("--window", "-L", type=count(1), default=None,
                      help="Override the model's window L."),
         click.option("--loops", "-N", type=count(1, MAX_LOOPS), default=None,

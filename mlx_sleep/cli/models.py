@@ -103,7 +103,7 @@ def convert(hf_path, out, dtype, quantize, q_bits, q_group_size, loops, window, 
 @click.option("--full", is_flag=True, help="Train all weights instead of LoRA adapters.")
 @click.option("--dora", is_flag=True, help="DoRA adapters instead of LoRA.")
 @click.option("--rank", type=count(1), default=8, show_default=True, help="LoRA rank.")
-@click.option("--scale", type=Finite(), default=20.0, show_default=True, help="LoRA scale.")
+@click.option("--scale", type=Finite(0, 1e6, above=True), default=20.0, show_default=True, help="LoRA scale.")
 @click.option("--dropout", type=Finite(0, 0.999), default=0.0, show_default=True, help="LoRA dropout.")
 @click.option("--lora-layers", type=count(1), default=None, help="Adapters on the last K decoder layers (default: all).")
 @click.option("--train-only", type=Text(), default=None, metavar="KINDS", help="Train only these layer kinds: jet,gdn,attn,mlp.")
@@ -111,7 +111,7 @@ def convert(hf_path, out, dtype, quantize, q_bits, q_group_size, loops, window, 
               help="Train the first STEPS with hard eviction, then the configured one.")
 @click.option("--memory-bounded/--no-memory-bounded", default=True, show_default=True,
               help="Recompute one chunk at a time on backward (peak memory ~ one chunk).")
-@click.option("--valid-every", type=count(1), default=100, show_default=True)
+@click.option("--valid-every", type=count(0), default=100, show_default=True, help="0: no validation.")
 @click.option("--valid-batches", type=count(0), default=0, show_default=True, help="0: the whole file.")
 @click.option("--checkpoint-every", type=count(1), default=100, show_default=True)
 @click.option("--log-every", type=count(1), default=10, show_default=True)
