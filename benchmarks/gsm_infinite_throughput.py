@@ -66,7 +66,7 @@ def main():
     a = p.parse_args()
     loops = a.loops or ([1, 2] if a.quick else [1, 2, 4])
     windows = a.windows or ([512] if a.quick else [256, 2048])
-    records = gi.read_jsonl(DATA)
+    records = gi.read_problems(DATA)
     by_op = gi.select(records, [2] if a.quick else [2, 8], 1)
     rows = []
     with tempfile.TemporaryDirectory() as work:

@@ -11,6 +11,8 @@ import typing
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Optional, Tuple
 
+import numpy as np
+
 LAYER_TYPES = ("attn", "swa", "gdn", "jet")
 EVICTION_MODES = ("hard", "sliding")
 # Limits that bound time and memory before anything is allocated (memory itself is checked
@@ -26,8 +28,11 @@ class ConfigError(ValueError):
     """A setting is out of range or inconsistent; the message says which and what to do."""
 
 
-def _show(value) -> str:
-    text = repr(value)
+def show(value) -> str:
+    """A value from outside, short enough for a one-line error."""
+    if isinstance(value, (list, dict)):
+        return f"a JSON {'array' if isinstance(value, list) else 'object'} of {len(value)}"
+    text = repr(value[:37]) + "..." if isinstance(value, str) and len(value) > 40 else repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
 
@@ -77,7 +82,7 @@ def _type_name(hint) -> str:
 def check_type(name: str, value, hint, where: str = ""):
     """`value` has the type `hint` says (see check_types), else ConfigError naming `name`."""
     if not _type_ok(value, hint):
-        raise ConfigError(f"{where}{name} must be {_type_name(hint)} (got {_show(value)})")
+        raise ConfigError(f"{where}{name} must be {_type_name(hint)} (got {show(value)})")
 
 
 def json_bool(d: dict, key: str, default: bool = False) -> bool:
@@ -99,7 +104,18 @@ def check_types(obj):
         value = getattr(obj, name)
         if not _type_ok(value, hint):
             raise ConfigError(f"{type(obj).__name__}: {name} must be {_type_name(hint)} "
-                              f"(got {_show(value)})")
+                              f"(got {show(value)})")
+
+
+def check_int(name: str, value, lo: Optional[int] = None, hi: Optional[int] = None) -> None:
+    """The one integer check: a ValueError such as 'n_bits must be >= 3 (got 1)' (a bool or
+    2.5 is not an integer)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer (got {show(value)})")
+    if lo is not None and value < lo:
+        raise ValueError(f"{name} must be >= {lo} (got {value})")
+    if hi is not None and value > hi:
+        raise ValueError(f"{name} must be <= {hi} (got {value})")
 
 
 def machine_memory() -> int:
@@ -178,7 +194,7 @@ class ModelConfigBase:
 
 def _from_dict(cls, d: dict):
     if not isinstance(d, dict):
-        raise ConfigError(f"{cls.__name__}: settings must be a JSON object (got {_show(d)})")
+        raise ConfigError(f"{cls.__name__}: settings must be a JSON object (got {show(d)})")
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
@@ -317,7 +333,7 @@ class SleepConfig:
         for name, what, top in (("loops", "loops (N)", MAX_LOOPS), ("window", "window (L)", MAX_WINDOW)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{what} must be an integer >= 1 (got {_show(value)})")
+                raise ConfigError(f"{what} must be an integer >= 1 (got {show(value)})")
             if value > top:
                 raise ConfigError(f"{what} must be <= {top} (got {value})")
         if not isinstance(self.eviction, str) or self.eviction not in EVICTION_MODES:

@@ -27,7 +27,7 @@ import tempfile
 
 import mlx.core as mx
 
-from .config import ConfigError
+from .config import ConfigError, show
 
 MARKER = ".mlx-sleep"
 OWNERS = {"run": "a training run (mlx-sleep train)", "model": "a converted model (mlx-sleep convert)",
@@ -575,3 +575,69 @@ def trim_jsonl(path: str, keep):
             kept.append(line)
     if kept != lines:
         write_text(path, "".join(kept))
+
+
+# -- JSONL files (data, predictions): one reader, every line checked where it is read --------------
+
+MAX_JSONL_LINE = 1 << 20  # bytes: a GSM-Infinite 32k problem is ~130 KB; more is not a record
+
+
+def read_jsonl(path: str, check=None, what: str = "JSON object", nofollow: bool = False,
+               max_line: int = MAX_JSONL_LINE, drop_partial_last: bool = False):
+    """[(line number, record)] of every non-blank line of a JSONL file. The file must be a
+    regular file (a FIFO would block; `nofollow`: and not a symlink, for files a run owns);
+    each line at most `max_line` bytes of UTF-8 holding one JSON object (depth-limited), then
+    `check(record, where)` (where = "PATH line N") raises ValueError naming the field.
+    `drop_partial_last`: an unterminated last line that does not parse (an append cut short by a
+    kill) is dropped. Errors are one line naming the file, the line and what is wrong."""
+    try:
+        fd = open_nofollow(path) if nofollow else os.open(
+            check_regular_file(path, f" (expected {what}s, one a line)"),
+            os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist (expected {what}s, one a line)")
+    records = []
+    with os.fdopen(fd, "rb") as f:
+        lines = f.read().split(b"\n")
+    for n, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        where = f"{path} line {n}"
+        if len(raw) > max_line:
+            raise ConfigError(f"{where} is {len(raw):,} bytes, more than one {what} may be "
+                              f"({max_line:,})")
+        try:
+            record = parse_json(raw.decode("utf-8"), where)
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{where} is not UTF-8 text (byte {e.start})") from None
+        except ValueError:
+            if drop_partial_last and n == len(lines):
+                break
+            raise
+        if not isinstance(record, dict):
+            raise ConfigError(f"{where} is a JSON {type(record).__name__}, not a {what}")
+        if check is not None:
+            check(record, where)
+        records.append((n, record))
+    return records
+
+
+def check_text(record: dict, key: str, where: str, optional: bool = False,
+               max_chars: int = MAX_JSONL_LINE) -> bool:
+    """`record[key]` is a string of text (no lone surrogates, which no tokenizer takes); False
+    when absent and `optional`."""
+    if key not in record and optional:
+        return False
+    value = record.get(key)
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: \"{key}\" must be a string (got {show(value)})")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"{where}: \"{key}\" holds a lone surrogate (\\ud800-\\udfff): "
+                          "not text") from None
+    if len(value) > max_chars:
+        raise ConfigError(f"{where}: \"{key}\" is longer than {max_chars:,} characters")
+    return True
+
+

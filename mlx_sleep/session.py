@@ -42,7 +42,8 @@ from typing import List, Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .config import EVICTION_MODES, MAX_INT, MAX_LOOPS, MAX_WINDOW, ConfigError, SleepConfig
+from .config import (EVICTION_MODES, MAX_INT, MAX_LOOPS, MAX_WINDOW, ConfigError, SleepConfig,
+                     show)
 from .io import (TMP_PREFIX, OutputError, fsync_dir, file_kind, clean_stale_temps, lock_file,
                  open_nofollow, read_json, save_arrays, write_json)
 from .sleep import SleepEngine, check_state, fill_state, run_chunk
@@ -123,25 +124,16 @@ CONSISTENT = [
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _show(value) -> str:
-    if isinstance(value, (list, dict)):
-        return f"a JSON {'array' if isinstance(value, list) else 'object'} of {len(value)}"
-    if isinstance(value, str) and len(value) > 40:
-        return repr(value[:37]) + "..."
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
 def conform(spec, value, field: str = ""):
     """`value` fits `spec` (see SESSION_JSON), or SchemaError naming the first field that does
     not. Recurses only as deep as the spec (a value nested deeper is refused by its type)."""
     where = field or "the top level"
     if isinstance(spec, dict):
         if type(value) is not dict:
-            raise SchemaError(f"{where} must be an object (got {_show(value)})")
+            raise SchemaError(f"{where} must be an object (got {show(value)})")
         for key in value:
             if key not in spec:
-                raise SchemaError(f"{where} has an unknown field {_show(key)}")
+                raise SchemaError(f"{where} has an unknown field {show(key)}")
         for key, sub in spec.items():
             if key not in value:
                 raise SchemaError(f"{where} lacks the field {key!r}")
@@ -150,7 +142,7 @@ def conform(spec, value, field: str = ""):
     kind = spec[0]
     if kind == "list":
         if type(value) is not list or len(value) > spec[2]:
-            raise SchemaError(f"{where} must be a list of at most {spec[2]} (got {_show(value)})")
+            raise SchemaError(f"{where} must be a list of at most {spec[2]} (got {show(value)})")
         for i, item in enumerate(value):
             conform(spec[1], item, f"{field}[{i}]")
         return
@@ -167,7 +159,7 @@ def conform(spec, value, field: str = ""):
             (spec[1] is None or re.fullmatch(spec[1], value) is not None)
         want = spec[2] or "a string"
     if not ok:
-        raise SchemaError(f"{where} must be {want} (got {_show(value)})")
+        raise SchemaError(f"{where} must be {want} (got {show(value)})")
 
 
 def check_meta(meta):
@@ -196,7 +188,7 @@ def sessions_dir() -> str:
 
 def check_name(name) -> str:
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise SessionError(f"{_show(name)} is not a session name: use letters, digits, '.', '_', "
+        raise SessionError(f"{show(name)} is not a session name: use letters, digits, '.', '_', "
                            "'-' (at most 64, starting with a letter or digit)")
     return name
 
@@ -442,7 +434,7 @@ def conform_arrays(spec: dict, found: dict, where: str):
     optional arrays of one layer (keys, values) all there or none, of one shape."""
     for name in found:
         if name not in spec:
-            raise SchemaError(f"{where} holds an array {_show(name)} that this model's sessions "
+            raise SchemaError(f"{where} holds an array {show(name)} that this model's sessions "
                               "do not have")
     groups = {}
     for name, (dtypes, shape, required) in spec.items():
@@ -494,7 +486,7 @@ def safetensors_header(data: bytes, where: str) -> dict:
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:
-            raise SchemaError(f"{where} has a bad header entry for {_show(name)}")
+            raise SchemaError(f"{where} has a bad header entry for {show(name)}")
         out[name] = (dtype, tuple(shape))
         spans.append((a, b))
     spans.sort()
@@ -691,7 +683,7 @@ def open_session(name: str, model, model_dir: str, sleep: Optional[SleepConfig] 
     written: a session that cannot be opened is left byte for byte as it was."""
     if type(history) is not int or not 0 <= history <= MAX_HISTORY:
         raise SessionError(f"--history must be an integer in 0..{MAX_HISTORY} "
-                           f"(got {_show(history)})")
+                           f"(got {show(history)})")
     path = session_dir(name)
     identity = model_identity(model, model_dir)
     if path is None or not os.path.lexists(os.path.join(path, "session.json")):

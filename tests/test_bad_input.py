@@ -32,7 +32,7 @@ def train(tmp_path, *extra):
     (["-o", "n_bits=[1,2]"], "n_bits must be an integer"),
     (["--seed", "-1"], "-1 is not in the range 0<=x<=2147483647"),
     (["--steps", "1e20"], "'1e20' is not a valid integer"),
-    (["--steps", "100000000000000000000"], "steps must be an integer"),
+    (["--steps", "100000000000000000000"], "is not in the range 1<=x<=1000000000"),
     (["--eval-samples", "0"], "'--eval-samples': 0 is not in the range x>=1"),
     (["--eval-every", "-1"], "'--eval-every': -1 is not in the range x>=0"),
     (["--weight-decay", "-0.1"], "'--weight-decay': -0.1 is not >= 0"),
@@ -45,7 +45,7 @@ def train(tmp_path, *extra):
     (["--heads", "0"], "'--heads': 0 is not in the range x>=1"),
     (["--layers", "attn," * 5000 + "gdn"], "the most one pass runs"),
     (["--window", "2000000"], "window (L) must be <= 1048576"),
-    (["--batch-size", "0"], "'--batch-size': 0 is not in the range x>=1"),
+    (["--batch-size", "0"], "'--batch-size': 0 is not in the range 1<=x<=1048576"),
 ])
 def test_bad_train_flags(tmp_path, extra, message):
     with bounded_work():  # refused up front: no model built, no training step taken
@@ -104,8 +104,8 @@ def test_output_under_a_file(tmp_path):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--batch-size", "0"], "'--batch-size': 0 is not in the range x>=1"),
-    (["--samples", "0"], "'--samples': 0 is not in the range x>=1"),
+    (["--batch-size", "0"], "'--batch-size': 0 is not in the range 1<=x<=1048576"),
+    (["--samples", "0"], "'--samples': 0 is not in the range 1<=x<=16777216"),
     (["--seed", "-5"], "-5 is not in the range 0<=x<=2147483647"),
     (["--loops", "0"], "is not a list of loop counts in 1..1024"),
 ])

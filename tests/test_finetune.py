@@ -2,6 +2,7 @@
 --train-only, --hard-warmup and data-parallel training over `mlx.launch --backend ring`."""
 
 import json
+import re
 import os
 import random
 import signal
@@ -74,19 +75,25 @@ def params(model):
 
 def test_malformed_records_are_named_by_line(tmp_path, workdir):
     good = json.dumps({"prompt": "a", "answer": "b"})
-    cases = {"{not json": "not valid JSON", '["a"]': "got list",
-             '{"prompt": "a"}': "both \"prompt\" and \"answer\"",
+    cases = {"{not json": "is not valid JSON", '["a"]': "is a JSON list",
+             '{"prompt": "a"}': ': "answer" must be a string',
              '{"question": "a"}': "keys found: question",
              '{"messages": [{"role": "user", "content": "hi"}]}': "no assistant turn",
-             '{"text": 3}': "non-empty string"}
+             '{"text": 3}': ': "text" must be a string (got 3)',
+             '{"prompt": "\\ud800", "answer": "b"}': '"prompt" holds a lone surrogate',
+             '[' * 100 + ']' * 100: "nests deeper than 64 levels",
+             json.dumps({"prompt": "x" * 300_000, "answer": "b"}): "more than one"}
     for bad, says in cases.items():
         path = tmp_path / "d.jsonl"
         path.write_text(f"{good}\n\n{bad}\n")
-        with pytest.raises(DataError, match=f"d.jsonl:3: .*{says}"):
+        with pytest.raises(DataError, match=f"d.jsonl line 3.*{re.escape(says)}"):
             read_records(str(path))
+    path.write_bytes(f"{good}\n\xff\xfe\n".encode("latin-1"))
+    with pytest.raises(DataError, match="d.jsonl line 2 is not UTF-8"):
+        read_records(str(path))
     result = CliRunner().invoke(main, ["finetune", "--model", str(workdir / "jet_nemotron"),
                                        "--data", str(path), "--out", str(tmp_path / "o")])
-    assert result.exit_code == 1 and "d.jsonl:3:" in result.output
+    assert result.exit_code == 1 and "d.jsonl line 2" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "o").exists()
 
 

@@ -13,6 +13,7 @@ import mlx_sleep
 from mlx_sleep import SleepConfig, SleepEngine, sleep_forward
 from mlx_sleep.cli import main
 from mlx_sleep import gsm_infinite as gi
+from mlx_sleep.io import read_jsonl
 from mlx_sleep.sleep import chunk_bounds
 
 from .numerics import assert_close
@@ -22,7 +23,12 @@ FIX = os.path.join(os.path.dirname(__file__), "fixtures", "gsm-infinite")
 
 
 def fixture(name):
-    return gi.read_jsonl(os.path.join(FIX, name), required=())
+    """The records of a fixture: GSM-Infinite problems checked as every data file is; the
+    scoring cases (not problems) as plain JSONL."""
+    path = os.path.join(FIX, name)
+    if name.endswith("_cases.jsonl"):
+        return [r for _, r in read_jsonl(path)]
+    return gi.read_problems(path)
 
 
 # -- scoring ----------------------------------------------------------------------------------
@@ -145,14 +151,15 @@ def test_official_filter_and_hub_split_files():
 
 def test_bad_data_files_give_one_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"problem": "x", "question": "y", "op": 2}\nnot json\n')
+    bad.write_text('{"problem": "x", "question": "y", "op": 2, "solution": "Answer: 3."}\n'
+                   'not json\n')
     with pytest.raises(ValueError, match="bad.jsonl line 2 is not valid JSON"):
-        gi.read_jsonl(str(bad))
+        gi.read_problems(str(bad))
     bad.write_text('{"problem": "x"}\n')
-    with pytest.raises(ValueError, match="line 1 lacks question, op"):
-        gi.read_jsonl(str(bad))
-    with pytest.raises(FileNotFoundError, match="no such file"):
-        gi.read_jsonl(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(ValueError, match='line 1: "question" must be a string'):
+        gi.read_problems(str(bad))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        gi.read_problems(str(tmp_path / "missing.jsonl"))
 
 
 # -- running a model --------------------------------------------------------------------------
@@ -351,7 +358,7 @@ def test_data_command_writes_the_paper_format(tmp_path):
 @pytest.mark.parametrize("extra,message", [
     (["--ops", "two"], "--ops 'two': expected op counts"),
     (["--loops", "0,2"], "'0,2' is not a list of loop counts in 1..1024"),
-    (["--data", "/nonexistent.jsonl"], "no such file"),
+    (["--data", "/nonexistent.jsonl"], "does not exist"),
     (["--ops", "3"], "no records with op 3"),
     (["--judge-model", "x"], None),
 ])
@@ -442,7 +449,8 @@ def test_hub_path_with_a_fake_hub(monkeypatch):
     import huggingface_hub
 
     rows = {f"data/ops_{op}-00000-of-00001.parquet":
-            [{"problem": f"p{op}-{i}", "question": "q", "op": op, "template": t, "mode": m}
+            [{"problem": f"p{op}-{i}", "question": "q", "op": op, "template": t, "mode": m,
+             "solution": f"Answer: {i}."}
              for i in range(30) for t in gi.OFFICIAL_FILTER
              for m in ("normalforward", "forwardreverse")]
             for op in (2, 3)}

@@ -8,7 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..config import ConfigError, SleepConfig
+from ..config import ConfigError, SleepConfig, machine_memory
 from ..io import read_json, read_json_object
 from .config import FinetuneConfig
 
@@ -43,14 +43,6 @@ def linear_dims(module):
     return None
 
 
-def physical_memory() -> int:
-    """Bytes of RAM on this machine (unified memory on a Mac), or 0 when unknown."""
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, OSError, ValueError):
-        return 0
-
-
 def check_adapters_fit(model, cfg: FinetuneConfig):
     """--lora-layers within the model's layers, and the adapters with their optimizer state
     within the machine's memory, checked before any is allocated (a --rank of 10^9 would ask MLX
@@ -65,7 +57,7 @@ def check_adapters_fit(model, cfg: FinetuneConfig):
     sizes = [sum(dims) for layer in model.layers[layers - n:]
              for _, m in layer.named_modules() if (dims := linear_dims(m)) is not None]
     # float32 A and B, their gradients and AdamW's two moments: 4 copies
-    need, have = cfg.rank * sum(sizes) * 4 * 4, physical_memory()
+    need, have = cfg.rank * sum(sizes) * 4 * 4, machine_memory()
     if have and need > have:
         raise ConfigError(f"--rank {cfg.rank}: the adapters and their optimizer state need "
                           f"{need / 1e9:,.1f} GB, more than this machine's {have / 1e9:.1f} GB; "

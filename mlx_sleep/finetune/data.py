@@ -7,67 +7,58 @@ One JSON object per line:
     {"messages": [{"role", "content"}, ...]}   the tokenizer's chat template; loss on assistant turns
 """
 
-import json
-import os
 from functools import lru_cache
 from typing import List, Tuple
 
 import numpy as np
+
+from ..io import check_text, read_jsonl
 
 
 class DataError(ValueError):
     """A data file is unreadable or a record malformed; the message names the file and line."""
 
 
+FORMS = 'a {"prompt", "answer"}, {"text"} or {"messages"} object'
+MAX_RECORD_BYTES = 256 << 10  # a GSM-Infinite 32k record is ~130 KB; one step trains a record
+
+
 def read_records(path: str) -> List[Tuple[int, dict]]:
     """(line number, record) for every non-blank line of a JSONL file, each checked."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path} does not exist; pass a JSONL file of {{\"prompt\", \"answer\"}}, "
-                        "{\"text\"} or {\"messages\"} records")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except (json.JSONDecodeError, RecursionError) as e:
-                why = getattr(e, "msg", "nested too deeply")
-                raise DataError(f"{where}: not valid JSON ({why}); each line must be one "
-                                "JSON object") from None
-            _check_record(rec, where)
-            records.append((lineno, rec))
+    try:
+        records = read_jsonl(path, check_record, FORMS, max_line=MAX_RECORD_BYTES)
+    except FileNotFoundError:
+        raise DataError(f"{path} does not exist; pass a JSONL file of {FORMS}s") from None
+    except ValueError as e:
+        raise DataError(str(e)) from None
     if not records:
         raise DataError(f"{path} holds no records")
     return records
 
 
-def _check_record(rec, where):
-    forms = 'a {"prompt", "answer"}, {"text"} or {"messages"} object'
-    if not isinstance(rec, dict):
-        raise DataError(f"{where}: expected {forms}, got {type(rec).__name__}")
+def check_record(rec: dict, where: str):
     if "messages" in rec:
         msgs = rec["messages"]
-        ok = isinstance(msgs, list) and msgs and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str)
-            and isinstance(m.get("content"), str) for m in msgs)
-        if not ok:
+        if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) for m in msgs)):
             raise DataError(f"{where}: \"messages\" must be a non-empty list of "
                             "{\"role\": str, \"content\": str}")
+        for i, m in enumerate(msgs):
+            check_text(m, "role", f"{where} message {i}")
+            check_text(m, "content", f"{where} message {i}")
         if not any(m["role"] == "assistant" for m in msgs):
             raise DataError(f"{where}: \"messages\" has no assistant turn to learn")
     elif "prompt" in rec or "answer" in rec:
-        if not (isinstance(rec.get("prompt"), str) and isinstance(rec.get("answer"), str)):
-            raise DataError(f"{where}: a prompt/answer record needs both \"prompt\" and "
-                            "\"answer\" as strings")
+        check_text(rec, "prompt", where)
+        check_text(rec, "answer", where)
         if not rec["answer"]:
             raise DataError(f"{where}: \"answer\" is empty; there is nothing to learn")
     elif "text" in rec:
-        if not isinstance(rec["text"], str) or not rec["text"]:
-            raise DataError(f"{where}: \"text\" must be a non-empty string")
+        check_text(rec, "text", where)
+        if not rec["text"]:
+            raise DataError(f"{where}: \"text\" is empty; there is nothing to learn")
     else:
-        raise DataError(f"{where}: expected {forms} (keys found: {', '.join(sorted(rec)) or 'none'})")
+        raise DataError(f"{where}: expected {FORMS} (keys found: "
+                        f"{', '.join(sorted(rec)) or 'none'})")
 
 
 def _encode(tokenizer, text: str) -> List[int]:

@@ -1,7 +1,7 @@
 """GSM-Infinite (Zhou et al. 2025) in two protocols, scored by the official rules.
 
     by_op = load_records("medium", "8k", ops=[2, 4, 6, 8], limit=50)  # the Hub (users' machines)
-    records = read_jsonl("medium_8k.jsonl")                          # a local file, same schema
+    records = read_problems("medium_8k.jsonl")                          # a local file, same schema
     example = paper_example(records[0])          # {"prompt", "answer"}: fine-tuning data and eval
     correct = realistic_correct(records[0]["solution"], "The answer is 30.")  # the keyword rule
 
@@ -30,7 +30,7 @@ take one pass and are scored on the answer.
 """
 
 from .data import (ANSWER_CUE, LENGTHS, OFFICIAL_FILTER, OFFICIAL_LIMIT, SUBSETS, hub_records,
-                   load_records, messages, official_filter, paper_example, parse_ops, read_jsonl,
+                   load_records, messages, official_filter, paper_example, parse_ops, read_problems,
                    select, split_files, write_data, write_training_file)
 from .report import describe, leaderboard_auc, markdown_table, summarize, wilson, write_results
 from .runner import (JUDGE_MAX_TOKENS, OFFICIAL_MAX_TOKENS, PAPER_MAX_TOKENS, PROTOCOLS,
@@ -46,7 +46,7 @@ __all__ = ["ANSWER_CUE", "JUDGE_MAX_TOKENS", "LENGTHS", "OFFICIAL_FILTER", "OFFI
            "judge_prompt", "leaderboard_auc", "load_adapter", "load_records",
            "make_judge", "markdown_table", "messages", "official_filter",
            "official_generate", "paper_answer", "paper_example", "paper_generate",
-           "parse_ops", "read_jsonl", "read_predictions", "realistic_answer",
+           "parse_ops", "read_problems", "read_predictions", "realistic_answer",
            "realistic_correct", "record_key", "rescore", "run_cli", "score", "select",
            "split_files", "summarize", "symbolic_correct", "wilson", "write_data",
            "write_results", "write_training_file"]

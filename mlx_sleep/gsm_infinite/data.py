@@ -2,11 +2,12 @@
 selection, op lists, the paper-format prompt, and the fine-tuning file (`mlx-sleep data`)."""
 
 import json
-import os
 import re
 from typing import Dict, Iterable, List, Optional, Sequence
 
-from ..io import WRITTEN_BY, atomic_path, check_output_file
+from ..config import check_int, show
+from ..io import WRITTEN_BY, atomic_path, check_output_file, check_text
+from ..io import read_jsonl
 from .scoring import gold_answer
 
 SUBSETS = ("symbolic", "medium", "hard")
@@ -19,28 +20,52 @@ OFFICIAL_LIMIT = {"symbolic": 100, "medium": 200, "hard": 200}
 ANSWER_CUE = "Answer:"
 
 
-def read_jsonl(path: str, required=("problem", "question", "op")) -> List[dict]:
-    """Records of a JSONL file in the dataset's schema (one JSON object a line)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except (json.JSONDecodeError, RecursionError) as e:
-                why = getattr(e, "msg", "nested too deeply")
-                raise ValueError(f"{path} line {n} is not valid JSON ({why}); expected one "
-                                 "GSM-Infinite record per line") from None
-            missing = [k for k in required if k not in record] if isinstance(record, dict) else []
-            if not isinstance(record, dict) or missing:
-                raise ValueError(f"{path} line {n} lacks {', '.join(missing) or 'fields'}: not a "
-                                 "GSM-Infinite record (problem, question, op, solution or "
-                                 "answer_list, messages)")
-            records.append(record)
-    return records
+MAX_OP = 10_000  # upstream's ops go to 40; a bigger one is not a record
+RECORD = "GSM-Infinite record"
+
+
+def check_record(record: dict, where: str):
+    """One GSM-Infinite record as the dataset has it: problem, question (text), op (an
+    integer), solution (text with "Answer: N") or answer_list (symbolic: a list of variable
+    names); the optional fields of their types. Raises a one-line ValueError naming the field."""
+    check_text(record, "problem", where)
+    check_text(record, "question", where)
+    check_int(f'{where}: "op"', record.get("op"), 1, MAX_OP)
+    for key in ("id", "d", "n", "answer_q"):
+        if key in record:
+            check_int(f'{where}: "{key}"', record[key], 0, 2**53)
+    for key in ("template", "mode"):
+        check_text(record, key, where, optional=True)
+    if not isinstance(record.get("length", ""), (str, int)) or isinstance(record.get("length"), bool):
+        raise ValueError(f'{where}: "length" must be a string or an integer (got '
+                         f'{show(record["length"])})')  # "8k" in medium / hard, 0 in symbolic
+    if "answer_list" in record:
+        names = record["answer_list"]
+        if not (isinstance(names, list) and names and len(names) <= 10_000 and all(
+                isinstance(n, str) and 0 < len(n) <= 100 for n in names)):
+            raise ValueError(f'{where}: "answer_list" must be a non-empty list of variable '
+                             f"names (strings; got {show(names)})")
+        check_int(f'{where}: "answer_q"', record.get("answer_q"), 0, 2**53)  # the judge asks it
+    elif check_text(record, "solution", where, optional=True):
+        try:
+            gold_answer(record)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+    else:
+        raise ValueError(f'{where}: has neither "solution" nor "answer_list": nothing to score '
+                         "an answer against")
+    if "messages" in record:
+        msgs = record["messages"]
+        if not (isinstance(msgs, list) and all(isinstance(m, dict) for m in msgs)):
+            raise ValueError(f'{where}: "messages" must be a list of objects')
+        for i, m in enumerate(msgs):
+            check_text(m, "role", f"{where} message {i}")
+            check_text(m, "content", f"{where} message {i}")
+
+
+def read_problems(path: str) -> List[dict]:
+    """The records of a JSONL file in the dataset's schema, each checked (check_record)."""
+    return [r for _, r in read_jsonl(path, check_record, RECORD)]
 
 
 def select(records: Sequence[dict], ops: Optional[Sequence[int]] = None,
@@ -95,7 +120,10 @@ def hub_records(subset: str, length: str, ops: Sequence[int]) -> List[dict]:
                 raise ValueError(f"{repo} has no split ops_{op}")
             for name in names:
                 path = hf_hub_download(repo, name, repo_type="dataset")
-                records += pq.read_table(path).to_pylist()
+                rows = pq.read_table(path).to_pylist()
+                for i, row in enumerate(rows):  # the Hub's files are checked as local ones are
+                    check_record(row, f"{repo} {name} row {i}")
+                records += rows
     except ValueError:
         raise
     except Exception as e:  # network, auth, missing repo: one line either way
@@ -115,7 +143,7 @@ def load_records(subset: str, length: str, ops: Sequence[int], limit: Optional[i
     """{op: records}: from `data` (a local JSONL, taken in file order) or the Hub, where the
     official protocol selects rows as upstream does (see `official_filter`)."""
     if data is not None:
-        return select(read_jsonl(data), ops, limit)
+        return select(read_problems(data), ops, limit)
     by_op = select(hub_records(subset, length, ops), ops)
     if official and subset != "symbolic":
         return {op: official_filter(rows, limit or OFFICIAL_LIMIT[subset])
@@ -181,7 +209,7 @@ def write_data(out: str, subset: str, length: str, ops: str, limit: Optional[int
     a local file, none), so training and test problems stay apart."""
     check_output_file(out, replace=force, inputs=(data,))
     ops = parse_ops(ops)
-    records = read_jsonl(data) if data is not None else hub_records(subset, length, ops)
+    records = read_problems(data) if data is not None else hub_records(subset, length, ops)
     skip = (0 if data is not None else OFFICIAL_LIMIT[subset]) if skip is None else skip
     by_op = {op: rows[skip:][:limit] for op, rows in select(records, ops).items()}
     n = write_training_file(out, by_op)

@@ -8,14 +8,14 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import mlx.core as mx
 
-from ..config import ConfigError, SleepConfig
+from ..config import MAX_LOOPS, ConfigError, SleepConfig, check_int, show
 from ..generate import generate, stream_text
-from ..io import atomic_path, claim_dir, read_json_object, write_json
+from ..io import atomic_path, check_text, claim_dir, read_json_object, read_jsonl, write_json
 from ..loop import refuse_other_settings
 from ..loading import load_with_path
 from ..sleep import SleepEngine
 from ..finetune.adapters import load_adapter
-from .data import ANSWER_CUE, load_records, messages, paper_example, parse_ops, read_jsonl
+from .data import ANSWER_CUE, check_record, load_records, messages, paper_example, parse_ops
 from .report import PREDICTIONS, describe, markdown_table, summarize, write_results
 from .scoring import is_symbolic, score
 
@@ -90,27 +90,44 @@ def record_key(record: dict) -> str:
 
 # -- a run: sweep, resume, results ------------------------------------------------------------
 
-def read_predictions(path: str) -> List[dict]:
-    """The complete lines of a predictions file (an interrupted write leaves at most a partial
-    last line, which is dropped and rewritten away)."""
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    out, partial = [], False
-    for n, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except (json.JSONDecodeError, RecursionError):
-            if n != len(lines) - 1:
-                raise ValueError(f"{path} line {n + 1} is not valid JSON: not a predictions file")
-            partial = True
-    if partial:
-        with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in out)
-    return out
+def check_prediction(record: dict, where: str):
+    """A line of a predictions file to re-score: a GSM-Infinite record and the model's output."""
+    check_record(record, where)
+    check_text(record, "output", where)
+
+
+def check_run_prediction(record: dict, where: str):
+    """A line of a run's own predictions.jsonl: also where it belongs in the sweep."""
+    check_prediction(record, where)
+    check_int(f'{where}: "loops"', record.get("loops"), 1, MAX_LOOPS)
+    check_int(f'{where}: "index"', record.get("index"), 0, 2**31)
+    key = record.get("key")
+    if not (isinstance(key, str) and len(key) == 16 and all(c in "0123456789abcdef" for c in key)):
+        raise ValueError(f'{where}: "key" must be 16 hex digits (got {show(key)})')
+    if record.get("protocol") not in PROTOCOLS:
+        raise ValueError(f'{where}: "protocol" must be one of {", ".join(PROTOCOLS)}')
+
+
+def read_predictions(path: str):
+    """(the complete, checked lines of a run's predictions file, whether its last line was cut
+    short): a kill during an append leaves at most a partial last line, dropped here and
+    rewritten away once the run is known to be this one (drop_partial)."""
+    if not os.path.lexists(path):
+        return [], False
+    records = [r for _, r in read_jsonl(path, check_run_prediction, "prediction", nofollow=True,
+                                        drop_partial_last=True)]
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        end = f.tell()
+        if end:
+            f.seek(end - 1)
+        partial = end > 0 and f.read(1) != b"\n"
+    return records, partial
+
+
+def drop_partial(path: str, records: List[dict]):
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in records)
 
 
 def _open_run(out: str, settings: dict):
@@ -141,10 +158,12 @@ def evaluate(model, tokenizer, by_op: Dict[int, List[dict]], out: str, *, loops:
     run (with N values run earlier into `out`); returns them."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)} (got {protocol!r})")
+    path = os.path.join(out, PREDICTIONS)
+    done, partial = read_predictions(path)  # checked before run.json is touched
     settings = _open_run(out, {**settings, "loops": sorted(set(loops)), "window": window,
                                "eviction": eviction, "protocol": protocol})
-    path = os.path.join(out, PREDICTIONS)
-    done = read_predictions(path)
+    if partial:
+        drop_partial(path, done)
     seen = {(p["loops"], p["op"], p["index"]): p["key"] for p in done}
     todo = []
     for n in loops:
@@ -185,7 +204,8 @@ def evaluate(model, tokenizer, by_op: Dict[int, List[dict]], out: str, *, loops:
     # the whole run: N values of earlier calls into the same directory too
     wanted = {(n, op, i) for n in settings["loops"] for op, rs in by_op.items()
               for i in range(len(rs))}
-    predictions = [p for p in read_predictions(path) if (p["loops"], p["op"], p["index"]) in wanted]
+    predictions = [p for p in read_predictions(path)[0]
+                   if (p["loops"], p["op"], p["index"]) in wanted]
     summary = summarize(predictions)
     echo(describe(settings))
     echo(write_results(out, summary, settings))
@@ -199,7 +219,7 @@ def rescore(path: str, protocol: str, judge: Optional[Callable[[str], str]] = No
             out: Optional[str] = None, settings: Optional[dict] = None, echo=print) -> dict:
     """Score a predictions file (records with the dataset's fields plus `output`) with the
     protocol's rule, without a model; results to `out` when given."""
-    records = read_jsonl(path, required=("problem", "question", "op", "output"))
+    records = [r for _, r in read_jsonl(path, check_prediction, "prediction")]
     scored = [{**r, **score(r, r["output"], protocol, judge)} for r in records]
     summary = summarize(scored)
     settings = {"subset": "symbolic" if scored and is_symbolic(scored[0]) else "medium/hard",

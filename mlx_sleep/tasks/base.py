@@ -96,16 +96,6 @@ def check_choice(name: str, value, allowed) -> None:
         raise ValueError(f"{name} must be one of {sorted(allowed)} (got {value!r})")
 
 
-def check_int(name: str, value, lo: int | None = None, hi: int | None = None) -> None:
-    """One-line ValueErrors such as 'n_bits must be >= 3 (got 1)'."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer (got {value!r})")
-    if lo is not None and value < lo:
-        raise ValueError(f"{name} must be >= {lo} (got {value})")
-    if hi is not None and value > hi:
-        raise ValueError(f"{name} must be <= {hi} (got {value})")
-
-
 def accuracy_by_difficulty(batch: Batch, predictions: np.ndarray) -> dict:
     """Accuracy of `predictions` (int [B, T], e.g. argmax of logits) per difficulty.
 

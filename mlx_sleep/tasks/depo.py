@@ -35,7 +35,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .base import MAX_SIZE, Batch, Task, check_choice, check_int
+from ..config import check_int
+from .base import MAX_SIZE, Batch, Task, check_choice
 
 PAD, SEP, HOP0 = 0, 1, 2  # HOP0 + (k - 1) is the token for "+k"
 EDGE_TOKENS = 3  # "a b ;"

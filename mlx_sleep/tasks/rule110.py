@@ -29,7 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .base import MAX_SIZE, Batch, Task, check_choice, check_int
+from ..config import check_int
+from .base import MAX_SIZE, Batch, Task, check_choice
 
 RULE = 110
 DEFAULT_EVAL_STEPS = (1, 2, 4, 8, 16, 32)
