@@ -42,7 +42,7 @@ def measure(model, tokenizer, by_op, loops, window, workdir, repeats=1):
     for r in range(repeats):
         out = os.path.join(workdir, f"N{loops}-L{window}-{r}")
         t0 = time.perf_counter()
-        gi.evaluate(model, tokenizer, by_op, out, loops=[loops], window=window, eviction="hard",
+        gi.run_sweep(model, tokenizer, by_op, out, loops=[loops], window=window, eviction="hard",
                     protocol="paper", settings={"subset": "medium", "length": "8k"},
                     progress=False, echo=lambda *_: None)
         times.append(time.perf_counter() - t0)

@@ -263,7 +263,7 @@ def test_sweep_end_to_end_with_resume_and_rescoring(tiny, tmp_path):
     assert "| op | N = 1 | N = 2 |" in r.output and "| AUC |" in r.output
     results = json.load(open(out / "results.json"))
     assert results["settings"]["protocol"] == "paper" and results["settings"]["loops"] == [1, 2]
-    assert len(results["settings"]["model_fingerprint"]) == 64
+    assert len(results["settings"]["model_digest"]) == 64
     assert set(results["results"]) == {"N = 1", "N = 2"}
     assert all(r["ops"][op]["n"] == 2 for r in results["results"].values() for op in ("2", "4"))
     assert (out / "accuracy.png").stat().st_size > 1000 and (out / "results.md").exists()
@@ -432,7 +432,7 @@ def test_adapter_is_applied(tiny, tmp_path):
                "--out", tmp_path / "o")
     assert r.exit_code == 0, r.output
     settings = json.load(open(tmp_path / "o" / "results.json"))["settings"]
-    assert settings["adapter"] == "adapter" and len(settings["adapter_fingerprint"]) == 64
+    assert settings["adapter"] == "adapter" and len(settings["adapter_digest"]) == 64
     pred = json.loads(open(tmp_path / "o" / "predictions.jsonl").readline())
     assert pred["output"] == gi.paper_generate(SleepEngine(model), tokenizer, pred)
     r = CliRunner().invoke(main, ["eval", "--model", tiny, "--task", "gsm-infinite", "--adapter",

@@ -34,7 +34,7 @@ from .data import (ANSWER_CUE, LENGTHS, OFFICIAL_FILTER, OFFICIAL_LIMIT, SUBSETS
                    select, split_files, write_data, write_training_file)
 from .report import describe, leaderboard_auc, markdown_table, summarize, wilson, write_results
 from .runner import (JUDGE_MAX_TOKENS, OFFICIAL_MAX_TOKENS, PAPER_MAX_TOKENS, PROTOCOLS,
-                     evaluate, make_judge, official_generate, paper_generate, read_predictions,
+                     make_judge, official_generate, paper_generate, read_predictions, run_sweep,
                      record_key, rescore, run_cli)
 from .scoring import (gold_answer, is_symbolic, judge_prompt, paper_answer, realistic_answer,
                       realistic_correct, score, symbolic_correct)
@@ -42,11 +42,11 @@ from ..finetune.adapters import load_adapter
 
 __all__ = ["ANSWER_CUE", "JUDGE_MAX_TOKENS", "LENGTHS", "OFFICIAL_FILTER", "OFFICIAL_LIMIT",
            "OFFICIAL_MAX_TOKENS", "PAPER_MAX_TOKENS", "PROTOCOLS", "SUBSETS",
-           "describe", "evaluate", "gold_answer", "hub_records", "is_symbolic",
+           "describe", "gold_answer", "hub_records", "is_symbolic",
            "judge_prompt", "leaderboard_auc", "load_adapter", "load_records",
            "make_judge", "markdown_table", "messages", "official_filter",
            "official_generate", "paper_answer", "paper_example", "paper_generate",
-           "parse_ops", "read_problems", "read_predictions", "realistic_answer",
+           "parse_ops", "read_problems", "run_sweep", "read_predictions", "realistic_answer",
            "realistic_correct", "record_key", "rescore", "run_cli", "score", "select",
            "split_files", "summarize", "symbolic_correct", "wilson", "write_data",
            "write_results", "write_training_file"]

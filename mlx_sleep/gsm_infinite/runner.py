@@ -69,7 +69,7 @@ def make_judge(model, tokenizer, max_tokens: int = JUDGE_MAX_TOKENS) -> Callable
     return judge
 
 
-def fingerprint(path: str) -> str:
+def content_digest(path: str) -> str:
     """sha256 over a model directory's config.json and weight files (names and bytes)."""
     h = hashlib.sha256()
     names = sorted(f for f in os.listdir(path)
@@ -149,7 +149,7 @@ def _open_run(out: str, settings: dict):
     return settings
 
 
-def evaluate(model, tokenizer, by_op: Dict[int, List[dict]], out: str, *, loops: Sequence[int],
+def run_sweep(model, tokenizer, by_op: Dict[int, List[dict]], out: str, *, loops: Sequence[int],
              window: int, eviction: str, protocol: str, settings: dict,
              max_tokens: Optional[int] = None, judge: Optional[Callable[[str], str]] = None,
              progress: bool = True, echo=print) -> dict:
@@ -257,9 +257,9 @@ def run_cli(model_path, loops, window, eviction, subset, length, ops, limit, dat
     sweep = sorted(set(loops or [model.sleep_config.loops]))
     by_op = load_records(subset, length, parse_ops(ops), limit, data, protocol == "official")
     settings = {"model": os.path.basename(os.path.normpath(model_path)),
-                "model_fingerprint": fingerprint(path),
+                "model_digest": content_digest(path),
                 "adapter": os.path.basename(os.path.normpath(adapter)) if adapter else None,
-                "adapter_fingerprint": fingerprint(adapter) if adapter else None,
+                "adapter_digest": content_digest(adapter) if adapter else None,
                 "subset": subset, "length": length, "ops": sorted(by_op), "limit": limit,
                 "data": (os.path.basename(data) if data
                          else f"InfiniAILab/gsm_infinite_{subset}_{length}"),
@@ -267,7 +267,7 @@ def run_cli(model_path, loops, window, eviction, subset, length, ops, limit, dat
                 "judge": (os.path.basename(os.path.normpath(judge_model)) if judge_model
                           else ("regex-fallback" if subset == "symbolic" and protocol == "official"
                                 else None))}
-    return evaluate(model, tokenizer, by_op, out, loops=sweep,
+    return run_sweep(model, tokenizer, by_op, out, loops=sweep,
                     window=window or model.sleep_config.window,
                     eviction=eviction or model.sleep_config.eviction, protocol=protocol,
                     settings=settings, max_tokens=max_tokens, judge=judge, echo=echo)
