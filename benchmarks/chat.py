@@ -102,21 +102,27 @@ def bench_decode_loop(model, sleep, T, n_decode, rounds, rng, vocab):
     cache = prefill_mlx_lm(model, prompt[:-1])
     tokens = {name: prompt[-1] for name in ("step_by_step", "pipelined", "mlx_lm")}
     times = {name: [] for name in tokens}
-    loops = {"step_by_step": lambda t: decode_engine(engines["step_by_step"], t, n_decode),
-             "pipelined": lambda t: decode_stream(engines["pipelined"], t, n_decode),
-             "mlx_lm": lambda t: decode_mlx_lm(model, cache, t, n_decode)}
+    loops = {
+        "step_by_step": lambda t: decode_engine(engines["step_by_step"], t, n_decode),
+        "pipelined": lambda t: decode_stream(engines["pipelined"], t, n_decode),
+        "mlx_lm": lambda t: decode_mlx_lm(model, cache, t, n_decode),
+    }
     for r in range(rounds + 1):  # round 0 warms up
         for name, loop in loops.items():
             got, tokens[name] = loop(tokens[name])
             if r > 0:
                 times[name] += got
     rate = {name: 1 / statistics.median(t) for name, t in times.items()}
-    row = {"length": T, "tokens_timed": {k: len(v) for k, v in times.items()},
-           "step_by_step_tok_s": rate["step_by_step"], "pipelined_tok_s": rate["pipelined"],
-           "mlx_lm_tok_s": rate["mlx_lm"],
-           "pipelined_over_step_by_step": rate["pipelined"] / rate["step_by_step"],
-           "step_by_step_over_mlx_lm": rate["step_by_step"] / rate["mlx_lm"],
-           "pipelined_over_mlx_lm": rate["pipelined"] / rate["mlx_lm"]}
+    row = {
+        "length": T,
+        "tokens_timed": {k: len(v) for k, v in times.items()},
+        "step_by_step_tok_s": rate["step_by_step"],
+        "pipelined_tok_s": rate["pipelined"],
+        "mlx_lm_tok_s": rate["mlx_lm"],
+        "pipelined_over_step_by_step": rate["pipelined"] / rate["step_by_step"],
+        "step_by_step_over_mlx_lm": rate["step_by_step"] / rate["mlx_lm"],
+        "pipelined_over_mlx_lm": rate["pipelined"] / rate["mlx_lm"],
+    }
     print(row, flush=True)
     return row
 
@@ -124,7 +130,7 @@ def bench_decode_loop(model, sleep, T, n_decode, rounds, rng, vocab):
 def prefill_mlx_lm(model, prompt, step=1024):
     cache = model.make_cache()
     for a in range(0, len(prompt), step):
-        model(mx.array([prompt[a:a + step]]), cache=cache)
+        model(mx.array([prompt[a : a + step]]), cache=cache)
         mx.eval([c.state for c in cache])
     return cache
 
@@ -144,9 +150,19 @@ def bench_decode(model, sleep, lengths, n_decode, rounds, rng, vocab):
         start = time.perf_counter()
         cache = prefill_mlx_lm(model, prompt)
         m_prefill = time.perf_counter() - start
-        sessions.append({"length": T, "engine": engine, "cache": cache, "e_tok": prompt[-1],
-                         "m_tok": prompt[-1], "e_times": [], "m_times": [],
-                         "engine_prefill_tok_s": T / e_prefill, "mlx_lm_prefill_tok_s": T / m_prefill})
+        sessions.append(
+            {
+                "length": T,
+                "engine": engine,
+                "cache": cache,
+                "e_tok": prompt[-1],
+                "m_tok": prompt[-1],
+                "e_times": [],
+                "m_times": [],
+                "engine_prefill_tok_s": T / e_prefill,
+                "mlx_lm_prefill_tok_s": T / m_prefill,
+            }
+        )
         print(f"prefilled {T}", flush=True)
     per_round = max(1, n_decode // rounds)
     for r in range(rounds + 1):  # round 0 warms up
@@ -166,15 +182,19 @@ def bench_decode(model, sleep, lengths, n_decode, rounds, rng, vocab):
         mx.reset_peak_memory()
         decode_mlx_lm(model, s["cache"], s["m_tok"], per_round)
         m_peak = mx.get_peak_memory() - base
-        rows.append({"length": s["length"],
-                     "engine_tok_s": 1 / statistics.median(s["e_times"]),
-                     "mlx_lm_tok_s": 1 / statistics.median(s["m_times"]),
-                     "engine_state_mb": nbytes(s["engine"].state) / 2**20,
-                     "mlx_lm_cache_mb": nbytes([c.state for c in s["cache"]]) / 2**20,
-                     "engine_decode_peak_mb": e_peak / 2**20,
-                     "mlx_lm_decode_peak_mb": m_peak / 2**20,
-                     "engine_prefill_tok_s": s["engine_prefill_tok_s"],
-                     "mlx_lm_prefill_tok_s": s["mlx_lm_prefill_tok_s"]})
+        rows.append(
+            {
+                "length": s["length"],
+                "engine_tok_s": 1 / statistics.median(s["e_times"]),
+                "mlx_lm_tok_s": 1 / statistics.median(s["m_times"]),
+                "engine_state_mb": nbytes(s["engine"].state) / 2**20,
+                "mlx_lm_cache_mb": nbytes([c.state for c in s["cache"]]) / 2**20,
+                "engine_decode_peak_mb": e_peak / 2**20,
+                "mlx_lm_decode_peak_mb": m_peak / 2**20,
+                "engine_prefill_tok_s": s["engine_prefill_tok_s"],
+                "mlx_lm_prefill_tok_s": s["mlx_lm_prefill_tok_s"],
+            }
+        )
         print(rows[-1], flush=True)
     return rows
 
@@ -199,9 +219,11 @@ def bench_prefill(model, sleep, T, rng, vocab, repeats):
 
     runs = {"reuse": [], "recompute": [], "mlx_lm": []}
     for r in range(repeats + 1):
-        for name, fn in (("reuse", lambda: feed(SessionEngine)),
-                         ("recompute", lambda: feed(RecomputingEngine)),
-                         ("mlx_lm", lambda: prefill_mlx_lm(model, prompt))):
+        for name, fn in (
+            ("reuse", lambda: feed(SessionEngine)),
+            ("recompute", lambda: feed(RecomputingEngine)),
+            ("mlx_lm", lambda: prefill_mlx_lm(model, prompt)),
+        ):
             t = median_time(fn, 1)
             if r > 0:
                 runs[name].append(t)
@@ -227,8 +249,9 @@ def bench_consolidation(model, sleep, rng, vocab, repeats):
     start_state, start, win = engine.window_start_state, engine.window_start, sleep.attention_window
 
     def consolidate():
-        _, state = run_chunk(model, ids, start_state, start, sleep.loops, win,
-                             lambda n, s: mx.eval(s))
+        _, state = run_chunk(
+            model, ids, start_state, start, sleep.loops, win, lambda n, s: mx.eval(s)
+        )
         mx.eval(evict(model, state, sleep.keep_after_eviction))
 
     def prefills():
@@ -249,8 +272,14 @@ def bench_consolidation(model, sleep, rng, vocab, repeats):
         if i > 0:
             c.append(times[0]), p.append(times[1]), r.append(times[2])
     c, p, r = statistics.median(c), statistics.median(p), statistics.median(r)
-    return {"window": sleep.window, "loops": sleep.loops, "consolidation_s": c,
-            "n_prefills_s": p, "ratio": c / p, "engine_reusing_wake_s": r}
+    return {
+        "window": sleep.window,
+        "loops": sleep.loops,
+        "consolidation_s": c,
+        "n_prefills_s": p,
+        "ratio": c / p,
+        "engine_reusing_wake_s": r,
+    }
 
 
 def bench_sessions(model, sleep, model_dir, lengths, rng, vocab, repeats):
@@ -264,10 +293,18 @@ def bench_sessions(model, sleep, model_dir, lengths, rng, vocab, repeats):
         save = median_time(session.save, repeats)
         size = session.meta["state_bytes"]
         session.close()
-        load = median_time(lambda: open_session(name, model, model_dir, lock=False,
-                                                create=False), repeats)
-        rows.append({"length": T, "live_window": session.engine.window_len, "save_s": save,
-                     "load_s": load, "state_mb": size / 2**20})
+        load = median_time(
+            lambda: open_session(name, model, model_dir, lock=False, create=False), repeats
+        )
+        rows.append(
+            {
+                "length": T,
+                "live_window": session.engine.window_len,
+                "save_s": save,
+                "load_s": load,
+                "state_mb": size / 2**20,
+            }
+        )
         print(rows[-1], flush=True)
     return rows
 
@@ -276,7 +313,9 @@ def bench_window_storage(model, sleep, model_dir, rng, vocab, repeats):
     """Storing the live window's KV against storing its tokens and re-running them on load."""
     engine = full_window(model, sleep, rng, vocab)
     arrays, _ = engine.arrays_and_meta()
-    kv = {k: v for k, v in arrays.items() if k.startswith("state.") and k.endswith(("keys", "values"))}
+    kv = {
+        k: v for k, v in arrays.items() if k.startswith("state.") and k.endswith(("keys", "values"))
+    }
     tmp = tempfile.mkdtemp()
     with_kv, without_kv = os.path.join(tmp, "kv.safetensors"), os.path.join(tmp, "ids.safetensors")
     mx.save_safetensors(with_kv, arrays)
@@ -288,20 +327,25 @@ def bench_window_storage(model, sleep, model_dir, rng, vocab, repeats):
 
     def load_and_prefill():
         mx.eval(list(mx.load(without_kv).values()))
-        _, state = run_chunk(model, ids, engine.window_start_state, engine.window_start, 1,
-                             sleep.attention_window)
+        _, state = run_chunk(
+            model, ids, engine.window_start_state, engine.window_start, 1, sleep.attention_window
+        )
         mx.eval(state)
 
     load_kv(), load_and_prefill()
-    _, re_state = run_chunk(model, ids, engine.window_start_state, engine.window_start, 1,
-                            sleep.attention_window)
+    _, re_state = run_chunk(
+        model, ids, engine.window_start_state, engine.window_start, 1, sleep.attention_window
+    )
     diff = max(float(mx.abs(a[k] - b[k]).max()) for a, b in zip(engine.state, re_state) for k in a)
-    return {"window": sleep.window, "kv_mb": sum(v.nbytes for v in kv.values()) / 2**20,
-            "file_with_kv_mb": os.path.getsize(with_kv) / 2**20,
-            "file_without_kv_mb": os.path.getsize(without_kv) / 2**20,
-            "load_kv_s": median_time(load_kv, repeats),
-            "load_and_prefill_s": median_time(load_and_prefill, repeats),
-            "prefill_state_max_abs_diff": diff}
+    return {
+        "window": sleep.window,
+        "kv_mb": sum(v.nbytes for v in kv.values()) / 2**20,
+        "file_with_kv_mb": os.path.getsize(with_kv) / 2**20,
+        "file_without_kv_mb": os.path.getsize(without_kv) / 2**20,
+        "load_kv_s": median_time(load_kv, repeats),
+        "load_and_prefill_s": median_time(load_and_prefill, repeats),
+        "prefill_state_max_abs_diff": diff,
+    }
 
 
 def bench_wake_reuse(model, sleep, rng, vocab, repeats, pieces):
@@ -313,8 +357,7 @@ def bench_wake_reuse(model, sleep, rng, vocab, repeats, pieces):
     ids = mx.concatenate(engine.window_ids, axis=1)
     state, hs, pos = start_state, [], offset
     for part in np.array_split(np.arange(ids.shape[1]), pieces):
-        _, state = run_chunk(model, ids[:, part[0]:part[-1] + 1], state, pos, 1, win,
-                             core_out=hs)
+        _, state = run_chunk(model, ids[:, part[0] : part[-1] + 1], state, pos, 1, win, core_out=hs)
         pos += len(part)
     core_h = mx.concatenate(hs, axis=1)
     mx.eval(core_h, state)
@@ -334,78 +377,132 @@ def bench_wake_reuse(model, sleep, rng, vocab, repeats, pieces):
     s_diff = max(float(mx.abs(a[i][k] - b[i][k]).max()) for i, k in carried)
     s_scale = max(float(mx.abs(a[i][k]).max()) for i, k in carried)
     nxt = mx.array([[1]])
-    la = model.head(run_chunk(model, nxt, evict(model, a, sleep.keep_after_eviction), pos, 1, win)[0])
-    lb = model.head(run_chunk(model, nxt, evict(model, b, sleep.keep_after_eviction), pos, 1, win)[0])
-    return {"pieces": pieces, "recompute_s": median_time(recompute, repeats),
-            "reuse_s": median_time(reuse, repeats),
-            "fast_weights_max_abs_diff": s_diff, "fast_weights_max_abs": s_scale,
-            "next_logits_max_abs_diff": float(mx.abs(la - lb).max())}
+    la = model.head(
+        run_chunk(model, nxt, evict(model, a, sleep.keep_after_eviction), pos, 1, win)[0]
+    )
+    lb = model.head(
+        run_chunk(model, nxt, evict(model, b, sleep.keep_after_eviction), pos, 1, win)[0]
+    )
+    return {
+        "pieces": pieces,
+        "recompute_s": median_time(recompute, repeats),
+        "reuse_s": median_time(reuse, repeats),
+        "fast_weights_max_abs_diff": s_diff,
+        "fast_weights_max_abs": s_scale,
+        "next_logits_max_abs_diff": float(mx.abs(la - lb).max()),
+    }
 
 
 def markdown(res) -> str:
     m = res["machine"]
-    out = [f"# Chat benchmarks ({m['platform']}, {m['device']}, BLAS {m['blas']})", "",
-           f"Model: {res['model']}; sleep: {res['sleep']}. One process, one machine." +
-           "".join(f" Re-run alone ({r['when']}, {r['repeats']} repeats): "
-                   f"{', '.join(r['sections'])}." for r in res.get("reruns", [])), "",
-           "## (a) decode against session length", "",
-           "Median decode step over interleaved rounds; memory: what the session holds (engine "
-           "state with the live window's KV / mlx-lm's KV cache) and the decode-time peak above "
-           "it (the engine's includes the sleeps decode forces).", "",
-           "| session tokens | engine tok/s | mlx-lm full-cache tok/s | engine state MB | "
-           "mlx-lm cache MB | engine decode peak MB | mlx-lm decode peak MB |",
-           "|---|---|---|---|---|---|---|"]
+    out = [
+        f"# Chat benchmarks ({m['platform']}, {m['device']}, BLAS {m['blas']})",
+        "",
+        f"Model: {res['model']}; sleep: {res['sleep']}. One process, one machine."
+        + "".join(
+            f" Re-run alone ({r['when']}, {r['repeats']} repeats): {', '.join(r['sections'])}."
+            for r in res.get("reruns", [])
+        ),
+        "",
+        "## (a) decode against session length",
+        "",
+        "Median decode step over interleaved rounds; memory: what the session holds (engine "
+        "state with the live window's KV / mlx-lm's KV cache) and the decode-time peak above "
+        "it (the engine's includes the sleeps decode forces).",
+        "",
+        "| session tokens | engine tok/s | mlx-lm full-cache tok/s | engine state MB | "
+        "mlx-lm cache MB | engine decode peak MB | mlx-lm decode peak MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in res["decode"]:
-        out.append(f"| {r['length']} | {r['engine_tok_s']:.1f} | {r['mlx_lm_tok_s']:.1f} | "
-                   f"{r['engine_state_mb']:.2f} | {r['mlx_lm_cache_mb']:.2f} | "
-                   f"{r['engine_decode_peak_mb']:.2f} | {r['mlx_lm_decode_peak_mb']:.2f} |")
+        out.append(
+            f"| {r['length']} | {r['engine_tok_s']:.1f} | {r['mlx_lm_tok_s']:.1f} | "
+            f"{r['engine_state_mb']:.2f} | {r['mlx_lm_cache_mb']:.2f} | "
+            f"{r['engine_decode_peak_mb']:.2f} | {r['mlx_lm_decode_peak_mb']:.2f} |"
+        )
     f = res["prefill"]
-    out += ["", f"Prefill of {f['length']} tokens: engine {f['reuse_tok_s']:.0f} tok/s reusing the "
-            f"wake pass, {f['recompute_tok_s']:.0f} recomputing it, mlx-lm {f['mlx_lm_tok_s']:.0f} "
-            f"(ratios to mlx-lm {f['reuse_tok_s'] / f['mlx_lm_tok_s']:.2f} and "
-            f"{f['recompute_tok_s'] / f['mlx_lm_tok_s']:.2f})."]
+    out += [
+        "",
+        f"Prefill of {f['length']} tokens: engine {f['reuse_tok_s']:.0f} tok/s reusing the "
+        f"wake pass, {f['recompute_tok_s']:.0f} recomputing it, mlx-lm {f['mlx_lm_tok_s']:.0f} "
+        f"(ratios to mlx-lm {f['reuse_tok_s'] / f['mlx_lm_tok_s']:.2f} and "
+        f"{f['recompute_tok_s'] / f['mlx_lm_tok_s']:.2f}).",
+    ]
     d = res["decode"]
-    out += ["", "Decode against the shortest session (goal for the engine: >= 0.95 at 16k): " +
-            "; ".join(f"{r['length']}: engine {r['engine_tok_s'] / d[0]['engine_tok_s']:.2f}, "
-                      f"mlx-lm {r['mlx_lm_tok_s'] / d[0]['mlx_lm_tok_s']:.2f}" for r in d[1:]) + ".",
-            "",
-            "## (b) one consolidation against N plain prefills of the window", "",
-            "| L | N | consolidation (N passes) s | N prefills s | ratio (goal <= 1.10) | "
-            "engine, wake pass reused, s |", "|---|---|---|---|---|---|"]
+    out += [
+        "",
+        "Decode against the shortest session (goal for the engine: >= 0.95 at 16k): "
+        + "; ".join(
+            f"{r['length']}: engine {r['engine_tok_s'] / d[0]['engine_tok_s']:.2f}, "
+            f"mlx-lm {r['mlx_lm_tok_s'] / d[0]['mlx_lm_tok_s']:.2f}"
+            for r in d[1:]
+        )
+        + ".",
+        "",
+        "## (b) one consolidation against N plain prefills of the window",
+        "",
+        "| L | N | consolidation (N passes) s | N prefills s | ratio (goal <= 1.10) | "
+        "engine, wake pass reused, s |",
+        "|---|---|---|---|---|---|",
+    ]
     c = res["consolidation"]
-    out += [f"| {c['window']} | {c['loops']} | {c['consolidation_s']:.3f} | {c['n_prefills_s']:.3f} "
-            f"| {c['ratio']:.2f} | {c['engine_reusing_wake_s']:.3f} |", "",
-            "## (c) session save and load", "",
-            "| session tokens | live window | save s | load s | state MB |", "|---|---|---|---|---|"]
+    out += [
+        f"| {c['window']} | {c['loops']} | {c['consolidation_s']:.3f} | {c['n_prefills_s']:.3f} "
+        f"| {c['ratio']:.2f} | {c['engine_reusing_wake_s']:.3f} |",
+        "",
+        "## (c) session save and load",
+        "",
+        "| session tokens | live window | save s | load s | state MB |",
+        "|---|---|---|---|---|",
+    ]
     for r in res["sessions"]:
-        out.append(f"| {r['length']} | {r['live_window']} | {r['save_s']:.3f} | {r['load_s']:.3f} "
-                   f"| {r['state_mb']:.2f} |")
+        out.append(
+            f"| {r['length']} | {r['live_window']} | {r['save_s']:.3f} | {r['load_s']:.3f} "
+            f"| {r['state_mb']:.2f} |"
+        )
     w = res["window_storage"]
-    out += ["", "## (d) the live window on disk: KV stored or tokens re-prefilled", "",
-            "| L | KV MB | file with KV MB | file without MB | load with KV s | "
-            "load + re-prefill s | re-prefill max abs diff |", "|---|---|---|---|---|---|---|",
-            f"| {w['window']} | {w['kv_mb']:.2f} | {w['file_with_kv_mb']:.2f} | "
-            f"{w['file_without_kv_mb']:.2f} | {w['load_kv_s']:.4f} | {w['load_and_prefill_s']:.4f} "
-            f"| {w['prefill_state_max_abs_diff']:.1e} |", "",
-            "## (e) the wake pass as the first sleep pass", "",
-            "| window fed in | recompute s | reuse s | fast weights max abs diff (max abs) | "
-            "next logits max abs diff |", "|---|---|---|---|---|"]
+    out += [
+        "",
+        "## (d) the live window on disk: KV stored or tokens re-prefilled",
+        "",
+        "| L | KV MB | file with KV MB | file without MB | load with KV s | "
+        "load + re-prefill s | re-prefill max abs diff |",
+        "|---|---|---|---|---|---|---|",
+        f"| {w['window']} | {w['kv_mb']:.2f} | {w['file_with_kv_mb']:.2f} | "
+        f"{w['file_without_kv_mb']:.2f} | {w['load_kv_s']:.4f} | {w['load_and_prefill_s']:.4f} "
+        f"| {w['prefill_state_max_abs_diff']:.1e} |",
+        "",
+        "## (e) the wake pass as the first sleep pass",
+        "",
+        "| window fed in | recompute s | reuse s | fast weights max abs diff (max abs) | "
+        "next logits max abs diff |",
+        "|---|---|---|---|---|",
+    ]
     for r in res["wake_reuse"]:
-        out.append(f"| {r['pieces']} piece(s) | {r['recompute_s']:.3f} | {r['reuse_s']:.3f} | "
-                   f"{r['fast_weights_max_abs_diff']:.1e} ({r['fast_weights_max_abs']:.1e}) | "
-                   f"{r['next_logits_max_abs_diff']:.1e} |")
+        out.append(
+            f"| {r['pieces']} piece(s) | {r['recompute_s']:.3f} | {r['reuse_s']:.3f} | "
+            f"{r['fast_weights_max_abs_diff']:.1e} ({r['fast_weights_max_abs']:.1e}) | "
+            f"{r['next_logits_max_abs_diff']:.1e} |"
+        )
     if "decode_loop" in res:
         d = res["decode_loop"]
-        out += ["", "## (f) the decode loop", "",
-                f"Greedy decode after a {d['length']}-token prompt, within one window (no sleep "
-                "among the timed steps); median step over interleaved rounds.", "",
-                "| loop | tok/s | against mlx-lm |", "|---|---|---|",
-                f"| step by step (read the token, then feed it) | {d['step_by_step_tok_s']:.1f} | "
-                f"{d['step_by_step_over_mlx_lm']:.2f} |",
-                f"| stream_generate, pipelined (mx.async_eval) | {d['pipelined_tok_s']:.1f} | "
-                f"{d['pipelined_over_mlx_lm']:.2f} |",
-                f"| mlx-lm generate_step, full KV cache | {d['mlx_lm_tok_s']:.1f} | 1.00 |", "",
-                f"Pipelining: {d['pipelined_over_step_by_step']:.2f}x the step-by-step loop."]
+        out += [
+            "",
+            "## (f) the decode loop",
+            "",
+            f"Greedy decode after a {d['length']}-token prompt, within one window (no sleep "
+            "among the timed steps); median step over interleaved rounds.",
+            "",
+            "| loop | tok/s | against mlx-lm |",
+            "|---|---|---|",
+            f"| step by step (read the token, then feed it) | {d['step_by_step_tok_s']:.1f} | "
+            f"{d['step_by_step_over_mlx_lm']:.2f} |",
+            f"| stream_generate, pipelined (mx.async_eval) | {d['pipelined_tok_s']:.1f} | "
+            f"{d['pipelined_over_mlx_lm']:.2f} |",
+            f"| mlx-lm generate_step, full KV cache | {d['mlx_lm_tok_s']:.1f} | 1.00 |",
+            "",
+            f"Pipelining: {d['pipelined_over_step_by_step']:.2f}x the step-by-step loop.",
+        ]
     return "\n".join(out) + "\n"
 
 
@@ -414,19 +511,33 @@ def main():
     p.add_argument("--quick", action="store_true")
     p.add_argument("--lengths", default=None, help="Comma-separated session lengths.")
     p.add_argument("--out", default=os.path.join(HERE, "results", "chat"))
-    p.add_argument("--only", default=None, metavar="SECTIONS",
-                   help="Re-run these sections (comma-separated: decode, prefill, consolidation, "
-                        "sessions, window_storage, wake_reuse, decode_loop) on a quiet machine; "
-                        "the others are kept from --out's JSON.")
+    p.add_argument(
+        "--only",
+        default=None,
+        metavar="SECTIONS",
+        help="Re-run these sections (comma-separated: decode, prefill, consolidation, "
+        "sessions, window_storage, wake_reuse, decode_loop) on a quiet machine; "
+        "the others are kept from --out's JSON.",
+    )
     p.add_argument("--repeats", type=int, default=None, help="Interleaved repeats per timing.")
     args = p.parse_args()
     if args.quick:
         cfg = ModelConfig(vocab_size=512, hidden_size=64, layers="attn,gdn,attn,gdn", num_heads=4)
         sleep, lengths, n_decode, repeats = SleepConfig(loops=2, window=128), [256, 1024], 16, 3
     else:
-        cfg = ModelConfig(vocab_size=8192, hidden_size=512, layers="attn,gdn,attn,gdn,attn,gdn",
-                          num_heads=8, num_kv_heads=2)
-        sleep, lengths, n_decode, repeats = SleepConfig(loops=2, window=512), [1024, 4096, 16384], 64, 3
+        cfg = ModelConfig(
+            vocab_size=8192,
+            hidden_size=512,
+            layers="attn,gdn,attn,gdn,attn,gdn",
+            num_heads=8,
+            num_kv_heads=2,
+        )
+        sleep, lengths, n_decode, repeats = (
+            SleepConfig(loops=2, window=512),
+            [1024, 4096, 16384],
+            64,
+            3,
+        )
     if args.lengths:
         lengths = [int(x) for x in args.lengths.split(",")]
     repeats = args.repeats or repeats
@@ -435,27 +546,36 @@ def main():
     model = HybridLM(cfg)
     mx.eval(model.parameters())
     model_dir = tempfile.mkdtemp(prefix="mlx-sleep-bench-model-")
-    mx.save_safetensors(os.path.join(model_dir, "model.safetensors"),
-                        dict(tree_flatten(model.parameters())))
+    mx.save_safetensors(
+        os.path.join(model_dir, "model.safetensors"), dict(tree_flatten(model.parameters()))
+    )
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
-    res = {"machine": {"platform": platform.platform(), "device": str(mx.default_device()),
-                       "blas": _blas.status["library"] or _blas.status["reason"]},
-           "model": f"HybridLM {cfg.layers}, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, "
-                    f"{n_params / 1e6:.1f}M parameters",
-           "sleep": sleep.to_dict()}
+    res = {
+        "machine": {
+            "platform": platform.platform(),
+            "device": str(mx.default_device()),
+            "blas": _blas.status["library"] or _blas.status["reason"],
+        },
+        "model": f"HybridLM {cfg.layers}, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, "
+        f"{n_params / 1e6:.1f}M parameters",
+        "sleep": sleep.to_dict(),
+    }
     vocab = cfg.vocab_size
     sections = {
         "decode": lambda: bench_decode(model, sleep, lengths, n_decode, 4, rng, vocab),
-        "prefill": lambda: bench_prefill(model, sleep, lengths[min(1, len(lengths) - 1)], rng,
-                                         vocab, repeats),
+        "prefill": lambda: bench_prefill(
+            model, sleep, lengths[min(1, len(lengths) - 1)], rng, vocab, repeats
+        ),
         "consolidation": lambda: bench_consolidation(model, sleep, rng, vocab, repeats),
         "sessions": lambda: bench_sessions(model, sleep, model_dir, lengths, rng, vocab, repeats),
-        "window_storage": lambda: bench_window_storage(model, sleep, model_dir, rng, vocab,
-                                                       repeats),
-        "wake_reuse": lambda: [bench_wake_reuse(model, sleep, rng, vocab, repeats, pieces)
-                               for pieces in (1, 8, sleep.window)],
-        "decode_loop": lambda: bench_decode_loop(model, sleep, lengths[0], n_decode, 4, rng,
-                                                 vocab),
+        "window_storage": lambda: bench_window_storage(
+            model, sleep, model_dir, rng, vocab, repeats
+        ),
+        "wake_reuse": lambda: [
+            bench_wake_reuse(model, sleep, rng, vocab, repeats, pieces)
+            for pieces in (1, 8, sleep.window)
+        ],
+        "decode_loop": lambda: bench_decode_loop(model, sleep, lengths[0], n_decode, 4, rng, vocab),
     }
     only = args.only.split(",") if args.only else list(sections)
     if set(only) - set(sections):
@@ -465,8 +585,11 @@ def main():
             kept = json.load(f)
         if kept["model"] != res["model"] or kept["sleep"] != res["sleep"]:
             p.error(f"{args.out}.json holds another model or sleep setting: run all sections")
-        res = {**kept, "reruns": kept.get("reruns", []) + [
-            {"sections": only, "when": time.strftime("%Y-%m-%d %H:%M"), "repeats": repeats}]}
+        res = {
+            **kept,
+            "reruns": kept.get("reruns", [])
+            + [{"sections": only, "when": time.strftime("%Y-%m-%d %H:%M"), "repeats": repeats}],
+        }
     for name in only:
         res[name] = sections[name]()
         print(name, res[name], flush=True)

@@ -11,6 +11,7 @@ tokens).
     python benchmarks/estimate_2b_slice.py --probes benchmarks/results/estimate_2b_slice.jsonl
         # the estimates again from recorded probes (seconds instead of minutes)
 """
+
 import json
 import os
 import sys
@@ -24,11 +25,28 @@ from mlx_sleep.models.hybrid import HybridLM
 from mlx_sleep.finetune import FinetuneConfig, prepare_model, estimate_step
 from mlx_sleep.finetune import estimate as F
 from mlx_sleep.loop import World
-cfg_m = ModelConfig(vocab_size=151936, hidden_size=1536, layers="jet,jet,attn,jet", intermediate_size=8960,
-                    num_heads=12, num_kv_heads=2, head_dim=128, attention_bias=True, rope_theta=1e6,
-                    gdn_k_heads=12, gdn_v_heads=12, gdn_head_k_dim=96, gdn_head_v_dim=192,
-                    gdn_norm_eps=1e-5, core=(1, 3), tie_embeddings=True)
-model = HybridLM(cfg_m); model.set_dtype(mx.bfloat16); mx.eval(model.parameters())
+
+cfg_m = ModelConfig(
+    vocab_size=151936,
+    hidden_size=1536,
+    layers="jet,jet,attn,jet",
+    intermediate_size=8960,
+    num_heads=12,
+    num_kv_heads=2,
+    head_dim=128,
+    attention_bias=True,
+    rope_theta=1e6,
+    gdn_k_heads=12,
+    gdn_v_heads=12,
+    gdn_head_k_dim=96,
+    gdn_head_v_dim=192,
+    gdn_norm_eps=1e-5,
+    core=(1, 3),
+    tie_embeddings=True,
+)
+model = HybridLM(cfg_m)
+model.set_dtype(mx.bfloat16)
+mx.eval(model.parameters())
 cfg = FinetuneConfig(batch_size=1, fine_tune_type="lora")
 prepare_model(model, cfg)
 ft = types.SimpleNamespace(model=model, cfg=cfg, sleep_at=lambda s: sleep, world=World())
@@ -38,13 +56,19 @@ if sys.argv[1:2] == ["--probes"]:  # reuse the probes an earlier run printed
         r = json.loads(line)
         if "probe" in r:
             cache[tuple(r["probe"])] = (r["peak_bytes"], r["seconds"])
+
+
 def memo(model, s, batch, length, passes, scored, mb):
     key = (batch, length, passes, scored, mb)
     if key not in cache:
         cache[key] = probe(model, s, batch, length, passes, scored, mb)
-        print(json.dumps({"probe": key, "peak_bytes": cache[key][0], "seconds": cache[key][1]}),
-              flush=True)
+        print(
+            json.dumps({"probe": key, "peak_bytes": cache[key][0], "seconds": cache[key][1]}),
+            flush=True,
+        )
     return cache[key]
+
+
 F._probe = memo
 for L in (2000, 1000, 512):
     scored = np.zeros(3 * L + 101, bool)
@@ -53,5 +77,16 @@ for L in (2000, 1000, 512):
     for n in (1, 2, 4, 6):
         sleep = SleepConfig(loops=n, window=L, eviction="hard")
         e = estimate_step(ft)
-        print(json.dumps({"L": L, "N": n, "B": 1, **e["parts"], "peak": e["peak_bytes"],
-                          "seconds": e["seconds_per_step"]}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "L": L,
+                    "N": n,
+                    "B": 1,
+                    **e["parts"],
+                    "peak": e["peak_bytes"],
+                    "seconds": e["seconds_per_step"],
+                }
+            ),
+            flush=True,
+        )

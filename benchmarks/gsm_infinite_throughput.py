@@ -42,18 +42,35 @@ def measure(model, tokenizer, by_op, loops, window, workdir, repeats=1):
     for r in range(repeats):
         out = os.path.join(workdir, f"N{loops}-L{window}-{r}")
         t0 = time.perf_counter()
-        gi.run_sweep(model, tokenizer, by_op, out, loops=[loops], window=window, eviction="hard",
-                    protocol="paper", settings={"subset": "medium", "length": "8k"},
-                    progress=False, echo=lambda *_: None)
+        gi.run_sweep(
+            model,
+            tokenizer,
+            by_op,
+            out,
+            loops=[loops],
+            window=window,
+            eviction="hard",
+            protocol="paper",
+            settings={"subset": "medium", "length": "8k"},
+            progress=False,
+            echo=lambda *_: None,
+        )
         times.append(time.perf_counter() - t0)
     seconds = min(times)
     problems = sum(len(r) for r in by_op.values())
-    tokens = sum(len(tokenizer.encode(gi.paper_example(r)["prompt"]))
-                 for rs in by_op.values() for r in rs)
-    return {"loops": loops, "window": window, "problems": problems, "prompt_tokens": tokens,
-            "seconds": seconds, "all_seconds": times,
-            "problems_per_minute": 60 * problems / seconds,
-            "prompt_tokens_per_s": tokens / seconds}
+    tokens = sum(
+        len(tokenizer.encode(gi.paper_example(r)["prompt"])) for rs in by_op.values() for r in rs
+    )
+    return {
+        "loops": loops,
+        "window": window,
+        "problems": problems,
+        "prompt_tokens": tokens,
+        "seconds": seconds,
+        "all_seconds": times,
+        "problems_per_minute": 60 * problems / seconds,
+        "prompt_tokens_per_s": tokens / seconds,
+    }
 
 
 def main():
@@ -86,26 +103,35 @@ def main():
         base = next(x for x in rows if x["window"] == r["window"] and x["loops"] == loops[0])
         r["time_ratio"] = r["seconds"] / base["seconds"]
         r["predicted_ratio"] = passes(r["loops"]) / passes(loops[0])
-    meta = {"machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores",
-            "device": str(mx.default_device()), "mlx": mx.__version__,
-            "blas": _blas.status["library"] or _blas.status["reason"],
-            "model": model.config.to_dict(), "data": os.path.basename(DATA),
-            "protocol": "paper", "max_tokens": gi.PAPER_MAX_TOKENS}
+    meta = {
+        "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores",
+        "device": str(mx.default_device()),
+        "mlx": mx.__version__,
+        "blas": _blas.status["library"] or _blas.status["reason"],
+        "model": model.config.to_dict(),
+        "data": os.path.basename(DATA),
+        "protocol": "paper",
+        "max_tokens": gi.PAPER_MAX_TOKENS,
+    }
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
-    lines = [f"GSM-Infinite evaluation throughput, paper protocol ({meta['machine']}, "
-             f"{meta['device']}, mlx {meta['mlx']}; tiny hybrid {model.config.layers}, width "
-             f"{model.config.hidden_size}, blocks {model.core[0]}..{model.core[1] - 1} looped; "
-             f"{rows[0]['problems']} medium 8k problems, fastest of {a.repeats} runs, "
-             f"{rows[0]['prompt_tokens']:,} prompt tokens in all, byte-level tokenizer)", "",
-             "| L | N | problems/min | prompt tokens/s | time ratio to N=1 "
-             "| predicted (block passes) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"GSM-Infinite evaluation throughput, paper protocol ({meta['machine']}, "
+        f"{meta['device']}, mlx {meta['mlx']}; tiny hybrid {model.config.layers}, width "
+        f"{model.config.hidden_size}, blocks {model.core[0]}..{model.core[1] - 1} looped; "
+        f"{rows[0]['problems']} medium 8k problems, fastest of {a.repeats} runs, "
+        f"{rows[0]['prompt_tokens']:,} prompt tokens in all, byte-level tokenizer)",
+        "",
+        "| L | N | problems/min | prompt tokens/s | time ratio to N=1 | predicted (block passes) |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['window']} | {r['loops']} | {r['problems_per_minute']:.1f} | "
-                     f"{r['prompt_tokens_per_s']:,.0f} | {r['time_ratio']:.2f} | "
-                     f"{r['predicted_ratio']:.2f} |")
+        lines.append(
+            f"| {r['window']} | {r['loops']} | {r['problems_per_minute']:.1f} | "
+            f"{r['prompt_tokens_per_s']:,.0f} | {r['time_ratio']:.2f} | "
+            f"{r['predicted_ratio']:.2f} |"
+        )
     with open(a.out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

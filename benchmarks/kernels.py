@@ -62,6 +62,7 @@ def nbytes(*arrays):
 
 # ------------------------------------------------------------------------------ cases
 
+
 def conv_cases(B, T, C, W, dtype):
     key = mx.random.split(mx.random.key(0), 4)
     x = mx.random.normal((B, T, C), key=key[0]).astype(dtype)
@@ -76,11 +77,16 @@ def conv_cases(B, T, C, W, dtype):
     }
     yield f"dynamic_conv fwd B={B} T={T} C={C} W={W}", B * T, io, variants
     if T > 1:
+
         def grad(fn):
-            return lambda: mx.vjp(lambda a, s, k: fn(a, s, k, silu=True)[0], [x, state, kern],
-                                  [dy])[1]
-        bwd = {"kernel fwd+bwd": grad(kernels.dynamic_conv),
-               "ops fallback fwd+bwd": grad(kernels.dynamic_conv_ops)}
+            return lambda: mx.vjp(
+                lambda a, s, k: fn(a, s, k, silu=True)[0], [x, state, kern], [dy]
+            )[1]
+
+        bwd = {
+            "kernel fwd+bwd": grad(kernels.dynamic_conv),
+            "ops fallback fwd+bwd": grad(kernels.dynamic_conv_ops),
+        }
         # forward io, then read x, state, kernel, dy and write their three gradients
         io_bwd = io + nbytes(x, state, kern, dy) + nbytes(x, state, kern)
         yield f"dynamic_conv fwd+bwd B={B} T={T} C={C} W={W}", B * T, io_bwd, bwd
@@ -97,20 +103,25 @@ def mlx_lm_step(q, k, v, a, b, A_log, dt_bias, state, gate, weight, eps):
 
 def gdn_cases(B, Hk, Hv, Dk, Dv, dtype):
     key = mx.random.split(mx.random.key(1), 8)
-    args = (mx.random.normal((B, 1, Hk, Dk), key=key[0]).astype(dtype),
-            mx.random.normal((B, 1, Hk, Dk), key=key[1]).astype(dtype),
-            mx.random.normal((B, 1, Hv, Dv), key=key[2]).astype(dtype),
-            mx.random.normal((B, 1, Hv), key=key[3]).astype(dtype),
-            mx.random.normal((B, 1, Hv), key=key[4]).astype(dtype),
-            mx.log(mx.random.uniform(1, 16, (Hv,), key=key[5])),
-            mx.random.uniform(-6, -2, (Hv,), key=key[6]),
-            0.1 * mx.random.normal((B, Hv, Dv, Dk), key=key[7]),  # float32 state, as the layer
-            mx.random.normal((B, 1, Hv, Dv), key=key[0]).astype(dtype),
-            mx.ones((Dv,)), 1e-6)
+    args = (
+        mx.random.normal((B, 1, Hk, Dk), key=key[0]).astype(dtype),
+        mx.random.normal((B, 1, Hk, Dk), key=key[1]).astype(dtype),
+        mx.random.normal((B, 1, Hv, Dv), key=key[2]).astype(dtype),
+        mx.random.normal((B, 1, Hv), key=key[3]).astype(dtype),
+        mx.random.normal((B, 1, Hv), key=key[4]).astype(dtype),
+        mx.log(mx.random.uniform(1, 16, (Hv,), key=key[5])),
+        mx.random.uniform(-6, -2, (Hv,), key=key[6]),
+        0.1 * mx.random.normal((B, Hv, Dv, Dk), key=key[7]),  # float32 state, as the layer
+        mx.random.normal((B, 1, Hv, Dv), key=key[0]).astype(dtype),
+        mx.ones((Dv,)),
+        1e-6,
+    )
     y, _ = kernels.gdn_step_ops(*args)
     io = nbytes(*args[:-1]) + nbytes(y, args[7])
-    variants = {"kernel (one launch)": lambda: kernels.gdn_step(*args),
-                "ops fallback (kernels.gated_delta ops)": lambda: kernels.gdn_step_ops(*args)}
+    variants = {
+        "kernel (one launch)": lambda: kernels.gdn_step(*args),
+        "ops fallback (kernels.gated_delta ops)": lambda: kernels.gdn_step_ops(*args),
+    }
     try:
         import mlx_lm.models.gated_delta  # noqa: F401
 
@@ -130,7 +141,7 @@ CONSOLIDATION_SHAPES = {  # Hk, Hv, Dk, Dv, from the converters' heads (kernels.
 
 def consolidation_inputs(L, Hk, Hv, Dk, Dv, dtype):
     key = mx.random.split(mx.random.key(2), 7)
-    q = l2_normalize(mx.random.normal((1, L, Hk, Dk), key=key[0])) * Dk ** -0.5
+    q = l2_normalize(mx.random.normal((1, L, Hk, Dk), key=key[0])) * Dk**-0.5
     k = l2_normalize(mx.random.normal((1, L, Hk, Dk), key=key[1]))
     v = mx.random.normal((1, L, Hv, Dv), key=key[2])
     decay = mx.random.uniform(0.9, 1.0, (1, L, Hv), key=key[3])  # float32, as decay_and_beta
@@ -150,9 +161,13 @@ def peak_memory(fn):
 
 
 def max_rel_diff(a, b):
-    return max((mx.abs(x.astype(mx.float32) - y.astype(mx.float32)).max() /
-                mx.maximum(mx.abs(y.astype(mx.float32)).max(), 1e-6)).item()
-               for x, y in zip(a, b))
+    return max(
+        (
+            mx.abs(x.astype(mx.float32) - y.astype(mx.float32)).max()
+            / mx.maximum(mx.abs(y.astype(mx.float32)).max(), 1e-6)
+        ).item()
+        for x, y in zip(a, b)
+    )
 
 
 def consolidation(L, dtype, min_time):
@@ -175,42 +190,92 @@ def consolidation(L, dtype, min_time):
                 sec = timeit(run, min_time, min_repeats=1)
                 mem = peak_memory(run)
                 measured[impl, what] = (sec, mem, run())
-                rows.append(dict(case=f"consolidation {shape_name} L={L}", variant=f"{impl} {what}",
-                                 ms=sec * 1e3, tokens_per_s=L / sec, peak_MB=mem / 2 ** 20))
-                print(f"consolidation {shape_name:32s} L={L} {impl:9s} {what:8s} "
-                      f"{sec * 1e3:10.1f} ms {mem / 2 ** 20:9.1f} MB peak", flush=True)
+                rows.append(
+                    dict(
+                        case=f"consolidation {shape_name} L={L}",
+                        variant=f"{impl} {what}",
+                        ms=sec * 1e3,
+                        tokens_per_s=L / sec,
+                        peak_MB=mem / 2**20,
+                    )
+                )
+                print(
+                    f"consolidation {shape_name:32s} L={L} {impl:9s} {what:8s} "
+                    f"{sec * 1e3:10.1f} ms {mem / 2**20:9.1f} MB peak",
+                    flush=True,
+                )
         (t_of, _, y_of), (t_cf, _, y_cf) = measured["ours", "fwd"], measured["MLX core", "fwd"]
-        (t_ob, m_ob, g_o), (t_cb, m_cb, g_c) = (measured["ours", "fwd+bwd"],
-                                                measured["MLX core", "fwd+bwd"])
+        (t_ob, m_ob, g_o), (t_cb, m_cb, g_c) = (
+            measured["ours", "fwd+bwd"],
+            measured["MLX core", "fwd+bwd"],
+        )
         diff = max(max_rel_diff(y_of, y_cf), max_rel_diff(g_o, g_c))
         tol = 1e-4 if dtype == mx.float32 else 2e-2
-        crit = [(f"{shape_name}: matches MLX core (max rel diff of y, S and the 6 gradients)",
-                 f"{diff:.2e}", f"<= {tol:g}", diff <= tol)]
+        crit = [
+            (
+                f"{shape_name}: matches MLX core (max rel diff of y, S and the 6 gradients)",
+                f"{diff:.2e}",
+                f"<= {tol:g}",
+                diff <= tol,
+            )
+        ]
         if shape_name.startswith("Jet"):  # MLX core runs its ops loop here
-            crit.append((f"{shape_name}: fwd+bwd speed-up over the ops loop", f"{t_cb / t_ob:.1f}x",
-                         ">= 50x", t_cb / t_ob >= 50))
+            crit.append(
+                (
+                    f"{shape_name}: fwd+bwd speed-up over the ops loop",
+                    f"{t_cb / t_ob:.1f}x",
+                    ">= 50x",
+                    t_cb / t_ob >= 50,
+                )
+            )
         else:
-            crit += [(f"{shape_name}: fwd+bwd speed-up over MLX core", f"{t_cb / t_ob:.2f}x",
-                      ">= 3x", t_cb / t_ob >= 3),
-                     (f"{shape_name}: fwd+bwd peak memory, MLX core / ours", f"{m_cb / m_ob:.1f}x",
-                      ">= 10x", m_cb / m_ob >= 10),
-                     (f"{shape_name}: forward time, MLX core / ours", f"{t_cf / t_of:.2f}x",
-                      ">= 1x (no slower)", t_cf / t_of >= 1)]
+            crit += [
+                (
+                    f"{shape_name}: fwd+bwd speed-up over MLX core",
+                    f"{t_cb / t_ob:.2f}x",
+                    ">= 3x",
+                    t_cb / t_ob >= 3,
+                ),
+                (
+                    f"{shape_name}: fwd+bwd peak memory, MLX core / ours",
+                    f"{m_cb / m_ob:.1f}x",
+                    ">= 10x",
+                    m_cb / m_ob >= 10,
+                ),
+                (
+                    f"{shape_name}: forward time, MLX core / ours",
+                    f"{t_cf / t_of:.2f}x",
+                    ">= 1x (no slower)",
+                    t_cf / t_of >= 1,
+                ),
+            ]
         criteria += crit
     return rows, criteria
 
 
 # ------------------------------------------------------------------------------ main
 
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer shapes, shorter timing")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 "
-                   "(default: bfloat16 with Metal, float32 on the CPU)")
-    p.add_argument("--only", choices=["kernels", "consolidation"], default=None,
-                   help="run only the per-kernel cases or only the consolidation case")
-    p.add_argument("--length", type=int, default=None,
-                   help="tokens of the consolidation pass (default 2000; --quick: 256)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="float32 | bfloat16 | float16 (default: bfloat16 with Metal, float32 on the CPU)",
+    )
+    p.add_argument(
+        "--only",
+        choices=["kernels", "consolidation"],
+        default=None,
+        help="run only the per-kernel cases or only the consolidation case",
+    )
+    p.add_argument(
+        "--length",
+        type=int,
+        default=None,
+        help="tokens of the consolidation pass (default 2000; --quick: 256)",
+    )
     p.add_argument("--out", default=RESULTS)
     args = p.parse_args()
     use_kernels = kernels.enabled()
@@ -218,9 +283,13 @@ def main():
     min_time = 0.2 if args.quick else 1.0
 
     # Jet-Nemotron-2B-like value channels; Qwen3-Next-like GDN heads
-    cases = [*conv_cases(1, 1, 3072, 4, dtype), *conv_cases(8, 1, 3072, 4, dtype),
-             *conv_cases(1, 512 if args.quick else 2048, 3072, 4, dtype),
-             *gdn_cases(1, 16, 32, 128, 128, dtype), *gdn_cases(8, 16, 32, 128, 128, dtype)]
+    cases = [
+        *conv_cases(1, 1, 3072, 4, dtype),
+        *conv_cases(8, 1, 3072, 4, dtype),
+        *conv_cases(1, 512 if args.quick else 2048, 3072, 4, dtype),
+        *gdn_cases(1, 16, 32, 128, 128, dtype),
+        *gdn_cases(8, 16, 32, 128, 128, dtype),
+    ]
     if not args.quick:
         cases += [*conv_cases(4, 512, 3072, 2, dtype), *gdn_cases(32, 16, 32, 128, 128, dtype)]
 
@@ -232,10 +301,20 @@ def main():
             if name.startswith("kernel") and not use_kernels:
                 continue  # the dispatcher would run the fallback: nothing new to time
             sec = timeit(fn, min_time)
-            rows.append(dict(case=case, variant=name, ms=sec * 1e3, tokens_per_s=tokens / sec,
-                             GB_per_s=io / sec / 1e9))
-            print(f"{case:44s} {name:42s} {sec * 1e3:9.3f} ms {tokens / sec:12.0f} tok/s "
-                  f"{io / sec / 1e9:8.2f} GB/s", flush=True)
+            rows.append(
+                dict(
+                    case=case,
+                    variant=name,
+                    ms=sec * 1e3,
+                    tokens_per_s=tokens / sec,
+                    GB_per_s=io / sec / 1e9,
+                )
+            )
+            print(
+                f"{case:44s} {name:42s} {sec * 1e3:9.3f} ms {tokens / sec:12.0f} tok/s "
+                f"{io / sec / 1e9:8.2f} GB/s",
+                flush=True,
+            )
 
     criteria, L = [], args.length or (256 if args.quick else 2000)
     if args.only != "kernels":
@@ -245,11 +324,16 @@ def main():
         for what, value, want, ok in criteria:
             print(f"  {what:72s} {value:>10s}  want {want:18s} {'met' if ok else 'NOT met'}")
 
-    env = dict(mlx=mx.__version__, device=str(mx.default_device()),
-               metal=mx.metal.is_available(), kernels_enabled=use_kernels,
-               machine=f"{platform.machine()} {platform.system()} {platform.processor()}".strip(),
-               dtype=str(dtype), quick=args.quick,
-               kernel_status={k.name: k.status for k in kernels.KERNELS.values()})
+    env = dict(
+        mlx=mx.__version__,
+        device=str(mx.default_device()),
+        metal=mx.metal.is_available(),
+        kernels_enabled=use_kernels,
+        machine=f"{platform.machine()} {platform.system()} {platform.processor()}".strip(),
+        dtype=str(dtype),
+        quick=args.quick,
+        kernel_status={k.name: k.status for k in kernels.KERNELS.values()},
+    )
     if mx.metal.is_available():
         env["gpu"] = mx.metal.device_info().get("device_name", "?")
     os.makedirs(args.out, exist_ok=True)
@@ -258,22 +342,32 @@ def main():
     with open(os.path.join(args.out, stem + ".json"), "w") as f:
         json.dump(dict(env=env, rows=rows, criteria=crit_rows), f, indent=1)
     with open(os.path.join(args.out, stem + ".md"), "w") as f:
-        f.write("# Kernel benchmark\n\n" + ", ".join(f"{k}: {v}" for k, v in env.items()
-                                                     if k != "kernel_status") + "\n\n")
-        f.write("| case | variant | ms | tokens/s | GB/s | peak MB |\n"
-                "|---|---|---:|---:|---:|---:|\n")
+        f.write(
+            "# Kernel benchmark\n\n"
+            + ", ".join(f"{k}: {v}" for k, v in env.items() if k != "kernel_status")
+            + "\n\n"
+        )
+        f.write(
+            "| case | variant | ms | tokens/s | GB/s | peak MB |\n|---|---|---:|---:|---:|---:|\n"
+        )
         for r in rows:
             gbs = f"{r['GB_per_s']:.2f}" if "GB_per_s" in r else ""
             peak = f"{r['peak_MB']:.1f}" if "peak_MB" in r else ""
-            f.write(f"| {r['case']} | {r['variant']} | {r['ms']:.3f} | {r['tokens_per_s']:.0f} "
-                    f"| {gbs} | {peak} |\n")
+            f.write(
+                f"| {r['case']} | {r['variant']} | {r['ms']:.3f} | {r['tokens_per_s']:.0f} "
+                f"| {gbs} | {peak} |\n"
+            )
         if crit_rows:
-            f.write("\nCriteria a Mac run (Metal kernels on) must meet; on the CPU both sides run "
-                    "ops, so they only record where the CPU stands:\n\n"
-                    "| criterion | measured | want | met |\n|---|---:|---|---|\n")
+            f.write(
+                "\nCriteria a Mac run (Metal kernels on) must meet; on the CPU both sides run "
+                "ops, so they only record where the CPU stands:\n\n"
+                "| criterion | measured | want | met |\n|---|---:|---|---|\n"
+            )
             for c in crit_rows:
-                f.write(f"| {c['criterion']} | {c['value']} | {c['want']} | "
-                        f"{'yes' if c['met'] else 'no'} |\n")
+                f.write(
+                    f"| {c['criterion']} | {c['value']} | {c['want']} | "
+                    f"{'yes' if c['met'] else 'no'} |\n"
+                )
         status = "; ".join(f"{k}: {v}" for k, v in env["kernel_status"].items())
         f.write(f"\nKernel status: {status}\n")
     print(f"wrote {args.out}/{stem}.json and {stem}.md")

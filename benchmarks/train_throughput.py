@@ -31,11 +31,19 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def measure(task, model_cfg, loops, checkpoint, batch_size, warmup, steps, workdir):
-    trainer = Trainer(os.path.join(workdir, f"N{loops}-ckpt{int(checkpoint)}"), model_cfg,
-                      SleepConfig(loops=loops, window=task.window, eviction=task.eviction), task,
-                      TrainConfig(steps=warmup + steps, batch_size=batch_size,
-                                  activation_checkpoint=checkpoint, compile=False),
-                      progress=False)
+    trainer = Trainer(
+        os.path.join(workdir, f"N{loops}-ckpt{int(checkpoint)}"),
+        model_cfg,
+        SleepConfig(loops=loops, window=task.window, eviction=task.eviction),
+        task,
+        TrainConfig(
+            steps=warmup + steps,
+            batch_size=batch_size,
+            activation_checkpoint=checkpoint,
+            compile=False,
+        ),
+        progress=False,
+    )
     batches = [task.sample(trainer.rng, batch_size) for _ in range(warmup + steps)]
     for b in batches[:warmup]:
         trainer.train_step(b)
@@ -44,10 +52,13 @@ def measure(task, model_cfg, loops, checkpoint, batch_size, warmup, steps, workd
     for b in batches[warmup:]:
         trainer.train_step(b)
     seconds = time.perf_counter() - t0
-    return {"loops": loops, "checkpoint": checkpoint,
-            "tokens_per_s": steps * batch_size * task.seq_len / seconds,
-            "seconds_per_step": seconds / steps,
-            "peak_memory_mb": mx.get_peak_memory() / 2 ** 20}
+    return {
+        "loops": loops,
+        "checkpoint": checkpoint,
+        "tokens_per_s": steps * batch_size * task.seq_len / seconds,
+        "seconds_per_step": seconds / steps,
+        "peak_memory_mb": mx.get_peak_memory() / 2**20,
+    }
 
 
 def main():
@@ -71,27 +82,39 @@ def main():
                 rows.append(r)
                 print(json.dumps(r), flush=True)
     for r in rows:
-        base = next(x for x in rows if x["loops"] == a.loops[0] and x["checkpoint"] == r["checkpoint"])
+        base = next(
+            x for x in rows if x["loops"] == a.loops[0] and x["checkpoint"] == r["checkpoint"]
+        )
         r["throughput_ratio"] = r["tokens_per_s"] / base["tokens_per_s"]
         r["predicted_ratio"] = a.loops[0] / r["loops"]
-    meta = {"machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores",
-            "device": str(mx.default_device()), "mlx": mx.__version__,
-            "blas": _blas.status["library"] or _blas.status["reason"],
-            "model": model_cfg.to_dict(), "task": task.to_dict(), "batch_size": batch,
-            "timed_steps": a.steps}
+    meta = {
+        "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores",
+        "device": str(mx.default_device()),
+        "mlx": mx.__version__,
+        "blas": _blas.status["library"] or _blas.status["reason"],
+        "model": model_cfg.to_dict(),
+        "task": task.to_dict(),
+        "batch_size": batch,
+        "timed_steps": a.steps,
+    }
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
-    lines = [f"Training throughput vs sleep loops N ({meta['machine']}, {meta['device']}, "
-             f"mlx {meta['mlx']}; {model_cfg.num_layers} layers, width {hidden}, batch {batch}, "
-             f"T = {task.seq_len}, window {task.window})", "",
-             "| N | act. checkpoint | tokens/s | s/step | ratio to N=1 | 1/N | peak MB |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Training throughput vs sleep loops N ({meta['machine']}, {meta['device']}, "
+        f"mlx {meta['mlx']}; {model_cfg.num_layers} layers, width {hidden}, batch {batch}, "
+        f"T = {task.seq_len}, window {task.window})",
+        "",
+        "| N | act. checkpoint | tokens/s | s/step | ratio to N=1 | 1/N | peak MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['loops']} | {'yes' if r['checkpoint'] else 'no'} | "
-                     f"{r['tokens_per_s']:,.0f} | {r['seconds_per_step']:.2f} | "
-                     f"{r['throughput_ratio']:.2f} | {r['predicted_ratio']:.2f} | "
-                     f"{r['peak_memory_mb']:.0f} |")
+        lines.append(
+            f"| {r['loops']} | {'yes' if r['checkpoint'] else 'no'} | "
+            f"{r['tokens_per_s']:,.0f} | {r['seconds_per_step']:.2f} | "
+            f"{r['throughput_ratio']:.2f} | {r['predicted_ratio']:.2f} | "
+            f"{r['peak_memory_mb']:.0f} |"
+        )
     with open(a.out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -32,8 +32,9 @@ __all__ = ["convert", "build", "ConversionError", "CONVERTERS"]
 def converter_for(hf: dict):
     model_type = hf.get("model_type")
     if not isinstance(model_type, str) or model_type not in CONVERTERS:
-        raise ConversionError(f"unsupported architecture {model_type!r}; supported: "
-                              f"{', '.join(sorted(CONVERTERS))}")
+        raise ConversionError(
+            f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(CONVERTERS))}"
+        )
     return CONVERTERS[model_type]
 
 
@@ -49,11 +50,15 @@ def build(src: str, *, core: Optional[Tuple[int, int]] = None, insert_jet_layers
     try:
         config = conv.from_hf_config(hf)
     except (ConfigError, TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError) as e:
-        raise ConversionError(f"{os.path.join(src, 'config.json')}: "
-                              f"{type(e).__name__ if isinstance(e, KeyError) else ''}{e}")
+        raise ConversionError(
+            f"{os.path.join(src, 'config.json')}: "
+            f"{type(e).__name__ if isinstance(e, KeyError) else ''}{e}"
+        )
     if not isinstance(insert_jet_layers, int) or not 0 <= insert_jet_layers <= config.num_layers:
-        raise ConversionError(f"--insert-jet-layers must be in 0..{config.num_layers} (at most one "
-                              f"per block; got {insert_jet_layers})")
+        raise ConversionError(
+            f"--insert-jet-layers must be in 0..{config.num_layers} (at most one "
+            f"per block; got {insert_jet_layers})"
+        )
     weights = conv.prepare_weights(rename_weights(read_weights(src), conv.to_ours), config)
     model = conv.Model(config)
     check_weights(model, weights, conv.to_hf)
@@ -70,21 +75,45 @@ def build(src: str, *, core: Optional[Tuple[int, int]] = None, insert_jet_layers
     return model, conv, hf
 
 
-def convert(hf_path: str, out: str, *, dtype: Optional[str] = None, quantize: bool = False,
-            q_bits: int = 4, q_group_size: int = 64, loops: Optional[int] = None,
-            window: Optional[int] = None, eviction: Optional[str] = None,
-            core: Optional[Tuple[int, int]] = None, insert_jet_layers: int = 0,
-            force: bool = False) -> str:
+def convert(
+    hf_path: str,
+    out: str,
+    *,
+    dtype: Optional[str] = None,
+    quantize: bool = False,
+    q_bits: int = 4,
+    q_group_size: int = 64,
+    loops: Optional[int] = None,
+    window: Optional[int] = None,
+    eviction: Optional[str] = None,
+    core: Optional[Tuple[int, int]] = None,
+    insert_jet_layers: int = 0,
+    force: bool = False,
+) -> str:
     """Convert a Hugging Face checkpoint (local directory or Hub id) into an MLX model
     directory `out`. Errors are ConversionError (a ValueError) with one line; `out` is only
     created, complete, at the very end."""
-    from .common import (cast, check_output, check_tokenizer_files, quantize as quantize_model,
-                         save_model_dir, source_dtype)
+    from .common import (
+        cast,
+        check_output,
+        check_tokenizer_files,
+        quantize as quantize_model,
+        save_model_dir,
+        source_dtype,
+    )
 
     check_output(out, force, hf_path if os.path.isdir(hf_path) else None)
     try:
-        sleep = SleepConfig(**{**DEFAULT_SLEEP, **{k: v for k, v in dict(
-            loops=loops, window=window, eviction=eviction).items() if v is not None}})
+        sleep = SleepConfig(
+            **{
+                **DEFAULT_SLEEP,
+                **{
+                    k: v
+                    for k, v in dict(loops=loops, window=window, eviction=eviction).items()
+                    if v is not None
+                },
+            }
+        )
     except ConfigError as e:
         raise ConversionError(str(e))
     src = resolve_source(hf_path)
@@ -101,18 +130,24 @@ def convert(hf_path: str, out: str, *, dtype: Optional[str] = None, quantize: bo
         "model": model.config.to_dict(),
         "sleep": sleep.to_dict(),
         # A Hub id as given; a local directory by its name only (no user paths in shared files).
-        "source": {"path": hf_path if src != hf_path else os.path.basename(os.path.normpath(src)),
-                   "architectures": hf.get("architectures"),
-                   "dtype": source_dtype(hf)},
+        "source": {
+            "path": hf_path if src != hf_path else os.path.basename(os.path.normpath(src)),
+            "architectures": hf.get("architectures"),
+            "dtype": source_dtype(hf),
+        },
     }
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         value = hf.get(key)
         if value is None:
             continue
-        if not all(type(i) is int and 0 <= i < model.vocab_size
-                   for i in (value if isinstance(value, list) else [value])):
-            raise ConversionError(f"config.json: {key} {str(value)[:40]} is not a token id of the "
-                                  f"model's vocabulary of {model.vocab_size}")
+        if not all(
+            type(i) is int and 0 <= i < model.vocab_size
+            for i in (value if isinstance(value, list) else [value])
+        ):
+            raise ConversionError(
+                f"config.json: {key} {str(value)[:40]} is not a token id of the "
+                f"model's vocabulary of {model.vocab_size}"
+            )
         config[key] = value
     if quantize:
         config = quantize_model(model, config, q_bits, q_group_size, model.keep_unquantized)

@@ -12,8 +12,15 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from ..io import (MARKER, atomic_dir, check_replaceable_dir, file_mode, read_json_object,
-                  save_arrays, write_json)
+from ..io import (
+    MARKER,
+    atomic_dir,
+    check_replaceable_dir,
+    file_mode,
+    read_json_object,
+    save_arrays,
+    write_json,
+)
 from ..loading import TOKENIZER_FILES, check_tokenizer_files  # noqa: F401 (convert uses it)
 from ..weights import CheckpointError, listing, shape_str
 
@@ -37,6 +44,7 @@ def read_config(src: str) -> dict:
 
 
 # -- checking tensors against the model -------------------------------------------------------
+
 
 def rename(name: str, rules) -> Optional[str]:
     """`name` rewritten by the first of the (pattern, replacement) rules that matches; None when
@@ -65,18 +73,24 @@ def check_weights(model: nn.Module, weights: dict, to_hf: Callable[[str], str]):
     """Missing, unexpected and mis-shaped tensors, named with their shapes (original names)."""
     expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
     missing = [f"{to_hf(k)} {shape_str(s)}" for k, s in expected.items() if k not in weights]
-    unexpected = [f"{to_hf(k)} {shape_str(v.shape)}" for k, v in weights.items() if k not in expected]
+    unexpected = [
+        f"{to_hf(k)} {shape_str(v.shape)}" for k, v in weights.items() if k not in expected
+    ]
     if missing:
         raise ConversionError(f"missing tensor(s): {listing(missing)}")
     if unexpected:
         raise ConversionError(f"unexpected tensor(s): {listing(unexpected)}")
-    wrong = [f"{to_hf(k)} is {shape_str(weights[k].shape)}, config.json implies "
-             f"{shape_str(s)}" for k, s in expected.items() if tuple(weights[k].shape) != tuple(s)]
+    wrong = [
+        f"{to_hf(k)} is {shape_str(weights[k].shape)}, config.json implies {shape_str(s)}"
+        for k, s in expected.items()
+        if tuple(weights[k].shape) != tuple(s)
+    ]
     if wrong:
         raise ConversionError(f"config.json disagrees with the weights: {listing(wrong, 2)}")
 
 
 # -- dtype, quantization ----------------------------------------------------------------------
+
 
 def source_dtype(hf: dict) -> str:
     dtype = hf.get("torch_dtype") or hf.get("dtype") or "float16"
@@ -89,8 +103,13 @@ def cast(model: nn.Module, dtype: str):
     model.set_dtype(DTYPES[dtype])
 
 
-def quantize(model: nn.Module, config: dict, bits: int, group_size: int,
-             skip: Callable[[str], bool] = lambda path: False) -> dict:
+def quantize(
+    model: nn.Module,
+    config: dict,
+    bits: int,
+    group_size: int,
+    skip: Callable[[str], bool] = lambda path: False,
+) -> dict:
     """mlx-lm's quantization (nn.quantize with a class predicate; config gets "quantization")."""
     from mlx_lm.utils import quantize_model
 
@@ -98,12 +117,14 @@ def quantize(model: nn.Module, config: dict, bits: int, group_size: int,
         raise ConversionError(f"--q-bits must be one of 2, 3, 4, 5, 6, 8 (got {bits})")
     if group_size not in (32, 64, 128):
         raise ConversionError(f"--q-group-size must be 32, 64 or 128 (got {group_size})")
-    _, config = quantize_model(model, config, group_size, bits,
-                               quant_predicate=lambda path, module: not skip(path))
+    _, config = quantize_model(
+        model, config, group_size, bits, quant_predicate=lambda path, module: not skip(path)
+    )
     return config
 
 
 # -- writing ----------------------------------------------------------------------------------
+
 
 def check_output(out: str, force: bool, src: Optional[str] = None):
     """`out` may be (re)written as a whole: see io.check_replaceable_dir (never the source, the
@@ -128,14 +149,19 @@ def save_model_dir(out: str, config: dict, weights: Dict[str, mx.array], src: Op
         write_json(os.path.join(tmp, MARKER), {"owner": "model", "written_by": "mlx-sleep"})
         weight_map = {}
         for i, shard in enumerate(shards):
-            name = ("model.safetensors" if len(shards) == 1
-                    else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors")
+            name = (
+                "model.safetensors"
+                if len(shards) == 1
+                else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            )
             save_arrays(os.path.join(tmp, name), shard, metadata={"format": "mlx"})
             weight_map.update({k: name for k in shard})
         if len(shards) > 1:
             total = sum(v.nbytes for v in weights.values())
-            write_json(os.path.join(tmp, "model.safetensors.index.json"),
-                       {"metadata": {"total_size": total}, "weight_map": weight_map})
+            write_json(
+                os.path.join(tmp, "model.safetensors.index.json"),
+                {"metadata": {"total_size": total}, "weight_map": weight_map},
+            )
         if src is not None:
             for f in TOKENIZER_FILES:
                 if os.path.isfile(os.path.join(src, f)):

@@ -17,6 +17,7 @@ tests/fixtures and the reference README):
 
 Sleep default: the middle half of the blocks is the looped core (2B: blocks 7..20 of 28).
 """
+
 from ..config import ConfigError, ModelConfig, json_bool, middle_half_core
 from ..models.hybrid import HybridLM
 from .common import ConversionError, rename
@@ -28,6 +29,7 @@ LAYER_TYPES = {"jet": "jet", "attn": "attn", "swa": "swa"}
 
 def from_hf_config(hf: dict) -> ModelConfig:
     """ModelConfig for a Hugging Face Jet-Nemotron config.json (a dict)."""
+
     def get(d, key, where="config.json"):
         if key not in d:
             raise ConfigError(f"{where} has no {key!r}")
@@ -37,11 +39,14 @@ def from_hf_config(hf: dict) -> ModelConfig:
     types = get(hf, "layer_types")
     bad = sorted({t for t in types if t not in LAYER_TYPES})
     if bad:
-        raise ConfigError(f"unsupported Jet-Nemotron layer type(s) {bad}; "
-                          f"supported: {', '.join(LAYER_TYPES)}")
+        raise ConfigError(
+            f"unsupported Jet-Nemotron layer type(s) {bad}; supported: {', '.join(LAYER_TYPES)}"
+        )
     if len(types) != get(hf, "num_hidden_layers"):
-        raise ConfigError(f"config.json: layer_types has {len(types)} entries but "
-                          f"num_hidden_layers is {hf['num_hidden_layers']}")
+        raise ConfigError(
+            f"config.json: layer_types has {len(types)} entries but "
+            f"num_hidden_layers is {hf['num_hidden_layers']}"
+        )
     if hf.get("rope_scaling"):
         raise ConfigError(f"rope_scaling {hf['rope_scaling']!r} is not supported yet")
     if hf.get("use_mrope"):
@@ -64,8 +69,13 @@ def from_hf_config(hf: dict) -> ModelConfig:
     if hf.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"hidden_act {hf['hidden_act']!r} is not supported (silu only)")
     if "swa" in types:
-        kw["swa_window"] = int(get(get(eff, "swa", "efficient_attention_config"), "window_size",
-                                   "efficient_attention_config.swa"))
+        kw["swa_window"] = int(
+            get(
+                get(eff, "swa", "efficient_attention_config"),
+                "window_size",
+                "efficient_attention_config.swa",
+            )
+        )
     if "jet" in types:
         jet = get(eff, "jet", "efficient_attention_config")
         where = "efficient_attention_config.jet"
@@ -74,13 +84,20 @@ def from_hf_config(hf: dict) -> ModelConfig:
         head_v = int(head_k * expand_v)  # int() truncation, as the original
         value_dim = int(jet_heads * head_k * expand_v)
         if value_dim != jet_heads * head_v:
-            raise ConfigError(f"{where}: expand_v {expand_v} gives value_dim {value_dim} but "
-                              f"{jet_heads} heads x head_v_dim {head_v} = {jet_heads * head_v}")
+            raise ConfigError(
+                f"{where}: expand_v {expand_v} gives value_dim {value_dim} but "
+                f"{jet_heads} heads x head_v_dim {head_v} = {jet_heads * head_v}"
+            )
         reduction = int(get(jet, "dconv_generator_reduction", where))
-        kw.update(gdn_k_heads=jet_heads, gdn_v_heads=jet_heads, gdn_head_k_dim=head_k,
-                  gdn_head_v_dim=head_v, gdn_norm_eps=float(get(jet, "norm_eps", where)),
-                  conv_size=int(get(jet, "conv_size", where)),
-                  jet_generator_reduction=reduction)
+        kw.update(
+            gdn_k_heads=jet_heads,
+            gdn_v_heads=jet_heads,
+            gdn_head_k_dim=head_k,
+            gdn_head_v_dim=head_v,
+            gdn_norm_eps=float(get(jet, "norm_eps", where)),
+            conv_size=int(get(jet, "conv_size", where)),
+            jet_generator_reduction=reduction,
+        )
     kw["core"] = middle_half_core(len(types))
     return ModelConfig(**kw)
 
@@ -97,7 +114,10 @@ _TO_OURS = [
 _TO_HF = [
     (r"^embed_tokens\.", "model.embed_tokens."),
     (r"^norm\.", "model.norm."),
-    (r"^layers\.(\d+)\.mixer\.kernel_generator\.", r"model.layers.\1.self_attn.dynamic_conv1d.kernel_generator."),
+    (
+        r"^layers\.(\d+)\.mixer\.kernel_generator\.",
+        r"model.layers.\1.self_attn.dynamic_conv1d.kernel_generator.",
+    ),
     (r"^layers\.(\d+)\.mixer\.", r"model.layers.\1.self_attn."),
     (r"^layers\.(\d+)\.", r"model.layers.\1."),
     (r"^lm_head\.", "lm_head."),
@@ -122,7 +142,8 @@ def prepare_weights(weights: dict, config) -> dict:
         head = weights.pop("lm_head.weight")
         embed = weights.get("embed_tokens.weight")
         if embed is not None and (head.shape != embed.shape or not mx.array_equal(head, embed)):
-            raise ConversionError("config.json says tie_word_embeddings but lm_head.weight "
-                                  "differs from model.embed_tokens.weight")
+            raise ConversionError(
+                "config.json says tie_word_embeddings but lm_head.weight "
+                "differs from model.embed_tokens.weight"
+            )
     return weights
-

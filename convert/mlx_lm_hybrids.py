@@ -34,14 +34,26 @@ from ..models import mlx_lm_adapters as arch
 from .common import ConversionError
 
 # Config keys every one of these needs (mlx-lm's Qwen3.5 args would default them silently).
-REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
-            "intermediate_size", "rms_norm_eps", "linear_num_key_heads",
-            "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
-            "linear_conv_kernel_dim")
+REQUIRED = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "vocab_size",
+    "intermediate_size",
+    "rms_norm_eps",
+    "linear_num_key_heads",
+    "linear_num_value_heads",
+    "linear_key_head_dim",
+    "linear_value_head_dim",
+    "linear_conv_kernel_dim",
+)
 # Qwen3.5 MoE: every layer's MLP is routed (no dense intermediate_size)
 MOE_REQUIRED = tuple(k for k in REQUIRED if k != "intermediate_size") + (
-    "num_experts", "num_experts_per_tok", "moe_intermediate_size",
-    "shared_expert_intermediate_size")
+    "num_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "shared_expert_intermediate_size",
+)
 
 
 def _need(c: dict, keys, where="config.json"):
@@ -97,8 +109,11 @@ class HybridConverter:
         if c.get("rope_parameters") is None:  # older layout: rope settings at the top level
             if c.get("rope_theta") is None:
                 raise ConfigError("config.json has neither rope_parameters nor rope_theta")
-            c["rope_parameters"] = {"rope_type": "default", "rope_theta": c["rope_theta"],
-                                    "partial_rotary_factor": c.get("partial_rotary_factor", 0.25)}
+            c["rope_parameters"] = {
+                "rope_type": "default",
+                "rope_theta": c["rope_theta"],
+                "partial_rotary_factor": c.get("partial_rotary_factor", 0.25),
+            }
 
     def _args_qwen3_5_moe(self, c):
         self._args_qwen3_5(c)
@@ -115,8 +130,14 @@ class HybridConverter:
         c.setdefault("decoder_sparse_step", 1)
         from mlx_lm.models.qwen3_next import ModelArgs
 
-        _need(c, [f.name for f in dataclasses.fields(ModelArgs)
-                  if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING])
+        _need(
+            c,
+            [
+                f.name
+                for f in dataclasses.fields(ModelArgs)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            ],
+        )
 
     def _args_olmo_hybrid(self, c):
         rope = c.get("rope_parameters")
@@ -126,10 +147,16 @@ class HybridConverter:
             # Released checkpoints: no RoPE at all. mlx-lm skips RoPE when rope_theta is None.
             c["rope_parameters"], c["rope_theta"] = None, None
         elif _rope_type(rope) != "default":
-            raise ConfigError(f"rope type {_rope_type(rope)!r} is not supported for olmo_hybrid "
-                              "(mlx-lm's model file implements plain RoPE)")
-        for key, default in (("linear_allow_neg_eigval", True), ("tie_word_embeddings", False),
-                             ("attention_bias", False), ("max_position_embeddings", 65536)):
+            raise ConfigError(
+                f"rope type {_rope_type(rope)!r} is not supported for olmo_hybrid "
+                "(mlx-lm's model file implements plain RoPE)"
+            )
+        for key, default in (
+            ("linear_allow_neg_eigval", True),
+            ("tie_word_embeddings", False),
+            ("attention_bias", False),
+            ("max_position_embeddings", 65536),
+        ):
             c.setdefault(key, default)
         if c.get("num_key_value_heads") is None:
             c["num_key_value_heads"] = c["num_attention_heads"]
@@ -146,16 +173,21 @@ class HybridConverter:
         return name
 
     def prepare_weights(self, weights: dict, config: arch.AdapterConfig) -> dict:
-        weights = {k: v for k, v in weights.items()
-                   if not k.startswith(("model.visual.", "visual.", "vision_tower."))}
+        weights = {
+            k: v
+            for k, v in weights.items()
+            if not k.startswith(("model.visual.", "visual.", "vision_tower."))
+        }
         tied = config.args.get("tie_word_embeddings")
         head, embed = weights.get("lm_head.weight"), weights.get("model.embed_tokens.weight")
         if tied and head is not None and embed is not None:
             import mlx.core as mx
 
             if head.shape != embed.shape or not mx.array_equal(head, embed):
-                raise ConversionError("config.json says tie_word_embeddings but lm_head.weight "
-                                      "differs from model.embed_tokens.weight")
+                raise ConversionError(
+                    "config.json says tie_word_embeddings but lm_head.weight "
+                    "differs from model.embed_tokens.weight"
+                )
         moe = any(".mlp.experts." in k for k in weights)
         if self.MODEL_TYPE == "qwen3_5_moe":
             weights = _stack_experts(weights)
@@ -182,18 +214,26 @@ def _stack_experts(weights: dict) -> dict:
     for (prefix, proj), experts in groups.items():
         if sorted(experts) != list(range(len(experts))):
             missing = sorted(set(range(max(experts) + 1)) - set(experts))
-            raise ConversionError("missing tensor(s): " + ", ".join(
-                f"{prefix}.experts.{e}.{proj}.weight" for e in missing))
+            raise ConversionError(
+                "missing tensor(s): "
+                + ", ".join(f"{prefix}.experts.{e}.{proj}.weight" for e in missing)
+            )
         out[f"{prefix}.switch_mlp.{proj}.weight"] = mx.stack(
-            [experts[e] for e in range(len(experts))])
+            [experts[e] for e in range(len(experts))]
+        )
     return out
 
 
 def _qwen_norms_and_conv(weights: dict) -> dict:
     """What mlx-lm's Qwen sanitize does to a Hugging Face checkpoint: conv weights [C, 1, W] ->
     [C, W, 1]; zero-centred RMSNorm weights w -> 1 + w (not the gated GDN norm)."""
-    norms = (".input_layernorm.weight", ".post_attention_layernorm.weight", "model.norm.weight",
-             ".q_norm.weight", ".k_norm.weight")
+    norms = (
+        ".input_layernorm.weight",
+        ".post_attention_layernorm.weight",
+        "model.norm.weight",
+        ".q_norm.weight",
+        ".k_norm.weight",
+    )
     out = {}
     for k, v in weights.items():
         if "conv1d.weight" in k and v.ndim == 3 and v.shape[-1] != 1:
@@ -204,19 +244,34 @@ def _qwen_norms_and_conv(weights: dict) -> dict:
     return out
 
 
-QWEN3_5 = HybridConverter("qwen3_5", [(r"^model\.language_model\.", "model."),
-                                      (r"^language_model\.model\.", "model."),
-                                      (r"^language_model\.lm_head\.", "lm_head.")])
+QWEN3_5 = HybridConverter(
+    "qwen3_5",
+    [
+        (r"^model\.language_model\.", "model."),
+        (r"^language_model\.model\.", "model."),
+        (r"^language_model\.lm_head\.", "lm_head."),
+    ],
+)
 QWEN3_5_MOE = HybridConverter("qwen3_5_moe", QWEN3_5._to_ours, required=MOE_REQUIRED)
 QWEN3_NEXT = HybridConverter("qwen3_next")
 OLMO_HYBRID = HybridConverter(
     "olmo_hybrid",
-    to_ours=[(r"\.attention_layer_norm\.", ".input_layernorm."),
-             (r"\.feedforward_layer_norm\.", ".post_attention_layernorm.")],
-    to_hf=[(r"\.input_layernorm\.", ".attention_layer_norm."),
-           (r"\.post_attention_layernorm\.", ".feedforward_layer_norm.")])
+    to_ours=[
+        (r"\.attention_layer_norm\.", ".input_layernorm."),
+        (r"\.feedforward_layer_norm\.", ".post_attention_layernorm."),
+    ],
+    to_hf=[
+        (r"\.input_layernorm\.", ".attention_layer_norm."),
+        (r"\.post_attention_layernorm\.", ".feedforward_layer_norm."),
+    ],
+)
 
 # config.json model_type -> importer (..._text: a text-only checkpoint)
-HYBRIDS = {"qwen3_5": QWEN3_5, "qwen3_5_text": QWEN3_5, "qwen3_5_moe": QWEN3_5_MOE,
-           "qwen3_5_moe_text": QWEN3_5_MOE, "qwen3_next": QWEN3_NEXT,
-           "olmo_hybrid": OLMO_HYBRID}
+HYBRIDS = {
+    "qwen3_5": QWEN3_5,
+    "qwen3_5_text": QWEN3_5,
+    "qwen3_5_moe": QWEN3_5_MOE,
+    "qwen3_5_moe_text": QWEN3_5_MOE,
+    "qwen3_next": QWEN3_NEXT,
+    "olmo_hybrid": OLMO_HYBRID,
+}

@@ -15,7 +15,9 @@ engine = SleepEngine(model, SleepConfig(loops=3, window=32, eviction="hard"))
 
 prompt = mx.random.randint(0, 256, (1, 80))
 logits = engine.feed(prompt)  # two full windows slept on by themselves, 16 tokens live
-print(f"fed {engine.offset} tokens: {engine.sleeps} sleeps, {engine.window_len} tokens in the live window")
+print(
+    f"fed {engine.offset} tokens: {engine.sleeps} sleeps, {engine.window_len} tokens in the live window"
+)
 
 # An idle sleep, cancelled after the first pass: the engine is left exactly as it was.
 engine.consolidate(cancel=lambda: True, on_pass=lambda n, N: print(f"  sleep pass {n}/{N}"))

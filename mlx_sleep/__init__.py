@@ -10,5 +10,14 @@ from .sleep import SleepEngine, sleep_forward, sleep_loss, sleep_value_and_grad 
 from .loading import load, load_model  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["ModelConfig", "SleepConfig", "HybridLM", "SleepEngine", "sleep_forward", "sleep_loss",
-           "sleep_value_and_grad", "load", "load_model"]
+__all__ = [
+    "ModelConfig",
+    "SleepConfig",
+    "HybridLM",
+    "SleepEngine",
+    "sleep_forward",
+    "sleep_loss",
+    "sleep_value_and_grad",
+    "load",
+    "load_model",
+]

@@ -35,8 +35,19 @@ def _find():
     for path in CANDIDATES:
         if os.path.exists(path):
             return path
-    for path in sorted(glob.glob(os.path.join(sys.prefix, "lib", "python3*", "site-packages",
-                                              "scipy_openblas*", "lib", "libscipy_openblas*.so"))):
+    for path in sorted(
+        glob.glob(
+            os.path.join(
+                sys.prefix,
+                "lib",
+                "python3*",
+                "site-packages",
+                "scipy_openblas*",
+                "lib",
+                "libscipy_openblas*.so",
+            )
+        )
+    ):
         return path
     return None
 
@@ -57,7 +68,9 @@ def load():
         return status
     path = choice if choice not in ("1", "") else _find()
     if path is None:
-        status.update(reason="no optimized BLAS found (Debian/Ubuntu: apt-get install libopenblas0-pthread)")
+        status.update(
+            reason="no optimized BLAS found (Debian/Ubuntu: apt-get install libopenblas0-pthread)"
+        )
         return status
     try:
         ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)

@@ -24,8 +24,10 @@ class LayerStateCache:
 
     @state.setter
     def state(self, v):
-        raise NotImplementedError("mlx-sleep caches cannot be restored from mlx-lm prompt-cache "
-                                  "files; use SleepEngine.state_dict() / load_state_dict()")
+        raise NotImplementedError(
+            "mlx-sleep caches cannot be restored from mlx-lm prompt-cache "
+            "files; use SleepEngine.state_dict() / load_state_dict()"
+        )
 
     def is_trimmable(self):
         return False

@@ -14,8 +14,9 @@ line editing, the session's own turns as history, pastes of any length kept whol
 paste, not the tty's 4,095-character line buffer), Alt-Enter for a new line; the idle sleep runs
 in a thread while the prompt waits. On a pipe, lines are read from the raw file descriptor
 (select + os.read) with a timeout, one line per turn. On both, a line starting with three
-double quotes opens a block that the next line ending with them closes (one multi-line turn). Notices ([window
-full], passes, speed, [saved]) go to stderr, so a piped reply on stdout is the reply alone.
+double quotes opens a block that the next line ending with them closes (one multi-line turn).
+Notices ([window full], passes, speed, [saved]) go to stderr, so a piped reply on stdout is the
+reply alone.
 """
 
 import codecs
@@ -92,7 +93,9 @@ def mib(n: float) -> str:
 
 
 def process_memory() -> str:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (
+        1 if sys.platform == "darwin" else 1024
+    )
     try:
         with open("/proc/self/statm") as f:
             rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -102,7 +105,7 @@ def process_memory() -> str:
 
 
 def plural(n: int, word: str) -> str:
-    """"1 pass", "2 passes", "3 consolidations"."""
+    """ "1 pass", "2 passes", "3 consolidations"."""
     return f"{n} {word}" if n == 1 else f"{n} {word}{'es' if word.endswith('s') else 's'}"
 
 
@@ -140,8 +143,18 @@ def no_echo(fd):
 
 
 class Chat:
-    def __init__(self, session, tokenizer, out=None, max_tokens=512, stop=(),
-                 idle_delay=60.0, idle_fill=0.5, sampling=None, err=None):
+    def __init__(
+        self,
+        session,
+        tokenizer,
+        out=None,
+        max_tokens=512,
+        stop=(),
+        idle_delay=60.0,
+        idle_fill=0.5,
+        sampling=None,
+        err=None,
+    ):
         self.session, self.engine, self.tokenizer = session, session.engine, tokenizer
         self.out, self.err = out, err  # None: sys.stdout / sys.stderr when written (patched)
         self.max_tokens, self.stop = max_tokens, list(stop)
@@ -166,10 +179,14 @@ class Chat:
         """The window filled during a turn: a line per pass, and Ctrl-C stops it between passes
         (the reply stops there and the window stays full until the next turn)."""
         e = self.engine
-        self.note(f"\n[window full ({e.sleep.window} tokens): sleeping, "
-                  f"{plural(e.sleep.loops, 'pass')}; Ctrl-C stops]")
-        return dict(cancel=self.interrupt.is_set,
-                    on_pass=lambda i, n: self.note(f"[sleeping: pass {i}/{n}]"))
+        self.note(
+            f"\n[window full ({e.sleep.window} tokens): sleeping, "
+            f"{plural(e.sleep.loops, 'pass')}; Ctrl-C stops]"
+        )
+        return dict(
+            cancel=self.interrupt.is_set,
+            on_pass=lambda i, n: self.note(f"[sleeping: pass {i}/{n}]"),
+        )
 
     # -- one turn ------------------------------------------------------------------------------
     def turn(self, text: str):
@@ -180,7 +197,7 @@ class Chat:
         # same way (ChatML and most others) `fed` is a prefix of `rendered`; otherwise the part
         # after the longest common prefix is the best that can be done without a rollback.
         common = os.path.commonprefix([rendered, fed])
-        delta = rendered[len(common):]
+        delta = rendered[len(common) :]
         ids = self.tokenizer.encode(delta, add_special_tokens=False)
         if not ids:
             return
@@ -188,22 +205,35 @@ class Chat:
         reply = Reply()
         sleeps, start = self.engine.sleeps, self.engine.offset
         mx.reset_peak_memory()
-        for piece in stream_reply(self.engine, self.tokenizer, ids, self.max_tokens, self.stop,
-                                  self.interrupt.is_set, reply, sampler=self.sampler,
-                                  logits_processors=self.processors):
+        for piece in stream_reply(
+            self.engine,
+            self.tokenizer,
+            ids,
+            self.max_tokens,
+            self.stop,
+            self.interrupt.is_set,
+            reply,
+            sampler=self.sampler,
+            logits_processors=self.processors,
+        ):
             self.say(piece, end="")
         if reply.stopped == "interrupted":
             self.note(" [stopped]", end="")
         self.say("")
         if self.engine.sleeps > sleeps:
-            self.note(f"[slept {plural(self.engine.sleeps - sleeps, 'time')} during this turn; "
-                      f"{plural(self.engine.sleeps, 'consolidation')} so far]")
+            self.note(
+                f"[slept {plural(self.engine.sleeps - sleeps, 'time')} during this turn; "
+                f"{plural(self.engine.sleeps, 'consolidation')} so far]"
+            )
         self.note(f"[{reply.speed(len(ids))}]")
         # What the engine consumed: a forced sleep stopped by Ctrl-C can end the turn inside the
         # prompt; the next turn then feeds the rest (its text follows the common prefix).
         fed = self.engine.offset - start
-        consumed = (self.tokenizer.decode(ids[:fed]) if fed < len(ids) else
-                    delta + self.tokenizer.decode(reply.tokens[:fed - len(ids)]))
+        consumed = (
+            self.tokenizer.decode(ids[:fed])
+            if fed < len(ids)
+            else delta + self.tokenizer.decode(reply.tokens[: fed - len(ids)])
+        )
         self.session.messages = messages + [{"role": "assistant", "content": reply.text}]
         self.session.fed_text = common + consumed
         self.session.save()
@@ -211,13 +241,19 @@ class Chat:
     # -- commands ------------------------------------------------------------------------------
     def status(self):
         e = self.engine
-        fast = sum(a.nbytes for s, block in zip(e.state, e.model.sleep_blocks())
-                   for k, a in s.items() if k in block.mixer.carried)
+        fast = sum(
+            a.nbytes
+            for s, block in zip(e.state, e.model.sleep_blocks())
+            for k, a in s.items()
+            if k in block.mixer.carried
+        )
         L = e.sleep.window
-        self.say(f"session {self.session.name}: {e.offset} tokens seen, window {e.window_len}/{L} "
-                 f"({100 * e.window_len / L:.0f}%), {plural(e.sleeps, 'consolidation')} "
-                 f"(N = {e.sleep.loops}, {e.sleep.eviction} eviction), "
-                 f"{len(e.snapshots)}/{e.history} snapshots for /forget")
+        self.say(
+            f"session {self.session.name}: {e.offset} tokens seen, window {e.window_len}/{L} "
+            f"({100 * e.window_len / L:.0f}%), {plural(e.sleeps, 'consolidation')} "
+            f"(N = {e.sleep.loops}, {e.sleep.eviction} eviction), "
+            f"{len(e.snapshots)}/{e.history} snapshots for /forget"
+        )
         self.say(f"memory: fast weights {mib(fast)}, process {process_memory()}")
 
     def sleep_now(self, cancel=None, label="sleeping") -> bool:
@@ -227,14 +263,18 @@ class Chat:
             return True
         n = self.engine.window_len
         done = self.engine.consolidate(
-            cancel=cancel, on_pass=lambda i, N: self.note(f"[{label}: pass {i}/{N}]"))
+            cancel=cancel, on_pass=lambda i, N: self.note(f"[{label}: pass {i}/{N}]")
+        )
         if done:
             self.session.save()
-            self.note(f"[consolidated {n} tokens; "
-                      f"{plural(self.engine.sleeps, 'consolidation')} so far]")
+            self.note(
+                f"[consolidated {n} tokens; {plural(self.engine.sleeps, 'consolidation')} so far]"
+            )
         else:
-            self.note("[sleep cancelled; the session is as it was, and the next sleep starts "
-                      "again from pass 1]")
+            self.note(
+                "[sleep cancelled; the session is as it was, and the next sleep starts "
+                "again from pass 1]"
+            )
         return done
 
     def command(self, line: str) -> bool:
@@ -261,8 +301,10 @@ class Chat:
         elif cmd == "/forget":
             if self.engine.forget():
                 self.session.save()
-                self.say(f"[forgot the last consolidation; {self.engine.sleeps} remain, "
-                         f"{len(self.engine.snapshots)} more can be rolled back]")
+                self.say(
+                    f"[forgot the last consolidation; {self.engine.sleeps} remain, "
+                    f"{len(self.engine.snapshots)} more can be rolled back]"
+                )
             else:
                 self.say("[nothing to forget: no consolidation in the history]")
         else:
@@ -272,7 +314,11 @@ class Chat:
     # -- idle sleep ----------------------------------------------------------------------------
     def wants_idle_sleep(self) -> bool:
         e = self.engine
-        return self.idle_delay > 0 and e.window_len > 0 and e.window_len >= self.idle_fill * e.sleep.window
+        return (
+            self.idle_delay > 0
+            and e.window_len > 0
+            and e.window_len >= self.idle_fill * e.sleep.window
+        )
 
     def idle_sleep(self, reader: LineReader):
         """Pipes: consolidate in a background thread until done or until a line arrives."""
@@ -302,6 +348,7 @@ class Chat:
         def stop():
             quit_.set()
             worker.join()  # the engine is the main thread's again
+
         return stop
 
     # -- the loop ------------------------------------------------------------------------------
@@ -315,11 +362,15 @@ class Chat:
 
     def banner(self):
         e, s = self.engine, self.engine.sleep
-        self.note(f"model {self.session.identity['path']}: N = {s.loops}, L = {s.window}, "
-                  f"{s.eviction} eviction")
-        self.note(f"session {self.session.name}: {e.offset} tokens, "
-                  f"{plural(e.sleeps, 'consolidation')}. /help for commands, {BLOCK_QUOTES} or "
-                  "Alt-Enter for several lines, Ctrl-D to leave.")
+        self.note(
+            f"model {self.session.identity['path']}: N = {s.loops}, L = {s.window}, "
+            f"{s.eviction} eviction"
+        )
+        self.note(
+            f"session {self.session.name}: {e.offset} tokens, "
+            f"{plural(e.sleeps, 'consolidation')}. /help for commands, {BLOCK_QUOTES} or "
+            "Alt-Enter for several lines, Ctrl-D to leave."
+        )
 
     def run(self, fd=None):
         if fd is None:
@@ -355,9 +406,11 @@ class Chat:
             if line == "":
                 return
             if line.lstrip().startswith(BLOCK_QUOTES):
+
                 def next_line():
                     more = reader.readline()
                     return more.rstrip("\n") if more else None
+
                 line = read_block(line.lstrip().rstrip("\n"), next_line)
             if not self.handle(line.rstrip("\n")):
                 return

@@ -21,7 +21,9 @@ MAX_INT = 2**31 - 1  # MLX shapes are 32-bit
 MAX_LOOPS = 1024  # N: each pass is a full forward (and backward) over the window (the paper: <= 6)
 MAX_WINDOW = 1 << 20
 MAX_BLOCKS = 4096  # blocks the sleep engine runs per pass (Ouro: total_ut_steps x stack)
-MAX_DIM = 1 << 24  # any one size (vocabulary, width, heads): products of two still fit memory checks
+MAX_DIM = (
+    1 << 24
+)  # any one size (vocabulary, width, heads): products of two still fit memory checks
 
 
 class ConfigError(ValueError):
@@ -47,8 +49,9 @@ def _type_ok(value, hint) -> bool:
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool) and abs(value) <= MAX_INT
     if hint is float:
-        return (isinstance(value, (int, float)) and not isinstance(value, bool)
-                and math.isfinite(value))
+        return (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        )
     if hint is str:
         return isinstance(value, str)
     if hint is dict or origin is dict:
@@ -75,8 +78,13 @@ def _type_name(hint) -> str:
         return "a list of " + item.get(args[0], "values") if args else "a list"
     if hint is dict or origin is dict:
         return "an object"
-    return {int: f"an integer (|x| <= {MAX_INT})", float: "a finite number", bool: "true or false",
-            str: "a string", dict: "an object"}.get(hint, getattr(hint, "__name__", str(hint)))
+    return {
+        int: f"an integer (|x| <= {MAX_INT})",
+        float: "a finite number",
+        bool: "true or false",
+        str: "a string",
+        dict: "an object",
+    }.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def check_type(name: str, value, hint, where: str = ""):
@@ -103,8 +111,9 @@ def check_types(obj):
             continue
         value = getattr(obj, name)
         if not _type_ok(value, hint):
-            raise ConfigError(f"{type(obj).__name__}: {name} must be {_type_name(hint)} "
-                              f"(got {show(value)})")
+            raise ConfigError(
+                f"{type(obj).__name__}: {name} must be {_type_name(hint)} (got {show(value)})"
+            )
 
 
 def check_int(name: str, value, lo: Optional[int] = None, hi: Optional[int] = None) -> None:
@@ -130,9 +139,11 @@ def check_memory(nbytes: int, what: str, force: bool = False):
     """Refuse (unless `force`) what cannot fit the machine's memory."""
     total = machine_memory()
     if not force and total and nbytes > total:
-        raise ConfigError(f"{what} needs about {nbytes / 2**30:,.1f} GiB, more than this "
-                          f"machine's {total / 2**30:,.1f} GiB; make it smaller "
-                          "(or pass --force to try anyway)")
+        raise ConfigError(
+            f"{what} needs about {nbytes / 2**30:,.1f} GiB, more than this "
+            f"machine's {total / 2**30:,.1f} GiB; make it smaller "
+            "(or pass --force to try anyway)"
+        )
 
 
 def middle_half_core(num_layers: int) -> Tuple[int, int]:
@@ -147,8 +158,10 @@ def middle_half_core(num_layers: int) -> Tuple[int, int]:
 def check_core(core: Tuple[int, int], num_blocks: int, what: str = ""):
     start, stop = core
     if not 0 <= start < stop <= num_blocks:
-        raise ConfigError(f"core must be START:STOP with 0 <= START < STOP <= {num_blocks}"
-                          f"{what} (got {start}:{stop})")
+        raise ConfigError(
+            f"core must be START:STOP with 0 <= START < STOP <= {num_blocks}"
+            f"{what} (got {start}:{stop})"
+        )
 
 
 class ModelConfigBase:
@@ -177,8 +190,10 @@ class ModelConfigBase:
             if type(value) is int and value > MAX_DIM:
                 raise ConfigError(f"{f.name} must be <= {MAX_DIM} (got {value})")
         if self.num_sleep_blocks > MAX_BLOCKS:
-            raise ConfigError(f"{self.num_sleep_blocks} blocks{self.core_what} is more than "
-                              f"{MAX_BLOCKS}, the most one pass runs")
+            raise ConfigError(
+                f"{self.num_sleep_blocks} blocks{self.core_what} is more than "
+                f"{MAX_BLOCKS}, the most one pass runs"
+            )
         check_core(self.core_range, self.num_sleep_blocks, self.core_what)
 
     def to_dict(self) -> dict:
@@ -198,10 +213,15 @@ def _from_dict(cls, d: dict):
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
-        raise ConfigError(f"{cls.__name__}: unknown setting(s) {', '.join(map(str, unknown))[:200]}; "
-                          f"known: {', '.join(sorted(known))}")
-    missing = [f.name for f in fields(cls) if f.name not in d and f.default is MISSING
-               and f.default_factory is MISSING]
+        raise ConfigError(
+            f"{cls.__name__}: unknown setting(s) {', '.join(map(str, unknown))[:200]}; "
+            f"known: {', '.join(sorted(known))}"
+        )
+    missing = [
+        f.name
+        for f in fields(cls)
+        if f.name not in d and f.default is MISSING and f.default_factory is MISSING
+    ]
     if missing:
         raise ConfigError(f"{cls.__name__}: missing setting(s) {', '.join(missing)}")
     return cls(**d)
@@ -275,8 +295,14 @@ class ModelConfig(ModelConfigBase):
                 raise ConfigError(msg)
 
         need(self.vocab_size >= 2, f"vocab_size must be >= 2 (got {self.vocab_size})")
-        for name in ("hidden_size", "intermediate_size", "head_dim", "gdn_head_k_dim",
-                     "gdn_head_v_dim", "swa_window"):
+        for name in (
+            "hidden_size",
+            "intermediate_size",
+            "head_dim",
+            "gdn_head_k_dim",
+            "gdn_head_v_dim",
+            "swa_window",
+        ):
             value = getattr(self, name)
             need(value is None or value >= 1, f"{name} must be >= 1 (got {value})")
         for name in ("rope_theta", "norm_eps", "gdn_norm_eps"):
@@ -285,32 +311,47 @@ class ModelConfig(ModelConfigBase):
         types = self.layer_types
         need(len(types) >= 1, "layers must name at least one block, e.g. 'attn,gdn,attn,gdn'")
         bad = [t for t in types if t not in LAYER_TYPES]
-        need(not bad, f"unknown layer type(s) {bad} in layers={self.layers!r}; "
-                      f"use {', '.join(LAYER_TYPES)}")
+        need(
+            not bad,
+            f"unknown layer type(s) {bad} in layers={self.layers!r}; use {', '.join(LAYER_TYPES)}",
+        )
         need(self.num_heads >= 1, f"num_heads must be >= 1 (got {self.num_heads})")
         kv = self.resolved("num_kv_heads")
-        need(kv >= 1 and self.num_heads % kv == 0,
-             f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({kv})")
-        need(self.resolved("head_dim") >= 1,
-             f"head_dim is 0: hidden_size ({self.hidden_size}) < num_heads ({self.num_heads})")
+        need(
+            kv >= 1 and self.num_heads % kv == 0,
+            f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({kv})",
+        )
+        need(
+            self.resolved("head_dim") >= 1,
+            f"head_dim is 0: hidden_size ({self.hidden_size}) < num_heads ({self.num_heads})",
+        )
         for name in ("intermediate_size", "head_dim", "gdn_head_k_dim", "gdn_head_v_dim"):
-            need(self.resolved(name) <= MAX_DIM,
-                 f"{name} must be <= {MAX_DIM} (got {self.resolved(name)} from hidden_size "
-                 f"{self.hidden_size})")
+            need(
+                self.resolved(name) <= MAX_DIM,
+                f"{name} must be <= {MAX_DIM} (got {self.resolved(name)} from hidden_size "
+                f"{self.hidden_size})",
+            )
         if {"attn", "swa"} & set(types):
-            need(self.resolved("head_dim") % 2 == 0,
-                 f"head_dim ({self.resolved('head_dim')}) must be even for RoPE attention; "
-                 "choose hidden_size and num_heads so hidden_size / num_heads is even")
+            need(
+                self.resolved("head_dim") % 2 == 0,
+                f"head_dim ({self.resolved('head_dim')}) must be even for RoPE attention; "
+                "choose hidden_size and num_heads so hidden_size / num_heads is even",
+            )
         hk, hv = self.resolved("gdn_k_heads"), self.resolved("gdn_v_heads")
-        need(hk >= 1 and hv % hk == 0,
-             f"gdn_v_heads ({hv}) must be a multiple of gdn_k_heads ({hk})")
+        need(
+            hk >= 1 and hv % hk == 0, f"gdn_v_heads ({hv}) must be a multiple of gdn_k_heads ({hk})"
+        )
         need(self.conv_size >= 1, f"conv_size must be >= 1 (got {self.conv_size})")
         if "swa" in types:
-            need(self.swa_window is not None and self.swa_window >= 1,
-                 "layers contain 'swa' but swa_window is not set (>= 1)")
+            need(
+                self.swa_window is not None and self.swa_window >= 1,
+                "layers contain 'swa' but swa_window is not set (>= 1)",
+            )
         if "jet" in types:
-            need(self.jet_generator_reduction >= 1,
-                 f"jet_generator_reduction must be >= 1 (got {self.jet_generator_reduction})")
+            need(
+                self.jet_generator_reduction >= 1,
+                f"jet_generator_reduction must be >= 1 (got {self.jet_generator_reduction})",
+            )
         super().validate()
 
 
@@ -330,15 +371,19 @@ class SleepConfig:
     eviction: str = "hard"
 
     def __post_init__(self):
-        for name, what, top in (("loops", "loops (N)", MAX_LOOPS), ("window", "window (L)", MAX_WINDOW)):
+        for name, what, top in (
+            ("loops", "loops (N)", MAX_LOOPS),
+            ("window", "window (L)", MAX_WINDOW),
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{what} must be an integer >= 1 (got {show(value)})")
             if value > top:
                 raise ConfigError(f"{what} must be <= {top} (got {value})")
         if not isinstance(self.eviction, str) or self.eviction not in EVICTION_MODES:
-            raise ConfigError(f"eviction must be one of {', '.join(EVICTION_MODES)} "
-                              f"(got {self.eviction!r})")
+            raise ConfigError(
+                f"eviction must be one of {', '.join(EVICTION_MODES)} (got {self.eviction!r})"
+            )
 
     @property
     def attention_window(self) -> Optional[int]:

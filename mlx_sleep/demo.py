@@ -27,8 +27,17 @@ from .train import TrainConfig, Trainer
 # A depth curriculum (k = 1 only for the first 300 steps) lets N = 3 compose early: the best
 # setting of the search (docs/demo-search.md, where its results are).
 DEMO = dict(
-    task=dict(name="depo", max_nodes=8, min_nodes=8, n_names=16, max_hops=2, window=24,
-              context_len=24, n_queries=8, edge_order="forward"),
+    task=dict(
+        name="depo",
+        max_nodes=8,
+        min_nodes=8,
+        n_names=16,
+        max_hops=2,
+        window=24,
+        context_len=24,
+        n_queries=8,
+        edge_order="forward",
+    ),
     model=dict(hidden_size=64, layers="gdn", num_heads=4),
     train=dict(steps=800, batch_size=64, lr=2e-2, adam_lr=3e-3, warmup=50, eval_samples=512),
     curriculum=dict(fraction=0.375, hops=[1]),
@@ -38,8 +47,17 @@ DEMO = dict(
 MARGIN = 0.10  # the gain on the deepest items the demo is meant to show on every seed
 
 
-def run_demo(out: str, steps=None, loops=None, seed: int = 0, seeds=None, echo=print,
-             settings=None, progress: bool = True, force: bool = False):
+def run_demo(
+    out: str,
+    steps=None,
+    loops=None,
+    seed: int = 0,
+    seeds=None,
+    echo=print,
+    settings=None,
+    progress: bool = True,
+    force: bool = False,
+):
     settings = {k: dict(v) if isinstance(v, dict) else v for k, v in (settings or DEMO).items()}
     curriculum = settings.get("curriculum")
     if steps is not None:
@@ -49,31 +67,52 @@ def run_demo(out: str, steps=None, loops=None, seed: int = 0, seeds=None, echo=p
     task_kw = dict(settings["task"])
     task = get_task(task_kw.pop("name"), **task_kw)
     dname = "t (steps)" if task.name == "rule110" else "k (hops)"
-    claim_dir(out, "demo", force, writes=("accuracy.png", "results.json", "results.md",
-                                          *(f"seed{s}" for s in seed_list)))
+    claim_dir(
+        out,
+        "demo",
+        force,
+        writes=("accuracy.png", "results.json", "results.md", *(f"seed{s}" for s in seed_list)),
+    )
     echo(f"demo: {task.describe()}")
-    echo(f"model {settings['model']}, {settings['train']['steps']} steps of batch "
-         f"{settings['train']['batch_size']} for each N in {list(loops)}, seeds {seed_list}")
+    echo(
+        f"model {settings['model']}, {settings['train']['steps']} steps of batch "
+        f"{settings['train']['batch_size']} for each N in {list(loops)}, seeds {seed_list}"
+    )
     if curriculum:
-        echo(f"depth curriculum: k in {curriculum['hops']} only for the first "
-             f"{round(curriculum['fraction'] * settings['train']['steps'])} steps, then the full mix")
+        echo(
+            f"depth curriculum: k in {curriculum['hops']} only for the first "
+            f"{round(curriculum['fraction'] * settings['train']['steps'])} steps, then the full mix"
+        )
     by_seed, timing = {f"N = {n}": {} for n in loops}, {}
     for s in seed_list:
         for n in loops:
             name, t0 = f"N = {n}", time.time()
             echo(f"\nseed {s}, training {name}")
-            trainer = Trainer(os.path.join(out, f"seed{s}", f"N{n}"),
-                              ModelConfig(vocab_size=task.vocab_size, **settings["model"]),
-                              SleepConfig(loops=n, window=task.window, eviction=task.eviction),
-                              task, TrainConfig(seed=s, **settings["train"]), progress=progress,
-                              force=force)
+            trainer = Trainer(
+                os.path.join(out, f"seed{s}", f"N{n}"),
+                ModelConfig(vocab_size=task.vocab_size, **settings["model"]),
+                SleepConfig(loops=n, window=task.window, eviction=task.eviction),
+                task,
+                TrainConfig(seed=s, **settings["train"]),
+                progress=progress,
+                force=force,
+            )
             trainer.report_every = trainer.cfg.steps  # the bar, and one line at the end
             evals = []
-            train_with_curriculum(trainer, curriculum,
-                                  on_eval=lambda step, r: evals.append(r["eval"]))
+            train_with_curriculum(
+                trainer, curriculum, on_eval=lambda step, r: evals.append(r["eval"])
+            )
             if not evals:  # a finished run from before: evaluate it as its last step did
-                evals.append(evaluate(trainer.model, task, trainer.sleep, trainer.cfg.eval_samples,
-                                      trainer.cfg.batch_size, seed=trainer.cfg.seed + 1))
+                evals.append(
+                    evaluate(
+                        trainer.model,
+                        task,
+                        trainer.sleep,
+                        trainer.cfg.eval_samples,
+                        trainer.cfg.batch_size,
+                        seed=trainer.cfg.seed + 1,
+                    )
+                )
             by_seed[name][s] = evals[-1]
             timing[f"seed {s}, {name}"] = time.time() - t0
     results, spread = combine_seeds(by_seed, seed_list)
@@ -81,15 +120,32 @@ def run_demo(out: str, steps=None, loops=None, seed: int = 0, seeds=None, echo=p
     verdict = conclude(results, seed_list, dname)
     echo("\n" + table + "\n" + verdict)
     png = os.path.join(out, "accuracy.png")
-    chance = 1 / task.max_nodes if task.name == "depo" and task.min_nodes == task.max_nodes else None
-    plot(results, png, f"{task.name}: mean over {len(seed_list)} seeds (band: min to max)",
-         dname, "token", chance=chance, spread=spread)
+    chance = (
+        1 / task.max_nodes if task.name == "depo" and task.min_nodes == task.max_nodes else None
+    )
+    plot(
+        results,
+        png,
+        f"{task.name}: mean over {len(seed_list)} seeds (band: min to max)",
+        dname,
+        "token",
+        chance=chance,
+        spread=spread,
+    )
     from .doctor import platform_summary
 
-    write_json(os.path.join(out, "results.json"),
-               {"settings": settings, "task": task.to_dict(), "seeds": seed_list,
-                "platform": platform_summary(), "results": results, "verdict": verdict,
-                "seconds": timing})
+    write_json(
+        os.path.join(out, "results.json"),
+        {
+            "settings": settings,
+            "task": task.to_dict(),
+            "seeds": seed_list,
+            "platform": platform_summary(),
+            "results": results,
+            "verdict": verdict,
+            "seconds": timing,
+        },
+    )
     write_text(os.path.join(out, "results.md"), table + "\n" + verdict + "\n")
     echo(f"wrote {png}, results.json and results.md to {out}")
     return results
@@ -101,8 +157,9 @@ def train_with_curriculum(trainer, curriculum, on_eval):
     switch = round(curriculum["fraction"] * trainer.cfg.steps) if curriculum else 0
     if trainer.step < switch:
         full, total = trainer.task, trainer.cfg.steps
-        trainer.task = task_from_dict({**full.to_dict(), "hops": list(curriculum["hops"]),
-                                       "hop_weights": None})
+        trainer.task = task_from_dict(
+            {**full.to_dict(), "hops": list(curriculum["hops"]), "hop_weights": None}
+        )
         trainer.cfg.steps = switch  # the learning-rate schedule was built for `total`
         try:
             trainer.run()  # checkpoints (and evaluates k = 1) at the switch
@@ -120,9 +177,13 @@ def combine_seeds(by_seed, seed_list):
         for d in per[seed_list[0]]:
             tok = [per[s][d]["token"] for s in seed_list]
             exact = [per[s][d]["exact"] for s in seed_list]
-            results[run][d] = {"token": float(np.mean(tok)), "exact": float(np.mean(exact)),
-                               "count": int(sum(per[s][d]["count"] for s in seed_list)),
-                               "token_by_seed": tok, "exact_by_seed": exact}
+            results[run][d] = {
+                "token": float(np.mean(tok)),
+                "exact": float(np.mean(exact)),
+                "count": int(sum(per[s][d]["count"] for s in seed_list)),
+                "token_by_seed": tok,
+                "exact_by_seed": exact,
+            }
             spread[run][d] = (min(tok), max(tok))
     return results, spread
 
@@ -130,18 +191,37 @@ def combine_seeds(by_seed, seed_list):
 def seed_tables(results, by_seed, seed_list, dname) -> str:
     runs = list(results)
     diffs = sorted({int(d) for r in results.values() for d in r})
-    mean_rows = [[d] + [f"{results[r][d]['token']:.3f} [{min(results[r][d]['token_by_seed']):.3f}, "
-                        f"{max(results[r][d]['token_by_seed']):.3f}]" for r in runs]
-                 for d in diffs]
+    mean_rows = [
+        [d]
+        + [
+            f"{results[r][d]['token']:.3f} [{min(results[r][d]['token_by_seed']):.3f}, "
+            f"{max(results[r][d]['token_by_seed']):.3f}]"
+            for r in runs
+        ]
+        for d in diffs
+    ]
     head = [f"{r}, {dname.split()[0]} = {d}" for d in diffs for r in runs]
-    seed_rows = [[s] + [f"{by_seed[r][s][d]['token']:.3f}" for d in diffs for r in runs]
-                 for s in seed_list]
-    return "\n".join([
-        f"### per-query accuracy over {len(seed_list)} seeds: mean [min, max]", "",
-        markdown_table([dname] + runs, mean_rows), "",
-        "### per-query accuracy, each seed", "", markdown_table(["seed"] + head, seed_rows), "",
-        "### exact match (all queries of a sequence right), mean over seeds", "",
-        format_table(results, dname, "exact")]) + "\n"
+    seed_rows = [
+        [s] + [f"{by_seed[r][s][d]['token']:.3f}" for d in diffs for r in runs] for s in seed_list
+    ]
+    return (
+        "\n".join(
+            [
+                f"### per-query accuracy over {len(seed_list)} seeds: mean [min, max]",
+                "",
+                markdown_table([dname] + runs, mean_rows),
+                "",
+                "### per-query accuracy, each seed",
+                "",
+                markdown_table(["seed"] + head, seed_rows),
+                "",
+                "### exact match (all queries of a sequence right), mean over seeds",
+                "",
+                format_table(results, dname, "exact"),
+            ]
+        )
+        + "\n"
+    )
 
 
 def conclude(results, seed_list, dname) -> str:
@@ -155,10 +235,12 @@ def conclude(results, seed_list, dname) -> str:
     for run in results:
         if run == "N = 1":
             continue
-        gain = np.subtract(results[run][deep]["token_by_seed"],
-                           results["N = 1"][deep]["token_by_seed"])
-        flat = np.subtract(results[run][shallow]["token_by_seed"],
-                           results["N = 1"][shallow]["token_by_seed"])
+        gain = np.subtract(
+            results[run][deep]["token_by_seed"], results["N = 1"][deep]["token_by_seed"]
+        )
+        flat = np.subtract(
+            results[run][shallow]["token_by_seed"], results["N = 1"][shallow]["token_by_seed"]
+        )
         ahead = int((gain > 0).sum())
         if gain.min() >= MARGIN - 1e-9:  # accuracies are ratios: 0.5 - 0.4 < 0.1 in floats
             word = f"ahead by >= {MARGIN:.2f} on every seed: sleep helps the deepest items"
@@ -167,11 +249,15 @@ def conclude(results, seed_list, dname) -> str:
         elif ahead == 0:
             word = "behind on every seed: at this size sleep does not help"
         else:
-            word = (f"ahead on {ahead} of {len(gain)} seeds: the evidence points "
-                    f"{'towards' if gain.mean() > 0 else 'against'} sleep, not conclusively")
-        out.append(f"{run} - N = 1 at {k} = {deep}: mean {_signed(gain.mean())}, min "
-                   f"{_signed(gain.min())}, max {_signed(gain.max())} ({word}); at {k} = "
-                   f"{shallow}: mean {_signed(flat.mean())}, min {_signed(flat.min())}")
+            word = (
+                f"ahead on {ahead} of {len(gain)} seeds: the evidence points "
+                f"{'towards' if gain.mean() > 0 else 'against'} sleep, not conclusively"
+            )
+        out.append(
+            f"{run} - N = 1 at {k} = {deep}: mean {_signed(gain.mean())}, min "
+            f"{_signed(gain.min())}, max {_signed(gain.max())} ({word}); at {k} = "
+            f"{shallow}: mean {_signed(flat.mean())}, min {_signed(flat.min())}"
+        )
     return "\n".join(out)
 
 

@@ -16,7 +16,7 @@ def _matmul_gflops(n=1024, repeats=3):
         t = time.perf_counter()
         mx.eval(a @ a)
         best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best / 1e9
+    return 2 * n**3 / best / 1e9
 
 
 def _blas_in_process():
@@ -46,11 +46,19 @@ def platform_summary() -> dict:
 
     import mlx.core as mx
 
-    blas = _blas.status["library"] or ("Accelerate" if platform.system() == "Darwin"
-                                       else "reference BLAS")
-    return {"mlx": mx.__version__, "device": str(mx.default_device()), "blas": blas,
-            "cpu": _cpu_name(), "cores": os.cpu_count(), "machine": platform.machine(),
-            "system": platform.system(), "python": platform.python_version()}
+    blas = _blas.status["library"] or (
+        "Accelerate" if platform.system() == "Darwin" else "reference BLAS"
+    )
+    return {
+        "mlx": mx.__version__,
+        "device": str(mx.default_device()),
+        "blas": blas,
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "machine": platform.machine(),
+        "system": platform.system(),
+        "python": platform.python_version(),
+    }
 
 
 def report() -> str:
@@ -58,11 +66,13 @@ def report() -> str:
 
     from . import __version__
 
-    lines = [f"mlx-sleep   {__version__}",
-             f"python      {platform.python_version()} ({platform.machine()}, {platform.system()})",
-             f"mlx         {mx.__version__}",
-             f"device      {mx.default_device()}",
-             f"metal       {'available' if mx.metal.is_available() else 'not available (CPU backend)'}"]
+    lines = [
+        f"mlx-sleep   {__version__}",
+        f"python      {platform.python_version()} ({platform.machine()}, {platform.system()})",
+        f"mlx         {mx.__version__}",
+        f"device      {mx.default_device()}",
+        f"metal       {'available' if mx.metal.is_available() else 'not available (CPU backend)'}",
+    ]
     try:
         import mlx_lm
 
@@ -75,7 +85,9 @@ def report() -> str:
         libs = _blas_in_process()
         if libs:
             lines.append(f"            mapped: {', '.join(libs)}")
-        lines.append("            opt out with MLX_SLEEP_BLAS=0, choose one with MLX_SLEEP_BLAS=/path")
+        lines.append(
+            "            opt out with MLX_SLEEP_BLAS=0, choose one with MLX_SLEEP_BLAS=/path"
+        )
     lines.append(f"matmul      {_matmul_gflops():.1f} GFLOP/s (1024^3 float32, best of 3)")
     try:
         from .kernels import kernel_report

@@ -20,8 +20,16 @@ def predict(model, batch, sleep: SleepConfig) -> np.ndarray:
     return preds
 
 
-def evaluate(model, task, sleep: SleepConfig, samples: int = 256, batch_size: int = 64,
-             seed: int = 1234, difficulties=None, progress: bool = False) -> Dict[int, dict]:
+def evaluate(
+    model,
+    task,
+    sleep: SleepConfig,
+    samples: int = 256,
+    batch_size: int = 64,
+    seed: int = 1234,
+    difficulties=None,
+    progress: bool = False,
+) -> Dict[int, dict]:
     """{difficulty: {"exact", "token", "count"}} on `samples` fresh sequences per difficulty.
 
     Each difficulty draws from its own seeded generator, so results do not depend on which
@@ -35,6 +43,7 @@ def evaluate(model, task, sleep: SleepConfig, samples: int = 256, batch_size: in
     bar = None
     if progress:
         from tqdm.auto import tqdm
+
         bar = tqdm(total=len(difficulties) * samples, unit="seq", desc="eval", leave=False)
     results = {}
     for d in difficulties:
@@ -52,7 +61,11 @@ def evaluate(model, task, sleep: SleepConfig, samples: int = 256, batch_size: in
             done += n
             if bar is not None:
                 bar.update(n)
-        results[int(d)] = {"exact": exact / seqs, "token": token / max(count, 1), "count": int(count)}
+        results[int(d)] = {
+            "exact": exact / seqs,
+            "token": token / max(count, 1),
+            "count": int(count),
+        }
     if bar is not None:
         bar.close()
     return results
@@ -62,22 +75,37 @@ def _cell(results: dict, d: int):
     return results.get(d) or results.get(str(d))  # keys are ints, or strings read from JSON
 
 
-def format_table(results_by_run: Dict[str, Dict[int, dict]], difficulty_name: str = "difficulty",
-                 metric: str = "exact") -> str:
+def format_table(
+    results_by_run: Dict[str, Dict[int, dict]],
+    difficulty_name: str = "difficulty",
+    metric: str = "exact",
+) -> str:
     """A markdown table: one row per difficulty, one column per run (e.g. N = 1, N = 4)."""
     runs = list(results_by_run)
     diffs = sorted({int(d) for r in results_by_run.values() for d in r})
-    rows = [[d] + [f"{_cell(results_by_run[run], d)[metric]:.3f}"
-                   if _cell(results_by_run[run], d) else "-" for run in runs] for d in diffs]
+    rows = [
+        [d]
+        + [
+            f"{_cell(results_by_run[run], d)[metric]:.3f}" if _cell(results_by_run[run], d) else "-"
+            for run in runs
+        ]
+        for d in diffs
+    ]
     return markdown_table([difficulty_name] + runs, rows)
 
 
 METRIC_LABELS = {"token": "per-item accuracy", "exact": "exact-match accuracy"}
 
 
-def plot(results_by_run: Dict[str, Dict[int, dict]], path: str, title: str = "",
-         difficulty_name: str = "difficulty", metric: str = "exact",
-         chance: Optional[float] = None, spread: Optional[Dict[str, Dict[int, tuple]]] = None):
+def plot(
+    results_by_run: Dict[str, Dict[int, dict]],
+    path: str,
+    title: str = "",
+    difficulty_name: str = "difficulty",
+    metric: str = "exact",
+    chance: Optional[float] = None,
+    spread: Optional[Dict[str, Dict[int, tuple]]] = None,
+):
     """PNG of accuracy vs difficulty, one line per run; `spread[run][d] = (lo, hi)` shades a band
     (e.g. the range over seeds around their mean)."""
     lines = []
@@ -88,18 +116,42 @@ def plot(results_by_run: Dict[str, Dict[int, dict]], path: str, title: str = "",
             lo_hi = [_cell(spread[run], d) for d in diffs]
             band = ([b[0] for b in lo_hi], [b[1] for b in lo_hi])
         lines.append(Line(run, diffs, [_cell(res, d)[metric] for d in diffs], band))
-    line_plot(path, lines, xlabel=difficulty_name, ylabel=METRIC_LABELS.get(metric, metric),
-              title=title, logx=True, chance=chance)
+    line_plot(
+        path,
+        lines,
+        xlabel=difficulty_name,
+        ylabel=METRIC_LABELS.get(metric, metric),
+        title=title,
+        logx=True,
+        chance=chance,
+    )
 
 
-def plot_against_loops(results_by_loops: Dict[int, Dict[int, dict]], path: str, title: str = "",
-                       difficulty_name: str = "difficulty", metric: str = "token",
-                       chance: Optional[float] = None):
+def plot_against_loops(
+    results_by_loops: Dict[int, Dict[int, dict]],
+    path: str,
+    title: str = "",
+    difficulty_name: str = "difficulty",
+    metric: str = "token",
+    chance: Optional[float] = None,
+):
     """PNG of accuracy vs test-time sleep passes N, one line per difficulty (sleep depth as a
     dial)."""
     loops = sorted(int(n) for n in results_by_loops)
     diffs = sorted({int(d) for r in results_by_loops.values() for d in r})
-    lines = [Line(f"{difficulty_name.split()[0]} = {d}", loops,
-                  [_cell(results_by_loops[n], d)[metric] for n in loops]) for d in diffs]
-    line_plot(path, lines, xlabel="sleep passes N at test time",
-              ylabel=METRIC_LABELS.get(metric, metric), title=title, chance=chance)
+    lines = [
+        Line(
+            f"{difficulty_name.split()[0]} = {d}",
+            loops,
+            [_cell(results_by_loops[n], d)[metric] for n in loops],
+        )
+        for d in diffs
+    ]
+    line_plot(
+        path,
+        lines,
+        xlabel="sleep passes N at test time",
+        ylabel=METRIC_LABELS.get(metric, metric),
+        title=title,
+        chance=chance,
+    )

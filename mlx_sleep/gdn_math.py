@@ -30,8 +30,8 @@ def causal_conv(x, conv_state, weight):
     # The state takes x's dtype: a float32 state (a fresh one is zeros) would promote a bf16
     # model's whole residual stream, and every matmul after it, to float32.
     padded = mx.concatenate([conv_state.astype(x.dtype), x], axis=1) if W > 1 else x
-    y = sum(padded[:, w:w + T] * weight[..., w] for w in range(W))
-    new_state = padded[:, padded.shape[1] - (W - 1):] if W > 1 else conv_state
+    y = sum(padded[:, w : w + T] * weight[..., w] for w in range(W))
+    new_state = padded[:, padded.shape[1] - (W - 1) :] if W > 1 else conv_state
     return y, new_state
 
 
@@ -97,13 +97,13 @@ def _delta_step_vjp(dS, S_prev, S_t, residual, q, k, decay, beta, dy):
     """Cotangents through one token: dS is d/dS_t (from the later tokens and y_t's readout
     excluded); returns (d/dS_{t-1}, dq, dk, dv, ddecay, dbeta) for all heads."""
     a, b = decay[..., None, None], beta[..., None]
-    dS = dS + dy[..., None] * q[..., None, :]                       # y_t = S_t q_t
-    d_delta = (dS * k[..., None, :]).sum(-1)                        # S_t = S~ + delta k^T
-    d_u = -b * d_delta                                              # delta = b (v - S~ k)
+    dS = dS + dy[..., None] * q[..., None, :]  # y_t = S_t q_t
+    d_delta = (dS * k[..., None, :]).sum(-1)  # S_t = S~ + delta k^T
+    d_u = -b * d_delta  # delta = b (v - S~ k)
     dS_decayed = dS + d_u[..., None] * k[..., None, :]
     dq = (dy[..., None] * S_t).sum(-2)
     dk = ((b * residual)[..., None] * dS + d_u[..., None] * (a * S_prev)).sum(-2)
-    ddecay = (dS_decayed * S_prev).sum((-2, -1))                    # S~ = a S_{t-1}
+    ddecay = (dS_decayed * S_prev).sum((-2, -1))  # S~ = a S_{t-1}
     return a * dS_decayed, dq, dk, b * d_delta, ddecay, (d_delta * residual).sum(-1)
 
 
@@ -126,18 +126,29 @@ def gated_delta_backward_ops(q, k, v, decay, beta, chunk_states, dy, dstate, chu
         t0, t1 = c * chunk, min(T, (c + 1) * chunk)
         states, residuals = [mx.depends(chunk_states[:, :, c], dS)], []  # S before token t0 + i
         for t in range(t0, t1):
-            S, _, residual = _delta_step(states[-1], qh[:, t], kh[:, t], v[:, t], decay[:, t],
-                                         beta[:, t])
+            S, _, residual = _delta_step(
+                states[-1], qh[:, t], kh[:, t], v[:, t], decay[:, t], beta[:, t]
+            )
             states.append(S)
             residuals.append(residual)
         for t in reversed(range(t0, t1)):
-            dS, *g = _delta_step_vjp(dS, states[t - t0], states[t - t0 + 1], residuals[t - t0],
-                                     qh[:, t], kh[:, t], decay[:, t], beta[:, t], dy[:, t])
+            dS, *g = _delta_step_vjp(
+                dS,
+                states[t - t0],
+                states[t - t0 + 1],
+                residuals[t - t0],
+                qh[:, t],
+                kh[:, t],
+                decay[:, t],
+                beta[:, t],
+                dy[:, t],
+            )
             dS = mx.depends(dS, g)
             for name, g_t in zip(("q", "k", "v", "decay", "beta"), g):
                 grads[name][t] = g_t
-    dq, dk, dv, ddecay, dbeta = (mx.stack(grads[n], axis=1)
-                                 for n in ("q", "k", "v", "decay", "beta"))
+    dq, dk, dv, ddecay, dbeta = (
+        mx.stack(grads[n], axis=1) for n in ("q", "k", "v", "decay", "beta")
+    )
     if Hv != Hk:  # GVA: a key head's gradient sums over the value heads that read it
         dq, dk = (g.reshape(B, T, Hk, Hv // Hk, -1).sum(3) for g in (dq, dk))
     return dq, dk, dv, ddecay, dbeta, dS

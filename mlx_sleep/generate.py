@@ -25,10 +25,14 @@ def last_logits(engine, ids: Sequence[int]) -> mx.array:
     return engine.feed(mx.array([list(ids)]), logits="last")[:, -1, :]
 
 
-def stream_generate(engine, prompt_ids: Sequence[int], max_tokens: int,
-                    sampler: Optional[Callable[[mx.array], mx.array]] = None,
-                    logits_processors: Optional[Iterable[Callable]] = None,
-                    stop_ids: Iterable[int] = ()) -> Iterator[int]:
+def stream_generate(
+    engine,
+    prompt_ids: Sequence[int],
+    max_tokens: int,
+    sampler: Optional[Callable[[mx.array], mx.array]] = None,
+    logits_processors: Optional[Iterable[Callable]] = None,
+    stop_ids: Iterable[int] = (),
+) -> Iterator[int]:
     """Feed the prompt to `engine`, then yield up to `max_tokens` generated token ids.
 
     Stops before yielding a token in `stop_ids` (the stop token itself is neither yielded nor
@@ -90,8 +94,14 @@ def stream_generate(engine, prompt_ids: Sequence[int], max_tokens: int,
         token = following
 
 
-def stream_text(engine, tokenizer, prompt_ids: Sequence[int], max_tokens: int,
-                stop_ids: Optional[Iterable[int]] = None, **kwargs) -> Iterator[str]:
+def stream_text(
+    engine,
+    tokenizer,
+    prompt_ids: Sequence[int],
+    max_tokens: int,
+    stop_ids: Optional[Iterable[int]] = None,
+    **kwargs,
+) -> Iterator[str]:
     """`stream_generate` as text pieces, through the tokenizer's streaming detokenizer (pieces
     end on whole characters). `stop_ids` defaults to the tokenizer's eos ids."""
     stop_ids = tokenizer.eos_token_ids if stop_ids is None else stop_ids
@@ -115,6 +125,7 @@ def generate(engine, tokenizer, prompt_ids: Sequence[int], max_tokens: int, **kw
 
 # -- replies: text with stop strings, interruption and timing ------------------------------------
 
+
 class Reply:
     """What `stream_reply` produced: token ids (all fed to the engine), the text shown, why it
     stopped ("eos", "max_tokens", "stop" or "interrupted": by the caller, or a forced sleep
@@ -126,15 +137,19 @@ class Reply:
         self.prompt_seconds = self.generation_seconds = 0.0
 
     def speed(self, prompt_tokens: int) -> str:
-        """"12 prompt tokens at 240.1 tok/s, 40 generated at 31.2 tok/s, peak memory 1.21 GB"
+        """ "12 prompt tokens at 240.1 tok/s, 40 generated at 31.2 tok/s, peak memory 1.21 GB"
         (mlx_lm's numbers; the peak since the caller's mx.reset_peak_memory())."""
+
         def rate(n, seconds):
             return f"{n / seconds:.1f} tok/s" if seconds > 0 else "- tok/s"
+
         generated, peak = len(self.tokens), mx.get_peak_memory()
         memory = f"{peak / 1e9:.2f} GB" if peak >= 1e8 else f"{peak / 1e6:.1f} MB"
-        return (f"{prompt_tokens} prompt tokens at {rate(prompt_tokens, self.prompt_seconds)}, "
-                f"{generated} generated at {rate(max(0, generated - 1), self.generation_seconds)}, "
-                f"peak memory {memory}")
+        return (
+            f"{prompt_tokens} prompt tokens at {rate(prompt_tokens, self.prompt_seconds)}, "
+            f"{generated} generated at {rate(max(0, generated - 1), self.generation_seconds)}, "
+            f"peak memory {memory}"
+        )
 
 
 def make_sampling(temp=0.0, top_p=0.0, top_k=0, min_p=0.0, repetition_penalty=None):
@@ -145,9 +160,16 @@ def make_sampling(temp=0.0, top_p=0.0, top_k=0, min_p=0.0, repetition_penalty=No
     return sampler, make_logits_processors(repetition_penalty=repetition_penalty)
 
 
-def stream_reply(engine, tokenizer, prompt_ids: Sequence[int], max_tokens: int,
-                 stop_strings: Sequence[str] = (), interrupted: Callable[[], bool] = lambda: False,
-                 reply: Optional[Reply] = None, **kwargs) -> Iterator[str]:
+def stream_reply(
+    engine,
+    tokenizer,
+    prompt_ids: Sequence[int],
+    max_tokens: int,
+    stop_strings: Sequence[str] = (),
+    interrupted: Callable[[], bool] = lambda: False,
+    reply: Optional[Reply] = None,
+    **kwargs,
+) -> Iterator[str]:
     """`stream_text` that also stops at any of `stop_strings` (not shown; text that could
     begin one is held back until it cannot) and when `interrupted()` turns true (checked
     between tokens). Fills `reply` as it goes."""
@@ -157,8 +179,9 @@ def stream_reply(engine, tokenizer, prompt_ids: Sequence[int], max_tokens: int,
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()
     shown, full = 0, ""
-    tokens = stream_generate(engine, prompt_ids, max_tokens, stop_ids=tokenizer.eos_token_ids,
-                             **kwargs)
+    tokens = stream_generate(
+        engine, prompt_ids, max_tokens, stop_ids=tokenizer.eos_token_ids, **kwargs
+    )
     reply.stopped = "max_tokens"
     start = first = time.perf_counter()
     try:
@@ -168,8 +191,10 @@ def stream_reply(engine, tokenizer, prompt_ids: Sequence[int], max_tokens: int,
             reply.tokens.append(token)
             detokenizer.add_token(token)
             full += detokenizer.last_segment
-            cut = min((i for i in (full.find(s, max(0, shown - hold)) for s in stop_strings)
-                       if i >= 0), default=-1)
+            cut = min(
+                (i for i in (full.find(s, max(0, shown - hold)) for s in stop_strings) if i >= 0),
+                default=-1,
+            )
             if cut >= 0:
                 reply.stopped, full = "stop", full[:cut]
                 break
@@ -177,7 +202,7 @@ def stream_reply(engine, tokenizer, prompt_ids: Sequence[int], max_tokens: int,
                 reply.stopped = "interrupted"
                 break
             if len(full) - hold > shown:
-                yield full[shown:len(full) - hold]
+                yield full[shown : len(full) - hold]
                 shown = len(full) - hold
         else:
             if len(reply.tokens) < max_tokens:
@@ -204,9 +229,18 @@ def chat_prompt(tokenizer, messages) -> str:
     return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
 
 
-def generate_text(model, tokenizer, prompt: str, max_tokens: int = 256, sleep=None,
-                  system_prompt: Optional[str] = None, chat_template: bool = True,
-                  stop: Sequence[str] = (), seed: Optional[int] = None, **sampling) -> str:
+def generate_text(
+    model,
+    tokenizer,
+    prompt: str,
+    max_tokens: int = 256,
+    sleep=None,
+    system_prompt: Optional[str] = None,
+    chat_template: bool = True,
+    stop: Sequence[str] = (),
+    seed: Optional[int] = None,
+    **sampling,
+) -> str:
     """One prompt in, the reply out: the chat template (unless `chat_template=False`), a fresh
     SleepEngine with the model's sleep settings (or `sleep`), mlx-lm sampling (`temp`, `top_p`,
     `top_k`, `min_p`, `repetition_penalty`; greedy by default)."""
@@ -215,11 +249,15 @@ def generate_text(model, tokenizer, prompt: str, max_tokens: int = 256, sleep=No
     if seed is not None:
         mx.random.seed(seed)
     if chat_template:
-        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
-            [{"role": "user", "content": prompt}]
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+            {"role": "user", "content": prompt}
+        ]
         prompt = chat_prompt(tokenizer, messages)
     ids = tokenizer.encode(prompt, add_special_tokens=False)
     sampler, processors = make_sampling(**sampling)
     engine = SleepEngine(model, sleep)
-    return "".join(stream_reply(engine, tokenizer, ids, max_tokens, stop, sampler=sampler,
-                                logits_processors=processors))
+    return "".join(
+        stream_reply(
+            engine, tokenizer, ids, max_tokens, stop, sampler=sampler, logits_processors=processors
+        )
+    )

@@ -23,9 +23,10 @@ IdleSource = Callable[[], Tuple[bool, str]]
 
 def seconds_since_input() -> float:
     """macOS: seconds since the last keyboard/mouse/trackpad event in this login session."""
-    lib = ctypes.cdll.LoadLibrary(ctypes.util.find_library("ApplicationServices")
-                                  or "/System/Library/Frameworks/ApplicationServices.framework/"
-                                     "ApplicationServices")
+    lib = ctypes.cdll.LoadLibrary(
+        ctypes.util.find_library("ApplicationServices")
+        or "/System/Library/Frameworks/ApplicationServices.framework/ApplicationServices"
+    )
     fn = lib.CGEventSourceSecondsSinceLastEventType
     fn.restype, fn.argtypes = ctypes.c_double, [ctypes.c_int32, ctypes.c_uint32]
     combined_session_state, any_input_event = 0, 0xFFFFFFFF  # kCGAnyInputEventType = ~0
@@ -63,6 +64,7 @@ def mac_source(idle_seconds: float = 300) -> IdleSource:
         if thermally_throttled(_pmset("-g", "therm")):
             return False, "thermally throttled"
         return True, f"no input for {quiet:.0f} s, on AC power"
+
     return idle
 
 
@@ -72,6 +74,7 @@ def load_source(max_load: float = 0.3) -> IdleSource:
         if per_core >= max_load:
             return False, f"load {per_core:.2f} per core (waiting for < {max_load})"
         return True, f"load {per_core:.2f} per core"
+
     return idle
 
 
@@ -83,6 +86,7 @@ def file_source(path: str) -> IdleSource:
         except OSError:
             word = ""
         return word == "idle", f"{path} says {word or 'nothing'}"
+
     return idle
 
 
@@ -113,8 +117,11 @@ def carried_environment(environ=None) -> dict:
     """The CARRIED_ENVIRONMENT variables set in `environ` (default: this process), paths made
     absolute: the scheduled job's working directory is not the user's."""
     environ = os.environ if environ is None else environ
-    return {k: os.path.abspath(os.path.expanduser(environ[k]))
-            for k in CARRIED_ENVIRONMENT if environ.get(k)}
+    return {
+        k: os.path.abspath(os.path.expanduser(environ[k]))
+        for k in CARRIED_ENVIRONMENT
+        if environ.get(k)
+    }
 
 
 def launchd_plist(command, interval: int = 1800, env=None) -> bytes:
@@ -123,9 +130,17 @@ def launchd_plist(command, interval: int = 1800, env=None) -> bytes:
     import plistlib
 
     log = os.path.expanduser("~/Library/Logs/mlx-sleep-consolidate.log")
-    agent = {"Label": LABEL, "ProgramArguments": list(command), "StartInterval": int(interval),
-             "ProcessType": "Background", "LowPriorityIO": True, "Nice": 10, "RunAtLoad": False,
-             "StandardOutPath": log, "StandardErrorPath": log}
+    agent = {
+        "Label": LABEL,
+        "ProgramArguments": list(command),
+        "StartInterval": int(interval),
+        "ProcessType": "Background",
+        "LowPriorityIO": True,
+        "Nice": 10,
+        "RunAtLoad": False,
+        "StandardOutPath": log,
+        "StandardErrorPath": log,
+    }
     env = carried_environment() if env is None else env
     if env:
         agent["EnvironmentVariables"] = dict(env)
@@ -154,19 +169,24 @@ def install_launchd_agent(command, interval: int, env=None):
 
     path = launchd_path()
     if os.path.exists(path) and _agent_label(path) != LABEL:
-        raise OutputError(f"{path} exists and was not written by mlx-sleep; leaving it (move it "
-                          "away to install ours)")
+        raise OutputError(
+            f"{path} exists and was not written by mlx-sleep; leaving it (move it "
+            "away to install ours)"
+        )
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with atomic_path(path, 0o644) as tmp:
         with open(tmp, "wb") as f:
             f.write(launchd_plist(command, interval, env))
     domain = f"gui/{os.getuid()}"
     subprocess.run(["launchctl", "bootout", domain, path], capture_output=True)
-    loaded = subprocess.run(["launchctl", "bootstrap", domain, path], capture_output=True,
-                            text=True)
+    loaded = subprocess.run(
+        ["launchctl", "bootstrap", domain, path], capture_output=True, text=True
+    )
     if loaded.returncode != 0:
-        return path, (f"launchctl bootstrap failed ({loaded.stderr.strip()}); it loads at the "
-                      f"next login, or run: launchctl bootstrap gui/$(id -u) {path}")
+        return path, (
+            f"launchctl bootstrap failed ({loaded.stderr.strip()}); it loads at the "
+            f"next login, or run: launchctl bootstrap gui/$(id -u) {path}"
+        )
     return path, None
 
 
@@ -223,4 +243,3 @@ def _systemd_word(s: str) -> str:
         return s
     escaped = s.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%").replace("$", "$$")
     return f'"{escaped}"'
-

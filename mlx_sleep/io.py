@@ -30,10 +30,14 @@ import mlx.core as mx
 from .config import ConfigError, show
 
 MARKER = ".mlx-sleep"
-OWNERS = {"run": "a training run (mlx-sleep train)", "model": "a converted model (mlx-sleep convert)",
-          "demo": "a demo (mlx-sleep demo)", "session": "a chat session",
-          "results": "evaluation results (mlx-sleep eval --out)",
-          "finetune": "a fine-tuning run (mlx-sleep finetune)"}
+OWNERS = {
+    "run": "a training run (mlx-sleep train)",
+    "model": "a converted model (mlx-sleep convert)",
+    "demo": "a demo (mlx-sleep demo)",
+    "session": "a chat session",
+    "results": "evaluation results (mlx-sleep eval --out)",
+    "finetune": "a fine-tuning run (mlx-sleep finetune)",
+}
 TMP_PREFIX = ".mlx-sleep-tmp-"
 STREAMS = {"-": "stdout", "/dev/stdout": "stdout", "/dev/stderr": "stderr"}
 
@@ -43,6 +47,7 @@ class OutputError(ConfigError):
 
 
 # -- modes and temporary names ----------------------------------------------------------------
+
 
 def _umask() -> int:
     mask = os.umask(0o022)
@@ -78,7 +83,7 @@ def clean_stale_temps(directory: str):
     for name in names:
         if not name.startswith(TMP_PREFIX):
             continue
-        pid = name[len(TMP_PREFIX):].split("-", 1)[0]
+        pid = name[len(TMP_PREFIX) :].split("-", 1)[0]
         if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
             continue
         path = os.path.join(directory, name)
@@ -107,12 +112,18 @@ def fsync_dir(path):
 
 # -- what may be written where ----------------------------------------------------------------
 
+
 def file_kind(st) -> str:
     """What an lstat result is, in words ("a symlink", "a FIFO", "a regular file", ...)."""
     mode = st.st_mode
-    for test, what in ((stat.S_ISLNK, "a symlink"), (stat.S_ISFIFO, "a FIFO"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory")):
+    for test, what in (
+        (stat.S_ISLNK, "a symlink"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISDIR, "a directory"),
+    ):
         if test(mode):
             return what
     return "a regular file" if stat.S_ISREG(mode) else "a special file"
@@ -133,8 +144,10 @@ def check_file_target(path: str) -> str:
         return "replace"
     if stat.S_ISREG(st.st_mode):
         return "replace"
-    raise OutputError(f"{path} is {file_kind(st)}; mlx-sleep only replaces regular files "
-                      "(it would replace it with one): name a new file path")
+    raise OutputError(
+        f"{path} is {file_kind(st)}; mlx-sleep only replaces regular files "
+        "(it would replace it with one): name a new file path"
+    )
 
 
 # -- single output files (eval --json/--plot, data --out, sessions export -o) ---------------------
@@ -170,19 +183,20 @@ def _png_software(data: bytes) -> str:
     """The text of a PNG's "Software" tEXt chunk ("" if none before the image data)."""
     pos = len(PNG_SIGNATURE)
     while pos + 8 <= len(data):
-        length, kind = int.from_bytes(data[pos:pos + 4], "big"), data[pos + 4:pos + 8]
+        length, kind = int.from_bytes(data[pos : pos + 4], "big"), data[pos + 4 : pos + 8]
         if kind in (b"IDAT", b"IEND"):
             break
         if kind == b"tEXt":
-            key, _, value = data[pos + 8:pos + 8 + length].partition(b"\x00")
+            key, _, value = data[pos + 8 : pos + 8 + length].partition(b"\x00")
             if key == b"Software":
                 return value.decode("latin-1")
         pos += 12 + length
     return ""
 
 
-def check_output_file(path: str, replace: bool = True, inputs=(),
-                      exists_hint: str = "pass --force to replace it") -> str:
+def check_output_file(
+    path: str, replace: bool = True, inputs=(), exists_hint: str = "pass --force to replace it"
+) -> str:
     """Before a command writes the one file `path`: never one of its `inputs`, never inside a
     directory mlx-sleep made (a run, a model, a session: their files are theirs), an existing
     file only if mlx-sleep wrote it (and `replace`), a regular file only. Returns what
@@ -190,24 +204,33 @@ def check_output_file(path: str, replace: bool = True, inputs=(),
     if path in STREAMS:
         return "stream"
     for source in inputs:
-        if source and os.path.exists(source) and os.path.exists(path) \
-                and os.path.samefile(source, path):
-            raise OutputError(f"{path} is this command's input ({source}); name another file "
-                              "to write")
+        if (
+            source
+            and os.path.exists(source)
+            and os.path.exists(path)
+            and os.path.samefile(source, path)
+        ):
+            raise OutputError(
+                f"{path} is this command's input ({source}); name another file to write"
+            )
     directory = os.path.dirname(os.path.realpath(path))
     while True:
         owner = owner_of(directory)
         if owner is not None:
-            raise OutputError(f"{path} is inside {directory}, {OWNERS[owner]}: its files are "
-                              "its own; write the file somewhere else")
+            raise OutputError(
+                f"{path} is inside {directory}, {OWNERS[owner]}: its files are "
+                "its own; write the file somewhere else"
+            )
         if os.path.dirname(directory) == directory:
             break
         directory = os.path.dirname(directory)
     kind = check_file_target(path)
     if os.path.lexists(path):
         if not written_by(path):
-            raise OutputError(f"{path} exists and was not written by mlx-sleep; leaving it "
-                              "(name a new file, or move it away)")
+            raise OutputError(
+                f"{path} exists and was not written by mlx-sleep; leaving it "
+                "(name a new file, or move it away)"
+            )
         if not replace:
             raise OutputError(f"{path} exists; {exists_hint}")
     return kind
@@ -263,7 +286,10 @@ def owner_of(path: str):
         return "run"
     if os.path.isfile(os.path.join(path, "checkpoint", "state.json")) and os.path.isfile(config):
         return "finetune"
-    if os.path.isfile(os.path.join(path, "results.json")) and owner_of(os.path.join(path, "N1")) == "run":
+    if (
+        os.path.isfile(os.path.join(path, "results.json"))
+        and owner_of(os.path.join(path, "N1")) == "run"
+    ):
         return "demo"
     if os.path.isfile(config):
         try:
@@ -297,17 +323,22 @@ def claim_dir(path: str, owner: str, force: bool = False, writes=()) -> str:
             _write_marker(path, owner)
         return path
     if found is not None:
-        raise OutputError(f"{path} holds {OWNERS[found]}, not {OWNERS[owner]}; "
-                          "use another directory")
+        raise OutputError(
+            f"{path} holds {OWNERS[found]}, not {OWNERS[owner]}; use another directory"
+        )
     entries = sorted(n for n in os.listdir(path) if not n.startswith(TMP_PREFIX))
     if entries and not force:
-        raise OutputError(f"{path} holds files mlx-sleep did not create ({', '.join(entries[:3])}"
-                          f"{' ...' if len(entries) > 3 else ''}); use a new or empty directory, "
-                          "or --force to write next to them")
+        raise OutputError(
+            f"{path} holds files mlx-sleep did not create ({', '.join(entries[:3])}"
+            f"{' ...' if len(entries) > 3 else ''}); use a new or empty directory, "
+            "or --force to write next to them"
+        )
     clash = [n for n in writes if os.path.lexists(os.path.join(path, n))]
     if clash:
-        raise OutputError(f"{path} already holds {', '.join(clash)} (not written by mlx-sleep); "
-                          "even with --force they are never replaced: use another directory")
+        raise OutputError(
+            f"{path} already holds {', '.join(clash)} (not written by mlx-sleep); "
+            "even with --force they are never replaced: use another directory"
+        )
     _write_marker(path, owner)
     return path
 
@@ -334,13 +365,16 @@ def check_replaceable_dir(path: str, owner: str, force: bool = False, protect=()
     for keep in [os.getcwd(), *protect]:
         if keep is not None and _is_within(keep, path):
             what = "the current directory" if keep == os.getcwd() else keep
-            raise OutputError(f"{path} contains (or is) {what}; it is never replaced: name a "
-                              "new output directory")
+            raise OutputError(
+                f"{path} contains (or is) {what}; it is never replaced: name a new output directory"
+            )
     if not force:
         raise OutputError(f"{path} already exists; pass --force to replace it")
     if owner_of(path) != owner and os.listdir(path):
-        raise OutputError(f"{path} is not {OWNERS[owner]}; --force replaces only mlx-sleep's own "
-                          "output: name a new directory")
+        raise OutputError(
+            f"{path} is not {OWNERS[owner]}; --force replaces only mlx-sleep's own "
+            "output: name a new directory"
+        )
     return path
 
 
@@ -373,12 +407,15 @@ def lock_file(path: str, in_use: str, nofollow: bool = False) -> int:
 
 def acquire_lock(path: str, what: str = "a training") -> int:
     """The fd holding the lock on the directory's marker (close it to release); see lock_dir."""
-    return lock_file(os.path.join(path, MARKER),
-                     f"{path} is in use by {what} in another process (or object); "
-                     "wait for it to finish or use another directory")
+    return lock_file(
+        os.path.join(path, MARKER),
+        f"{path} is in use by {what} in another process (or object); "
+        "wait for it to finish or use another directory",
+    )
 
 
 # -- atomic writers ---------------------------------------------------------------------------
+
 
 @contextlib.contextmanager
 def atomic_path(path, mode=None):
@@ -459,8 +496,10 @@ def parse_json(text, where: str = "JSON", max_depth: int = MAX_JSON_DEPTH):
     try:
         obj = json.loads(text)
     except RecursionError:
-        raise ConfigError(f"{where} nests deeper than {max_depth} levels (arrays or objects "
-                          "nested too deeply to read); refusing it")
+        raise ConfigError(
+            f"{where} nests deeper than {max_depth} levels (arrays or objects "
+            "nested too deeply to read); refusing it"
+        )
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{where} is not valid JSON ({e})")
     except ValueError as e:  # e.g. an integer of more than 4300 digits
@@ -470,8 +509,13 @@ def parse_json(text, where: str = "JSON", max_depth: int = MAX_JSON_DEPTH):
     return obj
 
 
-def read_json(path, what: str = "", max_bytes: int = MAX_JSON_BYTES,
-              max_depth: int = MAX_JSON_DEPTH, nofollow: bool = False):
+def read_json(
+    path,
+    what: str = "",
+    max_bytes: int = MAX_JSON_BYTES,
+    max_depth: int = MAX_JSON_DEPTH,
+    nofollow: bool = False,
+):
     """A JSON file; errors name the file (and `what` it should be). Only a regular file is
     opened (a FIFO would block; with `nofollow` a symlink is refused too: open_nofollow); one
     larger than `max_bytes` or nested deeper than `max_depth` is refused."""
@@ -483,8 +527,10 @@ def read_json(path, what: str = "", max_bytes: int = MAX_JSON_BYTES,
     with f:
         size = os.fstat(f.fileno()).st_size
         if size > max_bytes:
-            raise ConfigError(f"{path} is {size:,} bytes, more than the {max_bytes:,} a JSON "
-                              f"file may hold here{what}")
+            raise ConfigError(
+                f"{path} is {size:,} bytes, more than the {max_bytes:,} a JSON "
+                f"file may hold here{what}"
+            )
         data = f.read(max_bytes + 1)
     try:
         text = data.decode("utf-8-sig")
@@ -524,8 +570,10 @@ def atomic_dir(path):
     (a symlink there would be replaced by a directory)."""
     parent = os.path.dirname(os.path.abspath(path))
     if os.path.islink(path):
-        raise OutputError(f"{path} is a symlink; mlx-sleep replaces this directory on every "
-                          "save: make it a plain directory (or remove the link)")
+        raise OutputError(
+            f"{path} is a symlink; mlx-sleep replaces this directory on every "
+            "save: make it a plain directory (or remove the link)"
+        )
     if os.path.lexists(path) and not os.path.isdir(path):
         raise OutputError(f"{path} exists and is not a directory")
     os.makedirs(parent, mode=dir_mode(), exist_ok=True)
@@ -582,8 +630,14 @@ def trim_jsonl(path: str, keep):
 MAX_JSONL_LINE = 1 << 20  # bytes: a GSM-Infinite 32k problem is ~130 KB; more is not a record
 
 
-def read_jsonl(path: str, check=None, what: str = "JSON object", nofollow: bool = False,
-               max_line: int = MAX_JSONL_LINE, drop_partial_last: bool = False):
+def read_jsonl(
+    path: str,
+    check=None,
+    what: str = "JSON object",
+    nofollow: bool = False,
+    max_line: int = MAX_JSONL_LINE,
+    drop_partial_last: bool = False,
+):
     """[(line number, record)] of every non-blank line of a JSONL file. The file must be a
     regular file (a FIFO would block; `nofollow`: and not a symlink, for files a run owns);
     each line at most `max_line` bytes of UTF-8 holding one JSON object (depth-limited), then
@@ -591,9 +645,14 @@ def read_jsonl(path: str, check=None, what: str = "JSON object", nofollow: bool 
     `drop_partial_last`: an unterminated last line that does not parse (an append cut short by a
     kill) is dropped. Errors are one line naming the file, the line and what is wrong."""
     try:
-        fd = open_nofollow(path) if nofollow else os.open(
-            check_regular_file(path, f" (expected {what}s, one a line)"),
-            os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = (
+            open_nofollow(path)
+            if nofollow
+            else os.open(
+                check_regular_file(path, f" (expected {what}s, one a line)"),
+                os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC,
+            )
+        )
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} does not exist (expected {what}s, one a line)")
     records = []
@@ -604,8 +663,9 @@ def read_jsonl(path: str, check=None, what: str = "JSON object", nofollow: bool 
             continue
         where = f"{path} line {n}"
         if len(raw) > max_line:
-            raise ConfigError(f"{where} is {len(raw):,} bytes, more than one {what} may be "
-                              f"({max_line:,})")
+            raise ConfigError(
+                f"{where} is {len(raw):,} bytes, more than one {what} may be ({max_line:,})"
+            )
         try:
             record = parse_json(raw.decode("utf-8"), where)
         except UnicodeDecodeError as e:
@@ -622,22 +682,22 @@ def read_jsonl(path: str, check=None, what: str = "JSON object", nofollow: bool 
     return records
 
 
-def check_text(record: dict, key: str, where: str, optional: bool = False,
-               max_chars: int = MAX_JSONL_LINE) -> bool:
+def check_text(
+    record: dict, key: str, where: str, optional: bool = False, max_chars: int = MAX_JSONL_LINE
+) -> bool:
     """`record[key]` is a string of text (no lone surrogates, which no tokenizer takes); False
     when absent and `optional`."""
     if key not in record and optional:
         return False
     value = record.get(key)
     if not isinstance(value, str):
-        raise ConfigError(f"{where}: \"{key}\" must be a string (got {show(value)})")
+        raise ConfigError(f'{where}: "{key}" must be a string (got {show(value)})')
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise ConfigError(f"{where}: \"{key}\" holds a lone surrogate (\\ud800-\\udfff): "
-                          "not text") from None
+        raise ConfigError(
+            f'{where}: "{key}" holds a lone surrogate (\\ud800-\\udfff): not text'
+        ) from None
     if len(value) > max_chars:
-        raise ConfigError(f"{where}: \"{key}\" is longer than {max_chars:,} characters")
+        raise ConfigError(f'{where}: "{key}" is longer than {max_chars:,} characters')
     return True
-
-

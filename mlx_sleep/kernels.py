@@ -13,8 +13,8 @@ after it has matched that fallback once in this process: on first use it is buil
 a few inputs (GVA, T shorter than a chunk or than W - 1, a decode token, float16 and bfloat16,
 the heads of every model the converters produce (MODEL_GDN_HEADS), degenerate inputs), every
 output slot and template flag compared; a compile error or a mismatch warns once and the
-fallback serves the rest of the process. Without Metal (Linux, or a CPU default device) or with MLX_SLEEP_KERNELS=0 the
-fallbacks run and nothing is built.
+fallback serves the rest of the process. Without Metal (Linux, or a CPU default device) or with
+MLX_SLEEP_KERNELS=0 the fallbacks run and nothing is built.
 
 The SiLU after Jet's conv is fused (template flag SILU): unfused, the activation re-reads and
 re-writes y and costs a launch (docs/kernels.md counts the transfers). The backward recomputes
@@ -34,15 +34,23 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from .gdn_math import (GDN_CHUNK, causal_conv, decay_and_beta, gated_delta_backward_ops,
-                       gated_delta_ops, l2_normalize)
+from .gdn_math import (
+    GDN_CHUNK,
+    causal_conv,
+    decay_and_beta,
+    gated_delta_backward_ops,
+    gated_delta_ops,
+    l2_normalize,
+)
 
 ENV = "MLX_SLEEP_KERNELS"
 
 # A wheel ships the sources as the package mlx_sleep.metal; a source checkout (editable
 # install, tests) has them in metal/ at the repository root.
-_METAL_DIRS = (Path(__file__).resolve().parent / "metal",
-               Path(__file__).resolve().parent.parent / "metal")
+_METAL_DIRS = (
+    Path(__file__).resolve().parent / "metal",
+    Path(__file__).resolve().parent.parent / "metal",
+)
 
 
 def metal_dir() -> Path:
@@ -100,8 +108,13 @@ class Kernel:
     def build(self):
         factory = _factory or mx.fast.metal_kernel
         header = "\n".join(read_source(h) for h in self.headers)
-        return factory(name=f"mlx_sleep_{self.name}", input_names=self.inputs,
-                       output_names=self.outputs, source=read_source(self.source), header=header)
+        return factory(
+            name=f"mlx_sleep_{self.name}",
+            input_names=self.inputs,
+            output_names=self.outputs,
+            source=read_source(self.source),
+            header=header,
+        )
 
     def ready(self) -> bool:
         """True if the kernel may run; builds and self-checks it the first time."""
@@ -125,8 +138,12 @@ class Kernel:
 
     def _give_up(self, why):
         self.status = f"fallback: {why}"
-        warnings.warn(f"mlx-sleep kernel '{self.name}' {why}; using the ops fallback for the "
-                      f"rest of this process", RuntimeWarning, stacklevel=4)
+        warnings.warn(
+            f"mlx-sleep kernel '{self.name}' {why}; using the ops fallback for the "
+            f"rest of this process",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
     def __call__(self, **kwargs):
         return self._fn(**kwargs)
@@ -171,6 +188,7 @@ def _self_check(cases):
                 if worst is None or diff / tol > worst[0] / worst[1]:
                     worst = (diff, tol)
         return worst
+
     return check
 
 
@@ -206,6 +224,7 @@ def _self_check_heads(Hk, Hv):
 
 # ------------------------------------------------------------------- Jet dynamic causal conv
 
+
 def dynamic_conv_ops(x, conv_state, kernel, silu=False):
     """The fallback: the layer's causal_conv (+ SiLU)."""
     y, new_state = causal_conv(x, conv_state, kernel)
@@ -217,32 +236,45 @@ def _conv_forward(fn, x, conv_state, kernel, silu):
     W = kernel.shape[-1]
     y_dtype = mx.result_type(x, conv_state, kernel)  # what the ops give
     state_dtype = mx.result_type(x, conv_state)
-    return fn(inputs=[x, conv_state, kernel],
-              template=[("Ty", y_dtype), ("Tn", state_dtype), ("W", W), ("SILU", silu)],
-              grid=(C, max(T, W - 1), B), threadgroup=(min(C, 256), 1, 1),
-              output_shapes=[(B, T, C), (B, W - 1, C)], output_dtypes=[y_dtype, state_dtype])
+    return fn(
+        inputs=[x, conv_state, kernel],
+        template=[("Ty", y_dtype), ("Tn", state_dtype), ("W", W), ("SILU", silu)],
+        grid=(C, max(T, W - 1), B),
+        threadgroup=(min(C, 256), 1, 1),
+        output_shapes=[(B, T, C), (B, W - 1, C)],
+        output_dtypes=[y_dtype, state_dtype],
+    )
 
 
 def _conv_backward(fn, x, conv_state, kernel, dy, dstate, silu):
     B, T, C = x.shape
     W = kernel.shape[-1]
-    return fn(inputs=[x, conv_state, kernel, dy, dstate],
-              template=[("Tx", x.dtype), ("Ts", conv_state.dtype), ("Tk", kernel.dtype),
-                        ("W", W), ("SILU", silu)],
-              grid=(C, T + W - 1, B), threadgroup=(min(C, 256), 1, 1),
-              output_shapes=[x.shape, conv_state.shape, kernel.shape],
-              output_dtypes=[x.dtype, conv_state.dtype, kernel.dtype])
+    return fn(
+        inputs=[x, conv_state, kernel, dy, dstate],
+        template=[
+            ("Tx", x.dtype),
+            ("Ts", conv_state.dtype),
+            ("Tk", kernel.dtype),
+            ("W", W),
+            ("SILU", silu),
+        ],
+        grid=(C, T + W - 1, B),
+        threadgroup=(min(C, 256), 1, 1),
+        output_shapes=[x.shape, conv_state.shape, kernel.shape],
+        output_dtypes=[x.dtype, conv_state.dtype, kernel.dtype],
+    )
 
 
 def _conv_backward_ops(x, conv_state, kernel, dy, dstate, silu):
-    _, grads = mx.vjp(lambda *p: dynamic_conv_ops(*p, silu=silu), [x, conv_state, kernel],
-                      [dy, dstate])
+    _, grads = mx.vjp(
+        lambda *p: dynamic_conv_ops(*p, silu=silu), [x, conv_state, kernel], [dy, dstate]
+    )
     return grads
 
 
 CONV_CHECK_SHAPES = [  # B, T, C, W, dtype
-    (2, 5, 40, 4, mx.float32),   # T a multiple of no tile; C = 40 a partial threadgroup
-    (1, 2, 24, 4, mx.float16),   # T < W - 1: part of the new state is the old one
+    (2, 5, 40, 4, mx.float32),  # T a multiple of no tile; C = 40 a partial threadgroup
+    (1, 2, 24, 4, mx.float16),  # T < W - 1: part of the new state is the old one
     (2, 1, 16, 4, mx.bfloat16),  # a decode token
 ]
 
@@ -252,8 +284,16 @@ def _conv_check_inputs(B, T, C, W, dtype):
     x = mx.random.normal((B, T, C), key=keys[0])
     state = mx.random.normal((B, W - 1, C), key=keys[1])
     kern = mx.random.normal((B, T, C, W), key=keys[2]) / 2
-    return [a.astype(dtype) for a in (x, state, kern, mx.random.normal((B, T, C), key=keys[3]),
-                                      mx.random.normal((B, W - 1, C), key=keys[4]))]
+    return [
+        a.astype(dtype)
+        for a in (
+            x,
+            state,
+            kern,
+            mx.random.normal((B, T, C), key=keys[3]),
+            mx.random.normal((B, W - 1, C), key=keys[4]),
+        )
+    ]
 
 
 def _float32(arrays):
@@ -263,13 +303,17 @@ def _float32(arrays):
 # The kernels accumulate in float32 and round once: the reference is the fallback on the same
 # (rounded) inputs upcast to float32, within the output type's rounding.
 
+
 @_self_check
 def _check_conv_forward(fn):
     for *shape, dtype in CONV_CHECK_SHAPES:
         x, state, kern, _, _ = _conv_check_inputs(*shape, dtype)
         for silu in (False, True):
-            yield _compare(_conv_forward(fn, x, state, kern, silu),
-                           dynamic_conv_ops(*_float32((x, state, kern)), silu), _RTOL[dtype])
+            yield _compare(
+                _conv_forward(fn, x, state, kern, silu),
+                dynamic_conv_ops(*_float32((x, state, kern)), silu),
+                _RTOL[dtype],
+            )
 
 
 @_self_check
@@ -277,8 +321,11 @@ def _check_conv_backward(fn):
     for *shape, dtype in CONV_CHECK_SHAPES:
         args = _conv_check_inputs(*shape, dtype)
         for silu in (False, True):
-            yield _compare(_conv_backward(fn, *args, silu),
-                           _conv_backward_ops(*_float32(args), silu), _RTOL[dtype])
+            yield _compare(
+                _conv_backward(fn, *args, silu),
+                _conv_backward_ops(*_float32(args), silu),
+                _RTOL[dtype],
+            )
 
 
 @functools.lru_cache(maxsize=None)
@@ -315,8 +362,10 @@ def dynamic_conv(x, conv_state, kernel, silu=False):
 
 # ------------------------------------------------------------------- fused GDN decode step
 
-def gdn_step_ops(q, k, v, a, b, A_log, dt_bias, state, gate, norm_weight, norm_eps,
-                 use_kernel=True):
+
+def gdn_step_ops(
+    q, k, v, a, b, A_log, dt_bias, state, gate, norm_weight, norm_eps, use_kernel=True
+):
     """The fallback: GatedDeltaNet.__call__'s math after the projections (the recurrence
     through gated_delta; use_kernel=False: its ops, as the self-check's reference)."""
     q = l2_normalize(q) * q.shape[-1] ** -0.5
@@ -331,30 +380,50 @@ def _gdn_step(fn, q, k, v, a, b, A_log, dt_bias, state, gate, norm_weight, norm_
     Hv, Dv = v.shape[-2:]
     R = min(Dv, 32)  # simdgroups per head: (32, R) threads <= 1024
     out_dtype = mx.result_type(q, k, v, norm_weight, gate)
-    y, state = fn(inputs=[q, k, v, gate, a, b, A_log, dt_bias, state, norm_weight, norm_eps],
-                  template=[("StT", mx.float32), ("OutT", out_dtype), ("Hk", Hk), ("Hv", Hv),
-                            ("Dk", Dk), ("Dv", Dv), ("R", R)],
-                  grid=(32, R, B * Hv), threadgroup=(32, R, 1),
-                  output_shapes=[(B, 1, Hv, Dv), state.shape],
-                  output_dtypes=[out_dtype, mx.float32])  # the state is float32 (gated_delta)
+    y, state = fn(
+        inputs=[q, k, v, gate, a, b, A_log, dt_bias, state, norm_weight, norm_eps],
+        template=[
+            ("StT", mx.float32),
+            ("OutT", out_dtype),
+            ("Hk", Hk),
+            ("Hv", Hv),
+            ("Dk", Dk),
+            ("Dv", Dv),
+            ("R", R),
+        ],
+        grid=(32, R, B * Hv),
+        threadgroup=(32, R, 1),
+        output_shapes=[(B, 1, Hv, Dv), state.shape],
+        output_dtypes=[out_dtype, mx.float32],
+    )  # the state is float32 (gated_delta)
     return y, state
 
 
 GDN_STEP_CHECK_SHAPES = [  # B, Hk, Hv, Dk, Dv, dtype of the activations (state: float32)
-    (2, 1, 2, 40, 36, mx.float32),   # GVA 2:1; partial lanes and a second row pass
-    (1, 2, 4, 16, 12, mx.float16),   # two key heads, GVA 2:1
+    (2, 1, 2, 40, 36, mx.float32),  # GVA 2:1; partial lanes and a second row pass
+    (1, 2, 4, 16, 12, mx.float16),  # two key heads, GVA 2:1
     (2, 1, 1, 8, 8, mx.bfloat16),
-] + [(1, *_self_check_heads(Hk, Hv), Dk, Dv, mx.float32)  # every converted model's heads
-     for Hk, Hv, Dk, Dv in model_head_shapes()]
+] + [
+    (1, *_self_check_heads(Hk, Hv), Dk, Dv, mx.float32)  # every converted model's heads
+    for Hk, Hv, Dk, Dv in model_head_shapes()
+]
 
 
 def _gdn_step_check_inputs(B, Hk, Hv, Dk, Dv, dtype, degenerate=False):
     """Random inputs; `degenerate`: an all-zero q row and an all-zero k row, and per value head
     the gates at their ends (decay 1, decay 0, beta 0, beta 1, in turn)."""
     keys = mx.random.split(mx.random.key(11), 11)
-    q, k, v, a, b, gate = (mx.random.normal(shape, key=key) for shape, key in (
-        ((B, 1, Hk, Dk), keys[0]), ((B, 1, Hk, Dk), keys[1]), ((B, 1, Hv, Dv), keys[2]),
-        ((B, 1, Hv), keys[3]), ((B, 1, Hv), keys[4]), ((B, 1, Hv, Dv), keys[8])))
+    q, k, v, a, b, gate = (
+        mx.random.normal(shape, key=key)
+        for shape, key in (
+            ((B, 1, Hk, Dk), keys[0]),
+            ((B, 1, Hk, Dk), keys[1]),
+            ((B, 1, Hv, Dv), keys[2]),
+            ((B, 1, Hv), keys[3]),
+            ((B, 1, Hv), keys[4]),
+            ((B, 1, Hv, Dv), keys[8]),
+        )
+    )
     A_log = mx.log(mx.random.uniform(1, 16, (Hv,), key=keys[5]))
     dt_bias = mx.random.uniform(-5, -1, (Hv,), key=keys[6])
     state = mx.random.normal((B, Hv, Dv, Dk), key=keys[7]) / 4
@@ -381,8 +450,7 @@ def _check_gdn_step(fn):
     for B, Hk, Hv, Dk, Dv, dtype, degenerate in cases:
         acts, rest, gate, norm = _gdn_step_check_inputs(B, Hk, Hv, Dk, Dv, dtype, degenerate)
         out = _gdn_step(fn, *acts, *rest, gate, *norm)
-        ref = gdn_step_ops(*_float32(acts), *rest, gate.astype(mx.float32), *norm,
-                           use_kernel=False)
+        ref = gdn_step_ops(*_float32(acts), *rest, gate.astype(mx.float32), *norm, use_kernel=False)
         yield _compare(out[:1], ref[:1], _RTOL[dtype]) + _compare(out[1:], ref[1:])  # y, state
 
 
@@ -410,23 +478,33 @@ def gdn_step(q, k, v, a, b, A_log, dt_bias, state, gate, norm_weight, norm_eps):
     Returns (rmsnorm(o) * weight * silu(gate) [B, 1, Hv, Dv], new state)."""
     if q.shape[1] != 1 or v.shape[-2] % q.shape[-2] or not KERNELS["gdn_step"].ready():
         return gdn_step_ops(q, k, v, a, b, A_log, dt_bias, state, gate, norm_weight, norm_eps)
-    y, state = _gdn_step_function(float(norm_eps))(q, k, v, a, b, A_log, dt_bias, state, gate,
-                                                   norm_weight)
+    y, state = _gdn_step_function(float(norm_eps))(
+        q, k, v, a, b, A_log, dt_bias, state, gate, norm_weight
+    )
     return y, state
 
 
 # ------------------------------------------------------------------- the GDN recurrence
 
+
 def _check_gated_delta_shapes(q, k, v, decay, beta, state):
     B, T, Hk, Dk = q.shape if q.ndim == 4 else (None,) * 4
     Hv, Dv = v.shape[-2:]
-    want = {"q": (B, T, Hk, Dk), "k": (B, T, Hk, Dk), "v": (B, T, Hv, Dv), "decay": (B, T, Hv),
-            "beta": (B, T, Hv), "state": (B, Hv, Dv, Dk)}
+    want = {
+        "q": (B, T, Hk, Dk),
+        "k": (B, T, Hk, Dk),
+        "v": (B, T, Hv, Dv),
+        "decay": (B, T, Hv),
+        "beta": (B, T, Hv),
+        "state": (B, Hv, Dv, Dk),
+    }
     for name, x in zip(want, (q, k, v, decay, beta, state)):
         if tuple(x.shape) != want[name]:
-            raise ValueError(f"gated_delta: {name} has shape {tuple(x.shape)}, expected "
-                             f"{want[name]} (q, k [B, T, Hk, Dk], v [B, T, Hv, Dv], decay, beta "
-                             f"[B, T, Hv], state [B, Hv, Dv, Dk])")
+            raise ValueError(
+                f"gated_delta: {name} has shape {tuple(x.shape)}, expected "
+                f"{want[name]} (q, k [B, T, Hk, Dk], v [B, T, Hv, Dv], decay, beta "
+                f"[B, T, Hv], state [B, Hv, Dv, Dk])"
+            )
     if Hv % Hk:
         raise ValueError(f"gated_delta: {Hv} value heads are not a multiple of {Hk} key heads")
 
@@ -436,13 +514,22 @@ def _gated_delta_forward(fn, q, k, v, decay, beta, state):
     Hv, Dv = v.shape[-2:]
     R = min(Dv, 32)  # simdgroups per head: (32, R) threads
     y_dtype = mx.result_type(q, k, v)
-    return fn(inputs=[q, k, v, decay, beta, state],
-              template=[("Ty", y_dtype), ("Hk", Hk), ("Hv", Hv), ("Dk", Dk), ("Dv", Dv),
-                        ("R", R), ("CHUNK", GDN_CHUNK)],
-              grid=(32, R, B * Hv), threadgroup=(32, R, 1),
-              output_shapes=[(B, T, Hv, Dv), (B, Hv, Dv, Dk),
-                             (B, Hv, -(-T // GDN_CHUNK), Dv, Dk)],
-              output_dtypes=[y_dtype, mx.float32, mx.float32])
+    return fn(
+        inputs=[q, k, v, decay, beta, state],
+        template=[
+            ("Ty", y_dtype),
+            ("Hk", Hk),
+            ("Hv", Hv),
+            ("Dk", Dk),
+            ("Dv", Dv),
+            ("R", R),
+            ("CHUNK", GDN_CHUNK),
+        ],
+        grid=(32, R, B * Hv),
+        threadgroup=(32, R, 1),
+        output_shapes=[(B, T, Hv, Dv), (B, Hv, Dv, Dk), (B, Hv, -(-T // GDN_CHUNK), Dv, Dk)],
+        output_dtypes=[y_dtype, mx.float32, mx.float32],
+    )
 
 
 def _gated_delta_backward(fn, q, k, v, decay, beta, chunk_states, dy, dstate):
@@ -453,23 +540,33 @@ def _gated_delta_backward(fn, q, k, v, decay, beta, chunk_states, dy, dstate):
     f32 = mx.float32
     dq, dk, dv, ddecay, dbeta, dstate, _ = fn(
         inputs=[q, k, v, decay, beta, chunk_states, dy, dstate.astype(f32)],
-        template=[("Hk", Hk), ("Hv", Hv), ("Dk", Dk), ("Dv", Dv), ("R", R),
-                  ("CHUNK", GDN_CHUNK)],
-        grid=(32, R, B * Hv), threadgroup=(32, R, 1),
-        output_shapes=[(B, T, Hv, Dk), (B, T, Hv, Dk), v.shape, decay.shape, beta.shape,
-                       (B, Hv, Dv, Dk), (B * Hv, GDN_CHUNK, Dv, Dk)],
-        output_dtypes=[f32] * 7)
+        template=[("Hk", Hk), ("Hv", Hv), ("Dk", Dk), ("Dv", Dv), ("R", R), ("CHUNK", GDN_CHUNK)],
+        grid=(32, R, B * Hv),
+        threadgroup=(32, R, 1),
+        output_shapes=[
+            (B, T, Hv, Dk),
+            (B, T, Hv, Dk),
+            v.shape,
+            decay.shape,
+            beta.shape,
+            (B, Hv, Dv, Dk),
+            (B * Hv, GDN_CHUNK, Dv, Dk),
+        ],
+        output_dtypes=[f32] * 7,
+    )
     if Hv != Hk:  # GVA: a key head's gradient sums over the value heads that read it
         dq, dk = (g.reshape(B, T, Hk, Hv // Hk, Dk).sum(3) for g in (dq, dk))
     return dq, dk, dv, ddecay, dbeta, dstate
 
 
 GDN_CHECK_SHAPES = [  # B, T, Hk, Hv, Dk, Dv, dtype
-    (1, 5, 2, 6, 24, 20, mx.float32),                # GVA 3:1, T < a chunk, Dk < 32 lanes
-    (2, GDN_CHUNK + 3, 2, 2, 40, 9, mx.float16),     # a partial second chunk, Dk over 32 lanes
-    (1, 1, 1, 2, 8, 40, mx.bfloat16),                # a decode token, Dv over 32 rows
-] + [(1, 2, *_self_check_heads(Hk, Hv), Dk, Dv, mx.float32)  # every converted model's heads
-     for Hk, Hv, Dk, Dv in model_head_shapes()]
+    (1, 5, 2, 6, 24, 20, mx.float32),  # GVA 3:1, T < a chunk, Dk < 32 lanes
+    (2, GDN_CHUNK + 3, 2, 2, 40, 9, mx.float16),  # a partial second chunk, Dk over 32 lanes
+    (1, 1, 1, 2, 8, 40, mx.bfloat16),  # a decode token, Dv over 32 rows
+] + [
+    (1, 2, *_self_check_heads(Hk, Hv), Dk, Dv, mx.float32)  # every converted model's heads
+    for Hk, Hv, Dk, Dv in model_head_shapes()
+]
 GDN_DEGENERATE_CHECK = (1, 6, 2, 4, 40, 36, mx.float32)
 
 
@@ -478,7 +575,7 @@ def _gated_delta_check_inputs(B, T, Hk, Hv, Dk, Dv, dtype, degenerate=False):
     rows and beta 0, then decay 0, decay 1, beta 1 and beta 2 (the largest: OLMo Hybrid's
     allow_neg_eigval) on tokens 2 to 5."""
     keys = mx.random.split(mx.random.key(13), 8)
-    q = l2_normalize(mx.random.normal((B, T, Hk, Dk), key=keys[0])) * Dk ** -0.5
+    q = l2_normalize(mx.random.normal((B, T, Hk, Dk), key=keys[0])) * Dk**-0.5
     k = l2_normalize(mx.random.normal((B, T, Hk, Dk), key=keys[1]))
     v = mx.random.normal((B, T, Hv, Dv), key=keys[2])
     decay = mx.random.uniform(0.5, 1.0, (B, T, Hv), key=keys[3])
@@ -499,8 +596,11 @@ def _gated_delta_check_inputs(B, T, Hk, Hv, Dk, Dv, dtype, degenerate=False):
 
 def _gated_delta_check_cases():
     """The small shapes, the degenerate inputs, then the models' heads (the largest last)."""
-    return ([(*shape, False) for shape in GDN_CHECK_SHAPES[:3]] + [(*GDN_DEGENERATE_CHECK, True)]
-            + [(*shape, False) for shape in GDN_CHECK_SHAPES[3:]])
+    return (
+        [(*shape, False) for shape in GDN_CHECK_SHAPES[:3]]
+        + [(*GDN_DEGENERATE_CHECK, True)]
+        + [(*shape, False) for shape in GDN_CHECK_SHAPES[3:]]
+    )
 
 
 @_self_check
@@ -509,8 +609,10 @@ def _check_gated_delta_forward(fn):
         args, _, _ = _gated_delta_check_inputs(*shape, dtype, degenerate)
         out, ref = _gated_delta_forward(fn, *args), gated_delta_ops(*args, GDN_CHUNK)
         # no exp / rsqrt in this kernel: float32 results differ by summation order only
-        yield (_compare(out[:1], ref[:1], GDN_RTOL_F32 if dtype == mx.float32 else _RTOL[dtype])
-               + _compare(out[1:], ref[1:], GDN_RTOL_F32))  # y; the float32 states
+        yield (
+            _compare(out[:1], ref[:1], GDN_RTOL_F32 if dtype == mx.float32 else _RTOL[dtype])
+            + _compare(out[1:], ref[1:], GDN_RTOL_F32)
+        )  # y; the float32 states
 
 
 @_self_check
@@ -518,9 +620,11 @@ def _check_gated_delta_backward(fn):
     for *shape, dtype, degenerate in _gated_delta_check_cases():
         args, dy, dstate = _gated_delta_check_inputs(*shape, dtype, degenerate)
         saved = gated_delta_ops(*args, GDN_CHUNK)[2]
-        yield _compare(_gated_delta_backward(fn, *args[:5], saved, dy, dstate),
-                       gated_delta_backward_ops(*args[:5], saved, dy, dstate, GDN_CHUNK),
-                       GDN_BWD_RTOL_F32)
+        yield _compare(
+            _gated_delta_backward(fn, *args[:5], saved, dy, dstate),
+            gated_delta_backward_ops(*args[:5], saved, dy, dstate, GDN_CHUNK),
+            GDN_BWD_RTOL_F32,
+        )
 
 
 @functools.lru_cache(maxsize=None)
@@ -563,8 +667,21 @@ def gated_delta(q, k, v, decay, beta, state, use_kernel=True):
     return y, state
 
 
-def gated_delta_update(q, k, v, a, b, A_log, dt_bias, state=None, mask=None, *,
-                       use_kernel=True, lower_bound=None, allow_neg_eigval=False):
+def gated_delta_update(
+    q,
+    k,
+    v,
+    a,
+    b,
+    A_log,
+    dt_bias,
+    state=None,
+    mask=None,
+    *,
+    use_kernel=True,
+    lower_bound=None,
+    allow_neg_eigval=False,
+):
     """Drop-in for mlx_lm.models.gated_delta.gated_delta_update (scalar gates), on our op:
     decay and beta from the raw a, b in float32 (beta in [0, 2] with `allow_neg_eigval`, as
     OLMo Hybrid). Tokens where mask [B, T] is False leave the state untouched (decay 1, beta 0;
@@ -584,23 +701,63 @@ def gated_delta_update(q, k, v, a, b, A_log, dt_bias, state=None, mask=None, *,
 
 # ------------------------------------------------------------------------------ registry
 
-KERNELS = {k.name: k for k in (
-    Kernel("dynamic_conv", "dynamic_conv.metal", ["common.h", "dynamic_conv.h"],
-           ["x", "conv_state", "kern"], ["y", "new_state"], _check_conv_forward),
-    Kernel("dynamic_conv_backward", "dynamic_conv_backward.metal", ["common.h", "dynamic_conv.h"],
-           ["x", "conv_state", "kern", "dy", "dstate"], ["dx", "dconv_state", "dkern"],
-           _check_conv_backward),
-    Kernel("gated_delta", "gated_delta.metal", ["common.h", "gated_delta.h"],
-           ["q", "k", "v", "decay", "beta", "state_in"], ["y", "state_out", "chunk_states"],
-           _check_gated_delta_forward),
-    Kernel("gated_delta_backward", "gated_delta_backward.metal", ["common.h", "gated_delta.h"],
-           ["q", "k", "v", "decay", "beta", "chunk_states", "dy", "dstate"],
-           ["dq_out", "dk_out", "dv_out", "ddecay", "dbeta", "dstate_in", "scratch"],
-           _check_gated_delta_backward),
-    Kernel("gdn_step", "gdn_step.metal", ["common.h"],
-           ["q", "k", "v", "gate", "a_in", "b_in", "A_log", "dt_bias", "state_in", "weight", "eps"],
-           ["y", "state_out"], _check_gdn_step),
-)}
+KERNELS = {
+    k.name: k
+    for k in (
+        Kernel(
+            "dynamic_conv",
+            "dynamic_conv.metal",
+            ["common.h", "dynamic_conv.h"],
+            ["x", "conv_state", "kern"],
+            ["y", "new_state"],
+            _check_conv_forward,
+        ),
+        Kernel(
+            "dynamic_conv_backward",
+            "dynamic_conv_backward.metal",
+            ["common.h", "dynamic_conv.h"],
+            ["x", "conv_state", "kern", "dy", "dstate"],
+            ["dx", "dconv_state", "dkern"],
+            _check_conv_backward,
+        ),
+        Kernel(
+            "gated_delta",
+            "gated_delta.metal",
+            ["common.h", "gated_delta.h"],
+            ["q", "k", "v", "decay", "beta", "state_in"],
+            ["y", "state_out", "chunk_states"],
+            _check_gated_delta_forward,
+        ),
+        Kernel(
+            "gated_delta_backward",
+            "gated_delta_backward.metal",
+            ["common.h", "gated_delta.h"],
+            ["q", "k", "v", "decay", "beta", "chunk_states", "dy", "dstate"],
+            ["dq_out", "dk_out", "dv_out", "ddecay", "dbeta", "dstate_in", "scratch"],
+            _check_gated_delta_backward,
+        ),
+        Kernel(
+            "gdn_step",
+            "gdn_step.metal",
+            ["common.h"],
+            [
+                "q",
+                "k",
+                "v",
+                "gate",
+                "a_in",
+                "b_in",
+                "A_log",
+                "dt_bias",
+                "state_in",
+                "weight",
+                "eps",
+            ],
+            ["y", "state_out"],
+            _check_gdn_step,
+        ),
+    )
+}
 
 
 def kernel_report() -> list:

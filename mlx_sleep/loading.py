@@ -34,14 +34,25 @@ from .weights import apply_quantization, check_quantization, read_weights, resol
 TOKENIZER_ENTRY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 # The tokenizer and generation files a model directory may hold: convert copies them next to
 # the weights; each must be a regular file, the JSON ones valid JSON within io's limits.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
-                   "chat_template.jinja", "chat_template.json", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
 # transformers also reads every *.jinja in this folder as a chat template.
 CHAT_TEMPLATE_DIR = "additional_chat_templates"
 # tokenizer_config.json settings that make mlx-lm import one of its own modules by name.
-MLX_LM_MODULES = {"chat_template_type": "mlx_lm.chat_templates",
-                  "tool_parser_type": "mlx_lm.tool_parsers"}
+MLX_LM_MODULES = {
+    "chat_template_type": "mlx_lm.chat_templates",
+    "tool_parser_type": "mlx_lm.tool_parsers",
+}
 CONVERT_HINT = "convert it first: mlx-sleep convert --hf-path {} --out DIR"
 
 
@@ -52,9 +63,11 @@ def refuse_code(config: dict, where: str):
         names = config["auto_map"]
         names = list(names.values()) if isinstance(names, dict) else names
         shown = str(names)[:80]
-        raise ConfigError(f"{where}: auto_map names Python code to run ({shown}); mlx-sleep never "
-                          "runs code from a model directory (remove auto_map to use the standard "
-                          "classes)")
+        raise ConfigError(
+            f"{where}: auto_map names Python code to run ({shown}); mlx-sleep never "
+            "runs code from a model directory (remove auto_map to use the standard "
+            "classes)"
+        )
 
 
 def check_special_files(path: str):
@@ -82,15 +95,21 @@ def read_model_config(path: str, shown: Optional[str] = None) -> dict:
     shown = shown or path
     config_path = os.path.join(path, "config.json")
     if not os.path.lexists(config_path):
-        raise FileNotFoundError(f"{path} has no config.json: not a model directory mlx-sleep "
-                                f"converted ({CONVERT_HINT.format(shown)})")
+        raise FileNotFoundError(
+            f"{path} has no config.json: not a model directory mlx-sleep "
+            f"converted ({CONVERT_HINT.format(shown)})"
+        )
     config = read_json_object(config_path)
     if "model" not in config or "sleep" not in config:
         if "model_type" in config or "architectures" in config:
-            raise ConfigError(f"{shown} is a Hugging Face checkpoint, not a model directory "
-                              f"mlx-sleep converted: {CONVERT_HINT.format(shown)}")
-        raise ConfigError(f"{config_path} has no 'model' and 'sleep' settings: not a model "
-                          f"directory mlx-sleep converted ({CONVERT_HINT.format(shown)})")
+            raise ConfigError(
+                f"{shown} is a Hugging Face checkpoint, not a model directory "
+                f"mlx-sleep converted: {CONVERT_HINT.format(shown)}"
+            )
+        raise ConfigError(
+            f"{config_path} has no 'model' and 'sleep' settings: not a model "
+            f"directory mlx-sleep converted ({CONVERT_HINT.format(shown)})"
+        )
     refuse_code(config, config_path)
     check_special_files(path)
     return config
@@ -120,10 +139,14 @@ def check_tokenizer_files(path: str) -> Optional[dict]:
         value = config.get(key)
         if value is None:
             continue
-        if not (isinstance(value, str) and value.isidentifier()
-                and importlib.util.find_spec(f"{package}.{value}") is not None):
-            raise ConfigError(f"{config_path}: {key} {str(value)[:40]!r} is not one of mlx-lm's "
-                              f"({package})")
+        if not (
+            isinstance(value, str)
+            and value.isidentifier()
+            and importlib.util.find_spec(f"{package}.{value}") is not None
+        ):
+            raise ConfigError(
+                f"{config_path}: {key} {str(value)[:40]!r} is not one of mlx-lm's ({package})"
+            )
     return config
 
 
@@ -144,8 +167,9 @@ def load_model(path_or_id: str, lazy: bool = False, force: bool = False):
     try:
         model.load_weights(list(weights.items()))
     except ValueError as e:  # names missing, unexpected or mis-shaped tensors
-        raise ConfigError(f"{path}: the weights do not match config.json "
-                          f"({' '.join(str(e).split())[:300]})") from None
+        raise ConfigError(
+            f"{path}: the weights do not match config.json ({' '.join(str(e).split())[:300]})"
+        ) from None
     if not lazy:
         mx.eval(model.parameters())
     model.eval()
@@ -158,12 +182,15 @@ def check_tokenizer(model, tokenizer, eos_ids=()):
     read past the embedding table). Models may have more rows than tokens (padding), not fewer."""
     n = len(tokenizer._tokenizer) if hasattr(tokenizer, "_tokenizer") else len(tokenizer)
     if n > model.vocab_size:
-        raise ConfigError(f"the tokenizer has {n} tokens but the model's vocabulary only "
-                          f"{model.vocab_size}: they do not belong together")
+        raise ConfigError(
+            f"the tokenizer has {n} tokens but the model's vocabulary only "
+            f"{model.vocab_size}: they do not belong together"
+        )
     for i in eos_ids:
         if not 0 <= i < model.vocab_size:
-            raise ConfigError(f"eos_token_id {i} is outside the model's vocabulary of "
-                              f"{model.vocab_size}")
+            raise ConfigError(
+                f"eos_token_id {i} is outside the model's vocabulary of {model.vocab_size}"
+            )
 
 
 def _quietly(fn, *args, **kwargs):
@@ -203,9 +230,11 @@ def has_tokenizer(path: str) -> bool:
 
 def missing_tokenizer(path: str) -> str:
     """What to do about a model directory without tokenizer files (docs/models.md)."""
-    return (f"{path} has no tokenizer files ({', '.join(TOKENIZER_ENTRY_FILES)}): copy them "
-            "from the original checkpoint into it (docs/models.md, 'Adding a tokenizer'); "
-            "in Python, mlx_sleep.load_model() loads the weights alone")
+    return (
+        f"{path} has no tokenizer files ({', '.join(TOKENIZER_ENTRY_FILES)}): copy them "
+        "from the original checkpoint into it (docs/models.md, 'Adding a tokenizer'); "
+        "in Python, mlx_sleep.load_model() loads the weights alone"
+    )
 
 
 def load_with_path(path_or_id: str, tokenizer_config: Optional[dict] = None, lazy: bool = False):
@@ -221,14 +250,18 @@ def load_with_path(path_or_id: str, tokenizer_config: Optional[dict] = None, laz
     eos = config.get("eos_token_id")
     eos = [eos] if type(eos) is int else eos
     if eos is not None and not (isinstance(eos, list) and all(type(i) is int for i in eos)):
-        raise ConfigError(f"{path}/config.json: eos_token_id must be an integer or a list of "
-                          f"integers (got {str(eos)[:40]})")
+        raise ConfigError(
+            f"{path}/config.json: eos_token_id must be an integer or a list of "
+            f"integers (got {str(eos)[:40]})"
+        )
     model = load_model(path, lazy=lazy)
     try:
         tokenizer = _quietly(load_tokenizer, Path(path), options, eos_token_ids=eos)
     except Exception as e:  # transformers' and tokenizers' many errors: one line, the directory
         message = " ".join(str(e).split())[:200]
-        raise ConfigError(f"{path}: the tokenizer files could not be loaded "
-                          f"({type(e).__name__}{': ' + message if message else ''})") from None
+        raise ConfigError(
+            f"{path}: the tokenizer files could not be loaded "
+            f"({type(e).__name__}{': ' + message if message else ''})"
+        ) from None
     check_tokenizer(model, tokenizer, eos or ())
     return path, model, tokenizer

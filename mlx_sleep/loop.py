@@ -28,8 +28,17 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .config import ConfigError
-from .io import (OutputError, acquire_lock, atomic_dir, claim_dir, read_json_object,
-                 recover_dir, save_arrays, trim_jsonl, write_json)
+from .io import (
+    OutputError,
+    acquire_lock,
+    atomic_dir,
+    claim_dir,
+    read_json_object,
+    recover_dir,
+    save_arrays,
+    trim_jsonl,
+    write_json,
+)
 from .weights import read_safetensors
 
 
@@ -66,9 +75,11 @@ def refuse_other_settings(where: str, saved: dict, new: dict, ignore=()):
     """One line naming the keys (and values) that differ, if any do outside `ignore`."""
     diff = [d for d in settings_diff(saved, new) if d.split(":", 1)[0] not in ignore]
     if diff:
-        raise ConfigError(f"{where} holds a run with other settings ({'; '.join(diff[:4])}"
-                          f"{' ...' if len(diff) > 4 else ''}); re-run the same command to "
-                          "resume, or use a new --out directory")
+        raise ConfigError(
+            f"{where} holds a run with other settings ({'; '.join(diff[:4])}"
+            f"{' ...' if len(diff) > 4 else ''}); re-run the same command to "
+            "resume, or use a new --out directory"
+        )
 
 
 def progress_bar(total: int, initial: int, unit: str = "step", desc: Optional[str] = None):
@@ -76,22 +87,27 @@ def progress_bar(total: int, initial: int, unit: str = "step", desc: Optional[st
     if not sys.stderr.isatty():
         return None
     from tqdm.auto import tqdm
-    return tqdm(total=total, initial=initial, unit=unit, desc=desc, dynamic_ncols=True,
-                leave=True)
+
+    return tqdm(total=total, initial=initial, unit=unit, desc=desc, dynamic_ncols=True, leave=True)
 
 
 def restore_lists(loaded, template):
     """tree_unflatten turns {"0": ...} back into lists only where keys are digits; keep the
     optimizer state's own structure by walking the template."""
     if isinstance(template, list):
-        items = loaded if isinstance(loaded, list) else [loaded[str(i)] for i in range(len(template))]
+        items = (
+            loaded if isinstance(loaded, list) else [loaded[str(i)] for i in range(len(template))]
+        )
         return [restore_lists(l, t) for l, t in zip(items, template)]
     if isinstance(template, dict):
         return {k: restore_lists(loaded[k], v) if k in loaded else v for k, v in template.items()}
-    if isinstance(template, mx.array) and (not isinstance(loaded, mx.array)
-                                           or loaded.shape != template.shape):
-        raise ValueError(f"optimizer state of shape {getattr(loaded, 'shape', '?')} where "
-                         f"{template.shape} belongs")
+    if isinstance(template, mx.array) and (
+        not isinstance(loaded, mx.array) or loaded.shape != template.shape
+    ):
+        raise ValueError(
+            f"optimizer state of shape {getattr(loaded, 'shape', '?')} where "
+            f"{template.shape} belongs"
+        )
     return loaded
 
 
@@ -151,13 +167,19 @@ class TrainingRun:
         and record the settings. Other processes take rank 0's state."""
         resumed = False
         if self.is_writer:
-            claim_dir(self.out_dir, self.OWNER, force,
-                      writes=("config.json", "metrics.jsonl", "checkpoint"))
+            claim_dir(
+                self.out_dir,
+                self.OWNER,
+                force,
+                writes=("config.json", "metrics.jsonl", "checkpoint"),
+            )
             self._lock = acquire_lock(self.out_dir, "a training")
             try:
                 resumed = self._resume()
-                trim_jsonl(os.path.join(self.out_dir, "metrics.jsonl"),
-                           lambda record: record.get("step", 0) <= self.step)
+                trim_jsonl(
+                    os.path.join(self.out_dir, "metrics.jsonl"),
+                    lambda record: record.get("step", 0) <= self.step,
+                )
                 write_json(os.path.join(self.out_dir, "config.json"), self.settings)
             except BaseException:
                 self.close()
@@ -169,18 +191,26 @@ class TrainingRun:
     def _resume(self) -> bool:
         ckpt = recover_dir(self.checkpoint_dir)
         if os.path.islink(ckpt) or (os.path.lexists(ckpt) and not os.path.isdir(ckpt)):
-            raise OutputError(f"{ckpt} is not a plain directory; mlx-sleep replaces it on every "
-                              "save: remove it or use another --out directory")
+            raise OutputError(
+                f"{ckpt} is not a plain directory; mlx-sleep replaces it on every "
+                "save: remove it or use another --out directory"
+            )
         config_path = os.path.join(self.out_dir, "config.json")
         if not (os.path.exists(config_path) and os.path.exists(ckpt)):
             return False
         saved = self.saved_settings(read_json_object(config_path, " (a run's settings)"))
-        refuse_other_settings(self.out_dir, {k: saved.get(k) for k in self.settings},
-                              self.settings, self.RESUMABLE_CHANGES)
+        refuse_other_settings(
+            self.out_dir,
+            {k: saved.get(k) for k in self.settings},
+            self.settings,
+            self.RESUMABLE_CHANGES,
+        )
         self.load_checkpoint(ckpt)
         if self.step > self.cfg.steps:
-            raise ConfigError(f"{self.out_dir} is at step {self.step}, past --steps "
-                              f"{self.cfg.steps}: pass --steps {self.step} or more")
+            raise ConfigError(
+                f"{self.out_dir} is at step {self.step}, past --steps "
+                f"{self.cfg.steps}: pass --steps {self.step} or more"
+            )
         return True
 
     def saved_settings(self, saved: dict) -> dict:
@@ -202,12 +232,15 @@ class TrainingRun:
             return
         with atomic_dir(self.checkpoint_dir) as tmp:
             save_arrays(os.path.join(tmp, self.WEIGHTS_FILE), self.checkpoint_weights())
-            save_arrays(os.path.join(tmp, "optimizer.safetensors"),
-                        dict(tree_flatten(self.optimizer.state)))
+            save_arrays(
+                os.path.join(tmp, "optimizer.safetensors"), dict(tree_flatten(self.optimizer.state))
+            )
             for name, obj in self.checkpoint_extras().items():
                 write_json(os.path.join(tmp, name), obj)
-            write_json(os.path.join(tmp, self.META_FILE),
-                       {"step": self.step, "tokens": self.tokens, **self.checkpoint_meta()})
+            write_json(
+                os.path.join(tmp, self.META_FILE),
+                {"step": self.step, "tokens": self.tokens, **self.checkpoint_meta()},
+            )
         self._saved_step = self.step
 
     def load_checkpoint(self, ckpt: str):
@@ -220,15 +253,19 @@ class TrainingRun:
             step, tokens = meta["step"], meta["tokens"]
             if type(step) is not int or type(tokens) is not int or step < 0 or tokens < 0:
                 raise ValueError(f"step {step!r} and tokens {tokens!r} must be integers >= 0")
-            self.model.load_weights(list(weights.items()),
-                                    strict=self.WEIGHTS_FILE == "model.safetensors")
+            self.model.load_weights(
+                list(weights.items()), strict=self.WEIGHTS_FILE == "model.safetensors"
+            )
             self.optimizer.init(self.model.trainable_parameters())  # the structure to fill in
-            self.optimizer.state = restore_lists(tree_unflatten(list(opt_state.items())),
-                                                 self.optimizer.state)
+            self.optimizer.state = restore_lists(
+                tree_unflatten(list(opt_state.items())), self.optimizer.state
+            )
             self.restore_meta(meta)
         except (KeyError, TypeError, ValueError, OverflowError, FileNotFoundError) as e:
-            raise ConfigError(f"{ckpt} is damaged ({type(e).__name__}: {str(e)[:300]}); move it "
-                              "away to start the run over") from None
+            raise ConfigError(
+                f"{ckpt} is damaged ({type(e).__name__}: {str(e)[:300]}); move it "
+                "away to start the run over"
+            ) from None
         self.step, self.tokens = self._saved_step = step, tokens
         mx.eval(self.model.parameters(), self.optimizer.state)
 
@@ -243,8 +280,13 @@ class TrainingRun:
             self.optimizer.init(self.model.trainable_parameters())
 
         def rank0s(tree):
-            return self.world.sum(tree_map(lambda x: x if self.is_writer else mx.zeros_like(x),
-                                           tree, is_leaf=lambda x: isinstance(x, mx.array)))
+            return self.world.sum(
+                tree_map(
+                    lambda x: x if self.is_writer else mx.zeros_like(x),
+                    tree,
+                    is_leaf=lambda x: isinstance(x, mx.array),
+                )
+            )
 
         self.model.update(rank0s(self.model.trainable_parameters()))
         self.optimizer.state = rank0s(self.optimizer.state)
@@ -310,17 +352,27 @@ class TrainingRun:
             peak_gb = mx.get_peak_memory() / 1e9
             if self._bar is not None:
                 self._bar.update(1)
-                self._bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}",
-                                      peak=f"{peak_gb:.2f}GB")
+                self._bar.set_postfix(
+                    loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", peak=f"{peak_gb:.2f}GB"
+                )
             last = self.step == cfg.steps
             if self.step % cfg.log_every == 0 or last:
-                record = {"step": self.step, "loss": sum(losses) / len(losses), "grad_norm": norm,
-                          "tokens": self.tokens, "tokens_per_s": tok_s, "peak_memory_gb": peak_gb,
-                          "lr": self.learning_rate(), **self.log_extras()}
+                record = {
+                    "step": self.step,
+                    "loss": sum(losses) / len(losses),
+                    "grad_norm": norm,
+                    "tokens": self.tokens,
+                    "tokens_per_s": tok_s,
+                    "peak_memory_gb": peak_gb,
+                    "lr": self.learning_rate(),
+                    **self.log_extras(),
+                }
                 self.log(record)
                 if self.step % (self.report_every or cfg.log_every) == 0 or last:
-                    self.say(f"step {self.step}: loss {record['loss']:.4f}, lr {record['lr']:.3g}, "
-                             f"{tok_s:,.0f} tokens/s, peak memory {peak_gb:.2f} GB")
+                    self.say(
+                        f"step {self.step}: loss {record['loss']:.4f}, lr {record['lr']:.3g}, "
+                        f"{tok_s:,.0f} tokens/s, peak memory {peak_gb:.2f} GB"
+                    )
                 losses = []
                 t0, tokens0 = time.perf_counter(), self.tokens  # per report interval
             if (self.eval_every and self.step % self.eval_every == 0) or last:

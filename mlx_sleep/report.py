@@ -27,8 +27,16 @@ class Line:
     band: Optional[Tuple[Sequence[float], Sequence[float]]] = None  # (lo, hi) per x, shaded
 
 
-def line_plot(path: str, lines: Sequence[Line], *, xlabel: str, ylabel: str, title: str = "",
-              logx: bool = False, chance: Optional[float] = None):
+def line_plot(
+    path: str,
+    lines: Sequence[Line],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    logx: bool = False,
+    chance: Optional[float] = None,
+):
     """A PNG of accuracy-like values in [0, 1] against x, one line per `Line`, written under
     the write policy (atomically, or to stdout for "-")."""
     import matplotlib
@@ -39,11 +47,12 @@ def line_plot(path: str, lines: Sequence[Line], *, xlabel: str, ylabel: str, tit
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     xticks = set()
     for line in lines:
-        drawn, = ax.plot(line.xs, line.ys, marker="o", label=line.label)
+        (drawn,) = ax.plot(line.xs, line.ys, marker="o", label=line.label)
         xticks.update(line.xs)
         if line.band is not None:
-            ax.fill_between(line.xs, line.band[0], line.band[1], color=drawn.get_color(),
-                            alpha=0.2, linewidth=0)
+            ax.fill_between(
+                line.xs, line.band[0], line.band[1], color=drawn.get_color(), alpha=0.2, linewidth=0
+            )
     if chance is not None:
         ax.axhline(chance, color="gray", linestyle="--", linewidth=1, label="chance")
     if logx:

@@ -42,10 +42,19 @@ from typing import List, Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .config import (EVICTION_MODES, MAX_INT, MAX_LOOPS, MAX_WINDOW, ConfigError, SleepConfig,
-                     show)
-from .io import (TMP_PREFIX, OutputError, fsync_dir, file_kind, clean_stale_temps, lock_file,
-                 open_nofollow, read_json, save_arrays, write_json)
+from .config import EVICTION_MODES, MAX_INT, MAX_LOOPS, MAX_WINDOW, ConfigError, SleepConfig, show
+from .io import (
+    TMP_PREFIX,
+    OutputError,
+    fsync_dir,
+    file_kind,
+    clean_stale_temps,
+    lock_file,
+    open_nofollow,
+    read_json,
+    save_arrays,
+    write_json,
+)
 from .sleep import SleepEngine, check_state, fill_state, run_chunk
 
 FORMAT = 1  # bump when session.json or the state file changes incompatibly
@@ -73,53 +82,97 @@ class SchemaError(ValueError):
 # (kind, ...): ("int", lo, hi), ("number", lo, hi), ("text", regex or None, what it is),
 # ("one of", values), ("list", item spec, at most). `conform` is the one checker.
 
-def Int(lo, hi): return ("int", lo, hi)
-def Number(lo, hi): return ("number", lo, hi)
-def Text(regex=None, what=None): return ("text", regex, what)
-def OneOf(*values): return ("one of", values)
-def ListOf(item, most): return ("list", item, most)
+
+def Int(lo, hi):
+    return ("int", lo, hi)
+
+
+def Number(lo, hi):
+    return ("number", lo, hi)
+
+
+def Text(regex=None, what=None):
+    return ("text", regex, what)
+
+
+def OneOf(*values):
+    return ("one of", values)
+
+
+def ListOf(item, most):
+    return ("list", item, most)
 
 
 TIME = Number(0, 32503680000)  # seconds since 1970, before the year 3000
 POS = Int(0, MAX_INT)  # token positions and counts (MLX indexes with 32 bits)
 HEX16 = Text(r"[0-9a-f]{16}", "16 hex digits")
-SLEEP = {"loops": Int(1, MAX_LOOPS), "window": Int(1, MAX_WINDOW),
-         "eviction": OneOf(*EVICTION_MODES)}
+SLEEP = {
+    "loops": Int(1, MAX_LOOPS),
+    "window": Int(1, MAX_WINDOW),
+    "eviction": OneOf(*EVICTION_MODES),
+}
 SESSION_JSON = {
     "format": Int(1, FORMAT),
     "name": Text(NAME_RE.pattern, "a session name"),
     "created": TIME,
     "saved": TIME,
     "generation": Int(1, 10**9),
-    "model": {"path": Text(r"/[^\x00]{0,4095}", "an absolute path"), "fingerprint": HEX16,
-              "weights": Text(r"[0-9a-f]{16}|none", "16 hex digits or 'none'")},
+    "model": {
+        "path": Text(r"/[^\x00]{0,4095}", "an absolute path"),
+        "fingerprint": HEX16,
+        "weights": Text(r"[0-9a-f]{16}|none", "16 hex digits or 'none'"),
+    },
     "sleep": SLEEP,
     "history": Int(0, MAX_HISTORY),
-    "engine": {"offset": POS, "window_start": POS, "sleeps": POS, "batch_size": Int(1, 1),
-               "sleep": SLEEP, "model": HEX16, "snapshot_starts": ListOf(POS, MAX_HISTORY)},
+    "engine": {
+        "offset": POS,
+        "window_start": POS,
+        "sleeps": POS,
+        "batch_size": Int(1, 1),
+        "sleep": SLEEP,
+        "model": HEX16,
+        "snapshot_starts": ListOf(POS, MAX_HISTORY),
+    },
     "state_file": Text(STATE_FILE_RE.pattern, "a state file name (state-NNNNNN.safetensors)"),
     "state_sha256": Text(r"[0-9a-f]{64}", "64 hex digits"),
     "state_bytes": Int(8, 1 << 40),
-    "transcript": {"messages": ListOf({"role": OneOf("system", "user", "assistant"),
-                                       "content": Text()}, 1 << 20),
-                   "fed_text": Text()},
+    "transcript": {
+        "messages": ListOf(
+            {"role": OneOf("system", "user", "assistant"), "content": Text()}, 1 << 20
+        ),
+        "fed_text": Text(),
+    },
 }
 # What the fields of a conforming session.json must agree on.
 CONSISTENT = [
-    (lambda m: m["engine"]["window_start"] <= m["engine"]["offset"],
-     "engine.window_start must be <= engine.offset"),
-    (lambda m: m["engine"]["offset"] - m["engine"]["window_start"] <= m["sleep"]["window"],
-     "the live window (engine.offset - engine.window_start) must be <= sleep.window"),
+    (
+        lambda m: m["engine"]["window_start"] <= m["engine"]["offset"],
+        "engine.window_start must be <= engine.offset",
+    ),
+    (
+        lambda m: m["engine"]["offset"] - m["engine"]["window_start"] <= m["sleep"]["window"],
+        "the live window (engine.offset - engine.window_start) must be <= sleep.window",
+    ),
     (lambda m: m["engine"]["sleep"] == m["sleep"], "engine.sleep must equal sleep"),
-    (lambda m: m["engine"]["model"] == m["model"]["fingerprint"],
-     "engine.model must equal model.fingerprint"),
-    (lambda m: len(m["engine"]["snapshot_starts"]) <= min(m["history"], m["engine"]["sleeps"]),
-     "engine.snapshot_starts may hold at most history and engine.sleeps entries"),
-    (lambda m: m["engine"]["snapshot_starts"] == sorted(m["engine"]["snapshot_starts"]) and
-     all(a <= m["engine"]["window_start"] for a in m["engine"]["snapshot_starts"]),
-     "engine.snapshot_starts must ascend, up to engine.window_start"),
-    (lambda m: m["state_file"] == state_file_name(m["generation"]),
-     "state_file must be state-<generation>.safetensors"),
+    (
+        lambda m: m["engine"]["model"] == m["model"]["fingerprint"],
+        "engine.model must equal model.fingerprint",
+    ),
+    (
+        lambda m: len(m["engine"]["snapshot_starts"]) <= min(m["history"], m["engine"]["sleeps"]),
+        "engine.snapshot_starts may hold at most history and engine.sleeps entries",
+    ),
+    (
+        lambda m: (
+            m["engine"]["snapshot_starts"] == sorted(m["engine"]["snapshot_starts"])
+            and all(a <= m["engine"]["window_start"] for a in m["engine"]["snapshot_starts"])
+        ),
+        "engine.snapshot_starts must ascend, up to engine.window_start",
+    ),
+    (
+        lambda m: m["state_file"] == state_file_name(m["generation"]),
+        "state_file must be state-<generation>.safetensors",
+    ),
 ]
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -147,16 +200,23 @@ def conform(spec, value, field: str = ""):
             conform(spec[1], item, f"{field}[{i}]")
         return
     if kind == "int":
-        ok, want = type(value) is int and spec[1] <= value <= spec[2], \
-            f"an integer in {spec[1]}..{spec[2]}"
+        ok, want = (
+            type(value) is int and spec[1] <= value <= spec[2],
+            f"an integer in {spec[1]}..{spec[2]}",
+        )
     elif kind == "number":  # NaN and the infinities fail the comparison
-        ok, want = type(value) in (int, float) and spec[1] <= value <= spec[2], \
-            f"a number in {spec[1]}..{spec[2]}"
+        ok, want = (
+            type(value) in (int, float) and spec[1] <= value <= spec[2],
+            f"a number in {spec[1]}..{spec[2]}",
+        )
     elif kind == "one of":
         ok, want = type(value) is str and value in spec[1], "one of " + ", ".join(spec[1])
     else:  # text: a string (valid Unicode), matching the regex if any
-        ok = type(value) is str and not _SURROGATE.search(value) and \
-            (spec[1] is None or re.fullmatch(spec[1], value) is not None)
+        ok = (
+            type(value) is str
+            and not _SURROGATE.search(value)
+            and (spec[1] is None or re.fullmatch(spec[1], value) is not None)
+        )
         want = spec[2] or "a string"
     if not ok:
         raise SchemaError(f"{where} must be {want} (got {show(value)})")
@@ -176,6 +236,7 @@ def state_file_name(generation: int) -> str:
 
 # -- the store: plain names, real directories, no symlinks ----------------------------------------
 
+
 def home() -> str:
     """The home may be anywhere the user puts it (a link to another disk included); nothing
     below it is followed through a symlink."""
@@ -188,8 +249,10 @@ def sessions_dir() -> str:
 
 def check_name(name) -> str:
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise SessionError(f"{show(name)} is not a session name: use letters, digits, '.', '_', "
-                           "'-' (at most 64, starting with a letter or digit)")
+        raise SessionError(
+            f"{show(name)} is not a session name: use letters, digits, '.', '_', "
+            "'-' (at most 64, starting with a letter or digit)"
+        )
     return name
 
 
@@ -211,13 +274,16 @@ def _real_dir(path: str, create: bool) -> bool:
             os.chmod(path, 0o700)  # whatever the umask
         st = os.lstat(path)
     if stat.S_ISLNK(st.st_mode):
-        raise SessionError(f"{path} is a symlink; sessions are kept only in real directories "
-                           f"under {home()}: replace the link with a directory (or remove it)")
+        raise SessionError(
+            f"{path} is a symlink; sessions are kept only in real directories "
+            f"under {home()}: replace the link with a directory (or remove it)"
+        )
     if not stat.S_ISDIR(st.st_mode):
         raise SessionError(f"{path} is not a directory; move it away")
     if st.st_uid != os.geteuid():
-        raise SessionError(f"{path} belongs to another user; mlx-sleep keeps sessions only in "
-                           "directories of yours")
+        raise SessionError(
+            f"{path} belongs to another user; mlx-sleep keeps sessions only in directories of yours"
+        )
     return True
 
 
@@ -230,8 +296,9 @@ def store(create: bool = False) -> Optional[str]:
             os.chmod(home(), 0o700)
     if not os.path.isdir(home()):
         if create or os.path.lexists(home()):
-            raise SessionError(f"{home()} (MLX_SLEEP_HOME) is not a directory; point "
-                               "MLX_SLEEP_HOME at a directory")
+            raise SessionError(
+                f"{home()} (MLX_SLEEP_HOME) is not a directory; point MLX_SLEEP_HOME at a directory"
+            )
         return None
     return sessions_dir() if _real_dir(sessions_dir(), create) else None
 
@@ -248,8 +315,11 @@ def list_sessions() -> List[str]:
     root = store()
     if root is None:
         return []
-    return sorted(n for n in os.listdir(root) if NAME_RE.fullmatch(n)
-                  and os.path.lexists(os.path.join(root, n, "session.json")))
+    return sorted(
+        n
+        for n in os.listdir(root)
+        if NAME_RE.fullmatch(n) and os.path.lexists(os.path.join(root, n, "session.json"))
+    )
 
 
 def report_sessions(echo=print):
@@ -269,13 +339,17 @@ def report_sessions(echo=print):
             continue
         e, L = meta["engine"], meta["sleep"]["window"]
         saved = datetime.datetime.fromtimestamp(meta["saved"]).strftime("%Y-%m-%d %H:%M")
-        echo(f"{name}: {e['offset']} tokens, window {e['offset'] - e['window_start']}/{L}, "
-             f"{e['sleeps']} consolidations, {len(meta['transcript']['messages'])} messages, "
-             f"{meta['state_bytes'] / (1 << 20):.1f} MiB, saved {saved}, "
-             f"model {os.path.basename(meta['model']['path'])}")
+        echo(
+            f"{name}: {e['offset']} tokens, window {e['offset'] - e['window_start']}/{L}, "
+            f"{e['sleeps']} consolidations, {len(meta['transcript']['messages'])} messages, "
+            f"{meta['state_bytes'] / (1 << 20):.1f} MiB, saved {saved}, "
+            f"model {os.path.basename(meta['model']['path'])}"
+        )
     if unreadable:
-        raise SessionError(f"{len(unreadable)} of {len(names)} sessions cannot be read "
-                           f"({', '.join(unreadable)}): see above")
+        raise SessionError(
+            f"{len(unreadable)} of {len(names)} sessions cannot be read "
+            f"({', '.join(unreadable)}): see above"
+        )
 
 
 # -- the model a session belongs to ------------------------------------------------------------
@@ -309,11 +383,15 @@ def weights_hash(model_dir: str) -> str:
 
 
 def model_identity(model, model_dir: str) -> dict:
-    return {"path": os.path.abspath(model_dir), "fingerprint": model.fingerprint(),
-            "weights": weights_hash(model_dir)}
+    return {
+        "path": os.path.abspath(model_dir),
+        "fingerprint": model.fingerprint(),
+        "weights": weights_hash(model_dir),
+    }
 
 
 # -- the engine a session runs -----------------------------------------------------------------
+
 
 class SessionEngine(SleepEngine):
     """A SleepEngine that keeps, for /forget, the state before each of its last `history`
@@ -333,7 +411,7 @@ class SessionEngine(SleepEngine):
         before = (self.window_start_state, self.window_start)
         done = super().consolidate(cancel, on_pass)
         if done and self.history > 0:
-            self.snapshots = (self.snapshots + [before])[-self.history:]
+            self.snapshots = (self.snapshots + [before])[-self.history :]
         return done
 
     def forget(self) -> bool:
@@ -346,9 +424,15 @@ class SessionEngine(SleepEngine):
         self.window_start_state = self.state = state
         if self.window_ids:
             live, self.window_core = mx.concatenate(self.window_ids, axis=1), []
-            _, self.state = run_chunk(self.model, live, state, self.window_start, 1,
-                                      self.sleep.attention_window,
-                                      core_out=self.window_core if self.sleep.loops > 1 else None)
+            _, self.state = run_chunk(
+                self.model,
+                live,
+                state,
+                self.window_start,
+                1,
+                self.sleep.attention_window,
+                core_out=self.window_core if self.sleep.loops > 1 else None,
+            )
             self.window_ids = [live]
         mx.eval(self.state, self.window_core)
         self.sleeps -= 1
@@ -374,16 +458,26 @@ class SessionEngine(SleepEngine):
             check_state(f"snapshot {i}", s, fresh)
             snapshots.append((s, int(start)))
         self.load_state_dict({"arrays": rest, "meta": meta})  # checks, or leaves all unchanged
-        self.snapshots = snapshots[-self.history:] if self.history > 0 else []
+        self.snapshots = snapshots[-self.history :] if self.history > 0 else []
 
 
 # -- the state file: what its arrays must be for the model ---------------------------------------
 
-ST_DTYPES = {"F32": (mx.float32, 4), "F16": (mx.float16, 2), "BF16": (mx.bfloat16, 2),
-             "F64": (mx.float64, 8), "I64": (mx.int64, 8), "I32": (mx.int32, 4),
-             "I16": (mx.int16, 2), "I8": (mx.int8, 1), "U64": (mx.uint64, 8),
-             "U32": (mx.uint32, 4), "U16": (mx.uint16, 2), "U8": (mx.uint8, 1),
-             "BOOL": (mx.bool_, 1)}
+ST_DTYPES = {
+    "F32": (mx.float32, 4),
+    "F16": (mx.float16, 2),
+    "BF16": (mx.bfloat16, 2),
+    "F64": (mx.float64, 8),
+    "I64": (mx.int64, 8),
+    "I32": (mx.int32, 4),
+    "I16": (mx.int16, 2),
+    "I8": (mx.int8, 1),
+    "U64": (mx.uint64, 8),
+    "U32": (mx.uint32, 4),
+    "U16": (mx.uint16, 2),
+    "U8": (mx.uint8, 1),
+    "BOOL": (mx.bool_, 1),
+}
 ST_NAME = {dtype: name for name, (dtype, _) in ST_DTYPES.items()}
 TOKEN_DTYPES = frozenset({"I32", "I64", "U32"})
 
@@ -397,8 +491,9 @@ def state_schema(model, meta: dict) -> dict:
     e, L = meta["engine"], meta["sleep"]["window"]
     sleep = SleepConfig.from_dict(meta["sleep"])
     fresh, core = model.initial_state(1), []
-    _, after = run_chunk(model, mx.zeros((1, 1), dtype=mx.int32), fresh, 0, 1,
-                         sleep.attention_window, core_out=core)
+    _, after = run_chunk(
+        model, mx.zeros((1, 1), dtype=mx.int32), fresh, 0, 1, sleep.attention_window, core_out=core
+    )
 
     def layers(prefix, tokens):
         out = {}
@@ -424,8 +519,9 @@ def state_schema(model, meta: dict) -> dict:
 
 
 def _shape_text(shape) -> str:
-    return "[" + ", ".join(f"{s[0]}..{s[1]}" if isinstance(s, tuple) else str(s)
-                           for s in shape) + "]"
+    return (
+        "[" + ", ".join(f"{s[0]}..{s[1]}" if isinstance(s, tuple) else str(s) for s in shape) + "]"
+    )
 
 
 def conform_arrays(spec: dict, found: dict, where: str):
@@ -434,8 +530,9 @@ def conform_arrays(spec: dict, found: dict, where: str):
     optional arrays of one layer (keys, values) all there or none, of one shape."""
     for name in found:
         if name not in spec:
-            raise SchemaError(f"{where} holds an array {show(name)} that this model's sessions "
-                              "do not have")
+            raise SchemaError(
+                f"{where} holds an array {show(name)} that this model's sessions do not have"
+            )
     groups = {}
     for name, (dtypes, shape, required) in spec.items():
         if name not in found:
@@ -444,20 +541,25 @@ def conform_arrays(spec: dict, found: dict, where: str):
             continue
         dtype, got = found[name]
         if dtype not in dtypes:
-            raise SchemaError(f"{where} {name} is {dtype}; the model needs "
-                              f"{' or '.join(sorted(dtypes))}")
+            raise SchemaError(
+                f"{where} {name} is {dtype}; the model needs {' or '.join(sorted(dtypes))}"
+            )
         if len(got) != len(shape) or not all(
-                lo_hi[0] <= g <= lo_hi[1] if isinstance(lo_hi, tuple) else g == lo_hi
-                for g, lo_hi in zip(got, shape)):
-            raise SchemaError(f"{where} {name} is {_shape_text(got)}; the model needs "
-                              f"{_shape_text(shape)}")
+            lo_hi[0] <= g <= lo_hi[1] if isinstance(lo_hi, tuple) else g == lo_hi
+            for g, lo_hi in zip(got, shape)
+        ):
+            raise SchemaError(
+                f"{where} {name} is {_shape_text(got)}; the model needs {_shape_text(shape)}"
+            )
         if not required:
             groups.setdefault(name.rsplit(".", 1)[0], set()).add(name)
     for group, names in groups.items():
         want = {n for n in spec if n.rsplit(".", 1)[0] == group and not spec[n][2]}
         if names != want or len({found[n][1] for n in names}) != 1:
-            raise SchemaError(f"{where} {group} must hold {' and '.join(sorted(want))} of one "
-                              "shape, or none of them")
+            raise SchemaError(
+                f"{where} {group} must hold {' and '.join(sorted(want))} of one "
+                "shape, or none of them"
+            )
 
 
 def safetensors_header(data: bytes, where: str) -> dict:
@@ -466,7 +568,7 @@ def safetensors_header(data: bytes, where: str) -> dict:
         raise SchemaError(f"{where} is not a safetensors file (truncated header)")
     n = struct.unpack("<Q", data[:8])[0]
     try:
-        header = json.loads(data[8:8 + n])
+        header = json.loads(data[8 : 8 + n])
     except (ValueError, RecursionError):
         raise SchemaError(f"{where} is not a safetensors file (its header is not JSON)")
     if not isinstance(header, dict):
@@ -476,9 +578,14 @@ def safetensors_header(data: bytes, where: str) -> dict:
     for name, info in header.items():
         try:
             dtype, shape, (a, b) = info["dtype"], info["shape"], info["data_offsets"]
-            ok = dtype in ST_DTYPES and type(shape) is list and len(shape) <= 8 and \
-                all(type(x) is int and 0 <= x <= MAX_INT for x in shape) and \
-                all(type(x) is int for x in (a, b)) and 0 <= a <= b <= len(data) - 8 - n
+            ok = (
+                dtype in ST_DTYPES
+                and type(shape) is list
+                and len(shape) <= 8
+                and all(type(x) is int and 0 <= x <= MAX_INT for x in shape)
+                and all(type(x) is int for x in (a, b))
+                and 0 <= a <= b <= len(data) - 8 - n
+            )
             count = 1
             for x in shape if ok else ():
                 count *= x
@@ -513,8 +620,10 @@ def read_state(path: str, meta: dict, model) -> dict:
     name = meta["state_file"]
     spec = state_schema(model, meta)
     if meta["state_bytes"] > max_state_bytes(spec):
-        raise SchemaError(f"state_bytes {meta['state_bytes']} is larger than a state of this "
-                          f"model can be ({max_state_bytes(spec)})")
+        raise SchemaError(
+            f"state_bytes {meta['state_bytes']} is larger than a state of this "
+            f"model can be ({max_state_bytes(spec)})"
+        )
     try:
         with os.fdopen(open_nofollow(path), "rb") as f:
             data = f.read(meta["state_bytes"] + 1)
@@ -536,6 +645,7 @@ def read_state(path: str, meta: dict, model) -> dict:
 
 # -- a session: engine + transcript + files ----------------------------------------------------
 
+
 def _sha256_file(path: str) -> str:
     h = hashlib.sha256()
     with os.fdopen(open_nofollow(path), "rb") as f:
@@ -545,8 +655,10 @@ def _sha256_file(path: str) -> str:
 
 
 def _corrupt(name: str, why) -> SessionError:
-    return SessionError(f"session {name!r} is corrupt ({why}); remove it with `mlx-sleep "
-                        f"sessions rm {name}` or use another name")
+    return SessionError(
+        f"session {name!r} is corrupt ({why}); remove it with `mlx-sleep "
+        f"sessions rm {name}` or use another name"
+    )
 
 
 def read_meta(name: str) -> dict:
@@ -564,8 +676,10 @@ def read_meta(name: str) -> dict:
     except ConfigError as e:  # not valid JSON, too deep, a symlink, not a regular file
         raise _corrupt(name, e)
     if isinstance(meta, dict) and type(meta.get("format")) is int and meta["format"] > FORMAT:
-        raise SessionError(f"session {name!r} was written by a newer mlx-sleep (format "
-                           f"{meta['format']}, this one reads {FORMAT}): upgrade mlx-sleep")
+        raise SessionError(
+            f"session {name!r} was written by a newer mlx-sleep (format "
+            f"{meta['format']}, this one reads {FORMAT}): upgrade mlx-sleep"
+        )
     try:
         check_meta(meta)
     except SchemaError as e:
@@ -576,11 +690,13 @@ def read_meta(name: str) -> dict:
     except FileNotFoundError:
         raise _corrupt(name, f"its state file {meta['state_file']} is missing")
     if not stat.S_ISREG(st.st_mode):
-        raise _corrupt(name, f"its state file {meta['state_file']} is {file_kind(st)}, not a "
-                             "regular file")
+        raise _corrupt(
+            name, f"its state file {meta['state_file']} is {file_kind(st)}, not a regular file"
+        )
     if st.st_size != meta["state_bytes"]:
-        raise _corrupt(name, f"{meta['state_file']} does not match its checksum (truncated or "
-                             "modified)")
+        raise _corrupt(
+            name, f"{meta['state_file']} does not match its checksum (truncated or modified)"
+        )
     return meta
 
 
@@ -600,15 +716,19 @@ class Session:
     def lock(self, create: bool = True):
         """Take the session's lock (SessionInUse when another process holds it); `create`: make
         the directory of a new session, else it must still be there."""
-        gone = SessionError(f"session {self.name!r} was removed while it was being opened; "
-                            "try again")
+        gone = SessionError(
+            f"session {self.name!r} was removed while it was being opened; try again"
+        )
         path = session_dir(self.name, create)
         if path is None:
             raise gone
         lock_path = os.path.join(path, "lock")
         try:
-            fd = lock_file(lock_path, f"session {self.name!r} is in use by another mlx-sleep "
-                           "process; close it first", nofollow=True)
+            fd = lock_file(
+                lock_path,
+                f"session {self.name!r} is in use by another mlx-sleep process; close it first",
+                nofollow=True,
+            )
         except OutputError as e:
             raise SessionInUse(str(e))
         except FileNotFoundError:
@@ -639,18 +759,27 @@ class Session:
         path = session_dir(self.name, create=True)  # still a real directory in the store
         state_path = os.path.join(path, state_file)
         save_arrays(state_path, arrays, mode=0o600)
-        meta = dict(self.meta, format=FORMAT, name=self.name, saved=time.time(),
-                    generation=generation, model=self.identity,
-                    sleep=self.engine.sleep.to_dict(), history=self.engine.history,
-                    engine=engine_meta, state_file=state_file,
-                    state_sha256=_sha256_file(state_path),
-                    state_bytes=os.lstat(state_path).st_size,
-                    transcript={"messages": self.messages, "fed_text": self.fed_text})
+        meta = dict(
+            self.meta,
+            format=FORMAT,
+            name=self.name,
+            saved=time.time(),
+            generation=generation,
+            model=self.identity,
+            sleep=self.engine.sleep.to_dict(),
+            history=self.engine.history,
+            engine=engine_meta,
+            state_file=state_file,
+            state_sha256=_sha256_file(state_path),
+            state_bytes=os.lstat(state_path).st_size,
+            transcript={"messages": self.messages, "fed_text": self.fed_text},
+        )
         write_json(os.path.join(path, "session.json"), meta, mode=0o600)
         self.meta = meta
         # Older state files and temporaries a killed save left behind (all ours by name).
-        for old in glob.glob(os.path.join(path, "state-*.safetensors")) + \
-                glob.glob(os.path.join(path, TMP_PREFIX + "*")):
+        for old in glob.glob(os.path.join(path, "state-*.safetensors")) + glob.glob(
+            os.path.join(path, TMP_PREFIX + "*")
+        ):
             if os.path.basename(old) != state_file:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(old)
@@ -664,7 +793,8 @@ def check_model(name: str, meta: dict, identity: dict):
             raise SessionError(
                 f"session {name!r} belongs to another model ({what} differ: it was saved with "
                 f"{saved.get('path')}); resume it with --model {saved.get('path')} or start a "
-                "new --session")
+                "new --session"
+            )
 
 
 def unfinished_file(name: str) -> bool:
@@ -673,17 +803,25 @@ def unfinished_file(name: str) -> bool:
     return name == "lock" or bool(STATE_FILE_RE.fullmatch(name)) or name.startswith(TMP_PREFIX)
 
 
-def open_session(name: str, model, model_dir: str, sleep: Optional[SleepConfig] = None,
-                 history: int = 3, system_prompt: Optional[str] = None, create: bool = True,
-                 lock: bool = True) -> Session:
+def open_session(
+    name: str,
+    model,
+    model_dir: str,
+    sleep: Optional[SleepConfig] = None,
+    history: int = 3,
+    system_prompt: Optional[str] = None,
+    create: bool = True,
+    lock: bool = True,
+) -> Session:
     """Open (or create) session `name` for `model` (loaded from `model_dir`).
 
     `sleep` overrides the model's settings for a new session; an existing one keeps its own and
     refuses different ones. The lock is taken first, then every check runs before anything is
     written: a session that cannot be opened is left byte for byte as it was."""
     if type(history) is not int or not 0 <= history <= MAX_HISTORY:
-        raise SessionError(f"--history must be an integer in 0..{MAX_HISTORY} "
-                           f"(got {show(history)})")
+        raise SessionError(
+            f"--history must be an integer in 0..{MAX_HISTORY} (got {show(history)})"
+        )
     path = session_dir(name)
     identity = model_identity(model, model_dir)
     if path is None or not os.path.lexists(os.path.join(path, "session.json")):
@@ -693,8 +831,10 @@ def open_session(name: str, model, model_dir: str, sleep: Optional[SleepConfig] 
         # and temporaries: ours by name, replaced by this session's first save.
         others = [] if path is None else [f for f in os.listdir(path) if not unfinished_file(f)]
         if others:
-            raise SessionError(f"{path} exists but holds no session.json (it has "
-                               f"{', '.join(sorted(others)[:3])}); remove it or use another name")
+            raise SessionError(
+                f"{path} exists but holds no session.json (it has "
+                f"{', '.join(sorted(others)[:3])}); remove it or use another name"
+            )
         engine = SessionEngine(model, sleep or model.sleep_config, history)
         messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
         session = Session(name, engine, identity, messages)
@@ -711,8 +851,10 @@ def open_session(name: str, model, model_dir: str, sleep: Optional[SleepConfig] 
         check_model(name, meta, identity)
         saved_sleep = SleepConfig.from_dict(meta["sleep"])
         if sleep is not None and sleep != saved_sleep:
-            raise SessionError(f"session {name!r} sleeps with {saved_sleep.to_dict()}; resume "
-                               "it without --window/--loops/--eviction, or start a new --session")
+            raise SessionError(
+                f"session {name!r} sleeps with {saved_sleep.to_dict()}; resume "
+                "it without --window/--loops/--eviction, or start a new --session"
+            )
         try:
             arrays = read_state(os.path.join(path, meta["state_file"]), meta, model)
             engine = SessionEngine(model, saved_sleep, meta["history"])
@@ -746,16 +888,21 @@ def remove_session(name: str) -> List[str]:
         names = sorted(os.listdir(path))
         others = []
         for f in names:
-            ours = f in ("session.json", "lock") or f.startswith(TMP_PREFIX) \
+            ours = (
+                f in ("session.json", "lock")
+                or f.startswith(TMP_PREFIX)
                 or STATE_FILE_RE.fullmatch(f)
+            )
             mode = os.lstat(os.path.join(path, f)).st_mode
             if not ours:
                 others.append(f)
             elif stat.S_ISDIR(mode):  # unlinking anything else (a link too) is safe
                 others.append(f"{f} (a directory)")
         if others:
-            raise SessionError(f"{path} holds files mlx-sleep did not write ({', '.join(others)}); "
-                               "remove them first")
+            raise SessionError(
+                f"{path} holds files mlx-sleep did not write ({', '.join(others)}); "
+                "remove them first"
+            )
         trash = os.path.join(root, f"{TMP_PREFIX}{os.getpid()}-rm-{name}")
         os.rename(path, trash)  # the step that removes it: before, all there; after, gone
         fsync_dir(root)
@@ -769,8 +916,15 @@ def remove_session(name: str) -> List[str]:
 
 # -- consolidating saved sessions outside the chat ---------------------------------------------
 
-def consolidate_sessions(names, min_fill: float = 0.5, idle=None, poll: float = 30.0,
-                         max_wait: Optional[float] = None, echo=print) -> dict:
+
+def consolidate_sessions(
+    names,
+    min_fill: float = 0.5,
+    idle=None,
+    poll: float = 30.0,
+    max_wait: Optional[float] = None,
+    echo=print,
+) -> dict:
     """Sleep on each named session's live window (if at least `min_fill` of L), one at a time.
 
     With `idle` (an idle source, see idle.py) it first waits until the machine is idle (polling
@@ -845,7 +999,8 @@ def _consolidate(names, min_fill, idle, poll, max_wait, echo, refused) -> dict:
         try:
             cancel = None if idle is None else (lambda: not idle()[0])
             done = session.engine.consolidate(
-                cancel=cancel, on_pass=lambda i, n: echo(f"{name}: pass {i}/{n}"))
+                cancel=cancel, on_pass=lambda i, n: echo(f"{name}: pass {i}/{n}")
+            )
             if done:
                 session.save()
             results[name] = "consolidated" if done else "yielded"

@@ -32,8 +32,9 @@ from .config import SleepConfig
 State = List[dict]  # one dict of arrays per layer
 
 
-def chunk_bounds(length: int, window: int, rng: Optional[np.random.Generator] = None,
-                 min_len: int = 1) -> List[Tuple[int, int]]:
+def chunk_bounds(
+    length: int, window: int, rng: Optional[np.random.Generator] = None, min_len: int = 1
+) -> List[Tuple[int, int]]:
     """Split [0, length) into chunks of at most `window` tokens.
 
     Without `rng` the chunks are the fixed grid 0, L, 2L, ... With `rng` each chunk length is drawn
@@ -54,10 +55,16 @@ def restart(mixer, chunk_start: dict, current: dict) -> dict:
     return {**chunk_start, **{name: current[name] for name in mixer.carried}}
 
 
-def run_chunk(model, ids, state: State, offset: int, passes: int,
-              window: Optional[int] = None,
-              after_pass: Optional[Callable[[int, State], None]] = None,
-              core_out: Optional[list] = None):
+def run_chunk(
+    model,
+    ids,
+    state: State,
+    offset: int,
+    passes: int,
+    window: Optional[int] = None,
+    after_pass: Optional[Callable[[int, State], None]] = None,
+    core_out: Optional[list] = None,
+):
     """Run one chunk: prelude blocks once, core blocks `passes` times, coda blocks once.
 
     ids [B, T] at global positions offset..offset+T-1; `window` bounds attention (sliding
@@ -84,9 +91,16 @@ def run_chunk(model, ids, state: State, offset: int, passes: int,
     return h, state
 
 
-def continue_passes(model, core_h, first_state: State, chunk_start: State, offset: int,
-                    passes: int, window: Optional[int] = None,
-                    after_pass: Optional[Callable[[int, State], None]] = None) -> State:
+def continue_passes(
+    model,
+    core_h,
+    first_state: State,
+    chunk_start: State,
+    offset: int,
+    passes: int,
+    window: Optional[int] = None,
+    after_pass: Optional[Callable[[int, State], None]] = None,
+) -> State:
     """`run_chunk(model, ids, chunk_start, offset, passes)`'s state, given its first pass
     already run (the wake pass): `core_h` the core's output features of that pass and
     `first_state` the state after it. The prelude ran once already, the core runs passes
@@ -99,8 +113,9 @@ def continue_passes(model, core_h, first_state: State, chunk_start: State, offse
     state, h = list(first_state), core_h
     for n in range(1, passes):
         for i in range(start, stop):
-            h, state[i] = layers[i](h, restart(layers[i].mixer, chunk_start[i], state[i]),
-                                    offset, window)
+            h, state[i] = layers[i](
+                h, restart(layers[i].mixer, chunk_start[i], state[i]), offset, window
+            )
         if after_pass is not None:
             after_pass(n, state)
     for i in range(stop, len(layers)):
@@ -122,8 +137,17 @@ def plan_chunks(mask, window: int, rng: Optional[np.random.Generator] = None, mi
     return bounds, [bool(mask[:, a:b].any()) for a, b in bounds]
 
 
-def sleep_forward(model, inputs, mask, sleep: SleepConfig, *, plan=None,
-                  state: Optional[State] = None, offset: int = 0, columns=None):
+def sleep_forward(
+    model,
+    inputs,
+    mask,
+    sleep: SleepConfig,
+    *,
+    plan=None,
+    state: Optional[State] = None,
+    offset: int = 0,
+    columns=None,
+):
     """Algorithm 1's forward over a batch of sequences.
 
     inputs [B, T] tokens; mask [B, T] nonzero where a target is scored. `plan` = (bounds,
@@ -222,19 +246,31 @@ def sleep_value_and_grad(model, inputs, targets, mask, sleep: SleepConfig, *, pl
 
     # The positions of each answer chunk that any row scores: only they go through the head.
     scored = np.asarray(mask).any(axis=0)
-    columns = {c: mx.array(np.nonzero(scored[a:b])[0].astype(np.int32))
-               for c, (a, b) in enumerate(bounds) if is_answer[c]}
+    columns = {
+        c: mx.array(np.nonzero(scored[a:b])[0].astype(np.int32))
+        for c, (a, b) in enumerate(bounds)
+        if is_answer[c]
+    }
 
     def chunk(c, state):
         """Chunk c of the plan from `state`: (answers, evicted state), Algorithm 1 as is."""
         (a, b), answer = bounds[c], is_answer[c]
-        return sleep_forward(model, inputs[:, a:b], None, sleep, plan=([(0, b - a)], [answer]),
-                             state=state, offset=a, columns=[columns.get(c)])
+        return sleep_forward(
+            model,
+            inputs[:, a:b],
+            None,
+            sleep,
+            plan=([(0, b - a)], [answer]),
+            state=state,
+            offset=a,
+            columns=[columns.get(c)],
+        )
 
     answer_chunks = [c for c, ans in enumerate(is_answer) if ans]
     if not answer_chunks:
         return (mx.array(0.0), n_scored), tree_unflatten(
-            list(zip(names, [mx.zeros_like(p) for p in params])))
+            list(zip(names, [mx.zeros_like(p) for p in params]))
+        )
     last = answer_chunks[-1]
 
     # 1. Forward: the state at the start of every chunk up to the last answer chunk.
@@ -255,15 +291,16 @@ def sleep_value_and_grad(model, inputs, targets, mask, sleep: SleepConfig, *, pl
                 answers, state = chunk(c, _unflat_state(keys_in, arrays[n_params:], n_layers))
                 out = []
                 if answer:
-                    (_, _, logits), = answers  # chunk-local bounds; bounds[c] are global
+                    ((_, _, logits),) = answers  # chunk-local bounds; bounds[c] are global
                     cols = columns[c] + bounds[c][0]
                     out.append(_ce_sum(logits, targets[:, cols], mask[:, cols]))
                 if c < last:  # the last answer chunk's state reaches no loss
                     out += _flat_state(state)[1]
                 return out
 
-            cotangents = ([(1.0 / denom).astype(mx.float32)] if answer else []) + \
-                (state_ct if c < last else [])
+            cotangents = ([(1.0 / denom).astype(mx.float32)] if answer else []) + (
+                state_ct if c < last else []
+            )
             outs, vjps = mx.vjp(fn, params + state_in, cotangents)
             if answer:
                 total = total + outs[0]
@@ -337,8 +374,10 @@ class SleepEngine:
         if ids.ndim == 1:
             ids = ids[None]
         if ids.ndim != 2 or ids.shape[0] != self.batch_size:
-            raise ValueError(f"ids must be [batch, tokens] with batch {self.batch_size} "
-                             f"(got shape {tuple(ids.shape)})")
+            raise ValueError(
+                f"ids must be [batch, tokens] with batch {self.batch_size} "
+                f"(got shape {tuple(ids.shape)})"
+            )
         if not sampled:
             self.model.check_ids(ids)
         T, L = ids.shape[1], self.sleep.window
@@ -350,18 +389,26 @@ class SleepEngine:
             if self.window_len == L:
                 hooks = self.on_forced_sleep() if self.on_forced_sleep is not None else {}
                 if not self.consolidate(**hooks):
-                    raise SleepCancelled(f"the forced sleep was cancelled after {pos} of {T} "
-                                         "tokens; the window is still full")
-            piece = ids[:, pos:pos + L - self.window_len]
+                    raise SleepCancelled(
+                        f"the forced sleep was cancelled after {pos} of {T} "
+                        "tokens; the window is still full"
+                    )
+            piece = ids[:, pos : pos + L - self.window_len]
             # Keep the wake pass's core features while the window is one piece (a prompt's full
             # windows): its sleep then reuses them as pass 1, bit for bit what recomputing gives.
             # A window fed in several pieces (generation) is recomputed: reusing its pieces
             # differs within float rounding, and saves little next to L one-token steps.
             one_piece = self.window_len == 0 and self.sleep.loops > 1
             self.window_core = []
-            h, self.state = run_chunk(self.model, piece, self.state, self.offset, 1,
-                                      self.sleep.attention_window,
-                                      core_out=self.window_core if one_piece else None)
+            h, self.state = run_chunk(
+                self.model,
+                piece,
+                self.state,
+                self.offset,
+                1,
+                self.sleep.attention_window,
+                core_out=self.window_core if one_piece else None,
+            )
             self.window_ids.append(piece)
             self.offset += piece.shape[1]
             pos += piece.shape[1]
@@ -385,13 +432,17 @@ class SleepEngine:
         """Take back the feeds since `mark` (arrays are immutable: this is bookkeeping)."""
         state, pieces, core, offset, sleeps = mark
         if sleeps != self.sleeps:
-            raise RuntimeError("undo across a consolidation: only feeds within one window can "
-                               "be taken back")
+            raise RuntimeError(
+                "undo across a consolidation: only feeds within one window can be taken back"
+            )
         self.state, self.window_core, self.offset = state, core, offset
         del self.window_ids[pieces:]
 
-    def consolidate(self, cancel: Optional[Callable[[], bool]] = None,
-                    on_pass: Optional[Callable[[int, int], None]] = None) -> bool:
+    def consolidate(
+        self,
+        cancel: Optional[Callable[[], bool]] = None,
+        on_pass: Optional[Callable[[int, int], None]] = None,
+    ) -> bool:
         """Sleep on the live window: N passes from its start state, then evict.
 
         `cancel()` is polled between passes; if it returns True the engine is left exactly as it
@@ -413,13 +464,27 @@ class SleepEngine:
                 state = self.state  # the wake pass was the one pass
             elif self.window_core:  # the window was fed in one piece
                 after_pass(0, self.state)  # the wake pass is pass 1
-                state = continue_passes(self.model, mx.concatenate(self.window_core, axis=1),
-                                        self.state, self.window_start_state, self.window_start,
-                                        loops, window, after_pass)
+                state = continue_passes(
+                    self.model,
+                    mx.concatenate(self.window_core, axis=1),
+                    self.state,
+                    self.window_start_state,
+                    self.window_start,
+                    loops,
+                    window,
+                    after_pass,
+                )
             else:  # fed in pieces: recompute all N passes
                 ids = mx.concatenate(self.window_ids, axis=1)
-                _, state = run_chunk(self.model, ids, self.window_start_state, self.window_start,
-                                     loops, window, after_pass)
+                _, state = run_chunk(
+                    self.model,
+                    ids,
+                    self.window_start_state,
+                    self.window_start,
+                    loops,
+                    window,
+                    after_pass,
+                )
         except SleepCancelled:
             return False
         state = evict(self.model, state, self.sleep.keep_after_eviction)
@@ -433,36 +498,57 @@ class SleepEngine:
     def state_dict(self) -> dict:
         """Everything needed to resume: flat {name: array} plus metadata (positions, the sleep
         settings, the batch size and the model's fingerprint, which loading checks)."""
-        arrays = dict(tree_flatten({"state": self.state, "window_start_state": self.window_start_state}))
+        arrays = dict(
+            tree_flatten({"state": self.state, "window_start_state": self.window_start_state})
+        )
         if self.window_ids:
             arrays["window_ids"] = mx.concatenate(self.window_ids, axis=1)
         if self.window_core:
             arrays["window_core"] = mx.concatenate(self.window_core, axis=1)
-        meta = {"offset": self.offset, "window_start": self.window_start, "sleeps": self.sleeps,
-                "batch_size": self.batch_size, "sleep": self.sleep.to_dict(),
-                "model": self.model.fingerprint()}
+        meta = {
+            "offset": self.offset,
+            "window_start": self.window_start,
+            "sleeps": self.sleeps,
+            "batch_size": self.batch_size,
+            "sleep": self.sleep.to_dict(),
+            "model": self.model.fingerprint(),
+        }
         return {"arrays": arrays, "meta": meta}
 
     def load_state_dict(self, d: dict):
         """Restore a `state_dict()`. A state saved with other sleep settings, another batch size
         or another model (fingerprint), or whose arrays do not fit this model, is refused with
         a ValueError naming what differs; the engine is then left unchanged."""
-        if not (isinstance(d, dict) and isinstance(d.get("meta"), dict)
-                and isinstance(d.get("arrays"), dict)):
-            raise ValueError("not a saved engine state: expected engine.state_dict()'s "
-                             "{'meta': {...}, 'arrays': {...}}")
+        if not (
+            isinstance(d, dict)
+            and isinstance(d.get("meta"), dict)
+            and isinstance(d.get("arrays"), dict)
+        ):
+            raise ValueError(
+                "not a saved engine state: expected engine.state_dict()'s "
+                "{'meta': {...}, 'arrays': {...}}"
+            )
         meta, arrays = d["meta"], dict(d["arrays"])
         for key in ("offset", "window_start", "sleeps"):
-            if not (key == "sleeps" and key not in meta) and \
-                    (type(meta.get(key)) is not int or meta[key] < 0):
-                raise ValueError(f"saved state is inconsistent: meta {key!r} must be an integer "
-                                 f">= 0 (got {meta.get(key)!r})")
+            if not (key == "sleeps" and key not in meta) and (
+                type(meta.get(key)) is not int or meta[key] < 0
+            ):
+                raise ValueError(
+                    f"saved state is inconsistent: meta {key!r} must be an integer "
+                    f">= 0 (got {meta.get(key)!r})"
+                )
         if not all(isinstance(v, mx.array) for v in arrays.values()):
             raise ValueError("saved state is inconsistent: its arrays must be mx.array")
-        mine = {"sleep settings": self.sleep.to_dict(), "batch size": self.batch_size,
-                "model": self.model.fingerprint()}
-        saved = {"sleep settings": meta.get("sleep"), "batch size": meta.get("batch_size"),
-                 "model": meta.get("model")}
+        mine = {
+            "sleep settings": self.sleep.to_dict(),
+            "batch size": self.batch_size,
+            "model": self.model.fingerprint(),
+        }
+        saved = {
+            "sleep settings": meta.get("sleep"),
+            "batch size": meta.get("batch_size"),
+            "model": meta.get("model"),
+        }
         differ = [f"{k} {saved[k]} (this engine: {mine[k]})" for k in mine if saved[k] != mine[k]]
         if differ:
             raise ValueError("saved state does not fit this engine: " + "; ".join(differ))
@@ -477,16 +563,24 @@ class SleepEngine:
             check_state(name, s, fresh)
         offset, window_start = int(meta["offset"]), int(meta["window_start"])
         n_live = window_ids.shape[1] if window_ids is not None else 0
-        if not 0 <= window_start <= offset or offset - window_start != n_live \
-                or n_live > self.sleep.window:
-            raise ValueError(f"saved state is inconsistent: window {window_start}..{offset} "
-                             f"with {n_live} live tokens (window L = {self.sleep.window})")
+        if (
+            not 0 <= window_start <= offset
+            or offset - window_start != n_live
+            or n_live > self.sleep.window
+        ):
+            raise ValueError(
+                f"saved state is inconsistent: window {window_start}..{offset} "
+                f"with {n_live} live tokens (window L = {self.sleep.window})"
+            )
         if window_ids is not None:
             self.model.check_ids(window_ids)
-        if window_core is not None and (window_core.ndim != 3 or window_core.shape[:2] !=
-                                        (self.batch_size, n_live)):
-            raise ValueError(f"saved wake features are {tuple(window_core.shape)}, the window "
-                             f"holds {n_live} tokens")
+        if window_core is not None and (
+            window_core.ndim != 3 or window_core.shape[:2] != (self.batch_size, n_live)
+        ):
+            raise ValueError(
+                f"saved wake features are {tuple(window_core.shape)}, the window "
+                f"holds {n_live} tokens"
+            )
         self.state, self.window_start_state = state, start_state
         self.offset, self.window_start = offset, window_start
         self.sleeps = int(meta.get("sleeps", 0))
@@ -510,5 +604,7 @@ def check_state(name: str, state: State, fresh: State):
             if want is None and key not in ("keys", "values"):
                 raise ValueError(f"saved {name} layer {i} has an entry {key!r} the model lacks")
             if want is not None and tuple(a.shape) != tuple(want.shape):
-                raise ValueError(f"saved {name} layer {i} {key} is {tuple(a.shape)}, the model "
-                                 f"needs {tuple(want.shape)}")
+                raise ValueError(
+                    f"saved {name} layer {i} {key} is {tuple(a.shape)}, the model "
+                    f"needs {tuple(want.shape)}"
+                )

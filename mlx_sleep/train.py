@@ -75,8 +75,9 @@ class TrainConfig:
         if self.loops_sample is not None:
             lo, hi = self.loops_sample
             if not 1 <= lo <= hi <= MAX_LOOPS:
-                raise ConfigError(f"loops_sample must be LO:HI with 1 <= LO <= HI <= {MAX_LOOPS} "
-                                  f"(got {lo}:{hi})")
+                raise ConfigError(
+                    f"loops_sample must be LO:HI with 1 <= LO <= HI <= {MAX_LOOPS} (got {lo}:{hi})"
+                )
             self.loops_sample = (int(lo), int(hi))
 
     @classmethod
@@ -90,9 +91,17 @@ class TrainConfig:
 
 # (setting, lowest, highest) of TrainConfig's integers (and weight decay); bounds keep a typo
 # from running for years or taking the machine's memory.
-LIMITS = (("steps", 1, 10**9), ("batch_size", 1, 1 << 20), ("warmup", 0, 10**9),
-          ("seed", 0, 2**31 - 1), ("eval_every", 0, 10**9), ("eval_samples", 1, 1 << 24),
-          ("checkpoint_every", 0, 10**9), ("log_every", 1, 10**9), ("weight_decay", 0, 1e3))
+LIMITS = (
+    ("steps", 1, 10**9),
+    ("batch_size", 1, 1 << 20),
+    ("warmup", 0, 10**9),
+    ("seed", 0, 2**31 - 1),
+    ("eval_every", 0, 10**9),
+    ("eval_samples", 1, 1 << 24),
+    ("checkpoint_every", 0, 10**9),
+    ("log_every", 1, 10**9),
+    ("weight_decay", 0, 1e3),
+)
 
 
 def default_compile() -> bool:
@@ -103,6 +112,7 @@ def default_compile() -> bool:
 
 def make_optimizer(cfg: TrainConfig, model: SleepModel):
     """Muon for the model's matrix weights, AdamW for the rest, on one warmup + cosine schedule."""
+
     def schedule(peak):
         warm = optim.linear_schedule(peak * 1e-2, peak, max(cfg.warmup, 1))
         decay = optim.cosine_decay(peak, max(cfg.steps - cfg.warmup, 1), peak * cfg.min_lr_ratio)
@@ -147,25 +157,48 @@ class Trainer(TrainingRun):
     OWNER, META_FILE, WEIGHTS_FILE = "run", "trainer.json", "model.safetensors"
     RESUMABLE_CHANGES = ("train.steps", "train.compile")  # compile: the same math either way
 
-    def __init__(self, out_dir: str, model, sleep: SleepConfig, task,
-                 train: TrainConfig, progress: bool = True, echo=print, force: bool = False):
+    def __init__(
+        self,
+        out_dir: str,
+        model,
+        sleep: SleepConfig,
+        task,
+        train: TrainConfig,
+        progress: bool = True,
+        echo=print,
+        force: bool = False,
+    ):
         self.out_dir, self.sleep, self.task, self.cfg = out_dir, sleep, task, train
         self.progress, self.echo, self.eval_every = progress, echo, train.eval_every
         if sleep.window > task.seq_len:
-            raise ConfigError(f"window L={sleep.window} is larger than the task's sequence "
-                              f"length T={task.seq_len}; use --window <= {task.seq_len}")
+            raise ConfigError(
+                f"window L={sleep.window} is larger than the task's sequence "
+                f"length T={task.seq_len}; use --window <= {task.seq_len}"
+            )
         if isinstance(model, ModelConfig):
             model = build_model(model, train.seed, evaluate=False)
         if model.vocab_size < task.vocab_size:
-            raise ConfigError(f"the model's vocab_size {model.vocab_size} < the task's "
-                              f"{task.vocab_size}")
-        check_memory(training_bytes(model, sleep, task.seq_len, train),
-                     "training this model at this batch size", force)
+            raise ConfigError(
+                f"the model's vocab_size {model.vocab_size} < the task's {task.vocab_size}"
+            )
+        check_memory(
+            training_bytes(model, sleep, task.seq_len, train),
+            "training this model at this batch size",
+            force,
+        )
         mx.eval(model.parameters())
         # As JSON has them (tuples become lists), so a rerun compares equal to what was saved
-        self.settings = json.loads(json.dumps({
-            "model_type": model.model_type, "model": model.config.to_dict(),
-            "sleep": sleep.to_dict(), "task": task.to_dict(), "train": asdict(train)}))
+        self.settings = json.loads(
+            json.dumps(
+                {
+                    "model_type": model.model_type,
+                    "model": model.config.to_dict(),
+                    "sleep": sleep.to_dict(),
+                    "task": task.to_dict(),
+                    "train": asdict(train),
+                }
+            )
+        )
         self.model = model
         self.optimizer = make_optimizer(train, model)
         self.rng = np.random.default_rng(train.seed)
@@ -180,8 +213,11 @@ class Trainer(TrainingRun):
         return saved
 
     def checkpoint_meta(self) -> dict:
-        return {"rng": self.rng.bit_generator.state,
-                "loops_rng": self.loops_rng.bit_generator.state, "settings": self.settings}
+        return {
+            "rng": self.rng.bit_generator.state,
+            "loops_rng": self.loops_rng.bit_generator.state,
+            "settings": self.settings,
+        }
 
     def restore_meta(self, meta: dict):
         self.rng.bit_generator.state = meta["rng"]
@@ -196,11 +232,13 @@ class Trainer(TrainingRun):
         model, optimizer, cfg = self.model, self.optimizer, self.cfg
 
         if cfg.activation_checkpoint:
+
             def value_and_grad(x, y, w):
                 return sleep_value_and_grad(model, x, y, w, sleep, plan=plan)
         else:
-            grad_fn = nn.value_and_grad(model, lambda m, x, y, w: sleep_loss(m, x, y, w, sleep,
-                                                                             plan=plan))
+            grad_fn = nn.value_and_grad(
+                model, lambda m, x, y, w: sleep_loss(m, x, y, w, sleep, plan=plan)
+            )
 
             def value_and_grad(x, y, w):
                 return grad_fn(model, x, y, w)
@@ -226,17 +264,20 @@ class Trainer(TrainingRun):
             ids = getattr(batch, name)
             if ids.size and (ids.min() < 0 or ids.max() >= self.model.vocab_size):
                 bad = ids.min() if ids.min() < 0 else ids.max()
-                raise ValueError(f"training batch {name}: token id {bad} is outside the model's "
-                                 f"vocabulary of {self.model.vocab_size}; the task does not "
-                                 "match the model")
+                raise ValueError(
+                    f"training batch {name}: token id {bad} is outside the model's "
+                    f"vocabulary of {self.model.vocab_size}; the task does not "
+                    "match the model"
+                )
         rng = self.rng if self.cfg.random_chunks else None
         plan = plan_chunks(batch.mask, self.sleep.window, rng)
         sleep = self.sleep
         if self.cfg.loops_sample is not None:
             lo, hi = self.cfg.loops_sample
             sleep = replace(sleep, loops=int(self.loops_rng.integers(lo, hi + 1)))
-        loss, norm = self._step_fn(plan, sleep)(mx.array(batch.inputs), mx.array(batch.targets),
-                                                mx.array(batch.mask))
+        loss, norm = self._step_fn(plan, sleep)(
+            mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask)
+        )
         mx.eval(loss, norm, self.model.parameters(), self.optimizer.state)
         self.step += 1
         self.tokens += batch.inputs.size
@@ -244,25 +285,38 @@ class Trainer(TrainingRun):
 
     def evaluate(self) -> dict:
         cfg = self.cfg
-        return {"eval": evaluate(self.model, self.task, self.sleep, cfg.eval_samples,
-                                 cfg.batch_size, seed=cfg.seed + 1)}
+        return {
+            "eval": evaluate(
+                self.model,
+                self.task,
+                self.sleep,
+                cfg.eval_samples,
+                cfg.batch_size,
+                seed=cfg.seed + 1,
+            )
+        }
 
 
 # -- loading a trained run --------------------------------------------------------------------
 
+
 def find_run(path: str) -> str:
     """The run directory for `path` (a run dir or its checkpoint/ subdirectory)."""
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path} is not a directory; pass a run directory made by "
-                                "`mlx-sleep train --out DIR`")
+        raise FileNotFoundError(
+            f"{path} is not a directory; pass a run directory made by `mlx-sleep train --out DIR`"
+        )
     for candidate in (path, os.path.dirname(os.path.abspath(path))):
         recover_dir(os.path.join(candidate, "checkpoint"))
-        if os.path.exists(os.path.join(candidate, "config.json")) and \
-                os.path.exists(os.path.join(candidate, "checkpoint", "model.safetensors")):
+        if os.path.exists(os.path.join(candidate, "config.json")) and os.path.exists(
+            os.path.join(candidate, "checkpoint", "model.safetensors")
+        ):
             return candidate
-    raise FileNotFoundError(f"{path} is not a training run (no config.json and "
-                            "checkpoint/model.safetensors); pass the --out directory of "
-                            "`mlx-sleep train`")
+    raise FileNotFoundError(
+        f"{path} is not a training run (no config.json and "
+        "checkpoint/model.safetensors); pass the --out directory of "
+        "`mlx-sleep train`"
+    )
 
 
 def load_run(path: str, force: bool = False):
@@ -284,8 +338,10 @@ def load_run(path: str, force: bool = False):
     except (ConfigError, ValueError) as e:
         raise ConfigError(f"{config_path}: {e}")
     if task.vocab_size > model.vocab_size:
-        raise ConfigError(f"{config_path}: the task's {task.vocab_size} tokens do not fit the "
-                          f"model's vocabulary of {model.vocab_size}")
+        raise ConfigError(
+            f"{config_path}: the task's {task.vocab_size} tokens do not fit the "
+            f"model's vocabulary of {model.vocab_size}"
+        )
     weights = check_regular_file(os.path.join(run, "checkpoint", "model.safetensors"))
     model.load_weights(list(read_safetensors(weights).items()))
     mx.eval(model.parameters())

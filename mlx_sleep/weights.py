@@ -40,6 +40,7 @@ def listing(items, n=3) -> str:
 
 # -- finding a checkpoint ---------------------------------------------------------------------
 
+
 def resolve_source(path_or_id: str, check_config: Optional[Callable[[str], object]] = None) -> str:
     """A local directory, or a Hugging Face Hub id downloaded with huggingface_hub (users'
     machines; tests only use local directories). `check_config(directory)`, for a Hub id, runs
@@ -56,20 +57,37 @@ def resolve_source(path_or_id: str, check_config: Optional[Callable[[str], objec
         try:
             return fetch()
         except Exception as e:  # network, auth, missing repo: one line either way
-            raise CheckpointError(f"could not download {path_or_id} from the Hugging Face Hub: "
-                                  f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            raise CheckpointError(
+                f"could not download {path_or_id} from the Hugging Face Hub: "
+                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            )
 
     import huggingface_hub as hub
+
     if check_config is not None:
-        check_config(os.path.dirname(download(lambda: hub.hf_hub_download(path_or_id,
-                                                                          "config.json"))))
+        check_config(
+            os.path.dirname(download(lambda: hub.hf_hub_download(path_or_id, "config.json")))
+        )
     return download(lambda: hub.snapshot_download(path_or_id, allow_patterns=HUB_PATTERNS))
 
 
 # -- reading tensors --------------------------------------------------------------------------
 
-_ST_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-              "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1}  # U32: packed quantized weights
+_ST_DTYPES = {
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F64": 8,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+    "BOOL": 1,
+}  # U32: packed quantized weights
 
 
 def check_safetensors(path: str) -> dict:
@@ -88,12 +106,13 @@ def check_safetensors(path: str) -> dict:
             raise CheckpointError(f"{name} is truncated ({size} bytes, not a safetensors file)")
         (n,) = struct.unpack("<Q", head)
         if n > size - 8 or n > 100 << 20:
-            raise CheckpointError(f"{name} is corrupt or truncated: header of {n} bytes in a "
-                                  f"{size}-byte file")
+            raise CheckpointError(
+                f"{name} is corrupt or truncated: header of {n} bytes in a {size}-byte file"
+            )
         try:
             header = parse_json(f.read(n), f"{name}: its header")
         except ConfigError as e:
-            raise CheckpointError(f"{name} is corrupt: {str(e)[len(name) + 2:]}")
+            raise CheckpointError(f"{name} is corrupt: {str(e)[len(name) + 2 :]}")
     if not isinstance(header, dict):
         raise CheckpointError(f"{name} is corrupt: its header is not a JSON object")
     header.pop("__metadata__", None)
@@ -101,8 +120,13 @@ def check_safetensors(path: str) -> dict:
     for tname, info in header.items():
         try:
             dtype, shape, (a, b) = info["dtype"], info["shape"], info["data_offsets"]
-            ok = (isinstance(dtype, str) and isinstance(shape, list) and len(shape) <= 8
-                  and all(type(x) is int and 0 <= x < 2**31 for x in [*shape, a, b]) and a <= b)
+            ok = (
+                isinstance(dtype, str)
+                and isinstance(shape, list)
+                and len(shape) <= 8
+                and all(type(x) is int and 0 <= x < 2**31 for x in [*shape, a, b])
+                and a <= b
+            )
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:
@@ -113,8 +137,9 @@ def check_safetensors(path: str) -> dict:
         for s in shape:
             count *= s
         if b - a != count * _ST_DTYPES[dtype] or a < 0:
-            raise CheckpointError(f"{name} is corrupt: {tname} {shape_str(shape)} {dtype} "
-                                  f"has {b - a} bytes of data")
+            raise CheckpointError(
+                f"{name} is corrupt: {tname} {shape_str(shape)} {dtype} has {b - a} bytes of data"
+            )
         end = max(end, b)
         out[tname] = (dtype, shape)
     if 8 + n + end > size:
@@ -139,13 +164,17 @@ def _load_bin(path: str) -> Dict[str, mx.array]:
     try:
         import torch
     except ImportError:
-        raise CheckpointError(f"{os.path.basename(path)} is a PyTorch file: install torch to "
-                              "read it, or convert the checkpoint to safetensors")
+        raise CheckpointError(
+            f"{os.path.basename(path)} is a PyTorch file: install torch to "
+            "read it, or convert the checkpoint to safetensors"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)  # no pickled code
     except Exception as e:
-        raise CheckpointError(f"{os.path.basename(path)} could not be read safely "
-                              f"(weights_only=True): {str(e).splitlines()[0]}")
+        raise CheckpointError(
+            f"{os.path.basename(path)} could not be read safely "
+            f"(weights_only=True): {str(e).splitlines()[0]}"
+        )
     out = {}
     for k, v in state.items():
         if not hasattr(v, "dtype"):
@@ -159,23 +188,28 @@ def _load_bin(path: str) -> Dict[str, mx.array]:
 
 def _shard_files(src: str, ext: str):
     """The shard files of one format: from the index when there is one, else every file."""
-    index = os.path.join(src, f"model.{ext}.index.json" if ext == "safetensors"
-                         else "pytorch_model.bin.index.json")
+    index = os.path.join(
+        src, f"model.{ext}.index.json" if ext == "safetensors" else "pytorch_model.bin.index.json"
+    )
     if os.path.exists(index):
         try:
             weight_map = read_json(index, max_bytes=64 << 20)["weight_map"]
         except (ValueError, KeyError, TypeError, OSError):
             weight_map = None
         if not isinstance(weight_map, dict) or not all(
-                isinstance(v, str) and os.path.basename(v) == v and v.endswith(f".{ext}")
-                for v in weight_map.values()):
-            raise CheckpointError(f"{os.path.basename(index)} is not a valid shard index "
-                                  "(a \"weight_map\" of tensor name -> shard file name)")
+            isinstance(v, str) and os.path.basename(v) == v and v.endswith(f".{ext}")
+            for v in weight_map.values()
+        ):
+            raise CheckpointError(
+                f"{os.path.basename(index)} is not a valid shard index "
+                '(a "weight_map" of tensor name -> shard file name)'
+            )
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not os.path.exists(os.path.join(src, f))]
         if missing:
-            raise CheckpointError(f"shard(s) listed in {os.path.basename(index)} are missing: "
-                                  f"{listing(missing)}")
+            raise CheckpointError(
+                f"shard(s) listed in {os.path.basename(index)} are missing: {listing(missing)}"
+            )
         return [os.path.join(src, f) for f in files], weight_map
     # No index: the conventional names first, so stray files (e.g. test fixtures) stay out.
     stem = "model" if ext == "safetensors" else "pytorch_model"
@@ -204,33 +238,43 @@ def read_weights(src: str) -> Dict[str, mx.array]:
     if weight_map is not None:
         absent = sorted(set(weight_map) - set(weights))
         if absent:
-            raise CheckpointError(f"tensor(s) listed in the shard index are not in the shards: "
-                                  f"{listing(absent)}")
+            raise CheckpointError(
+                f"tensor(s) listed in the shard index are not in the shards: {listing(absent)}"
+            )
     return weights
 
 
 # What mlx's quantization accepts, by mode (mlx-lm's modes): {mode: (group sizes, bits)}.
-QUANT_MODES = {"affine": ((32, 64, 128), (2, 3, 4, 5, 6, 8)), "mxfp4": ((32,), (4,)),
-               "mxfp8": ((32,), (8,)), "nvfp4": ((16,), (4,))}
+QUANT_MODES = {
+    "affine": ((32, 64, 128), (2, 3, 4, 5, 6, 8)),
+    "mxfp4": ((32,), (4,)),
+    "mxfp8": ((32,), (8,)),
+    "nvfp4": ((16,), (4,)),
+}
 _QUANT_KEYS = ("group_size", "bits", "mode")
 
 
 def _quant_params(q, where: str) -> dict:
     """{group_size, bits, mode} of one quantization entry, checked (`where` names it)."""
     if not isinstance(q, dict):
-        raise ConfigError(f"{where} must be an object with group_size and bits (got "
-                          f"{type(q).__name__})")
+        raise ConfigError(
+            f"{where} must be an object with group_size and bits (got {type(q).__name__})"
+        )
     mode = q.get("mode", "affine")
     if not isinstance(mode, str) or mode not in QUANT_MODES:
-        raise ConfigError(f"{where}.mode must be one of {', '.join(QUANT_MODES)} (got {mode!r:.40})")
+        raise ConfigError(
+            f"{where}.mode must be one of {', '.join(QUANT_MODES)} (got {mode!r:.40})"
+        )
     sizes, bits = QUANT_MODES[mode]
     for key, allowed in (("group_size", sizes), ("bits", bits)):
         if key not in q:
             raise ConfigError(f"{where} has no {key}")
         value = q[key]
         if type(value) is not int or value not in allowed:
-            raise ConfigError(f"{where}.{key} must be one of {', '.join(map(str, allowed))} for "
-                              f"{mode} quantization (got {value!r:.40})")
+            raise ConfigError(
+                f"{where}.{key} must be one of {', '.join(map(str, allowed))} for "
+                f"{mode} quantization (got {value!r:.40})"
+            )
     return {"group_size": q["group_size"], "bits": q["bits"], "mode": mode}
 
 
@@ -260,8 +304,10 @@ def apply_quantization(model: nn.Module, config: dict, weights: dict, where: str
         return
     q = config["quantization"]
     if not any(k.endswith(".scales") for k in weights):
-        raise ConfigError(f"{where}: quantization says {params['bits']}-bit {params['mode']} but "
-                          "the weights hold no quantization scales (they are not quantized)")
+        raise ConfigError(
+            f"{where}: quantization says {params['bits']}-bit {params['mode']} but "
+            "the weights hold no quantization scales (they are not quantized)"
+        )
 
     def predicate(path, module):
         if not (hasattr(module, "to_quantized") and f"{path}.scales" in weights):
@@ -272,8 +318,15 @@ def apply_quantization(model: nn.Module, config: dict, weights: dict, where: str
         return entry is None or entry
 
     try:
-        nn.quantize(model, group_size=params["group_size"], bits=params["bits"],
-                    mode=params["mode"], class_predicate=predicate)
+        nn.quantize(
+            model,
+            group_size=params["group_size"],
+            bits=params["bits"],
+            mode=params["mode"],
+            class_predicate=predicate,
+        )
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"{where}: quantization does not fit the model "
-                          f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})")
+        raise ConfigError(
+            f"{where}: quantization does not fit the model "
+            f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})"
+        )

@@ -72,12 +72,19 @@ def run(setting, files, targets, extra, keep=None):
         os.close(fd)
     env = {**os.environ, **SETTINGS[setting], "MLX_SLEEP_TOLERANCE_LOG": log}
     start = time.time()
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           *targets, *extra], cwd=ROOT, env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *targets, *extra],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     seconds = time.time() - start
     if done.returncode != 0:
-        print(f"--- pytest under {LABELS[setting]} failed:\n{done.stdout[-4000:]}"
-              f"{done.stderr[-2000:]}")
+        print(
+            f"--- pytest under {LABELS[setting]} failed:\n{done.stdout[-4000:]}"
+            f"{done.stderr[-2000:]}"
+        )
     else:
         print(f"{LABELS[setting]}: {done.stdout.strip().splitlines()[-1]}")
     worst = read_log(log, files)
@@ -88,11 +95,19 @@ def run(setting, files, targets, extra, keep=None):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--settings", default=",".join(SETTINGS),
-                   help="comma-separated, from: " + ", ".join(SETTINGS))
-    p.add_argument("--log", action="append", default=[], metavar="SETTING=PATH",
-                   help="take SETTING's margins from a log written by an earlier run "
-                        "(MLX_SLEEP_TOLERANCE_LOG=PATH) instead of running it")
+    p.add_argument(
+        "--settings",
+        default=",".join(SETTINGS),
+        help="comma-separated, from: " + ", ".join(SETTINGS),
+    )
+    p.add_argument(
+        "--log",
+        action="append",
+        default=[],
+        metavar="SETTING=PATH",
+        help="take SETTING's margins from a log written by an earlier run "
+        "(MLX_SLEEP_TOLERANCE_LOG=PATH) instead of running it",
+    )
     p.add_argument("--limit", type=float, default=LIMIT)
     p.add_argument("--keep", metavar="DIR", help="keep each setting's log as DIR/SETTING.jsonl")
     p.add_argument("--all", action="store_true", help="list every test, not only the worst 25")
@@ -122,8 +137,10 @@ def main(argv=None):
         failed |= rc != 0 or not worst
         results[setting] = worst
     order = [s for s in SETTINGS if s in results]
-    tests = sorted({t for w in results.values() for t in w},
-                   key=lambda t: -max(results[s].get(t, (0,))[0] for s in order))
+    tests = sorted(
+        {t for w in results.values() for t in w},
+        key=lambda t: -max(results[s].get(t, (0,))[0] for s in order),
+    )
     shown = tests if args.all else tests[:25]
     print(f"\nworst margin (error / tolerance) per test; limit {args.limit}")
     print(" | ".join(f"{LABELS[s]:>22}" for s in order) + " | test: comparison (* over the limit)")
@@ -146,8 +163,10 @@ def main(argv=None):
         print(f"{LABELS[s]}: worst margin {m:.3f} over {len(results[s])} tests")
     over = [(s, t, v) for s in order for t, v in results[s].items() if v[0] > args.limit]
     for s, t, (m, w, err, tol) in over:
-        print(f"OVER {args.limit}: {LABELS[s]}: {t}: {w}: error {err:.3g}, tolerance {tol:.3g}, "
-              f"margin {m:.3f}")
+        print(
+            f"OVER {args.limit}: {LABELS[s]}: {t}: {w}: error {err:.3g}, tolerance {tol:.3g}, "
+            f"margin {m:.3f}"
+        )
     if failed:
         print("FAILED: a pytest run failed or logged nothing (see above)")
     return 1 if over or failed else 0

@@ -13,9 +13,12 @@ def pytest_terminal_summary(terminalreporter):
     if MUTANTS:
         by_tests = sum("| tests: passed" not in v for v in MUTANTS.values())
         by_check = sum(not v.startswith("self-check: passed") for v in MUTANTS.values())
-        terminalreporter.write_sep("-", f"kernel mutants: {by_tests}/{len(MUTANTS)} killed by "
-                                        f"the kernel tests, {by_check}/{len(MUTANTS)} by the "
-                                        f"first-use self-check")
+        terminalreporter.write_sep(
+            "-",
+            f"kernel mutants: {by_tests}/{len(MUTANTS)} killed by "
+            f"the kernel tests, {by_check}/{len(MUTANTS)} by the "
+            f"first-use self-check",
+        )
         for name, killer in MUTANTS.items():
             terminalreporter.write_line(f"{name}: {killer}")
 

@@ -22,9 +22,18 @@ def config(fine_tune_type: str, steps: int) -> FinetuneConfig:
     """Global batch 4 (2 per process), 2 micro-batches per step. Small learning rates: Adam
     turns a gradient's rounding noise into an update of up to lr, and the processes sum in
     another order than one process."""
-    return FinetuneConfig(steps=steps, batch_size=4, grad_accum=2, fine_tune_type=fine_tune_type,
-                          lr=2e-4 if fine_tune_type == "lora" else 1e-3, adam_lr=1e-4, warmup=1,
-                          valid_every=0, checkpoint_every=2, log_every=1)
+    return FinetuneConfig(
+        steps=steps,
+        batch_size=4,
+        grad_accum=2,
+        fine_tune_type=fine_tune_type,
+        lr=2e-4 if fine_tune_type == "lora" else 1e-3,
+        adam_lr=1e-4,
+        warmup=1,
+        valid_every=0,
+        checkpoint_every=2,
+        log_every=1,
+    )
 
 
 def record_gradients(ft) -> dict:
@@ -47,15 +56,24 @@ def main(model_dir, data, out, weights_dir, steps, valid):
     from mlx.utils import tree_flatten
 
     for kind in FINE_TUNE_TYPES:
-        ft = Finetune(model_dir, data, os.path.join(out, kind), config(kind, int(steps)),
-                      valid=valid, progress=False)
+        ft = Finetune(
+            model_dir,
+            data,
+            os.path.join(out, kind),
+            config(kind, int(steps)),
+            valid=valid,
+            progress=False,
+        )
         grads = record_gradients(ft)
         ft.run()
         os.makedirs(weights_dir, exist_ok=True)
-        mx.save_safetensors(os.path.join(weights_dir, f"{kind}-rank{ft.world.rank}.safetensors"),
-                            dict(tree_flatten(ft.model.parameters())))
-        mx.save_safetensors(os.path.join(weights_dir, f"{kind}-grads-rank{ft.world.rank}.safetensors"),
-                            grads)
+        mx.save_safetensors(
+            os.path.join(weights_dir, f"{kind}-rank{ft.world.rank}.safetensors"),
+            dict(tree_flatten(ft.model.parameters())),
+        )
+        mx.save_safetensors(
+            os.path.join(weights_dir, f"{kind}-grads-rank{ft.world.rank}.safetensors"), grads
+        )
 
 
 if __name__ == "__main__":

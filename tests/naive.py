@@ -51,7 +51,7 @@ def gdn(layer, x, conv_inputs=None, S=None, jet=False):
         q, k, v = silu(q_lin), silu(k_lin), conv
     else:
         kd = Hk * Dk
-        q, k, v = conv[..., :kd], conv[..., kd:2 * kd], conv[..., 2 * kd:]
+        q, k, v = conv[..., :kd], conv[..., kd : 2 * kd], conv[..., 2 * kd :]
     q, k, v = q.reshape(B, T, Hk, Dk), k.reshape(B, T, Hk, Dk), v.reshape(B, T, Hv, Dv)
     a_in, b_in = linear(layer.a_proj, x), linear(layer.b_proj, x)
     S = mx.zeros((B, Hv, Dv, Dk)) if S is None else S
@@ -61,13 +61,18 @@ def gdn(layer, x, conv_inputs=None, S=None, jet=False):
         o_t, S_new = [], []
         for h in range(Hv):
             kh = h // (Hv // Hk)
-            qt = q[:, t, kh] / mx.sqrt((q[:, t, kh] ** 2).sum(-1, keepdims=True) + 1e-6) / math.sqrt(Dk)
+            qt = (
+                q[:, t, kh]
+                / mx.sqrt((q[:, t, kh] ** 2).sum(-1, keepdims=True) + 1e-6)
+                / math.sqrt(Dk)
+            )
             kt = k[:, t, kh] / mx.sqrt((k[:, t, kh] ** 2).sum(-1, keepdims=True) + 1e-6)
             a = mx.exp(-mx.exp(layer.A_log[h]) * softplus(a_in[:, t, h] + layer.dt_bias[h]))
             b = 1 / (1 + mx.exp(-b_in[:, t, h]))
             kkT = kt[:, :, None] * kt[:, None, :]
-            Sh = a[:, None, None] * (S[:, h] @ (eye - b[:, None, None] * kkT)) \
-                + b[:, None, None] * (v[:, t, h][:, :, None] * kt[:, None, :])
+            Sh = a[:, None, None] * (S[:, h] @ (eye - b[:, None, None] * kkT)) + b[
+                :, None, None
+            ] * (v[:, t, h][:, :, None] * kt[:, None, :])
             S_new.append(Sh)
             o_t.append((Sh @ qt[:, :, None])[..., 0])
         S = mx.stack(S_new, axis=1)
@@ -92,8 +97,9 @@ def delta_rule(q, k, v, decay, beta, S):
             kh = h // (Hv // Hk)
             a, b = decay[:, t, h, None, None], beta[:, t, h, None, None]
             kt = k[:, t, kh]
-            Sh = a * (S[:, h] @ (eye - b * (kt[:, :, None] * kt[:, None, :]))) \
-                + b * (v[:, t, h][:, :, None] * kt[:, None, :])
+            Sh = a * (S[:, h] @ (eye - b * (kt[:, :, None] * kt[:, None, :]))) + b * (
+                v[:, t, h][:, :, None] * kt[:, None, :]
+            )
             S_new.append(Sh)
             y_t.append((Sh @ q[:, t, kh][:, :, None])[..., 0])
         S = mx.stack(S_new, axis=1)
@@ -108,7 +114,7 @@ def rotate_half_rope(x, positions, theta):
     ang = positions[:, None].astype(mx.float32) * inv_freq[None, :]
     cos = mx.concatenate([mx.cos(ang), mx.cos(ang)], axis=-1)
     sin = mx.concatenate([mx.sin(ang), mx.sin(ang)], axis=-1)
-    x1, x2 = x[..., : D // 2], x[..., D // 2:]
+    x1, x2 = x[..., : D // 2], x[..., D // 2 :]
     return x * cos + mx.concatenate([-x2, x1], axis=-1) * sin
 
 
@@ -119,7 +125,10 @@ def attention(layer, x, positions, window=None):
     q = linear(layer.q_proj, x).reshape(B, T, H, D).transpose(0, 2, 1, 3)
     k = linear(layer.k_proj, x).reshape(B, T, Hkv, D).transpose(0, 2, 1, 3)
     v = linear(layer.v_proj, x).reshape(B, T, Hkv, D).transpose(0, 2, 1, 3)
-    q, k = rotate_half_rope(q, positions, layer.rope_theta), rotate_half_rope(k, positions, layer.rope_theta)
+    q, k = (
+        rotate_half_rope(q, positions, layer.rope_theta),
+        rotate_half_rope(k, positions, layer.rope_theta),
+    )
     outs = []
     for h in range(H):
         kh = h // (H // Hkv)

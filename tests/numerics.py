@@ -56,8 +56,9 @@ def assert_close(actual, expected, rtol, atol=0.0, what="", scale=None, floor=0.
     gradients: a small gradient can be a sum of large cancelling terms, and its rounding error
     then follows those. Returns the worst margin (error / tolerance)."""
     a_leaves, b_leaves = _leaves(actual), _leaves(expected)
-    assert [k for k, _ in a_leaves] == [k for k, _ in b_leaves], \
+    assert [k for k, _ in a_leaves] == [k for k, _ in b_leaves], (
         f"{what}: keys {[k for k, _ in a_leaves]} vs {[k for k, _ in b_leaves]}"
+    )
     tree_scale = max((float(np.abs(b).max()) for _, b in b_leaves if b.size), default=0.0)
     if scale == "tree":
         scale = tree_scale
@@ -82,9 +83,20 @@ def assert_close(actual, expected, rtol, atol=0.0, what="", scale=None, floor=0.
         return 0.0
     margin, key, err, tol, s = worst
     name = f"{what} {key}".strip()
-    _log({"what": name, "error": err, "tolerance": tol, "scale": s, "rtol": rtol, "atol": atol,
-          "margin": margin if math.isfinite(margin) else "inf"})
-    assert margin <= 1.0, (f"{name}: max |actual - expected| {err:.3g} > tolerance {tol:.3g} "
-                           f"(rtol {rtol:g} x scale {s:.3g} + atol {atol:g}): "
-                           f"margin {margin:.3g}")
+    _log(
+        {
+            "what": name,
+            "error": err,
+            "tolerance": tol,
+            "scale": s,
+            "rtol": rtol,
+            "atol": atol,
+            "margin": margin if math.isfinite(margin) else "inf",
+        }
+    )
+    assert margin <= 1.0, (
+        f"{name}: max |actual - expected| {err:.3g} > tolerance {tol:.3g} "
+        f"(rtol {rtol:g} x scale {s:.3g} + atol {atol:g}): "
+        f"margin {margin:.3g}"
+    )
     return margin

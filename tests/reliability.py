@@ -13,9 +13,28 @@ from click.testing import CliRunner
 from mlx_sleep.cli import main
 
 # A tiny training run (seconds on a CPU).
-TINY_TRAIN = ["--task", "rule110", "-o", "n_strings=2", "-o", "n_bits=4", "-o", "steps=1",
-              "--hidden-size", "16", "--heads", "2", "--steps", "2", "--batch-size", "4",
-              "--eval-samples", "4", "--checkpoint-every", "1"]
+TINY_TRAIN = [
+    "--task",
+    "rule110",
+    "-o",
+    "n_strings=2",
+    "-o",
+    "n_bits=4",
+    "-o",
+    "steps=1",
+    "--hidden-size",
+    "16",
+    "--heads",
+    "2",
+    "--steps",
+    "2",
+    "--batch-size",
+    "4",
+    "--eval-samples",
+    "4",
+    "--checkpoint-every",
+    "1",
+]
 
 
 def cli(*args, input=None):
@@ -25,8 +44,10 @@ def cli(*args, input=None):
     output = r.output
     if r.exception is not None and not isinstance(r.exception, SystemExit):
         import traceback
+
         output += "Traceback (most recent call last):\n" + "".join(
-            traceback.format_exception(type(r.exception), r.exception, r.exception.__traceback__))
+            traceback.format_exception(type(r.exception), r.exception, r.exception.__traceback__)
+        )
     return r.exit_code, output
 
 
@@ -57,8 +78,11 @@ def snapshot(root) -> dict:
                 out[rel] = ("link", os.readlink(path), None)
             elif stat.S_ISREG(st.st_mode):
                 with open(path, "rb") as f:
-                    out[rel] = ("file", hashlib.sha256(f.read()).hexdigest(),
-                                stat.S_IMODE(st.st_mode))
+                    out[rel] = (
+                        "file",
+                        hashlib.sha256(f.read()).hexdigest(),
+                        stat.S_IMODE(st.st_mode),
+                    )
             elif stat.S_ISDIR(st.st_mode):
                 out[rel] = ("dir", None, stat.S_IMODE(st.st_mode))
             else:
@@ -86,6 +110,7 @@ def train_tiny_run(tmp_path_factory, name: str):
 def copy_run(run, dest):
     """A copy of a run to damage (links copied as links)."""
     import shutil
+
     shutil.copytree(run, dest, symlinks=True)
     return dest
 
@@ -182,10 +207,14 @@ def run_killed(at, count_file, *args, env=None, input=None):
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, "-c", KILLER, *map(str, args)], capture_output=True,
-                          text=True, input=input, timeout=600,
-                          env={**os.environ, **(env or {}), "KILL_AT": str(at),
-                               "KILL_COUNT": str(count_file)})
+    return subprocess.run(
+        [sys.executable, "-c", KILLER, *map(str, args)],
+        capture_output=True,
+        text=True,
+        input=input,
+        timeout=600,
+        env={**os.environ, **(env or {}), "KILL_AT": str(at), "KILL_COUNT": str(count_file)},
+    )
 
 
 def kill_points(steps: int, most: int = None):

@@ -22,8 +22,14 @@ import mlx_sleep
 from mlx_sleep.chat import Chat
 from mlx_sleep.cli import main
 from mlx_sleep.generate import Reply, generate_text, stream_reply
-from mlx_sleep.idle import (file_source, idle_source, launchd_plist, on_ac_power, systemd_units,
-                            thermally_throttled)
+from mlx_sleep.idle import (
+    file_source,
+    idle_source,
+    launchd_plist,
+    on_ac_power,
+    systemd_units,
+    thermally_throttled,
+)
 from mlx_sleep.session import SessionError, open_session, weights_hash
 
 from .numerics import assert_close
@@ -35,8 +41,10 @@ CLI = [sys.executable, "-m", "mlx_sleep.cli"]
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    return {"small": make_model_dir(root / "small", "hybrid", loops=2, window=16),
-            "other": make_model_dir(root / "other", "qwen3_5", loops=2, window=16)}
+    return {
+        "small": make_model_dir(root / "small", "hybrid", loops=2, window=16),
+        "other": make_model_dir(root / "other", "qwen3_5", loops=2, window=16),
+    }
 
 
 @pytest.fixture
@@ -48,19 +56,36 @@ def home(tmp_path, monkeypatch):
 
 def env_with(home):
     # a pty under pexpect answers no cursor-position request: prompt_toolkit is told not to ask
-    return {**os.environ, "MLX_SLEEP_HOME": home, "PYTHONUNBUFFERED": "1",
-            "PROMPT_TOOLKIT_NO_CPR": "1"}
+    return {
+        **os.environ,
+        "MLX_SLEEP_HOME": home,
+        "PYTHONUNBUFFERED": "1",
+        "PROMPT_TOOLKIT_NO_CPR": "1",
+    }
 
 
 def cli(home, *args, input=None, timeout=300):
-    return subprocess.run(CLI + list(args), input=input, capture_output=True, text=True,
-                          env=env_with(home), timeout=timeout)
+    return subprocess.run(
+        CLI + list(args),
+        input=input,
+        capture_output=True,
+        text=True,
+        env=env_with(home),
+        timeout=timeout,
+    )
 
 
 def spawn(home, *args):
-    return pexpect.spawn(CLI[0], CLI[1:] + list(args), env=env_with(home), encoding="utf-8",
-                         codec_errors="replace", timeout=120, dimensions=(50, 400),
-                         logfile=open(os.environ["CHAT_LOG"], "a") if "CHAT_LOG" in os.environ else None)
+    return pexpect.spawn(
+        CLI[0],
+        CLI[1:] + list(args),
+        env=env_with(home),
+        encoding="utf-8",
+        codec_errors="replace",
+        timeout=120,
+        dimensions=(50, 400),
+        logfile=open(os.environ["CHAT_LOG"], "a") if "CHAT_LOG" in os.environ else None,
+    )
 
 
 def snapshot_files(path):
@@ -69,8 +94,10 @@ def snapshot_files(path):
     for root, _, files in os.walk(path):
         for f in files:
             p = os.path.join(root, f)
-            out[os.path.relpath(p, path)] = (hashlib.sha256(open(p, "rb").read()).hexdigest(),
-                                             os.stat(p).st_mode)
+            out[os.path.relpath(p, path)] = (
+                hashlib.sha256(open(p, "rb").read()).hexdigest(),
+                os.stat(p).st_mode,
+            )
     return out
 
 
@@ -98,15 +125,18 @@ def saved_arrays(home, name):
 
 # -- generation ---------------------------------------------------------------------------------
 
+
 def test_generate_cli_streams_the_python_functions_greedy_reply(models, home):
     r = cli(home, "generate", "--model", models["small"], "-p", "Hello there", "-m", "24")
     assert r.returncode == 0, r.stderr
     model, tokenizer = mlx_sleep.load(models["small"])
     expected = generate_text(model, tokenizer, "Hello there", max_tokens=24)
     assert r.stdout == expected + "\n"
-    assert re.search(r"\[\d+ prompt tokens at [\d.]+ tok/s, 24 generated at [\d.]+ tok/s, "
-                     r"peak memory [\d.]+ [MG]B, stopped: max_tokens, \d+ consolidations?\]",
-                     r.stderr), r.stderr
+    assert re.search(
+        r"\[\d+ prompt tokens at [\d.]+ tok/s, 24 generated at [\d.]+ tok/s, "
+        r"peak memory [\d.]+ [MG]B, stopped: max_tokens, \d+ consolidations?\]",
+        r.stderr,
+    ), r.stderr
     assert "Traceback" not in r.stderr
 
 
@@ -123,26 +153,44 @@ def test_stop_strings_and_interruption(models):
     full = generate_text(model, tokenizer, "abc", max_tokens=30, chat_template=False)
     stop = full[10:13]  # a string the greedy reply contains
     cut = generate_text(model, tokenizer, "abc", max_tokens=30, chat_template=False, stop=[stop])
-    assert cut == full[:full.find(stop)]
+    assert cut == full[: full.find(stop)]
     # interrupted after 5 tokens: 5 tokens kept, all 5 fed (each is fed before it is yielded)
     engine = mlx_sleep.SleepEngine(model)
     reply = Reply()
     ids = tokenizer.encode("abc", add_special_tokens=False)
-    text = "".join(stream_reply(engine, tokenizer, ids, 30, interrupted=lambda: len(reply.tokens) >= 5,
-                                reply=reply))
+    text = "".join(
+        stream_reply(
+            engine, tokenizer, ids, 30, interrupted=lambda: len(reply.tokens) >= 5, reply=reply
+        )
+    )
     assert reply.stopped == "interrupted" and len(reply.tokens) == 5
     assert engine.offset == len(ids) + 5 and text == tokenizer.decode(reply.tokens)
     # seeded sampling through mlx-lm's sampler is reproducible
-    runs = [generate_text(model, tokenizer, "abc", max_tokens=12, temp=1.0, top_p=0.9, seed=3)
-            for _ in range(2)]
+    runs = [
+        generate_text(model, tokenizer, "abc", max_tokens=12, temp=1.0, top_p=0.9, seed=3)
+        for _ in range(2)
+    ]
     assert runs[0] == runs[1]
 
 
 # -- the interactive chat -----------------------------------------------------------------------
 
+
 def test_chat_commands_forced_sleep_ctrl_c_idle_sleep_and_sigkill_in_a_reply(models, home):
-    chat = spawn(home, "chat", "--model", models["small"], "-s", "a", "-m", "100000",
-                 "--idle-delay", "3", "--idle-fill", "0.25")
+    chat = spawn(
+        home,
+        "chat",
+        "--model",
+        models["small"],
+        "-s",
+        "a",
+        "-m",
+        "100000",
+        "--idle-delay",
+        "3",
+        "--idle-fill",
+        "0.25",
+    )
     chat.expect_exact(f"model {os.path.abspath(models['small'])}: N = 2, L = 16, hard eviction")
     chat.expect("/help for commands")
     chat.expect_exact(">>>")
@@ -152,8 +200,10 @@ def test_chat_commands_forced_sleep_ctrl_c_idle_sleep_and_sigkill_in_a_reply(mod
     chat.sendintr()  # Ctrl-C stops the reply (or a later forced sleep), not the session
     chat.expect_exact("[stopped]")
     chat.expect(r"\[slept \d+ times? during this turn")
-    chat.expect(r"\[\d+ prompt tokens at [\d.]+ tok/s, \d+ generated at [\d.]+ tok/s, "
-                r"peak memory [\d.]+ [MG]B\]")
+    chat.expect(
+        r"\[\d+ prompt tokens at [\d.]+ tok/s, \d+ generated at [\d.]+ tok/s, "
+        r"peak memory [\d.]+ [MG]B\]"
+    )
     chat.expect_exact(">>>")
     chat.sendline("/status")
     chat.expect(r"(\d+) tokens seen, window (\d+)/16 .* (\d+) consolidations?")
@@ -196,8 +246,24 @@ def test_chat_commands_forced_sleep_ctrl_c_idle_sleep_and_sigkill_in_a_reply(mod
 
 
 def test_idle_sleep_cancelled_by_typing_then_completed_and_sigkill_in_a_sleep(models, home):
-    chat = spawn(home, "chat", "--model", models["small"], "-s", "b", "-m", "6", "-N", "1024",
-                 "-L", "1024", "--idle-delay", "1", "--idle-fill", "0.1")
+    chat = spawn(
+        home,
+        "chat",
+        "--model",
+        models["small"],
+        "-s",
+        "b",
+        "-m",
+        "6",
+        "-N",
+        "1024",
+        "-L",
+        "1024",
+        "--idle-delay",
+        "1",
+        "--idle-fill",
+        "0.1",
+    )
     chat.expect_exact(">>>")
     chat.sendline("hi " * 200)
     chat.expect_exact(">>>")
@@ -205,8 +271,9 @@ def test_idle_sleep_cancelled_by_typing_then_completed_and_sigkill_in_a_sleep(mo
     # typed during the sleep (which is long, so that a loaded machine still types into it):
     # it cancels the sleep between passes and then runs
     chat.sendline("/status")
-    chat.expect_exact("[sleep cancelled; the session is as it was, and the next sleep starts "
-                      "again from pass 1]")
+    chat.expect_exact(
+        "[sleep cancelled; the session is as it was, and the next sleep starts again from pass 1]"
+    )
     chat.expect(r"(\d+) tokens seen, window (\d+)/1024 \(\d+%\), 0 consolidations")
     seen = int(chat.match.group(1))
     assert int(chat.match.group(2)) == seen
@@ -226,8 +293,22 @@ def test_ctrl_c_stops_a_forced_sleep_between_passes_and_the_input_editor(models,
     """A forced sleep prints each pass and Ctrl-C stops it between two (the window stays full,
     nothing consolidated); a 10,000-character paste arrives whole; Up recalls the session's own
     turns; Alt-Enter and a triple-quote block give one multi-line turn."""
-    chat = spawn(home, "chat", "--model", models["small"], "-s", "t", "-m", "100000",
-                 "-N", "600", "-L", "16", "--idle-delay", "0")
+    chat = spawn(
+        home,
+        "chat",
+        "--model",
+        models["small"],
+        "-s",
+        "t",
+        "-m",
+        "100000",
+        "-N",
+        "600",
+        "-L",
+        "16",
+        "--idle-delay",
+        "0",
+    )
     chat.expect_exact(">>>")
     chat.sendline("hello")
     chat.expect_exact("[sleeping: pass 3/600]")
@@ -242,8 +323,22 @@ def test_ctrl_c_stops_a_forced_sleep_between_passes_and_the_input_editor(models,
     assert (session.engine.window_len, session.engine.sleeps) == (16, 0)
     assert session.messages[-2] == {"role": "user", "content": "hello"}
 
-    chat = spawn(home, "chat", "--model", models["small"], "-s", "t2", "-m", "1", "-N", "1",
-                 "-L", "512", "--idle-delay", "0")
+    chat = spawn(
+        home,
+        "chat",
+        "--model",
+        models["small"],
+        "-s",
+        "t2",
+        "-m",
+        "1",
+        "-N",
+        "1",
+        "-L",
+        "512",
+        "--idle-delay",
+        "0",
+    )
     chat.expect_exact(">>>")
     chat.sendline("hello")
     chat.expect("peak memory")
@@ -273,7 +368,8 @@ def test_ctrl_c_stops_a_forced_sleep_between_passes_and_the_input_editor(models,
 
 
 def test_a_piped_chat_keeps_notices_off_stdout_and_stops_quietly_when_the_reader_leaves(
-        models, home):
+    models, home
+):
     lines = '"""\nline one\n\nline three"""\nhello again\n/status\n'
     r = cli(home, "chat", "--model", models["small"], "-s", "p", "-m", "40", input=lines)
     assert r.returncode == 0, r.stderr
@@ -282,8 +378,13 @@ def test_a_piped_chat_keeps_notices_off_stdout_and_stops_quietly_when_the_reader
     users = [m["content"] for m in load(models, "p").messages if m["role"] == "user"]
     assert users == ["line one\n\nline three", "hello again"]
     # `... | head -1`: the reader leaves; the chat stops without an error, the session saved
-    proc = subprocess.Popen(CLI + ["chat", "-s", "p", "-m", "40"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env_with(home))
+    proc = subprocess.Popen(
+        CLI + ["chat", "-s", "p", "-m", "40"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env_with(home),
+    )
     proc.stdout.close()
     _, err = proc.communicate(b"/status\nhi\n", timeout=300)
     assert proc.returncode == 141 and b"Error" not in err and b"Traceback" not in err, err
@@ -301,8 +402,19 @@ def test_resume_continues_exactly(models, home):
     chat_here(models, "whole", TURNS)
 
     for turns in (TURNS[:2], TURNS[2:]):
-        out = cli(home, "chat", "--model", models["small"], "-s", "split", "-m", "10",
-                  "--idle-delay", "0", input="\n".join(turns) + "\n")
+        out = cli(
+            home,
+            "chat",
+            "--model",
+            models["small"],
+            "-s",
+            "split",
+            "-m",
+            "10",
+            "--idle-delay",
+            "0",
+            input="\n".join(turns) + "\n",
+        )
         assert out.returncode == 0, out.stderr
     meta_w, arrays_w = saved_arrays(home, "whole")
     meta_s, arrays_s = saved_arrays(home, "split")
@@ -347,8 +459,13 @@ def test_sigkill_during_a_save_leaves_the_last_session(models, home, point):
     session.save()
     session.close()
     before = snapshot_files(os.path.join(home, "sessions", "k"))
-    r = subprocess.run([sys.executable, "-c", KILL_SAVE, models["small"], str(point)],
-                       env=env_with(home), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", KILL_SAVE, models["small"], str(point)],
+        env=env_with(home),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == -signal.SIGKILL, r.stderr
     left = set(os.listdir(os.path.join(home, "sessions", "k"))) - set(before)
     assert left  # the killed save left a temporary or an unreferenced state file behind
@@ -395,9 +512,11 @@ def test_corrupt_newer_and_other_weights_sessions_are_refused(models, home, tmp_
             open_session("c", model, models["small"])
         assert "\n" not in str(e.value) and snapshot_files(path) == before
 
-    refused(good[:len(good) // 2], "is corrupt .*not valid JSON")
+    refused(good[: len(good) // 2], "is corrupt .*not valid JSON")
     refused(json.dumps({**json.loads(good), "format": 99}), "newer mlx-sleep .*format 99")
-    refused(json.dumps({**json.loads(good), "state_sha256": "0" * 64}), "does not match its checksum")
+    refused(
+        json.dumps({**json.loads(good), "state_sha256": "0" * 64}), "does not match its checksum"
+    )
     with open(meta_path, "w") as f:
         f.write(good)
     # the same architecture with other weights
@@ -421,11 +540,12 @@ def test_corrupt_newer_and_other_weights_sessions_are_refused(models, home, tmp_
 
 def test_forget_rolls_back_exactly_and_history_is_bounded(models, home):
     from mlx_sleep.session import SessionEngine
+
     model, _ = mlx_sleep.load(models["small"])
     sleep = mlx_sleep.SleepConfig(loops=2, window=8)
     engine = SessionEngine(model, sleep, history=2)
     engine.feed(mx.array([list(range(30, 38))]))  # window 1 (full, not yet consolidated)
-    engine.feed(mx.array([[50, 51, 52]]))          # consolidates window 1, window 2 live
+    engine.feed(mx.array([[50, 51, 52]]))  # consolidates window 1, window 2 live
     assert engine.sleeps == 1
     # reference: window 1 never happened; window 2's tokens at the same positions
     ref = mlx_sleep.SleepEngine(model, sleep)
@@ -464,10 +584,13 @@ def test_sessions_commands(models, home):
 
 # -- consolidation outside the chat ---------------------------------------------------------------
 
+
 def test_consolidate_when_idle_waits_yields_and_completes(models, home, tmp_path):
     model, _ = mlx_sleep.load(models["small"])
     for name, loops in (("q", 300),):
-        s = open_session(name, model, models["small"], mlx_sleep.SleepConfig(loops=loops, window=64))
+        s = open_session(
+            name, model, models["small"], mlx_sleep.SleepConfig(loops=loops, window=64)
+        )
         s.engine.feed(mx.array([list(range(40, 80))]))
         s.save()
         s.close()
@@ -475,7 +598,16 @@ def test_consolidate_when_idle_waits_yields_and_completes(models, home, tmp_path
     before = snapshot_files(path)
     flag = tmp_path / "idle"
     flag.write_text("busy")
-    args = ["consolidate", "-s", "q", "--when-idle", "--idle-source", f"file:{flag}", "--poll", "0.1"]
+    args = [
+        "consolidate",
+        "-s",
+        "q",
+        "--when-idle",
+        "--idle-source",
+        f"file:{flag}",
+        "--poll",
+        "0.1",
+    ]
     proc = spawn(home, *args)
     proc.expect_exact(f"waiting for the machine to be idle (up to 3600 s): {flag} says busy")
     flag.write_text("idle")
@@ -504,8 +636,21 @@ def test_consolidate_gives_up_with_status_1_when_never_idle(models, home, tmp_pa
     before = snapshot_files(os.path.join(home, "sessions", "busy"))
     flag = tmp_path / "idle"
     flag.write_text("busy")
-    r = CliRunner().invoke(main, ["consolidate", "-s", "busy", "--when-idle", "--idle-source",
-                                  f"file:{flag}", "--poll", "0.01", "--max-wait", "0.2"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "consolidate",
+            "-s",
+            "busy",
+            "--when-idle",
+            "--idle-source",
+            f"file:{flag}",
+            "--poll",
+            "0.01",
+            "--max-wait",
+            "0.2",
+        ],
+    )
     assert r.exit_code == 1, r.output
     assert r.output.count("waiting for the machine to be idle") == 1, r.output
     assert "not idle within --max-wait 0.2 s" in r.output.splitlines()[-1], r.output
@@ -536,14 +681,16 @@ def test_idle_sources_and_schedule():
     assert on_ac_power("Now drawing from 'AC Power'\n -InternalBattery-0 (id=1) 100%")
     assert not on_ac_power("Now drawing from 'Battery Power'\n -InternalBattery-0 80%")
     assert thermally_throttled("CPU_Scheduler_Limit \t= 100\nCPU_Speed_Limit \t= 70\n")
-    assert not thermally_throttled("Note: No thermal warning level has been recorded\n"
-                                   "CPU_Speed_Limit \t= 100\n")
+    assert not thermally_throttled(
+        "Note: No thermal warning level has been recorded\nCPU_Speed_Limit \t= 100\n"
+    )
     assert file_source("/nonexistent/flag")() == (False, "/nonexistent/flag says nothing")
     ok, why = idle_source("load", max_load=1e9)()
     assert ok and "per core" in why
     with pytest.raises(ValueError, match="unknown idle source"):
         idle_source("bogus")
     import plistlib
+
     agent = plistlib.loads(launchd_plist(["/bin/mlx-sleep", "consolidate", "--all"], 900))
     assert agent["ProcessType"] == "Background" and agent["StartInterval"] == 900
     assert agent["ProgramArguments"][1:] == ["consolidate", "--all"]
@@ -557,11 +704,15 @@ def test_mac_idle_source_decides_from_input_power_and_heat(monkeypatch):
     """The macOS rule, driven through its two inputs (CoreGraphics' idle time and pmset)."""
     from mlx_sleep import idle
 
-    state = {"quiet": 10.0, "batt": "Now drawing from 'AC Power'\n", "therm":
-             "Note: No thermal warning level has been recorded\n"}
+    state = {
+        "quiet": 10.0,
+        "batt": "Now drawing from 'AC Power'\n",
+        "therm": "Note: No thermal warning level has been recorded\n",
+    }
     monkeypatch.setattr(idle, "seconds_since_input", lambda: state["quiet"])
-    monkeypatch.setattr(idle, "_pmset", lambda *a: state["batt" if a == ("-g", "batt")
-                                                          else "therm"])
+    monkeypatch.setattr(
+        idle, "_pmset", lambda *a: state["batt" if a == ("-g", "batt") else "therm"]
+    )
     source = idle.idle_source("mac", idle_seconds=300)
     ok, why = source()
     assert not ok and "input 10 s ago" in why
@@ -593,7 +744,9 @@ def test_seconds_since_input_calls_coregraphics_with_the_any_event_type(monkeypa
     class FakeLibrary:
         CGEventSourceSecondsSinceLastEventType = FakeFunction()
 
-    monkeypatch.setattr(ctypes.cdll, "LoadLibrary", lambda name: loaded.append(name) or FakeLibrary())
+    monkeypatch.setattr(
+        ctypes.cdll, "LoadLibrary", lambda name: loaded.append(name) or FakeLibrary()
+    )
     assert idle.seconds_since_input() == 42.5
     assert calls == [(0, 0xFFFFFFFF)] and "ApplicationServices" in loaded[0]
 
@@ -606,8 +759,9 @@ def test_schedule_on_macos_writes_loads_and_removes_only_its_agent(tmp_path, mon
     ran = []
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setattr(sys, "platform", "darwin")
-    monkeypatch.setattr(sp, "run", lambda cmd, **kw: ran.append(cmd) or
-                        sp.CompletedProcess(cmd, 0, "", ""))
+    monkeypatch.setattr(
+        sp, "run", lambda cmd, **kw: ran.append(cmd) or sp.CompletedProcess(cmd, 0, "", "")
+    )
     agent = tmp_path / "Library" / "LaunchAgents" / "com.mlx-sleep.consolidate.plist"
     r = CliRunner().invoke(main, ["schedule", "install", "--interval", "900"])
     assert r.exit_code == 0 and f"installed {agent}" in r.output, r.output

@@ -69,7 +69,7 @@ def test_incremental_decoding_matches_original(converted, ckpt, fixture):
     ids = r["input_ids"]
     engine = SleepEngine(converted[ckpt], SleepConfig(loops=1, window=ids.shape[1]), batch_size=2)
     prefill = engine.feed(ids[:, :P])
-    steps = mx.concatenate([engine.feed(ids[:, t:t + 1]) for t in range(P, ids.shape[1])], axis=1)
+    steps = mx.concatenate([engine.feed(ids[:, t : t + 1]) for t in range(P, ids.shape[1])], axis=1)
     check(f"{ckpt}/{fixture}/prefill", prefill, r["logits_prefill"], TOL[fixture])
     check(f"{ckpt}/{fixture}/steps", steps, r["logits_steps"], TOL[fixture])
 
@@ -104,16 +104,24 @@ def test_state_after_prefill_matches_original_cache(converted, ckpt):
     tol = 3e-5
     for i, (layer, s) in enumerate(zip(model.layers, engine.state)):
         if layer.layer_type == "jet":
-            assert_close(s["S"], cache[f"layer{i}.recurrent_state"].transpose(0, 1, 3, 2),
-                         rtol=tol, what=f"layer {i} S")
-            assert_close(s["conv"], cache[f"layer{i}.conv_state"][..., 1:].transpose(0, 2, 1),
-                         rtol=tol, what=f"layer {i} conv")
+            assert_close(
+                s["S"],
+                cache[f"layer{i}.recurrent_state"].transpose(0, 1, 3, 2),
+                rtol=tol,
+                what=f"layer {i} S",
+            )
+            assert_close(
+                s["conv"],
+                cache[f"layer{i}.conv_state"][..., 1:].transpose(0, 2, 1),
+                rtol=tol,
+                what=f"layer {i} conv",
+            )
         else:
             k, v = cache[f"layer{i}.key_cache"], cache[f"layer{i}.value_cache"]
             n = s["keys"].shape[2]
             assert n == (min(P, 15) if layer.layer_type == "swa" else P)
-            assert_close(s["keys"], k[:, :, k.shape[2] - n:], rtol=tol, what=f"layer {i} keys")
-            assert_close(s["values"], v[:, :, v.shape[2] - n:], rtol=tol, what=f"layer {i} values")
+            assert_close(s["keys"], k[:, :, k.shape[2] - n :], rtol=tol, what=f"layer {i} keys")
+            assert_close(s["values"], v[:, :, v.shape[2] - n :], rtol=tol, what=f"layer {i} values")
 
 
 def test_converted_model_sleeps_with_n_above_one(converted):
@@ -177,12 +185,15 @@ def test_sharded_checkpoint_with_index(tmp_path):
     shutil.copy(os.path.join(FIX, "config.json"), src)
     weights = mx.load(os.path.join(FIX, "model.safetensors"))
     names = sorted(weights)
-    shards = {"model-00001-of-00002.safetensors": names[:40],
-              "model-00002-of-00002.safetensors": names[40:]}
+    shards = {
+        "model-00001-of-00002.safetensors": names[:40],
+        "model-00002-of-00002.safetensors": names[40:],
+    }
     for f, ks in shards.items():
         mx.save_safetensors(str(src / f), {k: weights[k].astype(mx.bfloat16) for k in ks})
-    (src / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {k: f for f, ks in shards.items() for k in ks}}))
+    (src / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {k: f for f, ks in shards.items() for k in ks}})
+    )
     model = load_model(convert(str(src), str(tmp_path / "out"), dtype="float32"))
     r, _ = ref("main", "reference_short")
     close_enough(model(r["input_ids"]), r["logits_full"])  # bf16 weights
@@ -199,8 +210,11 @@ def test_load_with_tokenizer(tmp_path):
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(512)}, unk_token="w1"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(src / "tokenizer.json"))
-    (src / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "w1", "eos_token": "w0"}))
+    (src / "tokenizer_config.json").write_text(
+        json.dumps(
+            {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "w1", "eos_token": "w0"}
+        )
+    )
     model, tokenizer = load(convert(str(src), str(tmp_path / "out")))
     ids = tokenizer.encode("w5 w7 w9")
     assert ids == [5, 7, 9]
@@ -247,6 +261,7 @@ class _RunsCode:
 
 # -- bad input: one clear line (a ValueError), nothing left behind ---------------------------
 
+
 def broken_copy(tmp_path, config_edit=None, weights_edit=None, name="src"):
     src = tmp_path / name
     src.mkdir()
@@ -278,33 +293,59 @@ def test_unknown_architecture_lists_supported(tmp_path):
 
 
 def test_missing_tensor_named_with_shape(tmp_path):
-    src = broken_copy(tmp_path, weights_edit=lambda w: w.pop("model.layers.0.self_attn.q_proj.weight"))
-    expect_error(tmp_path, src, r"missing tensor\(s\): model\.layers\.0\.self_attn\.q_proj\.weight \[32, 64\]")
+    src = broken_copy(
+        tmp_path, weights_edit=lambda w: w.pop("model.layers.0.self_attn.q_proj.weight")
+    )
+    expect_error(
+        tmp_path,
+        src,
+        r"missing tensor\(s\): model\.layers\.0\.self_attn\.q_proj\.weight \[32, 64\]",
+    )
 
 
 def test_unexpected_tensor_named_with_shape(tmp_path):
-    src = broken_copy(tmp_path, weights_edit=lambda w: w.update(
-        {"model.layers.2.self_attn.extra.weight": mx.zeros((3, 5))}))
-    expect_error(tmp_path, src, r"unexpected tensor\(s\): model\.layers\.2\.self_attn\.extra\.weight \[3, 5\]")
-    src = broken_copy(tmp_path, weights_edit=lambda w: w.update({"vision.proj": mx.zeros((2,))}),
-                      name="src2")
+    src = broken_copy(
+        tmp_path,
+        weights_edit=lambda w: w.update(
+            {"model.layers.2.self_attn.extra.weight": mx.zeros((3, 5))}
+        ),
+    )
+    expect_error(
+        tmp_path,
+        src,
+        r"unexpected tensor\(s\): model\.layers\.2\.self_attn\.extra\.weight \[3, 5\]",
+    )
+    src = broken_copy(
+        tmp_path, weights_edit=lambda w: w.update({"vision.proj": mx.zeros((2,))}), name="src2"
+    )
     expect_error(tmp_path, src, r"unexpected tensor\(s\): vision\.proj \[2\]")
 
 
 def test_mis_shaped_tensor_config_disagrees(tmp_path):
     src = broken_copy(tmp_path, config_edit=lambda c: c.update(intermediate_size=96))
-    expect_error(tmp_path, src, r"config.json disagrees with the weights: model\.layers\.0\.mlp\."
-                                r"\w+\.weight is \[\d+, \d+\], config.json implies")
-    src = broken_copy(tmp_path, config_edit=lambda c: c["efficient_attention_config"]["jet"]
-                      .update(expand_v=3.0), name="src2")
+    expect_error(
+        tmp_path,
+        src,
+        r"config.json disagrees with the weights: model\.layers\.0\.mlp\."
+        r"\w+\.weight is \[\d+, \d+\], config.json implies",
+    )
+    src = broken_copy(
+        tmp_path,
+        config_edit=lambda c: c["efficient_attention_config"]["jet"].update(expand_v=3.0),
+        name="src2",
+    )
     expect_error(tmp_path, src, "config.json disagrees with the weights")
     src = broken_copy(tmp_path, config_edit=lambda c: c.update(num_hidden_layers=5), name="src3")
     expect_error(tmp_path, src, "layer_types has 6 entries but num_hidden_layers is 5")
 
 
 def test_tied_head_that_differs_is_an_error(tmp_path):
-    src = broken_copy(tmp_path, weights_edit=lambda w: w.update(
-        {"lm_head.weight": mx.ones_like(w["model.embed_tokens.weight"])}))
+    src = broken_copy(
+        tmp_path,
+        weights_edit=lambda w: w.update(
+            {"lm_head.weight": mx.ones_like(w["model.embed_tokens.weight"])}
+        ),
+    )
     expect_error(tmp_path, src, "tie_word_embeddings but lm_head.weight differs")
 
 

@@ -36,31 +36,72 @@ TOL = 3e-5  # of the logits' scale
 T, P = 13, 6  # sequence length; prefill length of the incremental check
 MEASURED = parity.table("mlx-lm hybrids vs transformers")
 L, F = LINEAR, FULL
-SIZES = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=16, linear_num_key_heads=2,
-             linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=8,
-             linear_conv_kernel_dim=4, num_hidden_layers=4)
+SIZES = dict(
+    vocab_size=100,
+    hidden_size=32,
+    intermediate_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=16,
+    linear_value_head_dim=8,
+    linear_conv_kernel_dim=4,
+    num_hidden_layers=4,
+)
 # name -> (config class, model class, settings). Layer patterns are irregular on purpose:
 # mlx-lm's Qwen files would put attention at layer 3 only (full_attention_interval 4).
 CASES = {
-    "qwen3_5": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM",
-                dict(layer_types=[L, F, L, L], tie_word_embeddings=True)),
+    "qwen3_5": (
+        "Qwen3_5TextConfig",
+        "Qwen3_5ForCausalLM",
+        dict(layer_types=[L, F, L, L], tie_word_embeddings=True),
+    ),
     # MLX's CPU backend runs MoE gathers in float32 only (as everything here)
-    "qwen3_5_moe": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM",
-                    dict(layer_types=[F, L, L, F], num_experts=4, num_experts_per_tok=2,
-                         moe_intermediate_size=16, shared_expert_intermediate_size=24)),
-    "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM",
-                   dict(layer_types=[L, F, L, F], num_experts=4, num_experts_per_tok=2,
-                        moe_intermediate_size=16, shared_expert_intermediate_size=24)),
-    "qwen3_next_dense": ("Qwen3NextConfig", "Qwen3NextForCausalLM",
-                         dict(layer_types=[F, L, L, L], num_experts=4, num_experts_per_tok=2,
-                              mlp_only_layers=[0, 1, 2, 3])),
-    "olmo_hybrid": ("OlmoHybridConfig", "OlmoHybridForCausalLM",
-                    dict(layer_types=[L, L, F, L], pad_token_id=0, eos_token_id=1)),
+    "qwen3_5_moe": (
+        "Qwen3_5MoeTextConfig",
+        "Qwen3_5MoeForCausalLM",
+        dict(
+            layer_types=[F, L, L, F],
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=24,
+        ),
+    ),
+    "qwen3_next": (
+        "Qwen3NextConfig",
+        "Qwen3NextForCausalLM",
+        dict(
+            layer_types=[L, F, L, F],
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=24,
+        ),
+    ),
+    "qwen3_next_dense": (
+        "Qwen3NextConfig",
+        "Qwen3NextForCausalLM",
+        dict(
+            layer_types=[F, L, L, L],
+            num_experts=4,
+            num_experts_per_tok=2,
+            mlp_only_layers=[0, 1, 2, 3],
+        ),
+    ),
+    "olmo_hybrid": (
+        "OlmoHybridConfig",
+        "OlmoHybridForCausalLM",
+        dict(layer_types=[L, L, F, L], pad_token_id=0, eos_token_id=1),
+    ),
     # released OLMo Hybrid checkpoints have no RoPE
-    "olmo_hybrid_norope": ("OlmoHybridConfig", "OlmoHybridForCausalLM",
-                           dict(layer_types=[L, F, L, F], pad_token_id=0, eos_token_id=1,
-                                no_rope=True)),
+    "olmo_hybrid_norope": (
+        "OlmoHybridConfig",
+        "OlmoHybridForCausalLM",
+        dict(layer_types=[L, F, L, F], pad_token_id=0, eos_token_id=1, no_rope=True),
+    ),
 }
 
 
@@ -129,7 +170,7 @@ def test_incremental_decoding_matches_transformers(cases, case):
     fills): our per-layer state is mlx-lm's cache, RoPE at global positions."""
     model, ids, want, _ = cases[case]
     engine = SleepEngine(model, SleepConfig(loops=1, window=T), batch_size=2)
-    got = [engine.feed(ids[:, :P])] + [engine.feed(ids[:, t:t + 1]) for t in range(P, T)]
+    got = [engine.feed(ids[:, :P])] + [engine.feed(ids[:, t : t + 1]) for t in range(P, T)]
     check(f"{case}/incremental", mx.concatenate(got, axis=1), want)
 
 
@@ -144,11 +185,16 @@ def test_mlx_lm_generation_drives_the_adapter(cases, case):
     logits = model(ids[:1, :P], cache=cache)
     for t in range(P, T):
         check(f"{case}/mlx-lm cache", logits[:, -1], want[:1, t - 1])
-        logits = model(ids[:1, t:t + 1], cache=cache)
+        logits = model(ids[:1, t : t + 1], cache=cache)
     steps = list(generate_step(ids[0, :P], model, max_tokens=2))
     # greedy: transformers' logit for that token is its largest, up to rounding
-    assert_close(want[0, P - 1, int(steps[0][0])], want[0, P - 1].max(), rtol=TOL,
-                 scale=float(mx.abs(want[0, P - 1]).max()), what="greedy token's logit")
+    assert_close(
+        want[0, P - 1, int(steps[0][0])],
+        want[0, P - 1].max(),
+        rtol=TOL,
+        scale=float(mx.abs(want[0, P - 1]).max()),
+        what="greedy token's logit",
+    )
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -215,18 +261,26 @@ def test_qwen3_5_moe_released_layout(cases, tmp_path):
             pre = k.split(".experts.")[0]
             E = CASES["qwen3_5_moe"][2]["num_experts"]
             get = lambda n: np.stack([w.pop(f"{pre}.experts.{e}.{n}.weight") for e in range(E)])
-            fused[f"{pre}.experts.gate_up_proj"] = np.concatenate([get("gate_proj"),
-                                                                   get("up_proj")], axis=1)
+            fused[f"{pre}.experts.gate_up_proj"] = np.concatenate(
+                [get("gate_proj"), get("up_proj")], axis=1
+            )
             fused[f"{pre}.experts.down_proj"] = get("down_proj")
     w.update(fused)
-    w = {k.replace("model.", "model.language_model.", 1) if k.startswith("model.") else k: v
-         for k, v in w.items()}
+    w = {
+        k.replace("model.", "model.language_model.", 1) if k.startswith("model.") else k: v
+        for k, v in w.items()
+    }
     w["model.visual.patch_embed.proj.weight"] = np.zeros((4, 3), np.float32)  # dropped
     os.makedirs(tmp_path / "vl")
     save_file(w, str(tmp_path / "vl" / "model.safetensors"))
     text = json.load(open(os.path.join(src, "config.json")))
-    cfg = {"model_type": "qwen3_5_moe", "architectures": ["Qwen3_5MoeForConditionalGeneration"],
-           "tie_word_embeddings": False, "text_config": text, "vision_config": {"depth": 1}}
+    cfg = {
+        "model_type": "qwen3_5_moe",
+        "architectures": ["Qwen3_5MoeForConditionalGeneration"],
+        "tie_word_embeddings": False,
+        "text_config": text,
+        "vision_config": {"depth": 1},
+    }
     json.dump(cfg, open(tmp_path / "vl" / "config.json", "w"))
     model = build(str(tmp_path / "vl"))[0]
     check("qwen3_5_moe/released layout", model(ids), want)
@@ -234,8 +288,9 @@ def test_qwen3_5_moe_released_layout(cases, tmp_path):
 
 def test_quantized_moe_keeps_routers(cases, tmp_path):
     model, ids, want, src = cases["qwen3_next"]
-    q8 = load_model(convert(str(src), str(tmp_path / "q8"), quantize=True, q_bits=8,
-                            q_group_size=32))
+    q8 = load_model(
+        convert(str(src), str(tmp_path / "q8"), quantize=True, q_bits=8, q_group_size=32)
+    )
     mlp = q8.model.layers[0].mlp
     assert "scales" in mlp.switch_mlp.up_proj and "scales" not in mlp.gate
     got = q8(ids).astype(mx.float32)
@@ -244,8 +299,9 @@ def test_quantized_moe_keeps_routers(cases, tmp_path):
 
 def test_sleep_settings_stored(cases, tmp_path):
     _, _, _, src = cases["olmo_hybrid"]
-    out = convert(str(src), str(tmp_path / "m"), loops=4, window=16, eviction="sliding",
-                  core=(0, 2))
+    out = convert(
+        str(src), str(tmp_path / "m"), loops=4, window=16, eviction="sliding", core=(0, 2)
+    )
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["model_type"] == "olmo_hybrid" and cfg["sleep"]["loops"] == 4
     assert cfg["model"]["core"] == [0, 2] and cfg["model"]["args"]["layer_types"] == [L, L, F, L]
@@ -253,6 +309,7 @@ def test_sleep_settings_stored(cases, tmp_path):
 
 
 # -- bad input ------------------------------------------------------------------------------------
+
 
 def edit_config(src, dst, **changes):
     """A copy of checkpoint `src` at `dst` with config.json keys changed (None: removed)."""
@@ -267,17 +324,30 @@ def edit_config(src, dst, **changes):
     return str(dst)
 
 
-@pytest.mark.parametrize("case,changes,message", [
-    ("qwen3_5", dict(layer_types=[L, F, L]), "layer_types has 3 entries but num_hidden_layers is 4"),
-    ("qwen3_5", dict(layer_types=[L, F, "sliding_attention", L]),
-     "unsupported layer type(s) ['sliding_attention']"),
-    ("qwen3_5", dict(linear_key_head_dim=None), "lacks linear_key_head_dim"),
-    ("qwen3_next", dict(num_experts=None), "lacks num_experts"),
-    ("qwen3_5_moe", dict(moe_intermediate_size=None), "lacks moe_intermediate_size"),
-    ("olmo_hybrid", dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}),
-     "rope type 'yarn' is not supported"),
-    ("olmo_hybrid", dict(hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
-])
+@pytest.mark.parametrize(
+    "case,changes,message",
+    [
+        (
+            "qwen3_5",
+            dict(layer_types=[L, F, L]),
+            "layer_types has 3 entries but num_hidden_layers is 4",
+        ),
+        (
+            "qwen3_5",
+            dict(layer_types=[L, F, "sliding_attention", L]),
+            "unsupported layer type(s) ['sliding_attention']",
+        ),
+        ("qwen3_5", dict(linear_key_head_dim=None), "lacks linear_key_head_dim"),
+        ("qwen3_next", dict(num_experts=None), "lacks num_experts"),
+        ("qwen3_5_moe", dict(moe_intermediate_size=None), "lacks moe_intermediate_size"),
+        (
+            "olmo_hybrid",
+            dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}),
+            "rope type 'yarn' is not supported",
+        ),
+        ("olmo_hybrid", dict(hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
+    ],
+)
 def test_bad_config_is_one_line(cases, tmp_path, case, changes, message):
     src = edit_config(str(cases[case][3]), tmp_path / "bad", **changes)
     with pytest.raises(ConversionError) as e:
@@ -288,8 +358,11 @@ def test_bad_config_is_one_line(cases, tmp_path, case, changes, message):
 
 def test_config_that_disagrees_with_weights(cases, tmp_path):
     src = edit_config(str(cases["qwen3_5"][3]), tmp_path / "bad", linear_value_head_dim=16)
-    with pytest.raises(ConversionError, match=r"config.json disagrees with the weights: "
-                                              r"model.layers.0.linear_attn.\S+ is \["):
+    with pytest.raises(
+        ConversionError,
+        match=r"config.json disagrees with the weights: "
+        r"model.layers.0.linear_attn.\S+ is \[",
+    ):
         convert(src, str(tmp_path / "out"))
 
 
@@ -306,10 +379,15 @@ def rewrite_weights(src, dst, edit):
 
 def test_missing_tensor_named_in_the_checkpoints_own_names(cases, tmp_path):
     """OLMo Hybrid's pre-norm is attention_layer_norm on disk (input_layernorm in mlx-lm)."""
-    src = rewrite_weights(str(cases["olmo_hybrid"][3]), tmp_path / "bad",
-                          lambda w: w.pop("model.layers.1.attention_layer_norm.weight"))
-    with pytest.raises(ConversionError,
-                       match=r"missing tensor\(s\): model.layers.1.attention_layer_norm.weight \[32\]"):
+    src = rewrite_weights(
+        str(cases["olmo_hybrid"][3]),
+        tmp_path / "bad",
+        lambda w: w.pop("model.layers.1.attention_layer_norm.weight"),
+    )
+    with pytest.raises(
+        ConversionError,
+        match=r"missing tensor\(s\): model.layers.1.attention_layer_norm.weight \[32\]",
+    ):
         convert(src, str(tmp_path / "out"))
 
 
@@ -318,8 +396,11 @@ def test_unexpected_tensor_and_untied_head(cases, tmp_path):
         w["model.layers.0.linear_attn.extra.weight"] = np.zeros((3, 5), np.float32)
 
     src = rewrite_weights(str(cases["qwen3_next"][3]), tmp_path / "extra", extra)
-    with pytest.raises(ConversionError, match=r"unexpected tensor\(s\): "
-                                              r"model.layers.0.linear_attn.extra.weight \[3, 5\]"):
+    with pytest.raises(
+        ConversionError,
+        match=r"unexpected tensor\(s\): "
+        r"model.layers.0.linear_attn.extra.weight \[3, 5\]",
+    ):
         convert(src, str(tmp_path / "out"))
 
     def differing_head(w):
@@ -332,7 +413,10 @@ def test_unexpected_tensor_and_untied_head(cases, tmp_path):
 
 def test_unknown_architecture_lists_the_hybrids(cases, tmp_path):
     src = edit_config(str(cases["qwen3_5"][3]), tmp_path / "bad", model_type="kimi_linear")
-    with pytest.raises(ConversionError, match="unsupported architecture 'kimi_linear'; supported: "
-                                              ".*olmo_hybrid.*qwen3_5, qwen3_5_moe, "
-                                              "qwen3_5_moe_text, qwen3_5_text, qwen3_next"):
+    with pytest.raises(
+        ConversionError,
+        match="unsupported architecture 'kimi_linear'; supported: "
+        ".*olmo_hybrid.*qwen3_5, qwen3_5_moe, "
+        "qwen3_5_moe_text, qwen3_5_text, qwen3_next",
+    ):
         convert(src, str(tmp_path / "out"))

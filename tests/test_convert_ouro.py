@@ -64,7 +64,11 @@ def test_default_forward_is_last_loop(model, ref):
 def test_every_loop(model, ref):
     hidden, _ = model.loop_hidden_states(ref["input_ids"])
     for u in range(4):
-        check(f"per_ut_step[{u}]", model(ref["input_ids"], exit_at_step=u), ref["logits_per_ut_step"][u])
+        check(
+            f"per_ut_step[{u}]",
+            model(ref["input_ids"], exit_at_step=u),
+            ref["logits_per_ut_step"][u],
+        )
         check(f"hidden[{u}]", hidden[u], ref["hidden_per_ut_step"][u])
         check(f"gate[{u}]", model.early_exit_gate(hidden[u])[..., 0], ref["gate_logits"][u])
     check("exit_pdf", model.exit_pdf(hidden), ref["exit_pdf"])
@@ -73,8 +77,9 @@ def test_every_loop(model, ref):
 def test_exit_threshold(model, ref):
     ids = ref["input_ids"]
     hidden, _ = model.loop_hidden_states(ids)
-    assert np.array_equal(np.array(model.exit_steps(hidden, 0.8)),
-                          np.array(ref["exit_steps_threshold_0p8"]))
+    assert np.array_equal(
+        np.array(model.exit_steps(hidden, 0.8)), np.array(ref["exit_steps_threshold_0p8"])
+    )
     check("threshold_0.8", model(ids, exit_threshold=0.8), ref["logits_exit_threshold_0p8"])
 
 
@@ -88,8 +93,11 @@ def test_weighted_exit_follows_original_priority(model, ref):
         check("weighted_exit", model(ids, use_weighted_exit=True), ref["logits_weighted_exit"])
         check("no_exit_rule", model(ids), ref["logits_default"])  # nothing set: the last loop
         # A fixed exit step beats everything.
-        check("step_wins", model(ids, exit_at_step=1, use_weighted_exit=True),
-              ref["logits_per_ut_step"][1])
+        check(
+            "step_wins",
+            model(ids, exit_at_step=1, use_weighted_exit=True),
+            ref["logits_per_ut_step"][1],
+        )
     finally:
         model.config.early_exit_threshold = 1.0
 
@@ -99,19 +107,22 @@ def test_incremental_with_per_loop_caches(model, ref):
     ids, P = ref["input_ids"], 30
     engine = SleepEngine(model, SleepConfig(loops=1, window=64), batch_size=2)
     check("prefill", engine.feed(ids[:, :P]), ref["logits_prefill"])
-    steps = mx.concatenate([engine.feed(ids[:, t:t + 1]) for t in range(P, 40)], axis=1)
+    steps = mx.concatenate([engine.feed(ids[:, t : t + 1]) for t in range(P, 40)], axis=1)
     check("steps", steps, ref["logits_steps"])
     assert all(s["keys"].shape[2] == 40 for s in engine.state)  # 12 caches, 40 positions each
     # The same through the model's own loop API, every loop's logits.
     hidden, state = model.loop_hidden_states(ids[:, :P])
     per_step = [[h] for h in hidden]
     for t in range(P, 40):
-        hidden, state = model.loop_hidden_states(ids[:, t:t + 1], state, offset=t)
+        hidden, state = model.loop_hidden_states(ids[:, t : t + 1], state, offset=t)
         for u, h in enumerate(hidden):
             per_step[u].append(h)
     for u in range(4):
-        check(f"incremental_per_ut_step[{u}]", model.head(mx.concatenate(per_step[u], axis=1)),
-              ref["logits_incremental_per_ut_step"][u])
+        check(
+            f"incremental_per_ut_step[{u}]",
+            model.head(mx.concatenate(per_step[u], axis=1)),
+            ref["logits_incremental_per_ut_step"][u],
+        )
 
 
 def test_insert_jet_layers_keeps_outputs(model, ref, tmp_path):
@@ -166,7 +177,9 @@ def test_quantized_jet_insertion_keeps_zero_output(tmp_path, ref):
     """Quantization must not turn the zero o_proj into noise."""
     ids = ref["input_ids"]
     plain = load_model(convert(FIX, str(tmp_path / "q"), quantize=True, q_bits=8))
-    jet = load_model(convert(FIX, str(tmp_path / "qj"), quantize=True, q_bits=8, insert_jet_layers=2))
+    jet = load_model(
+        convert(FIX, str(tmp_path / "qj"), quantize=True, q_bits=8, insert_jet_layers=2)
+    )
     assert float(mx.abs(plain(ids) - jet(ids)).max()) == 0.0
 
 
@@ -174,6 +187,7 @@ def test_build_converts_hugging_face_dirs_in_memory_and_load_model_refuses_them(
     """build converts an unconverted checkpoint in memory (nothing written); load_model, which
     opens model directories, says to convert it first (tests/test_untrusted_models.py)."""
     from mlx_sleep.convert import build
+
     model = build(FIX)[0]
     check("load_unconverted", model(ref["input_ids"]), ref["logits_default"])
     with pytest.raises(ValueError, match="Hugging Face checkpoint.*convert it first"):

@@ -5,8 +5,13 @@ from tests.numerics import assert_close
 
 
 def fake(token_by_seed):
-    return {s: {1: {"token": 1.0, "exact": 1.0, "count": 8},
-                2: {"token": t, "exact": t / 2, "count": 8}} for s, t in token_by_seed.items()}
+    return {
+        s: {
+            1: {"token": 1.0, "exact": 1.0, "count": 8},
+            2: {"token": t, "exact": t / 2, "count": 8},
+        }
+        for s, t in token_by_seed.items()
+    }
 
 
 def test_combine_and_verdict():
@@ -26,7 +31,8 @@ def test_combine_and_verdict():
 def test_verdict_when_mixed_or_behind():
     mixed = {"N = 1": fake({0: 0.5, 1: 0.6}), "N = 2": fake({0: 0.7, 1: 0.5})}
     assert "ahead on 1 of 2 seeds: the evidence points towards sleep" in conclude(
-        combine_seeds(mixed, [0, 1])[0], [0, 1], "k (hops)")
+        combine_seeds(mixed, [0, 1])[0], [0, 1], "k (hops)"
+    )
     behind = {"N = 1": fake({0: 0.5, 1: 0.6}), "N = 2": fake({0: 0.4, 1: 0.5})}
     assert "behind on every seed" in conclude(combine_seeds(behind, [0, 1])[0], [0, 1], "k")
 
@@ -36,12 +42,23 @@ def test_depth_curriculum_switches_hop_mix(tmp_path):
 
     from mlx_sleep.demo import DEMO, run_demo
 
-    settings = {**DEMO, "train": {**DEMO["train"], "eval_samples": 16, "batch_size": 8},
-                "model": {**DEMO["model"], "hidden_size": 16},
-                "curriculum": {"fraction": 0.5, "hops": [1]}}
-    run_demo(str(tmp_path), steps=4, loops=(1,), seeds=1, settings=settings, echo=lambda *a: None,
-             progress=False)
-    evals = [json.loads(l) for l in open(tmp_path / "seed0" / "N1" / "metrics.jsonl")
-             if '"eval"' in l]
+    settings = {
+        **DEMO,
+        "train": {**DEMO["train"], "eval_samples": 16, "batch_size": 8},
+        "model": {**DEMO["model"], "hidden_size": 16},
+        "curriculum": {"fraction": 0.5, "hops": [1]},
+    }
+    run_demo(
+        str(tmp_path),
+        steps=4,
+        loops=(1,),
+        seeds=1,
+        settings=settings,
+        echo=lambda *a: None,
+        progress=False,
+    )
+    evals = [
+        json.loads(l) for l in open(tmp_path / "seed0" / "N1" / "metrics.jsonl") if '"eval"' in l
+    ]
     # k = 1 only up to the switch (its checkpoint evaluates that task), then the full mix
     assert [(e["step"], sorted(e["eval"])) for e in evals] == [(2, ["1"]), (4, ["1", "2"])]

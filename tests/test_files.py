@@ -14,8 +14,15 @@ import pytest
 
 from mlx_sleep import io
 from mlx_sleep.config import ConfigError
-from tests.reliability import (TINY_TRAIN, assert_one_clear_line, cli, copy_run, make_hf_checkpoint,
-                               snapshot, train_tiny_run)
+from tests.reliability import (
+    TINY_TRAIN,
+    assert_one_clear_line,
+    cli,
+    copy_run,
+    make_hf_checkpoint,
+    snapshot,
+    train_tiny_run,
+)
 from tests.tiny_models import make_model_dir
 
 
@@ -25,6 +32,7 @@ def run_dir(tmp_path_factory):
 
 
 # -- 1. data loss -------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", ["converted model", "hf checkpoint", "unrelated files"])
 def test_train_refuses_a_directory_it_did_not_create(tmp_path, kind):
@@ -38,8 +46,9 @@ def test_train_refuses_a_directory_it_did_not_create(tmp_path, kind):
         (out / "notes.txt").write_text("mine")
     before = snapshot(out)
     code, output = cli("train", *TINY_TRAIN, "--out", out)
-    assert_one_clear_line(code, output, "use another directory" if kind == "converted model"
-                          else "did not create")
+    assert_one_clear_line(
+        code, output, "use another directory" if kind == "converted model" else "did not create"
+    )
     assert snapshot(out) == before
 
 
@@ -67,14 +76,21 @@ def test_train_force_writes_next_to_foreign_files_but_never_replaces_them(tmp_pa
     assert snapshot(tmp_path / "hf") == before
 
 
-@pytest.mark.parametrize("change", [["--lr", "0.01"], ["--batch-size", "8"], ["--seed", "3"],
-                                    ["--steps", "1"], ["--loops", "2"]])
+@pytest.mark.parametrize(
+    "change",
+    [["--lr", "0.01"], ["--batch-size", "8"], ["--seed", "3"], ["--steps", "1"], ["--loops", "2"]],
+)
 def test_rerunning_a_run_with_other_settings_is_refused_naming_them(tmp_path, run_dir, change):
     out = copy_run(run_dir, tmp_path / "run")
     before = snapshot(out)
     code, output = cli("train", *TINY_TRAIN, "--out", out, *change)
-    key = {"--lr": "train.lr", "--batch-size": "train.batch_size", "--seed": "train.seed",
-           "--steps": "pass --steps 2 or more", "--loops": "sleep.loops"}[change[0]]
+    key = {
+        "--lr": "train.lr",
+        "--batch-size": "train.batch_size",
+        "--seed": "train.seed",
+        "--steps": "pass --steps 2 or more",
+        "--loops": "sleep.loops",
+    }[change[0]]
     assert_one_clear_line(code, output, key)
     assert snapshot(out) == before
 
@@ -84,12 +100,18 @@ def test_a_larger_steps_extends_a_finished_run(tmp_path, run_dir):
     code, output = cli("train", *TINY_TRAIN, "--out", out, "--steps", "3")
     assert code == 0, output
     meta = json.loads((out / "checkpoint" / "trainer.json").read_text())
-    assert meta["step"] == 3 and json.loads((out / "config.json").read_text())["train"]["steps"] == 3
-    steps = [json.loads(line).get("step") for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert (
+        meta["step"] == 3 and json.loads((out / "config.json").read_text())["train"]["steps"] == 3
+    )
+    steps = [
+        json.loads(line).get("step") for line in (out / "metrics.jsonl").read_text().splitlines()
+    ]
     assert steps == sorted(steps)  # no step logged twice
 
 
-def test_rerunning_a_finished_run_with_the_same_settings_changes_nothing_it_keeps(tmp_path, run_dir):
+def test_rerunning_a_finished_run_with_the_same_settings_changes_nothing_it_keeps(
+    tmp_path, run_dir
+):
     out = copy_run(run_dir, tmp_path / "run")
     weights = (out / "checkpoint" / "model.safetensors").read_bytes()
     code, output = cli("train", *TINY_TRAIN, "--out", out)
@@ -154,6 +176,7 @@ def test_convert_to_a_symlink_or_a_file_is_refused(tmp_path):
 
 # -- 2. special files -------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", ["symlink", "fifo", "device", "directory"])
 @pytest.mark.parametrize("flag", ["--json", "--plot"])
 def test_eval_never_replaces_a_special_file(tmp_path, run_dir, kind, flag):
@@ -171,8 +194,9 @@ def test_eval_never_replaces_a_special_file(tmp_path, run_dir, kind, flag):
     before = snapshot(tmp_path)
     null_before = os.stat("/dev/null")
     code, output = cli("eval", "--checkpoint", run_dir, "--samples", "2", flag, path)
-    assert_one_clear_line(code, output, "is a directory" if kind == "directory"
-                          else "only replaces regular files")
+    assert_one_clear_line(
+        code, output, "is a directory" if kind == "directory" else "only replaces regular files"
+    )
     assert snapshot(tmp_path) == before and target.read_text() == "keep"
     assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
     assert os.stat("/dev/null").st_ino == null_before.st_ino
@@ -190,57 +214,69 @@ def test_eval_outputs_replace_only_their_own_files(tmp_path, run_dir):
     """--json and --plot write new files and replace files eval wrote (their mark inside:
     a "written_by" key, a PNG Software chunk); a user's file of that name is left alone."""
     js, png = tmp_path / "r.json", tmp_path / "r.png"
-    code, output = cli("eval", "--checkpoint", run_dir, "--samples", "2", "--json", js,
-                       "--plot", png)
+    code, output = cli(
+        "eval", "--checkpoint", run_dir, "--samples", "2", "--json", js, "--plot", png
+    )
     assert code == 0, output
     assert json.loads(js.read_text())["written_by"] == "mlx-sleep eval"
     assert io.written_by(str(js)) and io.written_by(str(png))
-    code, output = cli("eval", "--checkpoint", run_dir, "--samples", "2", "--json", js,
-                       "--plot", png)
+    code, output = cli(
+        "eval", "--checkpoint", run_dir, "--samples", "2", "--json", js, "--plot", png
+    )
     assert code == 0, output  # eval's own files: replaced
     for path in (js, png):
         path.write_text("the user's notes")
         before = snapshot(tmp_path)
         flag = "--json" if path == js else "--plot"
-        assert_one_clear_line(*cli("eval", "--checkpoint", run_dir, "--samples", "2", flag, path),
-                              "was not written by mlx-sleep")
+        assert_one_clear_line(
+            *cli("eval", "--checkpoint", run_dir, "--samples", "2", flag, path),
+            "was not written by mlx-sleep",
+        )
         assert snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize("inside", ["config.json", "checkpoint/model.safetensors",
-                                    "checkpoint/trainer.json", "new.json"])
+@pytest.mark.parametrize(
+    "inside", ["config.json", "checkpoint/model.safetensors", "checkpoint/trainer.json", "new.json"]
+)
 def test_eval_never_writes_into_a_run(tmp_path, run_dir, inside):
     """The issue's data loss: `--json run/checkpoint/model.safetensors` replaced the weights."""
     run = copy_run(run_dir, tmp_path / "run")
     before = snapshot(tmp_path)
     for flag in ("--json", "--plot"):
-        assert_one_clear_line(*cli("eval", "--checkpoint", run, flag, run / inside),
-                              "a training run (mlx-sleep train): its files are its own")
+        assert_one_clear_line(
+            *cli("eval", "--checkpoint", run, flag, run / inside),
+            "a training run (mlx-sleep train): its files are its own",
+        )
     assert snapshot(tmp_path) == before
 
 
 def test_data_never_replaces_its_input_or_a_model(tmp_path):
     """`data gsm-infinite --out g.jsonl --force` with g.jsonl the input once replaced the input."""
     data = tmp_path / "g.jsonl"
-    shutil.copy(os.path.join(os.path.dirname(__file__), "fixtures", "gsm-infinite",
-                             "medium_0.jsonl"), data)
+    shutil.copy(
+        os.path.join(os.path.dirname(__file__), "fixtures", "gsm-infinite", "medium_0.jsonl"), data
+    )
     model = make_model_dir(tmp_path / "m")
     before = snapshot(tmp_path)
     base = ["data", "gsm-infinite", "--data", data, "--force", "--out"]
     assert_one_clear_line(*cli(*base, data), "is this command's input")
-    assert_one_clear_line(*cli(*base, os.path.join(model, "config.json")),
-                          "a converted model (mlx-sleep convert): its files are its own")
+    assert_one_clear_line(
+        *cli(*base, os.path.join(model, "config.json")),
+        "a converted model (mlx-sleep convert): its files are its own",
+    )
     assert snapshot(tmp_path) == before
 
 
 def test_eval_refuses_a_special_file_before_the_work(tmp_path, run_dir, monkeypatch):
     import mlx_sleep.eval
+
     monkeypatch.setattr(mlx_sleep.eval, "evaluate", lambda *a, **k: pytest.fail("evaluated"))
     os.mkfifo(tmp_path / "fifo")
     assert_one_clear_line(*cli("eval", "--checkpoint", run_dir, "--json", tmp_path / "fifo"))
 
 
 # -- 4. work lost -----------------------------------------------------------------------------
+
 
 def test_a_symlinked_checkpoint_is_refused_before_training(tmp_path, run_dir):
     out = copy_run(run_dir, tmp_path / "run")
@@ -269,8 +305,12 @@ def test_two_training_processes_into_one_directory(tmp_path):
     io.claim_dir(str(out), "run")
     fd = io.acquire_lock(str(out))
     try:
-        r = subprocess.run([sys.executable, "-m", "mlx_sleep.cli", "train", *TINY_TRAIN,
-                            "--out", str(out)], capture_output=True, text=True, timeout=120)
+        r = subprocess.run(
+            [sys.executable, "-m", "mlx_sleep.cli", "train", *TINY_TRAIN, "--out", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     finally:
         os.close(fd)
     assert r.returncode == 1 and "in use by a training" in r.stderr, r.stderr
@@ -319,6 +359,7 @@ def test_metrics_do_not_repeat_steps_after_a_resume(tmp_path):
 
 # -- 7. permissions ---------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
 def test_everything_written_follows_the_umask(tmp_path, umask):
     old = os.umask(umask)
@@ -353,6 +394,7 @@ def test_demo_refuses_a_directory_of_other_files(tmp_path):
     (tmp_path / "results.md").write_text("my results")
     before = snapshot(tmp_path)
     assert_one_clear_line(*cli("demo", "--out", tmp_path, "--steps", "1"), "did not create")
-    assert_one_clear_line(*cli("demo", "--out", tmp_path, "--steps", "1", "--force"),
-                          "results.md")  # --force never replaces a file it did not write
+    assert_one_clear_line(
+        *cli("demo", "--out", tmp_path, "--steps", "1", "--force"), "results.md"
+    )  # --force never replaces a file it did not write
     assert snapshot(tmp_path) == before

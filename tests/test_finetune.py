@@ -19,8 +19,16 @@ from mlx.utils import tree_flatten
 
 import mlx_sleep
 from mlx_sleep.cli import main
-from mlx_sleep.finetune import (DataError, Finetune, FinetuneConfig, load_examples, make_batch, read_records, summed_loss_and_grads,
-                                tokenize_record)
+from mlx_sleep.finetune import (
+    DataError,
+    Finetune,
+    FinetuneConfig,
+    load_examples,
+    make_batch,
+    read_records,
+    summed_loss_and_grads,
+    tokenize_record,
+)
 from mlx_sleep.sleep import plan_chunks
 from mlx_sleep.generate import generate, stream_generate
 from tests.numerics import assert_close
@@ -58,13 +66,27 @@ def workdir(tmp_path_factory):
 
 
 def finetune(workdir, kind, out, fine_tune_type="lora", steps=8, sleep=None, **kw):
-    settings = dict(steps=steps, batch_size=4, fine_tune_type=fine_tune_type,
-                    lr=3e-3 if fine_tune_type == "full" else 1e-2, adam_lr=1e-3, warmup=1,
-                    valid_every=0, checkpoint_every=4, log_every=1)
+    settings = dict(
+        steps=steps,
+        batch_size=4,
+        fine_tune_type=fine_tune_type,
+        lr=3e-3 if fine_tune_type == "full" else 1e-2,
+        adam_lr=1e-3,
+        warmup=1,
+        valid_every=0,
+        checkpoint_every=4,
+        log_every=1,
+    )
     settings.update(kw)
-    return Finetune(str(workdir / kind), str(workdir / "train.jsonl"), str(out),
-                    FinetuneConfig(**settings), sleep=sleep, valid=str(workdir / "valid.jsonl"),
-                    progress=False)
+    return Finetune(
+        str(workdir / kind),
+        str(workdir / "train.jsonl"),
+        str(out),
+        FinetuneConfig(**settings),
+        sleep=sleep,
+        valid=str(workdir / "valid.jsonl"),
+        progress=False,
+    )
 
 
 def params(model):
@@ -73,16 +95,20 @@ def params(model):
 
 # -- data -------------------------------------------------------------------------------------
 
+
 def test_malformed_records_are_named_by_line(tmp_path, workdir):
     good = json.dumps({"prompt": "a", "answer": "b"})
-    cases = {"{not json": "is not valid JSON", '["a"]': "is a JSON list",
-             '{"prompt": "a"}': ': "answer" must be a string',
-             '{"question": "a"}': "keys found: question",
-             '{"messages": [{"role": "user", "content": "hi"}]}': "no assistant turn",
-             '{"text": 3}': ': "text" must be a string (got 3)',
-             '{"prompt": "\\ud800", "answer": "b"}': '"prompt" holds a lone surrogate',
-             '[' * 100 + ']' * 100: "nests deeper than 64 levels",
-             json.dumps({"prompt": "x" * 300_000, "answer": "b"}): "more than one"}
+    cases = {
+        "{not json": "is not valid JSON",
+        '["a"]': "is a JSON list",
+        '{"prompt": "a"}': ': "answer" must be a string',
+        '{"question": "a"}': "keys found: question",
+        '{"messages": [{"role": "user", "content": "hi"}]}': "no assistant turn",
+        '{"text": 3}': ': "text" must be a string (got 3)',
+        '{"prompt": "\\ud800", "answer": "b"}': '"prompt" holds a lone surrogate',
+        "[" * 100 + "]" * 100: "nests deeper than 64 levels",
+        json.dumps({"prompt": "x" * 300_000, "answer": "b"}): "more than one",
+    }
     for bad, says in cases.items():
         path = tmp_path / "d.jsonl"
         path.write_text(f"{good}\n\n{bad}\n")
@@ -91,8 +117,18 @@ def test_malformed_records_are_named_by_line(tmp_path, workdir):
     path.write_bytes(f"{good}\n\xff\xfe\n".encode("latin-1"))
     with pytest.raises(DataError, match="d.jsonl line 2 is not UTF-8"):
         read_records(str(path))
-    result = CliRunner().invoke(main, ["finetune", "--model", str(workdir / "jet_nemotron"),
-                                       "--data", str(path), "--out", str(tmp_path / "o")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "finetune",
+            "--model",
+            str(workdir / "jet_nemotron"),
+            "--data",
+            str(path),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
     assert result.exit_code == 1 and "d.jsonl line 2" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "o").exists()
 
@@ -104,11 +140,19 @@ def test_loss_masks_follow_the_record_form(workdir):
         ids, scored = tokenize_record(rec, tok)
         return tok.decode([i for i, s in zip(ids, scored) if s]), tok.decode(ids)
 
-    assert scored_text({"prompt": "Q: 2+2?", "answer": " 4"}) == (" 4<|im_end|>",
-                                                                  "Q: 2+2? 4<|im_end|>")
+    assert scored_text({"prompt": "Q: 2+2?", "answer": " 4"}) == (
+        " 4<|im_end|>",
+        "Q: 2+2? 4<|im_end|>",
+    )
     assert scored_text({"text": "all of it"})[0] == "all of it<|im_end|>"
-    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
-                         {"role": "user", "content": "q"}, {"role": "assistant", "content": "ok"}]}
+    chat = {
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "yo"},
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "ok"},
+        ]
+    }
     scored, whole = scored_text(chat)
     assert scored == "yo<|im_end|>\nok<|im_end|>\n"
     assert whole == tok.apply_chat_template(chat["messages"], tokenize=False)
@@ -124,23 +168,43 @@ def test_out_of_vocabulary_tokens_are_refused(tmp_path, workdir):
 # -- learning, resume, fuse -------------------------------------------------------------------
 
 # Learning rates that lower the loss in 6 steps (Ouro runs its blocks 4 times per pass: lower).
-LR = {("jet_nemotron", "lora"): 1e-2, ("jet_nemotron", "full"): 3e-3,
-      ("qwen3_5", "lora"): 1e-2, ("qwen3_5", "full"): 3e-3,
-      ("ouro_jet", "lora"): 1e-3, ("ouro_jet", "full"): 3e-3}
+LR = {
+    ("jet_nemotron", "lora"): 1e-2,
+    ("jet_nemotron", "full"): 3e-3,
+    ("qwen3_5", "lora"): 1e-2,
+    ("qwen3_5", "full"): 3e-3,
+    ("ouro_jet", "lora"): 1e-3,
+    ("ouro_jet", "full"): 3e-3,
+}
 
 
-@pytest.mark.parametrize("kind,fine_tune_type", [
-    ("jet_nemotron", "lora"), ("jet_nemotron", "full"), ("qwen3_5", "lora"), ("qwen3_5", "full"),
-    ("ouro_jet", "lora"),
-    # Ouro's 20 unrolled blocks make this one ~1 minute here; jet_nemotron-full covers it
-    pytest.param("ouro_jet", "full", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "kind,fine_tune_type",
+    [
+        ("jet_nemotron", "lora"),
+        ("jet_nemotron", "full"),
+        ("qwen3_5", "lora"),
+        ("qwen3_5", "full"),
+        ("ouro_jet", "lora"),
+        # Ouro's 20 unrolled blocks make this one ~1 minute here; jet_nemotron-full covers it
+        pytest.param("ouro_jet", "full", marks=pytest.mark.slow),
+    ],
+)
 def test_finetune_learns_resumes_exactly_and_fuses(tmp_path, workdir, kind, fine_tune_type):
     """N = 2: the validation loss falls; a run stopped after its step-3 checkpoint (at step 4)
     and re-run ends with the same weights bit for bit; the fused directory loads and generates
     what the trained model generates."""
+
     def run_of(out):
-        return finetune(workdir, kind, out, fine_tune_type, steps=6, checkpoint_every=3,
-                        lr=LR[kind, fine_tune_type])
+        return finetune(
+            workdir,
+            kind,
+            out,
+            fine_tune_type,
+            steps=6,
+            checkpoint_every=3,
+            lr=LR[kind, fine_tune_type],
+        )
 
     straight = run_of(tmp_path / "a")
     before = straight.validate()
@@ -167,8 +231,9 @@ def test_finetune_learns_resumes_exactly_and_fuses(tmp_path, workdir, kind, fine
     ids = mx.array([[ord(c) for c in "keep 123 first:"]])
     trained_logits = straight.model(ids)
     prompt = [ord(c) for c in "keep 12"]
-    trained_tokens = list(stream_generate(mlx_sleep.SleepEngine(straight.model, straight.sleep),
-                                          prompt, 6))
+    trained_tokens = list(
+        stream_generate(mlx_sleep.SleepEngine(straight.model, straight.sleep), prompt, 6)
+    )
     generated = mx.array([prompt + trained_tokens])
     trained_engine_logits = mlx_sleep.SleepEngine(straight.model, straight.sleep).feed(generated)
     fused_dir = straight.fuse()
@@ -177,29 +242,48 @@ def test_finetune_learns_resumes_exactly_and_fuses(tmp_path, workdir, kind, fine
     # W + BA merged rounds otherwise than W x + B(A x): 3e-5 of the logits' scale (measured
     # <= 5.3e-6 through N = 2 passes). Logits, not greedy tokens: a near-tie may flip.
     assert_close(model(ids), trained_logits, rtol=3e-5, what="fused logits")
-    assert_close(mlx_sleep.SleepEngine(model).feed(generated), trained_engine_logits,
-                 rtol=3e-5, what="fused engine logits")
+    assert_close(
+        mlx_sleep.SleepEngine(model).feed(generated),
+        trained_engine_logits,
+        rtol=3e-5,
+        what="fused engine logits",
+    )
     assert len(list(stream_generate(mlx_sleep.SleepEngine(model), prompt, 6))) == 6
     assert isinstance(generate(mlx_sleep.SleepEngine(model), tok, prompt, 3), str)
 
 
 @pytest.mark.parametrize("fine_tune_type", ["lora", "dora"])
-def test_adapters_on_a_quantized_model_learn_and_fuse_back_quantized(tmp_path, workdir,
-                                                                      fine_tune_type):
+def test_adapters_on_a_quantized_model_learn_and_fuse_back_quantized(
+    tmp_path, workdir, fine_tune_type
+):
     """`convert -q` then LoRA / DoRA (mlx-lm's quantized adapters): the loss falls, --full is
     refused, and the fused model stays 4-bit and answers as the trained model does, up to the
     re-quantization of the merged weights."""
     import mlx.nn as nn
 
-    make_model_dir(tmp_path / "q", "jet_nemotron", loops=2, window=16, quantize=True,
-                   q_group_size=32)
+    make_model_dir(
+        tmp_path / "q", "jet_nemotron", loops=2, window=16, quantize=True, q_group_size=32
+    )
     qdir = tmp_path / "q"
 
     def run(out, kind=fine_tune_type, **kw):
-        return Finetune(str(qdir), str(workdir / "train.jsonl"), str(out),
-                        FinetuneConfig(steps=6, batch_size=4, fine_tune_type=kind, lr=1e-2,
-                                       warmup=1, valid_every=0, checkpoint_every=6, **kw),
-                        valid=str(workdir / "valid.jsonl"), progress=False)
+        return Finetune(
+            str(qdir),
+            str(workdir / "train.jsonl"),
+            str(out),
+            FinetuneConfig(
+                steps=6,
+                batch_size=4,
+                fine_tune_type=kind,
+                lr=1e-2,
+                warmup=1,
+                valid_every=0,
+                checkpoint_every=6,
+                **kw,
+            ),
+            valid=str(workdir / "valid.jsonl"),
+            progress=False,
+        )
 
     ft = run(tmp_path / "a")
     ids = mx.array([[ord(c) for c in "keep 123 first:"]])
@@ -221,10 +305,16 @@ def test_adapters_on_a_quantized_model_learn_and_fuse_back_quantized(tmp_path, w
 def test_core_override_trains_and_is_kept_by_the_fused_model(tmp_path, workdir):
     """--core START:STOP picks the looped blocks for fine-tuning and the fused model keeps it;
     a range outside the model is one clear error."""
+
     def run(out, core):
-        return Finetune(str(workdir / "jet_nemotron"), str(workdir / "train.jsonl"), str(out),
-                        FinetuneConfig(steps=2, batch_size=4, warmup=1, valid_every=0,
-                                       checkpoint_every=2), core=core, progress=False)
+        return Finetune(
+            str(workdir / "jet_nemotron"),
+            str(workdir / "train.jsonl"),
+            str(out),
+            FinetuneConfig(steps=2, batch_size=4, warmup=1, valid_every=0, checkpoint_every=2),
+            core=core,
+            progress=False,
+        )
 
     ft = run(tmp_path / "a", (1, 2))
     assert ft.model.core == (1, 2) and ft.settings["core"] == [1, 2]
@@ -247,13 +337,34 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, workdir):
     STEPS = 12
 
     def command(out):
-        return [sys.executable, "-m", "mlx_sleep.cli", "finetune", "--model",
-                str(workdir / "jet_nemotron"), "--data", str(workdir / "train.jsonl"),
-                "--out", str(out), "--steps", str(STEPS), "--batch-size", "2", "--lr", "1e-2",
-                "--warmup", "1", "--checkpoint-every", "2", "--valid-every", "0"]
+        return [
+            sys.executable,
+            "-m",
+            "mlx_sleep.cli",
+            "finetune",
+            "--model",
+            str(workdir / "jet_nemotron"),
+            "--data",
+            str(workdir / "train.jsonl"),
+            "--out",
+            str(out),
+            "--steps",
+            str(STEPS),
+            "--batch-size",
+            "2",
+            "--lr",
+            "1e-2",
+            "--warmup",
+            "1",
+            "--checkpoint-every",
+            "2",
+            "--valid-every",
+            "0",
+        ]
 
-    proc = subprocess.Popen(command(tmp_path / "b"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, cwd=ROOT)
+    proc = subprocess.Popen(
+        command(tmp_path / "b"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT
+    )
     state = tmp_path / "b" / "checkpoint" / "state.json"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -264,24 +375,44 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, workdir):
     proc.wait()
     killed_at = json.loads(state.read_text())["step"]
     assert killed_at < STEPS, "the run finished before it could be killed"
-    subprocess.run(command(tmp_path / "b") + ["--fuse"], check=True, capture_output=True,
-                   cwd=ROOT)
+    subprocess.run(command(tmp_path / "b") + ["--fuse"], check=True, capture_output=True, cwd=ROOT)
     assert mlx_sleep.load_model(str(tmp_path / "b" / "fused")).sleep_config.loops == 2
     # the fused model chats: two turns through the real command line, then a resumed session
     home = {**os.environ, "MLX_SLEEP_HOME": str(tmp_path / "home")}
     for turns in ("keep 1\n/sleep\n", "keep 2\n"):
-        r = subprocess.run([sys.executable, "-m", "mlx_sleep.cli", "chat", "--model",
-                            str(tmp_path / "b" / "fused"), "-s", "fused", "-m", "4"],
-                           input=turns, capture_output=True, text=True, cwd=ROOT, env=home)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mlx_sleep.cli",
+                "chat",
+                "--model",
+                str(tmp_path / "b" / "fused"),
+                "-s",
+                "fused",
+                "-m",
+                "4",
+            ],
+            input=turns,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=home,
+        )
         assert r.returncode == 0, r.stderr
     saved = json.loads((tmp_path / "home" / "sessions" / "fused" / "session.json").read_text())
     assert [m["role"] for m in saved["transcript"]["messages"]] == ["user", "assistant"] * 2
     assert saved["engine"]["sleeps"] >= 1
     # The same run never interrupted, in this process, from the settings the command recorded.
     saved = json.load(open(tmp_path / "b" / "config.json"))
-    straight = Finetune(str(workdir / "jet_nemotron"), str(workdir / "train.jsonl"),
-                        str(tmp_path / "a"), FinetuneConfig.from_dict(saved["finetune"]),
-                        sleep=mlx_sleep.SleepConfig.from_dict(saved["sleep"]), progress=False)
+    straight = Finetune(
+        str(workdir / "jet_nemotron"),
+        str(workdir / "train.jsonl"),
+        str(tmp_path / "a"),
+        FinetuneConfig.from_dict(saved["finetune"]),
+        sleep=mlx_sleep.SleepConfig.from_dict(saved["sleep"]),
+        progress=False,
+    )
     straight.run()
     a = dict(tree_flatten(straight.model.trainable_parameters()))
     b = mx.load(str(tmp_path / "b" / "checkpoint" / "adapters.safetensors"))
@@ -292,22 +423,27 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, workdir):
 
 # -- what trains ------------------------------------------------------------------------------
 
+
 def test_train_only_jet_changes_only_the_jet_layers(tmp_path, workdir):
     ft = finetune(workdir, "ouro_jet", tmp_path, "full", steps=2, train_only="jet")
     before = params(ft.model)
     ft.run()
     after = params(ft.model)
     changed = {k for k in before if not np.array_equal(before[k], after[k])}
-    jet_layers = {f"layers.{i}." for i, layer in enumerate(ft.model.layers)
-                  if type(layer).__name__ == "JetLayer"}
+    jet_layers = {
+        f"layers.{i}."
+        for i, layer in enumerate(ft.model.layers)
+        if type(layer).__name__ == "JetLayer"
+    }
     assert changed and all(".mixer." in k and k[:9] in jet_layers for k in changed), changed
     with pytest.raises(ValueError, match="has no such layers"):
         finetune(workdir, "qwen3_5", tmp_path / "x", train_only="jet")
 
 
 def test_hard_warmup_switches_to_sliding(tmp_path, workdir):
-    ft = finetune(workdir, "jet_nemotron", tmp_path, steps=3, hard_warmup=2,
-                  sleep={"eviction": "sliding"})
+    ft = finetune(
+        workdir, "jet_nemotron", tmp_path, steps=3, hard_warmup=2, sleep={"eviction": "sliding"}
+    )
     ft.run()
     logged = [json.loads(l) for l in open(tmp_path / "metrics.jsonl") if '"loss"' in l]
     assert [r["eviction"] for r in logged] == ["hard", "hard", "sliding"]
@@ -335,20 +471,38 @@ print(json.dumps({"estimate": est["peak_bytes"], "seconds": est["seconds_per_ste
 """
 
 
-@pytest.mark.parametrize("kind,fine_tune_type,memory_bounded",
-                         [("jet_nemotron", "lora", True), ("jet_nemotron", "full", True),
-                          ("jet_nemotron", "lora", False)])
-def test_estimate_is_within_30_percent_of_the_measured_peak(tmp_path, workdir, kind,
-                                                            fine_tune_type, memory_bounded):
+@pytest.mark.parametrize(
+    "kind,fine_tune_type,memory_bounded",
+    [
+        ("jet_nemotron", "lora", True),
+        ("jet_nemotron", "full", True),
+        ("jet_nemotron", "lora", False),
+    ],
+)
+def test_estimate_is_within_30_percent_of_the_measured_peak(
+    tmp_path, workdir, kind, fine_tune_type, memory_bounded
+):
     """The memory-bounded path (the default) within 30%. Without it the estimate adds up every
     chunk's activations with their backward temporaries, an upper bound (measured 1.4x over
     here): it must not be under the measured peak, nor more than 1.6x over. Measured in a
     fresh process, so that no other test's arrays move the peak."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-c", ESTIMATE_CHECK,
-                        str(workdir), kind, str(tmp_path / "o"), fine_tune_type,
-                        str(int(memory_bounded))], cwd=root, capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            ESTIMATE_CHECK,
+            str(workdir),
+            kind,
+            str(tmp_path / "o"),
+            fine_tune_type,
+            str(int(memory_bounded)),
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
     est, measured = got["estimate"], got["measured"]
@@ -360,15 +514,28 @@ def test_estimate_is_within_30_percent_of_the_measured_peak(tmp_path, workdir, k
 
 
 def test_estimate_cli_prints_and_writes_nothing(tmp_path, workdir):
-    result = CliRunner().invoke(main, ["finetune", "--model", str(workdir / "jet_nemotron"),
-                                       "--data", str(workdir / "train.jsonl"),
-                                       "--out", str(tmp_path / "o"), "--estimate", "-N", "4"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "finetune",
+            "--model",
+            str(workdir / "jet_nemotron"),
+            "--data",
+            str(workdir / "train.jsonl"),
+            "--out",
+            str(tmp_path / "o"),
+            "--estimate",
+            "-N",
+            "4",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "expected peak memory" in result.output and "N = 4" in result.output
     assert not (tmp_path / "o").exists()
 
 
 # -- several processes ------------------------------------------------------------------------
+
 
 def _free_port():
     with socket.socket() as s:
@@ -384,8 +551,10 @@ def test_rank_slices_sum_to_the_global_batch(tmp_path, workdir):
     inputs, targets, mask = make_batch(ft.train_examples[:4], ft.pad_id)
     plan = plan_chunks(mask, ft.sleep.window)
     ce, n, grads = summed_loss_and_grads(ft.model, inputs, targets, mask, ft.sleep, plan, True)
-    parts = [summed_loss_and_grads(ft.model, inputs[r], targets[r], mask[r], ft.sleep, plan, True)
-             for r in (slice(0, 2), slice(2, 4))]
+    parts = [
+        summed_loss_and_grads(ft.model, inputs[r], targets[r], mask[r], ft.sleep, plan, True)
+        for r in (slice(0, 2), slice(2, 4))
+    ]
     assert_close(sum(p[0].item() for p in parts), ce.item(), rtol=1e-5, what="summed loss")
     assert n.item() == sum(p[1].item() for p in parts) == mask.sum()
     whole, halves = dict(tree_flatten(grads)), [dict(tree_flatten(p[2])) for p in parts]
@@ -403,20 +572,43 @@ def test_two_ring_processes_match_one_process_on_the_global_batch(tmp_path, work
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     from distributed_finetune import FINE_TUNE_TYPES, config, record_gradients
 
-    args = [str(workdir / "jet_nemotron"), str(workdir / "train.jsonl"), str(tmp_path / "run"),
-            str(tmp_path / "weights"), "3", str(workdir / "valid.jsonl")]
-    launch = [sys.executable, "-c", "from mlx._distributed_utils.launch import main; main()",
-              "--backend", "ring", "-n", "2", "-p", str(_free_port()), "--",
-              sys.executable, os.path.join(ROOT, "tests", "distributed_finetune.py"), *args]
+    args = [
+        str(workdir / "jet_nemotron"),
+        str(workdir / "train.jsonl"),
+        str(tmp_path / "run"),
+        str(tmp_path / "weights"),
+        "3",
+        str(workdir / "valid.jsonl"),
+    ]
+    launch = [
+        sys.executable,
+        "-c",
+        "from mlx._distributed_utils.launch import main; main()",
+        "--backend",
+        "ring",
+        "-n",
+        "2",
+        "-p",
+        str(_free_port()),
+        "--",
+        sys.executable,
+        os.path.join(ROOT, "tests", "distributed_finetune.py"),
+        *args,
+    ]
     done = subprocess.run(launch, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     for kind in FINE_TUNE_TYPES:
         rank0 = mx.load(str(tmp_path / "weights" / f"{kind}-rank0.safetensors"))
         rank1 = mx.load(str(tmp_path / "weights" / f"{kind}-rank1.safetensors"))
         assert json.load(open(tmp_path / "run" / kind / "config.json"))["processes"] == 2
-        single = Finetune(str(workdir / "jet_nemotron"), str(workdir / "train.jsonl"),
-                          str(tmp_path / "single" / kind), config(kind, 3),
-                          valid=str(workdir / "valid.jsonl"), progress=False)
+        single = Finetune(
+            str(workdir / "jet_nemotron"),
+            str(workdir / "train.jsonl"),
+            str(tmp_path / "single" / kind),
+            config(kind, 3),
+            valid=str(workdir / "valid.jsonl"),
+            progress=False,
+        )
         initial = params(single.model)
         single_grads = record_gradients(single)
         single.run()
@@ -433,13 +625,18 @@ def test_two_ring_processes_match_one_process_on_the_global_batch(tmp_path, work
         assert grads.keys() == single_grads.keys()
         assert len(grads) == 3 * len(tree_flatten(single.model.trainable_parameters()))
         first = sorted(k for k in single_grads if k.startswith("step0."))
-        assert_close({k: grads[k] for k in first}, {k: single_grads[k] for k in first},
-                     rtol=1e-4, floor=1e-6)  # as test_rank_slices_sum_to_the_global_batch
-        logged = [[json.loads(l) for l in open(tmp_path / run / kind / "metrics.jsonl")]
-                  for run in ("run", "single")]
+        assert_close(
+            {k: grads[k] for k in first}, {k: single_grads[k] for k in first}, rtol=1e-4, floor=1e-6
+        )  # as test_rank_slices_sum_to_the_global_batch
+        logged = [
+            [json.loads(l) for l in open(tmp_path / run / kind / "metrics.jsonl")]
+            for run in ("run", "single")
+        ]
         for name, rtol in (("loss", 1e-5), ("valid_loss", 1e-5), ("grad_norm", 1e-4)):
             ring, alone = ([r[name] for r in log if name in r] for log in logged)
-            assert len(ring) == len(alone) == (3 if name != "valid_loss" else 2), name  # valid: start, end
+            assert len(ring) == len(alone) == (3 if name != "valid_loss" else 2), (
+                name
+            )  # valid: start, end
             assert_close(ring, alone, rtol=rtol, what=name)
         assert max(np.abs(one[k] - initial[k]).max() for k in one) > 1e-4  # it did train
 

@@ -13,29 +13,67 @@ UNUSED = [
     (["eval", "--checkpoint", "run"], ["--out", "o"], "--out"),
     (["eval", "--checkpoint", "run"], ["--adapter", "a"], "--adapter"),
     (["eval", "--checkpoint", "run"], ["--protocol", "official"], "--protocol"),
-    (["eval", "--model", "m", "--task", "gsm-infinite", "--out", "o"], ["--json", "r.json"], "--json"),
-    (["eval", "--model", "m", "--task", "gsm-infinite", "--out", "o"], ["--plot", "p.png"], "--plot"),
-    (["eval", "--model", "m", "--task", "gsm-infinite", "--out", "o"], ["--samples", "3"], "--samples"),
+    (
+        ["eval", "--model", "m", "--task", "gsm-infinite", "--out", "o"],
+        ["--json", "r.json"],
+        "--json",
+    ),
+    (
+        ["eval", "--model", "m", "--task", "gsm-infinite", "--out", "o"],
+        ["--plot", "p.png"],
+        "--plot",
+    ),
+    (
+        ["eval", "--model", "m", "--task", "gsm-infinite", "--out", "o"],
+        ["--samples", "3"],
+        "--samples",
+    ),
     (["eval", "--model", "m", "--task", "gsm-infinite", "--out", "o"], ["--seed", "3"], "--seed"),
-    (["eval", "--model", "m", "--task", "gsm-infinite", "--out", "o"], ["--checkpoint", "r"], "--checkpoint"),
+    (
+        ["eval", "--model", "m", "--task", "gsm-infinite", "--out", "o"],
+        ["--checkpoint", "r"],
+        "--checkpoint",
+    ),
     (["eval", "--score", "p.jsonl"], ["--loops", "2"], "--loops"),
     (["eval", "--score", "p.jsonl"], ["--model", "m"], "--model"),
     (["eval", "--score", "p.jsonl"], ["--ops", "2"], "--ops"),
     (["convert", "--hf-path", "h", "--out", "o"], ["--q-bits", "8"], "--q-bits"),
     (["convert", "--hf-path", "h", "--out", "o"], ["--q-group-size", "32"], "--q-group-size"),
-    (["finetune", "--model", "m", "--data", "d", "--out", "o", "--full"], ["--rank", "4"], "--rank"),
-    (["finetune", "--model", "m", "--data", "d", "--out", "o", "--full"], ["--dropout", "0.1"], "--dropout"),
+    (
+        ["finetune", "--model", "m", "--data", "d", "--out", "o", "--full"],
+        ["--rank", "4"],
+        "--rank",
+    ),
+    (
+        ["finetune", "--model", "m", "--data", "d", "--out", "o", "--full"],
+        ["--dropout", "0.1"],
+        "--dropout",
+    ),
     (["finetune", "--model", "m", "--data", "d", "--out", "o"], ["--adam-lr", "1e-3"], "--adam-lr"),
     (["finetune", "--model", "m", "--data", "d", "--out", "o", "--estimate"], ["--fuse"], "--fuse"),
-    (["train", "--task", "rule110", "--out", "o", "--paper"], ["--hidden-size", "64"], "--hidden-size"),
-    (["train", "--task", "rule110", "--out", "o", "--paper"], ["--batch-size", "8"], "--batch-size"),
-    (["data", "gsm-infinite", "--out", "o.jsonl", "--data", "d.jsonl"], ["--subset", "hard"], "--subset"),
+    (
+        ["train", "--task", "rule110", "--out", "o", "--paper"],
+        ["--hidden-size", "64"],
+        "--hidden-size",
+    ),
+    (
+        ["train", "--task", "rule110", "--out", "o", "--paper"],
+        ["--batch-size", "8"],
+        "--batch-size",
+    ),
+    (
+        ["data", "gsm-infinite", "--out", "o.jsonl", "--data", "d.jsonl"],
+        ["--subset", "hard"],
+        "--subset",
+    ),
     (["consolidate", "--all"], ["--max-wait", "5"], "--max-wait"),
     (["consolidate", "--all"], ["--idle-source", "load"], "--idle-source"),
 ]
 
 
-@pytest.mark.parametrize("base, extra, flag", UNUSED, ids=lambda v: " ".join(v) if isinstance(v, list) else v)
+@pytest.mark.parametrize(
+    "base, extra, flag", UNUSED, ids=lambda v: " ".join(v) if isinstance(v, list) else v
+)
 def test_a_flag_that_does_nothing_is_refused(tmp_path, monkeypatch, base, extra, flag):
     monkeypatch.chdir(tmp_path)  # nothing may be written, and nothing here to read
     r = CliRunner().invoke(main, base + extra)
@@ -47,8 +85,13 @@ def test_a_flag_that_does_nothing_is_refused(tmp_path, monkeypatch, base, extra,
 def test_every_eval_flag_belongs_to_a_path():
     """A flag added to eval must be given to a path (and so refused on the others)."""
     eval_cmd = main.commands["eval"]
-    known = (train_cli.RUN_FLAGS | train_cli.GSM_FLAGS | train_cli.SCORE_FLAGS
-             | train_cli.SLEEP_FLAGS | {"help"})
+    known = (
+        train_cli.RUN_FLAGS
+        | train_cli.GSM_FLAGS
+        | train_cli.SCORE_FLAGS
+        | train_cli.SLEEP_FLAGS
+        | {"help"}
+    )
     names = {p.name for p in eval_cmd.params}
     assert names - known == set(), names - known
     for path in (train_cli.RUN_FLAGS, train_cli.GSM_FLAGS, train_cli.SCORE_FLAGS):
@@ -57,6 +100,7 @@ def test_every_eval_flag_belongs_to_a_path():
 
 def test_every_command_is_walked():
     """Each command with more than one path appears in UNUSED; a new command joins this list."""
+
     def commands(group, prefix=()):
         for name, cmd in group.commands.items():
             if hasattr(cmd, "commands"):
@@ -65,8 +109,18 @@ def test_every_command_is_walked():
                 yield " ".join(prefix + (name,))
 
     with_paths = {"eval", "convert", "finetune", "train", "data gsm-infinite", "consolidate"}
-    one_path = {"demo", "doctor", "generate", "chat", "sessions list", "sessions show",
-                "sessions export", "sessions rm", "schedule install", "schedule remove"}
+    one_path = {
+        "demo",
+        "doctor",
+        "generate",
+        "chat",
+        "sessions list",
+        "sessions show",
+        "sessions export",
+        "sessions rm",
+        "schedule install",
+        "schedule remove",
+    }
     assert set(commands(main)) == with_paths | one_path
     walked = {" ".join(b[:2]) if b[0] == "data" else b[0] for b, _, _ in UNUSED}
     assert walked == with_paths
@@ -109,25 +163,39 @@ BAD_VALUES = [  # the issue's list, then the rest of each kind
     (FT, ["--dropout", "1"], "'--dropout': 1 is not in [0, 0.999]"),
     (FT, ["--lr", "0"], "'--lr': 0 is not > 0"),
     (FT, ["--lora-layers", "0"], "'--lora-layers': 0 is not in the range x>=1"),
-    (["train", "--task", "rule110", "--out", "r"], ["--checkpoint-every", "0"],
-     "'--checkpoint-every': 0 is not in the range x>=1"),
+    (
+        ["train", "--task", "rule110", "--out", "r"],
+        ["--checkpoint-every", "0"],
+        "'--checkpoint-every': 0 is not in the range x>=1",
+    ),
     (["eval", "--checkpoint", "r"], ["--loops", "1,,"], "'1,,' is not a list of loop counts"),
     (["eval", "--checkpoint", "r"], ["--json", ""], "'--json': must be a non-empty path"),
     (["eval", "--checkpoint", "r"], ["--plot", ""], "'--plot': must be a non-empty path"),
-    (["data", "gsm-infinite", "--out", "o.jsonl"], ["--limit", "-1"],
-     "'--limit': -1 is not in the range x>=0"),
-    (["data", "gsm-infinite", "--out", "o.jsonl"], ["--skip", "-1"],
-     "'--skip': -1 is not in the range x>=0"),
+    (
+        ["data", "gsm-infinite", "--out", "o.jsonl"],
+        ["--limit", "-1"],
+        "'--limit': -1 is not in the range x>=0",
+    ),
+    (
+        ["data", "gsm-infinite", "--out", "o.jsonl"],
+        ["--skip", "-1"],
+        "'--skip': -1 is not in the range x>=0",
+    ),
     (GSM, ["--limit", "-1"], "'--limit': -1 is not in the range x>=0"),
     (GSM, ["--max-tokens", "0"], "'--max-tokens': 0 is not in the range x>=1"),
-    (["convert", "--hf-path", "h", "--out", "o", "-q"], ["--q-bits", "7"], "'--q-bits': '7' is not"),
+    (
+        ["convert", "--hf-path", "h", "--out", "o", "-q"],
+        ["--q-bits", "7"],
+        "'--q-bits': '7' is not",
+    ),
     (["consolidate", "--all", "--when-idle"], ["--poll", "0"], "'--poll': 0 is not > 0"),
     (["schedule", "install"], ["--interval", "5"], "'--interval': 5 is not in the range x>=60"),
 ]
 
 
-@pytest.mark.parametrize("base, extra, message", BAD_VALUES,
-                         ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+@pytest.mark.parametrize(
+    "base, extra, message", BAD_VALUES, ids=lambda v: " ".join(v) if isinstance(v, list) else None
+)
 def test_a_bad_value_is_one_line_naming_the_flag(tmp_path, monkeypatch, base, extra, message):
     monkeypatch.chdir(tmp_path)
     r = CliRunner().invoke(main, base + extra)
@@ -146,13 +214,17 @@ def test_values_that_need_the_model_or_stdin(tmp_path, monkeypatch):
     model = make_model_dir(tmp_path / "m")
     (tmp_path / "d.jsonl").write_text('{"prompt": "a b", "answer": " c"}\n' * 4)
     before = sorted(p.name for p in tmp_path.iterdir())
-    for extra, message in ((["--lora-layers", "1000"], "more than this model's 4 decoder layers"),
-                           (["--rank", "1000000000"], "more than this machine's"),
-                           (["--rank", "1000000000", "--estimate"], "more than this machine's")):
-        r = CliRunner().invoke(main, ["finetune", "--model", model, "--data", "d.jsonl",
-                                      "--out", "o", *extra])
+    for extra, message in (
+        (["--lora-layers", "1000"], "more than this model's 4 decoder layers"),
+        (["--rank", "1000000000"], "more than this machine's"),
+        (["--rank", "1000000000", "--estimate"], "more than this machine's"),
+    ):
+        r = CliRunner().invoke(
+            main, ["finetune", "--model", model, "--data", "d.jsonl", "--out", "o", *extra]
+        )
         assert r.exit_code == 1 and r.output.count("\n") == 1 and message in r.output, r.output
-    r = CliRunner().invoke(main, ["generate", "--model", model, "-p", "-"],
-                           input=b"\xa3\xff binary")
+    r = CliRunner().invoke(
+        main, ["generate", "--model", model, "-p", "-"], input=b"\xa3\xff binary"
+    )
     assert r.exit_code == 1 and "standard input is not UTF-8 text" in r.output, r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == before

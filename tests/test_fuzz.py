@@ -21,8 +21,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.reliability import (TINY_TRAIN, assert_one_clear_line, cli, make_hf_checkpoint, snapshot,
-                               train_tiny_run)
+from tests.reliability import (
+    TINY_TRAIN,
+    assert_one_clear_line,
+    cli,
+    make_hf_checkpoint,
+    snapshot,
+    train_tiny_run,
+)
 
 FAST, SLOW = 12, 250  # examples per property: default suite, -m slow
 TIME_LIMIT = 60  # seconds one input may take (tiny models: a hang shows up as this)
@@ -31,9 +37,13 @@ COUNTS = {}  # property -> [generated, refused]
 
 def fuzz_settings(n):
     # FUZZ_RANDOM=1: fresh random inputs each run (the default is a fixed, reproducible sample)
-    return settings(max_examples=n, deadline=None, derandomize="FUZZ_RANDOM" not in os.environ,
-                    database=None,
-                    suppress_health_check=list(HealthCheck))
+    return settings(
+        max_examples=n,
+        deadline=None,
+        derandomize="FUZZ_RANDOM" not in os.environ,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
 
 
 class Hang(BaseException):
@@ -43,8 +53,10 @@ class Hang(BaseException):
 @contextlib.contextmanager
 def time_limit(what):
     """Fail (instead of hanging the suite) when one input runs past TIME_LIMIT."""
+
     def expired(signum, frame):
         raise Hang(f"still running after {TIME_LIMIT} s: {what}")
+
     previous = signal.signal(signal.SIGALRM, expired)
     signal.alarm(TIME_LIMIT)
     try:
@@ -63,13 +75,17 @@ def check(name, root, args, must_fail=False, input=None, may_change=False):
         code, output = cli(*args, input=input)
     counts = COUNTS.setdefault(name, [0, 0])
     counts[0] += 1
-    if (code != 0 or must_fail) and (args[:2] in (["sessions", "list"], ["consolidate", "--all"])
-                                     or args[0] in ("train", "finetune") and code == 1):
+    if (code != 0 or must_fail) and (
+        args[:2] in (["sessions", "list"], ["consolidate", "--all"])
+        or args[0] in ("train", "finetune")
+        and code == 1
+    ):
         # commands over many sessions report each, and a training that fails mid-run (a loss
         # that became nan) reports its steps: then one error line ends the output
         assert code == 1 and "Traceback" not in output, output
-        assert [l for l in output.splitlines() if l.startswith("Error:")] == \
-            [output.strip().splitlines()[-1]], output
+        assert [l for l in output.splitlines() if l.startswith("Error:")] == [
+            output.strip().splitlines()[-1]
+        ], output
         counts[1] += 1
     elif code != 0 or must_fail:
         assert_one_clear_line(code, output)
@@ -98,13 +114,43 @@ def session_home(home):
 
 # -- values a careless or hostile user might write ---------------------------------------------
 
-ODD_NUMBERS = st.sampled_from([0, -1, 1, 2, -(2**31), 2**31, 2**63, 10**20, 1e20, -1e-9, 0.5,
-                               1.5, math.inf, -math.inf, math.nan, 1e308, True, False])
-JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-(2**64), 2**64), ODD_NUMBERS,
-                         st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8))
-JSON_VALUES = st.recursive(JSON_SCALARS, lambda inner: st.one_of(
-    st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=3)),
-    max_leaves=6)
+ODD_NUMBERS = st.sampled_from(
+    [
+        0,
+        -1,
+        1,
+        2,
+        -(2**31),
+        2**31,
+        2**63,
+        10**20,
+        1e20,
+        -1e-9,
+        0.5,
+        1.5,
+        math.inf,
+        -math.inf,
+        math.nan,
+        1e308,
+        True,
+        False,
+    ]
+)
+JSON_SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**64), 2**64),
+    ODD_NUMBERS,
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
+)
+JSON_VALUES = st.recursive(
+    JSON_SCALARS,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
 
 
 def mutate(config: dict, draw) -> dict:
@@ -145,6 +191,7 @@ def write_config(path, config, draw):
 
 # -- fixtures ---------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     return train_tiny_run(tmp_path_factory, "fuzzrun")
@@ -156,14 +203,18 @@ def fresh(tmp_path):
 
 # -- the properties ---------------------------------------------------------------------------
 
+
 def run_config_property(tmp_path, run, data):
     """A run's config.json, mutated, read by `eval`."""
     root = fresh(tmp_path)
     out = shutil.copytree(run, os.path.join(root, "run"))
     config = json.load(open(os.path.join(run, "config.json")))
     write_config(os.path.join(out, "config.json"), mutate(config, data.draw), data.draw)
-    check("run config.json", root, ["eval", "--checkpoint", out, "--samples", "2",
-                                    "--batch-size", "2"])
+    check(
+        "run config.json",
+        root,
+        ["eval", "--checkpoint", out, "--samples", "2", "--batch-size", "2"],
+    )
 
 
 def hf_config_property(tmp_path, data):
@@ -172,8 +223,7 @@ def hf_config_property(tmp_path, data):
     src = make_hf_checkpoint(os.path.join(root, "src"))
     config = json.load(open(os.path.join(src, "config.json")))
     write_config(os.path.join(src, "config.json"), mutate(config, data.draw), data.draw)
-    check("hf config.json", root, ["convert", "--hf-path", src, "--out",
-                                   os.path.join(root, "out")])
+    check("hf config.json", root, ["convert", "--hf-path", src, "--out", os.path.join(root, "out")])
 
 
 def safetensors_property(tmp_path, run, data):
@@ -183,7 +233,7 @@ def safetensors_property(tmp_path, run, data):
     path = os.path.join(out, "checkpoint", "model.safetensors")
     raw = open(path, "rb").read()
     (n,) = struct.unpack("<Q", raw[:8])
-    header, body = json.loads(raw[8:8 + n]), raw[8 + n:]
+    header, body = json.loads(raw[8 : 8 + n]), raw[8 + n :]
     how = data.draw(st.sampled_from(["entry", "entry", "header", "prefix", "body", "bytes"]))
     if how == "entry":
         name = data.draw(st.sampled_from(sorted(k for k in header if k != "__metadata__")))
@@ -191,67 +241,133 @@ def safetensors_property(tmp_path, run, data):
         if field is None:
             header[name] = data.draw(JSON_VALUES)
         else:
-            header[name][field] = data.draw(st.one_of(
-                JSON_VALUES, st.lists(st.integers(-(2**40), 2**40), max_size=4),
-                st.sampled_from(["F32", "F64", "I8", "BOOL", "F8", "f32"])))
+            header[name][field] = data.draw(
+                st.one_of(
+                    JSON_VALUES,
+                    st.lists(st.integers(-(2**40), 2**40), max_size=4),
+                    st.sampled_from(["F32", "F64", "I8", "BOOL", "F8", "f32"]),
+                )
+            )
     elif how == "header":
         header = data.draw(JSON_VALUES)
     blob = json.dumps(header).encode()
     prefix = struct.pack("<Q", len(blob))
     if how == "prefix":
-        prefix = struct.pack("<Q", data.draw(st.sampled_from(
-            [0, 1, len(blob) - 1, len(blob) + 1, 2**63, 2**64 - 1, len(raw)])))
+        prefix = struct.pack(
+            "<Q",
+            data.draw(
+                st.sampled_from([0, 1, len(blob) - 1, len(blob) + 1, 2**63, 2**64 - 1, len(raw)])
+            ),
+        )
     if how == "body":
         body = body[: data.draw(st.integers(0, max(0, len(body) - 1)))]
     content = prefix + blob + body
     if how == "bytes":
         content = data.draw(st.binary(max_size=96))
     open(path, "wb").write(content)
-    check("safetensors header", root, ["eval", "--checkpoint", out, "--samples", "2",
-                                       "--batch-size", "2"])
+    check(
+        "safetensors header",
+        root,
+        ["eval", "--checkpoint", out, "--samples", "2", "--batch-size", "2"],
+    )
 
 
-BAD_SIZES = st.sampled_from(["0", "-1", "-5", "1.5", "1e20", "10000000000", "2147483648",
-                             "abc", "", "nan", " 3", "0x10", "1000000001"])
-ANY_NUMBER = st.one_of(BAD_SIZES, st.sampled_from(["1", "2", "3", "0.01", "1e-3", "inf", "-inf",
-                                                   "1e308", "-0.0", "5e-324"]))
+BAD_SIZES = st.sampled_from(
+    [
+        "0",
+        "-1",
+        "-5",
+        "1.5",
+        "1e20",
+        "10000000000",
+        "2147483648",
+        "abc",
+        "",
+        "nan",
+        " 3",
+        "0x10",
+        "1000000001",
+    ]
+)
+ANY_NUMBER = st.one_of(
+    BAD_SIZES,
+    st.sampled_from(["1", "2", "3", "0.01", "1e-3", "inf", "-inf", "1e308", "-0.0", "5e-324"]),
+)
 TRAIN_FLAGS = {  # flag -> values (sizes that would train for long only from the bad pool)
-    "--steps": BAD_SIZES, "--batch-size": BAD_SIZES, "--eval-samples": BAD_SIZES,
-    "--hidden-size": BAD_SIZES, "--heads": st.one_of(BAD_SIZES, st.sampled_from(["1", "3"])),
+    "--steps": BAD_SIZES,
+    "--batch-size": BAD_SIZES,
+    "--eval-samples": BAD_SIZES,
+    "--hidden-size": BAD_SIZES,
+    "--heads": st.one_of(BAD_SIZES, st.sampled_from(["1", "3"])),
     "--loops": st.one_of(BAD_SIZES, st.sampled_from(["1", "2", "257", "1000000"])),
-    "--window": ANY_NUMBER, "--lr": ANY_NUMBER, "--adam-lr": ANY_NUMBER,
-    "--weight-decay": ANY_NUMBER, "--warmup": ANY_NUMBER, "--grad-clip": ANY_NUMBER,
-    "--seed": ANY_NUMBER, "--eval-every": ANY_NUMBER, "--checkpoint-every": ANY_NUMBER,
-    "--kv-heads": ANY_NUMBER, "--core": st.sampled_from(["0:1", "1:0", "0:9", "a:b", "-1:2", ":",
-                                                         "0:1:2", ""]),
-    "--layers": st.sampled_from(["", ",", "attn", "gdn,swa", "lstm", "attn," * 5000 + "gdn",
-                                 "jet,jet"]),
+    "--window": ANY_NUMBER,
+    "--lr": ANY_NUMBER,
+    "--adam-lr": ANY_NUMBER,
+    "--weight-decay": ANY_NUMBER,
+    "--warmup": ANY_NUMBER,
+    "--grad-clip": ANY_NUMBER,
+    "--seed": ANY_NUMBER,
+    "--eval-every": ANY_NUMBER,
+    "--checkpoint-every": ANY_NUMBER,
+    "--kv-heads": ANY_NUMBER,
+    "--core": st.sampled_from(["0:1", "1:0", "0:9", "a:b", "-1:2", ":", "0:1:2", ""]),
+    "--layers": st.sampled_from(
+        ["", ",", "attn", "gdn,swa", "lstm", "attn," * 5000 + "gdn", "jet,jet"]
+    ),
     "--eviction": st.sampled_from(["hard", "sliding", "soft", ""]),
-    "-o": st.sampled_from(["n_bits=1", "n_bits=100000", "steps=1000000000", "eval_steps=5",
-                           "eval_steps=[]", "eval_steps=[1,-1]", "name=depo", "boundary=x",
-                           "steps_range=[3,1]", "steps_range=7", "x", "=", "n_strings=1.5",
-                           "n_strings=null", 'n_bits="8"', "steps=[1]"]),
+    "-o": st.sampled_from(
+        [
+            "n_bits=1",
+            "n_bits=100000",
+            "steps=1000000000",
+            "eval_steps=5",
+            "eval_steps=[]",
+            "eval_steps=[1,-1]",
+            "name=depo",
+            "boundary=x",
+            "steps_range=[3,1]",
+            "steps_range=7",
+            "x",
+            "=",
+            "n_strings=1.5",
+            "n_strings=null",
+            'n_bits="8"',
+            "steps=[1]",
+        ]
+    ),
 }
 
 
 def train_flags_property(tmp_path, data):
     root = fresh(tmp_path)
     open(os.path.join(root, "notes.txt"), "w").write("the user's")
-    flags = data.draw(st.lists(st.sampled_from(sorted(TRAIN_FLAGS)), min_size=1, max_size=3,
-                               unique=True))
+    flags = data.draw(
+        st.lists(st.sampled_from(sorted(TRAIN_FLAGS)), min_size=1, max_size=3, unique=True)
+    )
     args = [a for f in flags for a in (f, data.draw(TRAIN_FLAGS[f]))]
     check("train flags", root, ["train", *TINY_TRAIN, "--out", os.path.join(root, "run"), *args])
 
 
-CONVERT_FLAGS = {"--q-bits": ANY_NUMBER, "--q-group-size": ANY_NUMBER, "--loops": ANY_NUMBER,
-                 "--window": ANY_NUMBER, "--core": TRAIN_FLAGS["--core"],
-                 "--insert-jet-layers": ANY_NUMBER, "--dtype": st.sampled_from(["float8", ""]),
-                 "--eviction": TRAIN_FLAGS["--eviction"]}
-EVAL_FLAGS = {"--loops": st.one_of(BAD_SIZES, st.sampled_from(["2"])), "--window": ANY_NUMBER,
-              "--samples": BAD_SIZES, "--batch-size": BAD_SIZES, "--seed": ANY_NUMBER,
-              "--eviction": TRAIN_FLAGS["--eviction"],
-              "--json": st.sampled_from(["/dev/null", "{root}", "{root}/notes.txt/x", "{root}/link"]),
-              "--plot": st.sampled_from(["/dev/zero", "{root}", "{root}/link"])}
+CONVERT_FLAGS = {
+    "--q-bits": ANY_NUMBER,
+    "--q-group-size": ANY_NUMBER,
+    "--loops": ANY_NUMBER,
+    "--window": ANY_NUMBER,
+    "--core": TRAIN_FLAGS["--core"],
+    "--insert-jet-layers": ANY_NUMBER,
+    "--dtype": st.sampled_from(["float8", ""]),
+    "--eviction": TRAIN_FLAGS["--eviction"],
+}
+EVAL_FLAGS = {
+    "--loops": st.one_of(BAD_SIZES, st.sampled_from(["2"])),
+    "--window": ANY_NUMBER,
+    "--samples": BAD_SIZES,
+    "--batch-size": BAD_SIZES,
+    "--seed": ANY_NUMBER,
+    "--eviction": TRAIN_FLAGS["--eviction"],
+    "--json": st.sampled_from(["/dev/null", "{root}", "{root}/notes.txt/x", "{root}/link"]),
+    "--plot": st.sampled_from(["/dev/zero", "{root}", "{root}/link"]),
+}
 
 
 def convert_and_eval_flags_property(tmp_path, run, data):
@@ -260,9 +376,16 @@ def convert_and_eval_flags_property(tmp_path, run, data):
     os.symlink(os.path.join(root, "notes.txt"), os.path.join(root, "link"))
     if data.draw(st.booleans()):
         src = make_hf_checkpoint(os.path.join(root, "src"))
-        table, base = CONVERT_FLAGS, ["convert", "--hf-path", src, "--out",
-                                      data.draw(st.sampled_from([os.path.join(root, "out"), root,
-                                                                 src, "."]))]
+        table, base = (
+            CONVERT_FLAGS,
+            [
+                "convert",
+                "--hf-path",
+                src,
+                "--out",
+                data.draw(st.sampled_from([os.path.join(root, "out"), root, src, "."])),
+            ],
+        )
         if data.draw(st.booleans()):
             base.append("--force")
     else:
@@ -311,17 +434,24 @@ GEN_FLAGS = {  # the sampling flags generate and chat share, and chat's own
     # (a valid huge -m is a long reply by request, not a hang: only invalid or small ones)
     "-m": st.sampled_from(["0", "-1", "1.5", "1e20", "abc", "", "nan", "0x10", "1", "3"]),
     "--temp": ANY_FLOAT,
-    "--top-p": ANY_FLOAT, "--top-k": ANY_NUMBER, "--min-p": ANY_FLOAT,
-    "--repetition-penalty": ANY_FLOAT, "--seed": ANY_NUMBER,
+    "--top-p": ANY_FLOAT,
+    "--top-k": ANY_NUMBER,
+    "--min-p": ANY_FLOAT,
+    "--repetition-penalty": ANY_FLOAT,
+    "--seed": ANY_NUMBER,
     "--window": st.one_of(BAD_SIZES, st.sampled_from(["4", "16"])),
     "--loops": st.one_of(BAD_SIZES, st.sampled_from(["1", "2", "2000"])),
     "--eviction": TRAIN_FLAGS["--eviction"],
     "--stop": st.sampled_from(["", "\\n", "\\", "x" * 1000, "\x00"]),
     "--system-prompt": st.sampled_from(["", "x" * 5000, "\udcff"]),
 }
-CHAT_FLAGS = {**GEN_FLAGS, "--history": ANY_NUMBER, "--idle-delay": ANY_FLOAT,
-              "--idle-fill": ANY_FLOAT,
-              "-s": st.sampled_from(["../x", "a/b", ".hidden", "", "x" * 300, "ok", "-", "s p"])}
+CHAT_FLAGS = {
+    **GEN_FLAGS,
+    "--history": ANY_NUMBER,
+    "--idle-delay": ANY_FLOAT,
+    "--idle-fill": ANY_FLOAT,
+    "-s": st.sampled_from(["../x", "a/b", ".hidden", "", "x" * 300, "ok", "-", "s p"]),
+}
 
 
 def generate_chat_flags_property(tmp_path, model_dir, data):
@@ -329,29 +459,47 @@ def generate_chat_flags_property(tmp_path, model_dir, data):
     open(os.path.join(root, "notes.txt"), "w").write("the user's")
     chat = data.draw(st.booleans())
     table = CHAT_FLAGS if chat else GEN_FLAGS
-    flags = data.draw(st.lists(st.sampled_from(sorted(table)), min_size=1, max_size=3,
-                               unique=True))
+    flags = data.draw(st.lists(st.sampled_from(sorted(table)), min_size=1, max_size=3, unique=True))
     args = [a for f in flags for a in (f, data.draw(table[f]))]
     with session_home(os.path.join(root, "home")):
         if chat:
-            check("generate/chat flags", root, ["chat", "--model", model_dir, "-m", "2", *args],
-                  input="hello\n/status\n", may_change=True)
+            check(
+                "generate/chat flags",
+                root,
+                ["chat", "--model", model_dir, "-m", "2", *args],
+                input="hello\n/status\n",
+                may_change=True,
+            )
         else:
-            check("generate/chat flags", root, ["generate", "--model", model_dir, "-p", "hi",
-                                                "-m", "2", *args])
+            check(
+                "generate/chat flags",
+                root,
+                ["generate", "--model", model_dir, "-p", "hi", "-m", "2", *args],
+            )
 
 
 FINETUNE_FLAGS = {
-    "--steps": BAD_SIZES, "--batch-size": BAD_SIZES, "--grad-accum": BAD_SIZES,
-    "--lr": ANY_NUMBER, "--weight-decay": ANY_NUMBER, "--warmup": ANY_NUMBER,
-    "--grad-clip": ANY_NUMBER, "--seed": ANY_NUMBER, "--rank": st.one_of(
-        BAD_SIZES, st.sampled_from(["1000000000", "4"])), "--scale": ANY_FLOAT,
-    "--dropout": ANY_FLOAT, "--lora-layers": st.one_of(BAD_SIZES, st.sampled_from(["1000"])),
+    "--steps": BAD_SIZES,
+    "--batch-size": BAD_SIZES,
+    "--grad-accum": BAD_SIZES,
+    "--lr": ANY_NUMBER,
+    "--weight-decay": ANY_NUMBER,
+    "--warmup": ANY_NUMBER,
+    "--grad-clip": ANY_NUMBER,
+    "--seed": ANY_NUMBER,
+    "--rank": st.one_of(BAD_SIZES, st.sampled_from(["1000000000", "4"])),
+    "--scale": ANY_FLOAT,
+    "--dropout": ANY_FLOAT,
+    "--lora-layers": st.one_of(BAD_SIZES, st.sampled_from(["1000"])),
     "--train-only": st.sampled_from(["", ",", "gdn", "lstm", "jet,attn"]),
-    "--valid-batches": ANY_NUMBER, "--valid-every": ANY_NUMBER,
-    "--checkpoint-every": ANY_NUMBER, "--log-every": ANY_NUMBER,
-    "--loops": st.one_of(BAD_SIZES, st.sampled_from(["2"])), "--window": ANY_NUMBER,
-    "--core": TRAIN_FLAGS["--core"], "--hard-warmup": ANY_NUMBER,
+    "--valid-batches": ANY_NUMBER,
+    "--valid-every": ANY_NUMBER,
+    "--checkpoint-every": ANY_NUMBER,
+    "--log-every": ANY_NUMBER,
+    "--loops": st.one_of(BAD_SIZES, st.sampled_from(["2"])),
+    "--window": ANY_NUMBER,
+    "--core": TRAIN_FLAGS["--core"],
+    "--hard-warmup": ANY_NUMBER,
     "--out": st.sampled_from(["{root}", "{model}", "{root}/notes.txt", ".", "{run}"]),
     "--data": st.sampled_from(["{root}/notes.txt", "{root}", "/dev/zero", "{root}/nope"]),
 }
@@ -365,21 +513,50 @@ def finetune_flags_property(tmp_path, run, model_dir, data):
     model = shutil.copytree(model_dir, os.path.join(root, "m"))
     with open(os.path.join(root, "ft.jsonl"), "w") as f:
         f.write('{"prompt": "a b", "answer": " c"}\n' * 4)
-    flags = data.draw(st.lists(st.sampled_from(sorted(FINETUNE_FLAGS)), min_size=1, max_size=3,
-                               unique=True))
-    args = [a for f in flags for a in (f, data.draw(FINETUNE_FLAGS[f]).format(
-        root=root, model=model, run=run))]
-    check("finetune flags", root, ["finetune", "--model", model, "--data",
-                                   os.path.join(root, "ft.jsonl"), "--out",
-                                   os.path.join(root, "ft"), "--steps", "1", "--batch-size", "2",
-                                   *args])
+    flags = data.draw(
+        st.lists(st.sampled_from(sorted(FINETUNE_FLAGS)), min_size=1, max_size=3, unique=True)
+    )
+    args = [
+        a
+        for f in flags
+        for a in (f, data.draw(FINETUNE_FLAGS[f]).format(root=root, model=model, run=run))
+    ]
+    check(
+        "finetune flags",
+        root,
+        [
+            "finetune",
+            "--model",
+            model,
+            "--data",
+            os.path.join(root, "ft.jsonl"),
+            "--out",
+            os.path.join(root, "ft"),
+            "--steps",
+            "1",
+            "--batch-size",
+            "2",
+            *args,
+        ],
+    )
 
 
 DATA_FLAGS = {
     "--ops": st.sampled_from(["", "2", "2-8", "8-2", "2,,4", "a", "0", "-2", "2-8:0", "1" * 400]),
-    "--limit": ANY_NUMBER, "--skip": ANY_NUMBER, "--subset": st.sampled_from(["hard", "x"]),
-    "--out": st.sampled_from(["{data}", "{root}/notes.txt", "{model}/config.json", "{root}",
-                              "{root}/link", "{root}/new.jsonl", "/dev/null"]),
+    "--limit": ANY_NUMBER,
+    "--skip": ANY_NUMBER,
+    "--subset": st.sampled_from(["hard", "x"]),
+    "--out": st.sampled_from(
+        [
+            "{data}",
+            "{root}/notes.txt",
+            "{model}/config.json",
+            "{root}",
+            "{root}/link",
+            "{root}/new.jsonl",
+            "/dev/null",
+        ]
+    ),
     "--force": None,
 }
 
@@ -390,10 +567,13 @@ def data_flags_property(tmp_path, model_dir, data):
     open(os.path.join(root, "notes.txt"), "w").write("the user's")
     os.symlink(os.path.join(root, "notes.txt"), os.path.join(root, "link"))
     model = shutil.copytree(model_dir, os.path.join(root, "m"))
-    source = shutil.copy(os.path.join(os.path.dirname(__file__), "fixtures", "gsm-infinite",
-                                      "medium_0.jsonl"), os.path.join(root, "g.jsonl"))
-    flags = data.draw(st.lists(st.sampled_from(sorted(DATA_FLAGS)), min_size=1, max_size=3,
-                               unique=True))
+    source = shutil.copy(
+        os.path.join(os.path.dirname(__file__), "fixtures", "gsm-infinite", "medium_0.jsonl"),
+        os.path.join(root, "g.jsonl"),
+    )
+    flags = data.draw(
+        st.lists(st.sampled_from(sorted(DATA_FLAGS)), min_size=1, max_size=3, unique=True)
+    )
     args = []
     for f in flags:
         args.append(f)
@@ -404,10 +584,15 @@ def data_flags_property(tmp_path, model_dir, data):
     check("data flags", root, ["data", "gsm-infinite", "--data", source, *args])
 
 
-SESSION_COMMANDS = [["sessions", "show", "x"], ["sessions", "list"],
-                    ["sessions", "export", "x", "-o", "{root}/export.json"], ["sessions", "rm", "x"],
-                    ["consolidate", "-s", "x", "--min-fill", "0"], ["consolidate", "--all"],
-                    ["chat", "-s", "x", "-m", "2"]]
+SESSION_COMMANDS = [
+    ["sessions", "show", "x"],
+    ["sessions", "list"],
+    ["sessions", "export", "x", "-o", "{root}/export.json"],
+    ["sessions", "rm", "x"],
+    ["consolidate", "-s", "x", "--min-fill", "0"],
+    ["consolidate", "--all"],
+    ["chat", "-s", "x", "-m", "2"],
+]
 
 
 def session_store_property(tmp_path, session, data):
@@ -427,8 +612,13 @@ def session_store_property(tmp_path, session, data):
     elif how == "state":
         state = os.path.join(path, meta["state_file"])
         raw = open(state, "rb").read()
-        open(state, "wb").write(data.draw(st.one_of(
-            st.binary(max_size=64), st.just(raw[: data.draw(st.integers(0, len(raw) - 1))]))))
+        open(state, "wb").write(
+            data.draw(
+                st.one_of(
+                    st.binary(max_size=64), st.just(raw[: data.draw(st.integers(0, len(raw) - 1))])
+                )
+            )
+        )
     elif how == "link":  # the session directory is a symlink to one outside the store
         outside = shutil.move(path, os.path.join(root, "outside"))
         os.symlink(outside, path)
@@ -437,8 +627,9 @@ def session_store_property(tmp_path, session, data):
         shutil.move(store, os.path.join(root, "store"))
         os.symlink(os.path.join(root, "store"), store)
     else:
-        open(os.path.join(path, data.draw(st.sampled_from(["notes.txt", "lock.bak"]))),
-             "w").write("the user's")
+        open(os.path.join(path, data.draw(st.sampled_from(["notes.txt", "lock.bak"]))), "w").write(
+            "the user's"
+        )
     args = [a.format(root=root) for a in data.draw(st.sampled_from(SESSION_COMMANDS))]
     with session_home(home):
         check("session store", root, args, input="hello\n", may_change=True)
@@ -462,6 +653,7 @@ PROPERTIES = {
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     from tests.tiny_models import make_model_dir
+
     return make_model_dir(tmp_path_factory.mktemp("fuzzmodel") / "m", "hybrid")
 
 
@@ -490,9 +682,15 @@ def _test(name, n):
     @fuzz_settings(n)
     @given(data=st.data())
     def inner(tmp_path, run, model_dir, session, data):
-        extra = {True: (run,), False: (), "model": (model_dir,), "run+model": (run, model_dir),
-                 "session": (session,)}[needs]
+        extra = {
+            True: (run,),
+            False: (),
+            "model": (model_dir,),
+            "run+model": (run, model_dir),
+            "session": (session,),
+        }[needs]
         prop(tmp_path, *extra, data)
+
     return inner
 
 

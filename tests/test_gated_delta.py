@@ -31,7 +31,7 @@ def rand(shape, seed, lo=None, hi=None):
 
 def recurrence_inputs(B, T, Hk, Hv, Dk, Dv, gates="mixed", seed=0):
     """float32 (q, k, v, decay, beta, state), q and k normalised as the layers do."""
-    q = l2_normalize(rand((B, T, Hk, Dk), seed)) * Dk ** -0.5
+    q = l2_normalize(rand((B, T, Hk, Dk), seed)) * Dk**-0.5
     k = l2_normalize(rand((B, T, Hk, Dk), seed + 1))
     v = rand((B, T, Hv, Dv), seed + 2)
     decay = rand((B, T, Hv), seed + 3, 0.3, 1.0)
@@ -49,9 +49,9 @@ def recurrence_inputs(B, T, Hk, Hv, Dk, Dv, gates="mixed", seed=0):
 
 
 CASES = [  # B, T, Hk, Hv, Dk, Dv, gates
-    (1, 5, 2, 2, 8, 8, "mixed"),                       # T < chunk: one partial chunk
-    (2, GDN_CHUNK + 7, 1, 3, 12, 16, "mixed"),         # GVA 3:1, a full and a partial chunk
-    (1, 2 * GDN_CHUNK, 2, 4, 8, 6, "mixed"),           # GVA 2:1, chunks exactly full
+    (1, 5, 2, 2, 8, 8, "mixed"),  # T < chunk: one partial chunk
+    (2, GDN_CHUNK + 7, 1, 3, 12, 16, "mixed"),  # GVA 3:1, a full and a partial chunk
+    (1, 2 * GDN_CHUNK, 2, 4, 8, 6, "mixed"),  # GVA 2:1, chunks exactly full
     (1, 11, 1, 2, 8, 8, "decay near 0"),
     (1, GDN_CHUNK + 3, 1, 2, 8, 8, "decay near 1"),
     (2, 9, 1, 2, 8, 4, "beta near 1, repeated keys"),
@@ -137,6 +137,7 @@ def test_bad_shapes_are_one_clear_error():
 
 # ------------------------------------------------------------------ the dtype rule in bf16
 
+
 def test_bf16_decay_near_one_is_not_lost():
     """All inputs (raw gate inputs included) and the state in bf16, decay 0.999: cast to bf16,
     as MLX core casts the gates to q's dtype, it rounds to 1.0 and the state never decays. With
@@ -150,7 +151,7 @@ def test_bf16_decay_near_one_is_not_lost():
     assert 0.998 < decay < 0.9995 and mx.array(decay).astype(bf).item() == 1.0
     _, S = kernels.gated_delta_update(q, k, v, a, b, A_log, dt_bias, state)
     ratio = (S / state.astype(mx.float32)).mean().item()
-    assert_close(ratio, decay ** T, rtol=1e-3, what="decay of S")
+    assert_close(ratio, decay**T, rtol=1e-3, what="decay of S")
 
 
 def bf16_layer_inputs(B, T, Hk, Hv, Dk, Dv, seed=0):
@@ -186,6 +187,7 @@ def test_bf16_pass_decode_and_float32_reference_agree(emulate, monkeypatch):
     reference."""
     if emulate:
         from tests.metal_emulator import metal_kernel
+
         monkeypatch.delenv(kernels.ENV, raising=False)
         kernels.configure(factory=metal_kernel, metal_available=True)
     try:
@@ -194,30 +196,41 @@ def test_bf16_pass_decode_and_float32_reference_agree(emulate, monkeypatch):
         S_ref = float32_reference_state(q, k, v, a, b, A_log, dt_bias, state)
         scale = mx.abs(S_ref).max().item()
 
-        qn, kn = l2_normalize(q) * 16 ** -0.5, l2_normalize(k)
+        qn, kn = l2_normalize(q) * 16**-0.5, l2_normalize(k)
         _, S_pass = kernels.gated_delta_update(qn, kn, v, a, b, A_log, dt_bias, state)
         assert S_pass.dtype == mx.float32
 
         S_dec = state
         gate = mx.ones((1, 1, 2, 8), dtype=mx.bfloat16)
         for t in range(T):
-            _, S_dec = kernels.gdn_step(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1],
-                                        a[:, t:t + 1], b[:, t:t + 1], A_log, dt_bias, S_dec,
-                                        gate, mx.ones((8,)), 1e-6)
+            _, S_dec = kernels.gdn_step(
+                q[:, t : t + 1],
+                k[:, t : t + 1],
+                v[:, t : t + 1],
+                a[:, t : t + 1],
+                b[:, t : t + 1],
+                A_log,
+                dt_bias,
+                S_dec,
+                gate,
+                mx.ones((8,)),
+                1e-6,
+            )
             assert S_dec.dtype == mx.float32
         if emulate:
             assert kernels.KERNELS["gdn_step"].status.startswith("ok")
         # bf16 has 8 bits of mantissa: inputs rounded once, accumulation in float32, some
         # intermediates rounded to bf16: 2^-5 (4 ulps) of S's scale; measured 1 ulp (4.3e-3).
         # Decays rounded to 1.0 (mean 0.9975 here, T = 69) would keep ~16% more of the start S.
-        assert_close(S_pass, S_ref, rtol=2 ** -5, what="pass vs reference")
-        assert_close(S_dec, S_ref, rtol=2 ** -5, what="decode vs reference")
-        assert_close(S_pass, S_dec, rtol=2 ** -5, scale=scale, what="pass vs decode")
+        assert_close(S_pass, S_ref, rtol=2**-5, what="pass vs reference")
+        assert_close(S_dec, S_ref, rtol=2**-5, what="decode vs reference")
+        assert_close(S_pass, S_dec, rtol=2**-5, scale=scale, what="pass vs decode")
     finally:
         kernels.configure()
 
 
 # ------------------------------------------------------------------ the layers use it
+
 
 @pytest.mark.parametrize("kind", ["gdn", "jet"])
 def test_layers_run_their_recurrence_through_the_op(kind, monkeypatch):
@@ -227,8 +240,11 @@ def test_layers_run_their_recurrence_through_the_op(kind, monkeypatch):
     op = kernels.gated_delta
     monkeypatch.setattr(kernels, "gated_delta", lambda *a: calls.append(a[0].shape) or op(*a))
     mx.random.seed(0)
-    layer = (JetBlock(16, 1, 2, 8, 6, 4, generator_reduction=4) if kind == "jet"
-             else GatedDeltaNet(16, 1, 2, 8, 6, 4))
+    layer = (
+        JetBlock(16, 1, 2, 8, 6, 4, generator_reduction=4)
+        if kind == "jet"
+        else GatedDeltaNet(16, 1, 2, 8, 6, 4)
+    )
     x = rand((1, 7, 16), 1)
     state = layer.initial_state(1)
     grads = mx.grad(lambda x: (layer(x, state)[0] ** 2).sum())(x)  # training
@@ -252,10 +268,12 @@ def test_gated_delta_update_matches_mlx_lm():
     # padding at the end of the second sequence: the state stops there
     mask = mx.array([[True] * T, [True] * 3 + [False] * (T - 3)])
     _, S = kernels.gated_delta_update(q, k, v, a, b, A_log, dt_bias, state, mask=mask)
-    _, S_lm = gd.gated_delta_update(q, k, v, a, b, A_log, dt_bias, state, mask=mask,
-                                    use_kernel=False)
-    _, S3 = kernels.gated_delta_update(q[1:, :3], k[1:, :3], v[1:, :3], a[1:, :3], b[1:, :3],
-                                       A_log, dt_bias, state[1:])
+    _, S_lm = gd.gated_delta_update(
+        q, k, v, a, b, A_log, dt_bias, state, mask=mask, use_kernel=False
+    )
+    _, S3 = kernels.gated_delta_update(
+        q[1:, :3], k[1:, :3], v[1:, :3], a[1:, :3], b[1:, :3], A_log, dt_bias, state[1:]
+    )
     assert_close(S, S_lm, rtol=1e-5, what="masked S")
     assert_close(S[1:], S3, rtol=1e-5, what="masked S vs cut")
     # no state given: zeros, as mlx-lm

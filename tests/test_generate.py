@@ -40,8 +40,13 @@ def assert_greedy(got, prompt, next_logits):
     the other way."""
     for i, token in enumerate(got):
         logits = next_logits(list(prompt) + list(got[:i]))
-        assert_close(logits[token], logits.max(), rtol=1e-5, scale=float(mx.abs(logits).max()),
-                     what=f"logit of generated token {i} vs the largest")
+        assert_close(
+            logits[token],
+            logits.max(),
+            rtol=1e-5,
+            scale=float(mx.abs(logits).max()),
+            what=f"logit of generated token {i} vs the largest",
+        )
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -71,22 +76,33 @@ def test_stop_ids_sampler_and_logits_processors(tiny):
     sleep = SleepConfig(loops=2, window=6)
     greedy = list(stream_generate(SleepEngine(model, sleep), PROMPT, 6))
     stopped = list(stream_generate(SleepEngine(model, sleep), PROMPT, 6, stop_ids=[greedy[3]]))
-    assert stopped == greedy[:greedy.index(greedy[3])]
+    assert stopped == greedy[: greedy.index(greedy[3])]
     # mlx-lm's samplers and processors plug in: a temperature-0 sampler is greedy, a large
     # logit bias forces its token every time
-    assert list(stream_generate(SleepEngine(model, sleep), PROMPT, 6,
-                                sampler=make_sampler(temp=0.0))) == greedy
+    assert (
+        list(stream_generate(SleepEngine(model, sleep), PROMPT, 6, sampler=make_sampler(temp=0.0)))
+        == greedy
+    )
     forced = next(t for t in range(65, 91) if t not in greedy)
-    biased = stream_generate(SleepEngine(model, sleep), PROMPT, 4,
-                             logits_processors=make_logits_processors(logit_bias={forced: 1e4}))
+    biased = stream_generate(
+        SleepEngine(model, sleep),
+        PROMPT,
+        4,
+        logits_processors=make_logits_processors(logit_bias={forced: 1e4}),
+    )
     assert list(biased) == [forced] * 4
     # a sampler sees log-probabilities: sampling at temperature 1 from a fixed seed is
     # reproducible, and differs from greedy on a random model over 20 tokens
     runs = []
     for _ in range(2):
         mx.random.seed(5)
-        runs.append(list(stream_generate(SleepEngine(model, sleep), PROMPT, 20,
-                                         sampler=make_sampler(temp=1.0))))
+        runs.append(
+            list(
+                stream_generate(
+                    SleepEngine(model, sleep), PROMPT, 20, sampler=make_sampler(temp=1.0)
+                )
+            )
+        )
     assert runs[0] == runs[1]
     assert runs[0] != list(stream_generate(SleepEngine(model, sleep), PROMPT, 20))
 
@@ -116,10 +132,14 @@ def step_by_step(model, sleep, n, stop=()):
 
 
 def assert_same_engine(got, want):
-    assert (got.offset, got.sleeps, got.window_start) == (want.offset, want.sleeps,
-                                                           want.window_start)
-    assert mx.array_equal(mx.concatenate(got.window_ids, axis=1),
-                          mx.concatenate(want.window_ids, axis=1))
+    assert (got.offset, got.sleeps, got.window_start) == (
+        want.offset,
+        want.sleeps,
+        want.window_start,
+    )
+    assert mx.array_equal(
+        mx.concatenate(got.window_ids, axis=1), mx.concatenate(want.window_ids, axis=1)
+    )
     for (name, a), (_, b) in zip(tree_flatten(got.state), tree_flatten(want.state)):
         assert_close(a, b, rtol=1e-5, what=name)
 
@@ -157,12 +177,16 @@ def test_undo_takes_back_feeds_within_a_window_and_refuses_across_a_sleep(tiny):
 
 def test_text_is_the_detokenized_tokens(tiny):
     model, tokenizer = tiny["ouro_jet"]
-    prompt = tokenizer.encode(tokenizer.apply_chat_template(
-        [{"role": "user", "content": "2 + 2 = ?"}], add_generation_prompt=True, tokenize=False),
-        add_special_tokens=False)
+    prompt = tokenizer.encode(
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": "2 + 2 = ?"}], add_generation_prompt=True, tokenize=False
+        ),
+        add_special_tokens=False,
+    )
     sleep = SleepConfig(loops=2, window=16)
-    tokens = list(stream_generate(SleepEngine(model, sleep), prompt, 12,
-                                  stop_ids=tokenizer.eos_token_ids))
+    tokens = list(
+        stream_generate(SleepEngine(model, sleep), prompt, 12, stop_ids=tokenizer.eos_token_ids)
+    )
     pieces = list(stream_text(SleepEngine(model, sleep), tokenizer, prompt, 12))
     assert "".join(pieces) == tokenizer.decode(tokens)
     assert generate(SleepEngine(model, sleep), tokenizer, prompt, 12) == "".join(pieces)

@@ -33,6 +33,7 @@ def fixture(name):
 
 # -- scoring ----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("case", fixture("scoring_cases.jsonl"), ids=lambda c: str(c["case_id"]))
 def test_keyword_rule_reproduces_every_official_verdict(case):
     assert gi.realistic_correct(case["solution"], case["model_reply"]) == case["expected_correct"]
@@ -49,8 +50,9 @@ def test_keyword_rule_details():
     assert gi.gold_answer({"solution": "Define x; so x = 3. Answer: 3."}) == 3
 
 
-@pytest.mark.parametrize("case", fixture("symbolic_judge_cases.jsonl"),
-                         ids=lambda c: str(c["case_id"]))
+@pytest.mark.parametrize(
+    "case", fixture("symbolic_judge_cases.jsonl"), ids=lambda c: str(c["case_id"])
+)
 def test_symbolic_judge_step_reproduces_every_official_verdict(case):
     """The judge prompt is upstream's get_prompt byte for byte; a judge answering with the
     recorded judge output gives upstream's extracted variables and verdict."""
@@ -91,6 +93,7 @@ def test_paper_answers_are_exact():
 
 # -- results ----------------------------------------------------------------------------------
 
+
 def test_auc_is_the_leaderboards_formula():
     acc = {8: 0.25, 2: 0.9, 4: 0.5, 6: 0.5}  # unsorted on purpose
     by_hand = 100 * sum((b - a) * (acc[a] + acc[b]) / 2 for a, b in [(2, 4), (4, 6), (6, 8)])
@@ -99,14 +102,18 @@ def test_auc_is_the_leaderboards_formula():
 
 
 def test_summary_counts_and_wilson_interval():
-    preds = ([{"loops": 2, "op": 4, "correct": i < 8} for i in range(10)]
-             + [{"loops": 2, "op": 2, "correct": True}] * 5
-             + [{"loops": 1, "op": 2, "correct": False}])
+    preds = (
+        [{"loops": 2, "op": 4, "correct": i < 8} for i in range(10)]
+        + [{"loops": 2, "op": 2, "correct": True}] * 5
+        + [{"loops": 1, "op": 2, "correct": False}]
+    )
     s = gi.summarize(preds)
     assert list(s) == ["N = 1", "N = 2"]
     op4 = s["N = 2"]["ops"][4]
     assert (op4["n"], op4["correct"], op4["accuracy"]) == (10, 8, 0.8)
-    assert_close(op4["ci95"], [0.4902, 0.9433], rtol=0, atol=1e-4, what="Wilson, z = 1.96")  # 4 digits
+    assert_close(
+        op4["ci95"], [0.4902, 0.9433], rtol=0, atol=1e-4, what="Wilson, z = 1.96"
+    )  # 4 digits
     assert_close(s["N = 2"]["auc"], 100 * 2 * (1.0 + 0.8) / 2, rtol=1e-12, what="AUC")
     assert s["N = 1"]["auc"] is None  # one op count: no area
     table = gi.markdown_table(s)
@@ -114,6 +121,7 @@ def test_summary_counts_and_wilson_interval():
 
 
 # -- data and prompts -------------------------------------------------------------------------
+
 
 def test_paper_prompt_puts_the_question_before_the_context():
     for record in fixture("medium_0.jsonl") + fixture("symbolic_0.jsonl"):
@@ -135,24 +143,36 @@ def test_selection_by_op_and_limit():
 
 
 def test_official_filter_and_hub_split_files():
-    split = [{"template": t, "mode": m, "i": i} for i in range(30)
-             for t in gi.OFFICIAL_FILTER for m in ("normalforward", "forwardreverse")]
+    split = [
+        {"template": t, "mode": m, "i": i}
+        for i in range(30)
+        for t in gi.OFFICIAL_FILTER
+        for m in ("normalforward", "forwardreverse")
+    ]
     rows = gi.official_filter(split, 40)  # of 40: 16 crazy_zootopia and 2 of each other per mode
     count = lambda t, m: sum(r["template"] == t and r["mode"] == m for r in rows)  # noqa: E731
     assert count("crazy_zootopia", "forwardreverse") == 16
     assert count("teachers_in_school", "normalforward") == 2
     assert len(rows) == 40
-    files = ["README.md", "data/ops_2-00000-of-00001.parquet", "data/ops_20-00000-of-00001.parquet",
-             "data/ops_2-00001-of-00002.parquet", "ops_3.parquet"]
-    assert gi.split_files(files, 2) == ["data/ops_2-00000-of-00001.parquet",
-                                        "data/ops_2-00001-of-00002.parquet"]
+    files = [
+        "README.md",
+        "data/ops_2-00000-of-00001.parquet",
+        "data/ops_20-00000-of-00001.parquet",
+        "data/ops_2-00001-of-00002.parquet",
+        "ops_3.parquet",
+    ]
+    assert gi.split_files(files, 2) == [
+        "data/ops_2-00000-of-00001.parquet",
+        "data/ops_2-00001-of-00002.parquet",
+    ]
     assert gi.split_files(files, 3) == ["ops_3.parquet"]
 
 
 def test_bad_data_files_give_one_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"problem": "x", "question": "y", "op": 2, "solution": "Answer: 3."}\n'
-                   'not json\n')
+    bad.write_text(
+        '{"problem": "x", "question": "y", "op": 2, "solution": "Answer: 3."}\nnot json\n'
+    )
     with pytest.raises(ValueError, match="bad.jsonl line 2 is not valid JSON"):
         gi.read_problems(str(bad))
     bad.write_text('{"problem": "x"}\n')
@@ -163,6 +183,7 @@ def test_bad_data_files_give_one_line(tmp_path):
 
 
 # -- running a model --------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
@@ -256,8 +277,21 @@ def invoke(*args):
 
 def test_sweep_end_to_end_with_resume_and_rescoring(tiny, tmp_path):
     out = tmp_path / "run"
-    base = ["eval", "--model", tiny, "--task", "gsm-infinite", "--data",
-            os.path.join(FIX, "medium_0.jsonl"), "--ops", "2,4", "--limit", "2", "--out", out]
+    base = [
+        "eval",
+        "--model",
+        tiny,
+        "--task",
+        "gsm-infinite",
+        "--data",
+        os.path.join(FIX, "medium_0.jsonl"),
+        "--ops",
+        "2,4",
+        "--limit",
+        "2",
+        "--out",
+        out,
+    ]
     r = invoke(*base, "--loops", "1,2")
     assert r.exit_code == 0, r.output
     assert "| op | N = 1 | N = 2 |" in r.output and "| AUC |" in r.output
@@ -291,20 +325,46 @@ def test_sweep_end_to_end_with_resume_and_rescoring(tiny, tmp_path):
     assert r.exit_code == 1 and "holds a run with other settings (protocol: " in r.output
 
     # --score: the stored outputs under the official keyword rule, no model
-    r = invoke("eval", "--score", out / "predictions.jsonl", "--protocol", "official",
-               "--out", tmp_path / "rescored")
+    r = invoke(
+        "eval",
+        "--score",
+        out / "predictions.jsonl",
+        "--protocol",
+        "official",
+        "--out",
+        tmp_path / "rescored",
+    )
     assert r.exit_code == 0, r.output
     rescored = [json.loads(x) for x in open(tmp_path / "rescored" / "predictions.jsonl")]
     assert [p["correct"] for p in rescored] == [
-        gi.realistic_correct(p["solution"], p["output"]) for p in rescored]
+        gi.realistic_correct(p["solution"], p["output"]) for p in rescored
+    ]
     summary = json.load(open(tmp_path / "rescored" / "results.json"))["results"]
     assert summary["N = 4"]["ops"]["2"]["n"] == 2
 
 
 def test_official_protocol_end_to_end(tiny, tmp_path):
-    r = invoke("eval", "--model", tiny, "--task", "gsm-infinite", "--protocol", "official",
-               "--data", os.path.join(FIX, "medium_0.jsonl"), "--ops", "2", "--limit", "2",
-               "--max-tokens", "6", "--window", "64", "--out", tmp_path / "o")
+    r = invoke(
+        "eval",
+        "--model",
+        tiny,
+        "--task",
+        "gsm-infinite",
+        "--protocol",
+        "official",
+        "--data",
+        os.path.join(FIX, "medium_0.jsonl"),
+        "--ops",
+        "2",
+        "--limit",
+        "2",
+        "--max-tokens",
+        "6",
+        "--window",
+        "64",
+        "--out",
+        tmp_path / "o",
+    )
     assert r.exit_code == 0, r.output
     preds = [json.loads(x) for x in open(tmp_path / "o" / "predictions.jsonl")]
     assert len(preds) == 2 and all(p["scorer"] == "keyword" for p in preds)
@@ -312,15 +372,32 @@ def test_official_protocol_end_to_end(tiny, tmp_path):
     model, tokenizer = mlx_sleep.load(tiny)
     engine = SleepEngine(model, SleepConfig(loops=1, window=64))
     from mlx_sleep.generate import generate
+
     prompt = tokenizer.apply_chat_template(preds[0]["messages"], add_generation_prompt=True)
     assert preds[0]["output"] == generate(engine, tokenizer, prompt, 6).strip()
     assert json.load(open(tmp_path / "o" / "results.json"))["settings"]["window"] == 64
 
 
 def test_symbolic_official_with_a_judge_model_and_without(tiny, tmp_path):
-    common = ["eval", "--model", tiny, "--task", "gsm-infinite", "--protocol", "official",
-              "--subset", "symbolic", "--data", os.path.join(FIX, "symbolic_0.jsonl"),
-              "--ops", "1", "--limit", "1", "--max-tokens", "4"]
+    common = [
+        "eval",
+        "--model",
+        tiny,
+        "--task",
+        "gsm-infinite",
+        "--protocol",
+        "official",
+        "--subset",
+        "symbolic",
+        "--data",
+        os.path.join(FIX, "symbolic_0.jsonl"),
+        "--ops",
+        "1",
+        "--limit",
+        "1",
+        "--max-tokens",
+        "4",
+    ]
     r = invoke(*common, "--out", tmp_path / "a")
     assert r.exit_code == 0 and "regex fallback" in r.output
     r = invoke(*common, "--judge-model", tiny, "--judge-max-tokens", "8", "--out", tmp_path / "b")
@@ -332,39 +409,85 @@ def test_symbolic_official_with_a_judge_model_and_without(tiny, tmp_path):
 
 def test_data_command_writes_the_paper_format(tmp_path):
     out = tmp_path / "train.jsonl"
-    r = invoke("data", "gsm-infinite", "--data", os.path.join(FIX, "medium_0.jsonl"),
-               "--ops", "2,4,6,8", "--out", out)
+    r = invoke(
+        "data",
+        "gsm-infinite",
+        "--data",
+        os.path.join(FIX, "medium_0.jsonl"),
+        "--ops",
+        "2,4,6,8",
+        "--out",
+        out,
+    )
     assert r.exit_code == 0 and "wrote 24 examples" in r.output
     rows = [json.loads(x) for x in open(out)]
     assert rows[0].pop("written_by") == "mlx-sleep data gsm-infinite"  # the owner mark
     records = fixture("medium_0.jsonl")
     by_op = gi.select(records, [2, 4, 6, 8])
     assert rows == [{**gi.paper_example(r), "op": op} for op, rs in by_op.items() for r in rs]
-    r = invoke("data", "gsm-infinite", "--data", os.path.join(FIX, "medium_0.jsonl"),
-               "--ops", "4,8", "--skip", "2", "--limit", "3", "--out", tmp_path / "held_out.jsonl")
+    r = invoke(
+        "data",
+        "gsm-infinite",
+        "--data",
+        os.path.join(FIX, "medium_0.jsonl"),
+        "--ops",
+        "4,8",
+        "--skip",
+        "2",
+        "--limit",
+        "3",
+        "--out",
+        tmp_path / "held_out.jsonl",
+    )
     assert r.exit_code == 0 and "wrote 6 examples" in r.output
     rows = [json.loads(x) for x in open(tmp_path / "held_out.jsonl")]
     rows[0].pop("written_by")
     assert rows == [{**gi.paper_example(r), "op": op} for op in (4, 8) for r in by_op[op][2:5]]
-    r = CliRunner().invoke(main, ["data", "gsm-infinite", "--data",
-                                  os.path.join(FIX, "medium_0.jsonl"), "--out", str(out)])
+    r = CliRunner().invoke(
+        main,
+        ["data", "gsm-infinite", "--data", os.path.join(FIX, "medium_0.jsonl"), "--out", str(out)],
+    )
     assert r.exit_code == 1 and "exists; pass --force to replace it" in r.output
-    r = CliRunner().invoke(main, ["data", "gsm-infinite", "--data",
-                                  os.path.join(FIX, "medium_0.jsonl"), "--ops", "2,4",
-                                  "--out", str(out), "--force"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "data",
+            "gsm-infinite",
+            "--data",
+            os.path.join(FIX, "medium_0.jsonl"),
+            "--ops",
+            "2,4",
+            "--out",
+            str(out),
+            "--force",
+        ],
+    )
     assert r.exit_code == 0, r.output  # ours: --force replaces it
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--ops", "two"], "--ops 'two': expected op counts"),
-    (["--loops", "0,2"], "'0,2' is not a list of loop counts in 1..1024"),
-    (["--data", "/nonexistent.jsonl"], "does not exist"),
-    (["--ops", "3"], "no records with op 3"),
-    (["--judge-model", "x"], None),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--ops", "two"], "--ops 'two': expected op counts"),
+        (["--loops", "0,2"], "'0,2' is not a list of loop counts in 1..1024"),
+        (["--data", "/nonexistent.jsonl"], "does not exist"),
+        (["--ops", "3"], "no records with op 3"),
+        (["--judge-model", "x"], None),
+    ],
+)
 def test_bad_options_give_one_line(tiny, tmp_path, extra, message):
-    args = ["eval", "--model", tiny, "--task", "gsm-infinite", "--data",
-            os.path.join(FIX, "medium_0.jsonl"), "--out", str(tmp_path / "o"), *extra]
+    args = [
+        "eval",
+        "--model",
+        tiny,
+        "--task",
+        "gsm-infinite",
+        "--data",
+        os.path.join(FIX, "medium_0.jsonl"),
+        "--out",
+        str(tmp_path / "o"),
+        *extra,
+    ]
     r = CliRunner().invoke(main, args)
     assert r.exit_code != 0 and "Traceback" not in r.output
     if message:
@@ -373,10 +496,15 @@ def test_bad_options_give_one_line(tiny, tmp_path, extra, message):
 
 def test_a_model_without_tokenizer_gives_one_line(tmp_path):
     from mlx_sleep.convert import convert
-    fixture_dir = convert(os.path.join(os.path.dirname(__file__), "fixtures", "jet-nemotron-tiny"),
-                          str(tmp_path / "m"))  # converted, without tokenizer files
-    r = CliRunner().invoke(main, ["eval", "--model", fixture_dir, "--task", "gsm-infinite",
-                                  "--out", str(tmp_path / "o")])
+
+    fixture_dir = convert(
+        os.path.join(os.path.dirname(__file__), "fixtures", "jet-nemotron-tiny"),
+        str(tmp_path / "m"),
+    )  # converted, without tokenizer files
+    r = CliRunner().invoke(
+        main,
+        ["eval", "--model", fixture_dir, "--task", "gsm-infinite", "--out", str(tmp_path / "o")],
+    )
     assert r.exit_code == 1 and "has no tokenizer files" in r.output
 
 
@@ -398,9 +526,20 @@ def test_hub_needs_pyarrow_or_says_so(monkeypatch):
 def test_out_must_be_a_run_directory(tiny, tmp_path):
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "notes.txt").write_text("mine")
-    r = CliRunner().invoke(main, ["eval", "--model", tiny, "--task", "gsm-infinite", "--data",
-                                  os.path.join(FIX, "medium_0.jsonl"),
-                                  "--out", str(tmp_path / "o")])
+    r = CliRunner().invoke(
+        main,
+        [
+            "eval",
+            "--model",
+            tiny,
+            "--task",
+            "gsm-infinite",
+            "--data",
+            os.path.join(FIX, "medium_0.jsonl"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
     assert r.exit_code == 1 and "is not a GSM-Infinite run directory" in r.output
     assert (tmp_path / "o" / "notes.txt").read_text() == "mine"
 
@@ -413,12 +552,16 @@ def test_adapter_is_applied(tiny, tmp_path):
     lora = {"rank": 2, "scale": 10.0, "dropout": 0.0}
     adapter = tmp_path / "adapter"
     adapter.mkdir()
-    (adapter / "adapter_config.json").write_text(json.dumps(
-        {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": lora}))
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": lora})
+    )
     model, tokenizer = mlx_sleep.load(tiny)
     linear_to_lora_layers(model, 2, lora)
-    weights = {k: mx.full(v.shape, 0.1) if k.endswith("lora_b") else v
-               for k, v in tree_flatten(model.parameters()) if "lora" in k}
+    weights = {
+        k: mx.full(v.shape, 0.1) if k.endswith("lora_b") else v
+        for k, v in tree_flatten(model.parameters())
+        if "lora" in k
+    }
     mx.save_safetensors(str(adapter / "adapters.safetensors"), weights)
     model.load_weights(list(weights.items()), strict=False)
     ids = mx.array([[5, 6, 7]])
@@ -427,16 +570,42 @@ def test_adapter_is_applied(tiny, tmp_path):
     assert float(mx.abs(adapted(ids) - base(ids)).max()) > 1e-2
     assert_close(adapted(ids), model(ids), rtol=1e-5, what="adapter logits")
 
-    r = invoke("eval", "--model", tiny, "--task", "gsm-infinite", "--adapter", adapter, "--data",
-               os.path.join(FIX, "medium_0.jsonl"), "--ops", "2", "--limit", "1",
-               "--out", tmp_path / "o")
+    r = invoke(
+        "eval",
+        "--model",
+        tiny,
+        "--task",
+        "gsm-infinite",
+        "--adapter",
+        adapter,
+        "--data",
+        os.path.join(FIX, "medium_0.jsonl"),
+        "--ops",
+        "2",
+        "--limit",
+        "1",
+        "--out",
+        tmp_path / "o",
+    )
     assert r.exit_code == 0, r.output
     settings = json.load(open(tmp_path / "o" / "results.json"))["settings"]
     assert settings["adapter"] == "adapter" and len(settings["adapter_digest"]) == 64
     pred = json.loads(open(tmp_path / "o" / "predictions.jsonl").readline())
     assert pred["output"] == gi.paper_generate(SleepEngine(model), tokenizer, pred)
-    r = CliRunner().invoke(main, ["eval", "--model", tiny, "--task", "gsm-infinite", "--adapter",
-                                  str(tmp_path), "--out", str(tmp_path / "p")])
+    r = CliRunner().invoke(
+        main,
+        [
+            "eval",
+            "--model",
+            tiny,
+            "--task",
+            "gsm-infinite",
+            "--adapter",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "p"),
+        ],
+    )
     assert r.exit_code == 1 and "has no adapter_config.json" in r.output
 
 
@@ -448,12 +617,22 @@ def test_hub_path_with_a_fake_hub(monkeypatch):
 
     import huggingface_hub
 
-    rows = {f"data/ops_{op}-00000-of-00001.parquet":
-            [{"problem": f"p{op}-{i}", "question": "q", "op": op, "template": t, "mode": m,
-             "solution": f"Answer: {i}."}
-             for i in range(30) for t in gi.OFFICIAL_FILTER
-             for m in ("normalforward", "forwardreverse")]
-            for op in (2, 3)}
+    rows = {
+        f"data/ops_{op}-00000-of-00001.parquet": [
+            {
+                "problem": f"p{op}-{i}",
+                "question": "q",
+                "op": op,
+                "template": t,
+                "mode": m,
+                "solution": f"Answer: {i}.",
+            }
+            for i in range(30)
+            for t in gi.OFFICIAL_FILTER
+            for m in ("normalforward", "forwardreverse")
+        ]
+        for op in (2, 3)
+    }
     asked = []
 
     class Api:

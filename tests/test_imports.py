@@ -31,7 +31,7 @@ def imports_of(name: str, path: Path, known: dict) -> set:
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = name.split(".")
-                base = base[:len(base) - node.level + (1 if is_package else 0)]
+                base = base[: len(base) - node.level + (1 if is_package else 0)]
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module
@@ -50,7 +50,7 @@ def find_cycle(graph: dict):
         stack.append(m)
         for n in sorted(graph[m]):
             if colour.get(n) == "grey":
-                return stack[stack.index(n):] + [n]
+                return stack[stack.index(n) :] + [n]
             if n not in colour and (cycle := visit(n)):
                 return cycle
         colour[m] = "black"

@@ -23,7 +23,7 @@ from mlx_sleep.gdn_math import GDN_CHUNK
 from tests.metal_emulator import metal_kernel
 from tests.numerics import assert_close
 
-TOL = {mx.float32: 1e-5, mx.float16: 2 ** -8, mx.bfloat16: 2 ** -5}  # of the outputs' scale
+TOL = {mx.float32: 1e-5, mx.float16: 2**-8, mx.bfloat16: 2**-5}  # of the outputs' scale
 
 
 SELF_CHECKS = {}  # kernel name -> its self-check's (diff, tolerance) on the shipped sources
@@ -39,6 +39,7 @@ def remembered_check(kernel):
         if kernel.name not in SELF_CHECKS:
             SELF_CHECKS[kernel.name] = check(fn)
         return SELF_CHECKS[kernel.name]
+
     return remembered
 
 
@@ -62,6 +63,7 @@ def randn(shape, seed, dtype=mx.float32, scale=1.0):
 
 
 # ------------------------------------------------------------------ naive references
+
 
 def naive_conv(x, conv_state, kern, silu):
     """y[t] = sum_w kern[t, w] padded[t + w], token by token, in float32."""
@@ -90,8 +92,9 @@ def naive_gdn_step(q, k, v, a, b, A_log, dt_bias, S, gate, weight, eps):
         decay = mx.exp(-mx.exp(A_log[h]) * mx.log(1 + mx.exp(a[:, 0, h] + dt_bias[h])))
         beta = 1 / (1 + mx.exp(-b[:, 0, h]))
         kkT = kt[:, :, None] * kt[:, None, :]
-        Sh = decay[:, None, None] * (S[:, h] @ (mx.eye(Dk) - beta[:, None, None] * kkT)) \
-            + beta[:, None, None] * (v[:, 0, h][:, :, None] * kt[:, None, :])
+        Sh = decay[:, None, None] * (S[:, h] @ (mx.eye(Dk) - beta[:, None, None] * kkT)) + beta[
+            :, None, None
+        ] * (v[:, 0, h][:, :, None] * kt[:, None, :])
         o = (Sh @ qh[:, :, None])[..., 0]
         o = o / mx.sqrt((o * o).mean(-1, keepdims=True) + eps) * weight
         g = gate[:, 0, h]
@@ -102,14 +105,18 @@ def naive_gdn_step(q, k, v, a, b, A_log, dt_bias, S, gate, weight, eps):
 
 # ------------------------------------------------------------------ Jet dynamic conv
 
+
 def conv_inputs(B, T, C, W, dtype, seed=0):
-    return (randn((B, T, C), seed, dtype), randn((B, W - 1, C), seed + 1, dtype),
-            randn((B, T, C, W), seed + 2, dtype, 0.5))
+    return (
+        randn((B, T, C), seed, dtype),
+        randn((B, W - 1, C), seed + 1, dtype),
+        randn((B, T, C, W), seed + 2, dtype, 0.5),
+    )
 
 
 CONV_SHAPES = [  # B, T, C, W
-    (1, 1, 8, 4),    # the decode step
-    (2, 2, 40, 4),   # T < W - 1: part of the new state comes from the old one
+    (1, 1, 8, 4),  # the decode step
+    (2, 2, 40, 4),  # T < W - 1: part of the new state comes from the old one
     (2, 37, 12, 2),  # T a multiple of nothing, short conv
     (1, 9, 300, 4),  # C over one threadgroup (256) with a partial second
 ]
@@ -154,8 +161,10 @@ def conv_vjps(fn, x, state, kern, silu, seed=9):
     return mx.vjp(lambda *p: fn(*p, silu), [x, state, kern], [dy, ds])[1]
 
 
-@pytest.mark.parametrize("shape,silu", [((1, 1, 8, 4), True), ((2, 2, 40, 4), True),
-                                        ((2, 13, 12, 2), False), ((1, 6, 33, 4), True)])
+@pytest.mark.parametrize(
+    "shape,silu",
+    [((1, 1, 8, 4), True), ((2, 2, 40, 4), True), ((2, 13, 12, 2), False), ((1, 6, 33, 4), True)],
+)
 def test_dynamic_conv_gradients(emulated, shape, silu):
     x, state, kern = conv_inputs(*shape, mx.float32)
     grads = conv_vjps(kernels.dynamic_conv, x, state, kern, silu)
@@ -179,22 +188,29 @@ def test_dynamic_conv_gradients_bfloat16(emulated):
 
 # ------------------------------------------------------------------ fused GDN step
 
+
 def gdn_inputs(B, Hk, Hv, Dk, Dv, dtype, seed=0):
     f32 = mx.float32
-    return (randn((B, 1, Hk, Dk), seed, dtype), randn((B, 1, Hk, Dk), seed + 1, dtype),
-            randn((B, 1, Hv, Dv), seed + 2, dtype), randn((B, 1, Hv), seed + 3, dtype),
-            randn((B, 1, Hv), seed + 4, dtype),
-            mx.log(mx.random.uniform(1, 16, (Hv,), key=mx.random.key(seed + 5))),
-            mx.random.uniform(-6, -2, (Hv,), key=mx.random.key(seed + 6)),
-            randn((B, Hv, Dv, Dk), seed + 7, f32, 0.3), randn((B, 1, Hv, Dv), seed + 8, dtype),
-            1 + randn((Dv,), seed + 9, f32, 0.1), 1e-5)
+    return (
+        randn((B, 1, Hk, Dk), seed, dtype),
+        randn((B, 1, Hk, Dk), seed + 1, dtype),
+        randn((B, 1, Hv, Dv), seed + 2, dtype),
+        randn((B, 1, Hv), seed + 3, dtype),
+        randn((B, 1, Hv), seed + 4, dtype),
+        mx.log(mx.random.uniform(1, 16, (Hv,), key=mx.random.key(seed + 5))),
+        mx.random.uniform(-6, -2, (Hv,), key=mx.random.key(seed + 6)),
+        randn((B, Hv, Dv, Dk), seed + 7, f32, 0.3),
+        randn((B, 1, Hv, Dv), seed + 8, dtype),
+        1 + randn((Dv,), seed + 9, f32, 0.1),
+        1e-5,
+    )
 
 
 GDN_SHAPES = [  # B, Hk, Hv, Dk, Dv
-    (1, 2, 2, 8, 8),     # MHA-style heads, Dk < 32 lanes
-    (2, 1, 4, 8, 6),     # GVA 4:1
-    (1, 2, 4, 40, 36),   # GVA 2:1; Dk over 32 lanes, Dv over 32 rows (two row passes)
-    (1, 1, 2, 64, 64),   # full lanes, two key entries per lane
+    (1, 2, 2, 8, 8),  # MHA-style heads, Dk < 32 lanes
+    (2, 1, 4, 8, 6),  # GVA 4:1
+    (1, 2, 4, 40, 36),  # GVA 2:1; Dk over 32 lanes, Dv over 32 rows (two row passes)
+    (1, 1, 2, 64, 64),  # full lanes, two key entries per lane
 ]
 
 
@@ -241,8 +257,8 @@ def test_gdn_step_gradient_uses_ops_vjp(emulated):
 
 GATED_DELTA_CASES = [  # B, T, Hk, Hv, Dk, Dv, gates
     (1, GDN_CHUNK + 9, 3, 3, 24, 64, "mixed"),  # Jet-2B (12 x Dk 96 x Dv 256) scaled down
-    (2, 7, 1, 4, 40, 12, "mixed"),              # GVA 4:1, T < a chunk, Dk over 32 lanes
-    (1, 2 * GDN_CHUNK, 2, 4, 8, 6, "mixed"),    # GVA 2:1, chunks exactly full
+    (2, 7, 1, 4, 40, 12, "mixed"),  # GVA 4:1, T < a chunk, Dk over 32 lanes
+    (1, 2 * GDN_CHUNK, 2, 4, 8, 6, "mixed"),  # GVA 2:1, chunks exactly full
     (1, 13, 1, 2, 16, 8, "decay near 0"),
     (1, GDN_CHUNK + 1, 1, 2, 16, 8, "decay near 1"),
     (1, 9, 1, 2, 16, 40, "beta near 1, repeated keys"),  # Dv over 32 rows
@@ -252,6 +268,7 @@ GATED_DELTA_CASES = [  # B, T, Hk, Hv, Dk, Dv, gates
 def gated_delta_vjps(fn, args, passes=1, seed=30):
     """Gradients of <y_1, dy_1> + ... + <y_N, dy_N> + <S_N, dS> w.r.t. the six inputs, for N
     chained passes over the same tokens (each starts from the last one's state, as in sleep)."""
+
     def run(q, k, v, decay, beta, state):
         ys = []
         for _ in range(passes):
@@ -275,7 +292,8 @@ def test_gated_delta_kernels(emulated, case):
     passes = 3 if case[-1] == "mixed" and case[-2] < 64 else 1  # N chained passes
     (ys, S), grads = gated_delta_vjps(kernels.gated_delta, args, passes)
     (ys_ops, S_ops), grads_ops = gated_delta_vjps(
-        lambda *a: kernels.gated_delta(*a, use_kernel=False), args, passes)
+        lambda *a: kernels.gated_delta(*a, use_kernel=False), args, passes
+    )
     y_ref, S_ref = delta_rule(*(a.astype(mx.float64) for a in args))
     assert_close(ys, ys_ops, rtol=1e-5, what="ys vs ops")
     assert_close(S, S_ops, rtol=1e-5, what="S vs ops")
@@ -296,7 +314,8 @@ def test_gated_delta_kernels_half(emulated, dtype):
     args = [a.astype(dtype) for a in recurrence_inputs(1, GDN_CHUNK + 4, 1, 2, 24, 16)]
     (ys, S), grads = gated_delta_vjps(kernels.gated_delta, args)
     (ys_ops, S_ops), grads_ops = gated_delta_vjps(
-        lambda *a: kernels.gated_delta(*a, use_kernel=False), args)
+        lambda *a: kernels.gated_delta(*a, use_kernel=False), args
+    )
     assert ys.dtype == dtype and S.dtype == mx.float32
     assert_close(ys, ys_ops, rtol=TOL[dtype], what="ys vs ops")
     assert_close(S, S_ops, rtol=1e-5, what="S vs ops")
@@ -337,7 +356,8 @@ def test_gated_delta_kernels_model_heads(emulated, heads, model):
     args = recurrence_inputs(1, 3, *heads)
     (ys, S), grads = gated_delta_vjps(kernels.gated_delta, args)
     (ys_ops, S_ops), grads_ops = gated_delta_vjps(
-        lambda *a: kernels.gated_delta(*a, use_kernel=False), args)
+        lambda *a: kernels.gated_delta(*a, use_kernel=False), args
+    )
     assert rel_diff(ys, ys_ops) < 1e-5 and rel_diff(S, S_ops) < 1e-5
     for name, g, g_ops in zip(("q", "k", "v", "decay", "beta", "state"), grads, grads_ops):
         assert rel_diff(g, g_ops) < kernels.GDN_BWD_RTOL_F32, name
@@ -357,6 +377,7 @@ def test_gdn_step_model_heads(emulated, heads, model):
 
 # ------------------------------------------------------------------ degenerate inputs
 
+
 def test_gated_delta_degenerate_inputs(emulated):
     """All-zero q rows (token 0) and k rows (token 1), beta 0 (token 1), decay 0 and 1, beta 1
     and 2 (its largest, OLMo Hybrid's allow_neg_eigval) on tokens 2 to 5."""
@@ -374,7 +395,8 @@ def test_gated_delta_degenerate_inputs(emulated):
     args = (q, k, v, decay, beta, state)
     (ys, S), grads = gated_delta_vjps(kernels.gated_delta, args)
     (ys_ops, S_ops), grads_ops = gated_delta_vjps(
-        lambda *a: kernels.gated_delta(*a, use_kernel=False), args)
+        lambda *a: kernels.gated_delta(*a, use_kernel=False), args
+    )
     y_ref, S_ref = delta_rule(*(a.astype(mx.float64) for a in args))
     assert max_diff(ys[0, :, 0], mx.zeros_like(ys[0, :, 0])) == 0  # y = S q = 0 for q = 0
     assert rel_diff(ys[0], y_ref) < 1e-5 and rel_diff(S, S_ref) < 1e-5
@@ -408,6 +430,7 @@ def test_gdn_step_degenerate_inputs(emulated):
 
 # ------------------------------------------------------------------ a window's length
 
+
 def test_gated_delta_kernels_long_window(emulated):
     """T = 2081 (a 2,000-token window and more: 65 chunks, the last partial), forward and
     backward against the ops; one head (the heads are independent threadgroups)."""
@@ -416,7 +439,8 @@ def test_gated_delta_kernels_long_window(emulated):
     args = recurrence_inputs(1, 65 * GDN_CHUNK + 1, 1, 1, 40, 4)
     (ys, S), grads = gated_delta_vjps(kernels.gated_delta, args)
     (ys_ops, S_ops), grads_ops = gated_delta_vjps(
-        lambda *a: kernels.gated_delta(*a, use_kernel=False), args)
+        lambda *a: kernels.gated_delta(*a, use_kernel=False), args
+    )
     assert rel_diff(ys, ys_ops) < 1e-5 and rel_diff(S, S_ops) < 1e-5
     for name, g, g_ops in zip(("q", "k", "v", "decay", "beta", "state"), grads, grads_ops):
         assert rel_diff(g, g_ops) < kernels.GDN_BWD_RTOL_F32, name
@@ -424,14 +448,17 @@ def test_gated_delta_kernels_long_window(emulated):
 
 # ------------------------------------------------------------------ through the layers
 
+
 def test_layers_route_through_kernels(emulated, monkeypatch):
     """Jet chunk (forward + parameter grads) and decode tokens of both layers: kernels on ==
     kernels off."""
     from mlx_sleep.layers.gated_deltanet import GatedDeltaNet, JetBlock
 
     mx.random.seed(3)
-    for layer in (JetBlock(16, 1, 2, 8, 6, 4, generator_reduction=4),
-                  GatedDeltaNet(16, 1, 2, 8, 6, 4)):
+    for layer in (
+        JetBlock(16, 1, 2, 8, 6, 4, generator_reduction=4),
+        GatedDeltaNet(16, 1, 2, 8, 6, 4),
+    ):
         x = randn((1, 5, 16), 4)
         state = layer.initial_state(1)
         state["S"] = randn(state["S"].shape, 5, scale=0.3)
@@ -440,7 +467,7 @@ def test_layers_route_through_kernels(emulated, monkeypatch):
             y, s = layer(x, state)  # a chunk
             outs = [y]
             for t in range(2):  # then decode tokens
-                y, s = layer(x[:, t:t + 1], s)
+                y, s = layer(x[:, t : t + 1], s)
                 outs.append(y)
             return [*outs, s["S"], s["conv"]], param_grads(layer, x, state)
 
@@ -464,6 +491,7 @@ def param_grads(layer, x, state):
 
 # ------------------------------------------------------------------ dispatch
 
+
 def test_every_metal_source_is_a_registered_kernel():
     shipped = {p.name for p in Path(kernels.metal_dir()).glob("*.metal")}
     assert shipped == {k.source for k in kernels.KERNELS.values()}
@@ -471,6 +499,7 @@ def test_every_metal_source_is_a_registered_kernel():
 
 def patched_factory(find, replace, calls=None):
     """The emulator, with one kernel's source edited."""
+
     def factory(**kw):
         if calls is not None:
             calls.append(kw["name"])
@@ -478,13 +507,17 @@ def patched_factory(find, replace, calls=None):
             assert find in kw["source"]
             kw["source"] = kw["source"].replace(find, replace)
         return metal_kernel(**kw)
+
     return factory
 
 
-@pytest.mark.parametrize("find,replace,why", [
-    ("SILU ? silu_f(acc) : acc", "SILU ? silu_f(acc) : 1.01f * acc", "self-check mismatch"),
-    ("const int T = x_shape[1];", "const int T = x_shape[1] +;", "failed"),  # compile error
-])
+@pytest.mark.parametrize(
+    "find,replace,why",
+    [
+        ("SILU ? silu_f(acc) : acc", "SILU ? silu_f(acc) : 1.01f * acc", "self-check mismatch"),
+        ("const int T = x_shape[1];", "const int T = x_shape[1] +;", "failed"),  # compile error
+    ],
+)
 def test_broken_kernel_warns_once_and_falls_back(monkeypatch, find, replace, why):
     monkeypatch.delenv(kernels.ENV, raising=False)
     kernels.configure(factory=patched_factory(find, replace), metal_available=True)

@@ -6,15 +6,13 @@ Each command is first run with every filesystem call counted (KILL_AT=0); then k
 call k, for k spread over all of them (KILL_POINTS by default, every one with `-m slow`).
 `consolidate` and `sessions rm` are killed at every step in test_sessions_untrusted.py."""
 
-import json
 import os
-import shutil
 
 import mlx.core as mx
 import pytest
 
 import mlx_sleep
-from tests.reliability import (TINY_TRAIN, cli, kill_points, run_killed)
+from tests.reliability import TINY_TRAIN, cli, kill_points, run_killed
 from tests.tiny_models import make_model_dir
 
 KILL_POINTS = 8  # per command in the default suite
@@ -35,9 +33,9 @@ def no_stray_files(root, allowed=()):
     """Only the command's own files: temporaries carry the .mlx-sleep-tmp- prefix."""
     for dirpath, _, files in os.walk(root):
         for f in files:
-            assert not f.endswith(".tmp") and (not f.startswith(".") or f in (".mlx-sleep",)
-                                               or f.startswith(".mlx-sleep-tmp-")), \
-                os.path.join(dirpath, f)
+            assert not f.endswith(".tmp") and (
+                not f.startswith(".") or f in (".mlx-sleep",) or f.startswith(".mlx-sleep-tmp-")
+            ), os.path.join(dirpath, f)
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +52,27 @@ def train_args(out):
 
 def finetune_args(model, out):
     path, data = model
-    return ["finetune", "--model", path, "--data", data, "--out", out, "--steps", "2",
-            "--batch-size", "2", "--checkpoint-every", "1", "--valid-every", "0", "--lr", "1e-2",
-            "--warmup", "1"]
+    return [
+        "finetune",
+        "--model",
+        path,
+        "--data",
+        data,
+        "--out",
+        out,
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--checkpoint-every",
+        "1",
+        "--valid-every",
+        "0",
+        "--lr",
+        "1e-2",
+        "--warmup",
+        "1",
+    ]
 
 
 CHAT_INPUT = "hello there\n/sleep\nand more\n"
@@ -77,8 +93,9 @@ def kills(command, tmp_path, run_args, check, most, env=None, input=None):
     points = kill_points(steps, most)
     for at in points:
         where = tmp_path / f"k{at}"
-        r = run_killed(at, tmp_path / "unused", *run_args(where), env=env and env(where),
-                       input=input)
+        r = run_killed(
+            at, tmp_path / "unused", *run_args(where), env=env and env(where), input=input
+        )
         assert r.returncode == -9, (at, r.stdout + r.stderr)
         check(where, ref, at)
     KILLS[command] = KILLS.get(command, 0) + len(points)
@@ -88,8 +105,11 @@ def kills(command, tmp_path, run_args, check, most, env=None, input=None):
 def check_train(out, ref, at):
     code, output = cli(*train_args(out))  # the same command again resumes or starts over
     assert code == 0, (at, output)
-    assert_same_arrays(arrays(out / "checkpoint" / "model.safetensors"),
-                       arrays(ref / "checkpoint" / "model.safetensors"), f"train killed at {at}")
+    assert_same_arrays(
+        arrays(out / "checkpoint" / "model.safetensors"),
+        arrays(ref / "checkpoint" / "model.safetensors"),
+        f"train killed at {at}",
+    )
     no_stray_files(out)
 
 
@@ -97,10 +117,13 @@ def check_finetune(model):
     def check(out, ref, at):
         code, output = cli(*finetune_args(model, out))
         assert code == 0, (at, output)
-        assert_same_arrays(arrays(out / "checkpoint" / "adapters.safetensors"),
-                           arrays(ref / "checkpoint" / "adapters.safetensors"),
-                           f"finetune killed at {at}")
+        assert_same_arrays(
+            arrays(out / "checkpoint" / "adapters.safetensors"),
+            arrays(ref / "checkpoint" / "adapters.safetensors"),
+            f"finetune killed at {at}",
+        )
         no_stray_files(out)
+
     return check
 
 
@@ -114,10 +137,12 @@ def check_chat(model):
                 assert code == 0, (at, output)
                 m, tok = mlx_sleep.load(model[0])
                 from mlx_sleep.session import open_session
+
                 s = open_session("k", m, model[0], create=False)
                 s.close()
-                code, output = cli("chat", "-s", "k", "-m", "2", "--idle-delay", "0",
-                                   input="again\n")
+                code, output = cli(
+                    "chat", "-s", "k", "-m", "2", "--idle-delay", "0", input="again\n"
+                )
                 assert code == 0, (at, output)
             else:  # killed before the first save: a new chat starts
                 code, output = cli(*chat_args(model), input="hi\n")
@@ -125,6 +150,7 @@ def check_chat(model):
             no_stray_files(home)
         finally:
             del os.environ["MLX_SLEEP_HOME"]
+
     return check
 
 
@@ -148,7 +174,15 @@ def run(tmp_path, model, command, most):
     if command == "train":
         return kills(command, tmp_path, train_args, check_train, most)
     if command == "finetune":
-        return kills(command, tmp_path, lambda out: finetune_args(model, out),
-                     check_finetune(model), most)
-    return kills(command, tmp_path, lambda home: chat_args(model), check_chat(model), most,
-                 env=chat_env, input=CHAT_INPUT)
+        return kills(
+            command, tmp_path, lambda out: finetune_args(model, out), check_finetune(model), most
+        )
+    return kills(
+        command,
+        tmp_path,
+        lambda home: chat_args(model),
+        check_chat(model),
+        most,
+        env=chat_env,
+        input=CHAT_INPUT,
+    )

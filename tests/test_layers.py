@@ -25,8 +25,8 @@ def make_gdn(kind, Hk=2, Hv=4, Dk=8, Dv=6, W=4, D=16, seed=0):
 
 
 GDN_SHAPES = [
-    dict(Hk=2, Hv=2, Dk=8, Dv=8, W=4),   # plain MHA-style heads
-    dict(Hk=1, Hv=4, Dk=8, Dv=6, W=4),   # GVA: 4 value heads share one key head
+    dict(Hk=2, Hv=2, Dk=8, Dv=8, W=4),  # plain MHA-style heads
+    dict(Hk=1, Hv=4, Dk=8, Dv=6, W=4),  # GVA: 4 value heads share one key head
     dict(Hk=2, Hv=4, Dk=4, Dv=10, W=2),  # short conv
 ]
 
@@ -61,7 +61,7 @@ def test_gdn_gradients_match_naive(kind):
     def loss_naive(params, x, S0):
         layer.update(params)
         y, S = naive.gdn(layer, x, conv0, S0, jet=kind == "jet")
-        return (y * w).sum() + (S ** 2).sum()
+        return (y * w).sum() + (S**2).sum()
 
     params = layer.trainable_parameters()
     g_fast = mx.grad(loss_fast, argnums=(0, 1, 2))(params, x, S0)
@@ -129,7 +129,7 @@ def test_attention_incremental_equals_full(window):
     y_full, _ = layer(x, {}, 0)
     state, ys, pos = {}, [], 0
     for n in (1, 4, 1, 3, 1):
-        y, state = layer(x[:, pos:pos + n], state, pos)
+        y, state = layer(x[:, pos : pos + n], state, pos)
         ys.append(y)
         pos += n
     assert_close(mx.concatenate(ys, axis=1), y_full, rtol=1e-5, what="incremental")
@@ -152,8 +152,11 @@ def test_a_bf16_model_stays_bf16_from_a_fresh_state():
     from mlx_sleep import HybridLM, ModelConfig
     from mlx_sleep.sleep import run_chunk
 
-    model = HybridLM(ModelConfig(vocab_size=64, hidden_size=32, layers="gdn,jet,attn",
-                                 num_heads=2, gdn_v_heads=2))
+    model = HybridLM(
+        ModelConfig(
+            vocab_size=64, hidden_size=32, layers="gdn,jet,attn", num_heads=2, gdn_v_heads=2
+        )
+    )
     model.set_dtype(mx.bfloat16)
     ids = mx.array([[1, 2, 3, 4, 5]])
     h, state = run_chunk(model, ids, model.initial_state(1), 0, 2, None)

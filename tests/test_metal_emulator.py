@@ -39,7 +39,7 @@ EXP_SOURCE = """
 
 
 @pytest.mark.parametrize(  # 4 units of rounding of each dtype (float32: ~17, for Metal's exp)
-    "dtype,tol", [(mx.float32, 1e-6), (mx.float16, 2 ** -9), (mx.bfloat16, 2 ** -6)]
+    "dtype,tol", [(mx.float32, 1e-6), (mx.float16, 2**-9), (mx.bfloat16, 2**-6)]
 )
 def test_elementwise_exp_template_dtype(dtype, tol):
     k = metal_kernel("myexp", ["inp"], ["out"], EXP_SOURCE)
@@ -305,7 +305,9 @@ def test_missing_barrier_gives_wrong_answer(monkeypatch):
     # threadgroup memory that was not written yet (NaN garbage) in one schedule
     # and the right value in another: every launch runs several schedules and
     # their outputs must agree bitwise.
-    with pytest.raises(MetalEmulatorRuntimeError, match="depends on the order in which threads run"):
+    with pytest.raises(
+        MetalEmulatorRuntimeError, match="depends on the order in which threads run"
+    ):
         _neighbour("")
     x = np.random.default_rng(3).standard_normal(2 * 256).astype(np.float32)
     with pytest.raises(MetalEmulatorRuntimeError, match="depends on the order"):
@@ -339,8 +341,13 @@ def test_schedules_differ_and_a_race_is_reported(monkeypatch):
         out[thread_position_in_grid.x] = last;
     """
     k = metal_kernel("last_writer", ["inp"], ["out"], src)
-    args = dict(inputs=[np.zeros(1, np.float32)], grid=(64, 1, 1), threadgroup=(64, 1, 1),
-                output_shapes=[(64,)], output_dtypes=[mx.uint32])
+    args = dict(
+        inputs=[np.zeros(1, np.float32)],
+        grid=(64, 1, 1),
+        threadgroup=(64, 1, 1),
+        output_shapes=[(64,)],
+        output_dtypes=[mx.uint32],
+    )
     with pytest.raises(MetalEmulatorRuntimeError, match="output 'out' depends on the order"):
         k(**args)
     monkeypatch.setenv("MLX_METAL_EMULATOR_SCHEDULES", "1")
@@ -350,31 +357,54 @@ def test_schedules_differ_and_a_race_is_reported(monkeypatch):
 # ------------------------------------------------ bounds of every access
 def _run1(src, inputs, n_out=4, tg=4, header="", template=None, name="oob"):
     k = metal_kernel(name, ["inp"], ["out"], src, header=header)
-    return k(inputs=inputs, grid=(n_out, 1, 1), threadgroup=(tg, 1, 1), template=template,
-             output_shapes=[(n_out,)], output_dtypes=[mx.float32])[0]
+    return k(
+        inputs=inputs,
+        grid=(n_out, 1, 1),
+        threadgroup=(tg, 1, 1),
+        template=template,
+        output_shapes=[(n_out,)],
+        output_dtypes=[mx.float32],
+    )[0]
 
 
-@pytest.mark.parametrize("src,what", [
-    ("out[thread_position_in_grid.x] = inp[thread_position_in_grid.x + 1];",
-     "input 'inp': element 4 of 4"),
-    ("out[thread_position_in_grid.x] = inp[int(thread_position_in_grid.x) - 1];",
-     "input 'inp': element -1 of 4"),
-    # read, then masked: the value is thrown away, the read is still reported
-    ("uint i = thread_position_in_grid.x; float x = inp[i + 1]; out[i] = i < 3 ? x : 0.0f;",
-     "input 'inp': element 4 of 4"),
-    # through a pointer offset into the buffer, and through a helper taking `const device T*`
-    ("auto p = inp + 2; out[thread_position_in_grid.x] = p[thread_position_in_grid.x];",
-     "input 'inp': element 4 of 4"),
-    ("out[thread_position_in_grid.x] = second(inp + thread_position_in_grid.x);",
-     "input 'inp': element 4 of 4"),
-    # a vector view of the buffer (a cast keeps its bounds)
-    ("auto v = reinterpret_cast<const device float2*>(inp);"
-     " out[thread_position_in_grid.x] = v[thread_position_in_grid.x].x;",
-     "input 'inp': element 2 of 2 (8-byte elements)"),
-])
+@pytest.mark.parametrize(
+    "src,what",
+    [
+        (
+            "out[thread_position_in_grid.x] = inp[thread_position_in_grid.x + 1];",
+            "input 'inp': element 4 of 4",
+        ),
+        (
+            "out[thread_position_in_grid.x] = inp[int(thread_position_in_grid.x) - 1];",
+            "input 'inp': element -1 of 4",
+        ),
+        # read, then masked: the value is thrown away, the read is still reported
+        (
+            "uint i = thread_position_in_grid.x; float x = inp[i + 1]; out[i] = i < 3 ? x : 0.0f;",
+            "input 'inp': element 4 of 4",
+        ),
+        # through a pointer offset into the buffer, and through a helper taking `const device T*`
+        (
+            "auto p = inp + 2; out[thread_position_in_grid.x] = p[thread_position_in_grid.x];",
+            "input 'inp': element 4 of 4",
+        ),
+        (
+            "out[thread_position_in_grid.x] = second(inp + thread_position_in_grid.x);",
+            "input 'inp': element 4 of 4",
+        ),
+        # a vector view of the buffer (a cast keeps its bounds)
+        (
+            "auto v = reinterpret_cast<const device float2*>(inp);"
+            " out[thread_position_in_grid.x] = v[thread_position_in_grid.x].x;",
+            "input 'inp': element 2 of 2 (8-byte elements)",
+        ),
+    ],
+)
 def test_out_of_bounds_read_is_reported(src, what):
     header = "template <typename T> float second(const device T* p) { return p[1]; }"
-    with pytest.raises(MetalEmulatorRuntimeError, match=r"out-of-bounds read of " + re.escape(what)):
+    with pytest.raises(
+        MetalEmulatorRuntimeError, match=r"out-of-bounds read of " + re.escape(what)
+    ):
         _run1(src, [np.arange(4, dtype=np.float32)], header=header)
 
 
@@ -387,41 +417,57 @@ def test_reads_in_bounds_pass_and_guards_stay_garbage():
     np.testing.assert_array_equal(np.array(out), [1, 3, 2, 3])
 
 
-@pytest.mark.parametrize("src,what", [
-    # an array sized by the wrong constant: thread 4.. writes past it (into `b` in memory)
-    ("threadgroup float a[N]; threadgroup float b[N]; uint i = thread_position_in_threadgroup.x;"
-     " a[i] = 1; b[i] = 2; threadgroup_barrier(mem_flags::mem_threadgroup);"
-     " out[thread_position_in_grid.x] = a[0] + b[0];",
-     r"threadgroup array 'a': element 4 of 4"),
-    # a read past it whose value is masked afterwards
-    ("threadgroup float a[N]; uint i = thread_position_in_threadgroup.x;"
-     " if (i < N) a[i] = 1; threadgroup_barrier(mem_flags::mem_threadgroup);"
-     " float x = a[i]; out[thread_position_in_grid.x] = i < N ? x : 0.0f;",
-     r"threadgroup array 'a': element [4-7] of 4"),
-    # through a pointer into it, and through the address of an element
-    ("threadgroup float a[N]; threadgroup float* p = a + 2; a[thread_position_in_threadgroup.x % N] = 0;"
-     " threadgroup_barrier(mem_flags::mem_threadgroup); out[thread_position_in_grid.x] = p[2];",
-     r"threadgroup array 'a': element 4 of 4"),
-    ("threadgroup float a[N]; threadgroup float* p = &a[1]; a[thread_position_in_threadgroup.x % N] = 0;"
-     " threadgroup_barrier(mem_flags::mem_threadgroup); out[thread_position_in_grid.x] = p[3];",
-     r"threadgroup array 'a': element 4 of 4"),
-    # a row of a two-dimensional array
-    ("threadgroup float m[2][N]; m[thread_position_in_threadgroup.x % 2][thread_position_in_threadgroup.x / 2 + 1] = 0;"
-     " threadgroup_barrier(mem_flags::mem_threadgroup); out[thread_position_in_grid.x] = m[0][0];",
-     r"threadgroup array 'm': element 4 of 4"),  # of the row
-    ("threadgroup float m[2][N]; m[thread_position_in_threadgroup.x % N][0] = 0;"
-     " threadgroup_barrier(mem_flags::mem_threadgroup); out[thread_position_in_grid.x] = m[0][0];",
-     r"threadgroup array 'm': element [23] of 2 \(16-byte elements\)"),  # rows
-    # the private threadgroup-memory mode (a barrier without mem_threadgroup) checks too
-    ("threadgroup float a[N]; a[thread_position_in_threadgroup.x] = 1;"
-     " threadgroup_barrier(mem_flags::mem_none); out[thread_position_in_grid.x] = 0;",
-     r"threadgroup array 'a': element 4 of 4"),
-])
+@pytest.mark.parametrize(
+    "src,what",
+    [
+        # an array sized by the wrong constant: thread 4.. writes past it (into `b` in memory)
+        (
+            "threadgroup float a[N]; threadgroup float b[N]; uint i = thread_position_in_threadgroup.x;"
+            " a[i] = 1; b[i] = 2; threadgroup_barrier(mem_flags::mem_threadgroup);"
+            " out[thread_position_in_grid.x] = a[0] + b[0];",
+            r"threadgroup array 'a': element 4 of 4",
+        ),
+        # a read past it whose value is masked afterwards
+        (
+            "threadgroup float a[N]; uint i = thread_position_in_threadgroup.x;"
+            " if (i < N) a[i] = 1; threadgroup_barrier(mem_flags::mem_threadgroup);"
+            " float x = a[i]; out[thread_position_in_grid.x] = i < N ? x : 0.0f;",
+            r"threadgroup array 'a': element [4-7] of 4",
+        ),
+        # through a pointer into it, and through the address of an element
+        (
+            "threadgroup float a[N]; threadgroup float* p = a + 2; a[thread_position_in_threadgroup.x % N] = 0;"
+            " threadgroup_barrier(mem_flags::mem_threadgroup); out[thread_position_in_grid.x] = p[2];",
+            r"threadgroup array 'a': element 4 of 4",
+        ),
+        (
+            "threadgroup float a[N]; threadgroup float* p = &a[1]; a[thread_position_in_threadgroup.x % N] = 0;"
+            " threadgroup_barrier(mem_flags::mem_threadgroup); out[thread_position_in_grid.x] = p[3];",
+            r"threadgroup array 'a': element 4 of 4",
+        ),
+        # a row of a two-dimensional array
+        (
+            "threadgroup float m[2][N]; m[thread_position_in_threadgroup.x % 2][thread_position_in_threadgroup.x / 2 + 1] = 0;"
+            " threadgroup_barrier(mem_flags::mem_threadgroup); out[thread_position_in_grid.x] = m[0][0];",
+            r"threadgroup array 'm': element 4 of 4",
+        ),  # of the row
+        (
+            "threadgroup float m[2][N]; m[thread_position_in_threadgroup.x % N][0] = 0;"
+            " threadgroup_barrier(mem_flags::mem_threadgroup); out[thread_position_in_grid.x] = m[0][0];",
+            r"threadgroup array 'm': element [23] of 2 \(16-byte elements\)",
+        ),  # rows
+        # the private threadgroup-memory mode (a barrier without mem_threadgroup) checks too
+        (
+            "threadgroup float a[N]; a[thread_position_in_threadgroup.x] = 1;"
+            " threadgroup_barrier(mem_flags::mem_none); out[thread_position_in_grid.x] = 0;",
+            r"threadgroup array 'a': element 4 of 4",
+        ),
+    ],
+)
 def test_threadgroup_memory_is_bounds_checked(src, what):
     # `what` is a regular expression (which thread trips first depends on the schedule)
     with pytest.raises(MetalEmulatorRuntimeError, match=r"out-of-bounds access to " + what):
-        _run1(src, [np.zeros(4, np.float32)], n_out=8, tg=8, template=[("N", 4)],
-              name="tg_oob")
+        _run1(src, [np.zeros(4, np.float32)], n_out=8, tg=8, template=[("N", 4)], name="tg_oob")
 
 
 def test_threadgroup_arrays_in_bounds_pass():
@@ -499,8 +545,13 @@ def test_simdgroup_matrix_lane_layout():
     """
     k = metal_kernel("mma_layout", ["inp"], ["out"], src)
     x = np.arange(64, dtype=np.float32)
-    (out,) = k(inputs=[x], grid=(32, 1, 1), threadgroup=(32, 1, 1),
-               output_shapes=[(64,)], output_dtypes=[mx.float32])
+    (out,) = k(
+        inputs=[x],
+        grid=(32, 1, 1),
+        threadgroup=(32, 1, 1),
+        output_shapes=[(64,)],
+        output_dtypes=[mx.float32],
+    )
     rows, cols = _apple_lane_layout()
     np.testing.assert_array_equal(np.array(out), rows * 8 + cols)
     # every element is held by exactly one lane
@@ -522,15 +573,27 @@ MMA_SOURCE = """
 """
 
 
-@pytest.mark.parametrize("dtype,tol", [(mx.float32, 1e-5), (mx.float16, 2 ** -8),  # 4 ulps
-                                       (mx.bfloat16, 2 ** -5)])
+@pytest.mark.parametrize(
+    "dtype,tol",
+    [
+        (mx.float32, 1e-5),
+        (mx.float16, 2**-8),  # 4 ulps
+        (mx.bfloat16, 2**-5),
+    ],
+)
 def test_simdgroup_multiply_accumulate_matches_numpy(dtype, tol):
     rng = np.random.default_rng(5)
     A, Bt, C = (rng.standard_normal(s).astype(np.float32) for s in ((16, 16), (8, 8), (8, 8)))
     k = metal_kernel("mma", ["A", "Bt", "C"], ["D"], MMA_SOURCE)
     ins = [mx.array(x).astype(dtype) for x in (A, Bt, C)]
-    (D,) = k(inputs=ins, template=[("T", dtype)], grid=(32, 1, 1), threadgroup=(32, 1, 1),
-             output_shapes=[(16, 8)], output_dtypes=[dtype])
+    (D,) = k(
+        inputs=ins,
+        template=[("T", dtype)],
+        grid=(32, 1, 1),
+        threadgroup=(32, 1, 1),
+        output_shapes=[(16, 8)],
+        output_dtypes=[dtype],
+    )
     assert D.dtype == dtype  # a half / bfloat16 output
     a, bt, c = (_np(x) for x in ins)
     ref = np.concatenate([2 * a[0:8, 8:16], a[0:8, 8:16] @ bt.T + c])
@@ -546,8 +609,13 @@ def test_simdgroup_multiply_needs_every_lane():
     """
     k = metal_kernel("mma_divergent", ["inp"], ["out"], src)
     with pytest.raises(MetalEmulatorRuntimeError, match="only some lanes"):
-        k(inputs=[np.zeros(64, np.float32)], grid=(32, 1, 1), threadgroup=(32, 1, 1),
-          output_shapes=[(32,)], output_dtypes=[mx.float32])
+        k(
+            inputs=[np.zeros(64, np.float32)],
+            grid=(32, 1, 1),
+            threadgroup=(32, 1, 1),
+            output_shapes=[(32,)],
+            output_dtypes=[mx.float32],
+        )
 
 
 # ------------------------------------------------------------ refusals
@@ -589,11 +657,10 @@ def test_compile_error_points_at_kernel_source_line():
 
 
 def test_out_of_bounds_write_is_reported():
-    k = metal_kernel(
-        "oob", ["inp"], ["out"], "out[thread_position_in_grid.x + 1] = inp[0];"
-    )
-    with pytest.raises(MetalEmulatorRuntimeError,
-                       match="out-of-bounds access to output 'out': element 4 of 4"):
+    k = metal_kernel("oob", ["inp"], ["out"], "out[thread_position_in_grid.x + 1] = inp[0];")
+    with pytest.raises(
+        MetalEmulatorRuntimeError, match="out-of-bounds access to output 'out': element 4 of 4"
+    ):
         k(
             inputs=[np.zeros(4, np.float32)],
             grid=(4, 1, 1),

@@ -13,8 +13,11 @@ from tests.numerics import assert_close
 
 def test_generate_step_matches_the_sleep_engine_without_eviction():
     mx.random.seed(3)
-    model = HybridLM(ModelConfig(vocab_size=50, hidden_size=32, layers="attn,gdn,jet,swa",
-                                 swa_window=4, num_heads=2))
+    model = HybridLM(
+        ModelConfig(
+            vocab_size=50, hidden_size=32, layers="attn,gdn,jet,swa", swa_window=4, num_heads=2
+        )
+    )
     prompt = mx.array([1, 2, 3, 4, 5, 6, 7])
     steps = list(generate_step(prompt, model, max_tokens=6))
     engine = SleepEngine(model, SleepConfig(window=100))
@@ -23,8 +26,13 @@ def test_generate_step_matches_the_sleep_engine_without_eviction():
         expected = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         assert_close(logprobs, expected[0], rtol=1e-5, what="log-probabilities")
         # greedy: the token's logit is the largest, up to rounding (a near-tie may go either way)
-        assert_close(logits[0, int(token)], logits[0].max(), rtol=1e-5,
-                     scale=float(mx.abs(logits).max()), what="greedy token's logit")
+        assert_close(
+            logits[0, int(token)],
+            logits[0].max(),
+            rtol=1e-5,
+            scale=float(mx.abs(logits).max()),
+            what="greedy token's logit",
+        )
         logits = engine.feed(mx.array([[int(token)]]))[:, -1]
 
 

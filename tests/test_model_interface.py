@@ -24,17 +24,35 @@ from mlx_sleep.train import TrainConfig, Trainer
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 L, F = LINEAR, FULL
-ADAPTER_SIZES = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                     num_key_value_heads=2, head_dim=16, linear_num_key_heads=2,
-                     linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=8,
-                     linear_conv_kernel_dim=4, num_hidden_layers=4, rms_norm_eps=1e-6,
-                     rope_theta=10000.0, max_position_embeddings=4096)
-MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
-           shared_expert_intermediate_size=24)
-ADAPTERS = {"qwen3_5": dict(layer_types=[L, F, L, L]),
-            "qwen3_5_moe": dict(layer_types=[F, L, L, F], **MOE),
-            "qwen3_next": dict(layer_types=[L, F, L, F], partial_rotary_factor=0.25, **MOE),
-            "olmo_hybrid": dict(layer_types=[L, L, F, L])}
+ADAPTER_SIZES = dict(
+    vocab_size=100,
+    hidden_size=32,
+    intermediate_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=16,
+    linear_value_head_dim=8,
+    linear_conv_kernel_dim=4,
+    num_hidden_layers=4,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    max_position_embeddings=4096,
+)
+MOE = dict(
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=16,
+    shared_expert_intermediate_size=24,
+)
+ADAPTERS = {
+    "qwen3_5": dict(layer_types=[L, F, L, L]),
+    "qwen3_5_moe": dict(layer_types=[F, L, L, F], **MOE),
+    "qwen3_next": dict(layer_types=[L, F, L, F], partial_rotary_factor=0.25, **MOE),
+    "olmo_hybrid": dict(layer_types=[L, L, F, L]),
+}
 ARCHITECTURES = ["hybrid", "jet_nemotron", "ouro+jet", *ADAPTERS]
 
 
@@ -42,8 +60,16 @@ def tiny_model(name):
     """A tiny model of each architecture, with random (or fixture) weights."""
     mx.random.seed(0)
     if name == "hybrid":
-        return HybridLM(ModelConfig(vocab_size=64, hidden_size=32, layers="attn,gdn,jet,swa",
-                                    swa_window=4, num_heads=2, core=(1, 3)))
+        return HybridLM(
+            ModelConfig(
+                vocab_size=64,
+                hidden_size=32,
+                layers="attn,gdn,jet,swa",
+                swa_window=4,
+                num_heads=2,
+                core=(1, 3),
+            )
+        )
     if name == "jet_nemotron":  # the original's checkpoint, converted in memory
         return build(os.path.join(FIX, "jet-nemotron-tiny"))[0]
     if name == "ouro+jet":
@@ -84,7 +110,9 @@ def test_mlx_lm_lora_applies_to_every_architecture(name):
     model.freeze()
     linear_to_lora_layers(model, len(model.layers), {"rank": 4, "scale": 10.0, "dropout": 0.0})
     for i, layer in enumerate(model.layers):
-        lora = [k for k, m in layer.named_modules() if isinstance(m, (LoRALinear, LoRASwitchLinear))]
+        lora = [
+            k for k, m in layer.named_modules() if isinstance(m, (LoRALinear, LoRASwitchLinear))
+        ]
         assert lora, f"layer {i} got no LoRA layers"
     assert float(mx.abs(model(ids) - before).max()) == 0.0  # LoRA starts as the identity
     trainable = [k for k, _ in tree_flatten(model.trainable_parameters())]
@@ -115,8 +143,16 @@ def test_models_declare_their_matrix_and_unquantized_weights(name):
 def test_fingerprint_tells_architectures_apart():
     a, b = tiny_model("hybrid"), tiny_model("hybrid")
     assert a.fingerprint() == b.fingerprint()  # shapes and config, not values
-    c = HybridLM(ModelConfig(vocab_size=64, hidden_size=32, layers="attn,gdn,jet,swa",
-                             swa_window=4, num_heads=2, core=(0, 4)))
+    c = HybridLM(
+        ModelConfig(
+            vocab_size=64,
+            hidden_size=32,
+            layers="attn,gdn,jet,swa",
+            swa_window=4,
+            num_heads=2,
+            core=(0, 4),
+        )
+    )
     assert c.fingerprint() != a.fingerprint()
 
 
@@ -127,10 +163,24 @@ def test_trainer_trains_a_converted_jet_nemotron_with_sleep(tmp_path):
 
     task = get_task("rule110", n_strings=2, n_bits=4, steps=1)
     model = tiny_model("jet_nemotron")
-    t = Trainer(str(tmp_path), model, SleepConfig(loops=2, window=task.window), task,
-                TrainConfig(steps=40, batch_size=16, warmup=2, lr=1e-2, adam_lr=3e-3,
-                            eval_samples=16, checkpoint_every=40, log_every=1,
-                            activation_checkpoint=True), progress=False)
+    t = Trainer(
+        str(tmp_path),
+        model,
+        SleepConfig(loops=2, window=task.window),
+        task,
+        TrainConfig(
+            steps=40,
+            batch_size=16,
+            warmup=2,
+            lr=1e-2,
+            adam_lr=3e-3,
+            eval_samples=16,
+            checkpoint_every=40,
+            log_every=1,
+            activation_checkpoint=True,
+        ),
+        progress=False,
+    )
     muon, adamw = t.optimizer.optimizers
     t.run()
     muon_keys = {k for k, _ in tree_flatten(muon.state)}

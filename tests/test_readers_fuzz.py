@@ -26,17 +26,51 @@ READS = 520  # per reader: 4 readers
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "gsm-infinite")
 MEDIUM = json.loads(open(os.path.join(FIX, "medium_0.jsonl")).readline())
 SYMBOLIC = json.loads(open(os.path.join(FIX, "symbolic_0.jsonl")).readline())
-PREDICTION = {**MEDIUM, "output": "2", "correct": True, "parsed": 2, "scorer": "exact",
-              "loops": 1, "index": 0, "key": record_key(MEDIUM), "protocol": "paper"}
-FINETUNE = [{"prompt": "Question: 1 + 1?", "answer": " 2"}, {"text": "some text"},
-            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
+PREDICTION = {
+    **MEDIUM,
+    "output": "2",
+    "correct": True,
+    "parsed": 2,
+    "scorer": "exact",
+    "loops": 1,
+    "index": 0,
+    "key": record_key(MEDIUM),
+    "protocol": "paper",
+}
+FINETUNE = [
+    {"prompt": "Question: 1 + 1?", "answer": " 2"},
+    {"text": "some text"},
+    {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+]
 
 ODD = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**70), 2**70),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=6),
-    st.sampled_from(["", "\ud800", "x" * 300_000, 2.5, 1e400, -1, 0, [], {}, [1, 2], ["V1"],
-                     [{"a": 1}], {"role": "user"}, "Answer: x.", "Answer: 12.", "V1"]),
-    st.recursive(st.integers(0, 3), lambda inner: st.lists(inner, max_size=2), max_leaves=4))
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=6),
+    st.sampled_from(
+        [
+            "",
+            "\ud800",
+            "x" * 300_000,
+            2.5,
+            1e400,
+            -1,
+            0,
+            [],
+            {},
+            [1, 2],
+            ["V1"],
+            [{"a": 1}],
+            {"role": "user"},
+            "Answer: x.",
+            "Answer: 12.",
+            "V1",
+        ]
+    ),
+    st.recursive(st.integers(0, 3), lambda inner: st.lists(inner, max_size=2), max_leaves=4),
+)
 COUNTS = {}
 
 
@@ -80,6 +114,7 @@ def read_checked(name, path, read):
 
     def expired(signum, frame):
         raise Hang(f"reading {path} took more than 20 s")
+
     previous = signal.signal(signal.SIGALRM, expired)
     signal.alarm(20)
     counts = COUNTS.setdefault(name, [0, 0])
@@ -99,8 +134,10 @@ def read_checked(name, path, read):
 
 READERS = {
     "problems": (lambda d: d.draw(st.sampled_from([MEDIUM, SYMBOLIC])), gi.read_problems),
-    "predictions to re-score": (lambda d: PREDICTION,
-                                lambda p: read_jsonl(p, check_prediction, "prediction")),
+    "predictions to re-score": (
+        lambda d: PREDICTION,
+        lambda p: read_jsonl(p, check_prediction, "prediction"),
+    ),
     "a run's predictions": (lambda d: PREDICTION, read_predictions),
     "fine-tuning records": (lambda d: d.draw(st.sampled_from(FINETUNE)), read_records),
 }
@@ -110,9 +147,13 @@ READERS = {
 def test_readers_refuse_bad_records_in_one_line(tmp_path, name):
     make, read = READERS[name]
 
-    @settings(max_examples=READS, deadline=None, database=None,
-              derandomize="FUZZ_RANDOM" not in os.environ,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=READS,
+        deadline=None,
+        database=None,
+        derandomize="FUZZ_RANDOM" not in os.environ,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(data=st.data())
     def one(data):
         record = make(data)

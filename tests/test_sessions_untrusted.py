@@ -32,8 +32,14 @@ NAME = "x"
 
 def run(home, *args):
     """The installed command in a process of its own, with stdin empty."""
-    return subprocess.run(CLI + [str(a) for a in args], input="", capture_output=True, text=True,
-                          env={**os.environ, "MLX_SLEEP_HOME": str(home)}, timeout=300)
+    return subprocess.run(
+        CLI + [str(a) for a in args],
+        input="",
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MLX_SLEEP_HOME": str(home)},
+        timeout=300,
+    )
 
 
 class Result:
@@ -61,8 +67,10 @@ def run_here(home, *args):
     stderr = r.stderr
     if r.exception is not None and not isinstance(r.exception, SystemExit):
         import traceback
-        stderr += "Traceback (most recent call last):\n" + "".join(traceback.format_exception(
-            type(r.exception), r.exception, r.exception.__traceback__))
+
+        stderr += "Traceback (most recent call last):\n" + "".join(
+            traceback.format_exception(type(r.exception), r.exception, r.exception.__traceback__)
+        )
     return Result(r.exit_code, r.stdout, stderr)
 
 
@@ -93,8 +101,9 @@ def golden(tmp_path_factory):
         s.save()
         s.close()
     path = str(root / "home" / "sessions" / NAME)
-    arrays = mx.load(os.path.join(path, json.load(open(os.path.join(path, "session.json")))
-                                  ["state_file"]))
+    arrays = mx.load(
+        os.path.join(path, json.load(open(os.path.join(path, "session.json")))["state_file"])
+    )
     assert {"window_ids", "window_core", "state.0.keys", "snapshots.0.1.S"} <= set(arrays)
     return model_dir, path
 
@@ -122,9 +131,11 @@ def write_meta(path, meta=None, text=None):
 
 # -- session.json edited by hand --------------------------------------------------------------------
 
+
 def setting(field, value):
     """An edit of session.json: `field` (dotted; [i] for a list item) set to `value`, or removed
     when value is DELETE."""
+
     def edit(meta):
         *parents, last = field.replace("[", ".").replace("]", "").split(".")
         node = meta
@@ -134,6 +145,7 @@ def setting(field, value):
             del node[last]
         else:
             node[int(last) if isinstance(node, list) else last] = value
+
     return edit
 
 
@@ -152,38 +164,59 @@ ISSUE_JSON_CASES = [
     ("engine a list", setting("engine", [29]), "engine must be an object"),
     ("engine.offset a string", setting("engine.offset", "24"), "engine.offset must be an integer"),
     ("transcript a list", setting("transcript", ["hi"]), "transcript must be an object"),
-    ("messages of ints", setting("transcript.messages", [1, 2]),
-     "transcript.messages[0] must be an object"),
-    ("a message without role", setting("transcript.messages[0].role", DELETE),
-     "transcript.messages[0] lacks the field 'role'"),
+    (
+        "messages of ints",
+        setting("transcript.messages", [1, 2]),
+        "transcript.messages[0] must be an object",
+    ),
+    (
+        "a message without role",
+        setting("transcript.messages[0].role", DELETE),
+        "transcript.messages[0] lacks the field 'role'",
+    ),
     ("state_file an int", setting("state_file", 2), "state_file must be a state file name"),
     ("saved a string", setting("saved", "yesterday"), "saved must be a number"),
     ("saved huge", setting("saved", 1e300), "saved must be a number in"),
     ("generation a string", setting("generation", "2"), "generation must be an integer"),
-    ("a nested-array JSON bomb", replaced(lambda m: json.dumps(m)[:-1] + ', "z": ' + BOMB + "}"),
-     "too deeply"),
+    (
+        "a nested-array JSON bomb",
+        replaced(lambda m: json.dumps(m)[:-1] + ', "z": ' + BOMB + "}"),
+        "too deeply",
+    ),
     # the issue's list: each was accepted and the session rewritten
     ("format -1", setting("format", -1), "format must be an integer in 1..1"),
     ("format true", setting("format", True), "format must be an integer"),
-    ("state_file path traversal", setting("state_file", "../y/state-000002.safetensors"),
-     "state_file must be a state file name"),
+    (
+        "state_file path traversal",
+        setting("state_file", "../y/state-000002.safetensors"),
+        "state_file must be a state file name",
+    ),
     ("state_file absolute", setting("state_file", "/etc/passwd"), "state_file must be"),
     ("history 1e9", setting("history", 1e9), "history must be an integer in 0..64"),
     ("history 10**9", setting("history", 10**9), "history must be an integer in 0..64"),
-    ("50 snapshot_starts", setting("engine.snapshot_starts", list(range(50))),
-     "engine.snapshot_starts may hold at most"),
+    (
+        "50 snapshot_starts",
+        setting("engine.snapshot_starts", list(range(50))),
+        "engine.snapshot_starts may hold at most",
+    ),
     ("unknown top-level key", setting("extra", 1), "has an unknown field 'extra'"),
     ("unknown engine key", setting("engine.extra", 1), "engine has an unknown field 'extra'"),
-    ("unknown message key", setting("transcript.messages[1].tool", "x"),
-     "transcript.messages[1] has an unknown field 'tool'"),
+    (
+        "unknown message key",
+        setting("transcript.messages[1].tool", "x"),
+        "transcript.messages[1] has an unknown field 'tool'",
+    ),
 ]
 MORE_JSON_CASES = [
     ("top level an array", replaced(lambda m: json.dumps([m])), "the top level must be an object"),
     ("top level null", replaced(lambda m: "null"), "the top level must be an object"),
     ("not JSON", replaced(lambda m: json.dumps(m)[:100]), "not valid JSON"),
     ("empty file", replaced(lambda m: ""), "not valid JSON"),
-    ("nested 9 deep", setting("transcript.messages[0].content", [[[[[["a"]]]]]]),
-     "deeper than 8 levels"),
+    (
+        "nested 9 deep",
+        setting("transcript.messages[0].content", [[[[[["a"]]]]]]),
+        "deeper than 8 levels",
+    ),
     ("format newer", setting("format", 99), "newer mlx-sleep (format 99"),
     ("format a string", setting("format", "1"), "format must be an integer"),
     ("format missing", setting("format", DELETE), "lacks the field 'format'"),
@@ -191,8 +224,11 @@ MORE_JSON_CASES = [
     ("saved NaN", setting("saved", float("nan")), "saved must be a number"),
     ("saved negative", setting("saved", -5), "saved must be a number"),
     ("generation 0", setting("generation", 0), "generation must be an integer in 1.."),
-    ("generation of another state file", setting("generation", 7),
-     "state_file must be state-<generation>.safetensors"),
+    (
+        "generation of another state file",
+        setting("generation", 7),
+        "state_file must be state-<generation>.safetensors",
+    ),
     ("name with a slash", setting("name", "../x"), "name must be a session name"),
     ("model.path relative", setting("model.path", "model"), "model.path must be an absolute path"),
     ("model.path a Hub id", setting("model.path", "evil/model"), "model.path must be"),
@@ -206,27 +242,49 @@ MORE_JSON_CASES = [
     ("engine.offset negative", setting("engine.offset", -1), "engine.offset must be an integer"),
     ("engine.offset a float", setting("engine.offset", 24.0), "engine.offset must be an integer"),
     ("engine.offset beyond 32 bits", setting("engine.offset", 2**40), "engine.offset must be"),
-    ("window_start after offset", setting("engine.window_start", 25),
-     "engine.window_start must be <= engine.offset"),
+    (
+        "window_start after offset",
+        setting("engine.window_start", 25),
+        "engine.window_start must be <= engine.offset",
+    ),
     ("live window beyond L", setting("engine.window_start", 0), "the live window"),
     ("engine.batch_size 2", setting("engine.batch_size", 2), "engine.batch_size must be"),
     ("engine.sleeps a list", setting("engine.sleeps", [1]), "engine.sleeps must be an integer"),
-    ("snapshot_starts past window_start", setting("engine.snapshot_starts", [20]),
-     "engine.snapshot_starts must ascend"),
-    ("snapshot_starts a dict", setting("engine.snapshot_starts", {"0": 0}),
-     "engine.snapshot_starts must be a list"),
+    (
+        "snapshot_starts past window_start",
+        setting("engine.snapshot_starts", [20]),
+        "engine.snapshot_starts must ascend",
+    ),
+    (
+        "snapshot_starts a dict",
+        setting("engine.snapshot_starts", {"0": 0}),
+        "engine.snapshot_starts must be a list",
+    ),
     ("history below the snapshots", setting("history", 0), "engine.snapshot_starts may hold"),
-    ("role unknown", setting("transcript.messages[0].role", "root"),
-     "transcript.messages[0].role must be one of system, user, assistant"),
-    ("content an int", setting("transcript.messages[0].content", 3),
-     "transcript.messages[0].content must be a string"),
-    ("content a lone surrogate", setting("transcript.messages[0].content", "a\ud800"),
-     "transcript.messages[0].content must be a string"),
+    (
+        "role unknown",
+        setting("transcript.messages[0].role", "root"),
+        "transcript.messages[0].role must be one of system, user, assistant",
+    ),
+    (
+        "content an int",
+        setting("transcript.messages[0].content", 3),
+        "transcript.messages[0].content must be a string",
+    ),
+    (
+        "content a lone surrogate",
+        setting("transcript.messages[0].content", "a\ud800"),
+        "transcript.messages[0].content must be a string",
+    ),
     ("fed_text null", setting("transcript.fed_text", None), "transcript.fed_text must be a string"),
     ("state_sha256 not hex", setting("state_sha256", "x" * 64), "state_sha256 must be"),
     ("state_bytes negative", setting("state_bytes", -1), "state_bytes must be"),
     ("state_bytes another size", setting("state_bytes", 1000), "does not match its checksum"),
-    ("state_sha256 another file's", setting("state_sha256", "0" * 64), "does not match its checksum"),
+    (
+        "state_sha256 another file's",
+        setting("state_sha256", "0" * 64),
+        "does not match its checksum",
+    ),
 ]
 SESSION_JSON_CASES = [(*c, True) for c in ISSUE_JSON_CASES] + [(*c, False) for c in MORE_JSON_CASES]
 
@@ -245,8 +303,12 @@ def test_an_edited_session_json_is_refused_by_every_command(golden, tmp_path, ca
         write_meta(path, meta)
     before = snapshot(tmp_path)
     reads_only_json = name == "state_sha256 another file's"  # show, export, list: no checksum
-    for args in (["sessions", "show", NAME], ["chat", "-s", NAME],
-                 ["consolidate", "-s", NAME, "--min-fill", "0"], ["sessions", "export", NAME]):
+    for args in (
+        ["sessions", "show", NAME],
+        ["chat", "-s", NAME],
+        ["consolidate", "-s", NAME, "--min-fill", "0"],
+        ["sessions", "export", NAME],
+    ):
         r = (run if issue and args[1] != "export" else run_here)(home, *args)
         if reads_only_json and args[0] == "sessions":
             assert r.returncode == 0, r.stdout + r.stderr
@@ -281,8 +343,9 @@ def test_the_session_list_names_each_unreadable_session_and_fails(golden, tmp_pa
     lines = []
     with pytest.raises(SessionError, match=r"^1 of 2 sessions cannot be read \(y\): see above$"):
         report_sessions(lines.append)
-    assert lines[0].startswith("x: 24 tokens, window 8/16") and \
-        lines[1].startswith("y: session 'y' is corrupt (session.json: the top level must be")
+    assert lines[0].startswith("x: 24 tokens, window 8/16") and lines[1].startswith(
+        "y: session 'y' is corrupt (session.json: the top level must be"
+    )
 
 
 # -- the state file edited (its checksum and size updated in session.json, so they pass) ----------
@@ -295,8 +358,11 @@ def safetensors_bytes(arrays: dict, header_edit=None) -> bytes:
     header, blobs, offset = {}, [], 0
     for name, a in sorted(arrays.items()):
         data = np.array(a).tobytes()
-        header[name] = {"dtype": ST[a.dtype], "shape": list(a.shape),
-                        "data_offsets": [offset, offset + len(data)]}
+        header[name] = {
+            "dtype": ST[a.dtype],
+            "shape": list(a.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
         blobs.append(data)
         offset += len(data)
     if header_edit:
@@ -309,6 +375,7 @@ def arrays_edit(fn):
     def edit(arrays):
         fn(arrays)
         return safetensors_bytes(arrays)
+
     return edit
 
 
@@ -319,6 +386,7 @@ def header_edit(fn):
 def set_array(name, make):
     def fn(arrays):
         arrays[name] = make(arrays[name])
+
     return arrays_edit(fn)
 
 
@@ -326,6 +394,7 @@ def drop(*names):
     def fn(arrays):
         for n in names:
             del arrays[n]
+
     return arrays_edit(fn)
 
 
@@ -335,60 +404,150 @@ def nan_at(a):
 
 STATE_CASES = [
     # the issue's list: each was accepted and the session rewritten
-    ("fast weights float16", set_array("state.1.S", lambda a: a.astype(mx.float16)),
-     "state.1.S is F16; the model needs F32"),
-    ("fast weights int32", set_array("state.1.S", lambda a: a.astype(mx.int32)),
-     "state.1.S is I32; the model needs F32"),
+    (
+        "fast weights float16",
+        set_array("state.1.S", lambda a: a.astype(mx.float16)),
+        "state.1.S is F16; the model needs F32",
+    ),
+    (
+        "fast weights int32",
+        set_array("state.1.S", lambda a: a.astype(mx.int32)),
+        "state.1.S is I32; the model needs F32",
+    ),
     ("fast weights NaN", set_array("state.1.S", nan_at), "state.1.S holds NaN or infinite"),
-    ("KV of another head size", arrays_edit(lambda d: d.update(
-        {k: d[k][..., :8] for k in ("state.0.keys", "state.0.values")})),
-     "state.0.keys is [1, 2, 8, 8]; the model needs [1, 2, 1..16, 16]"),
-    ("KV 100k tokens long", arrays_edit(lambda d: d.update(
-        {k: mx.zeros((1, 2, 100_000, 16)) for k in ("state.0.keys", "state.0.values")})),
-     "state_bytes"),
+    (
+        "KV of another head size",
+        arrays_edit(
+            lambda d: d.update({k: d[k][..., :8] for k in ("state.0.keys", "state.0.values")})
+        ),
+        "state.0.keys is [1, 2, 8, 8]; the model needs [1, 2, 1..16, 16]",
+    ),
+    (
+        "KV 100k tokens long",
+        arrays_edit(
+            lambda d: d.update(
+                {k: mx.zeros((1, 2, 100_000, 16)) for k in ("state.0.keys", "state.0.values")}
+            )
+        ),
+        "state_bytes",
+    ),
     # more
-    ("fast weights infinite", set_array("state.3.S", lambda a: a + float("inf")),
-     "state.3.S holds NaN or infinite"),
-    ("fast weights another shape", set_array("state.1.S", lambda a: a[:, :1]),
-     "state.1.S is [1, 1, 16, 16]; the model needs [1, 2, 16, 16]"),
-    ("conv state NaN in a snapshot", set_array("snapshots.0.1.conv", nan_at),
-     "snapshots.0.1.conv holds NaN"),
-    ("snapshot of another shape", set_array("snapshots.0.3.S", lambda a: a[..., :4]),
-     "snapshots.0.3.S is"),
-    ("a fast weight missing", drop("window_start_state.3.S"), "lacks the array window_start_state.3.S"),
-    ("a snapshot missing", drop("snapshots.0.1.S", "snapshots.0.1.conv", "snapshots.0.3.S",
-                                "snapshots.0.3.conv"), "lacks the array snapshots.0.1"),
-    ("an unknown array", arrays_edit(lambda d: d.update({"state.1.extra": mx.zeros((2,))})),
-     "holds an array 'state.1.extra'"),
-    ("an extra snapshot", arrays_edit(lambda d: d.update(
-        {k.replace("snapshots.0", "snapshots.1"): v for k, v in list(d.items())
-         if k.startswith("snapshots.0")})), "holds an array 'snapshots.1."),
+    (
+        "fast weights infinite",
+        set_array("state.3.S", lambda a: a + float("inf")),
+        "state.3.S holds NaN or infinite",
+    ),
+    (
+        "fast weights another shape",
+        set_array("state.1.S", lambda a: a[:, :1]),
+        "state.1.S is [1, 1, 16, 16]; the model needs [1, 2, 16, 16]",
+    ),
+    (
+        "conv state NaN in a snapshot",
+        set_array("snapshots.0.1.conv", nan_at),
+        "snapshots.0.1.conv holds NaN",
+    ),
+    (
+        "snapshot of another shape",
+        set_array("snapshots.0.3.S", lambda a: a[..., :4]),
+        "snapshots.0.3.S is",
+    ),
+    (
+        "a fast weight missing",
+        drop("window_start_state.3.S"),
+        "lacks the array window_start_state.3.S",
+    ),
+    (
+        "a snapshot missing",
+        drop("snapshots.0.1.S", "snapshots.0.1.conv", "snapshots.0.3.S", "snapshots.0.3.conv"),
+        "lacks the array snapshots.0.1",
+    ),
+    (
+        "an unknown array",
+        arrays_edit(lambda d: d.update({"state.1.extra": mx.zeros((2,))})),
+        "holds an array 'state.1.extra'",
+    ),
+    (
+        "an extra snapshot",
+        arrays_edit(
+            lambda d: d.update(
+                {
+                    k.replace("snapshots.0", "snapshots.1"): v
+                    for k, v in list(d.items())
+                    if k.startswith("snapshots.0")
+                }
+            )
+        ),
+        "holds an array 'snapshots.1.",
+    ),
     ("keys without values", drop("state.0.values"), "must hold state.0.keys and state.0.values"),
-    ("keys and values of two lengths", set_array("state.0.values", lambda a: a[:, :, :4]),
-     "state.0.keys and state.0.values of one shape"),
-    ("KV in a state with no tokens before it", arrays_edit(lambda d: d.update(
-        {"snapshots.0.0.keys": d["state.0.keys"], "snapshots.0.0.values": d["state.0.values"]})),
-     "holds an array 'snapshots.0.0.keys'"),
-    ("token ids outside the vocabulary", set_array("window_ids", lambda a: a + 100_000),
-     "token id 100056 is outside the vocabulary"),
-    ("token ids float", set_array("window_ids", lambda a: a.astype(mx.float32)),
-     "window_ids is F32"),
-    ("token ids of another length", set_array("window_ids", lambda a: a[:, :5]),
-     "window_ids is [1, 5]; the model needs [1, 8]"),
-    ("wake features of another width", set_array("window_core", lambda a: a[..., :7]),
-     "window_core is [1, 8, 7]; the model needs [1, 8, 32]"),
-    ("header not JSON", lambda d: struct.pack("<Q", 5) + b"{oops" + b"\0" * 64,
-     "is not a safetensors file"),
-    ("header longer than the file", lambda d: struct.pack("<Q", 1 << 40) + b"{}",
-     "is not a safetensors file"),
-    ("header shape a string", header_edit(lambda h: h["state.1.S"].update(shape="big")),
-     "bad header entry for 'state.1.S'"),
-    ("header offsets past the end", header_edit(lambda h: h["state.1.S"].update(
-        data_offsets=[10**9, 10**9 + 2048])), "bad header entry for 'state.1.S'"),
-    ("header offsets overlapping", header_edit(lambda h: h["window_ids"].update(
-        data_offsets=[0, 32])), "overlapping arrays"),
-    ("header a nested bomb", lambda d: struct.pack("<Q", len(BOMB)) + BOMB.encode(),
-     "is not a safetensors file"),
+    (
+        "keys and values of two lengths",
+        set_array("state.0.values", lambda a: a[:, :, :4]),
+        "state.0.keys and state.0.values of one shape",
+    ),
+    (
+        "KV in a state with no tokens before it",
+        arrays_edit(
+            lambda d: d.update(
+                {
+                    "snapshots.0.0.keys": d["state.0.keys"],
+                    "snapshots.0.0.values": d["state.0.values"],
+                }
+            )
+        ),
+        "holds an array 'snapshots.0.0.keys'",
+    ),
+    (
+        "token ids outside the vocabulary",
+        set_array("window_ids", lambda a: a + 100_000),
+        "token id 100056 is outside the vocabulary",
+    ),
+    (
+        "token ids float",
+        set_array("window_ids", lambda a: a.astype(mx.float32)),
+        "window_ids is F32",
+    ),
+    (
+        "token ids of another length",
+        set_array("window_ids", lambda a: a[:, :5]),
+        "window_ids is [1, 5]; the model needs [1, 8]",
+    ),
+    (
+        "wake features of another width",
+        set_array("window_core", lambda a: a[..., :7]),
+        "window_core is [1, 8, 7]; the model needs [1, 8, 32]",
+    ),
+    (
+        "header not JSON",
+        lambda d: struct.pack("<Q", 5) + b"{oops" + b"\0" * 64,
+        "is not a safetensors file",
+    ),
+    (
+        "header longer than the file",
+        lambda d: struct.pack("<Q", 1 << 40) + b"{}",
+        "is not a safetensors file",
+    ),
+    (
+        "header shape a string",
+        header_edit(lambda h: h["state.1.S"].update(shape="big")),
+        "bad header entry for 'state.1.S'",
+    ),
+    (
+        "header offsets past the end",
+        header_edit(lambda h: h["state.1.S"].update(data_offsets=[10**9, 10**9 + 2048])),
+        "bad header entry for 'state.1.S'",
+    ),
+    (
+        "header offsets overlapping",
+        header_edit(lambda h: h["window_ids"].update(data_offsets=[0, 32])),
+        "overlapping arrays",
+    ),
+    (
+        "header a nested bomb",
+        lambda d: struct.pack("<Q", len(BOMB)) + BOMB.encode(),
+        "is not a safetensors file",
+    ),
 ]
 
 
@@ -402,6 +561,7 @@ def test_an_edited_state_file_is_refused_when_opened(golden, tmp_path, case):
     with open(state, "wb") as f:
         f.write(data)
     import hashlib
+
     meta.update(state_bytes=len(data), state_sha256=hashlib.sha256(data).hexdigest())
     write_meta(path, meta)
     before = snapshot(tmp_path)
@@ -412,13 +572,19 @@ def test_an_edited_state_file_is_refused_when_opened(golden, tmp_path, case):
 
 # -- names and symlinks ----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", ["../x", "..", ".x", "a/b", "x" * 65, "x\n", "", "_x", "x y"])
 def test_a_session_name_is_a_plain_name(golden, tmp_path, name):
     home, _ = install(golden, tmp_path)
     before = snapshot(tmp_path)
     refused(run(home, "sessions", "show", name), "is not a session name")
-    for args in (["sessions", "export", name], ["sessions", "rm", name], ["chat", "-s", name],
-                 ["chat", "--model", golden[0], "-s", name], ["consolidate", "-s", name]):
+    for args in (
+        ["sessions", "export", name],
+        ["sessions", "rm", name],
+        ["chat", "-s", name],
+        ["chat", "--model", golden[0], "-s", name],
+        ["consolidate", "-s", name],
+    ):
         refused(run_here(home, *args), "is not a session name")
     assert snapshot(tmp_path) == before
 
@@ -426,10 +592,14 @@ def test_a_session_name_is_a_plain_name(golden, tmp_path, name):
 def all_commands(home, model_dir):
     """(runner, args): each command as a process, but a chat that loads the tokenizer first
     (--model) in this process."""
-    return [(run, ["sessions", "show", NAME]), (run, ["sessions", "export", NAME]),
-            (run, ["sessions", "rm", NAME]), (run, ["chat", "-s", NAME]),
-            (run, ["consolidate", "-s", NAME, "--min-fill", "0"]),
-            (run_here, ["chat", "--model", model_dir, "-s", NAME])]
+    return [
+        (run, ["sessions", "show", NAME]),
+        (run, ["sessions", "export", NAME]),
+        (run, ["sessions", "rm", NAME]),
+        (run, ["chat", "-s", NAME]),
+        (run, ["consolidate", "-s", NAME, "--min-fill", "0"]),
+        (run_here, ["chat", "--model", model_dir, "-s", NAME]),
+    ]
 
 
 def test_a_symlinked_sessions_directory_is_refused(golden, tmp_path):
@@ -439,8 +609,10 @@ def test_a_symlinked_sessions_directory_is_refused(golden, tmp_path):
     home.mkdir()
     (home / "sessions").symlink_to(outside / "sessions")
     before = snapshot(tmp_path)
-    for runner, args in all_commands(home, golden[0]) + [(run, ["sessions", "list"]),
-                                                         (run, ["consolidate", "--all"])]:
+    for runner, args in all_commands(home, golden[0]) + [
+        (run, ["sessions", "list"]),
+        (run, ["consolidate", "--all"]),
+    ]:
         refused(runner(home, *args), f"{home / 'sessions'} is a symlink")
     assert snapshot(tmp_path) == before
 
@@ -458,7 +630,9 @@ def test_a_symlinked_session_directory_is_refused_and_its_target_untouched(golde
     for runner, args in all_commands(home, golden[0]) + [(run, ["consolidate", "--all"])]:
         refused(runner(home, *args), f"{home / 'sessions' / NAME} is a symlink")
     r = run(home, "sessions", "list")  # exit 1 once cli.py calls report_sessions
-    assert r.returncode in (0, 1) and r.stdout.startswith(f"{NAME}: ") and "is a symlink" in r.stdout
+    assert (
+        r.returncode in (0, 1) and r.stdout.startswith(f"{NAME}: ") and "is a symlink" in r.stdout
+    )
     assert snapshot(tmp_path) == before
 
 
@@ -485,7 +659,9 @@ def test_a_symlinked_file_in_a_session_is_refused(golden, tmp_path, which):
     for args in commands:  # a chat reaching the lock has loaded the tokenizer: in this process
         runner = run_here if args[0] == "chat" and "lock" in which else run
         refused(runner(home, *args), f"session '{NAME}' is corrupt", "is a symlink")
-    assert snapshot(tmp_path) == before and not os.path.lexists(outside / "created-through-the-link")
+    assert snapshot(tmp_path) == before and not os.path.lexists(
+        outside / "created-through-the-link"
+    )
     if "lock" not in which:  # rm unlinks the link, never what it points to
         r = run(home, "sessions", "rm", NAME)
         assert r.returncode == 0, r.stdout + r.stderr
@@ -493,7 +669,7 @@ def test_a_symlinked_file_in_a_session_is_refused(golden, tmp_path, which):
 
 
 def before_outside(before):
-    return {k[len("outside/"):]: v for k, v in before.items() if k.startswith("outside/")}
+    return {k[len("outside/") :]: v for k, v in before.items() if k.startswith("outside/")}
 
 
 def test_a_fifo_as_the_state_file_is_refused_without_blocking(golden, tmp_path):
@@ -525,10 +701,12 @@ def test_io_readers_refuse_links_fifos_and_deep_nesting(tmp_path):
     (tmp_path / "bomb.json").write_text(BOMB)
     assert read_json(tmp_path / "ok.json", max_depth=3, nofollow=True) == {"a": [[1]]}
     assert read_json(tmp_path / "link.json") == {"a": [[1]]}  # the old behaviour by default
-    for path, flags, match in (("ok.json", {"max_depth": 2}, "deeper than 2 levels"),
-                               ("bomb.json", {}, "too deeply"),
-                               ("link.json", {"nofollow": True}, "is a symlink"),
-                               ("fifo", {"nofollow": True}, "is a FIFO")):
+    for path, flags, match in (
+        ("ok.json", {"max_depth": 2}, "deeper than 2 levels"),
+        ("bomb.json", {}, "too deeply"),
+        ("link.json", {"nofollow": True}, "is a symlink"),
+        ("fifo", {"nofollow": True}, "is a FIFO"),
+    ):
         with pytest.raises(ConfigError, match=match):
             read_json(tmp_path / path, **flags)
     with pytest.raises(ConfigError, match="is a symlink"):
@@ -543,11 +721,16 @@ def test_io_readers_refuse_links_fifos_and_deep_nesting(tmp_path):
 
 # -- the lock ----------------------------------------------------------------------------------------
 
+
 def test_rm_while_a_chat_holds_the_session_is_refused(golden, tmp_path):
     home, path = install(golden, tmp_path)
-    chat = pexpect.spawn(CLI[0], CLI[1:] + ["chat", "-s", NAME, "--idle-delay", "0"],
-                         env={**os.environ, "MLX_SLEEP_HOME": str(home),
-                              "PROMPT_TOOLKIT_NO_CPR": "1"}, encoding="utf-8", timeout=120)
+    chat = pexpect.spawn(
+        CLI[0],
+        CLI[1:] + ["chat", "-s", NAME, "--idle-delay", "0"],
+        env={**os.environ, "MLX_SLEEP_HOME": str(home), "PROMPT_TOOLKIT_NO_CPR": "1"},
+        encoding="utf-8",
+        timeout=120,
+    )
     chat.expect_exact(">>>")
     before = snapshot(tmp_path)
     refused(run(home, "sessions", "rm", NAME), "in use by another mlx-sleep process")
@@ -570,6 +753,7 @@ def test_history_flag_is_bounded(golden, tmp_path):
 
 
 # -- SIGKILL at every filesystem step ---------------------------------------------------------------
+
 
 def killed_run(home, at, count_file, *args):
     return run_killed(at, count_file, *args, env={"MLX_SLEEP_HOME": str(home)})
@@ -606,8 +790,12 @@ def test_sigkill_at_every_step_of_consolidate_leaves_the_session_loadable(golden
         finally:
             os.umask(mask)
         assert r.returncode == 0 and loads(golden, home) == new, (at, r.stdout + r.stderr)
-        left = set(os.listdir(path)) - {"lock", "session.json", "state-000001.safetensors",
-                                        "state-000002.safetensors"}
+        left = set(os.listdir(path)) - {
+            "lock",
+            "session.json",
+            "state-000001.safetensors",
+            "state-000002.safetensors",
+        }
         assert all(f.startswith(".mlx-sleep-tmp-") for f in left), (at, left)
         for f in os.listdir(path):  # owner-only, whatever the umask
             assert os.lstat(os.path.join(path, f)).st_mode & 0o777 == 0o600, (at, f)

@@ -16,8 +16,15 @@ V = 13
 
 def model_of(layers, seed=0, **kw):
     mx.random.seed(seed)
-    cfg = ModelConfig(vocab_size=V, hidden_size=16, layers=layers, num_heads=2,
-                      gdn_v_heads=kw.pop("gdn_v_heads", 2), swa_window=kw.pop("swa_window", 3), **kw)
+    cfg = ModelConfig(
+        vocab_size=V,
+        hidden_size=16,
+        layers=layers,
+        num_heads=2,
+        gdn_v_heads=kw.pop("gdn_v_heads", 2),
+        swa_window=kw.pop("swa_window", 3),
+        **kw,
+    )
     model = HybridLM(cfg)
     mx.eval(model.parameters())
     return model
@@ -38,6 +45,7 @@ def tokens(B, T, seed=0):
 
 
 # -- pass semantics ------------------------------------------------------------------------
+
 
 def test_passes_carry_features_and_fast_weights_restart_kv_and_conv():
     """Written out by hand for attn -> gdn: pass n+1 reads pass n's features, S carries over,
@@ -84,6 +92,7 @@ def test_chunk_bounds():
 
 # -- (a) inference == training ---------------------------------------------------------------
 
+
 @pytest.mark.parametrize("eviction", ["hard", "sliding"])
 @pytest.mark.parametrize("layers", ["attn,gdn,jet,swa", "gdn,attn"])
 def test_consolidated_state_equals_training_state(eviction, layers):
@@ -107,13 +116,14 @@ def test_wake_logits_equal_training_answer_logits():
     mask = np.zeros((1, 15))
     mask[:, 11:] = 1
     answers, _ = sleep_forward(model, ids, mask, sleep)
-    (a, b, logits), = answers
+    ((a, b, logits),) = answers
     engine = SleepEngine(model, sleep)
     out = engine.feed(ids)
     assert_trees_close(out[:, a:b], logits)
 
 
 # -- (b) under hard eviction earlier windows reach later outputs only through S -----------------
+
 
 def later_window_logits(model, ids, loops=2):
     mask = np.zeros(ids.shape)
@@ -145,14 +155,16 @@ def test_gradients_reach_evicted_tokens_only_through_fast_weights(layers, reache
     ids = mx.array([[0, 1, 2, 3, 4, 5, 6, 7]])
     mask = np.zeros((1, 8))
     mask[:, 4:] = 1
-    grad_fn = nn.value_and_grad(model, lambda m: sleep_loss(m, ids, ids, mask,
-                                                            SleepConfig(loops=2, window=4))[0])
+    grad_fn = nn.value_and_grad(
+        model, lambda m: sleep_loss(m, ids, ids, mask, SleepConfig(loops=2, window=4))[0]
+    )
     _, grads = grad_fn(model)
     first_window_rows = np.abs(np.array(grads["embed_tokens"]["weight"][:4])).max()
     assert (first_window_rows > 0) == reaches
 
 
 # -- (c) N = 1 is the plain hybrid with the same eviction ----------------------------------------
+
 
 def test_n1_sliding_equals_plain_sliding_window_forward():
     """N = 1 with sliding eviction is exactly ordinary sliding-window attention + SSM over the
@@ -165,7 +177,7 @@ def test_n1_sliding_equals_plain_sliding_window_forward():
         h, _ = layer(h, s, 0, window=L)
     plain = model.head(h)
     engine = SleepEngine(model, SleepConfig(loops=1, window=L, eviction="sliding"), batch_size=2)
-    out = mx.concatenate([engine.feed(ids[:, a:a + 3]) for a in range(0, 23, 3)], axis=1)
+    out = mx.concatenate([engine.feed(ids[:, a : a + 3]) for a in range(0, 23, 3)], axis=1)
     assert_trees_close(out, plain)
 
 
@@ -179,11 +191,14 @@ def test_n1_hard_equals_plain_forward_per_window():
     out = engine.feed(ids)
     state = model.initial_state(1)
     for a in range(0, 12, L):
-        h = model.embed(ids[:, a:a + L])
-        carried = [model.initial_state(1)[0], {"conv": mx.zeros_like(state[1]["conv"]), "S": state[1]["S"]}]
+        h = model.embed(ids[:, a : a + L])
+        carried = [
+            model.initial_state(1)[0],
+            {"conv": mx.zeros_like(state[1]["conv"]), "S": state[1]["S"]},
+        ]
         for i, layer in enumerate(model.layers):
             h, state[i] = layer(h, carried[i], a)
-        assert_trees_close(out[:, a:a + L], model.head(h))
+        assert_trees_close(out[:, a : a + L], model.head(h))
 
 
 def test_engine_n1_state_equals_training_n1_state():
@@ -199,13 +214,14 @@ def test_engine_n1_state_equals_training_n1_state():
 
 # -- engine behaviour --------------------------------------------------------------------------
 
+
 def test_feed_token_by_token_equals_feed_at_once():
     model = model_of("attn,gdn,swa")
     sleep = SleepConfig(loops=2, window=4, eviction="sliding")
     ids = tokens(1, 10)
     e1, e2 = SleepEngine(model, sleep), SleepEngine(model, sleep)
     whole = e1.feed(ids)
-    steps = mx.concatenate([e2.feed(ids[:, t:t + 1]) for t in range(10)], axis=1)
+    steps = mx.concatenate([e2.feed(ids[:, t : t + 1]) for t in range(10)], axis=1)
     assert_trees_close(steps, whole)
     assert_trees_close(e2.state, e1.state)
 
@@ -218,7 +234,9 @@ def test_cancelled_sleep_changes_nothing():
     engine.feed(ids)
     before = flat(engine.state_dict()["arrays"]), dict(engine.state_dict()["meta"])
     passes = []
-    done = engine.consolidate(cancel=lambda: len(passes) >= 2, on_pass=lambda n, N: passes.append(n))
+    done = engine.consolidate(
+        cancel=lambda: len(passes) >= 2, on_pass=lambda n, N: passes.append(n)
+    )
     assert not done and passes == [1, 2]
     after = flat(engine.state_dict()["arrays"]), engine.state_dict()["meta"]
     assert before[1] == after[1]
@@ -269,7 +287,7 @@ def test_feed_returns_the_logits_asked_for():
         none_engine.feed(ids, logits="first")
 
 
-@pytest.mark.parametrize("bad", [V, -1, 10 ** 9])
+@pytest.mark.parametrize("bad", [V, -1, 10**9])
 def test_feed_and_model_refuse_ids_outside_the_vocabulary(bad):
     model = model_of("attn,gdn")
     engine = SleepEngine(model, SleepConfig(window=4))
@@ -289,21 +307,25 @@ def test_one_feed_over_many_windows_keeps_memory_flat(logits):
     wake-pass intermediates (which unevaluated logits would keep alive: measured here without
     the per-window evaluation, 37 MB for 2 windows and 262 MB for 16)."""
     mx.random.seed(0)
-    model = HybridLM(ModelConfig(vocab_size=16, hidden_size=256, layers="attn,gdn,jet",
-                                 num_heads=4, gdn_v_heads=4))
+    model = HybridLM(
+        ModelConfig(
+            vocab_size=16, hidden_size=256, layers="attn,gdn,jet", num_heads=4, gdn_v_heads=4
+        )
+    )
     mx.eval(model.parameters())
 
     def peak(n_windows):
         engine = SleepEngine(model, SleepConfig(loops=1, window=64), batch_size=4)
-        ids = mx.array(np.random.default_rng(0).integers(0, 16, (4, 64 * n_windows)),
-                       dtype=mx.int32)
+        ids = mx.array(
+            np.random.default_rng(0).integers(0, 16, (4, 64 * n_windows)), dtype=mx.int32
+        )
         mx.eval(ids)
         mx.reset_peak_memory()
         mx.eval(engine.feed(ids, logits=logits))
         return mx.get_peak_memory()
 
     peak(2)  # warm up
-    assert peak(16) < 1.2 * peak(2), (peak(16) / 2 ** 20, peak(2) / 2 ** 20)
+    assert peak(16) < 1.2 * peak(2), (peak(16) / 2**20, peak(2) / 2**20)
 
 
 def test_load_state_dict_refuses_states_that_do_not_fit_and_changes_nothing():
@@ -324,8 +346,9 @@ def test_load_state_dict_refuses_states_that_do_not_fit_and_changes_nothing():
 
     refused(SleepEngine(model, SleepConfig(loops=3, window=5)), d, "sleep settings")
     refused(SleepEngine(model, SleepConfig(loops=2, window=6)), d, "sleep settings")
-    refused(SleepEngine(model, SleepConfig(loops=2, window=5, eviction="sliding")), d,
-            "sleep settings")
+    refused(
+        SleepEngine(model, SleepConfig(loops=2, window=5, eviction="sliding")), d, "sleep settings"
+    )
     refused(SleepEngine(model, sleep, batch_size=2), d, "batch size")
     refused(SleepEngine(model_of("attn,jet"), sleep), d, "model")
     refused(SleepEngine(model_of("attn,gdn", gdn_v_heads=4), sleep), d, "model")
@@ -336,13 +359,17 @@ def test_load_state_dict_refuses_states_that_do_not_fit_and_changes_nothing():
     refused(SleepEngine(model, sleep), bad, "inconsistent")
 
 
-ANSWERS = {"end": [(slice(None), slice(12, 14))], "middle": [(0, slice(5, 7))],
-           "both": [(slice(None), slice(12, 14)), (1, slice(2, 3))]}
+ANSWERS = {
+    "end": [(slice(None), slice(12, 14))],
+    "middle": [(0, slice(5, 7))],
+    "both": [(slice(None), slice(12, 14)), (1, slice(2, 3))],
+}
 
 
 def plain_value_and_grad(model, ids, targets, mask, sleep, plan=None):
-    return nn.value_and_grad(model, lambda m: sleep_loss(m, ids, targets, mask, sleep,
-                                                         plan=plan))(model)
+    return nn.value_and_grad(model, lambda m: sleep_loss(m, ids, targets, mask, sleep, plan=plan))(
+        model
+    )
 
 
 @pytest.mark.parametrize("answers", sorted(ANSWERS))
@@ -365,8 +392,12 @@ def test_chunkwise_value_and_grad_equals_plain_backprop(layers, eviction, loops,
     assert max(np.abs(v).max() for v in flat(g0).values()) > 1e-3  # a non-trivial comparison
     assert_trees_close(g1, g0)
     # the model is left with its own parameters
-    assert_close(sleep_loss(model, ids, targets, mask, sleep)[0].item(), l0.item(), rtol=1e-6,
-                 what="loss after")
+    assert_close(
+        sleep_loss(model, ids, targets, mask, sleep)[0].item(),
+        l0.item(),
+        rtol=1e-6,
+        what="loss after",
+    )
 
 
 def test_chunkwise_value_and_grad_prelude_coda_random_chunks_and_no_answers():
@@ -408,8 +439,11 @@ def test_chunkwise_value_and_grad_bounds_peak_memory():
     """Backprop through the whole graph holds every pass of every chunk; the chunkwise gradient
     holds about one chunk's. 12 chunks x 4 passes here: expect well under half the memory."""
     mx.random.seed(0)
-    model = HybridLM(ModelConfig(vocab_size=V, hidden_size=64, layers="attn,gdn,attn,gdn",
-                                 num_heads=2, gdn_v_heads=2))
+    model = HybridLM(
+        ModelConfig(
+            vocab_size=V, hidden_size=64, layers="attn,gdn,attn,gdn", num_heads=2, gdn_v_heads=2
+        )
+    )
     mx.eval(model.parameters())
     sleep = SleepConfig(loops=4, window=8)
     ids = tokens(8, 96)
@@ -424,7 +458,7 @@ def test_chunkwise_value_and_grad_bounds_peak_memory():
 
     plain = peak(lambda: plain_value_and_grad(model, ids, ids, mask, sleep))
     chunkwise = peak(lambda: sleep_value_and_grad(model, ids, ids, mask, sleep))
-    assert chunkwise < 0.5 * plain, (chunkwise / 2 ** 20, plain / 2 ** 20)
+    assert chunkwise < 0.5 * plain, (chunkwise / 2**20, plain / 2**20)
 
 
 def test_more_loops_change_the_answer():
@@ -437,9 +471,14 @@ def test_more_loops_change_the_answer():
     assert abs(l1 - l3) > 1e-4
 
 
-@pytest.mark.parametrize("kw,msg", [
-    (dict(loops=0), "loops"), (dict(window=0), "window"), (dict(eviction="soft"), "eviction"),
-])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        (dict(loops=0), "loops"),
+        (dict(window=0), "window"),
+        (dict(eviction="soft"), "eviction"),
+    ],
+)
 def test_bad_sleep_settings(kw, msg):
     with pytest.raises(ConfigError, match=msg):
         SleepConfig(**kw)
@@ -456,6 +495,7 @@ def test_evict_keeps_fast_weights():
 
 
 # -- the wake pass as the first sleep pass -----------------------------------------------------
+
 
 @pytest.mark.parametrize("layers,eviction", [("attn,gdn,jet,swa", "sliding"), ("gdn,attn", "hard")])
 def test_sleep_reuses_a_one_piece_wake_pass_bit_for_bit(layers, eviction):

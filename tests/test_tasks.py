@@ -20,8 +20,14 @@ from tests.numerics import assert_close
 
 # The rule table is the one hard-coded expectation: Wolfram's rule number 110.
 RULE_TABLE = {
-    (1, 1, 1): 0, (1, 1, 0): 1, (1, 0, 1): 1, (1, 0, 0): 0,
-    (0, 1, 1): 1, (0, 1, 0): 1, (0, 0, 1): 1, (0, 0, 0): 0,
+    (1, 1, 1): 0,
+    (1, 1, 0): 1,
+    (1, 0, 1): 1,
+    (1, 0, 0): 0,
+    (0, 1, 1): 1,
+    (0, 1, 0): 1,
+    (0, 0, 1): 1,
+    (0, 0, 0): 0,
 }
 
 
@@ -159,9 +165,15 @@ def slow_walk(edges, v, k):
 
 @pytest.mark.parametrize(
     "settings",
-    [{}, dict(max_nodes=8, max_hops=4, window=16, context_len=32), dict(max_nodes=8, n_names=8, min_nodes=8, max_hops=8, window=12, context_len=24, n_queries=3),
-     dict(max_nodes=8, max_hops=4, hops=[1, 4], hop_weights=[1, 3], window=16, context_len=32),
-     dict(max_nodes=8, max_hops=4, window=16, context_len=32, edge_order="forward")],
+    [
+        {},
+        dict(max_nodes=8, max_hops=4, window=16, context_len=32),
+        dict(
+            max_nodes=8, n_names=8, min_nodes=8, max_hops=8, window=12, context_len=24, n_queries=3
+        ),
+        dict(max_nodes=8, max_hops=4, hops=[1, 4], hop_weights=[1, 3], window=16, context_len=32),
+        dict(max_nodes=8, max_hops=4, window=16, context_len=32, edge_order="forward"),
+    ],
 )
 def test_depo_against_slow_walk(settings):
     task = Depo(**settings)
@@ -217,7 +229,10 @@ def test_depo_defaults_and_difficulty():
         (dict(max_nodes=110), r"context_len must be >= 3\*max_nodes = 330"),
         (dict(context_len=301, max_nodes=10), "multiple of window"),
         (dict(n_queries=40), "n_queries must be <="),
-        (dict(window=16, max_nodes=8, context_len=32, n_queries=10), r"n_queries must be <= window // 2 = 8"),
+        (
+            dict(window=16, max_nodes=8, context_len=32, n_queries=10),
+            r"n_queries must be <= window // 2 = 8",
+        ),
         (dict(n_names=50), "n_names must be >= 75"),
         (dict(min_nodes=1), "min_nodes must be >= 2"),
         (dict(max_hops=0), "max_hops must be >= 1"),
@@ -236,8 +251,15 @@ def test_depo_rejects_bad_settings(settings, words):
 
 @pytest.mark.parametrize("order", ["forward", "reverse"])
 def test_depo_edge_order(order):
-    task = Depo(max_nodes=6, min_nodes=3, max_hops=2, window=18, context_len=18, n_queries=3,
-                edge_order=order)
+    task = Depo(
+        max_nodes=6,
+        min_nodes=3,
+        max_hops=2,
+        window=18,
+        context_len=18,
+        n_queries=3,
+        edge_order=order,
+    )
     batch = task.sample(rng(5), 16)
     starts = set()
     for b in range(16):
@@ -254,8 +276,17 @@ def test_depo_edge_order(order):
 
 
 def test_depo_edge_gap_moves_edges_apart_at_random():
-    task = Depo(max_nodes=6, min_nodes=6, n_names=8, max_hops=2, window=30, context_len=30,
-                n_queries=3, edge_order="forward", edge_gap=2)
+    task = Depo(
+        max_nodes=6,
+        min_nodes=6,
+        n_names=8,
+        max_hops=2,
+        window=30,
+        context_len=30,
+        n_queries=3,
+        edge_order="forward",
+        edge_gap=2,
+    )
     batch = task.sample(rng(4), 64)
     spacings = set()
     for b in range(64):
@@ -263,22 +294,39 @@ def test_depo_edge_gap_moves_edges_apart_at_random():
         assert all(edges[i][1] == edges[i + 1][0] for i in range(len(edges) - 1))
         for (v, k), p in zip(queries, range(task.context_len + 1, task.seq_len, 2)):
             assert batch.targets[b, p] == slow_walk(edges, v, k)
-        starts = [i for i, t in enumerate(batch.inputs[b, :task.context_len])
-                  if t >= task.name_offset and batch.inputs[b, i + 2] == 1]
+        starts = [
+            i
+            for i, t in enumerate(batch.inputs[b, : task.context_len])
+            if t >= task.name_offset and batch.inputs[b, i + 2] == 1
+        ]
         spacings.update(np.diff(starts).tolist())
     assert spacings == {3, 4, 5}  # every gap in 0..2 occurs, nothing else
-    assert Depo(max_nodes=6, window=18, context_len=18, n_queries=3).sample(rng(4), 8) \
-        .inputs.tolist() == Depo(max_nodes=6, window=18, context_len=18, n_queries=3,
-                                 edge_gap=0).sample(rng(4), 8).inputs.tolist()
-    with pytest.raises(ValueError, match=r"must be >= 5\*max_nodes = 30 .* with 0-2 <pad> before each edge"):
+    assert (
+        Depo(max_nodes=6, window=18, context_len=18, n_queries=3).sample(rng(4), 8).inputs.tolist()
+        == Depo(max_nodes=6, window=18, context_len=18, n_queries=3, edge_gap=0)
+        .sample(rng(4), 8)
+        .inputs.tolist()
+    )
+    with pytest.raises(
+        ValueError, match=r"must be >= 5\*max_nodes = 30 .* with 0-2 <pad> before each edge"
+    ):
         Depo(max_nodes=6, window=12, context_len=24, n_queries=3, edge_gap=2)
 
 
 def test_depo_trained_hops_and_weights():
-    task = Depo(max_nodes=8, max_hops=4, hops=[4, 1], hop_weights=[3, 1], window=16,
-                context_len=32, n_queries=8)
-    assert task.eval_difficulties == (1, 4) and task.vocab_size == Depo(
-        max_nodes=8, max_hops=4, window=16, context_len=32).vocab_size
+    task = Depo(
+        max_nodes=8,
+        max_hops=4,
+        hops=[4, 1],
+        hop_weights=[3, 1],
+        window=16,
+        context_len=32,
+        n_queries=8,
+    )
+    assert (
+        task.eval_difficulties == (1, 4)
+        and task.vocab_size == Depo(max_nodes=8, max_hops=4, window=16, context_len=32).vocab_size
+    )
     k = task.sample(rng(3), 500).difficulty
     k = k[k >= 0]
     assert set(np.unique(k)) == {1, 4}

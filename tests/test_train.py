@@ -16,23 +16,45 @@ TASK = get_task("rule110", n_strings=2, n_bits=4, steps=1)
 
 
 def trainer(out, steps=6, loops=2, **kw):
-    return Trainer(str(out), ModelConfig(vocab_size=TASK.vocab_size, hidden_size=32, num_heads=2),
-                   SleepConfig(loops=loops, window=TASK.window), TASK,
-                   TrainConfig(steps=steps, batch_size=16, warmup=2, lr=2e-2, adam_lr=3e-3,
-                               eval_samples=32, checkpoint_every=3, log_every=1, **kw),
-                   progress=False)
+    return Trainer(
+        str(out),
+        ModelConfig(vocab_size=TASK.vocab_size, hidden_size=32, num_heads=2),
+        SleepConfig(loops=loops, window=TASK.window),
+        TASK,
+        TrainConfig(
+            steps=steps,
+            batch_size=16,
+            warmup=2,
+            lr=2e-2,
+            adam_lr=3e-3,
+            eval_samples=32,
+            checkpoint_every=3,
+            log_every=1,
+            **kw,
+        ),
+        progress=False,
+    )
 
 
 def test_muon_takes_block_matrices_and_adamw_the_rest():
-    model = build_model(ModelConfig(vocab_size=8, hidden_size=16, layers="attn,gdn,jet",
-                                    num_heads=2, tie_embeddings=False), 0)
+    model = build_model(
+        ModelConfig(
+            vocab_size=8, hidden_size=16, layers="attn,gdn,jet", num_heads=2, tie_embeddings=False
+        ),
+        0,
+    )
     matrices = model.matrix_weights()
     split = {p: p in matrices for p, _ in tree_flatten(model.parameters())}
     assert split["layers.0.mixer.q_proj.weight"] and split["layers.1.mlp.down_proj.weight"]
     assert split["layers.2.mixer.kernel_generator.w1.weight"]
-    for p in ("embed_tokens.weight", "lm_head.weight", "layers.1.mixer.conv_weight",
-              "layers.1.mixer.A_log", "layers.0.input_layernorm.weight",
-              "layers.2.mixer.kernel_generator.w2.bias"):
+    for p in (
+        "embed_tokens.weight",
+        "lm_head.weight",
+        "layers.1.mixer.conv_weight",
+        "layers.1.mixer.A_log",
+        "layers.0.input_layernorm.weight",
+        "layers.2.mixer.kernel_generator.w2.bias",
+    ):
         assert not split[p], p
 
 
@@ -53,7 +75,10 @@ def test_resume_is_exact(tmp_path, activation_checkpoint):
     resumed = trainer(tmp_path / "b", activation_checkpoint=activation_checkpoint)
     assert resumed.step == 3
     resumed.run()
-    a, b = dict(tree_flatten(straight.model.parameters())), dict(tree_flatten(resumed.model.parameters()))
+    a, b = (
+        dict(tree_flatten(straight.model.parameters())),
+        dict(tree_flatten(resumed.model.parameters())),
+    )
     for k in a:
         np.testing.assert_array_equal(np.array(a[k]), np.array(b[k]), err_msg=k)
 
@@ -66,11 +91,11 @@ def test_activation_checkpoint_trains_like_plain_backprop(tmp_path, monkeypatch,
 
     calls = []
     real = train_mod.sleep_value_and_grad
-    monkeypatch.setattr(train_mod, "sleep_value_and_grad",
-                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(
+        train_mod, "sleep_value_and_grad", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
     plain = trainer(tmp_path / "a", steps=3, loops=3)
-    chunked = trainer(tmp_path / "b", steps=3, loops=3, activation_checkpoint=True,
-                      compile=compile)
+    chunked = trainer(tmp_path / "b", steps=3, loops=3, activation_checkpoint=True, compile=compile)
     batches = [TASK.sample(np.random.default_rng(i), 16) for i in range(3)]
     for batch in batches:
         l0, n0 = plain.train_step(batch)
@@ -78,7 +103,10 @@ def test_activation_checkpoint_trains_like_plain_backprop(tmp_path, monkeypatch,
         assert_close(l1, l0, rtol=1e-5, what="loss")  # measured <= 2e-7 of it
         assert_close(n1, n0, rtol=1e-5, what="gradient norm")
     assert len(calls) == 3
-    a, b = dict(tree_flatten(plain.model.parameters())), dict(tree_flatten(chunked.model.parameters()))
+    a, b = (
+        dict(tree_flatten(plain.model.parameters())),
+        dict(tree_flatten(chunked.model.parameters())),
+    )
     for k in a:
         # on the scale of the learning rates, not float32's: Adam turns a rounding difference in a
         # near-zero gradient entry into an update of up to lr (1e-4 = 3% of one AdamW step)
@@ -87,8 +115,11 @@ def test_activation_checkpoint_trains_like_plain_backprop(tmp_path, monkeypatch,
 
 def test_run_directory_and_load_run(tmp_path):
     trainer(tmp_path, steps=3).run()
-    assert sorted(os.listdir(tmp_path / "checkpoint")) == ["model.safetensors",
-                                                           "optimizer.safetensors", "trainer.json"]
+    assert sorted(os.listdir(tmp_path / "checkpoint")) == [
+        "model.safetensors",
+        "optimizer.safetensors",
+        "trainer.json",
+    ]
     records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
     assert any("eval" in r for r in records) and any("tokens_per_s" in r for r in records)
     model, sleep, task, _ = load_run(str(tmp_path / "checkpoint"))  # either dir works
@@ -103,8 +134,14 @@ def test_other_settings_in_same_directory_refused(tmp_path):
 
 def test_window_larger_than_sequence_refused(tmp_path):
     with pytest.raises(ConfigError, match="larger than"):
-        Trainer(str(tmp_path), ModelConfig(vocab_size=8), SleepConfig(window=500), TASK,
-                TrainConfig(steps=1), progress=False)
+        Trainer(
+            str(tmp_path),
+            ModelConfig(vocab_size=8),
+            SleepConfig(window=500),
+            TASK,
+            TrainConfig(steps=1),
+            progress=False,
+        )
 
 
 def test_load_run_on_a_non_run_says_so(tmp_path):
@@ -121,17 +158,21 @@ def test_loops_sample_draws_n_per_batch_seeded(tmp_path, monkeypatch):
 
     seen = []
     real = train_mod.sleep_loss
-    monkeypatch.setattr(train_mod, "sleep_loss",
-                        lambda m, x, y, w, sleep, **k: seen.append(sleep.loops) or
-                        real(m, x, y, w, sleep, **k))
+    monkeypatch.setattr(
+        train_mod,
+        "sleep_loss",
+        lambda m, x, y, w, sleep, **k: seen.append(sleep.loops) or real(m, x, y, w, sleep, **k),
+    )
     sampled = trainer(tmp_path / "s", steps=8, loops=3, loops_sample=(1, 3))
     sampled.run()
     drawn = seen[:]
     assert set(drawn) == {1, 2, 3}  # 8 draws from 1..3 with this seed
     expect = np.random.default_rng([0, 1]).integers(1, 4, size=8)
     assert drawn == [int(n) for n in expect]
-    fixed, same = trainer(tmp_path / "f", steps=4, loops=2), trainer(tmp_path / "p", steps=4,
-                                                                     loops=2, loops_sample=(2, 2))
+    fixed, same = (
+        trainer(tmp_path / "f", steps=4, loops=2),
+        trainer(tmp_path / "p", steps=4, loops=2, loops_sample=(2, 2)),
+    )
     fixed.run()
     same.run()
     a, b = dict(tree_flatten(fixed.model.parameters())), dict(tree_flatten(same.model.parameters()))
@@ -148,7 +189,10 @@ def test_loops_sample_resume_is_exact(tmp_path):
     resumed = trainer(tmp_path / "b", loops_sample=(1, 3))
     assert resumed.step == 3
     resumed.run()
-    a, b = dict(tree_flatten(straight.model.parameters())), dict(tree_flatten(resumed.model.parameters()))
+    a, b = (
+        dict(tree_flatten(straight.model.parameters())),
+        dict(tree_flatten(resumed.model.parameters())),
+    )
     for k in a:
         np.testing.assert_array_equal(np.array(a[k]), np.array(b[k]), err_msg=k)
     saved = json.load(open(tmp_path / "b" / "config.json"))

@@ -32,10 +32,12 @@ PROMPT_TEXT = "Do you wish to run the custom code"
 def evil_code(marker) -> str:
     """A module that leaves `marker` behind when imported, with the classes transformers looks
     for (so that, were it run, loading would go on)."""
-    return (f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
-            "from transformers import PreTrainedTokenizerFast, PretrainedConfig\n"
-            "class Evil(PreTrainedTokenizerFast):\n    pass\n"
-            "class EvilConfig(PretrainedConfig):\n    model_type = 'evil'\n")
+    return (
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+        "from transformers import PreTrainedTokenizerFast, PretrainedConfig\n"
+        "class Evil(PreTrainedTokenizerFast):\n    pass\n"
+        "class EvilConfig(PretrainedConfig):\n    model_type = 'evil'\n"
+    )
 
 
 def edit_json(path, edit):
@@ -69,10 +71,16 @@ def with_code(tiny, work, where):
     path = copy_model(tiny, work)
     (path / "evil.py").write_text(evil_code(work.parent / "marker"))
     if where == "tokenizer":
-        edit_json(path / "tokenizer_config.json", lambda c: c.update(
-            auto_map={"AutoTokenizer": ["evil.Evil", "evil.Evil"]}, tokenizer_class="Evil"))
+        edit_json(
+            path / "tokenizer_config.json",
+            lambda c: c.update(
+                auto_map={"AutoTokenizer": ["evil.Evil", "evil.Evil"]}, tokenizer_class="Evil"
+            ),
+        )
     else:
-        edit_json(path / "config.json", lambda c: c.update(auto_map={"AutoConfig": "evil.EvilConfig"}))
+        edit_json(
+            path / "config.json", lambda c: c.update(auto_map={"AutoConfig": "evil.EvilConfig"})
+        )
     return str(path)
 
 
@@ -88,11 +96,24 @@ def hf_checkpoint(work, name="hf"):
 
 def run(work, *args, stdin="y\ny\ny\n", timeout=120):
     home = work.parent / "home"
-    env = {**os.environ, "HOME": str(home), "MLX_SLEEP_HOME": str(home / "mlx-sleep"),
-           "HF_HOME": str(home / "hf"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "PYTHONUNBUFFERED": "1"}
-    r = subprocess.run(CLI + [str(a) for a in args], input=stdin, capture_output=True,
-                       text=True, env=env, cwd=work, timeout=timeout)
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "MLX_SLEEP_HOME": str(home / "mlx-sleep"),
+        "HF_HOME": str(home / "hf"),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    r = subprocess.run(
+        CLI + [str(a) for a in args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=work,
+        timeout=timeout,
+    )
     return r.returncode, r.stdout + r.stderr
 
 
@@ -106,14 +127,37 @@ def assert_refused(work, code, output, expect, before):
 COMMANDS = {
     "generate": lambda m, w: ["generate", "--model", m, "-p", "hi", "-m", "2"],
     "chat": lambda m, w: ["chat", "--model", m, "-s", "x", "-m", "2"],
-    "finetune": lambda m, w: ["finetune", "--model", m, "--data", GSM, "--out", w / "ft",
-                              "--steps", "1"],
-    "eval": lambda m, w: ["eval", "--model", m, "--task", "gsm-infinite", "--data", GSM,
-                          "--ops", "2", "--limit", "1", "--out", w / "o"],
+    "finetune": lambda m, w: [
+        "finetune",
+        "--model",
+        m,
+        "--data",
+        GSM,
+        "--out",
+        w / "ft",
+        "--steps",
+        "1",
+    ],
+    "eval": lambda m, w: [
+        "eval",
+        "--model",
+        m,
+        "--task",
+        "gsm-infinite",
+        "--data",
+        GSM,
+        "--ops",
+        "2",
+        "--limit",
+        "1",
+        "--out",
+        w / "o",
+    ],
 }
 
 
 # -- (A) code in a model directory is never run --------------------------------------------------
+
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_a_tokenizer_auto_map_is_refused_and_never_run(tiny, work, command):
@@ -157,8 +201,10 @@ def test_transformers_is_told_never_to_run_code(tiny, work, monkeypatch):
 def test_convert_refuses_a_tokenizer_auto_map(work):
     src = hf_checkpoint(work)
     (work / "hf" / "evil.py").write_text(evil_code(work.parent / "marker"))
-    edit_json(work / "hf" / "tokenizer_config.json", lambda c: c.update(
-        auto_map={"AutoTokenizer": ["evil.Evil", None]}, tokenizer_class="Evil"))
+    edit_json(
+        work / "hf" / "tokenizer_config.json",
+        lambda c: c.update(auto_map={"AutoTokenizer": ["evil.Evil", None]}, tokenizer_class="Evil"),
+    )
     before = snapshot(work)
     code, output = run(work, "convert", "--hf-path", src, "--out", work / "out")
     assert_refused(work, code, output, "tokenizer_config.json: auto_map names Python code", before)
@@ -176,6 +222,7 @@ def test_convert_never_runs_the_checkpoint_code_and_its_output_loads(work):
 
 
 # -- (B) an unconverted checkpoint: convert it first -------------------------------------------
+
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_an_unconverted_checkpoint_needs_convert_first(work, command):
@@ -204,10 +251,14 @@ def test_a_hub_checkpoint_is_refused_before_its_weights_are_fetched(work, monkey
 
     def snapshot_download(*args, **kwargs):
         raise AssertionError("the weights were fetched")
+
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     for fn in (mlx_sleep.load, mlx_sleep.load_model):
-        with pytest.raises(ConfigError, match="^jet-ai/Jet-Nemotron-2B is a Hugging Face "
-                                              "checkpoint.*--hf-path jet-ai/Jet-Nemotron-2B"):
+        with pytest.raises(
+            ConfigError,
+            match="^jet-ai/Jet-Nemotron-2B is a Hugging Face "
+            "checkpoint.*--hf-path jet-ai/Jet-Nemotron-2B",
+        ):
             fn("jet-ai/Jet-Nemotron-2B")
 
 
@@ -266,19 +317,24 @@ def test_convert_refuses_a_json_bomb_config(work):
     src = shutil.copytree(FIXTURES / "jet-nemotron-tiny", work / "src")
     (src / "config.json").write_text(BOMB)
     before = snapshot(work)
-    assert_one_clear_line(*cli("convert", "--hf-path", src, "--out", work / "m"),
-                          "config.json nests deeper than 64 levels")
+    assert_one_clear_line(
+        *cli("convert", "--hf-path", src, "--out", work / "m"),
+        "config.json nests deeper than 64 levels",
+    )
     assert snapshot(work) == before
 
 
-@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "tokenizer_config.json",
-                                  "special_tokens_map.json"])
+@pytest.mark.parametrize(
+    "name", ["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+)
 def test_generate_refuses_a_json_bomb(tiny, work, name):
     model = copy_model(tiny, work)
     (model / name).write_text(BOMB)
     before = snapshot(work)
-    assert_one_clear_line(*cli("generate", "--model", model, "-p", "hi", "-m", "1"),
-                          f"{name} nests deeper than 64 levels")
+    assert_one_clear_line(
+        *cli("generate", "--model", model, "-p", "hi", "-m", "1"),
+        f"{name} nests deeper than 64 levels",
+    )
     assert snapshot(work) == before
 
 
@@ -301,10 +357,14 @@ QUANTIZATION = [
     ({"group_size": 64, "bits": 7}, "quantization.bits must be one of 2, 3, 4, 5, 6, 8"),
     ({"group_size": 64, "bits": True}, "quantization.bits must be one of"),
     ({"group_size": 64, "bits": 4, "mode": "int4"}, "quantization.mode must be one of"),
-    ({"group_size": 64, "bits": 4, "layers.0.mlp": {"bits": 4}},
-     "quantization['layers.0.mlp'] has no group_size"),
-    ({"group_size": 64, "bits": 3}, "quantization says 3-bit affine but the weights hold no "
-                                    "quantization scales"),
+    (
+        {"group_size": 64, "bits": 4, "layers.0.mlp": {"bits": 4}},
+        "quantization['layers.0.mlp'] has no group_size",
+    ),
+    (
+        {"group_size": 64, "bits": 3},
+        "quantization says 3-bit affine but the weights hold no quantization scales",
+    ),
 ]
 
 
@@ -322,8 +382,10 @@ def test_quantization_bits_that_disagree_with_the_weights(work):
     model = make_model_dir(work / "q", "jet_nemotron", quantize=True, q_bits=8)
     edit_json(os.path.join(model, "config.json"), lambda c: c["quantization"].update(bits=4))
     before = snapshot(work)
-    assert_one_clear_line(*cli("generate", "--model", model, "-p", "hi", "-m", "1"),
-                          "the weights do not match config.json")
+    assert_one_clear_line(
+        *cli("generate", "--model", model, "-p", "hi", "-m", "1"),
+        "the weights do not match config.json",
+    )
     assert snapshot(work) == before
 
 
@@ -331,18 +393,29 @@ def test_tie_word_embeddings_a_string_is_refused_by_convert(work):
     src = shutil.copytree(FIXTURES / "jet-nemotron-tiny", work / "src")
     edit_json(src / "config.json", lambda c: c.update(tie_word_embeddings="false"))
     before = snapshot(work)
-    assert_one_clear_line(*cli("convert", "--hf-path", src, "--out", work / "m"),
-                          f"{src}/config.json: tie_word_embeddings must be true or false "
-                          "(got 'false')")
+    assert_one_clear_line(
+        *cli("convert", "--hf-path", src, "--out", work / "m"),
+        f"{src}/config.json: tie_word_embeddings must be true or false (got 'false')",
+    )
     assert snapshot(work) == before
 
 
-@pytest.mark.parametrize("kind,edit,message", [
-    ("qwen3_5", lambda m: m["args"].update(tie_word_embeddings="false"),
-     "tie_word_embeddings must be true or false (got 'false')"),
-    ("qwen3_5", lambda m: m["args"].update(hidden_size="32"), "hidden_size must be an integer"),
-    ("hybrid", lambda m: m.update(tie_embeddings="yes"), "tie_embeddings must be true or false"),
-])
+@pytest.mark.parametrize(
+    "kind,edit,message",
+    [
+        (
+            "qwen3_5",
+            lambda m: m["args"].update(tie_word_embeddings="false"),
+            "tie_word_embeddings must be true or false (got 'false')",
+        ),
+        ("qwen3_5", lambda m: m["args"].update(hidden_size="32"), "hidden_size must be an integer"),
+        (
+            "hybrid",
+            lambda m: m.update(tie_embeddings="yes"),
+            "tie_embeddings must be true or false",
+        ),
+    ],
+)
 def test_a_converted_model_setting_of_the_wrong_type(work, kind, edit, message):
     model = make_model_dir(work / "m", kind)
     edit_json(os.path.join(model, "config.json"), lambda c: edit(c["model"]))
@@ -353,8 +426,16 @@ def test_a_converted_model_setting_of_the_wrong_type(work, kind, edit, message):
     assert snapshot(work) == before
 
 
-@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-                                  "additional_chat_templates/tools.jinja", "notes.txt"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "additional_chat_templates/tools.jinja",
+        "notes.txt",
+    ],
+)
 def test_a_fifo_where_a_file_is_read_is_refused_not_opened(tiny, work, name):
     model = copy_model(tiny, work)
     os.makedirs(os.path.dirname(model / name), exist_ok=True)
@@ -379,10 +460,13 @@ def test_convert_refuses_a_fifo_tokenizer_file(work):
     assert snapshot(work) == before
 
 
-@pytest.mark.parametrize("value,message", [
-    ("../../os", "chat_template_type '../../os' is not one of mlx-lm's"),
-    ("no_such_template", "chat_template_type 'no_such_template' is not one of mlx-lm's"),
-])
+@pytest.mark.parametrize(
+    "value,message",
+    [
+        ("../../os", "chat_template_type '../../os' is not one of mlx-lm's"),
+        ("no_such_template", "chat_template_type 'no_such_template' is not one of mlx-lm's"),
+    ],
+)
 def test_tokenizer_config_names_an_mlx_lm_module(tiny, work, value, message):
     model = copy_model(tiny, work)
     edit_json(model / "tokenizer_config.json", lambda c: c.update(chat_template_type=value))

@@ -32,13 +32,17 @@ SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 EOS = "<|im_end|>"
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
-    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def _bytes_to_unicode() -> dict:
     """GPT-2's byte -> printable character map (the alphabet of byte-level BPE)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     extra = [b for b in range(256) if b not in printable]
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(extra)}}
 
@@ -56,8 +60,10 @@ def write_tokenizer(path, vocab_size: int = VOCAB_SIZE) -> dict:
     special = {tok: len(vocab) + i for i, tok in enumerate(SPECIAL_TOKENS)}
     n_reserved = vocab_size - len(vocab) - len(special)
     if n_reserved < 0:
-        raise ValueError(f"vocab_size {vocab_size} is below the {len(vocab) + len(special)} "
-                         "tokens of the byte-level tokenizer")
+        raise ValueError(
+            f"vocab_size {vocab_size} is below the {len(vocab) + len(special)} "
+            "tokens of the byte-level tokenizer"
+        )
     vocab.update(special)
     vocab.update({f"<|reserved_{i}|>": len(vocab) + i for i in range(n_reserved)})
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -67,9 +73,19 @@ def write_tokenizer(path, vocab_size: int = VOCAB_SIZE) -> dict:
     os.makedirs(path, exist_ok=True)
     tok.save(os.path.join(path, "tokenizer.json"))
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS,
-                   "pad_token": "<|endoftext|>", "bos_token": None, "add_bos_token": False,
-                   "chat_template": CHAT_TEMPLATE, "model_max_length": 1 << 20}, f, indent=2)
+        json.dump(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "eos_token": EOS,
+                "pad_token": "<|endoftext|>",
+                "bos_token": None,
+                "add_bos_token": False,
+                "chat_template": CHAT_TEMPLATE,
+                "model_max_length": 1 << 20,
+            },
+            f,
+            indent=2,
+        )
     return special
 
 
@@ -78,24 +94,55 @@ def _built_model(kind: str):
     mx.random.seed(0)
     if kind == "hybrid":
         from mlx_sleep import HybridLM, ModelConfig
-        return HybridLM(ModelConfig(vocab_size=VOCAB_SIZE, hidden_size=32, num_heads=2,
-                                    layers="attn,gdn,swa,jet", swa_window=8, core=(1, 3))), "hybrid"
+
+        return HybridLM(
+            ModelConfig(
+                vocab_size=VOCAB_SIZE,
+                hidden_size=32,
+                num_heads=2,
+                layers="attn,gdn,swa,jet",
+                swa_window=8,
+                core=(1, 3),
+            )
+        ), "hybrid"
     if kind == "qwen3_5":
         from mlx_sleep.models.mlx_lm_adapters import FULL, LINEAR, AdapterConfig, Model
-        args = dict(model_type="qwen3_5", vocab_size=VOCAB_SIZE, hidden_size=32,
-                    intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-                    head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
-                    linear_key_head_dim=16, linear_value_head_dim=8, linear_conv_kernel_dim=4,
-                    num_hidden_layers=4, layer_types=[LINEAR, FULL, LINEAR, FULL],
-                    tie_word_embeddings=True, rms_norm_eps=1e-6,
-                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                     "partial_rotary_factor": 0.25})
+
+        args = dict(
+            model_type="qwen3_5",
+            vocab_size=VOCAB_SIZE,
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            linear_key_head_dim=16,
+            linear_value_head_dim=8,
+            linear_conv_kernel_dim=4,
+            num_hidden_layers=4,
+            layer_types=[LINEAR, FULL, LINEAR, FULL],
+            tie_word_embeddings=True,
+            rms_norm_eps=1e-6,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.25,
+            },
+        )
         return Model(AdapterConfig("qwen3_5", args, (1, 3))), "qwen3_5"
     raise ValueError(f"unknown tiny model kind {kind!r}; kinds: {', '.join(KINDS)}")
 
 
-def make_model_dir(path, kind: str = "hybrid", loops: int = 1, window: int = 64,
-                   eviction: str = "hard", **convert_kw) -> str:
+def make_model_dir(
+    path,
+    kind: str = "hybrid",
+    loops: int = 1,
+    window: int = 64,
+    eviction: str = "hard",
+    **convert_kw,
+) -> str:
     """Write a tiny converted model directory of `kind` with a tokenizer at `path`; returns it.
     `convert_kw` (e.g. quantize=True) go to the converter (jet_nemotron, ouro, ouro_jet)."""
     from mlx_sleep.config import SleepConfig
@@ -107,12 +154,24 @@ def make_model_dir(path, kind: str = "hybrid", loops: int = 1, window: int = 64,
     sleep = SleepConfig(loops=loops, window=window, eviction=eviction)
     if kind in ("jet_nemotron", "ouro", "ouro_jet"):
         src = FIXTURES / ("jet-nemotron-tiny" if kind == "jet_nemotron" else "ouro-tiny")
-        convert(str(src), path, loops=loops, window=window, eviction=eviction,
-                insert_jet_layers=2 if kind == "ouro_jet" else 0, **convert_kw)
+        convert(
+            str(src),
+            path,
+            loops=loops,
+            window=window,
+            eviction=eviction,
+            insert_jet_layers=2 if kind == "ouro_jet" else 0,
+            **convert_kw,
+        )
     else:
         model, model_type = _built_model(kind)
-        config = {"format": FORMAT, "model_type": model_type, "model": model.config.to_dict(),
-                  "sleep": sleep.to_dict(), "source": {"path": f"tests/tiny_models.py:{kind}"}}
+        config = {
+            "format": FORMAT,
+            "model_type": model_type,
+            "model": model.config.to_dict(),
+            "sleep": sleep.to_dict(),
+            "source": {"path": f"tests/tiny_models.py:{kind}"},
+        }
         save_model_dir(path, config, dict(tree_flatten(model.parameters())), None)
     special = write_tokenizer(path, VOCAB_SIZE)
     config = read_json(os.path.join(path, "config.json"))

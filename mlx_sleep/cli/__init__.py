@@ -1,9 +1,9 @@
 """The `mlx-sleep` command line: one module per area, one group here.
 
-    common.py   one-line errors, flag parsers, the sampling and sleep flags
-    train.py    train, eval, demo
-    models.py   convert, finetune, data, doctor
-    chat.py     generate, chat, sessions, consolidate, schedule
+common.py   one-line errors, flag parsers, the sampling and sleep flags
+train.py    train, eval, demo
+models.py   convert, finetune, data, doctor
+chat.py     generate, chat, sessions, consolidate, schedule
 """
 
 from .. import _blas  # noqa: F401  (first: loads an optimized BLAS before mlx.core)
@@ -44,7 +44,18 @@ def main():
     """Sleep-like fast-weight consolidation for hybrid language models on MLX."""
 
 
-for command in (train.train, train.eval_cmd, train.demo, models.data, models.doctor,
-                models.convert, models.finetune, chat.generate, chat.chat, chat.sessions,
-                chat.consolidate, chat.schedule):
+for command in (
+    train.train,
+    train.eval_cmd,
+    train.demo,
+    models.data,
+    models.doctor,
+    models.convert,
+    models.finetune,
+    chat.generate,
+    chat.chat,
+    chat.sessions,
+    chat.consolidate,
+    chat.schedule,
+):
     main.add_command(command)

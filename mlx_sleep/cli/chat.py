@@ -6,8 +6,18 @@ import sys
 import click
 
 from ..session import MAX_HISTORY
-from .common import (Failure, Finite, PathArg, Text, count, load_for_chat, refuse_unused, run_safely,
-                     sampling_options, sleep_override)
+from .common import (
+    Failure,
+    Finite,
+    PathArg,
+    Text,
+    count,
+    load_for_chat,
+    refuse_unused,
+    run_safely,
+    sampling_options,
+    sleep_override,
+)
 
 
 def read_stdin_text() -> str:
@@ -16,18 +26,36 @@ def read_stdin_text() -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise Failure(f"standard input is not UTF-8 text (byte {e.start}: "
-                      f"{data[e.start:e.start + 1]!r}); -p - reads a text prompt")
+        raise Failure(
+            f"standard input is not UTF-8 text (byte {e.start}: "
+            f"{data[e.start : e.start + 1]!r}); -p - reads a text prompt"
+        )
 
 
 @click.command()
 @click.option("--model", required=True, help="A converted model directory (or Hub id).")
-@click.option("--prompt", "-p", required=True, type=Text(empty=True),
-              help="The prompt ('-' reads stdin).")
+@click.option(
+    "--prompt", "-p", required=True, type=Text(empty=True), help="The prompt ('-' reads stdin)."
+)
 @click.option("--no-chat-template", is_flag=True, help="Feed the prompt as is.")
 @sampling_options
-def generate(model, prompt, no_chat_template, max_tokens, temp, top_p, top_k, min_p,
-             repetition_penalty, seed, stop, system_prompt, window, loops, eviction):
+def generate(
+    model,
+    prompt,
+    no_chat_template,
+    max_tokens,
+    temp,
+    top_p,
+    top_k,
+    min_p,
+    repetition_penalty,
+    seed,
+    stop,
+    system_prompt,
+    window,
+    loops,
+    eviction,
+):
     """Generate a reply to one prompt, streamed, over the sleep engine."""
     import mlx.core as mx
 
@@ -38,8 +66,9 @@ def generate(model, prompt, no_chat_template, max_tokens, temp, top_p, top_k, mi
         path, m, tokenizer = load_for_chat(model)
         text = read_stdin_text() if prompt == "-" else prompt
         if not no_chat_template:
-            messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) \
-                + [{"role": "user", "content": text}]
+            messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+                {"role": "user", "content": text}
+            ]
             text = chat_prompt(tokenizer, messages)
         ids = tokenizer.encode(text, add_special_tokens=False)
         if seed is not None:
@@ -48,8 +77,16 @@ def generate(model, prompt, no_chat_template, max_tokens, temp, top_p, top_k, mi
         engine = SleepEngine(m, sleep_override(m, window, loops, eviction))
         reply = Reply()
         mx.reset_peak_memory()
-        for piece in stream_reply(engine, tokenizer, ids, max_tokens, stop, reply=reply,
-                                  sampler=sampler, logits_processors=processors):
+        for piece in stream_reply(
+            engine,
+            tokenizer,
+            ids,
+            max_tokens,
+            stop,
+            reply=reply,
+            sampler=sampler,
+            logits_processors=processors,
+        ):
             click.echo(piece, nl=False)
         click.echo()
         sleeps = f"{engine.sleeps} consolidation" + ("" if engine.sleeps == 1 else "s")
@@ -61,15 +98,47 @@ def generate(model, prompt, no_chat_template, max_tokens, temp, top_p, top_k, mi
 @click.command()
 @click.option("--model", default=None, help="A converted model directory (default: the session's).")
 @click.option("--session", "-s", "session_name", default="default", show_default=True)
-@click.option("--history", type=count(0, MAX_HISTORY), default=3, show_default=True,
-              help="Consolidations /forget can roll back.")
-@click.option("--idle-delay", type=Finite(0), default=60.0, show_default=True,
-              help="Sleep after this many quiet seconds (0: never).")
-@click.option("--idle-fill", type=Finite(0, 1), default=0.5, show_default=True,
-              help="...if the window is at least this full.")
+@click.option(
+    "--history",
+    type=count(0, MAX_HISTORY),
+    default=3,
+    show_default=True,
+    help="Consolidations /forget can roll back.",
+)
+@click.option(
+    "--idle-delay",
+    type=Finite(0),
+    default=60.0,
+    show_default=True,
+    help="Sleep after this many quiet seconds (0: never).",
+)
+@click.option(
+    "--idle-fill",
+    type=Finite(0, 1),
+    default=0.5,
+    show_default=True,
+    help="...if the window is at least this full.",
+)
 @sampling_options
-def chat(model, session_name, history, idle_delay, idle_fill, max_tokens, temp, top_p, top_k,
-         min_p, repetition_penalty, seed, stop, system_prompt, window, loops, eviction):
+def chat(
+    model,
+    session_name,
+    history,
+    idle_delay,
+    idle_fill,
+    max_tokens,
+    temp,
+    top_p,
+    top_k,
+    min_p,
+    repetition_penalty,
+    seed,
+    stop,
+    system_prompt,
+    window,
+    loops,
+    eviction,
+):
     """Chat with a model; the session (memory included) is saved and resumed by name."""
     import mlx.core as mx
 
@@ -78,23 +147,43 @@ def chat(model, session_name, history, idle_delay, idle_fill, max_tokens, temp, 
 
     def go():
         import os
+
         model_path = model
         if model_path is None:
             if not os.path.isfile(os.path.join(session_path(session_name), "session.json")):
                 raise Failure(f"session {session_name!r} does not exist yet: pass --model DIR")
             model_path = read_meta(session_name)["model"]["path"]
         path, m, tokenizer = load_for_chat(model_path)
-        session = open_session(session_name, m, path, sleep_override(m, window, loops, eviction),
-                               history, system_prompt)
+        session = open_session(
+            session_name,
+            m,
+            path,
+            sleep_override(m, window, loops, eviction),
+            history,
+            system_prompt,
+        )
         if system_prompt and session.meta.get("generation"):
-            click.echo("[--system-prompt applies to new sessions; this one keeps its own]", err=True)
+            click.echo(
+                "[--system-prompt applies to new sessions; this one keeps its own]", err=True
+            )
         if seed is not None:
             mx.random.seed(seed)
         try:
-            Chat(session, tokenizer, max_tokens=max_tokens, stop=stop, idle_delay=idle_delay,
-                 idle_fill=idle_fill, sampling=dict(temp=temp, top_p=top_p, top_k=top_k,
-                                                    min_p=min_p,
-                                                    repetition_penalty=repetition_penalty)).run()
+            Chat(
+                session,
+                tokenizer,
+                max_tokens=max_tokens,
+                stop=stop,
+                idle_delay=idle_delay,
+                idle_fill=idle_fill,
+                sampling=dict(
+                    temp=temp,
+                    top_p=top_p,
+                    top_k=top_k,
+                    min_p=min_p,
+                    repetition_penalty=repetition_penalty,
+                ),
+            ).run()
         finally:
             session.close()
 
@@ -123,11 +212,15 @@ def sessions_show(name):
     def go():
         meta = read_meta(name)
         e = meta["engine"]
-        click.echo(f"session {name}: model {meta['model']['path']} "
-                   f"(fingerprint {meta['model']['fingerprint']}, weights {meta['model']['weights']})")
-        click.echo(f"sleep {meta['sleep']}, {e['offset']} tokens, window "
-                   f"{e['offset'] - e['window_start']}, {e['sleeps']} consolidations, "
-                   f"format {meta['format']}")
+        click.echo(
+            f"session {name}: model {meta['model']['path']} "
+            f"(fingerprint {meta['model']['fingerprint']}, weights {meta['model']['weights']})"
+        )
+        click.echo(
+            f"sleep {meta['sleep']}, {e['offset']} tokens, window "
+            f"{e['offset'] - e['window_start']}, {e['sleeps']} consolidations, "
+            f"format {meta['format']}"
+        )
         for m in meta["transcript"]["messages"]:
             click.echo(f"{m['role']}: {m['content']}")
 
@@ -136,8 +229,13 @@ def sessions_show(name):
 
 @sessions.command("export")
 @click.argument("name")
-@click.option("--out", "-o", type=PathArg(dir_okay=False), default=None,
-              help="Write the transcript JSON here (default: stdout).")
+@click.option(
+    "--out",
+    "-o",
+    type=PathArg(dir_okay=False),
+    default=None,
+    help="Write the transcript JSON here (default: stdout).",
+)
 def sessions_export(name, out):
     """The transcript and settings as JSON (no weights, no state)."""
     from ..io import WRITTEN_BY, check_output_file, write_json
@@ -145,8 +243,11 @@ def sessions_export(name, out):
 
     def go():
         meta = read_meta(name)
-        doc = {k: meta[k] for k in ("name", "model", "sleep", "engine", "created", "saved")
-               if k in meta}
+        doc = {
+            k: meta[k]
+            for k in ("name", "model", "sleep", "engine", "created", "saved")
+            if k in meta
+        }
         doc["messages"] = meta["transcript"]["messages"]
         if out is None:
             click.echo(json.dumps(doc, indent=2))
@@ -170,27 +271,61 @@ def sessions_rm(name):
 @click.command()
 @click.option("--session", "-s", "names", multiple=True, help="A session (repeatable).")
 @click.option("--all", "all_sessions", is_flag=True, help="Every saved session.")
-@click.option("--min-fill", type=Finite(0, 1), default=0.5, show_default=True,
-              help="Only windows at least this full.")
-@click.option("--when-idle", is_flag=True, help="Wait until the machine is idle; yield when it is not.")
-@click.option("--idle-source", default="auto", show_default=True,
-              help="auto, mac, load or file:PATH (idle while PATH holds 'idle').")
-@click.option("--idle-seconds", type=Finite(0), default=300, show_default=True,
-              help="mac: no input for this long.")
-@click.option("--max-load", type=Finite(0, above=True), default=0.3, show_default=True,
-              help="load: 1-minute load average per core below this.")
-@click.option("--poll", type=Finite(0, above=True), default=30, show_default=True, help="Seconds between idle checks.")
-@click.option("--max-wait", type=Finite(0), default=3600, show_default=True,
-              help="Give up (exit status 1) when not idle after this many seconds.")
-def consolidate(names, all_sessions, min_fill, when_idle, idle_source, idle_seconds, max_load,
-                poll, max_wait):
+@click.option(
+    "--min-fill",
+    type=Finite(0, 1),
+    default=0.5,
+    show_default=True,
+    help="Only windows at least this full.",
+)
+@click.option(
+    "--when-idle", is_flag=True, help="Wait until the machine is idle; yield when it is not."
+)
+@click.option(
+    "--idle-source",
+    default="auto",
+    show_default=True,
+    help="auto, mac, load or file:PATH (idle while PATH holds 'idle').",
+)
+@click.option(
+    "--idle-seconds",
+    type=Finite(0),
+    default=300,
+    show_default=True,
+    help="mac: no input for this long.",
+)
+@click.option(
+    "--max-load",
+    type=Finite(0, above=True),
+    default=0.3,
+    show_default=True,
+    help="load: 1-minute load average per core below this.",
+)
+@click.option(
+    "--poll",
+    type=Finite(0, above=True),
+    default=30,
+    show_default=True,
+    help="Seconds between idle checks.",
+)
+@click.option(
+    "--max-wait",
+    type=Finite(0),
+    default=3600,
+    show_default=True,
+    help="Give up (exit status 1) when not idle after this many seconds.",
+)
+def consolidate(
+    names, all_sessions, min_fill, when_idle, idle_source, idle_seconds, max_load, poll, max_wait
+):
     """Consolidate saved sessions' live windows (sleep outside the chat)."""
     from ..idle import idle_source as make_idle_source
     from ..session import consolidate_sessions, list_sessions
 
     if not when_idle:
-        refuse_unused({"idle_source", "idle_seconds", "max_load", "poll", "max_wait"},
-                      "without --when-idle")
+        refuse_unused(
+            {"idle_source", "idle_seconds", "max_load", "poll", "max_wait"}, "without --when-idle"
+        )
 
     def go():
         chosen = list_sessions() if all_sessions else list(names)
@@ -199,8 +334,10 @@ def consolidate(names, all_sessions, min_fill, when_idle, idle_source, idle_seco
         idle = make_idle_source(idle_source, idle_seconds, max_load) if when_idle else None
         results = consolidate_sessions(chosen, min_fill, idle, poll, max_wait, echo=click.echo)
         if "skipped: not idle" in results.values():
-            raise Failure(f"the machine was not idle within --max-wait {max_wait:g} s; the "
-                          "sessions not consolidated are unchanged (docs/chat.md: idle rules)")
+            raise Failure(
+                f"the machine was not idle within --max-wait {max_wait:g} s; the "
+                "sessions not consolidated are unchanged (docs/chat.md: idle rules)"
+            )
 
     run_safely(go)
 
@@ -212,12 +349,15 @@ def schedule():
 
 def _schedule_command(interval):
     import shutil
+
     exe = shutil.which("mlx-sleep") or sys.argv[0]
     return [exe, "consolidate", "--all", "--when-idle", "--max-wait", str(max(60, interval // 2))]
 
 
 @schedule.command("install")
-@click.option("--interval", type=count(60), default=1800, show_default=True, help="Seconds between runs.")
+@click.option(
+    "--interval", type=count(60), default=1800, show_default=True, help="Seconds between runs."
+)
 @click.option("--print", "print_only", is_flag=True, help="Print the agent/units, install nothing.")
 def schedule_install(interval, print_only):
     """macOS: write and load a launchd agent; elsewhere: print the systemd user timer."""
@@ -229,6 +369,7 @@ def schedule_install(interval, print_only):
     elif print_only:
         click.echo(launchd_plist(command, interval).decode())
     else:
+
         def go():
             path, warning = install_launchd_agent(command, interval)
             click.echo(f"installed {path} (every {interval} s)")
@@ -244,7 +385,9 @@ def schedule_remove():
     from ..idle import remove_launchd_agent
 
     if sys.platform != "darwin":
-        click.echo("systemctl --user disable --now mlx-sleep-consolidate.timer && rm "
-                   "~/.config/systemd/user/mlx-sleep-consolidate.{service,timer}")
+        click.echo(
+            "systemctl --user disable --now mlx-sleep-consolidate.timer && rm "
+            "~/.config/systemd/user/mlx-sleep-consolidate.{service,timer}"
+        )
         return
     run_safely(lambda: click.echo(f"removed {remove_launchd_agent()}"))

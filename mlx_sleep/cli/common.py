@@ -133,8 +133,10 @@ def parse_loops_list(value, hint="--loops"):
     except ValueError:
         loops = []
     if not loops or not all(1 <= n <= MAX_LOOPS for n in loops):
-        raise click.BadParameter(f"{value!r} is not a list of loop counts in 1..{MAX_LOOPS} "
-                                 "(e.g. 1,2,4)", param_hint=hint)
+        raise click.BadParameter(
+            f"{value!r} is not a list of loop counts in 1..{MAX_LOOPS} (e.g. 1,2,4)",
+            param_hint=hint,
+        )
     return list(dict.fromkeys(loops))
 
 
@@ -171,13 +173,24 @@ def sampling_options(fn):
         click.option("--min-p", type=Finite(0, 1), default=0.0, help="Min-p sampling (0: off)."),
         click.option("--repetition-penalty", type=Finite(0, above=True), default=None),
         click.option("--seed", type=SEED, default=None, help="Random seed for sampling."),
-        click.option("--stop", type=Text(), multiple=True, callback=unescape_stops,
-                     help=r"Stop at this string (repeatable; \n, \t, \r and \\ as typed)."),
+        click.option(
+            "--stop",
+            type=Text(),
+            multiple=True,
+            callback=unescape_stops,
+            help=r"Stop at this string (repeatable; \n, \t, \r and \\ as typed).",
+        ),
         click.option("--system-prompt", type=Text(empty=True), default=None),
-        click.option("--window", "-L", type=count(1), default=None,
-                     help="Override the model's window L."),
-        click.option("--loops", "-N", type=count(1, MAX_LOOPS), default=None,
-                     help="Override the sleep passes N."),
+        click.option(
+            "--window", "-L", type=count(1), default=None, help="Override the model's window L."
+        ),
+        click.option(
+            "--loops",
+            "-N",
+            type=count(1, MAX_LOOPS),
+            default=None,
+            help="Override the sleep passes N.",
+        ),
         click.option("--eviction", type=click.Choice(["hard", "sliding"]), default=None),
     ]
     for option in reversed(options):
@@ -190,9 +203,11 @@ def sleep_override(model, window, loops, eviction):
     if window is None and loops is None and eviction is None:
         return None
     base = model.sleep_config
-    return SleepConfig(loops=base.loops if loops is None else loops,
-                       window=base.window if window is None else window,
-                       eviction=eviction or base.eviction)
+    return SleepConfig(
+        loops=base.loops if loops is None else loops,
+        window=base.window if window is None else window,
+        eviction=eviction or base.eviction,
+    )
 
 
 def load_for_chat(model_path):
@@ -210,10 +225,15 @@ def refuse_unused(names, why: str):
     from click.core import ParameterSource
 
     ctx = click.get_current_context()
-    given = [p.opts[-1] if p.opts[-1].startswith("--") else p.opts[0]
-             for p in ctx.command.params
-             if p.name in names and ctx.get_parameter_source(p.name) not in
-             (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)]
+    given = [
+        p.opts[-1] if p.opts[-1].startswith("--") else p.opts[0]
+        for p in ctx.command.params
+        if p.name in names
+        and ctx.get_parameter_source(p.name)
+        not in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
+    ]
     if given:
-        raise click.UsageError(f"{', '.join(sorted(given))} {'does' if len(given) == 1 else 'do'} "
-                               f"nothing {why}; drop {'it' if len(given) == 1 else 'them'}")
+        raise click.UsageError(
+            f"{', '.join(sorted(given))} {'does' if len(given) == 1 else 'do'} "
+            f"nothing {why}; drop {'it' if len(given) == 1 else 'them'}"
+        )

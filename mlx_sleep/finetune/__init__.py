@@ -12,15 +12,38 @@ bounded to one chunk), LoRA / DoRA adapters through mlx-lm's tuner or all weight
     estimate.py   --estimate: peak memory and time per step
 """
 
-from .adapters import adapter_config, fuse_model, layer_parts, load_adapter, part_kind, prepare_model
+from .adapters import (
+    adapter_config,
+    fuse_model,
+    layer_parts,
+    load_adapter,
+    part_kind,
+    prepare_model,
+)
 from .config import FINE_TUNE_TYPES, LAYER_KINDS, FinetuneConfig
-from .data import (DataError, batch_indices, load_examples, make_batch, read_records,
-                   tokenize_record)
+from .data import DataError, batch_indices, load_examples, make_batch, read_records, tokenize_record
 from .estimate import estimate_step, format_estimate
 from .run import Finetune, summed_loss_and_grads, validation_loss
 
-__all__ = ["DataError", "FINE_TUNE_TYPES", "Finetune", "FinetuneConfig", "LAYER_KINDS",
-           "adapter_config", "batch_indices", "estimate_step", "format_estimate", "fuse_model",
-           "layer_parts", "load_adapter", "load_examples", "make_batch", "part_kind",
-           "prepare_model", "read_records", "summed_loss_and_grads", "tokenize_record",
-           "validation_loss"]
+__all__ = [
+    "DataError",
+    "FINE_TUNE_TYPES",
+    "Finetune",
+    "FinetuneConfig",
+    "LAYER_KINDS",
+    "adapter_config",
+    "batch_indices",
+    "estimate_step",
+    "format_estimate",
+    "fuse_model",
+    "layer_parts",
+    "load_adapter",
+    "load_examples",
+    "make_batch",
+    "part_kind",
+    "prepare_model",
+    "read_records",
+    "summed_loss_and_grads",
+    "tokenize_record",
+    "validation_loss",
+]

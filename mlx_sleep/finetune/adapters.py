@@ -17,8 +17,12 @@ def part_kind(module) -> Optional[str]:
     """The layer kind of a decoder layer's child (its mixer or MLP), from the class name:
     JetBlock -> jet, *DeltaNet -> gdn, *Attention -> attn, SwiGLU / *MLP / *MoE* -> mlp."""
     name = type(module).__name__.lower()
-    for kind, words in (("jet", ("jet",)), ("gdn", ("deltanet",)), ("attn", ("attention",)),
-                        ("mlp", ("mlp", "swiglu", "moe"))):
+    for kind, words in (
+        ("jet", ("jet",)),
+        ("gdn", ("deltanet",)),
+        ("attn", ("attention",)),
+        ("mlp", ("mlp", "swiglu", "moe")),
+    ):
         if any(w in name for w in words):
             return kind
     return None
@@ -49,19 +53,26 @@ def check_adapters_fit(model, cfg: FinetuneConfig):
     for terabytes and crash it)."""
     layers = len(model.layers)
     if cfg.lora_layers is not None and cfg.lora_layers > layers:
-        raise ConfigError(f"--lora-layers {cfg.lora_layers} is more than this model's {layers} "
-                          "decoder layers")
+        raise ConfigError(
+            f"--lora-layers {cfg.lora_layers} is more than this model's {layers} decoder layers"
+        )
     if cfg.fine_tune_type == "full":
         return
     n = layers if cfg.lora_layers is None else cfg.lora_layers
-    sizes = [sum(dims) for layer in model.layers[layers - n:]
-             for _, m in layer.named_modules() if (dims := linear_dims(m)) is not None]
+    sizes = [
+        sum(dims)
+        for layer in model.layers[layers - n :]
+        for _, m in layer.named_modules()
+        if (dims := linear_dims(m)) is not None
+    ]
     # float32 A and B, their gradients and AdamW's two moments: 4 copies
     need, have = cfg.rank * sum(sizes) * 4 * 4, machine_memory()
     if have and need > have:
-        raise ConfigError(f"--rank {cfg.rank}: the adapters and their optimizer state need "
-                          f"{need / 1e9:,.1f} GB, more than this machine's {have / 1e9:.1f} GB; "
-                          "use a smaller --rank (8-64 is usual) or fewer --lora-layers")
+        raise ConfigError(
+            f"--rank {cfg.rank}: the adapters and their optimizer state need "
+            f"{need / 1e9:,.1f} GB, more than this machine's {have / 1e9:.1f} GB; "
+            "use a smaller --rank (8-64 is usual) or fewer --lora-layers"
+        )
 
 
 def prepare_model(model, cfg: FinetuneConfig):
@@ -75,12 +86,17 @@ def prepare_model(model, cfg: FinetuneConfig):
         missing = [k for k in kinds if not any(kind == k for kind, _ in parts)]
         if missing:
             have = sorted({kind for kind, _ in parts})
-            raise ConfigError(f"--train-only {','.join(missing)}: this model has no such layers "
-                              f"(it has {', '.join(have)})")
-    if cfg.fine_tune_type == "full" and any(isinstance(m, nn.QuantizedLinear)
-                                            for _, m in model.named_modules()):
-        raise ConfigError("this model is quantized: its weights cannot be trained directly; "
-                          "train LoRA/DoRA adapters (drop --full) or convert without -q")
+            raise ConfigError(
+                f"--train-only {','.join(missing)}: this model has no such layers "
+                f"(it has {', '.join(have)})"
+            )
+    if cfg.fine_tune_type == "full" and any(
+        isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules()
+    ):
+        raise ConfigError(
+            "this model is quantized: its weights cannot be trained directly; "
+            "train LoRA/DoRA adapters (drop --full) or convert without -q"
+        )
     model.freeze()
     if cfg.fine_tune_type == "full":
         if kinds:
@@ -92,25 +108,32 @@ def prepare_model(model, cfg: FinetuneConfig):
     else:
         mx.random.seed(cfg.seed)  # the same adapters on every process
         n = len(model.layers) if cfg.lora_layers is None else cfg.lora_layers
-        linear_to_lora_layers(model, n, {"rank": cfg.rank, "scale": cfg.scale,
-                                         "dropout": cfg.dropout},
-                              use_dora=cfg.fine_tune_type == "dora")
+        linear_to_lora_layers(
+            model,
+            n,
+            {"rank": cfg.rank, "scale": cfg.scale, "dropout": cfg.dropout},
+            use_dora=cfg.fine_tune_type == "dora",
+        )
         if kinds:  # adapters outside the named kinds stay at their zero update
             for kind, part in layer_parts(model):
                 if kind not in kinds:
                     part.freeze()
     n_train = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     if n_train == 0:
-        raise ConfigError("nothing to train: the chosen --train-only / --lora-layers select "
-                          "no weights")
+        raise ConfigError(
+            "nothing to train: the chosen --train-only / --lora-layers select no weights"
+        )
     return model
 
 
 def adapter_config(cfg: FinetuneConfig, model) -> dict:
     """mlx-lm's adapter_config.json fields (its load_adapters reads them)."""
     n = len(model.layers) if cfg.lora_layers is None else cfg.lora_layers
-    return {"fine_tune_type": cfg.fine_tune_type, "num_layers": n,
-            "lora_parameters": {"rank": cfg.rank, "scale": cfg.scale, "dropout": cfg.dropout}}
+    return {
+        "fine_tune_type": cfg.fine_tune_type,
+        "num_layers": n,
+        "lora_parameters": {"rank": cfg.rank, "scale": cfg.scale, "dropout": cfg.dropout},
+    }
 
 
 def load_adapter(model, path: str):
@@ -136,8 +159,11 @@ def load_adapter(model, path: str):
 def fuse_model(model, model_dir: str, out: str, sleep: SleepConfig, provenance: dict) -> str:
     from ..convert.common import save_model_dir
 
-    fused = [(name, m.fuse()) for name, m in model.named_modules()
-             if hasattr(m, "fuse") and hasattr(m, "lora_a")]
+    fused = [
+        (name, m.fuse())
+        for name, m in model.named_modules()
+        if hasattr(m, "fuse") and hasattr(m, "lora_a")
+    ]
     if fused:
         model.update_modules(tree_unflatten(fused))
     config = read_json(os.path.join(model_dir, "config.json"))

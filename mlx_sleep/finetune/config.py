@@ -57,18 +57,27 @@ class FinetuneConfig:
         kinds = [k.strip() for k in self.train_only.split(",") if k.strip()]
         bad = [k for k in kinds if k not in LAYER_KINDS]
         if bad or not kinds:
-            raise ConfigError(f"--train-only takes layer kinds from {', '.join(LAYER_KINDS)} "
-                              f"(got {self.train_only!r})")
+            raise ConfigError(
+                f"--train-only takes layer kinds from {', '.join(LAYER_KINDS)} "
+                f"(got {self.train_only!r})"
+            )
         return kinds
 
     def optimizer_config(self) -> TrainConfig:
         """train.make_optimizer's settings: Muon (lr) for matrix weights, AdamW (adam_lr) for the
         rest. Adapters are never Muon's (LoRALinear is not an nn.Linear): they get AdamW at lr."""
         adam_lr = self.adam_lr if self.fine_tune_type == "full" else self.lr
-        return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr,
-                           adam_lr=adam_lr, weight_decay=self.weight_decay, warmup=self.warmup,
-                           min_lr_ratio=self.min_lr_ratio, grad_clip=self.grad_clip,
-                           seed=self.seed)
+        return TrainConfig(
+            steps=self.steps,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            adam_lr=adam_lr,
+            weight_decay=self.weight_decay,
+            warmup=self.warmup,
+            min_lr_ratio=self.min_lr_ratio,
+            grad_clip=self.grad_clip,
+            seed=self.seed,
+        )
 
     @classmethod
     def from_dict(cls, d):

@@ -40,25 +40,27 @@ def check_record(rec: dict, where: str):
     if "messages" in rec:
         msgs = rec["messages"]
         if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) for m in msgs)):
-            raise DataError(f"{where}: \"messages\" must be a non-empty list of "
-                            "{\"role\": str, \"content\": str}")
+            raise DataError(
+                f'{where}: "messages" must be a non-empty list of {{"role": str, "content": str}}'
+            )
         for i, m in enumerate(msgs):
             check_text(m, "role", f"{where} message {i}")
             check_text(m, "content", f"{where} message {i}")
         if not any(m["role"] == "assistant" for m in msgs):
-            raise DataError(f"{where}: \"messages\" has no assistant turn to learn")
+            raise DataError(f'{where}: "messages" has no assistant turn to learn')
     elif "prompt" in rec or "answer" in rec:
         check_text(rec, "prompt", where)
         check_text(rec, "answer", where)
         if not rec["answer"]:
-            raise DataError(f"{where}: \"answer\" is empty; there is nothing to learn")
+            raise DataError(f'{where}: "answer" is empty; there is nothing to learn')
     elif "text" in rec:
         check_text(rec, "text", where)
         if not rec["text"]:
-            raise DataError(f"{where}: \"text\" is empty; there is nothing to learn")
+            raise DataError(f'{where}: "text" is empty; there is nothing to learn')
     else:
-        raise DataError(f"{where}: expected {FORMS} (keys found: "
-                        f"{', '.join(sorted(rec)) or 'none'})")
+        raise DataError(
+            f"{where}: expected {FORMS} (keys found: {', '.join(sorted(rec)) or 'none'})"
+        )
 
 
 def _encode(tokenizer, text: str) -> List[int]:
@@ -71,23 +73,35 @@ def tokenize_record(rec: dict, tokenizer) -> Tuple[List[int], List[bool]]:
     tail = [eos] if eos is not None else []
     if "messages" in rec:
         if not getattr(tokenizer, "chat_template", None):
-            raise DataError("{\"messages\"} records need a tokenizer with a chat template; "
-                            "this model's tokenizer_config.json has none")
+            raise DataError(
+                '{"messages"} records need a tokenizer with a chat template; '
+                "this model's tokenizer_config.json has none"
+            )
         msgs, ids, scored = rec["messages"], [], []
 
         def extend(upto, score):
-            if upto[:len(ids)] != ids:
-                raise DataError("the chat template renders earlier turns differently once later "
-                                "ones are added; use {\"prompt\", \"answer\"} records instead")
+            if upto[: len(ids)] != ids:
+                raise DataError(
+                    "the chat template renders earlier turns differently once later "
+                    'ones are added; use {"prompt", "answer"} records instead'
+                )
             scored.extend([score] * (len(upto) - len(ids)))
-            ids.extend(upto[len(ids):])
+            ids.extend(upto[len(ids) :])
 
         for i, msg in enumerate(msgs):
             if msg["role"] == "assistant":  # its header is context, its content the target
-                extend(list(tokenizer.apply_chat_template(msgs[:i], tokenize=True,
-                                                          add_generation_prompt=True)), False)
-            extend(list(tokenizer.apply_chat_template(msgs[:i + 1], tokenize=True)),
-                   msg["role"] == "assistant")
+                extend(
+                    list(
+                        tokenizer.apply_chat_template(
+                            msgs[:i], tokenize=True, add_generation_prompt=True
+                        )
+                    ),
+                    False,
+                )
+            extend(
+                list(tokenizer.apply_chat_template(msgs[: i + 1], tokenize=True)),
+                msg["role"] == "assistant",
+            )
         return ids, scored
     if "text" in rec:
         ids = _encode(tokenizer, rec["text"]) + tail
@@ -106,12 +120,16 @@ def load_examples(path: str, tokenizer, vocab_size: int) -> List[Tuple[np.ndarra
         except DataError as e:
             raise DataError(f"{where}: {e}") from None
         if len(ids) < 2 or not any(scored[1:]):
-            raise DataError(f"{where}: the record tokenizes to {len(ids)} token(s) with nothing "
-                            "to predict; give it more text")
+            raise DataError(
+                f"{where}: the record tokenizes to {len(ids)} token(s) with nothing "
+                "to predict; give it more text"
+            )
         ids = np.asarray(ids, dtype=np.int64)
         if ids.min() < 0 or ids.max() >= vocab_size:
-            raise DataError(f"{where}: token id {int(ids.max())} is outside the model's "
-                            f"vocabulary of {vocab_size}; is the tokenizer the model's?")
+            raise DataError(
+                f"{where}: token id {int(ids.max())} is outside the model's "
+                f"vocabulary of {vocab_size}; is the tokenizer the model's?"
+            )
         examples.append((ids.astype(np.int32), np.asarray(scored, dtype=bool)))
     return examples
 
@@ -122,7 +140,7 @@ def make_batch(examples, pad_id: int):
     ids = np.full((len(examples), T), pad_id, dtype=np.int32)
     scored = np.zeros((len(examples), T), dtype=bool)
     for i, (x, s) in enumerate(examples):
-        ids[i, :len(x)], scored[i, :len(s)] = x, s
+        ids[i, : len(x)], scored[i, : len(s)] = x, s
     return ids[:, :-1], ids[:, 1:], scored[:, 1:].astype(np.float32)
 
 

@@ -12,8 +12,15 @@ from ..config import SleepConfig
 from .run import Finetune, summed_loss_and_grads
 
 
-def _probe(model, sleep: SleepConfig, batch: int, length: int, passes: int, scored: int,
-           memory_bounded: bool):
+def _probe(
+    model,
+    sleep: SleepConfig,
+    batch: int,
+    length: int,
+    passes: int,
+    scored: int,
+    memory_bounded: bool,
+):
     """(peak bytes above what was live, seconds) of one chunk's gradient at this size: an
     answer chunk (one pass) whose last `scored` positions are scored (only they reach the head),
     or, with scored = 0, a context chunk of `passes` passes followed by one scored token."""
@@ -24,7 +31,7 @@ def _probe(model, sleep: SleepConfig, batch: int, length: int, passes: int, scor
     inputs = rng.integers(0, model.vocab_size, size=(batch, T)).astype(np.int32)
     mask = np.zeros((batch, T), np.float32)
     if scored:
-        mask[:, -min(scored, length):] = 1
+        mask[:, -min(scored, length) :] = 1
         plan = ([(0, length)], [True])
     else:
         mask[:, -1] = 1
@@ -81,6 +88,7 @@ def estimate_step(ft: Finetune) -> dict:
     t2 = min(L, 256)
     t1 = max(1, t2 // 2)
     from ..sleep import evict, run_chunk
+
     ids = mx.zeros((1, t2), dtype=mx.int32)
     _, state = run_chunk(model, ids, model.initial_state(1), 0, 1, sleep.attention_window)
     state = evict(model, state, sleep.keep_after_eviction)
@@ -120,15 +128,29 @@ def estimate_step(ft: Finetune) -> dict:
     time_frac = max(s_two - ctx[-1][1], 0) / max(ctx[-1][1] - s_fixed, 1e-9)
     chunk_s = s_fixed + (sa * L + sb * L * L) * (1 + time_frac * (N - 1))
     step_s = cfg.grad_accum * math.ceil(T_mean / L) * chunk_s
-    return {"peak_bytes": int(peak), "seconds_per_step": step_s,
-            "tokens_per_step": int(cfg.grad_accum * cfg.batch_size * T_mean),
-            "parts": {"weights": int(weights), "optimizer": int(optimizer),
-                      "accumulated_grads": int(accumulated), "boundary_states": int(boundary),
-                      "activations": int(activations)},
-            "settings": {"batch_per_process": B, "L": L, "N": N, "longest": T_max,
-                         "mean_length": T_mean, "chunks": n_chunks, "memory_bounded": mb,
-                         "fine_tune_type": cfg.fine_tune_type,
-                         "trainable_parameters": int(sum(v.size for v in trainable.values()))}}
+    return {
+        "peak_bytes": int(peak),
+        "seconds_per_step": step_s,
+        "tokens_per_step": int(cfg.grad_accum * cfg.batch_size * T_mean),
+        "parts": {
+            "weights": int(weights),
+            "optimizer": int(optimizer),
+            "accumulated_grads": int(accumulated),
+            "boundary_states": int(boundary),
+            "activations": int(activations),
+        },
+        "settings": {
+            "batch_per_process": B,
+            "L": L,
+            "N": N,
+            "longest": T_max,
+            "mean_length": T_mean,
+            "chunks": n_chunks,
+            "memory_bounded": mb,
+            "fine_tune_type": cfg.fine_tune_type,
+            "trainable_parameters": int(sum(v.size for v in trainable.values())),
+        },
+    }
 
 
 def format_estimate(est: dict) -> str:
@@ -137,13 +159,15 @@ def format_estimate(est: dict) -> str:
     def gb(x):
         return f"{x / 1e9:.2f} GB" if x >= 1e8 else f"{x / 1e6:.1f} MB"
 
-    lines = [f"{s['fine_tune_type']}, {s['trainable_parameters']:,} trainable parameters; "
-             f"L = {s['L']}, N = {s['N']}, batch {s['batch_per_process']} per process, "
-             f"sequences up to {s['longest']} tokens ({s['chunks']} chunks)",
-             f"expected peak memory: {gb(est['peak_bytes'])}  (weights {gb(p['weights'])}, "
-             f"optimizer {gb(p['optimizer'])}, accumulated gradients "
-             f"{gb(p['accumulated_grads'])}, chunk-boundary states {gb(p['boundary_states'])}, "
-             f"activations {gb(p['activations'])})",
-             f"expected time per step: {est['seconds_per_step']:.2f} s "
-             f"(~{est['tokens_per_step'] / max(est['seconds_per_step'], 1e-9):,.0f} tokens/s)"]
+    lines = [
+        f"{s['fine_tune_type']}, {s['trainable_parameters']:,} trainable parameters; "
+        f"L = {s['L']}, N = {s['N']}, batch {s['batch_per_process']} per process, "
+        f"sequences up to {s['longest']} tokens ({s['chunks']} chunks)",
+        f"expected peak memory: {gb(est['peak_bytes'])}  (weights {gb(p['weights'])}, "
+        f"optimizer {gb(p['optimizer'])}, accumulated gradients "
+        f"{gb(p['accumulated_grads'])}, chunk-boundary states {gb(p['boundary_states'])}, "
+        f"activations {gb(p['activations'])})",
+        f"expected time per step: {est['seconds_per_step']:.2f} s "
+        f"(~{est['tokens_per_step'] / max(est['seconds_per_step'], 1e-9):,.0f} tokens/s)",
+    ]
     return "\n".join(lines)

@@ -29,8 +29,9 @@ from .config import FinetuneConfig
 from .data import batch_indices, load_examples, make_batch
 
 
-def summed_loss_and_grads(model, inputs, targets, mask, sleep: SleepConfig, plan,
-                          memory_bounded: bool):
+def summed_loss_and_grads(
+    model, inputs, targets, mask, sleep: SleepConfig, plan, memory_bounded: bool
+):
     """(summed cross-entropy over the scored tokens, their count, gradients of that sum)."""
     x, y, w = mx.array(inputs), mx.array(targets), mx.array(mask)
     if memory_bounded:
@@ -42,22 +43,35 @@ def summed_loss_and_grads(model, inputs, targets, mask, sleep: SleepConfig, plan
     return loss * scale, n, tree_map(lambda g: (g * scale).astype(g.dtype), grads)
 
 
-def validation_loss(model, examples, sleep: SleepConfig, batch_size: int, pad_id: int,
-                    world: World, max_batches: int = 0) -> float:
+def validation_loss(
+    model,
+    examples,
+    sleep: SleepConfig,
+    batch_size: int,
+    pad_id: int,
+    world: World,
+    max_batches: int = 0,
+) -> float:
     """Mean cross-entropy per scored token over `examples` (each process its slice)."""
     ce, n = mx.array(0.0), mx.array(0.0)
     starts = range(0, len(examples), batch_size)
     if max_batches:
         starts = list(starts)[:max_batches]
     for start in starts:
-        inputs, targets, mask = make_batch(examples[start:start + batch_size], pad_id)
+        inputs, targets, mask = make_batch(examples[start : start + batch_size], pad_id)
         plan = plan_chunks(mask, sleep.window)  # the global batch's plan on every process
         per = -(-len(inputs) // world.size)
         rows = slice(world.rank * per, (world.rank + 1) * per)
         if len(inputs[rows]) == 0:
             continue
-        loss, count = sleep_loss(model, mx.array(inputs[rows]), mx.array(targets[rows]),
-                                 mx.array(mask[rows]), sleep, plan=plan)
+        loss, count = sleep_loss(
+            model,
+            mx.array(inputs[rows]),
+            mx.array(targets[rows]),
+            mx.array(mask[rows]),
+            sleep,
+            plan=plan,
+        )
         ce, n = ce + loss * count, n + count
         mx.eval(ce, n)
     ce, n = world.sum([ce, n])
@@ -67,18 +81,29 @@ def validation_loss(model, examples, sleep: SleepConfig, batch_size: int, pad_id
 class Finetune(TrainingRun):
     """One fine-tuning run of the model in `model_dir` into `out_dir`; resumes from `out_dir`.
 
-        ft = Finetune("jet-2b-mlx", "data.jsonl", "runs/jet", FinetuneConfig(steps=200),
-                      sleep=SleepConfig(loops=4, window=2000, eviction="sliding"))
-        ft.run(); ft.fuse()
+    ft = Finetune("jet-2b-mlx", "data.jsonl", "runs/jet", FinetuneConfig(steps=200),
+                  sleep=SleepConfig(loops=4, window=2000, eviction="sliding"))
+    ft.run(); ft.fuse()
     """
 
     OWNER, META_FILE, WEIGHTS_FILE = "finetune", "state.json", "adapters.safetensors"
     EVAL_AT_START = True
     RESUMABLE_CHANGES = ("finetune.steps",)
 
-    def __init__(self, model_dir: str, data: str, out_dir: str, cfg: FinetuneConfig,
-                 sleep=None, core=None, valid: Optional[str] = None,
-                 progress: bool = True, echo=print, dry_run: bool = False, force: bool = False):
+    def __init__(
+        self,
+        model_dir: str,
+        data: str,
+        out_dir: str,
+        cfg: FinetuneConfig,
+        sleep=None,
+        core=None,
+        valid: Optional[str] = None,
+        progress: bool = True,
+        echo=print,
+        dry_run: bool = False,
+        force: bool = False,
+    ):
         """`sleep`: a SleepConfig, or a dict of overrides (loops, window, eviction; None keeps
         the model's). `dry_run`: build everything but neither read nor write `out_dir`."""
         from ..loading import load
@@ -87,8 +112,10 @@ class Finetune(TrainingRun):
         self.progress, self.echo, self.world = progress, echo, World()
         self.eval_every = cfg.valid_every
         if cfg.batch_size % self.world.size:
-            raise ConfigError(f"--batch-size {cfg.batch_size} must be a multiple of the number "
-                              f"of processes ({self.world.size})")
+            raise ConfigError(
+                f"--batch-size {cfg.batch_size} must be a multiple of the number "
+                f"of processes ({self.world.size})"
+            )
         model, self.tokenizer = load(model_dir)
         if not isinstance(sleep, SleepConfig):
             overrides = {k: v for k, v in (sleep or {}).items() if v is not None}
@@ -99,14 +126,21 @@ class Finetune(TrainingRun):
             model.config.validate()
         self.pad_id = self.tokenizer.eos_token_id or 0
         self.train_examples = load_examples(data, self.tokenizer, model.vocab_size)
-        self.valid_examples = load_examples(valid, self.tokenizer, model.vocab_size) if valid else []
+        self.valid_examples = (
+            load_examples(valid, self.tokenizer, model.vocab_size) if valid else []
+        )
         self.model = prepare_model(model, cfg)
         self.optimizer = make_optimizer(cfg.optimizer_config(), model)
-        self.settings = {"model": os.path.abspath(model_dir), "model_type": model.model_type,
-                         "core": list(model.core), "sleep": self.sleep.to_dict(),
-                         "data": os.path.abspath(data),
-                         "valid": os.path.abspath(valid) if valid else None,
-                         "finetune": asdict(cfg), "processes": self.world.size}
+        self.settings = {
+            "model": os.path.abspath(model_dir),
+            "model_type": model.model_type,
+            "core": list(model.core),
+            "sleep": self.sleep.to_dict(),
+            "data": os.path.abspath(data),
+            "valid": os.path.abspath(valid) if valid else None,
+            "finetune": asdict(cfg),
+            "processes": self.world.size,
+        }
         if not dry_run:
             self.open_run(force)
 
@@ -142,19 +176,24 @@ class Finetune(TrainingRun):
         ce, n, grads, tokens = mx.array(0.0), mx.array(0.0), None, 0
         for micro in range(cfg.grad_accum):
             start = (self.step * cfg.grad_accum + micro) * cfg.batch_size
-            examples = [self.train_examples[i] for i in
-                        batch_indices(cfg.seed, len(self.train_examples), start, cfg.batch_size)]
+            examples = [
+                self.train_examples[i]
+                for i in batch_indices(cfg.seed, len(self.train_examples), start, cfg.batch_size)
+            ]
             inputs, targets, mask = make_batch(examples, self.pad_id)
             plan = plan_chunks(mask, sleep.window)  # from the global batch: same on every rank
             rows = world.rows(cfg.batch_size)
-            c, k, g = summed_loss_and_grads(self.model, inputs[rows], targets[rows], mask[rows],
-                                            sleep, plan, cfg.memory_bounded)
+            c, k, g = summed_loss_and_grads(
+                self.model, inputs[rows], targets[rows], mask[rows], sleep, plan, cfg.memory_bounded
+            )
             ce, n = ce + c, n + k
             grads = g if grads is None else tree_map(mx.add, grads, g)
             mx.eval(ce, n, grads)
             tokens += sum(len(ids) - 1 for ids, _ in examples)  # padding is not trained on
         if world.size > 1:
-            grads = tree_map(lambda g: g * world.size, nn.average_gradients(grads, group=world.group))
+            grads = tree_map(
+                lambda g: g * world.size, nn.average_gradients(grads, group=world.group)
+            )
             ce, n = world.sum([ce, n])
         denom = mx.maximum(n, 1.0)
         grads = tree_map(lambda g: (g / denom).astype(g.dtype), grads)
@@ -168,9 +207,15 @@ class Finetune(TrainingRun):
     def evaluate(self) -> Optional[dict]:
         if not self.valid_examples:
             return None
-        loss = validation_loss(self.model, self.valid_examples, self.sleep_at(self.step),
-                               self.cfg.batch_size, self.pad_id, self.world,
-                               self.cfg.valid_batches)
+        loss = validation_loss(
+            self.model,
+            self.valid_examples,
+            self.sleep_at(self.step),
+            self.cfg.batch_size,
+            self.pad_id,
+            self.world,
+            self.cfg.valid_batches,
+        )
         self.say(f"step {self.step}: validation loss {loss:.4f}")
         return {"valid_loss": loss}
 
@@ -185,9 +230,11 @@ class Finetune(TrainingRun):
 
     def run(self, on_eval=None, on_step=None):
         if self.is_writer and self.progress and self.step < self.cfg.steps:
-            self.say(f"{self.cfg.fine_tune_type}: {self.trainable_parameters:,} trainable "
-                     f"parameters; L = {self.sleep.window}, N = {self.sleep.loops}, "
-                     f"{self.sleep.eviction} eviction")
+            self.say(
+                f"{self.cfg.fine_tune_type}: {self.trainable_parameters:,} trainable "
+                f"parameters; L = {self.sleep.window}, N = {self.sleep.loops}, "
+                f"{self.sleep.eviction} eviction"
+            )
         return super().run(on_eval, on_step)
 
     # -- fuse ---------------------------------------------------------------------------------
@@ -196,5 +243,10 @@ class Finetune(TrainingRun):
         with the fine-tuned sleep settings; `mlx_sleep.load` and `chat` open it."""
         if not self.is_writer:
             return None
-        return fuse_model(self.model, self.model_dir, out or os.path.join(self.out_dir, "fused"),
-                          self.sleep, {"run": os.path.abspath(self.out_dir), "step": self.step})
+        return fuse_model(
+            self.model,
+            self.model_dir,
+            out or os.path.join(self.out_dir, "fused"),
+            self.sleep,
+            {"run": os.path.abspath(self.out_dir), "step": self.step},
+        )

@@ -36,15 +36,24 @@ def check_record(record: dict, where: str):
             check_int(f'{where}: "{key}"', record[key], 0, 2**53)
     for key in ("template", "mode"):
         check_text(record, key, where, optional=True)
-    if not isinstance(record.get("length", ""), (str, int)) or isinstance(record.get("length"), bool):
-        raise ValueError(f'{where}: "length" must be a string or an integer (got '
-                         f'{show(record["length"])})')  # "8k" in medium / hard, 0 in symbolic
+    if not isinstance(record.get("length", ""), (str, int)) or isinstance(
+        record.get("length"), bool
+    ):
+        raise ValueError(
+            f'{where}: "length" must be a string or an integer (got {show(record["length"])})'
+        )  # "8k" in medium / hard, 0 in symbolic
     if "answer_list" in record:
         names = record["answer_list"]
-        if not (isinstance(names, list) and names and len(names) <= 10_000 and all(
-                isinstance(n, str) and 0 < len(n) <= 100 for n in names)):
-            raise ValueError(f'{where}: "answer_list" must be a non-empty list of variable '
-                             f"names (strings; got {show(names)})")
+        if not (
+            isinstance(names, list)
+            and names
+            and len(names) <= 10_000
+            and all(isinstance(n, str) and 0 < len(n) <= 100 for n in names)
+        ):
+            raise ValueError(
+                f'{where}: "answer_list" must be a non-empty list of variable '
+                f"names (strings; got {show(names)})"
+            )
         check_int(f'{where}: "answer_q"', record.get("answer_q"), 0, 2**53)  # the judge asks it
     elif check_text(record, "solution", where, optional=True):
         try:
@@ -52,8 +61,9 @@ def check_record(record: dict, where: str):
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
     else:
-        raise ValueError(f'{where}: has neither "solution" nor "answer_list": nothing to score '
-                         "an answer against")
+        raise ValueError(
+            f'{where}: has neither "solution" nor "answer_list": nothing to score an answer against'
+        )
     if "messages" in record:
         msgs = record["messages"]
         if not (isinstance(msgs, list) and all(isinstance(m, dict) for m in msgs)):
@@ -68,8 +78,9 @@ def read_problems(path: str) -> List[dict]:
     return [r for _, r in read_jsonl(path, check_record, RECORD)]
 
 
-def select(records: Sequence[dict], ops: Optional[Sequence[int]] = None,
-           limit: Optional[int] = None) -> Dict[int, List[dict]]:
+def select(
+    records: Sequence[dict], ops: Optional[Sequence[int]] = None, limit: Optional[int] = None
+) -> Dict[int, List[dict]]:
     """{op: the first `limit` records with that op}, ops in increasing order."""
     by_op: Dict[int, List[dict]] = {}
     for r in records:
@@ -80,8 +91,9 @@ def select(records: Sequence[dict], ops: Optional[Sequence[int]] = None,
         absent = sorted(set(ops) - set(by_op))
         if absent:
             have = ", ".join(str(o) for o in sorted({int(r["op"]) for r in records})) or "none"
-            raise ValueError(f"no records with op {', '.join(map(str, absent))} "
-                             f"(ops present: {have})")
+            raise ValueError(
+                f"no records with op {', '.join(map(str, absent))} (ops present: {have})"
+            )
     return {op: by_op[op][:limit] for op in sorted(by_op)}
 
 
@@ -93,7 +105,7 @@ def official_filter(split: Sequence[dict], limit: int) -> List[dict]:
     for mode in ("normalforward", "forwardreverse"):
         for template, fraction in OFFICIAL_FILTER.items():
             rows = [r for r in split if r.get("template") == template and r.get("mode") == mode]
-            out += rows[:int(total * fraction)]
+            out += rows[: int(total * fraction)]
     return out
 
 
@@ -101,13 +113,17 @@ def hub_records(subset: str, length: str, ops: Sequence[int]) -> List[dict]:
     """The rows of InfiniAILab/gsm_infinite_{subset}_{length}, splits ops_{N}, downloaded with
     huggingface_hub (parquet, read with pyarrow). Users' machines only; tests use local files."""
     if subset not in SUBSETS or length not in LENGTHS:
-        raise ValueError(f"subset must be one of {', '.join(SUBSETS)} and length one of "
-                         f"{', '.join(LENGTHS)} (got {subset}, {length})")
+        raise ValueError(
+            f"subset must be one of {', '.join(SUBSETS)} and length one of "
+            f"{', '.join(LENGTHS)} (got {subset}, {length})"
+        )
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise ValueError("reading the Hub's parquet files needs pyarrow: pip install pyarrow "
-                         "or 'mlx-sleep[gsm-infinite]' (or pass --data FILE.jsonl)") from None
+        raise ValueError(
+            "reading the Hub's parquet files needs pyarrow: pip install pyarrow "
+            "or 'mlx-sleep[gsm-infinite]' (or pass --data FILE.jsonl)"
+        ) from None
     from huggingface_hub import HfApi, hf_hub_download
 
     repo = f"InfiniAILab/gsm_infinite_{subset}_{length}"
@@ -127,8 +143,10 @@ def hub_records(subset: str, length: str, ops: Sequence[int]) -> List[dict]:
     except ValueError:
         raise
     except Exception as e:  # network, auth, missing repo: one line either way
-        raise ValueError(f"could not read {repo} from the Hugging Face Hub: {type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        raise ValueError(
+            f"could not read {repo} from the Hugging Face Hub: {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
     return records
 
 
@@ -138,21 +156,28 @@ def split_files(files: Iterable[str], op: int) -> List[str]:
     return sorted(f for f in files if pattern.search(f))
 
 
-def load_records(subset: str, length: str, ops: Sequence[int], limit: Optional[int] = None,
-                 data: Optional[str] = None, official: bool = False) -> Dict[int, List[dict]]:
+def load_records(
+    subset: str,
+    length: str,
+    ops: Sequence[int],
+    limit: Optional[int] = None,
+    data: Optional[str] = None,
+    official: bool = False,
+) -> Dict[int, List[dict]]:
     """{op: records}: from `data` (a local JSONL, taken in file order) or the Hub, where the
     official protocol selects rows as upstream does (see `official_filter`)."""
     if data is not None:
         return select(read_problems(data), ops, limit)
     by_op = select(hub_records(subset, length, ops), ops)
     if official and subset != "symbolic":
-        return {op: official_filter(rows, limit or OFFICIAL_LIMIT[subset])
-                for op, rows in by_op.items()}
-    return {op: rows[:limit or OFFICIAL_LIMIT[subset]] for op, rows in by_op.items()}
+        return {
+            op: official_filter(rows, limit or OFFICIAL_LIMIT[subset]) for op, rows in by_op.items()
+        }
+    return {op: rows[: limit or OFFICIAL_LIMIT[subset]] for op, rows in by_op.items()}
 
 
 def parse_ops(text: str) -> List[int]:
-    """"2,4,6,8", "2-8" or "2-8:2" (a range, inclusive, with a step) -> sorted op counts."""
+    """ "2,4,6,8", "2-8" or "2-8:2" (a range, inclusive, with a step) -> sorted op counts."""
     ops = set()
     try:
         for part in text.split(","):
@@ -164,8 +189,10 @@ def parse_ops(text: str) -> List[int]:
             else:
                 ops.add(int(part))
     except ValueError:
-        raise ValueError(f"--ops {text!r}: expected op counts like 2,4,6,8 or a range 2-8 "
-                         "(2-8:2 for every second)") from None
+        raise ValueError(
+            f"--ops {text!r}: expected op counts like 2,4,6,8 or a range 2-8 "
+            "(2-8:2 for every second)"
+        ) from None
     if not ops or min(ops) < 1:
         raise ValueError(f"--ops {text!r}: op counts are integers >= 1")
     return sorted(ops)
@@ -176,9 +203,11 @@ def paper_example(record: dict) -> dict:
     "answer": the cue and the answer alone}. Evaluation and fine-tuning data both use it."""
     gold = gold_answer(record)
     answer = ", ".join(gold) if isinstance(gold, list) else str(gold)
-    return {"prompt": f"Question: {record['question'].strip()}\n\n"
-                      f"Context: {record['problem'].strip()}\n",
-            "answer": f"{ANSWER_CUE} {answer}"}
+    return {
+        "prompt": f"Question: {record['question'].strip()}\n\n"
+        f"Context: {record['problem'].strip()}\n",
+        "answer": f"{ANSWER_CUE} {answer}",
+    }
 
 
 def messages(record: dict) -> List[dict]:
@@ -187,8 +216,10 @@ def messages(record: dict) -> List[dict]:
     if isinstance(m, str):  # some exports store it as a JSON string
         m = json.loads(m)
     if not isinstance(m, list) or not m:
-        raise ValueError(f"record (op {record.get('op')}, id {record.get('id')}) has no "
-                         "`messages`; the official protocol needs them (or use --protocol paper)")
+        raise ValueError(
+            f"record (op {record.get('op')}, id {record.get('id')}) has no "
+            "`messages`; the official protocol needs them (or use --protocol paper)"
+        )
     return m
 
 
@@ -202,8 +233,17 @@ def write_training_file(path: str, by_op: Dict[int, List[dict]]) -> int:
     return len(rows)
 
 
-def write_data(out: str, subset: str, length: str, ops: str, limit: Optional[int],
-               skip: Optional[int], data: Optional[str], force: bool, echo=print) -> int:
+def write_data(
+    out: str,
+    subset: str,
+    length: str,
+    ops: str,
+    limit: Optional[int],
+    skip: Optional[int],
+    data: Optional[str],
+    force: bool,
+    echo=print,
+) -> int:
     """`mlx-sleep data gsm-infinite`: the paper-format training file, from the problems after
     the first `skip` of each op (default: from the Hub, the 200 that `eval` uses by default; from
     a local file, none), so training and test problems stay apart."""
@@ -213,6 +253,8 @@ def write_data(out: str, subset: str, length: str, ops: str, limit: Optional[int
     skip = (0 if data is not None else OFFICIAL_LIMIT[subset]) if skip is None else skip
     by_op = {op: rows[skip:][:limit] for op, rows in select(records, ops).items()}
     n = write_training_file(out, by_op)
-    echo(f"wrote {n} examples ({', '.join(f'op {op}: {len(r)}' for op, r in by_op.items())}; "
-         f"the first {skip} of each op skipped) to {out}")
+    echo(
+        f"wrote {n} examples ({', '.join(f'op {op}: {len(r)}' for op, r in by_op.items())}; "
+        f"the first {skip} of each op skipped) to {out}"
+    )
     return n

@@ -11,7 +11,11 @@ from .. import report
 from ..io import atomic_path, write_json
 
 PREDICTIONS, RESULTS_JSON, RESULTS_MD, PLOT = (
-    "predictions.jsonl", "results.json", "results.md", "accuracy.png")
+    "predictions.jsonl",
+    "results.json",
+    "results.md",
+    "accuracy.png",
+)
 
 
 def wilson(correct: int, n: int, z: float = 1.96):
@@ -40,10 +44,13 @@ def summarize(predictions: Iterable[dict]) -> Dict[str, dict]:
         c[1] += 1
     out = {}
     for loops in sorted(counts):
-        ops = {op: {"n": n, "correct": k, "accuracy": k / n, "ci95": list(wilson(k, n))}
-               for op, (k, n) in sorted(counts[loops].items())}
-        auc = (leaderboard_auc({op: r["accuracy"] for op, r in ops.items()})
-               if len(ops) > 1 else None)
+        ops = {
+            op: {"n": n, "correct": k, "accuracy": k / n, "ci95": list(wilson(k, n))}
+            for op, (k, n) in sorted(counts[loops].items())
+        }
+        auc = (
+            leaderboard_auc({op: r["accuracy"] for op, r in ops.items()}) if len(ops) > 1 else None
+        )
         out[f"N = {loops}"] = {"loops": loops, "ops": ops, "auc": auc}
     return out
 
@@ -54,12 +61,17 @@ def markdown_table(summary: Dict[str, dict]) -> str:
     ops = sorted({op for r in summary.values() for op in r["ops"]})
 
     def cell(r):
-        return (f"{r['accuracy']:.3f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] (n={r['n']})"
-                if r else "-")
+        return (
+            f"{r['accuracy']:.3f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] (n={r['n']})"
+            if r
+            else "-"
+        )
 
     rows = [[op] + [cell(summary[run]["ops"].get(op)) for run in runs] for op in ops]
-    rows.append(["AUC"] + [f"{summary[r]['auc']:.1f}" if summary[r]["auc"] is not None else "-"
-                           for r in runs])
+    rows.append(
+        ["AUC"]
+        + [f"{summary[r]['auc']:.1f}" if summary[r]["auc"] is not None else "-" for r in runs]
+    )
     return report.markdown_table(["op"] + runs, rows)
 
 
@@ -69,17 +81,24 @@ def plot(summary: Dict[str, dict], path: str, title: str = ""):
     for run, r in summary.items():
         ops = sorted(r["ops"])
         label = run + (f" (AUC {r['auc']:.1f})" if r["auc"] is not None else "")
-        lines.append(report.Line(label, ops, [r["ops"][o]["accuracy"] for o in ops],
-                                 band=([r["ops"][o]["ci95"][0] for o in ops],
-                                       [r["ops"][o]["ci95"][1] for o in ops])))
+        lines.append(
+            report.Line(
+                label,
+                ops,
+                [r["ops"][o]["accuracy"] for o in ops],
+                band=([r["ops"][o]["ci95"][0] for o in ops], [r["ops"][o]["ci95"][1] for o in ops]),
+            )
+        )
     report.line_plot(path, lines, xlabel="operations (op)", ylabel="accuracy", title=title)
 
 
 def write_results(out: str, summary: dict, settings: dict) -> str:
     """results.json, results.md and accuracy.png in `out`; returns the markdown table."""
     table = markdown_table(summary)
-    write_json(os.path.join(out, RESULTS_JSON), {"settings": settings, "results": summary,
-                                                  "predictions": PREDICTIONS})
+    write_json(
+        os.path.join(out, RESULTS_JSON),
+        {"settings": settings, "results": summary, "predictions": PREDICTIONS},
+    )
     with atomic_path(os.path.join(out, RESULTS_MD)) as tmp, open(tmp, "w") as f:
         f.write(f"{describe(settings)}\n\n{table}\n")
     plot(summary, os.path.join(out, PLOT), describe(settings))
@@ -89,5 +108,7 @@ def write_results(out: str, summary: dict, settings: dict) -> str:
 def describe(settings: dict) -> str:
     s = settings
     data = s.get("data") or f"{s['subset']} {s['length']}"
-    return (f"GSM-Infinite ({data}), {s['protocol']} protocol, "
-            f"{s.get('eviction', '?')} eviction, L = {s.get('window', '?')}")
+    return (
+        f"GSM-Infinite ({data}), {s['protocol']} protocol, "
+        f"{s.get('eviction', '?')} eviction, L = {s.get('window', '?')}"
+    )

@@ -47,8 +47,9 @@ def paper_generate(engine, tokenizer, record: dict, max_tokens: Optional[int] = 
     return text.strip()
 
 
-def official_generate(engine, tokenizer, record: dict,
-                      max_tokens: int = OFFICIAL_MAX_TOKENS) -> str:
+def official_generate(
+    engine, tokenizer, record: dict, max_tokens: int = OFFICIAL_MAX_TOKENS
+) -> str:
     """The official protocol on one record: its messages through the chat template, greedy."""
     engine.reset()
     prompt = tokenizer.apply_chat_template(messages(record), add_generation_prompt=True)
@@ -62,8 +63,9 @@ def make_judge(model, tokenizer, max_tokens: int = JUDGE_MAX_TOKENS) -> Callable
 
     def judge(prompt: str) -> str:
         engine.reset()
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                            add_generation_prompt=True)
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True
+        )
         return generate(engine, tokenizer, ids, max_tokens).strip()
 
     return judge
@@ -72,8 +74,7 @@ def make_judge(model, tokenizer, max_tokens: int = JUDGE_MAX_TOKENS) -> Callable
 def content_digest(path: str) -> str:
     """sha256 over a model directory's config.json and weight files (names and bytes)."""
     h = hashlib.sha256()
-    names = sorted(f for f in os.listdir(path)
-                   if f == "config.json" or f.endswith(".safetensors"))
+    names = sorted(f for f in os.listdir(path) if f == "config.json" or f.endswith(".safetensors"))
     for name in names:
         h.update(name.encode() + b"\0")
         with open(os.path.join(path, name), "rb") as f:
@@ -89,6 +90,7 @@ def record_key(record: dict) -> str:
 
 
 # -- a run: sweep, resume, results ------------------------------------------------------------
+
 
 def check_prediction(record: dict, where: str):
     """A line of a predictions file to re-score: a GSM-Infinite record and the model's output."""
@@ -114,8 +116,12 @@ def read_predictions(path: str):
     rewritten away once the run is known to be this one (drop_partial)."""
     if not os.path.lexists(path):
         return [], False
-    records = [r for _, r in read_jsonl(path, check_run_prediction, "prediction", nofollow=True,
-                                        drop_partial_last=True)]
+    records = [
+        r
+        for _, r in read_jsonl(
+            path, check_run_prediction, "prediction", nofollow=True, drop_partial_last=True
+        )
+    ]
     with open(path, "rb") as f:
         f.seek(0, os.SEEK_END)
         end = f.tell()
@@ -137,22 +143,37 @@ def _open_run(out: str, settings: dict):
         saved = read_json_object(run_file, " (a GSM-Infinite run's settings)")
         loops = saved.get("loops")
         if not (isinstance(loops, list) and all(type(n) is int and n >= 1 for n in loops)):
-            raise ConfigError(f"{run_file}: loops must be a list of integers >= 1; it was not "
-                              "written by mlx-sleep: pass another --out")
+            raise ConfigError(
+                f"{run_file}: loops must be a list of integers >= 1; it was not "
+                "written by mlx-sleep: pass another --out"
+            )
         refuse_other_settings(out, saved, settings, ignore=("loops",))
         settings = {**settings, "loops": sorted(set(loops) | set(settings["loops"]))}
     elif os.path.isdir(out) and os.listdir(out):
-        raise ValueError(f"{out} exists and is not a GSM-Infinite run directory; pass a new "
-                         "or empty --out")
+        raise ValueError(
+            f"{out} exists and is not a GSM-Infinite run directory; pass a new or empty --out"
+        )
     claim_dir(out, "results")
     write_json(run_file, settings)
     return settings
 
 
-def run_sweep(model, tokenizer, by_op: Dict[int, List[dict]], out: str, *, loops: Sequence[int],
-             window: int, eviction: str, protocol: str, settings: dict,
-             max_tokens: Optional[int] = None, judge: Optional[Callable[[str], str]] = None,
-             progress: bool = True, echo=print) -> dict:
+def run_sweep(
+    model,
+    tokenizer,
+    by_op: Dict[int, List[dict]],
+    out: str,
+    *,
+    loops: Sequence[int],
+    window: int,
+    eviction: str,
+    protocol: str,
+    settings: dict,
+    max_tokens: Optional[int] = None,
+    judge: Optional[Callable[[str], str]] = None,
+    progress: bool = True,
+    echo=print,
+) -> dict:
     """Run every record at every N in `loops`, appending predictions to OUT/predictions.jsonl
     (records already there are skipped: rerunning resumes), then write the results of the whole
     run (with N values run earlier into `out`); returns them."""
@@ -160,8 +181,16 @@ def run_sweep(model, tokenizer, by_op: Dict[int, List[dict]], out: str, *, loops
         raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)} (got {protocol!r})")
     path = os.path.join(out, PREDICTIONS)
     done, partial = read_predictions(path)  # checked before run.json is touched
-    settings = _open_run(out, {**settings, "loops": sorted(set(loops)), "window": window,
-                               "eviction": eviction, "protocol": protocol})
+    settings = _open_run(
+        out,
+        {
+            **settings,
+            "loops": sorted(set(loops)),
+            "window": window,
+            "eviction": eviction,
+            "protocol": protocol,
+        },
+    )
     if partial:
         drop_partial(path, done)
     seen = {(p["loops"], p["op"], p["index"]): p["key"] for p in done}
@@ -172,8 +201,10 @@ def run_sweep(model, tokenizer, by_op: Dict[int, List[dict]], out: str, *, loops
                 key = record_key(r)
                 if (n, op, i) in seen:
                     if seen[(n, op, i)] != key:
-                        raise ValueError(f"{path} has another problem at op {op} #{i}: the data "
-                                         "changed since; pass another --out")
+                        raise ValueError(
+                            f"{path} has another problem at op {op} #{i}: the data "
+                            "changed since; pass another --out"
+                        )
                     continue
                 todo.append((n, op, i, r, key))
     if max_tokens is None and protocol == "official":
@@ -182,18 +213,33 @@ def run_sweep(model, tokenizer, by_op: Dict[int, List[dict]], out: str, *, loops
     bar = None
     if progress and todo:
         from tqdm.auto import tqdm
+
         bar = tqdm(total=len(todo), unit="problem", desc="gsm-infinite", dynamic_ncols=True)
     engines = {}
     with open(path, "a", encoding="utf-8") as f:
         for n, op, i, record, key in todo:
             if n not in engines:
-                engines[n] = SleepEngine(model, SleepConfig(loops=n, window=window,
-                                                            eviction=eviction))
+                engines[n] = SleepEngine(
+                    model, SleepConfig(loops=n, window=window, eviction=eviction)
+                )
             output = run_one(engines[n], tokenizer, record, max_tokens)
             verdict = score(record, output, protocol, judge)
-            f.write(json.dumps({**record, "output": output, **verdict, "loops": n, "op": op,
-                                "index": i, "key": key, "protocol": protocol},
-                               ensure_ascii=False) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        **record,
+                        "output": output,
+                        **verdict,
+                        "loops": n,
+                        "op": op,
+                        "index": i,
+                        "key": key,
+                        "protocol": protocol,
+                    },
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
             f.flush()
             os.fsync(f.fileno())
             if bar is not None:
@@ -202,29 +248,43 @@ def run_sweep(model, tokenizer, by_op: Dict[int, List[dict]], out: str, *, loops
     if bar is not None:
         bar.close()
     # the whole run: N values of earlier calls into the same directory too
-    wanted = {(n, op, i) for n in settings["loops"] for op, rs in by_op.items()
-              for i in range(len(rs))}
-    predictions = [p for p in read_predictions(path)[0]
-                   if (p["loops"], p["op"], p["index"]) in wanted]
+    wanted = {
+        (n, op, i) for n in settings["loops"] for op, rs in by_op.items() for i in range(len(rs))
+    }
+    predictions = [
+        p for p in read_predictions(path)[0] if (p["loops"], p["op"], p["index"]) in wanted
+    ]
     summary = summarize(predictions)
     echo(describe(settings))
     echo(write_results(out, summary, settings))
     if protocol == "official" and any(p.get("scorer") == "regex-fallback" for p in predictions):
-        echo("symbolic answers scored by the regex fallback (no --judge-model): not the "
-             "official judge's numbers")
+        echo(
+            "symbolic answers scored by the regex fallback (no --judge-model): not the "
+            "official judge's numbers"
+        )
     return summary
 
 
-def rescore(path: str, protocol: str, judge: Optional[Callable[[str], str]] = None,
-            out: Optional[str] = None, settings: Optional[dict] = None, echo=print) -> dict:
+def rescore(
+    path: str,
+    protocol: str,
+    judge: Optional[Callable[[str], str]] = None,
+    out: Optional[str] = None,
+    settings: Optional[dict] = None,
+    echo=print,
+) -> dict:
     """Score a predictions file (records with the dataset's fields plus `output`) with the
     protocol's rule, without a model; results to `out` when given."""
     records = [r for _, r in read_jsonl(path, check_prediction, "prediction")]
     scored = [{**r, **score(r, r["output"], protocol, judge)} for r in records]
     summary = summarize(scored)
-    settings = {"subset": "symbolic" if scored and is_symbolic(scored[0]) else "medium/hard",
-                "length": "?", "protocol": protocol, "scored_file": os.path.basename(path),
-                **(settings or {})}
+    settings = {
+        "subset": "symbolic" if scored and is_symbolic(scored[0]) else "medium/hard",
+        "length": "?",
+        "protocol": protocol,
+        "scored_file": os.path.basename(path),
+        **(settings or {}),
+    }
     if out is not None:
         if os.path.exists(os.path.join(out, PREDICTIONS)):
             raise ValueError(f"{out} already holds predictions; pass another --out")
@@ -237,9 +297,25 @@ def rescore(path: str, protocol: str, judge: Optional[Callable[[str], str]] = No
     return summary
 
 
-def run_cli(model_path, loops, window, eviction, subset, length, ops, limit, data, protocol,
-            max_tokens, judge_model, judge_max_tokens, adapter, out, score_path,
-            echo=print) -> dict:
+def run_cli(
+    model_path,
+    loops,
+    window,
+    eviction,
+    subset,
+    length,
+    ops,
+    limit,
+    data,
+    protocol,
+    max_tokens,
+    judge_model,
+    judge_max_tokens,
+    adapter,
+    out,
+    score_path,
+    echo=print,
+) -> dict:
     """`mlx-sleep eval --task gsm-infinite ...` (and `--score FILE`)."""
     judge = None
     if judge_model is not None:
@@ -256,18 +332,34 @@ def run_cli(model_path, loops, window, eviction, subset, length, ops, limit, dat
         model = load_adapter(model, adapter)
     sweep = sorted(set(loops or [model.sleep_config.loops]))
     by_op = load_records(subset, length, parse_ops(ops), limit, data, protocol == "official")
-    settings = {"model": os.path.basename(os.path.normpath(model_path)),
-                "model_digest": content_digest(path),
-                "adapter": os.path.basename(os.path.normpath(adapter)) if adapter else None,
-                "adapter_digest": content_digest(adapter) if adapter else None,
-                "subset": subset, "length": length, "ops": sorted(by_op), "limit": limit,
-                "data": (os.path.basename(data) if data
-                         else f"InfiniAILab/gsm_infinite_{subset}_{length}"),
-                "max_tokens": max_tokens,
-                "judge": (os.path.basename(os.path.normpath(judge_model)) if judge_model
-                          else ("regex-fallback" if subset == "symbolic" and protocol == "official"
-                                else None))}
-    return run_sweep(model, tokenizer, by_op, out, loops=sweep,
-                    window=window or model.sleep_config.window,
-                    eviction=eviction or model.sleep_config.eviction, protocol=protocol,
-                    settings=settings, max_tokens=max_tokens, judge=judge, echo=echo)
+    settings = {
+        "model": os.path.basename(os.path.normpath(model_path)),
+        "model_digest": content_digest(path),
+        "adapter": os.path.basename(os.path.normpath(adapter)) if adapter else None,
+        "adapter_digest": content_digest(adapter) if adapter else None,
+        "subset": subset,
+        "length": length,
+        "ops": sorted(by_op),
+        "limit": limit,
+        "data": (os.path.basename(data) if data else f"InfiniAILab/gsm_infinite_{subset}_{length}"),
+        "max_tokens": max_tokens,
+        "judge": (
+            os.path.basename(os.path.normpath(judge_model))
+            if judge_model
+            else ("regex-fallback" if subset == "symbolic" and protocol == "official" else None)
+        ),
+    }
+    return run_sweep(
+        model,
+        tokenizer,
+        by_op,
+        out,
+        loops=sweep,
+        window=window or model.sleep_config.window,
+        eviction=eviction or model.sleep_config.eviction,
+        protocol=protocol,
+        settings=settings,
+        max_tokens=max_tokens,
+        judge=judge,
+        echo=echo,
+    )

@@ -18,18 +18,28 @@ def gold_answer(record: dict):
     solution = record["solution"]
     start = solution.find("Answer: ")
     if start < 0:
-        raise ValueError(f"solution has no 'Answer: ' (op {record.get('op')}, id "
-                         f"{record.get('id')}); is this a GSM-Infinite record?")
+        raise ValueError(
+            f"solution has no 'Answer: ' (op {record.get('op')}, id "
+            f"{record.get('id')}); is this a GSM-Infinite record?"
+        )
     end = solution.find(".", start)
-    return int(solution[start + len("Answer: "):end if end >= 0 else None])
+    return int(solution[start + len("Answer: ") : end if end >= 0 else None])
 
 
 # (keyword, which occurrence, where the candidate ends): eval_realistic.criteriaoutput, in order.
 # None: the run of digits right after the keyword.
-KEYWORDS = [("answer: ", "first", "."), ("solution: ", "first", "."), ("oxed{", "last", "}"),
-            ("**answer:** ", "first", "."), ("**answer: ", "first", "**"),
-            ("final answer: answer: ", "first", "."), ("\nanswer: ", "first", "."),
-            ("\\text{answer: } ", "first", None), ("is ", "last", "."), ("answer: ", "first", "\n")]
+KEYWORDS = [
+    ("answer: ", "first", "."),
+    ("solution: ", "first", "."),
+    ("oxed{", "last", "}"),
+    ("**answer:** ", "first", "."),
+    ("**answer: ", "first", "**"),
+    ("final answer: answer: ", "first", "."),
+    ("\nanswer: ", "first", "."),
+    ("\\text{answer: } ", "first", None),
+    ("is ", "last", "."),
+    ("answer: ", "first", "\n"),
+]
 
 
 def _as_int(text: str) -> Optional[int]:
@@ -76,16 +86,18 @@ def strip_reasoning(reply: str) -> str:
 def judge_prompt(reply: str, answer_q) -> str:
     """Upstream eval_symbolic.get_prompt: what the official judge is asked."""
     q = str(answer_q)
-    return (f"\n    Carefully read the input text below and extract the variable names that are "
-            f"mentioned as being equal to {q}. If multiple variables are listed, separate them "
-            f"with commas.\n    \n    If value {q} is not mentioned, you can safely assume that "
-            f"they are all equal to {q}. If there are no such variables, just output None.\n\n"
-            f"    Only output the variable names, not the values or any other text.\n    \n"
-            f"    Examples:\n    1. input: \"V0, V3, V4\", output: \"V0, V3, V4\"\n"
-            f"    2. input: \"Variable V2 is equal to {q} in the assignment statement 'assign V2 "
-            f"= V1 - 1.'.\", output: \"V2\"\n    3. input: \"The answer is: V1, V2.\", output: "
-            f"\"V1, V2\"\n    4. input: \"There are no variables equal to {q}.\", output: "
-            f"\"None\"\n\n    Input:\n    {strip_reasoning(reply)}\n\n    Output:\n    ")
+    return (
+        f"\n    Carefully read the input text below and extract the variable names that are "
+        f"mentioned as being equal to {q}. If multiple variables are listed, separate them "
+        f"with commas.\n    \n    If value {q} is not mentioned, you can safely assume that "
+        f"they are all equal to {q}. If there are no such variables, just output None.\n\n"
+        f"    Only output the variable names, not the values or any other text.\n    \n"
+        f'    Examples:\n    1. input: "V0, V3, V4", output: "V0, V3, V4"\n'
+        f"    2. input: \"Variable V2 is equal to {q} in the assignment statement 'assign V2 "
+        f'= V1 - 1.\'.", output: "V2"\n    3. input: "The answer is: V1, V2.", output: '
+        f'"V1, V2"\n    4. input: "There are no variables equal to {q}.", output: '
+        f'"None"\n\n    Input:\n    {strip_reasoning(reply)}\n\n    Output:\n    '
+    )
 
 
 VARIABLE = re.compile(r"\bV\d+\b")
@@ -127,15 +139,23 @@ def paper_answer(record: dict, output: str):
     return int(m.group()) if m else None
 
 
-def score(record: dict, output: str, protocol: str,
-          judge: Optional[Callable[[str], str]] = None) -> dict:
+def score(
+    record: dict, output: str, protocol: str, judge: Optional[Callable[[str], str]] = None
+) -> dict:
     """{"correct", "parsed", "scorer"} for one output under a protocol's rule."""
     if protocol == "paper":
         parsed = paper_answer(record, output)
         return {"correct": parsed == gold_answer(record), "parsed": parsed, "scorer": "exact"}
     if is_symbolic(record):
         correct, found, judged = symbolic_correct(record, output, judge)
-        return {"correct": correct, "parsed": found, "judge_output": judged,
-                "scorer": "judge" if judge is not None else "regex-fallback"}
-    return {"correct": realistic_correct(record["solution"], output),
-            "parsed": realistic_answer(output), "scorer": "keyword"}
+        return {
+            "correct": correct,
+            "parsed": found,
+            "judge_output": judged,
+            "scorer": "judge" if judge is not None else "regex-fallback",
+        }
+    return {
+        "correct": realistic_correct(record["solution"], output),
+        "parsed": realistic_answer(output),
+        "scorer": "keyword",
+    }

@@ -24,7 +24,7 @@ def evict_kv(state: dict, keep: int) -> dict:
     """Attention state {"keys", "values"} [B, Hkv, Tk, D] keeping the last `keep` tokens."""
     if keep == 0 or not state:
         return {}
-    return {name: a[:, :, max(0, a.shape[2] - keep):] for name, a in state.items()}
+    return {name: a[:, :, max(0, a.shape[2] - keep) :] for name, a in state.items()}
 
 
 def min_window(a: Optional[int], b: Optional[int]) -> Optional[int]:
@@ -43,8 +43,9 @@ class Attention(nn.Module):
 
     carried = ()  # nothing here is a fast weight: KV restarts from its chunk-start value each pass
 
-    def __init__(self, hidden_size, num_heads, num_kv_heads, head_dim, rope_theta,
-                 bias=False, window=None):
+    def __init__(
+        self, hidden_size, num_heads, num_kv_heads, head_dim, rope_theta, bias=False, window=None
+    ):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.rope_theta, self.window = rope_theta, window
@@ -64,15 +65,16 @@ class Attention(nn.Module):
         q = self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        rope = dict(dims=self.head_dim, traditional=False, base=self.rope_theta, scale=1.0,
-                    offset=offset)
+        rope = dict(
+            dims=self.head_dim, traditional=False, base=self.rope_theta, scale=1.0, offset=offset
+        )
         q, k = mx.fast.rope(q, **rope), mx.fast.rope(k, **rope)
         if state:
             k = mx.concatenate([state["keys"], k], axis=2)
             v = mx.concatenate([state["values"], v], axis=2)
         window = min_window(self.window, window)
         mask = attention_mask(T, k.shape[2], offset, window)
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim ** -0.5, mask=mask)
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask=mask)
         o = o.transpose(0, 2, 1, 3).reshape(B, T, -1)
         new_state = {"keys": k, "values": v}
         if window is not None:

@@ -8,8 +8,8 @@ Per head, with a_t (decay) and b_t (write strength) in (0, 1) computed from the 
 State layout follows MLX core: S [B, Hv, Dv, Dk]. The recurrence of a chunk runs through our op
 `kernels.gated_delta` (gates, decay and S in float32 whatever the model's dtype; a backward that
 keeps one state per chunk of tokens); a decode token (T == 1) takes one fused launch instead
-(`kernels.gdn_step`, with this same math as its fallback). Key heads may be fewer than value heads (GVA): value head h
-reads key head h // (Hv / Hk).
+(`kernels.gdn_step`, with this same math as its fallback). Key heads may be fewer than value
+heads (GVA): value head h reads key head h // (Hv / Hk).
 
 State: {"conv": [B, W-1, C] raw (pre-conv) inputs of the last W-1 tokens, "S": fast weights}.
 Only S is carried from pass to pass during sleep; the conv state restarts from its chunk-start
@@ -32,8 +32,9 @@ class GatedDeltaNet(nn.Module):
 
     carried = ("S",)
 
-    def __init__(self, hidden_size, k_heads, v_heads, head_k_dim, head_v_dim, conv_size,
-                 norm_eps=1e-6):
+    def __init__(
+        self, hidden_size, k_heads, v_heads, head_k_dim, head_v_dim, conv_size, norm_eps=1e-6
+    ):
         super().__init__()
         self.k_heads, self.v_heads = k_heads, v_heads
         self.head_k_dim, self.head_v_dim = head_k_dim, head_v_dim
@@ -80,8 +81,8 @@ class GatedDeltaNet(nn.Module):
         mixed = nn.silu(mixed)
         kd = self.k_heads * self.head_k_dim
         q = mixed[..., :kd].reshape(B, T, self.k_heads, self.head_k_dim)
-        k = mixed[..., kd:2 * kd].reshape(B, T, self.k_heads, self.head_k_dim)
-        v = mixed[..., 2 * kd:].reshape(B, T, self.v_heads, self.head_v_dim)
+        k = mixed[..., kd : 2 * kd].reshape(B, T, self.k_heads, self.head_k_dim)
+        v = mixed[..., 2 * kd :].reshape(B, T, self.v_heads, self.head_v_dim)
         return q, k, v, conv_state
 
     def __call__(self, x, state: dict, offset: int = 0, window=None):
@@ -89,11 +90,21 @@ class GatedDeltaNet(nn.Module):
         q, k, v, conv_state = self.qkv(x, state["conv"])
         gate = self.g_proj(x).reshape(B, T, self.v_heads, self.head_v_dim)
         if T == 1:  # decode: gates, norms, update, readout and gated norm in one launch
-            o, S = kernels.gdn_step(q, k, v, self.a_proj(x), self.b_proj(x), self.A_log,
-                                    self.dt_bias, state["S"], gate, self.o_norm.weight,
-                                    self.o_norm.eps)
+            o, S = kernels.gdn_step(
+                q,
+                k,
+                v,
+                self.a_proj(x),
+                self.b_proj(x),
+                self.A_log,
+                self.dt_bias,
+                state["S"],
+                gate,
+                self.o_norm.weight,
+                self.o_norm.eps,
+            )
             return self.o_proj(o.reshape(B, T, -1)), {"conv": conv_state, "S": S}
-        q = l2_normalize(q) * self.head_k_dim ** -0.5
+        q = l2_normalize(q) * self.head_k_dim**-0.5
         k = l2_normalize(k)
         decay, beta = decay_and_beta(self.a_proj(x), self.b_proj(x), self.A_log, self.dt_bias)
         o, S = kernels.gated_delta(q, k, v, decay, beta, state["S"])
@@ -121,14 +132,24 @@ class JetBlock(GatedDeltaNet):
     """Jet-Nemotron's JetBlock: GDN whose values go through a dynamic causal convolution with a
     kernel generated from the hidden state per token; q and k get SiLU but no conv."""
 
-    def __init__(self, hidden_size, k_heads, v_heads, head_k_dim, head_v_dim, conv_size,
-                 norm_eps=1e-6, generator_reduction=8):
+    def __init__(
+        self,
+        hidden_size,
+        k_heads,
+        v_heads,
+        head_k_dim,
+        head_v_dim,
+        conv_size,
+        norm_eps=1e-6,
+        generator_reduction=8,
+    ):
         self._generator_reduction = generator_reduction
         super().__init__(hidden_size, k_heads, v_heads, head_k_dim, head_v_dim, conv_size, norm_eps)
 
     def _init_conv(self, hidden_size):
-        self.kernel_generator = KernelGenerator(hidden_size, self.v_heads * self.head_v_dim,
-                                                self.conv_size, self._generator_reduction)
+        self.kernel_generator = KernelGenerator(
+            hidden_size, self.v_heads * self.head_v_dim, self.conv_size, self._generator_reduction
+        )
 
     @property
     def conv_channels(self) -> int:
@@ -139,7 +160,8 @@ class JetBlock(GatedDeltaNet):
         q = nn.silu(self.q_proj(x)).reshape(B, T, self.k_heads, self.head_k_dim)
         k = nn.silu(self.k_proj(x)).reshape(B, T, self.k_heads, self.head_k_dim)
         # causal_conv + SiLU, through a Metal kernel (forward and backward) where one runs
-        v, conv_state = kernels.dynamic_conv(self.v_proj(x), conv_state, self.kernel_generator(x),
-                                             silu=True)
+        v, conv_state = kernels.dynamic_conv(
+            self.v_proj(x), conv_state, self.kernel_generator(x), silu=True
+        )
         v = v.reshape(B, T, self.v_heads, self.head_v_dim)
         return q, k, v, conv_state

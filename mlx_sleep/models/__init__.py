@@ -20,17 +20,20 @@ def model_from_config(model_type: str, config: dict, force: bool = False) -> Sle
     size is known before anything is allocated (MLX is lazy): one that cannot fit the machine's
     memory is refused unless `force`."""
     if not isinstance(model_type, str) or model_type not in MODEL_TYPES:
-        raise ConfigError(f"unsupported model_type {model_type!r}; supported: "
-                          f"{', '.join(sorted(MODEL_TYPES))}")
+        raise ConfigError(
+            f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(MODEL_TYPES))}"
+        )
     config_cls, model_cls = MODEL_TYPES[model_type]
     try:
         model = model_cls(config_cls.from_dict(config))
     except OverflowError as e:  # a size product past MLX's 32-bit shapes
         raise ConfigError(f"a {model_type} model with these sizes cannot be built: {e}")
-    check_memory(sum(v.nbytes for _, v in tree_flatten(model.parameters())),
-                 f"a {model_type} model with these settings", force)
+    check_memory(
+        sum(v.nbytes for _, v in tree_flatten(model.parameters())),
+        f"a {model_type} model with these settings",
+        force,
+    )
     return model
 
 
-__all__ = ["Block", "HybridLM", "MODEL_TYPES", "SleepModel", "check_token_ids",
-           "model_from_config"]
+__all__ = ["Block", "HybridLM", "MODEL_TYPES", "SleepModel", "check_token_ids", "model_from_config"]

@@ -42,9 +42,11 @@ def check_token_ids(ids, vocab_size: int):
     bad = (ids < 0) | (ids >= vocab_size)
     if bad.any().item():
         first = ids.reshape(-1)[mx.argmax(bad.reshape(-1))].item()
-        raise ValueError(f"token id {first} is outside the vocabulary of {vocab_size} "
-                         f"(ids must be in 0..{vocab_size - 1}); was it made by another "
-                         "tokenizer or task?")
+        raise ValueError(
+            f"token id {first} is outside the vocabulary of {vocab_size} "
+            f"(ids must be in 0..{vocab_size - 1}); was it made by another "
+            "tokenizer or task?"
+        )
 
 
 class SleepModel(nn.Module):
@@ -97,8 +99,10 @@ class SleepModel(nn.Module):
             h, _ = run_chunk(self, ids, state, offset, passes=1)
             return self.head(h)
         if len(cache) != len(self.sleep_blocks()):
-            raise ValueError(f"cache has {len(cache)} entries, the model "
-                             f"{len(self.sleep_blocks())} blocks; make it with model.make_cache()")
+            raise ValueError(
+                f"cache has {len(cache)} entries, the model "
+                f"{len(self.sleep_blocks())} blocks; make it with model.make_cache()"
+            )
         if cache[0].layer_state is None:
             for c, s in zip(cache, self.initial_state(ids.shape[0])):
                 c.layer_state = s
@@ -113,8 +117,11 @@ class SleepModel(nn.Module):
         Embeddings, the head, norms, conv kernels, gates and biases go to AdamW (as in the
         paper and Muon's authors); so do LoRA adapters (LoRALinear is not an nn.Linear)."""
         inside = {id(m) for layer in self.layers for _, m in layer.named_modules()}
-        return {f"{name}.weight" for name, m in self.named_modules()
-                if type(m) is nn.Linear and id(m) in inside}
+        return {
+            f"{name}.weight"
+            for name, m in self.named_modules()
+            if type(m) is nn.Linear and id(m) in inside
+        }
 
     def fingerprint(self) -> str:
         """A hash of the architecture: model class, config and every parameter's name, shape

@@ -12,12 +12,24 @@ from .base import SleepModel
 def make_mixer(config: ModelConfig, layer_type: str):
     c = config
     if layer_type in ("attn", "swa"):
-        return Attention(c.hidden_size, c.num_heads, c.resolved("num_kv_heads"),
-                         c.resolved("head_dim"), c.rope_theta, bias=c.attention_bias,
-                         window=c.swa_window if layer_type == "swa" else None)
-    gdn_args = (c.hidden_size, c.resolved("gdn_k_heads"), c.resolved("gdn_v_heads"),
-                c.resolved("gdn_head_k_dim"), c.resolved("gdn_head_v_dim"), c.conv_size,
-                c.resolved("gdn_norm_eps"))
+        return Attention(
+            c.hidden_size,
+            c.num_heads,
+            c.resolved("num_kv_heads"),
+            c.resolved("head_dim"),
+            c.rope_theta,
+            bias=c.attention_bias,
+            window=c.swa_window if layer_type == "swa" else None,
+        )
+    gdn_args = (
+        c.hidden_size,
+        c.resolved("gdn_k_heads"),
+        c.resolved("gdn_v_heads"),
+        c.resolved("gdn_head_k_dim"),
+        c.resolved("gdn_head_v_dim"),
+        c.conv_size,
+        c.resolved("gdn_norm_eps"),
+    )
     if layer_type == "gdn":
         return GatedDeltaNet(*gdn_args)
     return JetBlock(*gdn_args, generator_reduction=c.jet_generator_reduction)

@@ -78,15 +78,18 @@ class AdapterConfig(ModelConfigBase):
 
     def validate(self):
         if self.model_type not in ARCHS:
-            raise ConfigError(f"unsupported mlx-lm hybrid {self.model_type!r}; supported: "
-                              f"{', '.join(sorted(ARCHS))}")
+            raise ConfigError(
+                f"unsupported mlx-lm hybrid {self.model_type!r}; supported: "
+                f"{', '.join(sorted(ARCHS))}"
+            )
         types, n = self.layer_types, self.args.get("num_hidden_layers")
         if not types:
             raise ConfigError("layer_types is missing or empty")
         bad = sorted({t for t in types if t not in (LINEAR, FULL)})
         if bad:
-            raise ConfigError(f"unsupported layer type(s) {bad} in layer_types; "
-                              f"supported: {LINEAR}, {FULL}")
+            raise ConfigError(
+                f"unsupported layer type(s) {bad} in layer_types; supported: {LINEAR}, {FULL}"
+            )
         if n != len(types):
             raise ConfigError(f"layer_types has {len(types)} entries but num_hidden_layers is {n}")
         self.check_args()
@@ -106,6 +109,7 @@ class AdapterConfig(ModelConfigBase):
 
 
 # -- per-layer state <-> mlx-lm cache objects ---------------------------------------------------
+
 
 class _KV:
     """The part of mlx-lm's KVCache its attention uses: `offset` (the RoPE position, global
@@ -145,8 +149,10 @@ class GDNState:
         self.s_shape, self.dtype = s_shape, dtype
 
     def initial_state(self, batch_size: int) -> dict:
-        state = {s: mx.zeros((batch_size, self.width - 1, c), dtype=self.dtype)
-                 for s, c in zip(self.slots, self.channels)}
+        state = {
+            s: mx.zeros((batch_size, self.width - 1, c), dtype=self.dtype)
+            for s, c in zip(self.slots, self.channels)
+        }
         state["S"] = mx.zeros((batch_size,) + self.s_shape, dtype=mx.float32)
         return state
 
@@ -182,14 +188,14 @@ class MlxLmLayerBlock:
 
 # -- the adapter ---------------------------------------------------------------------------------
 
+
 def _mlx_lm_module(name: str):
     try:
         return importlib.import_module(f"mlx_lm.models.{name}")
     except ImportError as e:  # an mlx-lm older than the file (tested with 0.32.2)
         import mlx_lm
 
-        raise ConfigError(f"mlx-lm {mlx_lm.__version__} has no {name} model ({e}); "
-                          "upgrade mlx-lm")
+        raise ConfigError(f"mlx-lm {mlx_lm.__version__} has no {name} model ({e}); upgrade mlx-lm")
 
 
 def _mlx_lm_model(config: AdapterConfig):
@@ -265,8 +271,13 @@ class Model(SleepModel):
                 channels = (la.conv_dim,)
             else:
                 channels = (la.key_dim, la.key_dim, la.value_dim)
-            mixer = GDNState(self._arch.conv_slots, channels, la.conv_kernel_size,
-                             (la.num_v_heads, la.head_v_dim, la.head_k_dim), dtype)
+            mixer = GDNState(
+                self._arch.conv_slots,
+                channels,
+                la.conv_kernel_size,
+                (la.num_v_heads, la.head_v_dim, la.head_k_dim),
+                dtype,
+            )
             blocks.append(MlxLmLayerBlock(layer, kind, mixer))
         return blocks
 
@@ -292,12 +303,15 @@ class Model(SleepModel):
         wrapper = getattr(_mlx_lm_module(module), cls)
 
         def text_sanitize(w):
-            w = {k[len("language_model."):] if k.startswith("language_model.") else k: v
-                 for k, v in w.items()}
+            w = {
+                k[len("language_model.") :] if k.startswith("language_model.") else k: v
+                for k, v in w.items()
+            }
             return self._lm_class.sanitize(self, w)
 
-        shim = SimpleNamespace(language_model=SimpleNamespace(args=self.args,
-                                                              sanitize=text_sanitize))
+        shim = SimpleNamespace(
+            language_model=SimpleNamespace(args=self.args, sanitize=text_sanitize)
+        )
         return wrapper.sanitize(shim, weights)
 
     def set_dtype(self, dtype, predicate=lambda t: mx.issubdtype(t, mx.floating)):

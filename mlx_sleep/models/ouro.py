@@ -88,11 +88,13 @@ class OuroConfig(ModelConfigBase):
         v = getattr(self, name)
         if v is not None:
             return v
-        return {"num_kv_heads": lambda: self.num_heads,
-                "head_dim": lambda: self.hidden_size // self.num_heads,
-                "jet_heads": lambda: self.num_heads,
-                "jet_head_k_dim": lambda: self.resolved("head_dim"),
-                "jet_head_v_dim": lambda: self.resolved("jet_head_k_dim")}[name]()
+        return {
+            "num_kv_heads": lambda: self.num_heads,
+            "head_dim": lambda: self.hidden_size // self.num_heads,
+            "jet_heads": lambda: self.num_heads,
+            "jet_head_k_dim": lambda: self.resolved("head_dim"),
+            "jet_head_v_dim": lambda: self.resolved("jet_head_k_dim"),
+        }[name]()
 
     def validate(self):
         def need(ok, msg):
@@ -102,13 +104,19 @@ class OuroConfig(ModelConfigBase):
         need(self.num_layers >= 1, f"num_layers must be >= 1 (got {self.num_layers})")
         need(self.total_ut_steps >= 1, f"total_ut_steps must be >= 1 (got {self.total_ut_steps})")
         kv = self.resolved("num_kv_heads")
-        need(kv >= 1 and self.num_heads % kv == 0,
-             f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({kv})")
-        need(all(-1 <= a < self.num_layers for a in self.jet_after),
-             f"jet_after entries must be in -1..{self.num_layers - 1} (got {self.jet_after})")
+        need(
+            kv >= 1 and self.num_heads % kv == 0,
+            f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({kv})",
+        )
+        need(
+            all(-1 <= a < self.num_layers for a in self.jet_after),
+            f"jet_after entries must be in -1..{self.num_layers - 1} (got {self.jet_after})",
+        )
         if self.early_exit_step is not None:
-            need(0 <= self.early_exit_step < self.total_ut_steps,
-                 f"early_exit_step must be in 0..{self.total_ut_steps - 1}")
+            need(
+                0 <= self.early_exit_step < self.total_ut_steps,
+                f"early_exit_step must be in 0..{self.total_ut_steps - 1}",
+            )
         super().validate()
 
 
@@ -119,8 +127,9 @@ class OuroBlock(nn.Module):
         super().__init__()
         eps, d = c.norm_eps, c.hidden_size
         self.input_layernorm = nn.RMSNorm(d, eps=eps)
-        self.mixer = Attention(d, c.num_heads, c.resolved("num_kv_heads"), c.resolved("head_dim"),
-                               c.rope_theta)
+        self.mixer = Attention(
+            d, c.num_heads, c.resolved("num_kv_heads"), c.resolved("head_dim"), c.rope_theta
+        )
         self.input_layernorm_2 = nn.RMSNorm(d, eps=eps)
         self.post_attention_layernorm = nn.RMSNorm(d, eps=eps)
         self.mlp = SwiGLU(d, c.intermediate_size)
@@ -138,10 +147,22 @@ class JetLayer(nn.Module):
 
     def __init__(self, c: OuroConfig):
         super().__init__()
-        heads, dk, dv = c.resolved("jet_heads"), c.resolved("jet_head_k_dim"), c.resolved("jet_head_v_dim")
+        heads, dk, dv = (
+            c.resolved("jet_heads"),
+            c.resolved("jet_head_k_dim"),
+            c.resolved("jet_head_v_dim"),
+        )
         self.input_layernorm = nn.RMSNorm(c.hidden_size, eps=c.norm_eps)
-        self.mixer = JetBlock(c.hidden_size, heads, heads, dk, dv, c.jet_conv_size, c.jet_norm_eps,
-                              c.jet_generator_reduction)
+        self.mixer = JetBlock(
+            c.hidden_size,
+            heads,
+            heads,
+            dk,
+            dv,
+            c.jet_conv_size,
+            c.jet_norm_eps,
+            c.jet_generator_reduction,
+        )
 
     def __call__(self, x, state, offset=0, window=None):
         h, state = self.mixer(self.input_layernorm(x), state, offset, window)
@@ -168,8 +189,9 @@ class Model(SleepModel):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = [OuroBlock(config) if kind == "ouro" else JetLayer(config)
-                       for kind, _ in config.stack]
+        self.layers = [
+            OuroBlock(config) if kind == "ouro" else JetLayer(config) for kind, _ in config.stack
+        ]
         for layer in self.layers:
             if isinstance(layer, JetLayer):
                 layer.mixer.o_proj.weight = mx.zeros_like(layer.mixer.o_proj.weight)
@@ -182,8 +204,10 @@ class Model(SleepModel):
         """The unrolled stack (total_ut_steps x len(layers)), rebuilt on each call so it always
         reflects the current modules (e.g. after quantization or LoRA)."""
         n = len(self.layers)
-        return [_Unrolled(self.layers[k % n], self.norm if k % n == n - 1 else None)
-                for k in range(self.config.total_ut_steps * n)]
+        return [
+            _Unrolled(self.layers[k % n], self.norm if k % n == n - 1 else None)
+            for k in range(self.config.total_ut_steps * n)
+        ]
 
     def head(self, h):
         """Logits of features that already went through the final norm (every loop ends in it)."""
@@ -226,9 +250,16 @@ class Model(SleepModel):
         first = mx.argmax(reached.astype(mx.int32), axis=-1)
         return mx.where(reached.any(axis=-1), first, len(hidden) - 1)
 
-    def __call__(self, ids, state=None, offset: int = 0, exit_at_step: Optional[int] = None,
-                 exit_threshold: Optional[float] = None, use_weighted_exit: bool = False,
-                 cache=None):
+    def __call__(
+        self,
+        ids,
+        state=None,
+        offset: int = 0,
+        exit_at_step: Optional[int] = None,
+        exit_threshold: Optional[float] = None,
+        use_weighted_exit: bool = False,
+        cache=None,
+    ):
         """Logits [B, T, V] (a plain forward: all loops run). Which loop's logits, in the
         original's priority order:
           1. exit_at_step, else config.early_exit_step, if set: that loop;
@@ -261,7 +292,7 @@ class Model(SleepModel):
             return logits
         if use_weighted_exit:
             pdf = self.exit_pdf(hidden)
-            return sum(pdf[..., u:u + 1] * self.head(h) for u, h in enumerate(hidden))
+            return sum(pdf[..., u : u + 1] * self.head(h) for u, h in enumerate(hidden))
         return self.head(hidden[-1])
 
 
@@ -283,9 +314,16 @@ def insert_jet_layers(model: Model, k: int, after: Optional[List[int]] = None, *
     new = Model(OuroConfig.from_dict({**c.to_dict(), "jet_after": after, "core": None, **sizes}))
     # Reuse the trained modules themselves (works for quantized ones too).
     trained = iter(model.layers)
-    new.layers = [next(trained) if kind == "ouro" else layer
-                  for (kind, _), layer in zip(new.config.stack, new.layers)]
-    new.update_modules(dict(embed_tokens=model.embed_tokens, norm=model.norm,
-                            early_exit_gate=model.early_exit_gate,
-                            **({} if c.tie_embeddings else {"lm_head": model.lm_head})))
+    new.layers = [
+        next(trained) if kind == "ouro" else layer
+        for (kind, _), layer in zip(new.config.stack, new.layers)
+    ]
+    new.update_modules(
+        dict(
+            embed_tokens=model.embed_tokens,
+            norm=model.norm,
+            early_exit_gate=model.early_exit_gate,
+            **({} if c.tie_embeddings else {"lm_head": model.lm_head}),
+        )
+    )
     return new

@@ -1,8 +1,8 @@
 """Seeded synthetic tasks (numpy only): Rule 110 and Depo.
 
-    task = get_task("rule110", n_strings=2, n_bits=8, steps=4)
-    batch = task.sample(np.random.default_rng(0), batch_size=32)
-    metrics = accuracy_by_difficulty(batch, predictions)
+task = get_task("rule110", n_strings=2, n_bits=8, steps=4)
+batch = task.sample(np.random.default_rng(0), batch_size=32)
+metrics = accuracy_by_difficulty(batch, predictions)
 """
 
 from __future__ import annotations
@@ -33,8 +33,10 @@ def get_task(name: str, /, **settings) -> Task:
     except TypeError as e:  # e.g. a number where a list belongs
         raise ValueError(f"task {name!r}: a setting has the wrong type ({e})")
     if task.seq_len > MAX_SEQ_LEN:
-        raise ValueError(f"task {name!r} makes sequences of {task.seq_len} tokens, more than "
-                         f"{MAX_SEQ_LEN}; choose smaller settings")
+        raise ValueError(
+            f"task {name!r} makes sequences of {task.seq_len} tokens, more than "
+            f"{MAX_SEQ_LEN}; choose smaller settings"
+        )
     return task
 
 
@@ -49,6 +51,14 @@ def task_from_dict(d: dict) -> Task:
 
 
 __all__ = [
-    "Batch", "Task", "accuracy_by_difficulty", "Rule110", "Depo", "TASKS", "get_task", "task_from_dict",
-    "rule110_step", "rule110_run",
+    "Batch",
+    "Task",
+    "accuracy_by_difficulty",
+    "Rule110",
+    "Depo",
+    "TASKS",
+    "get_task",
+    "task_from_dict",
+    "rule110_step",
+    "rule110_run",
 ]

@@ -42,9 +42,11 @@ PAD, SEP, HOP0 = 0, 1, 2  # HOP0 + (k - 1) is the token for "+k"
 EDGE_TOKENS = 3  # "a b ;"
 DEFAULT_EVAL_HOPS = (1, 2, 4, 8, 16)
 DEFAULT_QUERIES = 10  # the paper's; fewer when the window is too small to hold them
-ORDER_WORDS = {"shuffled": "in random order",
-               "forward": "in cycle order from a random node (a b ; b c ; ...)",
-               "reverse": "in reverse cycle order from a random node (.. b c ; a b ;)"}
+ORDER_WORDS = {
+    "shuffled": "in random order",
+    "forward": "in cycle order from a random node (a b ; b c ; ...)",
+    "reverse": "in reverse cycle order from a random node (.. b c ; a b ;)",
+}
 
 
 @dataclass(frozen=True)
@@ -105,9 +107,14 @@ class Depo(Task):
 
     def _check_hops(self):
         if self.hops is not None:
-            if isinstance(self.hops, (str, bytes)) or not hasattr(self.hops, "__len__") \
-                    or len(self.hops) == 0:
-                raise ValueError(f"hops must be a list of hop counts, e.g. [1, 3] (got {self.hops!r})")
+            if (
+                isinstance(self.hops, (str, bytes))
+                or not hasattr(self.hops, "__len__")
+                or len(self.hops) == 0
+            ):
+                raise ValueError(
+                    f"hops must be a list of hop counts, e.g. [1, 3] (got {self.hops!r})"
+                )
             for k in self.hops:
                 check_int("each of hops", k, 1, self.max_hops)
             if len(set(self.hops)) != len(self.hops):
@@ -116,10 +123,17 @@ class Depo(Task):
         if self.hop_weights is not None:
             n = len(self.train_hops)
             w = self.hop_weights
-            if isinstance(w, (str, bytes)) or not hasattr(w, "__len__") or len(w) != n or \
-                    not all(isinstance(x, (int, float)) and x >= 0 for x in w) or sum(w) <= 0:
-                raise ValueError(f"hop_weights must be {n} non-negative numbers, one per trained "
-                                 f"hop count {list(self.train_hops)}, not all 0 (got {w!r})")
+            if (
+                isinstance(w, (str, bytes))
+                or not hasattr(w, "__len__")
+                or len(w) != n
+                or not all(isinstance(x, (int, float)) and x >= 0 for x in w)
+                or sum(w) <= 0
+            ):
+                raise ValueError(
+                    f"hop_weights must be {n} non-negative numbers, one per trained "
+                    f"hop count {list(self.train_hops)}, not all 0 (got {w!r})"
+                )
             object.__setattr__(self, "hop_weights", tuple(float(x) for x in w))
 
     @property
@@ -179,9 +193,7 @@ class Depo(Task):
                 order = (int(rng.integers(n)) + np.arange(n)) % n
                 if self.edge_order == "reverse":
                     order = order[::-1]
-            edges = np.stack(
-                [names[order], names[(order + 1) % n], np.full(n, SEP)], axis=1
-            )
+            edges = np.stack([names[order], names[(order + 1) % n], np.full(n, SEP)], axis=1)
             if self.edge_gap:
                 gaps = rng.integers(0, self.edge_gap + 1, size=n)
                 edges = [np.concatenate([np.full(g, PAD), e]) for g, e in zip(gaps, edges)]
@@ -226,7 +238,8 @@ class Depo(Task):
             f"Depo: a directed cycle of n nodes (n uniform in [{self.min_nodes}, "
             f"{self.max_nodes}]; each sequence draws n distinct names from a pool of "
             f"{self.n_names} single-token names) written as its n edges 'a b ;' (b follows a) "
-            f"{ORDER_WORDS[self.edge_order]}{self._describe_gap()}, left-padded with <pad> to {self.context_len} tokens, then "
+            f"{ORDER_WORDS[self.edge_order]}{self._describe_gap()}, left-padded with <pad> to "
+            f"{self.context_len} tokens, then "
             f"{self.n_queries} queries 'v +k', each scored at the '+k' token against the k-th "
             f"successor of v ({self._describe_hops()}; k may exceed n, "
             f"the walk wraps; query nodes distinct when n >= {self.n_queries}). T = "

@@ -101,8 +101,10 @@ class Rule110(Task):
             ev = sorted({t for t in DEFAULT_EVAL_STEPS if t <= top} | {top})
         else:
             if not isinstance(self.eval_steps, (list, tuple)) or len(self.eval_steps) > 64:
-                raise ValueError(f"eval_steps must be a list of at most 64 step counts, e.g. "
-                                 f"[1,2,4] (got {self.eval_steps!r})")
+                raise ValueError(
+                    f"eval_steps must be a list of at most 64 step counts, e.g. "
+                    f"[1,2,4] (got {self.eval_steps!r})"
+                )
             for t in self.eval_steps:
                 check_int("eval_steps entries", t, 0, MAX_SIZE)
             ev = [int(t) for t in self.eval_steps]
@@ -111,8 +113,10 @@ class Rule110(Task):
         object.__setattr__(self, "eval_steps", tuple(ev))
         work = self.n_strings * self.n_bits * max(self.max_steps, *ev)
         if work > 1 << 24:  # cell updates to make one sequence
-            raise ValueError(f"n_strings x n_bits x steps = {work:,} cell updates per sequence is "
-                             f"more than {1 << 24:,}; choose smaller settings")
+            raise ValueError(
+                f"n_strings x n_bits x steps = {work:,} cell updates per sequence is "
+                f"more than {1 << 24:,}; choose smaller settings"
+            )
 
     @property
     def max_steps(self) -> int:

@@ -197,7 +197,8 @@ def _needs_private_threadgroup_memory(text: str) -> bool:
     mem_threadgroup flag) runs with per-thread views of threadgroup memory."""
     blank = _blank_comments(text)
     return bool(_TG_DECL.search(blank)) and any(
-        "mem_threadgroup" not in m.group(1) for m in _BARRIER.finditer(blank))
+        "mem_threadgroup" not in m.group(1) for m in _BARRIER.finditer(blank)
+    )
 
 
 class MetalEmulatorError(RuntimeError):
@@ -267,25 +268,32 @@ def _as_mx_dtype(dt: Any, what: str) -> mx.Dtype:
 
 # ------------------------------------------------------------ source checks
 _UNSUPPORTED = [
-    (r"\bsimdgroup_(?:float|half|bfloat)(?!8x8\b)\d+x\d+\b"
-     r"|\bsimdgroup_matrix\s*<[^<>;]*,\s*(?!8\s*,\s*8\s*>)\d+\s*,\s*\d+\s*>",
-     "SIMD-group matrices other than 8x8"),
-    (r"\b(?:texture(?:1d|2d|3d|cube|buffer)?(?:_array)?|depth2d|sampler)\b",
-     "textures / samplers"),
-    (r"\b(?:imageblock|threadgroup_imageblock)\b|\[\[\s*color\s*\(",
-     "imageblocks / tile memory"),
-    (r"\b(?:simd_ballot|simd_vote|quad_ballot|quad_vote"
-     r"|simd_active_threads_mask|quad_active_threads_mask)\b",
-     "SIMD ballots / votes"),
-    (r"\b(?:simd|quad)_shuffle_and_fill_(?:up|down)\b",
-     "simd_shuffle_and_fill"),
-    (r"\b(?:simdgroup_event|async_copy|wait_for_events)\b",
-     "asynchronous copies (simdgroup_event)"),
-    (r"\b(?:intersector|acceleration_structure|intersection_function_table"
-     r"|visible_function_table|raytracing)\b",
-     "ray tracing / function tables"),
-    (r"\bmetal::tensor\b|\btensor_ops\b|\bmpp::|\btensor_inline\b",
-     "Metal 4 tensors / performance primitives"),
+    (
+        r"\bsimdgroup_(?:float|half|bfloat)(?!8x8\b)\d+x\d+\b"
+        r"|\bsimdgroup_matrix\s*<[^<>;]*,\s*(?!8\s*,\s*8\s*>)\d+\s*,\s*\d+\s*>",
+        "SIMD-group matrices other than 8x8",
+    ),
+    (r"\b(?:texture(?:1d|2d|3d|cube|buffer)?(?:_array)?|depth2d|sampler)\b", "textures / samplers"),
+    (r"\b(?:imageblock|threadgroup_imageblock)\b|\[\[\s*color\s*\(", "imageblocks / tile memory"),
+    (
+        r"\b(?:simd_ballot|simd_vote|quad_ballot|quad_vote"
+        r"|simd_active_threads_mask|quad_active_threads_mask)\b",
+        "SIMD ballots / votes",
+    ),
+    (r"\b(?:simd|quad)_shuffle_and_fill_(?:up|down)\b", "simd_shuffle_and_fill"),
+    (
+        r"\b(?:simdgroup_event|async_copy|wait_for_events)\b",
+        "asynchronous copies (simdgroup_event)",
+    ),
+    (
+        r"\b(?:intersector|acceleration_structure|intersection_function_table"
+        r"|visible_function_table|raytracing)\b",
+        "ray tracing / function tables",
+    ),
+    (
+        r"\bmetal::tensor\b|\btensor_ops\b|\bmpp::|\btensor_inline\b",
+        "Metal 4 tensors / performance primitives",
+    ),
     (r"\b(?:object_data|ray_data)\b", "object / ray payload data"),
     (r"\bdouble\b", "double precision (not available in Metal)"),
 ]
@@ -372,7 +380,9 @@ _PTR = re.compile(
     r"(?P<type>[A-Za-z_][\w:]*(?:\s*<[^;<>]*(?:<[^;<>]*>[^;<>]*)*>)?)"
     r"\s*(?P<c3>const\s*)?\*"
 )
-_PTR_CAST = re.compile(r"\b(?:reinterpret_cast|static_cast|const_cast)\s*<\s*(?=::mtl_rt::[cm]ptr<)")
+_PTR_CAST = re.compile(
+    r"\b(?:reinterpret_cast|static_cast|const_cast)\s*<\s*(?=::mtl_rt::[cm]ptr<)"
+)
 _SWIZZLE = re.compile(r"\.(?P<s>[xyzw]{2,4}|[rgba]{2,4})\b(?!\s*\()")
 _HALF_LIT = re.compile(r"(?<![\w.])((?:\d+\.\d*|\.\d+|\d+)(?:[eE][+-]?\d+)?)[hH]\b")
 _METAL_INCLUDE = re.compile(r"^\s*#\s*include\s*<metal_\w+>.*$", re.M)
@@ -392,8 +402,7 @@ class _Rewriter:
         for m in _TG_DECL.finditer(blank):
             ty, name, dims = m.group("type"), m.group("name"), m.group("dims")
             dims = re.sub(r"\s+", " ", dims.strip())
-            slot = (f"::mtl_rt::tg_slot({self.slot}, sizeof({ty}{dims}), alignof({ty}), "
-                    f'"{name}")')
+            slot = f'::mtl_rt::tg_slot({self.slot}, sizeof({ty}{dims}), alignof({ty}), "{name}")'
             if dims:  # an array: a view of its declared size, every index checked
                 sizes = ", ".join(f"({d})" for d in re.findall(r"\[([^\]\[]+)\]", dims))
                 repl = f'auto {name} = ::mtl_rt::tg_view<{ty}, {sizes}>({slot}, "{name}");'
@@ -401,7 +410,7 @@ class _Rewriter:
                 repl = f"auto& {name} = *reinterpret_cast<{ty}*>({slot});"
             repl += "\n" * m.group(0).count("\n")
             self.slot += 1
-            pieces.append(text[last:m.start()])
+            pieces.append(text[last : m.start()])
             pieces.append(repl)
             last = m.end()
         pieces.append(text[last:])
@@ -436,9 +445,7 @@ def _cache_dir() -> Path:
     if d:
         p = Path(d)
     else:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(
-            os.path.expanduser("~"), ".cache"
-        )
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         p = Path(base) / "mlx_metal_emulator"
     p.mkdir(parents=True, exist_ok=True)
     return p
@@ -455,7 +462,10 @@ def _format_compile_error(kernel: str, stderr: str, header: str, source: str) ->
     files = {"kernel_source": source.splitlines(), "kernel_header": header.splitlines()}
     msgs = []
     for line in stderr.splitlines():
-        m = re.match(r"(kernel_source|kernel_header|generated_signature):(\d+):(\d+): (error|fatal error): (.*)", line)
+        m = re.match(
+            r"(kernel_source|kernel_header|generated_signature):(\d+):(\d+): (error|fatal error): (.*)",
+            line,
+        )
         if m:
             f, ln = m.group(1), int(m.group(2))
             code = ""
@@ -463,10 +473,7 @@ def _format_compile_error(kernel: str, stderr: str, header: str, source: str) ->
                 code = files[f][ln - 1].strip()
             msgs.append(f"  {f}:{ln}: {m.group(5)}" + (f"\n      `{code}`" if code else ""))
     if not msgs:  # errors inside the shim (template instantiation etc.)
-        msgs = [
-            "  " + l for l in stderr.splitlines()
-            if "error" in l
-        ][:10]
+        msgs = ["  " + l for l in stderr.splitlines() if "error" in l][:10]
     tail = "\n".join(stderr.splitlines()[:60])
     return (
         f"metal_emulator: g++ could not compile kernel '{kernel}':\n"
@@ -498,14 +505,18 @@ def _support_dir() -> Path:
         t = Path(tmp)
         (t / "metal_shim.h").write_text(shim)
         (t / "metal_runtime.cpp").write_text(runtime)
-        r = _run_gxx(["-x", "c++-header", str(t / "metal_shim.h"),
-                      "-o", str(t / "metal_shim.h.gch")])
+        r = _run_gxx(
+            ["-x", "c++-header", str(t / "metal_shim.h"), "-o", str(t / "metal_shim.h.gch")]
+        )
         if r.returncode != 0:
             raise MetalEmulatorCompileError(f"metal_emulator: shim does not compile:\n{r.stderr}")
-        r = _run_gxx(["-shared", f"-I{t}", str(t / "metal_runtime.cpp"),
-                      "-o", str(t / "libmtl_runtime.so")])
+        r = _run_gxx(
+            ["-shared", f"-I{t}", str(t / "metal_runtime.cpp"), "-o", str(t / "libmtl_runtime.so")]
+        )
         if r.returncode != 0:
-            raise MetalEmulatorCompileError(f"metal_emulator: runtime does not compile:\n{r.stderr}")
+            raise MetalEmulatorCompileError(
+                f"metal_emulator: runtime does not compile:\n{r.stderr}"
+            )
         (t / "done").write_text("")
         try:
             os.rename(t, d)
@@ -536,9 +547,9 @@ def _runtime():
                 ctypes.c_int,
                 ctypes.c_int,
                 ctypes.POINTER(ctypes.c_void_p),  # the launch's regions: start,
-                ctypes.POINTER(ctypes.c_long),    # bytes,
+                ctypes.POINTER(ctypes.c_long),  # bytes,
                 ctypes.POINTER(ctypes.c_char_p),  # name,
-                ctypes.POINTER(ctypes.c_int),     # kind (metal_shim.h RegionKind)
+                ctypes.POINTER(ctypes.c_int),  # kind (metal_shim.h RegionKind)
                 ctypes.c_int,
                 ctypes.c_char_p,
                 ctypes.c_int,
@@ -621,8 +632,9 @@ class _Input:
 class EmulatedMetalKernel:
     """What :func:`metal_kernel` returns; call it like the MLX kernel."""
 
-    def __init__(self, name, input_names, output_names, source, header,
-                 ensure_row_contiguous, atomic_outputs):
+    def __init__(
+        self, name, input_names, output_names, source, header, ensure_row_contiguous, atomic_outputs
+    ):
         if not output_names:
             raise ValueError("[metal_kernel] Must specify at least one output.")
         self.name = name
@@ -637,9 +649,7 @@ class EmulatedMetalKernel:
             (f"{n}_shape" in source, f"{n}_strides" in source, f"{n}_ndim" in source)
             for n in self.input_names
         ]
-        self.attributes = [
-            (a, t) for a, t in _METAL_ATTRIBUTES if a in source
-        ]
+        self.attributes = [(a, t) for a, t in _METAL_ATTRIBUTES if a in source]
         self._checked = False
 
     # -- code generation -------------------------------------------------
@@ -719,8 +729,7 @@ class EmulatedMetalKernel:
         src += self.source + "\n}\n"
         if template:
             tdef = kname + self._template_def(template, cxx=False)
-            src += (f'\ntemplate [[host_name("{kname}")]] [[kernel]] '
-                    f"decltype({tdef}) {tdef};\n")
+            src += f'\ntemplate [[host_name("{kname}")]] [[kernel]] decltype({tdef}) {tdef};\n'
         return src
 
     def _translation_unit(self, inputs, output_dtypes, template):
@@ -782,9 +791,19 @@ class EmulatedMetalKernel:
         return "\n".join(tu) + "\n"
 
     # -- call ------------------------------------------------------------
-    def __call__(self, *, inputs: Sequence[Any], output_shapes, output_dtypes,
-                 grid, threadgroup, template=None, init_value=None,
-                 verbose=False, stream=None):
+    def __call__(
+        self,
+        *,
+        inputs: Sequence[Any],
+        output_shapes,
+        output_dtypes,
+        grid,
+        threadgroup,
+        template=None,
+        init_value=None,
+        verbose=False,
+        stream=None,
+    ):
         def check_size(actual, expected, what):
             if actual != expected:
                 raise ValueError(
@@ -803,10 +822,10 @@ class EmulatedMetalKernel:
         for n, v in template:
             if not isinstance(v, (bool, int, np.integer)):
                 _as_mx_dtype(v, f"template argument '{n}'")
-        ins = [_Input(x, n, self.ensure_row_contiguous)
-               for x, n in zip(inputs, self.input_names)]
-        out_dts = [_as_mx_dtype(d, f"output '{n}'")
-                   for d, n in zip(output_dtypes, self.output_names)]
+        ins = [_Input(x, n, self.ensure_row_contiguous) for x, n in zip(inputs, self.input_names)]
+        out_dts = [
+            _as_mx_dtype(d, f"output '{n}'") for d, n in zip(output_dtypes, self.output_names)
+        ]
         grid = tuple(int(g) for g in grid)
         tg = tuple(int(t) for t in threadgroup)
         if len(grid) != 3 or len(tg) != 3:
@@ -820,28 +839,37 @@ class EmulatedMetalKernel:
             raise ValueError("threadgroup sizes must be positive")
 
         if verbose:
-            print(f"Generated source code for `{self.name}`:\n```\n"
-                  f"{self.metal_source(ins, out_dts, template)}\n```")
+            print(
+                f"Generated source code for `{self.name}`:\n```\n"
+                f"{self.metal_source(ins, out_dts, template)}\n```"
+            )
 
         tu = self._translation_unit(ins, out_dts, template)
         _, body_fn = _compile(tu, self.name, self.header, self.source)
 
         private_tg = _needs_private_threadgroup_memory(self.header + "\n" + self.source)
-        runs = [self._launch(body_fn, ins, output_shapes, out_dts, grid, tg, init_value,
-                             schedule, private_tg) for schedule in range(_schedules())]
+        runs = [
+            self._launch(
+                body_fn, ins, output_shapes, out_dts, grid, tg, init_value, schedule, private_tg
+            )
+            for schedule in range(_schedules())
+        ]
         if not self.atomic_outputs:  # atomics may legitimately add in any order
             for schedule, outs in enumerate(runs[1:], 1):
                 for a, b, n in zip(runs[0], outs, self.output_names):
-                    if not np.array_equal(np.array(a.view(_bits(a.dtype))),
-                                          np.array(b.view(_bits(b.dtype)))):
+                    if not np.array_equal(
+                        np.array(a.view(_bits(a.dtype))), np.array(b.view(_bits(b.dtype)))
+                    ):
                         raise MetalEmulatorRuntimeError(
                             f"metal_emulator: kernel '{self.name}': output '{n}' depends on "
                             f"the order in which threads run (schedule 0 vs {schedule}): a "
-                            f"missing barrier, or threads racing on the same memory")
+                            f"missing barrier, or threads racing on the same memory"
+                        )
         return runs[0]
 
-    def _launch(self, body_fn, ins, output_shapes, out_dts, grid, tg, init_value, schedule,
-                private_tg):
+    def _launch(
+        self, body_fn, ins, output_shapes, out_dts, grid, tg, init_value, schedule, private_tg
+    ):
         """One run of the grid under one thread schedule; returns the outputs."""
         launch = _runtime()[2]
         # outputs with guard bytes on both sides
@@ -854,7 +882,7 @@ class EmulatedMetalKernel:
             raw = np.empty(nbytes + 2 * _guard(nbytes) + 64, dtype=np.uint8)
             off = (-raw.ctypes.data) % 64 + _guard(nbytes)
             raw[:] = 0xA5
-            body = raw[off:off + count * np_dt.itemsize]
+            body = raw[off : off + count * np_dt.itemsize]
             if init_value is None:
                 body[:] = 0xFF
             else:
@@ -880,7 +908,7 @@ class EmulatedMetalKernel:
                 nbytes = x.arr.nbytes
                 raw = np.full(nbytes + 2 * _guard(nbytes) + 64, 0xFF, dtype=np.uint8)
                 off = (-raw.ctypes.data) % 64 + _guard(nbytes)
-                raw[off:off + nbytes] = x.arr.reshape(-1).view(np.uint8)
+                raw[off : off + nbytes] = x.arr.reshape(-1).view(np.uint8)
                 guarded.append((raw, off, nbytes))
                 ptrs.append(region(raw.ctypes.data + off, nbytes, n, _INPUT))
                 keep.append(raw)
@@ -894,11 +922,13 @@ class EmulatedMetalKernel:
                     region(x.arr.ctypes.data + lo, size, n, _INPUT)
             if x.ndim > 0:
                 if info[0]:
-                    ptrs.append(region(x.shape.ctypes.data, x.shape.nbytes, f"{n}_shape",
-                                       _ARGUMENT))
+                    ptrs.append(
+                        region(x.shape.ctypes.data, x.shape.nbytes, f"{n}_shape", _ARGUMENT)
+                    )
                 if info[1]:
-                    ptrs.append(region(x.strides.ctypes.data, x.strides.nbytes,
-                                       f"{n}_strides", _ARGUMENT))
+                    ptrs.append(
+                        region(x.strides.ctypes.data, x.strides.nbytes, f"{n}_strides", _ARGUMENT)
+                    )
                 if info[2]:
                     ptrs.append(x.ndim_buf.ctypes.data)
         for (raw, off, body, *_), n in zip(outs, self.output_names):
@@ -911,18 +941,33 @@ class EmulatedMetalKernel:
         reg_kinds = (ctypes.c_int * nreg)(*[r[3] for r in regions])
         argv = (ctypes.c_void_p * max(1, len(ptrs)))(*ptrs)
         dims = (ctypes.c_long * 6)(*grid, *tg)
-        workers = int(os.environ.get("MLX_METAL_EMULATOR_WORKERS",
-                                     min(2, os.cpu_count() or 1)))
+        workers = int(os.environ.get("MLX_METAL_EMULATOR_WORKERS", min(2, os.cpu_count() or 1)))
         stack = int(os.environ.get("MLX_METAL_EMULATOR_STACK", 256 * 1024))
         err = ctypes.create_string_buffer(4096)
-        rc = launch(body_fn, argv, dims, workers, stack, schedule, int(private_tg), reg_lo,
-                    reg_bytes, reg_names, reg_kinds, len(regions), err, len(err))
-        for (raw, off, nbytes), n in zip(guarded, [n for x, n in zip(ins, self.input_names)
-                                                   if x.ndim > 0 and x.arr.flags.c_contiguous]):
-            if (raw[:off] != 0xFF).any() or (raw[off + nbytes:] != 0xFF).any():
+        rc = launch(
+            body_fn,
+            argv,
+            dims,
+            workers,
+            stack,
+            schedule,
+            int(private_tg),
+            reg_lo,
+            reg_bytes,
+            reg_names,
+            reg_kinds,
+            len(regions),
+            err,
+            len(err),
+        )
+        for (raw, off, nbytes), n in zip(
+            guarded,
+            [n for x, n in zip(ins, self.input_names) if x.ndim > 0 and x.arr.flags.c_contiguous],
+        ):
+            if (raw[:off] != 0xFF).any() or (raw[off + nbytes :] != 0xFF).any():
                 raise MetalEmulatorRuntimeError(
-                    f"metal_emulator: kernel '{self.name}' wrote outside the bounds of "
-                    f"input '{n}'")
+                    f"metal_emulator: kernel '{self.name}' wrote outside the bounds of input '{n}'"
+                )
         del keep
         if rc != 0:
             raise MetalEmulatorRuntimeError(
@@ -932,10 +977,9 @@ class EmulatedMetalKernel:
 
         results = []
         for (raw, off, body, shape, dt, np_dt), n in zip(outs, self.output_names):
-            if (raw[:off] != 0xA5).any() or (raw[off + body.size:] != 0xA5).any():
+            if (raw[:off] != 0xA5).any() or (raw[off + body.size :] != 0xA5).any():
                 raise MetalEmulatorRuntimeError(
-                    f"metal_emulator: kernel '{self.name}' wrote outside the "
-                    f"bounds of output '{n}'"
+                    f"metal_emulator: kernel '{self.name}' wrote outside the bounds of output '{n}'"
                 )
             arr = body.view(np_dt).reshape(shape).copy()
             a = mx.array(arr)
@@ -949,9 +993,16 @@ def _bits(dt: mx.Dtype) -> mx.Dtype:
     return {1: mx.uint8, 2: mx.uint16, 4: mx.uint32, 8: mx.uint64}[dt.size]
 
 
-def metal_kernel(name: str, input_names: Sequence[str], output_names: Sequence[str],
-                 source: str, header: str = "", ensure_row_contiguous: bool = True,
-                 atomic_outputs: bool = False) -> EmulatedMetalKernel:
+def metal_kernel(
+    name: str,
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    source: str,
+    header: str = "",
+    ensure_row_contiguous: bool = True,
+    atomic_outputs: bool = False,
+) -> EmulatedMetalKernel:
     """Drop-in replacement for ``mx.fast.metal_kernel`` that runs on the CPU."""
-    return EmulatedMetalKernel(name, input_names, output_names, source, header,
-                               ensure_row_contiguous, atomic_outputs)
+    return EmulatedMetalKernel(
+        name, input_names, output_names, source, header, ensure_row_contiguous, atomic_outputs
+    )
