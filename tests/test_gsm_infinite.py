@@ -655,3 +655,49 @@ def test_hub_path_with_a_fake_hub(monkeypatch):
     assert gi.load_records("symbolic", "0", [2], limit=5)[2] == split2[:5]
     with pytest.raises(ValueError, match="has no split ops_4"):
         gi.load_records("medium", "16k", [4])
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("a line without loops", 'line 1: "loops" must be an integer (got None)'),
+        ("loops a string", "line 1: \"loops\" must be an integer (got '1')"),
+        ("binary", "line 1 is not UTF-8 text"),
+        ("run.json a list", "run.json holds a JSON list, not an object"),
+        ("a FIFO", "predictions.jsonl is a FIFO, not a regular file"),
+        ("a symlink to the user's file", "predictions.jsonl is a symlink, not a regular file"),
+    ],
+)
+def test_a_damaged_run_is_refused_before_anything_is_written(tiny, tmp_path, damage, message):
+    """Resuming reads predictions.jsonl and run.json before writing either: a damaged one
+    is one line, and every file (run.json included, and the user's file a link points at)
+    stays byte for byte as it was."""
+    from tests.reliability import snapshot
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(open(os.path.join(FIX, "medium_0.jsonl")).readline())
+    args = ["eval", "--model", tiny, "--task", "gsm-infinite", "--data", data, "--ops", "2"]
+    run = tmp_path / "run"
+    assert invoke(*args, "--out", run).exit_code == 0
+    predictions, user = run / "predictions.jsonl", tmp_path / "notes.txt"
+    user.write_text("the user's")
+    first = json.loads(predictions.read_text().splitlines()[0])
+    if damage == "a line without loops":
+        predictions.write_text(json.dumps({k: v for k, v in first.items() if k != "loops"}) + "\n")
+    elif damage == "loops a string":
+        predictions.write_text(json.dumps(dict(first, loops="1")) + "\n")
+    elif damage == "binary":
+        predictions.write_bytes(b"\xff\xfe not text\n")
+    elif damage == "run.json a list":
+        (run / "run.json").write_text("[]")
+    elif damage == "a FIFO":
+        predictions.unlink()
+        os.mkfifo(predictions)
+    else:
+        predictions.unlink()
+        os.symlink(user, predictions)
+    before = snapshot(tmp_path)
+    r = CliRunner().invoke(main, [str(a) for a in args + ["--out", run, "--loops", "1,2"]])
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+    assert message in r.output, r.output
+    assert snapshot(tmp_path) == before
