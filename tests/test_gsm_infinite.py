@@ -463,6 +463,21 @@ def test_data_command_writes_the_paper_format(tmp_path):
         ],
     )
     assert r.exit_code == 0, r.output  # ours: --force replaces it
+    empty = tmp_path / "empty.jsonl"
+    r = invoke(
+        "data",
+        "gsm-infinite",
+        "--data",
+        os.path.join(FIX, "medium_0.jsonl"),
+        "--ops",
+        "2",
+        "--skip",
+        "200",
+        "--out",
+        empty,
+    )
+    assert r.exit_code == 1 and "no problems left after skipping the first 200" in r.output
+    assert not empty.exists()  # an empty training file is not written
 
 
 @pytest.mark.parametrize(
@@ -655,6 +670,10 @@ def test_hub_path_with_a_fake_hub(monkeypatch):
     assert gi.load_records("symbolic", "0", [2], limit=5)[2] == split2[:5]
     with pytest.raises(ValueError, match="has no split ops_4"):
         gi.load_records("medium", "16k", [4])
+    with pytest.raises(
+        ValueError, match="selects no problem for op 3 with --limit 1: .* 20 or more"
+    ):
+        gi.load_records("medium", "16k", [3], limit=1, official=True)
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 selection, op lists, the paper-format prompt, and the fine-tuning file (`mlx-sleep data`)."""
 
 import json
+import math
 import re
 from typing import Dict, Iterable, List, Optional, Sequence
 
@@ -170,9 +171,17 @@ def load_records(
         return select(read_problems(data), ops, limit)
     by_op = select(hub_records(subset, length, ops), ops)
     if official and subset != "symbolic":
-        return {
+        picked = {
             op: official_filter(rows, limit or OFFICIAL_LIMIT[subset]) for op, rows in by_op.items()
         }
+        empty = [op for op, rows in picked.items() if not rows]
+        if empty:  # upstream takes whole shares of the limit per template, the smallest 5 %
+            raise ValueError(
+                f"the official protocol selects no problem for op {', '.join(map(str, empty))} "
+                f"with --limit {limit}: it takes a share of the limit per template (5 % for two "
+                f"of them), so pass --limit {math.ceil(1 / min(OFFICIAL_FILTER.values()))} or more"
+            )
+        return picked
     return {op: rows[: limit or OFFICIAL_LIMIT[subset]] for op, rows in by_op.items()}
 
 
@@ -252,6 +261,11 @@ def write_data(
     records = read_problems(data) if data is not None else hub_records(subset, length, ops)
     skip = (0 if data is not None else OFFICIAL_LIMIT[subset]) if skip is None else skip
     by_op = {op: rows[skip:][:limit] for op, rows in select(records, ops).items()}
+    if not any(by_op.values()):  # an empty training file would only fail later, in finetune
+        raise ValueError(
+            f"no problems left after skipping the first {skip} of each op (the evaluation's); "
+            "pass --skip 0 to use them anyway, or a file with more problems"
+        )
     n = write_training_file(out, by_op)
     echo(
         f"wrote {n} examples ({', '.join(f'op {op}: {len(r)}' for op, r in by_op.items())}; "
