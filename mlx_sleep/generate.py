@@ -13,11 +13,13 @@ answer is consolidated window by window exactly as in training. Greedy by defaul
 """
 
 import time
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence
 
 import mlx.core as mx
 
+from .report import show_bytes
 from .sleep import SleepCancelled
+from .tokens import encode_more, encode_start
 
 
 def last_logits(engine, ids: Sequence[int]) -> mx.array:
@@ -144,11 +146,10 @@ class Reply:
             return f"{n / seconds:.1f} tok/s" if seconds > 0 else "- tok/s"
 
         generated, peak = len(self.tokens), mx.get_peak_memory()
-        memory = f"{peak / 1e9:.2f} GB" if peak >= 1e8 else f"{peak / 1e6:.1f} MB"
         return (
             f"{prompt_tokens} prompt tokens at {rate(prompt_tokens, self.prompt_seconds)}, "
             f"{generated} generated at {rate(max(0, generated - 1), self.generation_seconds)}, "
-            f"peak memory {memory}"
+            f"peak memory {show_bytes(peak)}"
         )
 
 
@@ -229,6 +230,19 @@ def chat_prompt(tokenizer, messages) -> str:
     return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
 
 
+def prompt_ids(
+    tokenizer, prompt: str, system_prompt: Optional[str] = None, chat_template: bool = True
+) -> List[int]:
+    """The ids of one user prompt: through the chat template (with the system prompt; the
+    template writes its own BOS), or raw, starting the sequence (tokens.py)."""
+    if not chat_template:
+        return encode_start(tokenizer, prompt)
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return encode_more(
+        tokenizer, chat_prompt(tokenizer, system + [{"role": "user", "content": prompt}])
+    )
+
+
 def generate_text(
     model,
     tokenizer,
@@ -248,12 +262,7 @@ def generate_text(
 
     if seed is not None:
         mx.random.seed(seed)
-    if chat_template:
-        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-            {"role": "user", "content": prompt}
-        ]
-        prompt = chat_prompt(tokenizer, messages)
-    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    ids = prompt_ids(tokenizer, prompt, system_prompt, chat_template)
     sampler, processors = make_sampling(**sampling)
     engine = SleepEngine(model, sleep)
     return "".join(

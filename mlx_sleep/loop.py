@@ -39,6 +39,7 @@ from .io import (
     trim_jsonl,
     write_json,
 )
+from .report import show_bytes
 from .weights import read_safetensors
 
 
@@ -371,7 +372,7 @@ class TrainingRun:
                 if self.step % (self.report_every or cfg.log_every) == 0 or last:
                     self.say(
                         f"step {self.step}: loss {record['loss']:.4f}, lr {record['lr']:.3g}, "
-                        f"{tok_s:,.0f} tokens/s, peak memory {peak_gb:.2f} GB"
+                        f"{tok_s:,.0f} tokens/s, peak memory {show_bytes(peak_gb * 1e9)}"
                     )
                 losses = []
                 t0, tokens0 = time.perf_counter(), self.tokens  # per report interval

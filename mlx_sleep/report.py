@@ -12,6 +12,11 @@ from typing import Optional, Sequence, Tuple
 from .io import WRITTEN_BY, atomic_path, check_file_target, stream
 
 
+def show_bytes(n: float) -> str:
+    """A memory size as people read it: "1.21 GB", or "9.7 MB" below 0.1 GB."""
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
 def markdown_table(header: Sequence, rows: Sequence[Sequence]) -> str:
     """A markdown table; cells are written with str()."""
     lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]

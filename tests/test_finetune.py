@@ -65,7 +65,9 @@ def workdir(tmp_path_factory):
     return root
 
 
-def finetune(workdir, kind, out, fine_tune_type="lora", steps=8, sleep=None, **kw):
+def finetune(
+    workdir, kind, out, fine_tune_type="lora", steps=8, sleep=None, resume_adapters=None, **kw
+):
     settings = dict(
         steps=steps,
         batch_size=4,
@@ -86,6 +88,7 @@ def finetune(workdir, kind, out, fine_tune_type="lora", steps=8, sleep=None, **k
         sleep=sleep,
         valid=str(workdir / "valid.jsonl"),
         progress=False,
+        resume_adapters=resume_adapters,
     )
 
 
@@ -323,6 +326,89 @@ def test_core_override_trains_and_is_kept_by_the_fused_model(tmp_path, workdir):
     assert model.core == (1, 2)
     with pytest.raises(ValueError, match="core"):
         run(tmp_path / "b", (1, 99))
+
+
+def test_adapters_carry_the_sleep_settings_they_were_trained_with(tmp_path, workdir):
+    """The adapter directory records N, L, eviction and the core; `eval --adapter` runs with
+    them (the base model says N = 2, L = 16, hard) and says so; flags still override; a damaged
+    record is one line."""
+    sleep = {"loops": 3, "window": 24, "eviction": "sliding"}
+    ft = finetune(workdir, "jet_nemotron", tmp_path / "run", steps=1, sleep=sleep)
+    ft.run()
+    adapters = tmp_path / "run" / "checkpoint"
+    saved = json.loads((adapters / "adapter_config.json").read_text())
+    assert saved["sleep"] == sleep and saved["core"] == list(ft.model.core)
+    data = os.path.join(ROOT, "tests", "fixtures", "gsm-infinite", "medium_0.jsonl")
+    base = ["eval", "--task", "gsm-infinite", "--model", str(workdir / "jet_nemotron"), "--data"]
+    base += [data, "--ops", "2", "--limit", "1", "--max-tokens", "2", "--adapter", str(adapters)]
+    r = CliRunner().invoke(main, base + ["--out", str(tmp_path / "e1")])
+    assert r.exit_code == 0, r.output
+    assert "N = 3, L = 24, sliding eviction" in r.output and "| N = 3 |" in r.output
+    run = json.loads((tmp_path / "e1" / "run.json").read_text())
+    assert (run["window"], run["eviction"]) == (24, "sliding"), run
+    r = CliRunner().invoke(main, base + ["--out", str(tmp_path / "e2"), "-N", "1", "-L", "16"])
+    assert r.exit_code == 0 and "| N = 1 |" in r.output, r.output
+    assert json.loads((tmp_path / "e2" / "run.json").read_text())["window"] == 16
+    saved["sleep"]["loops"] = 0
+    (adapters / "adapter_config.json").write_text(json.dumps(saved))
+    r = CliRunner().invoke(main, base + ["--out", str(tmp_path / "e3")])
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+    assert "adapter_config.json: loops (N) must be an integer >= 1 (got 0)" in r.output
+
+
+def test_a_run_extends_and_another_starts_from_its_adapters(tmp_path, workdir):
+    """--steps beyond a finished run continues it; --resume-adapters starts a new run from a
+    run's adapters (fresh optimizer, step 0); adapters of another shape are one clear error."""
+    from mlx_sleep.weights import read_safetensors
+
+    a = finetune(workdir, "jet_nemotron", tmp_path / "a", steps=2)
+    a.run()
+    longer = finetune(workdir, "jet_nemotron", tmp_path / "a", steps=3)
+    assert longer.step == 2
+    longer.run()
+    assert longer.step == 3
+    saved = read_safetensors(str(tmp_path / "a" / "checkpoint" / "adapters.safetensors"))
+    b = finetune(
+        workdir,
+        "jet_nemotron",
+        tmp_path / "b",
+        steps=1,
+        resume_adapters=str(tmp_path / "a" / "checkpoint"),
+    )
+    assert b.step == 0 and b.settings["resume_adapters"]["path"].endswith("checkpoint")
+    start = dict(tree_flatten(b.model.trainable_parameters()))
+    assert sorted(start) == sorted(saved)
+    for k in saved:
+        assert_close(start[k], saved[k], rtol=0, atol=0, what=k)
+    b.run()
+    with pytest.raises(ValueError, match="do not fit this run .* use the --rank"):
+        finetune(
+            workdir,
+            "jet_nemotron",
+            tmp_path / "c",
+            steps=1,
+            rank=4,
+            resume_adapters=str(tmp_path / "a" / "checkpoint"),
+        )
+
+
+def test_the_console_output_in_the_docs_is_what_finetune_prints(tmp_path, workdir, monkeypatch):
+    """docs/finetune.md shows a run's console lines; the same command prints the same lines
+    (digits masked: losses and speeds differ between machines)."""
+    text = open(os.path.join(ROOT, "docs", "finetune.md")).read()
+    block = re.search(r"```text\n\$ (mlx-sleep finetune .*?)\n(.*?)```", text, re.S)
+    command, shown = block.group(1).split(), block.group(2).splitlines()
+    monkeypatch.chdir(tmp_path)
+    os.symlink(workdir / "jet_nemotron", "m")
+    write_jsonl("train.jsonl", recall_records(16, 0))
+    write_jsonl("valid.jsonl", recall_records(4, 1))
+    r = CliRunner().invoke(main, command[1:])
+    assert r.exit_code == 0, r.output
+
+    def masked(lines):
+        return [re.sub(r"\d+", "#", line) for line in lines]
+
+    assert masked(r.output.splitlines()) == masked(shown)
 
 
 def test_rerun_with_other_settings_is_refused(tmp_path, workdir):

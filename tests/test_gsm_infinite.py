@@ -216,6 +216,46 @@ def test_paper_protocol_evicts_the_question_before_the_answer(tiny):
     assert engine.sleeps >= n_prompt // L and n_prompt > 2 * L
 
 
+@pytest.mark.parametrize("add_bos", [False, True], ids=["no BOS", "BOS"])
+def test_a_record_is_the_same_ids_in_finetune_eval_and_data(tmp_path, add_bos):
+    """tokens.py: the paper protocol feeds the prompt and the cue, and fine-tuning trains on
+    those very ids followed by the answer, whether it reads the record itself or the file `data
+    gsm-infinite` wrote; BOS where the tokenizer adds one, once, at the start (so every window
+    boundary falls on the same token in training and evaluation)."""
+    from mlx_sleep.finetune.data import load_examples, tokenize_record
+    from mlx_sleep.generate import prompt_ids
+
+    from .tiny_models import BOS, write_tokenizer
+
+    path = make_model_dir(tmp_path / "m", "hybrid", window=48)
+    bos = write_tokenizer(path, add_bos=add_bos)[BOS]
+    model, tokenizer = mlx_sleep.load(path)
+    record = fixture("medium_0.jsonl")[3]
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps(record) + "\n")
+    written = tmp_path / "train.jsonl"
+    args = ["--data", one, "--ops", record["op"], "--out", written]
+    assert invoke("data", "gsm-infinite", *args).exit_code == 0
+    [(from_file, scored)] = load_examples(str(written), tokenizer, model.vocab_size)
+    ids, _ = tokenize_record(gi.paper_example(record), tokenizer)
+    assert from_file.tolist() == ids
+
+    class FedEngine(SleepEngine):
+        def feed(self, x, logits="all", sampled=False):
+            self.fed.append(x.reshape(-1).tolist())
+            return super().feed(x, logits, sampled)
+
+    engine = FedEngine(model, SleepConfig(loops=2, window=48))
+    engine.fed = []
+    gi.paper_generate(engine, tokenizer, record, max_tokens=2)
+    context = engine.fed[0] + engine.fed[1]  # the prompt, then the cue
+    assert ids[: len(context)] == context and not any(scored[: len(engine.fed[0]) - 1])
+    assert (ids[0] == bos) == add_bos and bos not in ids[1:]
+    raw = prompt_ids(tokenizer, "hello", chat_template=False)  # generate --no-chat-template
+    assert (raw[0] == bos) == add_bos and len(raw) == 5 + add_bos
+    assert bos not in prompt_ids(tokenizer, "hello")  # the template writes what it wants
+
+
 def reference_paper_output(model, tokenizer, record, sleep, max_tokens):
     """Algorithm 1 written out: prompt + cue + answer so far split into windows of L from the
     start; windows without answer tokens get N passes and are evicted, the others one pass."""
@@ -463,6 +503,13 @@ def test_data_command_writes_the_paper_format(tmp_path):
         ],
     )
     assert r.exit_code == 0, r.output  # ours: --force replaces it
+    every = tmp_path / "every.jsonl"  # no --ops: every op the file has (2, 4, 6, 8 here)
+    r = invoke(
+        "data", "gsm-infinite", "--data", os.path.join(FIX, "medium_8k.jsonl"), "--out", every
+    )
+    assert (
+        r.exit_code == 0 and "wrote 8 examples (op 2: 2, op 4: 2, op 6: 2, op 8: 2) to" in r.output
+    )
     empty = tmp_path / "empty.jsonl"
     r = invoke(
         "data",

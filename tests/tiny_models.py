@@ -30,6 +30,7 @@ KINDS = ("hybrid", "jet_nemotron", "ouro", "ouro_jet", "qwen3_5")
 VOCAB_SIZE = 512  # the converted fixtures' vocabulary; the built models use the same
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 EOS = "<|im_end|>"
+BOS = "<|endoftext|>"  # only where a test asks for a tokenizer that adds one
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -47,11 +48,12 @@ def _bytes_to_unicode() -> dict:
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(extra)}}
 
 
-def write_tokenizer(path, vocab_size: int = VOCAB_SIZE) -> dict:
+def write_tokenizer(path, vocab_size: int = VOCAB_SIZE, add_bos: bool = False) -> dict:
     """tokenizer.json + tokenizer_config.json in `path`; returns {special token: id}.
 
     Ids 0..255 are the 256 bytes (GPT-2's byte-to-unicode alphabet), then the special tokens,
-    then reserved tokens up to `vocab_size`."""
+    then reserved tokens up to `vocab_size`. `add_bos`: `encode` puts <|endoftext|> before
+    every text (as GPT-2 and Llama tokenizers put their BOS)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from tokenizers.pre_tokenizers import ByteLevel
 
@@ -70,6 +72,12 @@ def write_tokenizer(path, vocab_size: int = VOCAB_SIZE) -> dict:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(list(SPECIAL_TOKENS))
+    if add_bos:
+        from tokenizers.processors import TemplateProcessing
+
+        tok.post_processor = TemplateProcessing(
+            single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, special[BOS])]
+        )
     os.makedirs(path, exist_ok=True)
     tok.save(os.path.join(path, "tokenizer.json"))
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
@@ -78,8 +86,8 @@ def write_tokenizer(path, vocab_size: int = VOCAB_SIZE) -> dict:
                 "tokenizer_class": "PreTrainedTokenizerFast",
                 "eos_token": EOS,
                 "pad_token": "<|endoftext|>",
-                "bos_token": None,
-                "add_bos_token": False,
+                "bos_token": BOS if add_bos else None,
+                "add_bos_token": add_bos,
                 "chat_template": CHAT_TEMPLATE,
                 "model_max_length": 1 << 20,
             },

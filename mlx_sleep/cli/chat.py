@@ -59,18 +59,13 @@ def generate(
     """Generate a reply to one prompt, streamed, over the sleep engine."""
     import mlx.core as mx
 
-    from ..generate import Reply, chat_prompt, make_sampling, stream_reply
+    from ..generate import Reply, make_sampling, prompt_ids, stream_reply
     from ..sleep import SleepEngine
 
     def go():
         path, m, tokenizer = load_for_chat(model)
         text = read_stdin_text() if prompt == "-" else prompt
-        if not no_chat_template:
-            messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-                {"role": "user", "content": text}
-            ]
-            text = chat_prompt(tokenizer, messages)
-        ids = tokenizer.encode(text, add_special_tokens=False)
+        ids = prompt_ids(tokenizer, text, system_prompt, not no_chat_template)
         if seed is not None:
             mx.random.seed(seed)
         sampler, processors = make_sampling(temp, top_p, top_k, min_p, repetition_penalty)

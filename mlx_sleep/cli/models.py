@@ -38,9 +38,8 @@ def data():
 @click.option(
     "--ops",
     type=Text(),
-    default="2-8",
-    show_default=True,
-    help="Op counts: 2,4,6,8 or a range 2-8.",
+    default=None,
+    help="Op counts: 2,4,6,8 or a range 2-8 (default: every op in --data; from the Hub, 2-8).",
 )
 @click.option(
     "--limit", type=count(0), default=None, help="Problems per op (default: all after --skip)."
@@ -285,6 +284,13 @@ def convert(
     help="Afterwards, merge the adapters into OUT/fused (a model directory).",
 )
 @click.option(
+    "--resume-adapters",
+    type=PathArg(dir_okay=True, file_okay=False),
+    default=None,
+    metavar="DIR",
+    help="Start from another run's adapters (its OUT/checkpoint), with a fresh optimizer.",
+)
+@click.option(
     "--estimate", is_flag=True, help="Print the expected peak memory and time per step, then exit."
 )
 @click.option(
@@ -324,6 +330,7 @@ def finetune(
     checkpoint_every,
     log_every,
     fuse,
+    resume_adapters,
     estimate,
     force,
 ):
@@ -383,6 +390,7 @@ def finetune(
             echo=click.echo,
             dry_run=estimate,
             force=force,
+            resume_adapters=resume_adapters,
         )
         if estimate:
             click.echo(format_estimate(estimate_step(ft)))

@@ -1,6 +1,7 @@
 """What trains in a fine-tune: layer kinds, frozen parts, LoRA / DoRA adapters (mlx-lm's
 tuner), and fusing them back into a model directory."""
 
+import hashlib
 import os
 from typing import Optional
 
@@ -8,7 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..config import ConfigError, SleepConfig, machine_memory
+from ..config import ConfigError, SleepConfig, check_core, machine_memory
 from ..io import read_json, read_json_object
 from .config import FinetuneConfig
 
@@ -126,14 +127,46 @@ def prepare_model(model, cfg: FinetuneConfig):
     return model
 
 
-def adapter_config(cfg: FinetuneConfig, model) -> dict:
-    """mlx-lm's adapter_config.json fields (its load_adapters reads them)."""
+def adapter_config(cfg: FinetuneConfig, model, sleep: SleepConfig) -> dict:
+    """mlx-lm's adapter_config.json fields (its load_adapters reads them), and the sleep
+    settings and looped core the adapters were trained with (mlx-lm ignores those two):
+    `load_adapter` puts them on the model, so evaluation sleeps as training did."""
     n = len(model.layers) if cfg.lora_layers is None else cfg.lora_layers
     return {
         "fine_tune_type": cfg.fine_tune_type,
         "num_layers": n,
         "lora_parameters": {"rank": cfg.rank, "scale": cfg.scale, "dropout": cfg.dropout},
+        "sleep": sleep.to_dict(),
+        "core": list(model.core),
     }
+
+
+def load_trainable(model, path: str) -> dict:
+    """Set `model`'s trainable weights from `path`/adapters.safetensors (another run's
+    checkpoint/: mlx-lm's --resume-adapter-file); every tensor must be there with its shape.
+    Returns what the run's settings record: the path and the file's sha256."""
+    from ..weights import read_safetensors
+
+    file = os.path.join(path, "adapters.safetensors")
+    if not os.path.isfile(file):
+        raise ValueError(
+            f"--resume-adapters {path}: no adapters.safetensors there (a run's checkpoint/ has one)"
+        )
+    weights = read_safetensors(file)
+    want = dict(tree_flatten(model.trainable_parameters()))
+    wrong = sorted(set(want) ^ set(weights)) + [
+        k for k in sorted(set(want) & set(weights)) if weights[k].shape != want[k].shape
+    ]
+    if wrong:
+        raise ValueError(
+            f"--resume-adapters {path}: its weights do not fit this run ({len(wrong)} differ, "
+            f"e.g. {wrong[0]}); use the --rank, --lora-layers, --dora / --full and --train-only "
+            "it was trained with"
+        )
+    model.load_weights([(k, v.astype(want[k].dtype)) for k, v in weights.items()], strict=False)
+    with open(file, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()  # adapters: megabytes, not gigabytes
+    return {"path": os.path.abspath(path), "sha256": digest}
 
 
 def load_adapter(model, path: str):
@@ -145,14 +178,25 @@ def load_adapter(model, path: str):
 
     from ..weights import check_safetensors
 
-    read_json_object(os.path.join(path, "adapter_config.json"))  # regular file, depth, size
+    config = read_json_object(os.path.join(path, "adapter_config.json"))  # regular file, size
     check_safetensors(os.path.join(path, "adapters.safetensors"))
+    try:  # adapters from before the settings were recorded (or mlx-lm's) keep the model's
+        sleep = SleepConfig.from_dict(config["sleep"]) if "sleep" in config else None
+        core = tuple(config["core"]) if "core" in config else None
+        if core is not None:
+            check_core(core, model.config.num_sleep_blocks)
+    except (ConfigError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}/adapter_config.json: {e}") from None
 
     try:
         model = load_adapters(model, path)
     except (KeyError, AttributeError, TypeError) as e:
         raise ValueError(f"{path}: the adapter does not fit this model ({type(e).__name__}: {e})")
     model.eval()  # the LoRA layers it added start in training mode
+    if sleep is not None:
+        model.sleep_config = sleep
+    if core is not None:
+        model.config.core = core
     return model
 
 

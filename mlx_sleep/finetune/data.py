@@ -13,6 +13,7 @@ from typing import List, Tuple
 import numpy as np
 
 from ..io import check_text, read_jsonl
+from ..tokens import encode_example
 
 
 class DataError(ValueError):
@@ -63,14 +64,10 @@ def check_record(rec: dict, where: str):
         )
 
 
-def _encode(tokenizer, text: str) -> List[int]:
-    return list(tokenizer.encode(text, add_special_tokens=False))
-
-
 def tokenize_record(rec: dict, tokenizer) -> Tuple[List[int], List[bool]]:
-    """(token ids, scored) where scored[i] says token i is a target the loss counts."""
-    eos = tokenizer.eos_token_id
-    tail = [eos] if eos is not None else []
+    """(token ids, scored) where scored[i] says token i is a target the loss counts. Prompts
+    and texts start a sequence (BOS where the tokenizer adds one: tokens.py, as evaluation
+    encodes them); chat records are the template's own ids."""
     if "messages" in rec:
         if not getattr(tokenizer, "chat_template", None):
             raise DataError(
@@ -104,9 +101,9 @@ def tokenize_record(rec: dict, tokenizer) -> Tuple[List[int], List[bool]]:
             )
         return ids, scored
     if "text" in rec:
-        ids = _encode(tokenizer, rec["text"]) + tail
-        return ids, [True] * len(ids)
-    prompt, answer = _encode(tokenizer, rec["prompt"]), _encode(tokenizer, rec["answer"]) + tail
+        context, ids = encode_example(tokenizer, "", rec["text"])
+        return context + ids, [False] * len(context) + [True] * len(ids)
+    prompt, answer = encode_example(tokenizer, rec["prompt"], rec["answer"])
     return prompt + answer, [False] * len(prompt) + [True] * len(answer)
 
 

@@ -24,7 +24,7 @@ from ..config import ConfigError, SleepConfig
 from ..loop import TrainingRun, World
 from ..sleep import plan_chunks, sleep_loss, sleep_value_and_grad
 from ..train import make_optimizer
-from .adapters import adapter_config, fuse_model, prepare_model
+from .adapters import adapter_config, fuse_model, load_trainable, prepare_model
 from .config import FinetuneConfig
 from .data import batch_indices, load_examples, make_batch
 
@@ -103,9 +103,12 @@ class Finetune(TrainingRun):
         echo=print,
         dry_run: bool = False,
         force: bool = False,
+        resume_adapters: Optional[str] = None,
     ):
         """`sleep`: a SleepConfig, or a dict of overrides (loops, window, eviction; None keeps
-        the model's). `dry_run`: build everything but neither read nor write `out_dir`."""
+        the model's). `dry_run`: build everything but neither read nor write `out_dir`.
+        `resume_adapters`: start from the trainable weights in that directory (another run's
+        checkpoint/), with a fresh optimizer."""
         from ..loading import load
 
         self.model_dir, self.out_dir, self.cfg = model_dir, out_dir, cfg
@@ -130,6 +133,7 @@ class Finetune(TrainingRun):
             load_examples(valid, self.tokenizer, model.vocab_size) if valid else []
         )
         self.model = prepare_model(model, cfg)
+        start = load_trainable(self.model, resume_adapters) if resume_adapters else None
         self.optimizer = make_optimizer(cfg.optimizer_config(), model)
         self.settings = {
             "model": os.path.abspath(model_dir),
@@ -141,6 +145,8 @@ class Finetune(TrainingRun):
             "finetune": asdict(cfg),
             "processes": self.world.size,
         }
+        if start is not None:  # only when given: runs from before the flag resume unchanged
+            self.settings["resume_adapters"] = start
         if not dry_run:
             self.open_run(force)
 
@@ -156,7 +162,7 @@ class Finetune(TrainingRun):
         return dict(tree_flatten(self.model.trainable_parameters()))
 
     def checkpoint_extras(self) -> dict:
-        return {"adapter_config.json": adapter_config(self.cfg, self.model)}
+        return {"adapter_config.json": adapter_config(self.cfg, self.model, self.sleep)}
 
     def learning_rate(self) -> float:
         """The learning rate of what mostly trains: Muon's (full) or AdamW's (adapters)."""

@@ -246,7 +246,7 @@ def write_data(
     out: str,
     subset: str,
     length: str,
-    ops: str,
+    ops: Optional[str],
     limit: Optional[int],
     skip: Optional[int],
     data: Optional[str],
@@ -257,7 +257,7 @@ def write_data(
     the first `skip` of each op (default: from the Hub, the 200 that `eval` uses by default; from
     a local file, none), so training and test problems stay apart."""
     check_output_file(out, replace=force, inputs=(data,))
-    ops = parse_ops(ops)
+    ops = parse_ops(ops) if ops is not None else (None if data is not None else parse_ops("2-8"))
     records = read_problems(data) if data is not None else hub_records(subset, length, ops)
     skip = (0 if data is not None else OFFICIAL_LIMIT[subset]) if skip is None else skip
     by_op = {op: rows[skip:][:limit] for op, rows in select(records, ops).items()}
@@ -268,7 +268,7 @@ def write_data(
         )
     n = write_training_file(out, by_op)
     echo(
-        f"wrote {n} examples ({', '.join(f'op {op}: {len(r)}' for op, r in by_op.items())}; "
-        f"the first {skip} of each op skipped) to {out}"
+        f"wrote {n} examples ({', '.join(f'op {op}: {len(r)}' for op, r in by_op.items())}"
+        f"{f'; the first {skip} of each op skipped' if skip else ''}) to {out}"
     )
     return n

@@ -15,6 +15,7 @@ from ..loop import refuse_other_settings
 from ..loading import load_with_path
 from ..sleep import SleepEngine
 from ..finetune.adapters import load_adapter
+from ..tokens import encode_more, encode_start
 from .data import ANSWER_CUE, check_record, load_records, messages, paper_example, parse_ops
 from .report import PREDICTIONS, describe, markdown_table, summarize, write_results
 from .scoring import is_symbolic, score
@@ -31,12 +32,12 @@ def paper_generate(engine, tokenizer, record: dict, max_tokens: Optional[int] = 
     """The paper protocol on one record: feed the prompt (every full window sleeps and is
     evicted as the next arrives), then answer after the cue in the live window.
 
-    The prompt is encoded as `tokenizer.encode(prompt)` (special tokens as the tokenizer adds
-    them), the cue without special tokens: fine-tuning encodes the JSONL the same way."""
+    The prompt starts the sequence and the cue continues it (tokens.py), as fine-tuning
+    encodes the same record: the ids fed here are a prefix of the ids it trains on."""
     engine.reset()
-    prompt = tokenizer.encode(paper_example(record)["prompt"])
+    prompt = encode_start(tokenizer, paper_example(record)["prompt"])
     engine.feed(mx.array([prompt]), logits=None)  # the context: no logits needed
-    cue = tokenizer.encode(ANSWER_CUE, add_special_tokens=False)
+    cue = encode_more(tokenizer, ANSWER_CUE)
     text = ""
     if max_tokens is None:
         max_tokens = PAPER_MAX_TOKENS_SYMBOLIC if is_symbolic(record) else PAPER_MAX_TOKENS
@@ -329,7 +330,12 @@ def run_cli(
         raise ValueError("--judge-model is for --subset symbolic --protocol official")
     path, model, tokenizer = load_with_path(model_path)
     if adapter is not None:
-        model = load_adapter(model, adapter)
+        model = load_adapter(model, adapter)  # with the sleep settings it was trained with
+        s = model.sleep_config
+        echo(
+            f"adapter {adapter}: N = {s.loops}, L = {s.window}, {s.eviction} eviction, core "
+            f"{':'.join(map(str, model.core))} (--loops / -L / --eviction override them)"
+        )
     sweep = sorted(set(loops or [model.sleep_config.loops]))
     by_op = load_records(subset, length, parse_ops(ops), limit, data, protocol == "official")
     settings = {
