@@ -129,12 +129,37 @@ def evict(model, state: State, keep: int) -> State:
 
 
 def plan_chunks(mask, window: int, rng: Optional[np.random.Generator] = None, min_len: int = 1):
-    """Chunk bounds and, per chunk, whether it holds a scored target (an answer chunk: one pass)
-    or not (a context chunk: sleep). mask [B, T] numpy; a chunk is an answer chunk if any row
-    scores a position in it."""
+    """Chunk bounds and, per chunk and row, whether the row scores a target in it (an answer
+    chunk of that row: one pass) or not (a context chunk: sleep). mask [B, T] numpy. Each row
+    has its own plan: in a batch of prompts of different lengths, a row's context is slept on
+    even where another row's answer has begun. Per chunk a tuple of B bools (hashable: a
+    compiled step is cached by its plan); `sleep_forward` also takes one bool for all rows."""
     mask = np.asarray(mask)
     bounds = chunk_bounds(mask.shape[1], window, rng, min_len)
-    return bounds, [bool(mask[:, a:b].any()) for a, b in bounds]
+    return bounds, [tuple(bool(x) for x in mask[:, a:b].any(axis=1)) for a, b in bounds]
+
+
+def answer_rows(answer, batch_size: int) -> np.ndarray:
+    """A plan entry (one bool, or one per row) as a bool per row."""
+    return np.broadcast_to(np.asarray(answer, dtype=bool), (batch_size,))
+
+
+def plan_rows(plan, rows: slice):
+    """The plan of a slice of the batch's rows (a data-parallel process's share)."""
+    bounds, is_answer = plan
+    return bounds, [a if isinstance(a, bool) else tuple(a[rows]) for a in is_answer]
+
+
+def select_rows(rows: np.ndarray, if_true: State, if_false: State) -> State:
+    """Per row, one state or the other (every state array is batch-first)."""
+    pick = mx.array(rows)
+    return [
+        {
+            k: mx.where(pick.reshape((-1,) + (1,) * (v.ndim - 1)), v, if_false[i][k])
+            for k, v in layer.items()
+        }
+        for i, layer in enumerate(if_true)
+    ]
 
 
 def sleep_forward(
@@ -152,8 +177,9 @@ def sleep_forward(
 
     inputs [B, T] tokens; mask [B, T] nonzero where a target is scored. `plan` = (bounds,
     is_answer) from `plan_chunks` (computed from the mask when not given; pass it explicitly
-    under mx.compile, where the mask is not concrete). Answer chunks get one pass, context chunks
-    `sleep.loops` passes. Returns (answers, state): answers is a list of
+    under mx.compile, where the mask is not concrete). A row's answer chunks get one pass, its
+    context chunks `sleep.loops` passes; a chunk where rows differ runs pass 1 for all, and the
+    sleeping rows go on from there (`continue_passes`), so each row is what it would be alone. Returns (answers, state): answers is a list of
     (start, stop, logits [B, stop-start, V]) for the answer chunks, state the final state.
     `columns`: one entry per answer chunk, the chunk-local positions whose logits are wanted
     (logits [B, len, V] then; None: all): the head of a 150k-word vocabulary over a 2,000-token
@@ -166,9 +192,16 @@ def sleep_forward(
     window, keep = sleep.attention_window, sleep.keep_after_eviction
     answers = []
     for (a, b), answer in zip(bounds, is_answer):
-        passes = 1 if answer else sleep.loops
-        h, state = run_chunk(model, inputs[:, a:b], state, offset + a, passes, window)
-        if answer:
+        rows = answer_rows(answer, B)
+        if rows.all() or not rows.any() or sleep.loops == 1:
+            passes = 1 if rows.any() else sleep.loops
+            h, state = run_chunk(model, inputs[:, a:b], state, offset + a, passes, window)
+        else:  # some rows answer here (one pass), the others sleep: pass 1 is shared
+            core = []
+            h, first = run_chunk(model, inputs[:, a:b], state, offset + a, 1, window, core_out=core)
+            slept = continue_passes(model, core[0], first, state, offset + a, sleep.loops, window)
+            state = select_rows(rows, first, slept)
+        if rows.any():
             cols = None if columns is None else columns[len(answers)]
             answers.append((a, b, model.head(h if cols is None else h[:, cols])))
         state = evict(model, state, keep)
@@ -249,7 +282,7 @@ def sleep_value_and_grad(model, inputs, targets, mask, sleep: SleepConfig, *, pl
     columns = {
         c: mx.array(np.nonzero(scored[a:b])[0].astype(np.int32))
         for c, (a, b) in enumerate(bounds)
-        if is_answer[c]
+        if answer_rows(is_answer[c], inputs.shape[0]).any()
     }
 
     def chunk(c, state):
@@ -266,7 +299,7 @@ def sleep_value_and_grad(model, inputs, targets, mask, sleep: SleepConfig, *, pl
             columns=[columns.get(c)],
         )
 
-    answer_chunks = [c for c, ans in enumerate(is_answer) if ans]
+    answer_chunks = list(columns)
     if not answer_chunks:
         return (mx.array(0.0), n_scored), tree_unflatten(
             list(zip(names, [mx.zeros_like(p) for p in params]))
@@ -284,7 +317,7 @@ def sleep_value_and_grad(model, inputs, targets, mask, sleep: SleepConfig, *, pl
     try:
         for c in reversed(range(last + 1)):
             keys_in, state_in = _flat_state(starts[c])
-            answer = is_answer[c]
+            answer = c in columns
 
             def fn(*arrays, c=c, keys_in=keys_in, answer=answer):
                 set_params(arrays[:n_params])

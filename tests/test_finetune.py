@@ -29,7 +29,7 @@ from mlx_sleep.finetune import (
     summed_loss_and_grads,
     tokenize_record,
 )
-from mlx_sleep.sleep import plan_chunks
+from mlx_sleep.sleep import plan_chunks, plan_rows
 from mlx_sleep.generate import generate, stream_generate
 from tests.numerics import assert_close
 from tests.tiny_models import make_model_dir
@@ -631,14 +631,16 @@ def _free_port():
 
 def test_rank_slices_sum_to_the_global_batch(tmp_path, workdir):
     """The data-parallel step in one process: each rank's slice of the global batch, run under
-    the global batch's chunk plan, gives summed losses, counts and gradients that add up to the
-    global batch's (what the all-reduce adds; the ring test below runs the real thing)."""
+    its rows' chunk plans, gives summed losses, counts and gradients that add up to the global
+    batch's (what the all-reduce adds; the ring test below runs the real thing)."""
     ft = finetune(workdir, "jet_nemotron", tmp_path, "full", steps=1)
     inputs, targets, mask = make_batch(ft.train_examples[:4], ft.pad_id)
     plan = plan_chunks(mask, ft.sleep.window)
     ce, n, grads = summed_loss_and_grads(ft.model, inputs, targets, mask, ft.sleep, plan, True)
     parts = [
-        summed_loss_and_grads(ft.model, inputs[r], targets[r], mask[r], ft.sleep, plan, True)
+        summed_loss_and_grads(
+            ft.model, inputs[r], targets[r], mask[r], ft.sleep, plan_rows(plan, r), True
+        )
         for r in (slice(0, 2), slice(2, 4))
     ]
     assert_close(sum(p[0].item() for p in parts), ce.item(), rtol=1e-5, what="summed loss")

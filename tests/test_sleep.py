@@ -400,6 +400,40 @@ def test_chunkwise_value_and_grad_equals_plain_backprop(layers, eviction, loops,
     )
 
 
+@pytest.mark.parametrize("eviction", ["hard", "sliding"])
+@pytest.mark.parametrize("layers,core", [("attn,gdn,jet,swa", None), ("gdn,attn,gdn", (1, 2))])
+def test_each_row_sleeps_on_its_own_context(layers, core, eviction):
+    """Rows whose answers begin in different chunks (prompts of 3, 9 and 17 tokens, L = 4): in
+    one batch each row's loss, gradient and final state are what that row gives alone, where
+    a batch-wide plan would give a row's context one pass wherever another row answers."""
+    model = model_of(layers, core=core)
+    sleep = SleepConfig(loops=3, window=4, eviction=eviction)
+    ids, targets = tokens(3, 22), tokens(3, 22, seed=7)
+    mask = np.zeros((3, 22))
+    for row, prompt in enumerate((3, 9, 17)):
+        mask[row, prompt - 1 : prompt + 3] = 1  # the answer's 4 targets
+    plan = plan_chunks(mask, sleep.window)
+    assert len({rows for rows in plan[1]}) > 2  # chunks where rows differ
+    answers, state = sleep_forward(model, ids, mask, sleep)
+    for row in range(3):
+        alone, alone_state = sleep_forward(model, ids[row : row + 1], mask[row : row + 1], sleep)
+        mine = {a: logits[row : row + 1] for a, _, logits in answers}
+        for a, _, logits in alone:
+            assert_trees_close(mine[a], logits)
+        assert_trees_close(
+            [{k: v[row : row + 1] for k, v in s.items()} for s in state], alone_state
+        )
+    for grad_fn in (plain_value_and_grad, sleep_value_and_grad):
+        (loss, n), grads = grad_fn(model, ids, targets, mask, sleep)
+        summed = None
+        for row in range(3):
+            r = slice(row, row + 1)
+            (l, k), g = grad_fn(model, ids[r], targets[r], mask[r], sleep)
+            g = {name: v * k.item() for name, v in flat(g).items()}
+            summed = g if summed is None else {name: summed[name] + g[name] for name in g}
+        assert_trees_close({name: v * n.item() for name, v in flat(grads).items()}, summed)
+
+
 def test_chunkwise_value_and_grad_prelude_coda_random_chunks_and_no_answers():
     model = model_of("gdn,attn,jet,gdn", core=(1, 3))
     sleep = SleepConfig(loops=2, window=5, eviction="sliding")

@@ -59,11 +59,11 @@ def validation_loss(
         starts = list(starts)[:max_batches]
     for start in starts:
         inputs, targets, mask = make_batch(examples[start : start + batch_size], pad_id)
-        plan = plan_chunks(mask, sleep.window)  # the global batch's plan on every process
         per = -(-len(inputs) // world.size)
         rows = slice(world.rank * per, (world.rank + 1) * per)
         if len(inputs[rows]) == 0:
             continue
+        plan = plan_chunks(mask[rows], sleep.window)  # each row its own plan
         loss, count = sleep_loss(
             model,
             mx.array(inputs[rows]),
@@ -187,8 +187,8 @@ class Finetune(TrainingRun):
                 for i in batch_indices(cfg.seed, len(self.train_examples), start, cfg.batch_size)
             ]
             inputs, targets, mask = make_batch(examples, self.pad_id)
-            plan = plan_chunks(mask, sleep.window)  # from the global batch: same on every rank
             rows = world.rows(cfg.batch_size)
+            plan = plan_chunks(mask[rows], sleep.window)  # each row its own plan
             c, k, g = summed_loss_and_grads(
                 self.model, inputs[rows], targets[rows], mask[rows], sleep, plan, cfg.memory_bounded
             )
