@@ -386,6 +386,7 @@ class SleepEngine:
         self.window_core: List[mx.array] = []  # the wake pass's core output, if one piece
         self.offset = 0  # global position of the next token
         self.sleeps = 0  # completed consolidations
+        self.answering = False  # begin_answer(): full windows take one pass
 
     @property
     def window_len(self) -> int:
@@ -419,7 +420,9 @@ class SleepEngine:
             return None if logits is None else empty
         out, pos = [], 0
         while pos < T:
-            if self.window_len == L:
+            if self.window_len == L and self.answering:
+                self._evict(self.state)  # an answer's window: its wake pass is its one pass
+            elif self.window_len == L:
                 hooks = self.on_forced_sleep() if self.on_forced_sleep is not None else {}
                 if not self.consolidate(**hooks):
                     raise SleepCancelled(
@@ -459,12 +462,12 @@ class SleepEngine:
     def mark(self):
         """A point `undo` can return to, as long as no sleep happens in between (a decoder's
         speculative step on a token that may turn out to be a stop token)."""
-        return self.state, len(self.window_ids), self.window_core, self.offset, self.sleeps
+        return self.state, len(self.window_ids), self.window_core, self.offset, self.window_start
 
     def undo(self, mark):
         """Take back the feeds since `mark` (arrays are immutable: this is bookkeeping)."""
-        state, pieces, core, offset, sleeps = mark
-        if sleeps != self.sleeps:
+        state, pieces, core, offset, window_start = mark
+        if window_start != self.window_start:
             raise RuntimeError(
                 "undo across a consolidation: only feeds within one window can be taken back"
             )
@@ -520,12 +523,25 @@ class SleepEngine:
                 )
         except SleepCancelled:
             return False
+        self._evict(state)
+        self.sleeps += 1
+        return True
+
+    def begin_answer(self):
+        """From here on the tokens fed are an answer (until reset()): a window that fills is
+        evicted after its wake pass, without sleeping, because Algorithm 1 gives a chunk
+        holding answers one pass. Call it once the prompt is fed: the prompt's last token
+        predicts the answer's first, so training counts its window as an answer chunk too,
+        and with it every prompt length (a full last window included) sees the passes in
+        inference that it saw in training."""
+        self.answering = True
+
+    def _evict(self, state: State):
+        """Close the live window with `state` (after its passes): evict, start the next."""
         state = evict(self.model, state, self.sleep.keep_after_eviction)
         mx.eval(state)
         self.state = self.window_start_state = state
         self.window_start, self.window_ids, self.window_core = self.offset, [], []
-        self.sleeps += 1
-        return True
 
     # -- persistence (sessions build on these) ---------------------------------------------
     def state_dict(self) -> dict:

@@ -256,16 +256,52 @@ def test_a_record_is_the_same_ids_in_finetune_eval_and_data(tmp_path, add_bos):
     assert bos not in prompt_ids(tokenizer, "hello")  # the template writes what it wants
 
 
+@pytest.mark.parametrize("eviction", ["hard", "sliding"])
+@pytest.mark.parametrize("prompt_len", ["L - 1", "L", "L + 1", "2L"])
+def test_training_and_the_protocol_see_the_same_passes_at_window_edges(tiny, prompt_len, eviction):
+    """One rule for where the answer begins: the prompt's last token predicts the answer's
+    first. A record's answer logits under finetune's batch and chunk plan equal, position by
+    position, what the protocol's decoder computes (the prompt fed, begin_answer(), the answer
+    fed token by token): the window holding the prompt's last token takes one pass in both,
+    also when the prompt fills it exactly (L, 2L)."""
+    import numpy as np
+
+    from mlx_sleep.finetune.data import make_batch
+    from mlx_sleep.sleep import plan_chunks
+
+    model, _ = mlx_sleep.load(tiny)
+    L = 8
+    sleep = SleepConfig(loops=3, window=L, eviction=eviction)
+    P = {"L - 1": L - 1, "L": L, "L + 1": L + 1, "2L": 2 * L}[prompt_len]
+    rng = np.random.default_rng(P)
+    prompt, answer = rng.integers(0, 200, P).tolist(), rng.integers(0, 200, 5).tolist()
+    ids = np.array(prompt + answer, dtype=np.int32)
+    scored = np.array([False] * P + [True] * len(answer))
+    inputs, _, mask = make_batch([(ids, scored)], pad_id=0)
+    answers, _ = sleep_forward(model, mx.array(inputs), None, sleep, plan=plan_chunks(mask, L))
+    trained = mx.concatenate([logits for _, _, logits in answers], axis=1)[0]
+    first = answers[0][0]  # positions of the answer chunks, from the first one's start
+    engine = SleepEngine(model, sleep)
+    decoded = [engine.feed(mx.array(prompt), logits="last")[0, -1]]
+    engine.begin_answer()
+    for token in answer[:-1]:
+        decoded.append(engine.feed(mx.array([token]), logits="last")[0, -1])
+    for i, logits in enumerate(decoded):
+        assert_close(logits, trained[P - 1 + i - first], rtol=1e-5, what=f"answer logits {i}")
+
+
 def reference_paper_output(model, tokenizer, record, sleep, max_tokens):
     """Algorithm 1 written out: prompt + cue + answer so far split into windows of L from the
-    start; windows without answer tokens get N passes and are evicted, the others one pass."""
+    start; windows without a scored position (the prompt's last token predicts the cue's
+    first, so it counts) get N passes and are evicted, the others one pass."""
     prompt = tokenizer.encode(gi.paper_example(record)["prompt"])
     answer = tokenizer.encode(gi.ANSWER_CUE, add_special_tokens=False)
     generated = []
     for _ in range(max_tokens):
         seq = prompt + answer + generated
         bounds = chunk_bounds(len(seq), sleep.window)
-        plan = (bounds, [b > len(prompt) for _, b in bounds])
+        # an answer chunk holds a scored position: the prompt's last (it predicts the cue) on
+        plan = (bounds, [b >= len(prompt) for _, b in bounds])
         answers, _ = sleep_forward(model, mx.array([seq]), None, sleep, plan=plan)
         token = int(mx.argmax(answers[-1][2][0, -1]))
         if token in tokenizer.eos_token_ids:

@@ -37,6 +37,7 @@ def paper_generate(engine, tokenizer, record: dict, max_tokens: Optional[int] = 
     engine.reset()
     prompt = encode_start(tokenizer, paper_example(record)["prompt"])
     engine.feed(mx.array([prompt]), logits=None)  # the context: no logits needed
+    engine.begin_answer()  # windows from the prompt's last on take one pass, as in training
     cue = encode_more(tokenizer, ANSWER_CUE)
     text = ""
     if max_tokens is None:
