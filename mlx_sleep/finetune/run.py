@@ -234,12 +234,27 @@ class Finetune(TrainingRun):
             self.model.train()
         return None if result is None else result["valid_loss"]
 
+    def windows(self):
+        """(context windows, answer windows) over the training records at this run's L: every
+        context window sleeps N passes whatever else its batch holds (per-row plans)."""
+        context = answer = 0
+        for _, scored in self.train_examples:
+            _, is_answer = plan_chunks(scored[None, 1:], self.sleep.window)
+            answer += sum(a[0] for a in is_answer)
+            context += len(is_answer) - sum(a[0] for a in is_answer)
+        return context, answer
+
     def run(self, on_eval=None, on_step=None):
         if self.is_writer and self.progress and self.step < self.cfg.steps:
             self.say(
                 f"{self.cfg.fine_tune_type}: {self.trainable_parameters:,} trainable "
                 f"parameters; L = {self.sleep.window}, N = {self.sleep.loops}, "
                 f"{self.sleep.eviction} eviction"
+            )
+            context, answer = self.windows()
+            self.say(
+                f"data: {len(self.train_examples):,} records; {context:,} context windows, "
+                f"each slept N = {self.sleep.loops} passes; {answer:,} answer windows, one pass each"
             )
         return super().run(on_eval, on_step)
 
