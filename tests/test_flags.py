@@ -114,6 +114,7 @@ def test_every_command_is_walked():
         "doctor",
         "generate",
         "chat",
+        "serve",
         "sessions list",
         "sessions show",
         "sessions export",
