@@ -142,7 +142,10 @@ def serve(
                 "port can use the model and read its sessions",
                 err=True,
             )
-        uvicorn_server(server).run(sockets=[sock])
+        try:
+            uvicorn_server(server).run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn raises the Ctrl-C again once it has shut down
+            pass
         click.echo("[stopped; named sessions are saved]", err=True)
 
     run_safely(go)
