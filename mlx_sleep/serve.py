@@ -91,7 +91,7 @@ class Settings:
     history: int = 3  # /forget snapshots of a named session (as chat keeps them)
     idle_delay: float = 60.0  # 0: never sleep when idle
     idle_fill: float = 0.5
-    max_sessions: int = 16  # conversations held in memory
+    max_sessions: int = 8  # conversations held in memory
     queue: int = 8  # requests that may wait behind the running one
     api_keys: tuple = ()
     cors: tuple = ()
@@ -244,6 +244,7 @@ class Job:
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
         self.loop, self.events = None, None
+        self.checked = time.monotonic()  # when the client was last seen connected
 
     def emit(self, kind, value=None):
         with contextlib.suppress(RuntimeError):  # the loop is gone: the server stopped
@@ -290,6 +291,8 @@ def parse_request(kind, body, namespace, model_id, settings, session_header) -> 
     job.stop = get_stop(body, settings.stop)
     job.seed = get_int(body, "seed", 0, SEED_MAX)
     name = session_header if session_header is not None else body.get("user")
+    if name == "" and session_header is None:  # clients send user: "" for no user
+        name = None
     if name is not None:
         if kind != "chat":
             raise ApiError(
@@ -452,13 +455,18 @@ class Server:
         self.activity()
 
     async def next_event(self, request, job):
-        """The worker's next event; meanwhile, a client that left cancels its job."""
+        """The worker's next event; meanwhile (every half second, pieces arriving or not), a
+        client that left cancels its job."""
         while True:
+            now = time.monotonic()
+            if now - job.checked >= 0.5:
+                job.checked = now
+                if not job.cancelled.is_set() and await request.is_disconnected():
+                    job.cancelled.set()
             try:
                 return await asyncio.wait_for(job.events.get(), 0.5)
             except asyncio.TimeoutError:
-                if not job.cancelled.is_set() and await request.is_disconnected():
-                    job.cancelled.set()
+                pass
 
     def chunk(self, job, text=None, finish=None, usage=False):
         """One event of a stream: a piece of text, or the end (finish_reason)."""

@@ -432,6 +432,13 @@ def test_a_full_queue_is_429_and_a_client_leaving_stops_its_reply(loaded, home):
         wait_for(lambda: health(url)["waiting"] == 0, "the worker to be free")
         generated = server.stats["generated_tokens"] - before["generated_tokens"]
         assert 1 <= generated < 60000
+        before = dict(server.stats)
+        # A client that stops waiting for a whole (non-streamed) reply stops it too.
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/chat/completions", json=dict(body, stream=False), timeout=1)
+        wait_for(lambda: server.stats["interrupted"] == before["interrupted"] + 1, "the stop")
+        wait_for(lambda: health(url)["waiting"] == 0, "the worker to be free")
+
         conv = next(h.conv for h in server.held.values() if h.conv.messages[0] == messages[0])
         partial, held = conv.messages[-1]["content"], conv.engine.offset
         assert held == len(tokenizer.encode(chat_prompt(tokenizer, messages))) + generated

@@ -53,7 +53,7 @@ def loopback(host: str) -> bool:
 @click.option(
     "--max-sessions",
     type=count(1, 4096),
-    default=16,
+    default=8,
     show_default=True,
     help="Conversations held in memory (the least recently used is dropped).",
 )
