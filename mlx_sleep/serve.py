@@ -315,6 +315,10 @@ def session_name(name, namespace: str) -> str:
         raise ApiError(400, f"session: {e}", "invalid_session_name", "user")
 
 
+def digest(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
 def namespace_of(key: str) -> str:
     """The prefix of the sessions one API key reaches: a hash of the key, so one key never
     names another's sessions and the key itself is never written to disk."""
@@ -331,6 +335,7 @@ class Unnamed:
 
     def __init__(self, engine):
         self.engine, self.messages, self.fed_text = engine, [], ""
+        self.shown = ""  # a completion's prompt and reply as the client saw them
 
     def save(self):
         pass
@@ -346,12 +351,13 @@ class Held:
 
 def continues(held: Held, job: Job) -> bool:
     """Whether `job` is the next turn of `held`: a chat's messages extend the held ones (role
-    and content equal); a completion's prompt extends the text the engine consumed."""
+    and content equal); a completion's prompt extends the last prompt and its reply as the
+    client saw them (without a stop string the engine consumed)."""
     conv = held.conv
     if job.kind == "chat":
         n = len(conv.messages)
         return n < len(job.messages) and job.messages[:n] == conv.messages
-    return len(job.prompt) > len(conv.fed_text) and job.prompt.startswith(conv.fed_text)
+    return len(job.prompt) > len(conv.shown) and job.prompt.startswith(conv.shown)
 
 
 class Server:
@@ -362,7 +368,8 @@ class Server:
         self.model_id = os.path.basename(os.path.normpath(model_dir))
         self.settings = settings
         self.note = note or (lambda text: print(text, file=sys.stderr, flush=True))
-        self.keys = {k.encode(): namespace_of(k) for k in settings.api_keys}
+        # keys by digest: comparing digests takes the same time whatever the key's length
+        self.keys = {digest(k.encode()): namespace_of(k) for k in settings.api_keys}
         self.held = OrderedDict()  # key -> Held, least recently used first
         self.unnamed = 0  # a counter naming the unnamed conversations' keys
         self.worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mlx-sleep")
@@ -391,9 +398,9 @@ class Server:
         if not self.keys:
             return ""
         scheme, _, given = (authorization or b"").partition(b" ")
-        found = None
+        given, found = digest(given.strip()), None
         for key, namespace in self.keys.items():  # every key compared: no early exit
-            if hmac.compare_digest(given.strip(), key) and scheme.lower() == b"bearer":
+            if hmac.compare_digest(given, key) and scheme.lower() == b"bearer":
                 found = namespace
         return found
 
@@ -468,7 +475,7 @@ class Server:
             except asyncio.TimeoutError:
                 pass
 
-    def chunk(self, job, text=None, finish=None, usage=False):
+    def chunk(self, job, text=None, finish=None):
         """One event of a stream: a piece of text, or the end (finish_reason)."""
         if job.kind == "chat":
             delta = {} if text is None else {"content": text}
@@ -580,16 +587,16 @@ class Server:
             held.conv.engine.reset()
             held.conv.messages, held.conv.fed_text = [], ""
             return held, "reset"
-        matches = [
-            (len(h.conv.messages) + len(h.conv.fed_text), key)
-            for key, h in self.held.items()
+        matches = [  # (how much of the request it holds, recency, key)
+            (len(h.conv.messages) if job.kind == "chat" else len(h.conv.shown), i, key)
+            for i, (key, h) in enumerate(self.held.items())
             if h.conv.name is None
             and h.kind == job.kind
             and h.namespace == job.namespace
             and continues(h, job)
         ]
         if matches:
-            key = max(matches)[1]  # ties: the most recently used (later in the dict)
+            key = max(matches)[2]  # the longest prefix; of equals, the most recently used
             self.held.move_to_end(key)
             return self.held[key], "continued"
         engine = SessionEngine(self.model, self.settings.sleep or self.model.sleep_config, 0)
@@ -686,6 +693,8 @@ class Server:
         conv.fed_text = common + consumed_text(tokenizer, ids, delta, reply, engine.offset - start)
         if job.kind == "chat":
             conv.messages = job.messages + [{"role": "assistant", "content": reply.text}]
+        else:
+            conv.shown = rendered + reply.text
         conv.save()
         usage = {
             "prompt_tokens": start + len(ids),

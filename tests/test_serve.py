@@ -150,6 +150,14 @@ def test_the_openai_client_gets_chat_completions_models_and_health(plain, loaded
         model=MODEL, prompt="Once upon a time" + p.choices[0].text + " The end.", max_tokens=3
     )
     assert fed(more.usage) == len(tokenizer.encode(" The end."))
+    # a stop string ends the reply unseen; the next prompt goes on from what the client saw
+    cut = c.completions.create(
+        model=MODEL, prompt="Once upon a time", max_tokens=7, stop=[p.choices[0].text[0]]
+    )
+    assert cut.choices[0].text == "" and cut.choices[0].finish_reason == "stop"
+    more = c.completions.create(model=MODEL, prompt="Once upon a time The end.", max_tokens=3)
+    assert more.usage.prompt_tokens_details.cached_tokens == cut.usage.total_tokens
+    assert fed(more.usage) == len(tokenizer.encode(" The end."))
 
     seeded = [
         c.chat.completions.create(
