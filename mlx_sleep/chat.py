@@ -142,6 +142,25 @@ def no_echo(fd):
         termios.tcsetattr(fd, termios.TCSANOW, old)
 
 
+def consumed_text(tokenizer, ids, delta: str, reply, fed: int) -> str:
+    """The text of what the engine consumed in a turn: `fed` tokens of the prompt `ids` (the
+    text `delta`) and then of the reply. A forced sleep that was stopped can end the turn inside
+    the prompt; the next turn then feeds the rest (its text follows the common prefix)."""
+    if fed < len(ids):
+        return tokenizer.decode(ids[:fed])
+    return delta + tokenizer.decode(reply.tokens[: fed - len(ids)])
+
+
+def idle_sleep_due(engine, idle_delay: float, idle_fill: float) -> bool:
+    """The idle rule (chat and serve): idle sleep is on, and the live window is not empty and is
+    at least `idle_fill` of L."""
+    return (
+        idle_delay > 0
+        and engine.window_len > 0
+        and engine.window_len >= idle_fill * engine.sleep.window
+    )
+
+
 class Chat:
     def __init__(
         self,
@@ -226,14 +245,7 @@ class Chat:
                 f"{plural(self.engine.sleeps, 'consolidation')} so far]"
             )
         self.note(f"[{reply.speed(len(ids))}]")
-        # What the engine consumed: a forced sleep stopped by Ctrl-C can end the turn inside the
-        # prompt; the next turn then feeds the rest (its text follows the common prefix).
-        fed = self.engine.offset - start
-        consumed = (
-            self.tokenizer.decode(ids[:fed])
-            if fed < len(ids)
-            else delta + self.tokenizer.decode(reply.tokens[: fed - len(ids)])
-        )
+        consumed = consumed_text(self.tokenizer, ids, delta, reply, self.engine.offset - start)
         self.session.messages = messages + [{"role": "assistant", "content": reply.text}]
         self.session.fed_text = common + consumed
         self.session.save()
@@ -313,12 +325,7 @@ class Chat:
 
     # -- idle sleep ----------------------------------------------------------------------------
     def wants_idle_sleep(self) -> bool:
-        e = self.engine
-        return (
-            self.idle_delay > 0
-            and e.window_len > 0
-            and e.window_len >= self.idle_fill * e.sleep.window
-        )
+        return idle_sleep_due(self.engine, self.idle_delay, self.idle_fill)
 
     def idle_sleep(self, reader: LineReader):
         """Pipes: consolidate in a background thread until done or until a line arrives."""

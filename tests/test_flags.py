@@ -114,6 +114,7 @@ def test_every_command_is_walked():
         "doctor",
         "generate",
         "chat",
+        "serve",
         "sessions list",
         "sessions show",
         "sessions export",
@@ -190,6 +191,12 @@ BAD_VALUES = [  # the issue's list, then the rest of each kind
     ),
     (["consolidate", "--all", "--when-idle"], ["--poll", "0"], "'--poll': 0 is not > 0"),
     (["schedule", "install"], ["--interval", "5"], "'--interval': 5 is not in the range x>=60"),
+    (["serve", "--model", "m"], ["--port", "70000"], "'--port': 70000 is not in the range 0<=x<="),
+    (["serve", "--model", "m"], ["--queue", "-1"], "'--queue': -1 is not in the range 0<=x<="),
+    (["serve", "--model", "m"], ["--max-sessions", "0"], "'--max-sessions': 0 is not in the"),
+    (["serve", "--model", "m"], ["--idle-fill", "2"], "'--idle-fill': 2 is not in [0, 1]"),
+    (["serve", "--model", "m"], ["--api-key", ""], "'--api-key': must not be empty"),
+    (["serve", "--model", "m"], ["--temp", "nan"], "'--temp': 'nan' is not a finite number"),
 ]
 
 

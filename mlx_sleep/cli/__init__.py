@@ -4,6 +4,7 @@ common.py   one-line errors, flag parsers, the sampling and sleep flags
 train.py    train, eval, demo
 models.py   convert, finetune, data, doctor
 chat.py     generate, chat, sessions, consolidate, schedule
+serve.py    serve
 """
 
 from .. import _blas  # noqa: F401  (first: loads an optimized BLAS before mlx.core)
@@ -12,7 +13,7 @@ import sys
 
 import click
 
-from . import chat, models, train
+from . import chat, models, serve, train
 
 
 class OneLineErrors(click.Group):
@@ -57,5 +58,6 @@ for command in (
     chat.sessions,
     chat.consolidate,
     chat.schedule,
+    serve.serve,
 ):
     main.add_command(command)

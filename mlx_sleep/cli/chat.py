@@ -5,7 +5,6 @@ import sys
 
 import click
 
-from ..session import MAX_HISTORY
 from .common import (
     Failure,
     Finite,
@@ -16,6 +15,7 @@ from .common import (
     refuse_unused,
     run_safely,
     sampling_options,
+    session_options,
     sleep_override,
 )
 
@@ -93,27 +93,7 @@ def generate(
 @click.command()
 @click.option("--model", default=None, help="A converted model directory (default: the session's).")
 @click.option("--session", "-s", "session_name", default="default", show_default=True)
-@click.option(
-    "--history",
-    type=count(0, MAX_HISTORY),
-    default=3,
-    show_default=True,
-    help="Consolidations /forget can roll back.",
-)
-@click.option(
-    "--idle-delay",
-    type=Finite(0),
-    default=60.0,
-    show_default=True,
-    help="Sleep after this many quiet seconds (0: never).",
-)
-@click.option(
-    "--idle-fill",
-    type=Finite(0, 1),
-    default=0.5,
-    show_default=True,
-    help="...if the window is at least this full.",
-)
+@session_options
 @sampling_options
 def chat(
     model,

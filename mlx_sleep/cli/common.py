@@ -198,6 +198,38 @@ def sampling_options(fn):
     return fn
 
 
+def session_options(fn):
+    """The session and idle-sleep flags `chat` and `serve` share."""
+    from ..session import MAX_HISTORY
+
+    options = [
+        click.option(
+            "--history",
+            type=count(0, MAX_HISTORY),
+            default=3,
+            show_default=True,
+            help="Consolidations /forget can roll back.",
+        ),
+        click.option(
+            "--idle-delay",
+            type=Finite(0),
+            default=60.0,
+            show_default=True,
+            help="Sleep after this many quiet seconds (0: never).",
+        ),
+        click.option(
+            "--idle-fill",
+            type=Finite(0, 1),
+            default=0.5,
+            show_default=True,
+            help="...if the window is at least this full.",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 def sleep_override(model, window, loops, eviction):
     """The model's sleep settings with the flags given applied, or None when none is given."""
     if window is None and loops is None and eviction is None:
