@@ -40,6 +40,8 @@ SKIPPED = {
     "mlx-sleep schedule remove": "removes from the user's launchd/systemd (test_chat, fake home)",
     "mlx-sleep finetune --model jet-2b ... --full --lr 1e-3 --adam-lr 5e-5": "elides its flags",
     "--paper": "the paper's full model and batch: a Mac GPU's memory (test_train checks the settings)",
+    "mlx-sleep serve --model": "serves until Ctrl-C (test_serve drives the real server with openai)",
+    "mlx-sleep chat --session NAME": "prose naming a placeholder",
     "mlx.launch": "several processes or machines (test_finetune runs the two-process ring)",
 }
 
@@ -272,7 +274,7 @@ def test_every_doc_command_runs_as_written(page, library, offline_hub, tmp_path,
             r = cli(*argv, input=stdin)
             assert r.exit_code == 0, f"{page.name}:{line}: {command}\n{r.output}"
             ran += 1
-    assert ran or all(skip_reason(c) for _, cs in page_blocks(page) for c in cs)
+    assert ran or all(skip_reason(c) for _, cs in page_blocks(page) for c in cs if "mlx-sleep" in c)
 
 
 def test_every_skip_still_names_a_doc_command():
