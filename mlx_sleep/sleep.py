@@ -369,11 +369,24 @@ class SleepEngine:
         engine.consolidate()                  # e.g. while the user is idle
     """
 
-    def __init__(self, model, sleep: Optional[SleepConfig] = None, batch_size: int = 1):
-        """`sleep` defaults to the settings a converted model carries (`model.sleep_config`)."""
+    def __init__(
+        self,
+        model,
+        sleep: Optional[SleepConfig] = None,
+        batch_size: int = 1,
+        defer: bool = False,
+        max_pending: int = 4,
+    ):
+        """`sleep` defaults to the settings a converted model carries (`model.sleep_config`).
+        `defer`: a window that fills is evicted after its wake pass alone and kept pending (its
+        tokens and start state) until `catch_up()` deepens it, so no feed waits for a sleep; at
+        most `max_pending` wait, past that the oldest is deepened in the feed."""
         if sleep is None:
             sleep = getattr(model, "sleep_config", None) or SleepConfig()
+        if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
+            raise ValueError(f"max_pending must be an integer >= 1 (got {max_pending!r})")
         self.model, self.sleep, self.batch_size = model, sleep, batch_size
+        self.defer, self.max_pending = defer, max_pending
         self.on_forced_sleep: Optional[Callable[[], dict]] = None
         self.reset()
 
@@ -387,6 +400,8 @@ class SleepEngine:
         self.offset = 0  # global position of the next token
         self.sleeps = 0  # completed consolidations
         self.answering = False  # begin_answer(): full windows take one pass
+        # defer: windows evicted after their wake pass, oldest first: (ids, start state, start)
+        self.pending: List[Tuple[mx.array, State, int]] = []
 
     @property
     def window_len(self) -> int:
@@ -422,6 +437,12 @@ class SleepEngine:
         while pos < T:
             if self.window_len == L and self.answering:
                 self._evict(self.state)  # an answer's window: its wake pass is its one pass
+            elif self.window_len == L and self.defer:
+                window = mx.concatenate(self.window_ids, axis=1)
+                self.pending.append((window, self.window_start_state, self.window_start))
+                self._evict(self.state)  # shallow until catch_up() deepens it
+                if len(self.pending) > self.max_pending:
+                    self.catch_up(windows=1)
             elif self.window_len == L:
                 hooks = self.on_forced_sleep() if self.on_forced_sleep is not None else {}
                 if not self.consolidate(**hooks):
@@ -462,12 +483,18 @@ class SleepEngine:
     def mark(self):
         """A point `undo` can return to, as long as no sleep happens in between (a decoder's
         speculative step on a token that may turn out to be a stop token)."""
-        return self.state, len(self.window_ids), self.window_core, self.offset, self.window_start
+        return (
+            self.state,
+            len(self.window_ids),
+            self.window_core,
+            self.offset,
+            (self.window_start, self.sleeps),
+        )
 
     def undo(self, mark):
         """Take back the feeds since `mark` (arrays are immutable: this is bookkeeping)."""
-        state, pieces, core, offset, window_start = mark
-        if window_start != self.window_start:
+        state, pieces, core, offset, window = mark
+        if window != (self.window_start, self.sleeps):
             raise RuntimeError(
                 "undo across a consolidation: only feeds within one window can be taken back"
             )
@@ -527,6 +554,76 @@ class SleepEngine:
         self.sleeps += 1
         return True
 
+    def catch_up(
+        self,
+        cancel: Optional[Callable[[], bool]] = None,
+        on_window: Optional[Callable[[int, int], None]] = None,
+        windows: Optional[int] = None,
+    ) -> int:
+        """Deepen the pending windows (defer=True), oldest first: each gets Algorithm 1's N
+        passes from its start state (exact: every window before it is deep by then); then what
+        came after is recomputed on the deeper state, the windows still pending with their one
+        pass and the live window with its wake pass. The engine then holds what the synchronous
+        schedule reaches on the same tokens (the live window's wake pass, recomputed in one
+        piece, within float rounding of one fed in pieces).
+
+        `windows`: deepen at most that many. `cancel()` is polled between passes: a window
+        interrupted mid-way is left pending as it was, the ones deepened before it stay deep.
+        `on_window(i, n)` reports each window deepened. Returns how many were deepened."""
+        if not self.pending:
+            return 0
+        todo = len(self.pending) if windows is None else min(windows, len(self.pending))
+        loops, window, keep = (
+            self.sleep.loops,
+            self.sleep.attention_window,
+            self.sleep.keep_after_eviction,
+        )
+
+        def after_pass(n, state):
+            mx.eval(state)
+            if cancel is not None and n + 1 < loops and cancel():
+                raise SleepCancelled
+
+        state, deepened = self.pending[0][1], 0
+        try:
+            for ids, _, start in self.pending[:todo]:
+                _, deep = run_chunk(self.model, ids, state, start, loops, window, after_pass)
+                state = evict(self.model, deep, keep)
+                mx.eval(state)
+                deepened += 1
+                if on_window is not None:
+                    on_window(deepened, todo)
+                if deepened < todo and cancel is not None and cancel():
+                    break
+        except SleepCancelled:
+            if deepened == 0:
+                return 0
+        # What follows the deepened windows, recomputed on their state: one pass each.
+        rest = []
+        for ids, _, start in self.pending[deepened:]:
+            rest.append((ids, state, start))
+            _, shallow = run_chunk(self.model, ids, state, start, 1, window)
+            state = evict(self.model, shallow, keep)
+        self.pending = rest
+        self.window_start_state = state
+        if self.window_ids:
+            core = []
+            _, state = run_chunk(
+                self.model,
+                mx.concatenate(self.window_ids, axis=1),
+                state,
+                self.window_start,
+                1,
+                window,
+                core_out=core if loops > 1 else None,
+            )
+            self.window_ids = [mx.concatenate(self.window_ids, axis=1)]
+            self.window_core = core
+        mx.eval(state)
+        self.state = state
+        self.sleeps += deepened
+        return deepened
+
     def begin_answer(self):
         """From here on the tokens fed are an answer (until reset()): a window that fills is
         evicted after its wake pass, without sleeping, because Algorithm 1 gives a chunk
@@ -547,6 +644,11 @@ class SleepEngine:
     def state_dict(self) -> dict:
         """Everything needed to resume: flat {name: array} plus metadata (positions, the sleep
         settings, the batch size and the model's fingerprint, which loading checks)."""
+        if self.pending:
+            raise ValueError(
+                f"{len(self.pending)} deferred window(s) are pending: catch_up() first "
+                "(a saved state holds no pending windows)"
+            )
         arrays = dict(
             tree_flatten({"state": self.state, "window_start_state": self.window_start_state})
         )

@@ -558,3 +558,85 @@ def test_sleep_reuses_a_one_piece_wake_pass_bit_for_bit(layers, eviction):
     pieces.feed(ids[:, :3])
     pieces.feed(ids[:, 3:6])
     assert pieces.window_core == [] and pieces.window_len == 6
+
+
+# -- deferred sleep ----------------------------------------------------------------------
+
+
+def fed_token_by_token(engine, ids, prompt=7):
+    """A prompt in one piece, then one token at a time (a reply); returns the last logits."""
+    out = engine.feed(ids[:, :prompt], logits="last")
+    for t in range(prompt, ids.shape[1]):
+        out = engine.feed(ids[:, t : t + 1], logits="last")
+    return out
+
+
+@pytest.mark.parametrize("eviction", ["hard", "sliding"])
+@pytest.mark.parametrize("max_pending", [8, 2])
+def test_deferred_sleep_catches_up_to_the_synchronous_schedule(eviction, max_pending, monkeypatch):
+    """defer=True: no feed runs a sleep pass (past max_pending the oldest window is deepened);
+    catch_up() then reaches the synchronous schedule's fast weights and window-start state, and
+    the next token's logits, within float rounding (the live window is recomputed in one piece
+    where the synchronous engine fed it token by token)."""
+    import mlx_sleep.sleep as engine_module
+
+    model = model_of("attn,gdn,jet,swa")
+    sleep = SleepConfig(loops=3, window=4, eviction=eviction)
+    ids = tokens(1, 19)
+    sync = SleepEngine(model, sleep)
+    fed_token_by_token(sync, ids)
+    passes = []
+    real_run_chunk = engine_module.run_chunk
+
+    def counting(model, ids, state, offset, n, *args, **kw):
+        passes.append(n)
+        return real_run_chunk(model, ids, state, offset, n, *args, **kw)
+
+    monkeypatch.setattr(engine_module, "run_chunk", counting)
+    deferred = SleepEngine(model, sleep, defer=True, max_pending=max_pending)
+    fed_token_by_token(deferred, ids)
+    assert len(deferred.pending) == min(4, max_pending) and deferred.sleeps == 4 - len(
+        deferred.pending
+    )
+    if max_pending >= 4:
+        assert set(passes) == {1}  # not one sleep pass while tokens arrived
+    assert deferred.catch_up() == min(4, max_pending) and not deferred.pending
+    assert deferred.sleeps == sync.sleeps == 4
+    assert_trees_close(deferred.window_start_state, sync.window_start_state)
+    assert_trees_close(deferred.state, sync.state)
+    nxt = tokens(1, 1, seed=9)
+    assert_trees_close(deferred.feed(nxt, logits="last"), sync.feed(nxt, logits="last"))
+
+
+def test_a_cancelled_catch_up_keeps_the_windows_it_deepened():
+    """Cancelled after the first window: that window stays deep, the others pending and
+    shallow, the engine consistent (a later catch_up ends where an uninterrupted one does);
+    cancelled inside the first window: nothing changes."""
+    model = model_of("gdn,attn")
+    sleep = SleepConfig(loops=3, window=4)
+    ids = tokens(1, 15)
+    whole = SleepEngine(model, sleep, defer=True)
+    fed_token_by_token(whole, ids)
+    whole.catch_up()
+    engine = SleepEngine(model, sleep, defer=True)
+    fed_token_by_token(engine, ids)
+    before = engine.state
+    assert engine.catch_up(cancel=lambda: True) == 0 and engine.state is before
+    assert len(engine.pending) == 3
+    done = []
+    assert engine.catch_up(cancel=lambda: bool(done), on_window=lambda i, n: done.append(i)) == 1
+    assert len(engine.pending) == 2 and engine.sleeps == 1
+    assert engine.catch_up() == 2
+    assert_trees_close(engine.state, whole.state)
+    assert_trees_close(engine.window_start_state, whole.window_start_state)
+
+
+def test_a_state_with_pending_windows_is_not_saved():
+    engine = SleepEngine(model_of("gdn"), SleepConfig(loops=2, window=4), defer=True)
+    engine.feed(tokens(1, 9))
+    with pytest.raises(
+        ValueError, match="2 deferred window\\(s\\) are pending: catch_up\\(\\) first"
+    ):
+        engine.state_dict()
+    engine.catch_up()
+    assert engine.state_dict()["meta"]["sleeps"] == 2
