@@ -56,9 +56,11 @@ def batch_wide(plan):
 
 
 def one_pass_share(plan):
-    """Of the context (row, chunk) pairs, the share a batch-wide plan gives one pass."""
+    """Of the context (row, chunk) pairs (a row's chunks before its first answer chunk; the
+    padding after a row's answer is not context), how many a batch-wide plan gives one pass."""
     rows = np.array(plan[1])  # [chunks, B]
-    context = ~rows
+    first = rows.argmax(axis=0)  # each row's first answer chunk
+    context = np.arange(len(rows))[:, None] < first[None, :]
     starved = context & rows.any(axis=1, keepdims=True)
     return int(starved.sum()), int(context.sum())
 
