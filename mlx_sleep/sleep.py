@@ -70,7 +70,9 @@ def run_chunk(
     ids [B, T] at global positions offset..offset+T-1; `window` bounds attention (sliding
     eviction). `after_pass(n, state)` is called after core pass n (used to evaluate and cancel
     between passes). `core_out`, a list, receives the core's output features after the first
-    pass (what `continue_passes` needs). Returns (features h [B, T, D], new state)."""
+    pass (what `continue_passes` needs). `after_pass` returning True stops the core after that
+    pass (a stopping rule: `converged`); the coda runs on that pass's features. Returns
+    (features h [B, T, D], new state)."""
     layers = model.sleep_blocks()
     start, stop = model.core
     state = list(state)
@@ -84,8 +86,8 @@ def run_chunk(
             h, state[i] = layers[i](h, s, offset, window)
         if n == 0 and core_out is not None:
             core_out.append(h)
-        if after_pass is not None:
-            after_pass(n, state)
+        if after_pass is not None and after_pass(n, state):
+            break
     for i in range(stop, len(layers)):
         h, state[i] = layers[i](h, state[i], offset, window)
     return h, state
@@ -116,11 +118,38 @@ def continue_passes(
             h, state[i] = layers[i](
                 h, restart(layers[i].mixer, chunk_start[i], state[i]), offset, window
             )
-        if after_pass is not None:
-            after_pass(n, state)
+        if after_pass is not None and after_pass(n, state):
+            break
     for i in range(stop, len(layers)):
         h, state[i] = layers[i](h, chunk_start[i], offset, window)
     return state
+
+
+def fast_weight_change(model, before: State, after: State) -> float:
+    """||S_after - S_before|| / ||S_before|| over every carried entry of the looped core (the
+    fast weights a sleep pass refines); inf when there is nothing to compare against."""
+    start, stop = model.core
+    diff = total = 0.0
+    for block, a, b in zip(model.sleep_blocks()[start:stop], before[start:stop], after[start:stop]):
+        for name in block.mixer.carried:
+            x, y = a[name].astype(mx.float32), b[name].astype(mx.float32)
+            diff += float(mx.sum(mx.square(y - x)))
+            total += float(mx.sum(mx.square(x)))
+    return (diff / total) ** 0.5 if total > 0 else float("inf")
+
+
+def converged(model, start: State, tolerance: float) -> Callable[[int, State], bool]:
+    """A stopping rule for `after_pass`: True once pass n (n >= 2) changed the fast weights by
+    less than `tolerance` (relative norm of S_n - S_(n-1), `fast_weight_change`), the fixed
+    point a deeper sleep would not move. `start`: the state before pass 1."""
+    previous = [start]
+
+    def stop(n: int, state: State) -> bool:
+        change = fast_weight_change(model, previous[0], state) if n > 0 else float("inf")
+        previous[0] = list(state)
+        return change < tolerance
+
+    return stop
 
 
 def evict(model, state: State, keep: int) -> State:
@@ -399,6 +428,7 @@ class SleepEngine:
         self.window_core: List[mx.array] = []  # the wake pass's core output, if one piece
         self.offset = 0  # global position of the next token
         self.sleeps = 0  # completed consolidations
+        self.last_passes = 0  # passes the last consolidation ran (a stopping rule may cut N)
         self.answering = False  # begin_answer(): full windows take one pass
         # defer: windows evicted after their wake pass, oldest first: (ids, start state, start)
         self.pending: List[Tuple[mx.array, State, int]] = []
@@ -505,26 +535,43 @@ class SleepEngine:
         self,
         cancel: Optional[Callable[[], bool]] = None,
         on_pass: Optional[Callable[[int, int], None]] = None,
+        max_passes: Optional[int] = None,
+        tolerance: Optional[float] = None,
     ) -> bool:
         """Sleep on the live window: N passes from its start state, then evict.
 
         `cancel()` is polled between passes; if it returns True the engine is left exactly as it
-        was and False is returned. `on_pass(n, N)` reports progress. Returns True when done."""
+        was and False is returned. `on_pass(n, N)` reports progress. Returns True when done.
+        `max_passes` replaces N; `tolerance` stops earlier, once a pass changes the fast weights
+        by less than that (relative norm, `converged`): sleep as deep as it helps. The passes
+        run are in `self.last_passes`."""
         if self.window_len == 0:
             return True
-        loops = self.sleep.loops
+        loops = self.sleep.loops if max_passes is None else max_passes
+        if isinstance(loops, bool) or not isinstance(loops, int) or loops < 1:
+            raise ValueError(f"max_passes must be an integer >= 1 (got {loops!r})")
+        used = []
+        stop = (
+            converged(self.model, self.window_start_state, tolerance)
+            if tolerance is not None
+            else None
+        )
 
         def after_pass(n, state):
             mx.eval(state)
+            used[-1:] = [n + 1]
             if on_pass is not None:
                 on_pass(n + 1, loops)
-            if cancel is not None and n + 1 < loops and cancel():
+            done = stop is not None and stop(n, state)
+            if cancel is not None and n + 1 < loops and not done and cancel():
                 raise SleepCancelled
+            return done
 
         window = self.sleep.attention_window
         try:
             if loops == 1:
                 state = self.state  # the wake pass was the one pass
+                used = [1]
             elif self.window_core:  # the window was fed in one piece
                 after_pass(0, self.state)  # the wake pass is pass 1
                 state = continue_passes(
@@ -552,6 +599,7 @@ class SleepEngine:
             return False
         self._evict(state)
         self.sleeps += 1
+        self.last_passes = used[-1]
         return True
 
     def catch_up(

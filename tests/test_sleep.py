@@ -640,3 +640,39 @@ def test_a_state_with_pending_windows_is_not_saved():
         engine.state_dict()
     engine.catch_up()
     assert engine.state_dict()["meta"]["sleeps"] == 2
+
+
+# -- sleep depth as a dial -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("one_piece", [True, False])
+def test_consolidate_stops_when_a_pass_no_longer_moves_the_fast_weights(one_piece):
+    """consolidate(max_passes=8, tolerance=t) runs passes until one changes S by less than t
+    (relative norm): the passes it runs and the state it reaches are those of the first n
+    whose change, computed here from run_chunk at every depth, is below t."""
+    from mlx_sleep.sleep import fast_weight_change
+
+    model = model_of("gdn,attn,gdn", core=(0, 3))
+    sleep = SleepConfig(loops=2, window=6)
+    ids = tokens(1, 6)
+    start = model.initial_state(1)
+    states = [start] + [run_chunk(model, ids, start, 0, n)[1] for n in range(1, 9)]
+    changes = [fast_weight_change(model, states[n - 1], states[n]) for n in range(2, 9)]
+    tolerance = sorted(changes)[len(changes) // 2]
+    expected = next(n for n in range(2, 9) if changes[n - 2] < tolerance)
+    assert expected < 8
+    engine = SleepEngine(model, sleep)
+    if one_piece:
+        engine.feed(ids)
+    else:
+        engine.feed(ids[:, :3])
+        engine.feed(ids[:, 3:])
+    seen = []
+    engine.consolidate(max_passes=8, tolerance=tolerance, on_pass=lambda n, N: seen.append(n))
+    assert engine.last_passes == expected and seen == list(range(1, expected + 1))
+    assert_trees_close(engine.state, evict(model, states[expected], 0))
+    deep = SleepEngine(model, sleep)
+    deep.feed(ids)
+    deep.consolidate(max_passes=5, tolerance=0.0)  # a tolerance of 0 never stops early
+    assert deep.last_passes == 5
+    assert_trees_close(deep.state, evict(model, states[5], 0))
