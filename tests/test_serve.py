@@ -544,3 +544,88 @@ def test_the_command_line_refuses_a_port_in_use_in_one_line(loaded, home):
         sock.close()
     assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
     assert f"cannot listen on 127.0.0.1:{port}" in r.output
+
+
+# -- SIGKILL ------------------------------------------------------------------------------------
+
+SERVE_KILL_POINTS = 4  # in the default suite; every filesystem step with -m slow
+
+
+def serve_until_done(loaded, home, at, count_file):
+    """`mlx-sleep serve` in a process SIGKILLed just before its `at`-th filesystem step (0:
+    never): one turn on the named session "k", its idle sleep, then Ctrl-C. Returns the exit
+    status once the process has ended, however it ended."""
+    from .reliability import KILLER
+
+    env = {
+        **os.environ,
+        "MLX_SLEEP_HOME": home,
+        "KILL_AT": str(at),
+        "KILL_COUNT": str(count_file),
+        "PYTHONUNBUFFERED": "1",
+    }
+    args = ["serve", "--model", loaded[0], "--port", "0", "-m", "4"]
+    args += ["--idle-delay", "0.2", "--idle-fill", "0"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLER, *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url, end = None, time.monotonic() + 120
+        while url is None and proc.poll() is None:
+            assert time.monotonic() < end, "the server did not start"
+            if select.select([proc.stderr], [], [], 1)[0]:
+                found = re.search(r"(http://127\.0\.0\.1:\d+)/v1", proc.stderr.readline())
+                url = found and found.group(1)
+        if url is not None:
+            with contextlib.suppress(httpx.HTTPError):
+                body = {"model": MODEL, "messages": [user("remember 42")], "max_tokens": 4}
+                httpx.post(url + "/v1/chat/completions", json=body, headers={"X-Session": "k"})
+
+            def slept_or_gone():
+                try:
+                    return health(url, timeout=5)["idle_sleeps"] >= 1
+                except httpx.HTTPError:
+                    return proc.poll() is not None
+
+            wait_for(slept_or_gone, "the idle sleep", timeout=120)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        return proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_a_killed_server_leaves_its_sessions_loadable(loaded, tmp_path, request):
+    """SIGKILL at a filesystem step of the server (saving a turn, sleeping when idle, saving
+    the sleep): the session is absent or opens, shows and continues in `chat`."""
+    home = tmp_path / "home"
+    assert serve_until_done(loaded, str(home), 0, tmp_path / "count") == 0
+    steps = int((tmp_path / "count").read_text())
+    assert steps >= 5, steps
+    most = None if request.config.getoption("-m") == "slow" else SERVE_KILL_POINTS
+    from .reliability import cli, kill_points
+
+    killed, previous = 0, os.environ.get("MLX_SLEEP_HOME")
+    for at in kill_points(steps, most):
+        home = tmp_path / f"k{at}"
+        status = serve_until_done(loaded, str(home), at, tmp_path / "unused")
+        assert status in (-9, 0), (at, status)  # 0: this run took fewer steps than the count
+        killed += status == -9
+        os.environ["MLX_SLEEP_HOME"] = str(home)
+        try:
+            if (home / "sessions" / "k" / "session.json").exists():
+                code, output = cli("sessions", "show", "k")
+                assert code == 0, (at, output)
+            code, output = cli("chat", "--model", loaded[0], "-s", "k", "-m", "2", input="hi\n")
+            assert code == 0, (at, output)
+        finally:
+            if previous is None:
+                del os.environ["MLX_SLEEP_HOME"]
+            else:
+                os.environ["MLX_SLEEP_HOME"] = previous
+    assert killed >= len(kill_points(steps, most)) - 1, killed
