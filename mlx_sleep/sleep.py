@@ -474,6 +474,7 @@ class SleepEngine:
                 if len(self.pending) > self.max_pending:
                     self.catch_up(windows=1)
             elif self.window_len == L:
+                self.catch_up()  # windows deferred earlier come first (defer was switched off)
                 hooks = self.on_forced_sleep() if self.on_forced_sleep is not None else {}
                 if not self.consolidate(**hooks):
                     raise SleepCancelled(

@@ -631,6 +631,24 @@ def test_a_cancelled_catch_up_keeps_the_windows_it_deepened():
     assert_trees_close(engine.window_start_state, whole.window_start_state)
 
 
+def test_switching_deferral_off_catches_up_before_the_next_sleep():
+    """Windows deferred earlier are deepened before a window that fills without deferral
+    sleeps: the order of Algorithm 1 holds, and the engine ends where the synchronous one does."""
+    model = model_of("gdn,attn")
+    sleep = SleepConfig(loops=2, window=4)
+    ids = tokens(1, 15)
+    sync = SleepEngine(model, sleep)
+    fed_token_by_token(sync, ids)
+    engine = SleepEngine(model, sleep, defer=True)
+    engine.feed(ids[:, :9])
+    assert len(engine.pending) == 2
+    engine.defer = False
+    for t in range(9, 15):
+        engine.feed(ids[:, t : t + 1])
+    assert not engine.pending and engine.sleeps == sync.sleeps == 3
+    assert_trees_close(engine.state, sync.state)
+
+
 def test_a_state_with_pending_windows_is_not_saved():
     engine = SleepEngine(model_of("gdn"), SleepConfig(loops=2, window=4), defer=True)
     engine.feed(tokens(1, 9))
