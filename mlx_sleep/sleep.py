@@ -693,11 +693,6 @@ class SleepEngine:
     def state_dict(self) -> dict:
         """Everything needed to resume: flat {name: array} plus metadata (positions, the sleep
         settings, the batch size and the model's fingerprint, which loading checks)."""
-        if self.pending:
-            raise ValueError(
-                f"{len(self.pending)} deferred window(s) are pending: catch_up() first "
-                "(a saved state holds no pending windows)"
-            )
         arrays = dict(
             tree_flatten({"state": self.state, "window_start_state": self.window_start_state})
         )
@@ -705,6 +700,8 @@ class SleepEngine:
             arrays["window_ids"] = mx.concatenate(self.window_ids, axis=1)
         if self.window_core:
             arrays["window_core"] = mx.concatenate(self.window_core, axis=1)
+        pending = [{"ids": ids, "start": start} for ids, start, _ in self.pending]
+        arrays.update(tree_flatten({"pending": pending}))
         meta = {
             "offset": self.offset,
             "window_start": self.window_start,
@@ -713,6 +710,8 @@ class SleepEngine:
             "sleep": self.sleep.to_dict(),
             "model": self.model.fingerprint(),
         }
+        if self.pending:  # only then: a session file (which holds none yet) keeps its keys
+            meta["pending_starts"] = [start for _, _, start in self.pending]
         return {"arrays": arrays, "meta": meta}
 
     def load_state_dict(self, d: dict):
@@ -754,6 +753,7 @@ class SleepEngine:
             raise ValueError("saved state does not fit this engine: " + "; ".join(differ))
         window_ids = arrays.pop("window_ids", None)
         window_core = arrays.pop("window_core", None)
+        pending = self._saved_pending(meta, arrays)
         tree = tree_unflatten(list(arrays.items()))
         fresh = self.model.initial_state(self.batch_size)
         # Layers whose state is empty (attention right after eviction) are absent from the flat dict.
@@ -786,6 +786,38 @@ class SleepEngine:
         self.sleeps = int(meta.get("sleeps", 0))
         self.window_ids = [window_ids] if window_ids is not None else []
         self.window_core = [window_core] if window_core is not None else []
+        self.pending = pending
+
+    def _saved_pending(self, meta: dict, arrays: dict) -> list:
+        """The deferred windows of a saved state (popped from `arrays`), checked: full windows
+        of L tokens in the vocabulary, one after another up to the live window, each with a
+        start state that fits the model."""
+        starts = meta.get("pending_starts", [])  # states saved before deferral: none
+        names = [k for k in arrays if k.startswith("pending.")]
+        saved = tree_unflatten([(k, arrays.pop(k)) for k in names])["pending"] if names else []
+        L, window_start = self.sleep.window, meta["window_start"]
+        if not (
+            isinstance(starts, list)
+            and isinstance(saved, list)
+            and all(type(a) is int for a in starts)
+            and len(saved) == len(starts)
+            and all(b - a == L for a, b in zip(starts, starts[1:] + [window_start]))
+            and (not starts or starts[0] >= 0)
+        ):
+            raise ValueError(
+                f"saved state is inconsistent: pending windows at {starts!r} with "
+                f"{len(saved)} saved, before the live window at {window_start} (L = {L})"
+            )
+        fresh, pending = self.model.initial_state(self.batch_size), []
+        for j, (start, window) in enumerate(zip(starts, saved)):
+            ids = window.get("ids") if isinstance(window, dict) else None
+            if not isinstance(ids, mx.array) or ids.shape != (self.batch_size, L):
+                raise ValueError(f"saved pending window {j} is not {L} tokens")
+            self.model.check_ids(ids)
+            state = fill_state(fresh, window.get("start", []))
+            check_state(f"pending window {j} start state", state, fresh)
+            pending.append((ids, state, start))
+        return pending
 
 
 def fill_state(fresh: State, loaded) -> State:

@@ -649,48 +649,38 @@ def test_switching_deferral_off_catches_up_before_the_next_sleep():
     assert_trees_close(engine.state, sync.state)
 
 
-def test_a_state_with_pending_windows_is_not_saved():
-    engine = SleepEngine(model_of("gdn"), SleepConfig(loops=2, window=4), defer=True)
-    engine.feed(tokens(1, 9))
-    with pytest.raises(
-        ValueError, match="2 deferred window\\(s\\) are pending: catch_up\\(\\) first"
-    ):
-        engine.state_dict()
+def test_pending_windows_are_saved_and_restored():
+    """state_dict() carries the pending windows (tokens and start states); a restored engine
+    catches up to where the original does; a damaged record is refused, the engine unchanged."""
+    model = model_of("gdn,attn")
+    sleep = SleepConfig(loops=2, window=4)
+    ids = tokens(1, 14)
+    engine = SleepEngine(model, sleep, defer=True)
+    fed_token_by_token(engine, ids)
+    saved = engine.state_dict()
+    assert saved["meta"]["pending_starts"] == [0, 4, 8] and "pending.2.ids" in saved["arrays"]
+    restored = SleepEngine(model, sleep)
+    restored.load_state_dict(saved)
+    assert [start for _, _, start in restored.pending] == [0, 4, 8]
     engine.catch_up()
-    assert engine.state_dict()["meta"]["sleeps"] == 2
-
-
-# -- sleep depth as a dial -----------------------------------------------------------------
-
-
-@pytest.mark.parametrize("one_piece", [True, False])
-def test_consolidate_stops_when_a_pass_no_longer_moves_the_fast_weights(one_piece):
-    """consolidate(max_passes=8, tolerance=t) runs passes until one changes S by less than t
-    (relative norm): the passes it runs and the state it reaches are those of the first n
-    whose change, computed here from run_chunk at every depth, is below t."""
-    from mlx_sleep.sleep import fast_weight_change
-
-    model = model_of("gdn,attn,gdn", core=(0, 3))
-    sleep = SleepConfig(loops=2, window=6)
-    ids = tokens(1, 6)
-    start = model.initial_state(1)
-    states = [start] + [run_chunk(model, ids, start, 0, n)[1] for n in range(1, 9)]
-    changes = [fast_weight_change(model, states[n - 1], states[n]) for n in range(2, 9)]
-    tolerance = sorted(changes)[len(changes) // 2]
-    expected = next(n for n in range(2, 9) if changes[n - 2] < tolerance)
-    assert expected < 8
-    engine = SleepEngine(model, sleep)
-    if one_piece:
-        engine.feed(ids)
-    else:
-        engine.feed(ids[:, :3])
-        engine.feed(ids[:, 3:])
-    seen = []
-    engine.consolidate(max_passes=8, tolerance=tolerance, on_pass=lambda n, N: seen.append(n))
-    assert engine.last_passes == expected and seen == list(range(1, expected + 1))
-    assert_trees_close(engine.state, evict(model, states[expected], 0))
-    deep = SleepEngine(model, sleep)
-    deep.feed(ids)
-    deep.consolidate(max_passes=5, tolerance=0.0)  # a tolerance of 0 never stops early
-    assert deep.last_passes == 5
-    assert_trees_close(deep.state, evict(model, states[5], 0))
+    restored.catch_up()
+    assert_trees_close(restored.state, engine.state)
+    for meta, arrays, message in [
+        (dict(saved["meta"], pending_starts=[0, 4]), saved["arrays"], "inconsistent"),
+        (dict(saved["meta"], pending_starts=[0, 5, 8]), saved["arrays"], "inconsistent"),
+        (
+            saved["meta"],
+            dict(saved["arrays"], **{"pending.1.ids": mx.zeros((1, 3), dtype=mx.int32)}),
+            "not 4 tokens",
+        ),
+        (
+            saved["meta"],
+            dict(saved["arrays"], **{"pending.1.ids": mx.full((1, 4), 99, dtype=mx.int32)}),
+            "vocabulary",
+        ),
+    ]:
+        fresh = SleepEngine(model, sleep)
+        before = fresh.state
+        with pytest.raises(ValueError, match=message):
+            fresh.load_state_dict({"meta": meta, "arrays": arrays})
+        assert fresh.state is before and not fresh.pending
