@@ -95,6 +95,9 @@ class Settings:
     queue: int = 8  # requests that may wait behind the running one
     api_keys: tuple = ()
     cors: tuple = ()
+    # The names a request's Host header may carry (None: any, when listening beyond loopback):
+    # a web page that rebinds its own name to 127.0.0.1 is refused (DNS rebinding).
+    hosts: Optional[tuple] = ("127.0.0.1", "localhost", "::1")
 
 
 class ApiError(Exception):
@@ -823,12 +826,38 @@ class Guard:
                 error.body(), 401, headers={"WWW-Authenticate": 'Bearer realm="mlx-sleep"'}
             )
             return await response(scope, receive, send)
+        host = host_name(headers.get(b"host", b"").decode("latin-1"))
+        hosts = self.server.settings.hosts
+        if hosts is not None and host not in hosts:
+            error = ApiError(
+                403,
+                f"this server answers for {', '.join(hosts)} only (the request named "
+                f"{show(host)}): start it with --host to listen elsewhere",
+                "invalid_host",
+            )
+            return await JSONResponse(error.body(), 403)(scope, receive, send)
+        kind = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        if scope["method"] == "POST" and kind != b"application/json":
+            # a page on any site may POST text/plain here without asking (no CORS preflight)
+            error = ApiError(
+                415,
+                "send the body as JSON, with the header 'Content-Type: application/json'",
+                "unsupported_media_type",
+            )
+            return await JSONResponse(error.body(), 415)(scope, receive, send)
         length = headers.get(b"content-length", b"0")
         if not length.isdigit() or int(length) > MAX_BODY:
             response = JSONResponse(too_large().body(), 413)
             return await response(scope, receive, send)
         scope.setdefault("state", {})["namespace"] = namespace
         await self.app(scope, receive, send)
+
+
+def host_name(header: str) -> str:
+    """The name in a Host header, without its port ("[::1]:8080" -> "::1")."""
+    if header.startswith("["):
+        return header[1:].split("]", 1)[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
 def too_large():

@@ -23,7 +23,15 @@ from click.testing import CliRunner
 from mlx_sleep.cli import main
 from mlx_sleep.cli.common import load_for_chat
 from mlx_sleep.generate import chat_prompt
-from mlx_sleep.serve import MAX_BODY, MAX_MESSAGES, Server, Settings, listen, uvicorn_server
+from mlx_sleep.serve import (
+    MAX_BODY,
+    MAX_MESSAGES,
+    Server,
+    Settings,
+    host_name,
+    listen,
+    uvicorn_server,
+)
 from mlx_sleep.session import open_session, read_meta
 
 from .tiny_models import make_model_dir
@@ -278,7 +286,8 @@ def test_bad_requests_are_4xx_json_errors_and_reach_no_model(plain, home):
     server, url = plain
     requests_before = server.stats["requests"]
     store_before = sorted(os.listdir(home))
-    with httpx.Client(base_url=url, timeout=60) as h:
+    json_body = {"Content-Type": "application/json"}
+    with httpx.Client(base_url=url, timeout=60, headers=json_body) as h:
         for path, cases in (("/v1/chat/completions", BAD), ("/v1/completions", BAD_COMPLETIONS)):
             for body, headers, status, code, param in cases:
                 content = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -294,6 +303,21 @@ def test_bad_requests_are_4xx_json_errors_and_reach_no_model(plain, home):
                 yield b" " * (1 << 16)
 
         check_error(h.post("/v1/chat/completions", content=chunked()), 413, "request_too_large")
+        # what a page on another site can send without asking (no CORS preflight): a "simple"
+        # text/plain or form POST, and a name of its own rebound to 127.0.0.1 (DNS rebinding)
+        ok = json.dumps(OK).encode()
+        for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data"):
+            r = h.post("/v1/chat/completions", content=ok, headers={"Content-Type": kind})
+            check_error(r, 415, "unsupported_media_type")
+        r = h.post("/v1/chat/completions", content=ok, headers={"Host": "evil.example:8080"})
+        check_error(r, 403, "invalid_host")
+        check_error(h.get("/v1/models", headers={"Host": "attacker.test"}), 403, "invalid_host")
+        assert h.get("/v1/models", headers={"Host": "localhost:1"}).status_code == 200
+        assert [host_name(x) for x in ("[::1]:80", "127.0.0.1:8080", "localhost")] == [
+            "::1",
+            "127.0.0.1",
+            "localhost",
+        ]
         check_error(h.get("/v1/nothing"), 404, "not_found")
         check_error(h.get("/v1/chat/completions"), 405, "method_not_allowed")
         check_error(h.get("/v1/models/gpt-4o"), 404, "model_not_found")

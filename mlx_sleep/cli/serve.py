@@ -122,6 +122,7 @@ def serve(
             queue=queue,
             api_keys=tuple(api_keys),
             cors=tuple(cors),
+            hosts=Settings.hosts if loopback(host) else None,
         )
         server = Server(m, tokenizer, path, settings)
         try:
