@@ -11,9 +11,17 @@ from .sleep import sleep_forward
 from .tasks.base import accuracy_by_difficulty
 
 
-def predict(model, batch, sleep: SleepConfig) -> np.ndarray:
-    """Argmax predictions [B, T] (-1 outside answer chunks) under Algorithm 1."""
-    answers, _ = sleep_forward(model, mx.array(batch.inputs), batch.mask, sleep)
+def predict(model, batch, sleep: SleepConfig, tolerance=None, passes_used=None) -> np.ndarray:
+    """Argmax predictions [B, T] (-1 outside answer chunks) under Algorithm 1 (`tolerance`,
+    `passes_used`: sleep_forward's stopping rule)."""
+    answers, _ = sleep_forward(
+        model,
+        mx.array(batch.inputs),
+        batch.mask,
+        sleep,
+        tolerance=tolerance,
+        passes_used=passes_used,
+    )
     preds = np.full(batch.inputs.shape, -1, dtype=np.int64)
     for a, b, logits in answers:
         preds[:, a:b] = np.array(mx.argmax(logits, axis=-1))
@@ -29,8 +37,11 @@ def evaluate(
     seed: int = 1234,
     difficulties=None,
     progress: bool = False,
+    tolerance: Optional[float] = None,
 ) -> Dict[int, dict]:
-    """{difficulty: {"exact", "token", "count"}} on `samples` fresh sequences per difficulty.
+    """{difficulty: {"exact", "token", "count"}} on `samples` fresh sequences per difficulty;
+    with `tolerance` (sleep as deep as it helps, at most sleep.loops passes) also "passes",
+    the mean passes a sleeping window ran.
 
     Each difficulty draws from its own seeded generator, so results do not depend on which
     other difficulties are evaluated or in what order."""
@@ -49,11 +60,12 @@ def evaluate(
     for d in difficulties:
         rng = np.random.default_rng([seed, int(d)])
         exact = token = count = seqs = 0.0
-        done = 0
+        done, passes = 0, []
         while done < samples:
             n = min(batch_size, samples - done)
             batch = task.sample(rng, n, difficulty=int(d))
-            r = accuracy_by_difficulty(batch, predict(model, batch, sleep))[int(d)]
+            preds = predict(model, batch, sleep, tolerance, passes)
+            r = accuracy_by_difficulty(batch, preds)[int(d)]
             exact += r["exact"] * n
             token += r["token"] * r["count"]
             count += r["count"]
@@ -66,6 +78,8 @@ def evaluate(
             "token": token / max(count, 1),
             "count": int(count),
         }
+        if tolerance is not None:
+            results[int(d)]["passes"] = float(np.mean(passes)) if passes else 0.0
     if bar is not None:
         bar.close()
     return results

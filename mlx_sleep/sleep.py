@@ -201,6 +201,8 @@ def sleep_forward(
     state: Optional[State] = None,
     offset: int = 0,
     columns=None,
+    tolerance: Optional[float] = None,
+    passes_used: Optional[list] = None,
 ):
     """Algorithm 1's forward over a batch of sequences.
 
@@ -212,7 +214,10 @@ def sleep_forward(
     (start, stop, logits [B, stop-start, V]) for the answer chunks, state the final state.
     `columns`: one entry per answer chunk, the chunk-local positions whose logits are wanted
     (logits [B, len, V] then; None: all): the head of a 150k-word vocabulary over a 2,000-token
-    chunk is gigabytes, and a loss needs only the scored positions."""
+    chunk is gigabytes, and a loss needs only the scored positions.
+    `tolerance`: sleep as deep as it helps, at most `sleep.loops` passes: a chunk's passes stop
+    once one changes the fast weights (of the whole batch) by less than that (`converged`);
+    `passes_used`, a list, receives the passes each sleeping chunk ran."""
     B, T = inputs.shape
     bounds, is_answer = plan if plan is not None else plan_chunks(mask, sleep.window)
     if bounds[-1][1] != T:
@@ -222,14 +227,27 @@ def sleep_forward(
     answers = []
     for (a, b), answer in zip(bounds, is_answer):
         rows = answer_rows(answer, B)
+        ran = [0]
+
+        def after_pass(n, new, stop=converged(model, state, tolerance) if tolerance else None):
+            ran[0] = n + 1
+            return stop is not None and stop(n, new)
+
         if rows.all() or not rows.any() or sleep.loops == 1:
             passes = 1 if rows.any() else sleep.loops
-            h, state = run_chunk(model, inputs[:, a:b], state, offset + a, passes, window)
+            h, state = run_chunk(
+                model, inputs[:, a:b], state, offset + a, passes, window, after_pass
+            )
         else:  # some rows answer here (one pass), the others sleep: pass 1 is shared
             core = []
             h, first = run_chunk(model, inputs[:, a:b], state, offset + a, 1, window, core_out=core)
-            slept = continue_passes(model, core[0], first, state, offset + a, sleep.loops, window)
+            after_pass(0, first)
+            slept = continue_passes(
+                model, core[0], first, state, offset + a, sleep.loops, window, after_pass
+            )
             state = select_rows(rows, first, slept)
+        if passes_used is not None and not rows.all():
+            passes_used.append(ran[0])
         if rows.any():
             cols = None if columns is None else columns[len(answers)]
             answers.append((a, b, model.head(h if cols is None else h[:, cols])))

@@ -57,6 +57,13 @@ def test_train_then_eval(tmp_path):
     assert (tmp_path / "r.png").stat().st_size > 1000
     r = run("eval", "--checkpoint", str(out), "--samples", "8", "--loops", "4")
     assert r.exit_code == 0 and "N = 4" in r.output
+    # --tolerance: sleep as deep as it helps, at most --loops; 0 never stops early, a huge one
+    # stops after pass 2 (the first that can be compared), and each says how deep it slept
+    for tolerance, passes in (("0", "4.00"), ("1e6", "2.00")):
+        r = run(
+            "eval", "--checkpoint", str(out), "--samples", "8", "-N", "4", "--tolerance", tolerance
+        )
+        assert r.exit_code == 0 and f"| N = 4 | {passes} |" in r.output, r.output
 
 
 def test_sampled_loops_then_eval_at_several_n(tmp_path):

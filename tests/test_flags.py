@@ -31,6 +31,11 @@ UNUSED = [
     (["eval", "--model", "m", "--task", "gsm-infinite", "--out", "o"], ["--seed", "3"], "--seed"),
     (
         ["eval", "--model", "m", "--task", "gsm-infinite", "--out", "o"],
+        ["--tolerance", "0.1"],
+        "--tolerance",
+    ),
+    (
+        ["eval", "--model", "m", "--task", "gsm-infinite", "--out", "o"],
         ["--checkpoint", "r"],
         "--checkpoint",
     ),
@@ -155,6 +160,8 @@ BAD_VALUES = [  # the issue's list, then the rest of each kind
     (CHAT, ["--idle-fill", "-1"], "'--idle-fill': -1 is not in [0, 1]"),
     (CHAT, ["--idle-fill", "2"], "'--idle-fill': 2 is not in [0, 1]"),
     (CHAT, ["--idle-fill", "nan"], "'--idle-fill': 'nan' is not a finite number"),
+    (["eval", "--checkpoint", "r"], ["--tolerance", "nan"], "'--tolerance': 'nan' is not a finite"),
+    (["eval", "--checkpoint", "r"], ["--tolerance", "-1"], "'--tolerance'"),
     (CHAT, ["--idle-delay", "nan"], "'--idle-delay': 'nan' is not a finite number"),
     (CHAT, ["--idle-delay", "inf"], "'--idle-delay': 'inf' is not a finite number"),
     (FT, ["--valid-batches", "-1"], "'--valid-batches': -1 is not in the range x>=0"),

@@ -684,3 +684,26 @@ def test_pending_windows_are_saved_and_restored():
         with pytest.raises(ValueError, match=message):
             fresh.load_state_dict({"meta": meta, "arrays": arrays})
         assert fresh.state is before and not fresh.pending
+
+
+def test_sleep_forward_stops_where_the_engine_would():
+    """sleep_forward(tolerance=): a tolerance of 0 runs every pass (as without one); an
+    infinite one stops after pass 2, the first that can be compared, which is sleeping with
+    N = 2; the passes each sleeping chunk ran are reported (mixed-row chunks included)."""
+    model = model_of("attn,gdn,jet,swa")
+    ids = tokens(2, 14)
+    mask = np.zeros((2, 14))
+    mask[0, 5:7] = mask[1, 12:14] = 1
+    deep, two = SleepConfig(loops=4, window=4), SleepConfig(loops=2, window=4)
+    used = []
+    got, _ = sleep_forward(model, ids, mask, deep, tolerance=0.0, passes_used=used)
+    want, _ = sleep_forward(model, ids, mask, deep)
+    assert used == [4, 4, 4, 4] and len(got) == len(want)  # every chunk: a row sleeps in each
+    for (a, _, x), (_, _, y) in zip(got, want):
+        assert_trees_close(x, y)
+    used = []
+    got, _ = sleep_forward(model, ids, mask, deep, tolerance=float("inf"), passes_used=used)
+    want, _ = sleep_forward(model, ids, mask, two)
+    assert used == [2, 2, 2, 2]
+    for (_, _, x), (_, _, y) in zip(got, want):
+        assert_trees_close(x, y)

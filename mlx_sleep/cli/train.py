@@ -21,7 +21,7 @@ from .common import (
 )
 
 # eval's three paths and the flags each reads (anything else given is refused)
-RUN_FLAGS = {"checkpoint", "samples", "batch_size", "seed", "json_path", "plot_path"}
+RUN_FLAGS = {"checkpoint", "samples", "batch_size", "seed", "tolerance", "json_path", "plot_path"}
 GSM_FLAGS = {
     "model_path",
     "task_name",
@@ -348,6 +348,13 @@ def gsm_infinite_options(fn):
 @click.option("--batch-size", type=BATCH, default=64, show_default=True)
 @click.option("--seed", type=SEED, default=1234, show_default=True)
 @click.option(
+    "--tolerance",
+    type=Finite(0, 1e6),
+    default=None,
+    help="Sleep as deep as it helps: a window's passes stop once one changes the fast weights "
+    "by less than this (relative); --loops is then the most. Reports the passes run.",
+)
+@click.option(
     "--json", "json_path", type=PathArg(dir_okay=False), default=None, help="Write results here."
 )
 @click.option(
@@ -362,6 +369,7 @@ def eval_cmd(
     samples,
     batch_size,
     seed,
+    tolerance,
     json_path,
     plot_path,
     task_name,
@@ -411,12 +419,36 @@ def eval_cmd(
         by_loops = {}
         for n in loops_list or [sleep.loops]:
             run_sleep = SleepConfig(loops=n, window=window_, eviction=eviction or sleep.eviction)
-            by_loops[n] = evaluate(model, task, run_sleep, samples, batch_size, seed, progress=True)
+            by_loops[n] = evaluate(
+                model,
+                task,
+                run_sleep,
+                samples,
+                batch_size,
+                seed,
+                progress=True,
+                tolerance=tolerance,
+            )
         dname = "t (steps)" if task.name == "rule110" else "k (hops)"
         click.echo(
             f"{task.name}, {run_sleep.eviction} eviction, L = {window_}, "
             f"{samples} sequences per row"
         )
+        if tolerance is not None:
+            import numpy as np
+
+            from ..report import markdown_table
+
+            click.echo(
+                markdown_table(
+                    ["at most", "mean passes per sleeping window"],
+                    [
+                        [f"N = {n}", f"{np.mean([r['passes'] for r in res.values()]):.2f}"]
+                        for n, res in by_loops.items()
+                    ],
+                )
+                + f"\n(tolerance {tolerance:g})"
+            )
         if len(by_loops) == 1:
             ((n, results),) = by_loops.items()
             label = f"N = {n}"
