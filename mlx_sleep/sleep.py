@@ -227,9 +227,10 @@ def sleep_forward(
     answers = []
     for (a, b), answer in zip(bounds, is_answer):
         rows = answer_rows(answer, B)
+        stop = converged(model, state, tolerance) if tolerance is not None else None
         ran = [0]
 
-        def after_pass(n, new, stop=converged(model, state, tolerance) if tolerance else None):
+        def after_pass(n, new):
             ran[0] = n + 1
             return stop is not None and stop(n, new)
 
@@ -569,7 +570,7 @@ class SleepEngine:
         loops = self.sleep.loops if max_passes is None else max_passes
         if isinstance(loops, bool) or not isinstance(loops, int) or loops < 1:
             raise ValueError(f"max_passes must be an integer >= 1 (got {loops!r})")
-        used = []
+        ran = [1]  # passes run (the wake pass is the one pass when N = 1)
         stop = (
             converged(self.model, self.window_start_state, tolerance)
             if tolerance is not None
@@ -578,7 +579,7 @@ class SleepEngine:
 
         def after_pass(n, state):
             mx.eval(state)
-            used[-1:] = [n + 1]
+            ran[0] = n + 1
             if on_pass is not None:
                 on_pass(n + 1, loops)
             done = stop is not None and stop(n, state)
@@ -590,7 +591,6 @@ class SleepEngine:
         try:
             if loops == 1:
                 state = self.state  # the wake pass was the one pass
-                used = [1]
             elif self.window_core:  # the window was fed in one piece
                 after_pass(0, self.state)  # the wake pass is pass 1
                 state = continue_passes(
@@ -618,7 +618,7 @@ class SleepEngine:
             return False
         self._evict(state)
         self.sleeps += 1
-        self.last_passes = used[-1]
+        self.last_passes = ran[0]
         return True
 
     def catch_up(

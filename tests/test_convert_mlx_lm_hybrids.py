@@ -28,6 +28,7 @@ from mlx_sleep.models.mlx_lm_adapters import FULL, LINEAR
 
 from . import parity
 from .numerics import assert_close
+from .tiny_models import LINEAR_HYBRID_SIZES
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -36,20 +37,7 @@ TOL = 3e-5  # of the logits' scale
 T, P = 13, 6  # sequence length; prefill length of the incremental check
 MEASURED = parity.table("mlx-lm hybrids vs transformers")
 L, F = LINEAR, FULL
-SIZES = dict(
-    vocab_size=100,
-    hidden_size=32,
-    intermediate_size=64,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    linear_num_key_heads=2,
-    linear_num_value_heads=4,
-    linear_key_head_dim=16,
-    linear_value_head_dim=8,
-    linear_conv_kernel_dim=4,
-    num_hidden_layers=4,
-)
+SIZES = dict(vocab_size=100, **LINEAR_HYBRID_SIZES)
 # name -> (config class, model class, settings). Layer patterns are irregular on purpose:
 # mlx-lm's Qwen files would put attention at layer 3 only (full_attention_interval 4).
 CASES = {

@@ -22,21 +22,13 @@ from mlx_sleep.models.ouro import insert_jet_layers
 from mlx_sleep.tasks import get_task
 from mlx_sleep.train import TrainConfig, Trainer
 
+from .tiny_models import LINEAR_HYBRID_SIZES
+
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 L, F = LINEAR, FULL
 ADAPTER_SIZES = dict(
     vocab_size=100,
-    hidden_size=32,
-    intermediate_size=64,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    linear_num_key_heads=2,
-    linear_num_value_heads=4,
-    linear_key_head_dim=16,
-    linear_value_head_dim=8,
-    linear_conv_kernel_dim=4,
-    num_hidden_layers=4,
+    **LINEAR_HYBRID_SIZES,
     rms_norm_eps=1e-6,
     rope_theta=10000.0,
     max_position_embeddings=4096,

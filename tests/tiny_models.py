@@ -28,6 +28,21 @@ from mlx.utils import tree_flatten
 FIXTURES = Path(__file__).parent / "fixtures"
 KINDS = ("hybrid", "jet_nemotron", "ouro", "ouro_jet", "qwen3_5")
 VOCAB_SIZE = 512  # the converted fixtures' vocabulary; the built models use the same
+# The shape of the tiny mlx-lm linear/full-attention hybrids (Qwen3.5 and its kin) every test
+# builds: 4 layers of width 32, GDN heads 2 (keys) x 4 (values).
+LINEAR_HYBRID_SIZES = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=16,
+    linear_value_head_dim=8,
+    linear_conv_kernel_dim=4,
+    num_hidden_layers=4,
+)
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 EOS = "<|im_end|>"
 BOS = "<|endoftext|>"  # only where a test asks for a tokenizer that adds one
@@ -119,17 +134,7 @@ def _built_model(kind: str):
         args = dict(
             model_type="qwen3_5",
             vocab_size=VOCAB_SIZE,
-            hidden_size=32,
-            intermediate_size=64,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            linear_num_key_heads=2,
-            linear_num_value_heads=4,
-            linear_key_head_dim=16,
-            linear_value_head_dim=8,
-            linear_conv_kernel_dim=4,
-            num_hidden_layers=4,
+            **LINEAR_HYBRID_SIZES,
             layer_types=[LINEAR, FULL, LINEAR, FULL],
             tie_word_embeddings=True,
             rms_norm_eps=1e-6,

@@ -240,8 +240,8 @@ class Finetune(TrainingRun):
         context = answer = 0
         for _, scored in self.train_examples:
             _, is_answer = plan_chunks(scored[None, 1:], self.sleep.window)
-            answer += sum(a[0] for a in is_answer)
-            context += len(is_answer) - sum(a[0] for a in is_answer)
+            n_answer = sum(rows[0] for rows in is_answer)
+            answer, context = answer + n_answer, context + len(is_answer) - n_answer
         return context, answer
 
     def run(self, on_eval=None, on_step=None):
