@@ -9,9 +9,13 @@ on the same model, in one process on one machine.
       the consolidated state and the next logits move (and prefill tokens/s with each)
   (f) the decode loop itself: the library's stream_generate (pipelined with mx.async_eval)
       against the step-by-step loop it replaced and mlx-lm's generate_step
+  (g) deferred sleep: per-token latency of a reply across window boundaries with and without
+      it, the catch-up's cost against the sleeps it replaces, and (--depo-run) the accuracy of
+      answers from the shallow interim memory before catch-up
 
     python benchmarks/chat.py                  # hidden 512, 6 layers, L = 512, N = 2
     python benchmarks/chat.py --quick          # a smaller model and lengths, for a smoke run
+    python benchmarks/chat.py --only deferred,deferred_quality --depo-run demo_out/seed0/N3
 
 Writes benchmarks/results/chat.{json,md}.
 """
@@ -34,7 +38,9 @@ from mlx_sleep import HybridLM, ModelConfig, SleepConfig
 from mlx_sleep import _blas
 from mlx_sleep.generate import stream_generate
 from mlx_sleep.session import SessionEngine, open_session
-from mlx_sleep.sleep import continue_passes, evict, run_chunk
+from mlx_sleep.tasks import accuracy_by_difficulty
+from mlx_sleep.train import load_run
+from mlx_sleep.sleep import SleepEngine, continue_passes, evict, run_chunk
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -282,6 +288,129 @@ def bench_consolidation(model, sleep, rng, vocab, repeats):
     }
 
 
+def reply_latencies(model, sleep, prompt, reply, defer):
+    """Per-token seconds of a reply fed token by token (each token's logits read, as a decoder
+    must) after `prompt`, synchronous or deferred; returns (times, the tokens at which a
+    window filled, the engine)."""
+    engine = SleepEngine(model, sleep, defer=defer, max_pending=8)
+    engine.feed(mx.array([prompt]), logits=None)
+    mx.eval(engine.state)
+    times, boundaries = [], []
+    for i, token in enumerate(reply):
+        closed = engine.sleeps + len(engine.pending)
+        start = time.perf_counter()
+        mx.eval(engine.feed(mx.array([[token]]), logits="last"))
+        times.append(time.perf_counter() - start)
+        if engine.sleeps + len(engine.pending) > closed:
+            boundaries.append(i)
+    return times, boundaries, engine
+
+
+def bench_deferred(model, sleep, rng, vocab, repeats, windows=2):
+    """(g) A reply that crosses `windows` window boundaries, with the synchronous schedule and
+    with deferred sleep (the same tokens): per-token latency at the boundaries against the
+    median; then the deferred engine's catch-up against what it replaces (the synchronous
+    sleeps at the boundaries, beyond their token's median, plus one prefill of the live window),
+    and how far the caught-up state and next logits are from the synchronous ones."""
+    L = sleep.window
+    prompt = rng.integers(0, vocab, L - 8).tolist()
+    reply = rng.integers(0, vocab, 8 + (windows - 1) * L + 8).tolist()
+    rows = {"sync": [], "defer": []}
+    catch_up, live_prefill, diffs = [], [], None
+    for i in range(repeats + 1):  # interleaved; the first round warms up
+        for mode in rows:
+            times, bounds, engine = reply_latencies(model, sleep, prompt, reply, mode == "defer")
+            assert len(bounds) == windows, bounds
+            if mode == "sync":
+                sync_engine = engine
+            else:
+                ids = mx.concatenate(engine.window_ids, axis=1)
+                t0 = time.perf_counter()  # what catch-up adds: the live window, one pass
+                _, s = run_chunk(
+                    model,
+                    ids,
+                    engine.window_start_state,
+                    engine.window_start,
+                    1,
+                    sleep.attention_window,
+                )
+                mx.eval(s)
+                t1 = time.perf_counter()
+                engine.catch_up()
+                t2 = time.perf_counter()
+                if i > 0:
+                    live_prefill.append(t1 - t0)
+                    catch_up.append(t2 - t1)
+                nxt = mx.array([[reply[0]]])
+                a, b = engine.feed(nxt, logits="last"), sync_engine.feed(nxt, logits="last")
+                fast = [
+                    float(mx.abs(x[k] - y[k]).max())
+                    for x, y, blk in zip(engine.state, sync_engine.state, model.sleep_blocks())
+                    for k in blk.mixer.carried
+                ]
+                diffs = (max(fast), float(mx.abs(a - b).max()))
+            if i > 0:
+                median = statistics.median(times)
+                rows[mode].append(
+                    {
+                        "median_ms": 1e3 * median,
+                        "boundary_ms": [1e3 * times[j] for j in bounds],
+                        "boundary_over_median": max(times[j] for j in bounds) / median,
+                        "sleep_s": sum(times[j] - median for j in bounds),
+                    }
+                )
+    out = {"window": L, "loops": sleep.loops, "windows": windows, "reply_tokens": len(reply)}
+    for mode, rs in rows.items():
+        out[mode] = {
+            "median_ms": statistics.median(r["median_ms"] for r in rs),
+            "boundary_over_median": statistics.median(r["boundary_over_median"] for r in rs),
+            "worst_boundary_over_median": max(r["boundary_over_median"] for r in rs),
+        }
+    sync_sleeps = statistics.median(r["sleep_s"] for r in rows["sync"])
+    out["catch_up_s"] = statistics.median(catch_up)
+    out["sync_sleeps_s"] = sync_sleeps
+    out["live_prefill_s"] = statistics.median(live_prefill)
+    out["catch_up_ratio"] = out["catch_up_s"] / (sync_sleeps + out["live_prefill_s"])
+    out["fast_weights_max_abs_diff"], out["next_logits_max_abs_diff"] = diffs
+    return out
+
+
+def bench_deferred_quality(run_dir, samples):
+    """(g) What answers from the shallow interim memory cost, on a trained Depo run (e.g. the
+    demo's N = 3 model): each sequence fed in one piece to a deferred engine (its context
+    window evicted after the wake pass, pending) answers its queries before catch-up; the
+    synchronous engine on the same tokens is what it answers after (the caught-up state is
+    checked against it)."""
+    model, sleep, task, _ = load_run(run_dir)
+    by_k = {}
+    for k in task.eval_difficulties:
+        batch = task.sample(np.random.default_rng([1234, k]), samples, difficulty=k)
+        if batch.inputs.shape[1] > 2 * sleep.window:  # later windows hold answers: one pass
+            raise SystemExit("--depo-run: a sequence must fit in two windows")
+        ids = mx.array(batch.inputs)
+        deferred = SleepEngine(model, sleep, batch_size=samples, defer=True)
+        before = deferred.feed(ids)
+        sync = SleepEngine(model, sleep, batch_size=samples)
+        after = sync.feed(ids)
+        deferred.catch_up()
+        for x, y in zip(tree_flatten(deferred.state), tree_flatten(sync.state)):
+            np.testing.assert_allclose(np.array(x[1]), np.array(y[1]), rtol=1e-4, atol=1e-5)
+
+        def accuracy(logits):
+            preds = np.where(batch.mask > 0, np.array(mx.argmax(logits, axis=-1)), -1)
+            return accuracy_by_difficulty(batch, preds)[k]["token"]
+
+        by_k[str(k)] = {"before": accuracy(before), "after": accuracy(after)}
+    return {
+        "model": f"run .../{'/'.join(os.path.normpath(run_dir).split(os.sep)[-2:])} "
+        f"({task.name}, trained at "
+        f"N = {sleep.loops}, L = {sleep.window})",
+        "loops": sleep.loops,
+        "samples": samples,
+        "by_k": by_k,
+    }
+
+
 def bench_sessions(model, sleep, model_dir, lengths, rng, vocab, repeats):
     rows = []
     os.environ["MLX_SLEEP_HOME"] = tempfile.mkdtemp(prefix="mlx-sleep-bench-")
@@ -503,6 +632,51 @@ def markdown(res) -> str:
             "",
             f"Pipelining: {d['pipelined_over_step_by_step']:.2f}x the step-by-step loop.",
         ]
+    if "deferred" in res:
+        g = res["deferred"]
+        out += [
+            "",
+            "## (g) deferred sleep: no reply waits for a sleep",
+            "",
+            f"A reply fed token by token (each token's logits read) across {g['windows']} window "
+            f"boundaries (L = {g['window']}, N = {g['loops']}, {g['reply_tokens']} tokens), the "
+            "same tokens with the synchronous schedule and with `defer=True`; median over "
+            "interleaved rounds.",
+            "",
+            "| schedule | median token ms | boundary token / median (goal <= 1.2) | worst round |",
+            "|---|---|---|---|",
+        ]
+        for mode, name in (("sync", "synchronous"), ("defer", "deferred")):
+            r = g[mode]
+            out.append(
+                f"| {name} | {r['median_ms']:.1f} | {r['boundary_over_median']:.2f} | "
+                f"{r['worst_boundary_over_median']:.2f} |"
+            )
+        out += [
+            "",
+            f"Catch-up of the {g['windows']} deferred windows: {g['catch_up_s']:.3f} s against "
+            f"{g['sync_sleeps_s']:.3f} s of synchronous sleeps (the boundary tokens beyond their "
+            f"median) + {g['live_prefill_s']:.3f} s for one pass over the live window: ratio "
+            f"{g['catch_up_ratio']:.2f} (goal <= 1.10). After catch-up, the fast weights are "
+            f"{g['fast_weights_max_abs_diff']:.1e} and the next logits "
+            f"{g['next_logits_max_abs_diff']:.1e} (max abs) from the synchronous engine's.",
+        ]
+    if "deferred_quality" in res:
+        q = res["deferred_quality"]
+        out += [
+            "",
+            "### What the shallow interim memory costs",
+            "",
+            f"{q['model']}: Depo queries answered from the deferred engine's memory before "
+            "catch-up (the context window slept 1 pass) and after it (the state the synchronous "
+            f"schedule reaches, N = {q['loops']}); {q['samples']} sequences per k, per-query "
+            "accuracy.",
+            "",
+            "| k | before catch-up | after catch-up |",
+            "|---|---|---|",
+        ]
+        for k, r in q["by_k"].items():
+            out.append(f"| {k} | {r['before']:.3f} | {r['after']:.3f} |")
     return "\n".join(out) + "\n"
 
 
@@ -516,10 +690,16 @@ def main():
         default=None,
         metavar="SECTIONS",
         help="Re-run these sections (comma-separated: decode, prefill, consolidation, "
-        "sessions, window_storage, wake_reuse, decode_loop) on a quiet machine; "
+        "sessions, window_storage, wake_reuse, decode_loop, deferred) on a quiet machine; "
         "the others are kept from --out's JSON.",
     )
     p.add_argument("--repeats", type=int, default=None, help="Interleaved repeats per timing.")
+    p.add_argument(
+        "--depo-run",
+        default=None,
+        help="A trained Depo run (e.g. demo_out/seed0/N3): adds deferred_quality, the accuracy "
+        "of answers from the shallow interim memory.",
+    )
     args = p.parse_args()
     if args.quick:
         cfg = ModelConfig(vocab_size=512, hidden_size=64, layers="attn,gdn,attn,gdn", num_heads=4)
@@ -576,7 +756,10 @@ def main():
             for pieces in (1, 8, sleep.window)
         ],
         "decode_loop": lambda: bench_decode_loop(model, sleep, lengths[0], n_decode, 4, rng, vocab),
+        "deferred": lambda: bench_deferred(model, sleep, rng, vocab, repeats),
     }
+    if args.depo_run:
+        sections["deferred_quality"] = lambda: bench_deferred_quality(args.depo_run, 512)
     only = args.only.split(",") if args.only else list(sections)
     if set(only) - set(sections):
         p.error(f"--only takes {', '.join(sections)}")

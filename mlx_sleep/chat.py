@@ -151,14 +151,24 @@ def consumed_text(tokenizer, ids, delta: str, reply, fed: int) -> str:
     return delta + tokenizer.decode(reply.tokens[: fed - len(ids)])
 
 
+def live_window_due(engine, idle_fill: float) -> bool:
+    """The live window is not empty and is at least `idle_fill` of L."""
+    return engine.window_len > 0 and engine.window_len >= idle_fill * engine.sleep.window
+
+
 def idle_sleep_due(engine, idle_delay: float, idle_fill: float) -> bool:
-    """The idle rule (chat and serve): idle sleep is on, and the live window is not empty and is
-    at least `idle_fill` of L."""
-    return (
-        idle_delay > 0
-        and engine.window_len > 0
-        and engine.window_len >= idle_fill * engine.sleep.window
-    )
+    """The idle rule (chat and serve): idle sleep is on, and windows are pending (deferred
+    sleep) or the live window is due."""
+    return idle_delay > 0 and (bool(engine.pending) or live_window_due(engine, idle_fill))
+
+
+def sleep_when_idle(engine, idle_fill: float, cancel=None, on_pass=None) -> bool:
+    """The idle rule's sleep: deepen the pending windows, then consolidate the live window if it
+    is due. True when all of it was done; a cancel keeps the windows deepened before it."""
+    if live_window_due(engine, idle_fill):
+        return engine.consolidate(cancel=cancel, on_pass=on_pass)
+    pending = len(engine.pending)
+    return engine.catch_up(cancel, on_pass) == pending
 
 
 class Chat:
@@ -222,7 +232,7 @@ class Chat:
             return
         self.interrupt.clear()
         reply = Reply()
-        sleeps, start = self.engine.sleeps, self.engine.offset
+        sleeps, start, pending = self.engine.sleeps, self.engine.offset, len(self.engine.pending)
         mx.reset_peak_memory()
         for piece in stream_reply(
             self.engine,
@@ -243,6 +253,11 @@ class Chat:
             self.note(
                 f"[slept {plural(self.engine.sleeps - sleeps, 'time')} during this turn; "
                 f"{plural(self.engine.sleeps, 'consolidation')} so far]"
+            )
+        if len(self.engine.pending) > pending:
+            self.note(
+                f"[{plural(len(self.engine.pending), 'window')} waiting to be slept on (deferred "
+                "sleep): memory is shallow until the next idle moment or /sleep]"
             )
         self.note(f"[{reply.speed(len(ids))}]")
         consumed = consumed_text(self.tokenizer, ids, delta, reply, self.engine.offset - start)
@@ -266,26 +281,39 @@ class Chat:
             f"(N = {e.sleep.loops}, {e.sleep.eviction} eviction), "
             f"{len(e.snapshots)}/{e.history} snapshots for /forget"
         )
+        if e.pending or e.defer:
+            self.say(
+                f"deferred sleep: {plural(len(e.pending), 'window')} pending (of at most "
+                f"{e.max_pending}), slept 1 pass until the next idle moment or /sleep"
+            )
         self.say(f"memory: fast weights {mib(fast)}, process {process_memory()}")
 
-    def sleep_now(self, cancel=None, label="sleeping") -> bool:
-        """Consolidate the live window with a line per pass; saves when done."""
-        if self.engine.window_len == 0:
+    def sleep_now(self, cancel=None, label="sleeping", idle=False) -> bool:
+        """Deepen the pending windows and consolidate the live window (`idle`: only if it is
+        due), with a line per pass; saves what was done."""
+        e = self.engine
+        pending, n = len(e.pending), e.window_len
+        if idle and not live_window_due(e, self.idle_fill):
+            n = 0
+        if pending == 0 and n == 0:
             self.say("[nothing to consolidate: the window is empty]")
             return True
-        n = self.engine.window_len
-        done = self.engine.consolidate(
-            cancel=cancel, on_pass=lambda i, N: self.note(f"[{label}: pass {i}/{N}]")
-        )
-        if done:
-            self.session.save()
-            self.note(
-                f"[consolidated {n} tokens; {plural(self.engine.sleeps, 'consolidation')} so far]"
-            )
+        on_pass = lambda i, N: self.note(f"[{label}: pass {i}/{N}]")  # noqa: E731
+        if idle:
+            done = sleep_when_idle(e, self.idle_fill, cancel, on_pass)
         else:
+            done = e.consolidate(cancel=cancel, on_pass=on_pass)
+        deepened = pending - len(e.pending)
+        if deepened or done:
+            self.session.save()
+            what = [f"deepened {plural(deepened, 'pending window')}"] if deepened else []
+            what += [f"consolidated {n} tokens"] if done and n else []
+            self.note(f"[{' and '.join(what)}; {plural(e.sleeps, 'consolidation')} so far]")
+        if not done:
             self.note(
-                "[sleep cancelled; the session is as it was, and the next sleep starts "
-                "again from pass 1]"
+                "[sleep cancelled; the session is as it was"
+                + (", but for the windows deepened" if deepened else "")
+                + ", and the next sleep starts again from pass 1]"
             )
         return done
 
@@ -327,11 +355,21 @@ class Chat:
     def wants_idle_sleep(self) -> bool:
         return idle_sleep_due(self.engine, self.idle_delay, self.idle_fill)
 
+    def idle_notice(self) -> str:
+        e, what = self.engine, []
+        if e.pending:
+            what.append(plural(len(e.pending), "pending window"))
+        if live_window_due(e, self.idle_fill):
+            what.append("the live window")
+        return f"[idle: sleeping on {' and '.join(what)}]"
+
     def idle_sleep(self, reader: LineReader):
         """Pipes: consolidate in a background thread until done or until a line arrives."""
         cancel = threading.Event()
-        self.note("[idle: sleeping on the live window]")
-        worker = threading.Thread(target=lambda: self.sleep_now(cancel.is_set, "idle sleep"))
+        self.note(self.idle_notice())
+        worker = threading.Thread(
+            target=lambda: self.sleep_now(cancel.is_set, "idle sleep", idle=True)
+        )
         worker.start()
         while worker.is_alive():
             if reader.ready(0.05) or self.interrupt.is_set():
@@ -346,8 +384,8 @@ class Chat:
 
         def wait_then_sleep():
             if not quit_.wait(self.idle_delay):
-                self.note("[idle: sleeping on the live window]")
-                self.sleep_now(quit_.is_set, "idle sleep")
+                self.note(self.idle_notice())
+                self.sleep_now(quit_.is_set, "idle sleep", idle=True)
 
         worker = threading.Thread(target=wait_then_sleep, daemon=True)
         worker.start()

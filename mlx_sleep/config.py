@@ -20,6 +20,7 @@ EVICTION_MODES = ("hard", "sliding")
 MAX_INT = 2**31 - 1  # MLX shapes are 32-bit
 MAX_LOOPS = 1024  # N: each pass is a full forward (and backward) over the window (the paper: <= 6)
 MAX_WINDOW = 1 << 20
+MAX_PENDING = 64  # deferred windows: each keeps its tokens and a copy of the state it began with
 MAX_BLOCKS = 4096  # blocks the sleep engine runs per pass (Ouro: total_ut_steps x stack)
 MAX_DIM = (
     1 << 24

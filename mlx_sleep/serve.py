@@ -37,7 +37,7 @@ from typing import Optional
 
 import mlx.core as mx
 
-from .chat import consumed_text, idle_sleep_due
+from .chat import consumed_text, idle_sleep_due, live_window_due, sleep_when_idle
 from .config import ConfigError, SleepConfig, show
 from .generate import Reply, chat_prompt, make_sampling, stream_reply
 from .io import parse_json
@@ -91,6 +91,8 @@ class Settings:
     history: int = 3  # /forget snapshots of a named session (as chat keeps them)
     idle_delay: float = 60.0  # 0: never sleep when idle
     idle_fill: float = 0.5
+    defer: bool = False  # deferred sleep: no reply waits for a window's passes
+    max_pending: int = 4
     max_sessions: int = 8  # conversations held in memory
     queue: int = 8  # requests that may wait behind the running one
     api_keys: tuple = ()
@@ -602,7 +604,10 @@ class Server:
             key = max(matches)[2]  # the longest prefix; of equals, the most recently used
             self.held.move_to_end(key)
             return self.held[key], "continued"
-        engine = SessionEngine(self.model, self.settings.sleep or self.model.sleep_config, 0)
+        s = self.settings
+        engine = SessionEngine(
+            self.model, s.sleep or self.model.sleep_config, 0, s.defer, s.max_pending
+        )
         self.unnamed += 1
         held = Held(job.kind, job.namespace, Unnamed(engine))
         return self.hold(("memory", self.unnamed), held), "new"
@@ -644,8 +649,15 @@ class Server:
                 del self.held[key]
             if not create:
                 return None
+            s = self.settings
             conv = open_session(
-                name, self.model, self.model_dir, self.settings.sleep, self.settings.history
+                name,
+                self.model,
+                self.model_dir,
+                s.sleep,
+                s.history,
+                defer=s.defer,
+                max_pending=s.max_pending,
             )
         except SessionInUse as e:
             raise ApiError(409, str(e), "session_in_use", "user")
@@ -751,7 +763,8 @@ class Server:
                     continue
             conv = held.conv
             where = f"session {conv.name}" if conv.name else "a conversation"
-            n = conv.engine.window_len
+            pending = len(conv.engine.pending)
+            n = conv.engine.window_len if live_window_due(conv.engine, s.idle_fill) else 0
 
             def on_pass(i, N):
                 self.note(f"[idle sleep ({where}): pass {i}/{N}]")
@@ -759,11 +772,14 @@ class Server:
                     self.on_idle_pass(i, N)
 
             try:
-                done = conv.engine.consolidate(cancel=self.wanted, on_pass=on_pass)
-                if done:
+                done = sleep_when_idle(conv.engine, s.idle_fill, self.wanted, on_pass)
+                deepened = pending - len(conv.engine.pending)
+                if done or deepened:
                     conv.save()
+                if done:
                     self.stats["idle_sleeps"] += 1
-                    self.note(f"[idle sleep ({where}): consolidated {n} tokens]")
+                    what = f"deepened {deepened} pending windows, " if deepened else ""
+                    self.note(f"[idle sleep ({where}): {what}consolidated {n} tokens]")
                 else:
                     self.stats["idle_cancelled"] += 1
                     self.note(f"[idle sleep ({where}): cancelled by a request; unchanged]")

@@ -4,7 +4,9 @@
         session.json                         format version, model fingerprint, sleep settings,
                                              engine positions, transcript, state file + sha256
         state-000012.safetensors             fast weights, the live window (its KV and tokens),
-                                             the window-start state, the /forget snapshots
+                                             the window-start state, the /forget snapshots,
+                                             windows pending a deferred sleep (tokens, start
+                                             state)
         lock                                 flock'ed by the one process writing the session
 
 A save writes a new state file (temporary name, fsync, rename), then session.json the same way,
@@ -42,7 +44,16 @@ from typing import List, Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .config import EVICTION_MODES, MAX_INT, MAX_LOOPS, MAX_WINDOW, ConfigError, SleepConfig, show
+from .config import (
+    EVICTION_MODES,
+    MAX_INT,
+    MAX_LOOPS,
+    MAX_PENDING,
+    MAX_WINDOW,
+    ConfigError,
+    SleepConfig,
+    show,
+)
 from .io import (
     TMP_PREFIX,
     OutputError,
@@ -103,6 +114,11 @@ def ListOf(item, most):
     return ("list", item, most)
 
 
+def MayLack(spec):
+    """A field that may be absent (one added after sessions were first written)."""
+    return ("optional", spec)
+
+
 TIME = Number(0, 32503680000)  # seconds since 1970, before the year 3000
 POS = Int(0, MAX_INT)  # token positions and counts (MLX indexes with 32 bits)
 HEX16 = Text(r"[0-9a-f]{16}", "16 hex digits")
@@ -132,6 +148,7 @@ SESSION_JSON = {
         "sleep": SLEEP,
         "model": HEX16,
         "snapshot_starts": ListOf(POS, MAX_HISTORY),
+        "pending_starts": MayLack(ListOf(POS, MAX_PENDING)),
     },
     "state_file": Text(STATE_FILE_RE.pattern, "a state file name (state-NNNNNN.safetensors)"),
     "state_sha256": Text(r"[0-9a-f]{64}", "64 hex digits"),
@@ -170,10 +187,34 @@ CONSISTENT = [
         "engine.snapshot_starts must ascend, up to engine.window_start",
     ),
     (
+        lambda m: all(
+            b - a == m["sleep"]["window"]
+            for a, b in zip(
+                pending_starts(m), pending_starts(m)[1:] + [m["engine"]["window_start"]]
+            )
+        ),
+        "engine.pending_starts must be windows of sleep.window tokens, one after another up to "
+        "engine.window_start",
+    ),
+    (
+        lambda m: all(
+            a <= (pending_starts(m) or [m["engine"]["window_start"]])[0]
+            for a in m["engine"]["snapshot_starts"]
+        ),
+        "engine.snapshot_starts must come before the first of engine.pending_starts",
+    ),
+    (
         lambda m: m["state_file"] == state_file_name(m["generation"]),
         "state_file must be state-<generation>.safetensors",
     ),
 ]
+
+
+def pending_starts(meta) -> list:
+    """The deferred windows' first positions (absent in sessions saved with none)."""
+    return meta["engine"].get("pending_starts", [])
+
+
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -188,11 +229,14 @@ def conform(spec, value, field: str = ""):
             if key not in spec:
                 raise SchemaError(f"{where} has an unknown field {show(key)}")
         for key, sub in spec.items():
-            if key not in value:
+            if key in value:
+                conform(sub, value[key], f"{field}.{key}" if field else key)
+            elif not (isinstance(sub, tuple) and sub[0] == "optional"):
                 raise SchemaError(f"{where} lacks the field {key!r}")
-            conform(sub, value[key], f"{field}.{key}" if field else key)
         return
     kind = spec[0]
+    if kind == "optional":
+        return conform(spec[1], value, field)
     if kind == "list":
         if type(value) is not list or len(value) > spec[2]:
             raise SchemaError(f"{where} must be a list of at most {spec[2]} (got {show(value)})")
@@ -339,9 +383,11 @@ def report_sessions(echo=print):
             continue
         e, L = meta["engine"], meta["sleep"]["window"]
         saved = datetime.datetime.fromtimestamp(meta["saved"]).strftime("%Y-%m-%d %H:%M")
+        pending = len(pending_starts(meta))
         echo(
             f"{name}: {e['offset']} tokens, window {e['offset'] - e['window_start']}/{L}, "
-            f"{e['sleeps']} consolidations, {len(meta['transcript']['messages'])} messages, "
+            f"{e['sleeps']} consolidations{f' ({pending} pending)' if pending else ''}, "
+            f"{len(meta['transcript']['messages'])} messages, "
             f"{meta['state_bytes'] / (1 << 20):.1f} MiB, saved {saved}, "
             f"model {os.path.basename(meta['model']['path'])}"
         )
@@ -397,27 +443,31 @@ class SessionEngine(SleepEngine):
     """A SleepEngine that keeps, for /forget, the state before each of its last `history`
     consolidated windows."""
 
-    def __init__(self, model, sleep: Optional[SleepConfig] = None, history: int = 3):
+    def __init__(
+        self,
+        model,
+        sleep: Optional[SleepConfig] = None,
+        history: int = 3,
+        defer: bool = False,
+        max_pending: int = 4,
+    ):
         self.history = history
-        super().__init__(model, sleep)
+        super().__init__(model, sleep, defer=defer, max_pending=max_pending)
 
     def reset(self):
         super().reset()
         self.snapshots = []  # [(state before the window, the window's first position)]
 
-    def consolidate(self, cancel=None, on_pass=None) -> bool:
-        if self.window_len == 0:
-            return True
-        before = (self.window_start_state, self.window_start)
-        done = super().consolidate(cancel, on_pass)
-        if done and self.history > 0:
-            self.snapshots = (self.snapshots + [before])[-self.history :]
-        return done
+    def _slept(self, start_state, start: int):
+        if self.history > 0:
+            self.snapshots = (self.snapshots + [(start_state, start)])[-self.history :]
 
     def forget(self) -> bool:
         """Roll back the last consolidation: the fast weights return to what they were before
         that window, which is gone; the live window (tokens since) is re-run on top, at the same
-        positions. False when there is nothing to roll back."""
+        positions. Pending windows are deepened first (the last window evicted is then the last
+        consolidated). False when there is nothing to roll back."""
+        self.catch_up()
         if not self.snapshots:
             return False
         state, _ = self.snapshots.pop()
@@ -511,6 +561,9 @@ def state_schema(model, meta: dict) -> dict:
     spec = {**layers("state", e["offset"]), **layers("window_start_state", e["window_start"])}
     for j, start in enumerate(e["snapshot_starts"]):
         spec.update(layers(f"snapshots.{j}", start))
+    for j, start in enumerate(pending_starts(meta)):
+        spec[f"pending.{j}.ids"] = (TOKEN_DTYPES, (1, L), True)
+        spec.update(layers(f"pending.{j}.start", start))
     live = e["offset"] - e["window_start"]
     if live:
         spec["window_ids"] = (TOKEN_DTYPES, (1, live), True)
@@ -638,8 +691,9 @@ def read_state(path: str, meta: dict, model) -> dict:
     for key, a in sorted(arrays.items()):
         if mx.issubdtype(a.dtype, mx.floating) and not mx.all(mx.isfinite(a)).item():
             raise SchemaError(f"{name} {key} holds NaN or infinite values")
-    if "window_ids" in arrays:
-        model.check_ids(arrays["window_ids"])
+    for key in sorted(arrays):
+        if key == "window_ids" or key.endswith(".ids"):  # the live and the pending windows
+            model.check_ids(arrays[key])
     return arrays
 
 
@@ -812,11 +866,14 @@ def open_session(
     system_prompt: Optional[str] = None,
     create: bool = True,
     lock: bool = True,
+    defer: bool = False,
+    max_pending: int = 4,
 ) -> Session:
     """Open (or create) session `name` for `model` (loaded from `model_dir`).
 
     `sleep` overrides the model's settings for a new session; an existing one keeps its own and
-    refuses different ones. The lock is taken first, then every check runs before anything is
+    refuses different ones. `defer`, `max_pending`: the engine's deferred sleep (a session
+    saved with pending windows opens without it too: its next sleep deepens them). The lock is taken first, then every check runs before anything is
     written: a session that cannot be opened is left byte for byte as it was."""
     if type(history) is not int or not 0 <= history <= MAX_HISTORY:
         raise SessionError(
@@ -835,7 +892,7 @@ def open_session(
                 f"{path} exists but holds no session.json (it has "
                 f"{', '.join(sorted(others)[:3])}); remove it or use another name"
             )
-        engine = SessionEngine(model, sleep or model.sleep_config, history)
+        engine = SessionEngine(model, sleep or model.sleep_config, history, defer, max_pending)
         messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
         session = Session(name, engine, identity, messages)
         clean_stale_temps(store(create=True))  # what a killed `sessions rm` left
@@ -857,7 +914,7 @@ def open_session(
             )
         try:
             arrays = read_state(os.path.join(path, meta["state_file"]), meta, model)
-            engine = SessionEngine(model, saved_sleep, meta["history"])
+            engine = SessionEngine(model, saved_sleep, meta["history"], defer, max_pending)
             engine.load_arrays_and_meta(arrays, meta["engine"])
         except (SchemaError, ValueError, RuntimeError, KeyError, TypeError) as e:
             raise _corrupt(name, str(e).splitlines()[0] if str(e) else type(e).__name__)

@@ -27,7 +27,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .config import SleepConfig
+from .config import MAX_PENDING, SleepConfig
 
 State = List[dict]  # one dict of arrays per layer
 
@@ -431,8 +431,14 @@ class SleepEngine:
         most `max_pending` wait, past that the oldest is deepened in the feed."""
         if sleep is None:
             sleep = getattr(model, "sleep_config", None) or SleepConfig()
-        if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
-            raise ValueError(f"max_pending must be an integer >= 1 (got {max_pending!r})")
+        if (
+            isinstance(max_pending, bool)
+            or not isinstance(max_pending, int)
+            or not 1 <= max_pending <= MAX_PENDING
+        ):
+            raise ValueError(
+                f"max_pending must be an integer in 1..{MAX_PENDING} (got {max_pending!r})"
+            )
         self.model, self.sleep, self.batch_size = model, sleep, batch_size
         self.defer, self.max_pending = defer, max_pending
         self.on_forced_sleep: Optional[Callable[[], dict]] = None
@@ -490,10 +496,9 @@ class SleepEngine:
                 window = mx.concatenate(self.window_ids, axis=1)
                 self.pending.append((window, self.window_start_state, self.window_start))
                 self._evict(self.state)  # shallow until catch_up() deepens it
-                if len(self.pending) > self.max_pending:
-                    self.catch_up(windows=1)
+                if len(self.pending) > self.max_pending:  # the oldest, deepened here
+                    self.catch_up(windows=len(self.pending) - self.max_pending)
             elif self.window_len == L:
-                self.catch_up()  # windows deferred earlier come first (defer was switched off)
                 hooks = self.on_forced_sleep() if self.on_forced_sleep is not None else {}
                 if not self.consolidate(**hooks):
                     raise SleepCancelled(
@@ -558,13 +563,19 @@ class SleepEngine:
         max_passes: Optional[int] = None,
         tolerance: Optional[float] = None,
     ) -> bool:
-        """Sleep on the live window: N passes from its start state, then evict.
+        """Sleep on the live window: N passes from its start state, then evict. Windows still
+        pending (defer=True) are deepened first (`catch_up`): the live window sleeps on top of
+        the memory the synchronous schedule would have.
 
-        `cancel()` is polled between passes; if it returns True the engine is left exactly as it
-        was and False is returned. `on_pass(n, N)` reports progress. Returns True when done.
-        `max_passes` replaces N; `tolerance` stops earlier, once a pass changes the fast weights
-        by less than that (relative norm, `converged`): sleep as deep as it helps. The passes
-        run are in `self.last_passes`."""
+        `cancel()` is polled between passes; if it returns True the engine is left as it was
+        (but for pending windows deepened before it) and False is returned. `on_pass(n, N)`
+        reports progress. Returns True when done. `max_passes` replaces N; `tolerance` stops
+        earlier, once a pass changes the fast weights by less than that (relative norm,
+        `converged`): sleep as deep as it helps. The passes run are in `self.last_passes`."""
+        if self.pending:
+            todo = len(self.pending)
+            if self.catch_up(cancel, on_pass) < todo:
+                return False
         if self.window_len == 0:
             return True
         loops = self.sleep.loops if max_passes is None else max_passes
@@ -616,6 +627,7 @@ class SleepEngine:
                 )
         except SleepCancelled:
             return False
+        self._slept(self.window_start_state, self.window_start)
         self._evict(state)
         self.sleeps += 1
         self.last_passes = ran[0]
@@ -624,6 +636,7 @@ class SleepEngine:
     def catch_up(
         self,
         cancel: Optional[Callable[[], bool]] = None,
+        on_pass: Optional[Callable[[int, int], None]] = None,
         on_window: Optional[Callable[[int, int], None]] = None,
         windows: Optional[int] = None,
     ) -> int:
@@ -636,7 +649,8 @@ class SleepEngine:
 
         `windows`: deepen at most that many. `cancel()` is polled between passes: a window
         interrupted mid-way is left pending as it was, the ones deepened before it stay deep.
-        `on_window(i, n)` reports each window deepened. Returns how many were deepened."""
+        `on_pass(n, N)` reports each pass, `on_window(i, n)` each window deepened. Returns how
+        many were deepened."""
         if not self.pending:
             return 0
         todo = len(self.pending) if windows is None else min(windows, len(self.pending))
@@ -648,6 +662,8 @@ class SleepEngine:
 
         def after_pass(n, state):
             mx.eval(state)
+            if on_pass is not None:
+                on_pass(n + 1, loops)
             if cancel is not None and n + 1 < loops and cancel():
                 raise SleepCancelled
 
@@ -655,6 +671,7 @@ class SleepEngine:
         try:
             for ids, _, start in self.pending[:todo]:
                 _, deep = run_chunk(self.model, ids, state, start, loops, window, after_pass)
+                self._slept(state, start)
                 state = evict(self.model, deep, keep)
                 mx.eval(state)
                 deepened += 1
@@ -699,6 +716,10 @@ class SleepEngine:
         and with it every prompt length (a full last window included) sees the passes in
         inference that it saw in training."""
         self.answering = True
+
+    def _slept(self, start_state: State, start: int):
+        """A window that began at `start` with `start_state` has just been consolidated (a hook:
+        SessionEngine keeps these for /forget)."""
 
     def _evict(self, state: State):
         """Close the live window with `state` (after its passes): evict, start the next."""

@@ -33,6 +33,7 @@ from mlx_sleep.idle import (
 from mlx_sleep.session import SessionError, open_session, weights_hash
 
 from .numerics import assert_close
+from .test_sleep import assert_trees_close
 from .tiny_models import make_model_dir
 
 CLI = [sys.executable, "-m", "mlx_sleep.cli"]
@@ -780,3 +781,95 @@ def test_schedule_on_macos_writes_loads_and_removes_only_its_agent(tmp_path, mon
         r = CliRunner().invoke(main, args)
         assert r.exit_code != 0 and "not written by mlx-sleep" in r.output, r.output
     assert plistlib.loads(agent.read_bytes()) == {"Label": "someone.else"}
+
+
+# -- deferred sleep (--defer-sleep) -----------------------------------------------------------
+
+
+def fed_as_a_reply(engine, ids, prompt=10):
+    """A prompt in one piece, then one token at a time, as a reply is fed."""
+    engine.feed(ids[:, :prompt], logits=None)
+    for t in range(prompt, ids.shape[1]):
+        engine.feed(ids[:, t : t + 1], logits=None)
+
+
+def test_a_deferred_session_saves_its_pending_windows_and_catches_up_like_a_synchronous_one(
+    models, home
+):
+    """Pending windows (tokens and start states) survive a save and a reopen without deferral;
+    its next sleep deepens them first, and the session then holds what the synchronous
+    schedule reaches on the same tokens: fast weights, window-start state, /forget snapshots,
+    and the state a /forget returns to."""
+    model, _ = mlx_sleep.load(models["small"])  # N = 2, L = 16
+    ids = mx.array(np.random.default_rng(0).integers(0, model.vocab_size, (1, 75)))
+    sync = open_session("sync", model, models["small"])
+    fed_as_a_reply(sync.engine, ids)
+    deferred = open_session("d", model, models["small"], defer=True, max_pending=8)
+    fed_as_a_reply(deferred.engine, ids)
+    assert len(deferred.engine.pending) == 4 and deferred.engine.sleeps == 0
+    deferred.save()
+    deferred.close()
+    r = CliRunner().invoke(main, ["sessions", "show", "d"])
+    assert r.exit_code == 0 and "0 consolidations, 4 windows pending" in r.output, r.output
+    r = CliRunner().invoke(main, ["sessions", "list"])
+    assert "0 consolidations (4 pending)" in r.output, r.output
+
+    reopened = open_session("d", model, models["small"], create=False)
+    assert [start for _, _, start in reopened.engine.pending] == [0, 16, 32, 48]
+    assert reopened.engine.consolidate() and not reopened.engine.pending
+    assert sync.engine.consolidate()
+    a, b = reopened.engine, sync.engine
+    assert a.sleeps == b.sleeps == 5
+    assert [s for _, s in a.snapshots] == [s for _, s in b.snapshots] == [32, 48, 64]
+    for (x, _), (y, _) in zip(a.snapshots, b.snapshots):
+        assert_trees_close(x, y)
+    assert_trees_close(a.state, b.state)
+    assert a.forget() and b.forget()
+    assert_trees_close(a.state, b.state)
+    reopened.close()
+    sync.close()
+
+
+def test_chat_with_deferred_sleep_runs_no_pass_in_a_reply_and_sleep_deepens_later(models, home):
+    """`chat --defer-sleep`: windows that fill during the turns are not slept on there (no
+    "window full" notice, no consolidation); /status reports them; /sleep deepens them and the
+    saved session then holds none."""
+    out = cli(
+        home,
+        "chat",
+        "--model",
+        models["small"],
+        "-s",
+        "d",
+        "-m",
+        "10",
+        "--idle-delay",
+        "0",
+        "--defer-sleep",
+        "--max-pending",
+        "8",
+        input="\n".join(TURNS + ["/status", "/sleep", "/status"]) + "\n",
+    )
+    assert out.returncode == 0, out.stderr
+    assert "window full" not in out.stderr and "[slept" not in out.stderr, out.stderr
+    assert "waiting to be slept on (deferred sleep)" in out.stderr, out.stderr
+    pending = re.findall(r"deferred sleep: (\d+) windows? pending", out.stdout)
+    assert len(pending) == 2 and int(pending[0]) >= 2 and pending[1] == "0", out.stdout
+    assert re.search(rf"deepened {pending[0]} pending windows", out.stderr), out.stderr
+    meta, _ = saved_arrays(home, "d")
+    assert "pending_starts" not in meta["engine"] and meta["engine"]["sleeps"] >= int(pending[0])
+
+
+def test_idle_sleep_deepens_pending_windows_whatever_the_live_window_holds(models):
+    """Pending windows make an idle sleep due however empty the live window is; that sleep
+    deepens them and leaves a live window below --idle-fill alone."""
+    from mlx_sleep.chat import idle_sleep_due, sleep_when_idle
+    from mlx_sleep.sleep import SleepEngine
+
+    model, _ = mlx_sleep.load(models["small"])
+    engine = SleepEngine(model, defer=True)
+    fed_as_a_reply(engine, mx.array([list(range(40, 75))]))  # 2 windows pending, 3 tokens live
+    assert len(engine.pending) == 2 and engine.window_len == 3
+    assert idle_sleep_due(engine, 60, 0.5) and not idle_sleep_due(engine, 0, 0.5)
+    assert sleep_when_idle(engine, 0.5) and not engine.pending and engine.window_len == 3
+    assert engine.sleeps == 2 and not idle_sleep_due(engine, 60, 0.5)

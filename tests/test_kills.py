@@ -76,6 +76,7 @@ def finetune_args(model, out):
 
 
 CHAT_INPUT = "hello there\n/sleep\nand more\n"
+DEFERRED_CHAT_INPUT = "hello there\nand more\n/sleep\nthe end\n"
 
 
 def chat_args(model):
@@ -158,13 +159,17 @@ def chat_env(home):
     return {"MLX_SLEEP_HOME": str(home)}
 
 
-@pytest.mark.parametrize("command", ["train", "finetune", "chat"])
+COMMANDS = ["train", "finetune", "chat", "chat --defer-sleep"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
 def test_sigkill_at_any_step_leaves_what_loads_and_resumes(tmp_path, model, command):
-    run(tmp_path, model, command, KILL_POINTS)
+    # deferred sleep: the same saves as chat's, with pending windows in them (fewer points)
+    run(tmp_path, model, command, KILL_POINTS // 2 if "defer" in command else KILL_POINTS)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", ["train", "finetune", "chat"])
+@pytest.mark.parametrize("command", COMMANDS)
 def test_sigkill_at_every_step(tmp_path, model, command):
     points = run(tmp_path, model, command, None)
     print(f"\n{command}: killed at each of {len(points)} filesystem steps")
@@ -177,12 +182,13 @@ def run(tmp_path, model, command, most):
         return kills(
             command, tmp_path, lambda out: finetune_args(model, out), check_finetune(model), most
         )
+    defer = command.split()[1:]  # windows fill in the turns and wait: saves hold them
     return kills(
         command,
         tmp_path,
-        lambda home: chat_args(model),
+        lambda home: chat_args(model) + defer,
         check_chat(model),
         most,
         env=chat_env,
-        input=CHAT_INPUT,
+        input=DEFERRED_CHAT_INPUT if defer else CHAT_INPUT,
     )

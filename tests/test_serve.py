@@ -518,6 +518,32 @@ def test_idle_sleep_consolidates_and_a_request_cancels_it(loaded, home):
         assert usage.prompt_tokens_details.cached_tokens == engine["offset"]
 
 
+def test_deferred_sleep_runs_no_pass_in_a_request_and_the_idle_sleep_deepens(loaded, home):
+    """--defer-sleep: the windows a request fills wait (no consolidation in the request, the
+    named session saved with them pending); the idle sleep deepens them, though the live
+    window is below --idle-fill."""
+    with running(loaded, idle_delay=0.3, idle_fill=1.0, defer=True, max_pending=8) as (
+        server,
+        url,
+    ):
+        passes, checked = [], threading.Event()
+
+        def after_the_check(i, n):  # the sleep saves when done: hold it until then
+            passes.append(i)
+            wait_for(checked.is_set, "the saved session to be read")
+
+        server.on_idle_pass = after_the_check
+        turn(client(url), [user("A long note to keep: " + "abc " * 12)], user="deferred")
+        meta = read_meta("deferred")
+        checked.set()
+        pending = meta["engine"]["pending_starts"]
+        assert len(pending) >= 3 and meta["engine"]["sleeps"] == 0
+        wait_for(lambda: server.stats["idle_sleeps"] == 1, "the idle sleep")
+        meta = read_meta("deferred")
+        assert "pending_starts" not in meta["engine"]
+        assert meta["engine"]["sleeps"] == len(pending) and len(passes) == 2 * len(pending)
+
+
 # -- the command line ------------------------------------------------------------------------------
 
 

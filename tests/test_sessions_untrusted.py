@@ -207,7 +207,42 @@ ISSUE_JSON_CASES = [
         "transcript.messages[1] has an unknown field 'tool'",
     ),
 ]
+
+
+def both(*edits):
+    def edit(meta):
+        for e in edits:
+            e(meta)
+
+    return edit
+
+
 MORE_JSON_CASES = [
+    (
+        "pending_starts not whole windows",
+        setting("engine.pending_starts", [3]),
+        "engine.pending_starts must be windows of sleep.window tokens",
+    ),
+    (
+        "pending_starts a string",
+        setting("engine.pending_starts", "0"),
+        "engine.pending_starts must be a list",
+    ),
+    (
+        "65 pending_starts",
+        setting("engine.pending_starts", list(range(65))),
+        "engine.pending_starts must be a list of at most 64",
+    ),
+    (
+        "a snapshot after a pending window",
+        both(setting("engine.pending_starts", [0]), setting("engine.snapshot_starts", [16])),
+        "engine.snapshot_starts must come before the first of engine.pending_starts",
+    ),
+    (
+        "pending_starts without their arrays",
+        setting("engine.pending_starts", [0]),
+        "lacks",
+    ),
     ("top level an array", replaced(lambda m: json.dumps([m])), "the top level must be an object"),
     ("top level null", replaced(lambda m: "null"), "the top level must be an object"),
     ("not JSON", replaced(lambda m: json.dumps(m)[:100]), "not valid JSON"),
@@ -302,7 +337,8 @@ def test_an_edited_session_json_is_refused_by_every_command(golden, tmp_path, ca
     else:
         write_meta(path, meta)
     before = snapshot(tmp_path)
-    reads_only_json = name == "state_sha256 another file's"  # show, export, list: no checksum
+    # show, export, list read session.json alone: no checksum, no state file
+    reads_only_json = name in ("state_sha256 another file's", "pending_starts without their arrays")
     for args in (
         ["sessions", "show", NAME],
         ["chat", "-s", NAME],

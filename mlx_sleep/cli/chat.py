@@ -101,6 +101,8 @@ def chat(
     history,
     idle_delay,
     idle_fill,
+    defer_sleep,
+    max_pending,
     max_tokens,
     temp,
     top_p,
@@ -136,6 +138,8 @@ def chat(
             sleep_override(m, window, loops, eviction),
             history,
             system_prompt,
+            defer=defer_sleep,
+            max_pending=max_pending,
         )
         if system_prompt and session.meta.get("generation"):
             click.echo(
@@ -182,7 +186,8 @@ def sessions_list():
 @click.argument("name")
 def sessions_show(name):
     """The settings and the transcript of one session."""
-    from ..session import read_meta
+    from ..chat import plural
+    from ..session import pending_starts, read_meta
 
     def go():
         meta = read_meta(name)
@@ -194,6 +199,7 @@ def sessions_show(name):
         click.echo(
             f"sleep {meta['sleep']}, {e['offset']} tokens, window "
             f"{e['offset'] - e['window_start']}, {e['sleeps']} consolidations, "
+            f"{plural(len(pending_starts(meta)), 'window')} pending (deferred sleep), "
             f"format {meta['format']}"
         )
         for m in meta["transcript"]["messages"]:

@@ -200,6 +200,7 @@ def sampling_options(fn):
 
 def session_options(fn):
     """The session and idle-sleep flags `chat` and `serve` share."""
+    from ..config import MAX_PENDING
     from ..session import MAX_HISTORY
 
     options = [
@@ -223,6 +224,19 @@ def session_options(fn):
             default=0.5,
             show_default=True,
             help="...if the window is at least this full.",
+        ),
+        click.option(
+            "--defer-sleep",
+            is_flag=True,
+            help="A window that fills during a reply gets its N passes at the next idle moment "
+            "or /sleep, not in the reply (memory is shallow until then).",
+        ),
+        click.option(
+            "--max-pending",
+            type=count(1, MAX_PENDING),
+            default=4,
+            show_default=True,
+            help="Deferred windows that may wait; past that the oldest sleeps in the reply.",
         ),
     ]
     for option in reversed(options):
