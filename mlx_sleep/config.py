@@ -94,6 +94,49 @@ def check_type(name: str, value, hint, where: str = ""):
         raise ConfigError(f"{where}{name} must be {_type_name(hint)} (got {show(value)})")
 
 
+def check_depth_losses(value, where: str = "depth_losses") -> Optional[tuple]:
+    """((depth, weight), ...) of a per-depth objective (sleep.loss_depths), checked: depths
+    distinct integers in 1..MAX_LOOPS, weights finite and >= 0, one of them > 0. None: none."""
+    if value is None:
+        return None
+    want = (
+        f"{where} must be DEPTH:WEIGHT pairs with distinct depths in 1..{MAX_LOOPS}, weights "
+        "finite and >= 0 and one > 0, e.g. 3:1,6:0.5"
+    )
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ConfigError(f"{want} (got {show(value)})")
+    pairs = []
+    for pair in value:
+        if not (
+            isinstance(pair, (list, tuple))
+            and len(pair) == 2
+            and _type_ok(pair[0], int)
+            and 1 <= pair[0] <= MAX_LOOPS
+            and _type_ok(pair[1], float)
+            and pair[1] >= 0
+        ):
+            raise ConfigError(f"{want} (got {show(pair)})")
+        pairs.append((int(pair[0]), float(pair[1])))
+    depths = [d for d, _ in pairs]
+    if len(set(depths)) != len(depths) or not any(w > 0 for _, w in pairs):
+        raise ConfigError(f"{want} (got {show(value)})")
+    return tuple(pairs)
+
+
+def parse_depth_losses(text: str, where: str = "--depth-losses") -> tuple:
+    """'3:1,6:0.5' -> ((3, 1.0), (6, 0.5)), checked (check_depth_losses)."""
+    pairs = []
+    for item in str(text).split(","):
+        depth, sep, weight = item.strip().partition(":")
+        try:
+            pairs.append((int(depth), float(weight)) if sep else None)
+        except ValueError:
+            pairs.append(None)
+    if None in pairs:
+        raise ConfigError(f"{where} takes DEPTH:WEIGHT pairs such as 3:1,6:0.5 (got {text!r})")
+    return check_depth_losses(pairs, where)
+
+
 def json_bool(d: dict, key: str, default: bool = False) -> bool:
     """A true/false setting read from a JSON object: absent or null gives `default`; anything
     but a JSON boolean is refused (bool("false") would be True)."""

@@ -203,7 +203,7 @@ class TrainingRun:
         refuse_other_settings(
             self.out_dir,
             {k: saved.get(k) for k in self.settings},
-            self.settings,
+            json.loads(json.dumps(self.settings)),  # as config.json has them: tuples are lists
             self.RESUMABLE_CHANGES,
         )
         self.load_checkpoint(ckpt)

@@ -20,12 +20,13 @@ Within the N passes over a chunk, pass n+1 takes pass n's output features; the f
 KV and the short-conv state restart from their chunk-start values (same tokens, same positions).
 """
 
+from dataclasses import replace
 from typing import Callable, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .config import MAX_PENDING, SleepConfig
 
@@ -393,6 +394,43 @@ def sleep_value_and_grad(model, inputs, targets, mask, sleep: SleepConfig, *, pl
     finally:
         set_params(params)
     return (total / denom, n_scored), tree_unflatten(list(zip(names, grads)))
+
+
+# -- the objective over depths ------------------------------------------------------------
+
+
+def loss_depths(sleep: SleepConfig, depth_losses=None) -> list:
+    """[(sleep settings, weight)]: where the training loss is taken. Algorithm 1 takes it at N
+    passes alone; `depth_losses` ((depth, weight), ...) takes it at each depth d (every context
+    window slept d passes), weighted: a model trained to answer at several depths (a depth
+    dial, docs/training.md)."""
+    if not depth_losses:
+        return [(sleep, 1.0)]
+    return [(replace(sleep, loops=d), w) for d, w in depth_losses if w > 0]
+
+
+def depth_loss(model, inputs, targets, mask, depths, *, plan=None):
+    """sum of weight * sleep_loss over `depths` (loss_depths): (objective, n_scored)."""
+    total = None
+    for sleep, weight in depths:
+        loss, n_scored = sleep_loss(model, inputs, targets, mask, sleep, plan=plan)
+        term = loss if weight == 1 else weight * loss
+        total = term if total is None else total + term
+    return total, n_scored
+
+
+def depth_value_and_grad(model, inputs, targets, mask, depths, *, plan=None):
+    """depth_loss's value and gradients with memory bounded as `sleep_value_and_grad` bounds
+    it: one depth at a time, the weighted sum accumulated."""
+    total = grads = None
+    for sleep, weight in depths:
+        (loss, n_scored), g = sleep_value_and_grad(model, inputs, targets, mask, sleep, plan=plan)
+        if weight != 1:
+            loss, g = weight * loss, tree_map(lambda a: (weight * a).astype(a.dtype), g)
+        total = loss if total is None else total + loss
+        grads = g if grads is None else tree_map(mx.add, grads, g)
+        mx.eval(total, grads)
+    return (total, n_scored), grads
 
 
 class SleepCancelled(Exception):

@@ -22,12 +22,20 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .config import MAX_LOOPS, ConfigError, ModelConfig, SleepConfig, check_memory, check_types
+from .config import (
+    MAX_LOOPS,
+    ConfigError,
+    ModelConfig,
+    SleepConfig,
+    check_depth_losses,
+    check_memory,
+    check_types,
+)
 from .eval import evaluate
 from .io import check_regular_file, read_json_object, recover_dir
 from .loop import TrainingRun
 from .models import HybridLM, SleepModel, model_from_config
-from .sleep import plan_chunks, sleep_loss, sleep_value_and_grad
+from .sleep import depth_loss, depth_value_and_grad, loss_depths, plan_chunks
 from .tasks import task_from_dict
 from .weights import read_safetensors
 
@@ -57,6 +65,11 @@ class TrainConfig:
     # dial at test time). From its own seeded generator, so the data stream is the same as a
     # fixed-N run's. Evaluation during training uses the run's SleepConfig.loops.
     loops_sample: Optional[Tuple[int, int]] = None
+    # ((depth, weight), ...): take the loss at each depth (every context window slept that many
+    # passes), weighted (sleep.loss_depths), from step depth_losses_from on; before it, and by
+    # default, Algorithm 1 at N alone.
+    depth_losses: Optional[tuple] = None
+    depth_losses_from: int = 0
 
     def __post_init__(self):
         check_types(self)
@@ -79,6 +92,9 @@ class TrainConfig:
                     f"loops_sample must be LO:HI with 1 <= LO <= HI <= {MAX_LOOPS} (got {lo}:{hi})"
                 )
             self.loops_sample = (int(lo), int(hi))
+        self.depth_losses = check_depth_losses(self.depth_losses)
+        if self.depth_losses and self.loops_sample:
+            raise ConfigError("depth_losses and loops_sample cannot be combined: choose one")
 
     @classmethod
     def from_dict(cls, d):
@@ -86,6 +102,10 @@ class TrainConfig:
         d = {k: v for k, v in d.items() if k in known}
         if d.get("loops_sample") is not None:
             d["loops_sample"] = tuple(d["loops_sample"])
+        if isinstance(d.get("depth_losses"), list):  # JSON's lists: checked in __post_init__
+            d["depth_losses"] = tuple(
+                tuple(p) if isinstance(p, list) else p for p in d["depth_losses"]
+            )
         return cls(**d)
 
 
@@ -101,6 +121,7 @@ LIMITS = (
     ("checkpoint_every", 0, 10**9),
     ("log_every", 1, 10**9),
     ("weight_decay", 0, 1e3),
+    ("depth_losses_from", 0, 10**9),
 )
 
 
@@ -144,7 +165,10 @@ def training_bytes(model: SleepModel, sleep: SleepConfig, seq_len: int, cfg: "Tr
     width = model.embed(mx.zeros((1, 1), dtype=mx.int32)).shape[-1]  # lazy: shapes only
     tokens = cfg.batch_size * (min(sleep.window, seq_len) if cfg.activation_checkpoint else seq_len)
     blocks = len(model.sleep_blocks())
-    return 4 * params + 16 * tokens * width * blocks * sleep.loops + 12 * tokens * model.vocab_size
+    depths = [d for d, w in cfg.depth_losses or [(sleep.loops, 1)] if w > 0]
+    # one graph holds every depth's passes at once; the memory-bounded step one depth at a time
+    passes = max(depths) if cfg.activation_checkpoint else sum(depths)
+    return 4 * params + 16 * tokens * width * blocks * passes + 12 * tokens * model.vocab_size
 
 
 class Trainer(TrainingRun):
@@ -225,8 +249,8 @@ class Trainer(TrainingRun):
             self.loops_rng.bit_generator.state = meta["loops_rng"]
 
     # -- one step -----------------------------------------------------------------------------
-    def _step_fn(self, plan, sleep):
-        key = (tuple(plan[0]), tuple(plan[1]), sleep.loops)
+    def _step_fn(self, plan, depths):
+        key = (tuple(plan[0]), tuple(plan[1]), tuple((s.loops, w) for s, w in depths))
         if key in self._steps:
             return self._steps[key]
         model, optimizer, cfg = self.model, self.optimizer, self.cfg
@@ -234,10 +258,10 @@ class Trainer(TrainingRun):
         if cfg.activation_checkpoint:
 
             def value_and_grad(x, y, w):
-                return sleep_value_and_grad(model, x, y, w, sleep, plan=plan)
+                return depth_value_and_grad(model, x, y, w, depths, plan=plan)
         else:
             grad_fn = nn.value_and_grad(
-                model, lambda m, x, y, w: sleep_loss(m, x, y, w, sleep, plan=plan)
+                model, lambda m, x, y, w: depth_loss(m, x, y, w, depths, plan=plan)
             )
 
             def value_and_grad(x, y, w):
@@ -275,7 +299,8 @@ class Trainer(TrainingRun):
         if self.cfg.loops_sample is not None:
             lo, hi = self.cfg.loops_sample
             sleep = replace(sleep, loops=int(self.loops_rng.integers(lo, hi + 1)))
-        loss, norm = self._step_fn(plan, sleep)(
+        extra = self.cfg.depth_losses if self.step >= self.cfg.depth_losses_from else None
+        loss, norm = self._step_fn(plan, loss_depths(sleep, extra))(
             mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask)
         )
         mx.eval(loss, norm, self.model.parameters(), self.optimizer.state)

@@ -29,7 +29,7 @@ from mlx_sleep.finetune import (
     summed_loss_and_grads,
     tokenize_record,
 )
-from mlx_sleep.sleep import plan_chunks, plan_rows
+from mlx_sleep.sleep import loss_depths, plan_chunks, plan_rows
 from mlx_sleep.generate import generate, stream_generate
 from tests.numerics import assert_close
 from tests.tiny_models import make_model_dir
@@ -629,17 +629,19 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_rank_slices_sum_to_the_global_batch(tmp_path, workdir):
+@pytest.mark.parametrize("depth_losses", [None, ((2, 1.0), (4, 0.5))])
+def test_rank_slices_sum_to_the_global_batch(tmp_path, workdir, depth_losses):
     """The data-parallel step in one process: each rank's slice of the global batch, run under
     its rows' chunk plans, gives summed losses, counts and gradients that add up to the global
     batch's (what the all-reduce adds; the ring test below runs the real thing)."""
     ft = finetune(workdir, "jet_nemotron", tmp_path, "full", steps=1)
     inputs, targets, mask = make_batch(ft.train_examples[:4], ft.pad_id)
     plan = plan_chunks(mask, ft.sleep.window)
-    ce, n, grads = summed_loss_and_grads(ft.model, inputs, targets, mask, ft.sleep, plan, True)
+    depths = loss_depths(ft.sleep, depth_losses)
+    ce, n, grads = summed_loss_and_grads(ft.model, inputs, targets, mask, depths, plan, True)
     parts = [
         summed_loss_and_grads(
-            ft.model, inputs[r], targets[r], mask[r], ft.sleep, plan_rows(plan, r), True
+            ft.model, inputs[r], targets[r], mask[r], depths, plan_rows(plan, r), True
         )
         for r in (slice(0, 2), slice(2, 4))
     ]
@@ -745,3 +747,51 @@ def test_evaluation_is_deterministic_with_lora_dropout(tmp_path, workdir):
     model, _ = load(str(workdir / "jet_nemotron"))
     model = load_adapter(model, str(tmp_path / "run" / "checkpoint"))
     assert mx.array_equal(model(ids), model(ids))
+
+
+def test_depth_losses_switch_on_at_their_step_and_resume_exactly(tmp_path, workdir, monkeypatch):
+    """--depth-losses 1:0.5,3:1 --depth-losses-from 2 (N = 2): steps 0-1 take the loss at N,
+    later ones at depths 1 and 3; a run killed after its step-2 checkpoint resumes to the
+    straight run's adapters bit for bit, and the run's config records the setting."""
+    import mlx_sleep.sleep as sleep_mod
+
+    seen = []
+    real = sleep_mod.sleep_value_and_grad
+    monkeypatch.setattr(
+        sleep_mod,
+        "sleep_value_and_grad",
+        lambda m, x, y, w, sleep, **k: seen.append(sleep.loops) or real(m, x, y, w, sleep, **k),
+    )
+
+    def run_of(out):
+        return finetune(
+            workdir,
+            "jet_nemotron",
+            out,
+            steps=4,
+            checkpoint_every=2,
+            depth_losses=((1, 0.5), (3, 1.0)),
+            depth_losses_from=2,
+        )
+
+    straight = run_of(tmp_path / "a")
+    straight.run()
+    assert seen == [2, 2, 1, 3, 1, 3], seen
+
+    class Killed(Exception):
+        pass
+
+    def die_at_3(step):
+        if step == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_of(tmp_path / "b").run(on_step=die_at_3)
+    resumed = run_of(tmp_path / "b")
+    assert resumed.step == 2
+    resumed.run()
+    a, b = params(straight.model), params(resumed.model)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    saved = json.load(open(tmp_path / "b" / "config.json"))
+    assert saved["finetune"]["depth_losses"] == [[1, 0.5], [3, 1.0]], saved

@@ -1,5 +1,7 @@
 """The sleep engine: Algorithm 1's pass semantics, training == inference, eviction, persistence."""
 
+from dataclasses import replace
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -8,7 +10,16 @@ from mlx.utils import tree_flatten
 
 from mlx_sleep import HybridLM, ModelConfig, SleepConfig, SleepEngine, sleep_forward, sleep_loss
 from mlx_sleep.config import ConfigError
-from mlx_sleep.sleep import chunk_bounds, evict, plan_chunks, run_chunk, sleep_value_and_grad
+from mlx_sleep.sleep import (
+    chunk_bounds,
+    depth_loss,
+    depth_value_and_grad,
+    evict,
+    loss_depths,
+    plan_chunks,
+    run_chunk,
+    sleep_value_and_grad,
+)
 from tests.numerics import assert_close
 
 V = 13
@@ -432,6 +443,39 @@ def test_each_row_sleeps_on_its_own_context(layers, core, eviction):
             g = {name: v * k.item() for name, v in flat(g).items()}
             summed = g if summed is None else {name: summed[name] + g[name] for name in g}
         assert_trees_close({name: v * n.item() for name, v in flat(grads).items()}, summed)
+
+
+@pytest.mark.parametrize("eviction", ["hard", "sliding"])
+def test_depth_losses_are_the_weighted_sum_of_algorithm_1_at_each_depth(eviction):
+    """loss_depths: by default Algorithm 1 at N alone (sleep_loss itself, bit for bit); with
+    depth losses the objective and its gradients are the weighted sum of sleep_loss at each
+    depth, in one graph (depth_loss) and memory-bounded (depth_value_and_grad), on a batch
+    whose rows answer in different chunks."""
+    model = model_of("gdn,attn,jet", core=(0, 2))
+    sleep = SleepConfig(loops=2, window=4, eviction=eviction)
+    ids, targets = tokens(2, 14), tokens(2, 14, seed=5)
+    mask = np.zeros((2, 14))
+    mask[0, 12:14], mask[1, 5:7] = 1, 1
+    plan = plan_chunks(mask, sleep.window)
+    loss, _ = depth_loss(model, ids, targets, mask, loss_depths(sleep), plan=plan)
+    assert np.array_equal(np.array(loss), np.array(sleep_loss(model, ids, targets, mask, sleep)[0]))
+
+    depths = loss_depths(sleep, ((1, 0.25), (3, 1.0), (5, 0.0)))
+    assert [(s.loops, w) for s, w in depths] == [(1, 0.25), (3, 1.0)]
+    want_loss, want_grads = 0.0, None
+    for d, w in ((1, 0.25), (3, 1.0)):
+        (l_d, _), g_d = plain_value_and_grad(model, ids, targets, mask, replace(sleep, loops=d))
+        want_loss += w * l_d.item()
+        g_d = {k: w * v for k, v in flat(g_d).items()}
+        want_grads = g_d if want_grads is None else {k: want_grads[k] + g_d[k] for k in g_d}
+    one_graph = nn.value_and_grad(
+        model, lambda m: depth_loss(m, ids, targets, mask, depths, plan=plan)
+    )(model)
+    bounded = depth_value_and_grad(model, ids, targets, mask, depths, plan=plan)
+    for (l_, n_), g in (one_graph, bounded):
+        assert n_.item() == mask.sum()
+        assert_close(l_.item(), want_loss, rtol=1e-6, what="objective")
+        assert_trees_close(flat(g), want_grads)
 
 
 def test_chunkwise_value_and_grad_prelude_coda_random_chunks_and_no_answers():

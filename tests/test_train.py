@@ -87,12 +87,12 @@ def test_resume_is_exact(tmp_path, activation_checkpoint):
 def test_activation_checkpoint_trains_like_plain_backprop(tmp_path, monkeypatch, compile):
     """--activation-checkpoint routes the step through sleep_value_and_grad (chunk by chunk, so
     never under mx.compile, even when compile is asked for) and takes the same steps."""
-    import mlx_sleep.train as train_mod
+    import mlx_sleep.sleep as sleep_mod
 
     calls = []
-    real = train_mod.sleep_value_and_grad
+    real = sleep_mod.sleep_value_and_grad
     monkeypatch.setattr(
-        train_mod, "sleep_value_and_grad", lambda *a, **k: calls.append(1) or real(*a, **k)
+        sleep_mod, "sleep_value_and_grad", lambda *a, **k: calls.append(1) or real(*a, **k)
     )
     plain = trainer(tmp_path / "a", steps=3, loops=3)
     chunked = trainer(tmp_path / "b", steps=3, loops=3, activation_checkpoint=True, compile=compile)
@@ -154,12 +154,12 @@ def test_load_run_on_a_non_run_says_so(tmp_path):
 def test_loops_sample_draws_n_per_batch_seeded(tmp_path, monkeypatch):
     """--loops-sample A:B: each step runs with N drawn from its own seeded generator (the data
     stream stays the fixed-N run's); (2, 2) is exactly the fixed N = 2 run."""
-    import mlx_sleep.train as train_mod
+    import mlx_sleep.sleep as sleep_mod
 
     seen = []
-    real = train_mod.sleep_loss
+    real = sleep_mod.sleep_loss
     monkeypatch.setattr(
-        train_mod,
+        sleep_mod,
         "sleep_loss",
         lambda m, x, y, w, sleep, **k: seen.append(sleep.loops) or real(m, x, y, w, sleep, **k),
     )
@@ -199,3 +199,70 @@ def test_loops_sample_resume_is_exact(tmp_path):
     assert TrainConfig.from_dict(saved["train"]).loops_sample == (1, 3)
     with pytest.raises(ConfigError, match="loops_sample must be LO:HI"):
         TrainConfig(loops_sample=(3, 1))
+
+
+@pytest.mark.parametrize("activation_checkpoint", [False, True])
+def test_depth_losses_take_the_loss_at_each_depth_from_their_step(
+    tmp_path, monkeypatch, activation_checkpoint
+):
+    """--depth-losses 1:0.5,3:1 --depth-losses-from 2: steps 0-1 take Algorithm 1's loss at
+    N = 2 alone, later steps at depths 1 and 3 (weights: the objective is their weighted sum,
+    tests/test_sleep.py); a resumed run across the switch ends where the straight one does."""
+    import mlx_sleep.sleep as sleep_mod
+
+    seen = []
+    real = sleep_mod.sleep_loss
+    monkeypatch.setattr(
+        sleep_mod,
+        "sleep_loss",
+        lambda m, x, y, w, sleep, **k: seen.append(sleep.loops) or real(m, x, y, w, sleep, **k),
+    )
+    kw = dict(
+        depth_losses=((1, 0.5), (3, 1.0)),
+        depth_losses_from=2,
+        activation_checkpoint=activation_checkpoint,
+    )
+    if activation_checkpoint:  # the memory-bounded path computes its loss chunk by chunk
+        real_vg = sleep_mod.sleep_value_and_grad
+        monkeypatch.setattr(
+            sleep_mod,
+            "sleep_value_and_grad",
+            lambda m, x, y, w, sleep, **k: (
+                seen.append(sleep.loops) or real_vg(m, x, y, w, sleep, **k)
+            ),
+        )
+    straight = trainer(tmp_path / "a", steps=4, **kw)
+    straight.run()
+    assert seen[:4] == [2, 2, 1, 3], seen
+    half = trainer(tmp_path / "b", steps=4, **kw)
+    half.cfg.steps = 3
+    half.run()
+    resumed = trainer(tmp_path / "b", steps=4, **kw)
+    assert resumed.step == 3
+    resumed.run()
+    a, b = (
+        dict(tree_flatten(straight.model.parameters())),
+        dict(tree_flatten(resumed.model.parameters())),
+    )
+    for k in a:
+        np.testing.assert_array_equal(np.array(a[k]), np.array(b[k]), err_msg=k)
+    saved = json.load(open(tmp_path / "b" / "config.json"))
+    assert TrainConfig.from_dict(saved["train"]).depth_losses == ((1, 0.5), (3, 1.0))
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (((3, 1.0), (3, 0.5)), "distinct depths"),
+        (((3, 0.0),), "one > 0"),
+        (((0, 1.0),), "depths in 1.."),
+        (((2, -1.0),), "weights finite and >= 0"),
+        (((2, float("nan")),), "weights finite"),
+        ("3:1", "DEPTH:WEIGHT pairs"),
+    ],
+)
+def test_bad_depth_losses_are_refused(value, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(depth_losses=value)
+    with pytest.raises(ConfigError, match="cannot be combined"):
+        TrainConfig(depth_losses=((2, 1.0),), loops_sample=(1, 3))

@@ -198,6 +198,30 @@ def sampling_options(fn):
     return fn
 
 
+def depth_loss_options(fn):
+    """The per-depth objective `train` and `finetune` share (docs/training.md)."""
+    options = [
+        click.option(
+            "--depth-losses",
+            default=None,
+            metavar="D:W,...",
+            help="Take the loss at each depth D (every context window slept D passes), "
+            "weighted W, e.g. 3:1,6:0.5 (default: at N alone, Algorithm 1).",
+        ),
+        click.option(
+            "--depth-losses-from",
+            type=count(0),
+            default=0,
+            show_default=True,
+            metavar="STEP",
+            help="...from this step on (before it: at N alone).",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 def session_options(fn):
     """The session and idle-sleep flags `chat` and `serve` share."""
     from ..config import MAX_PENDING

@@ -3,7 +3,7 @@
 import click
 
 from ..config import ConfigError
-from ..config import MAX_LOOPS
+from ..config import MAX_LOOPS, parse_depth_losses
 from .common import (
     BATCH,
     GRAD_ACCUM,
@@ -13,6 +13,7 @@ from .common import (
     PathArg,
     Text,
     count,
+    depth_loss_options,
     parse_core,
     refuse_unused,
     run_safely,
@@ -270,6 +271,7 @@ def convert(
     show_default=True,
     help="Recompute one chunk at a time on backward (peak memory ~ one chunk).",
 )
+@depth_loss_options
 @click.option(
     "--valid-every", type=count(0), default=100, show_default=True, help="0: no validation."
 )
@@ -325,6 +327,8 @@ def finetune(
     train_only,
     hard_warmup,
     memory_bounded,
+    depth_losses,
+    depth_losses_from,
     valid_every,
     valid_batches,
     checkpoint_every,
@@ -373,6 +377,8 @@ def finetune(
             train_only=train_only,
             hard_warmup=hard_warmup,
             memory_bounded=memory_bounded,
+            depth_losses=parse_depth_losses(depth_losses) if depth_losses else None,
+            depth_losses_from=depth_losses_from,
             valid_every=valid_every,
             valid_batches=valid_batches,
             checkpoint_every=checkpoint_every,

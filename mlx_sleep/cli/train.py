@@ -3,7 +3,7 @@ evaluating runs and models."""
 
 import click
 
-from ..config import MAX_LOOPS, ConfigError, ModelConfig, SleepConfig
+from ..config import MAX_LOOPS, ConfigError, ModelConfig, SleepConfig, parse_depth_losses
 from .common import (
     BATCH,
     SEED,
@@ -13,6 +13,7 @@ from .common import (
     PathArg,
     Text,
     count,
+    depth_loss_options,
     parse_core,
     parse_loops_list,
     parse_options,
@@ -127,6 +128,7 @@ PAPER_PRESETS = {
     "--activation-checkpoint", is_flag=True, help="Recompute activations per chunk on backward."
 )
 @click.option("--random-chunks", is_flag=True, help="Train with random chunk lengths <= L.")
+@depth_loss_options
 @click.option(
     "--compile/--no-compile", default=None, help="mx.compile the step (default: on with Metal)."
 )
@@ -165,6 +167,8 @@ def train(
     checkpoint_every,
     activation_checkpoint,
     random_chunks,
+    depth_losses,
+    depth_losses_from,
     compile,
     paper,
     force,
@@ -216,6 +220,8 @@ def train(
             activation_checkpoint=activation_checkpoint,
             random_chunks=random_chunks,
             loops_sample=sample,
+            depth_losses=parse_depth_losses(depth_losses) if depth_losses else None,
+            depth_losses_from=depth_losses_from,
             compile=default_compile() if compile is None else compile,
             **train_kw,
         )

@@ -3,7 +3,7 @@
 from dataclasses import dataclass, fields
 from typing import List, Optional
 
-from ..config import ConfigError
+from ..config import ConfigError, check_depth_losses
 from ..train import TrainConfig
 
 LAYER_KINDS = ("jet", "gdn", "attn", "mlp")
@@ -30,6 +30,8 @@ class FinetuneConfig:
     train_only: Optional[str] = None  # e.g. "jet" or "gdn,attn": freeze every other layer kind
     hard_warmup: int = 0  # steps trained with hard eviction before the configured eviction
     memory_bounded: bool = True  # sleep_value_and_grad (recompute per chunk) vs one graph
+    depth_losses: Optional[tuple] = None  # as TrainConfig's: the loss at several depths
+    depth_losses_from: int = 0
     valid_every: int = 100
     valid_batches: int = 0  # 0: the whole validation file
     checkpoint_every: int = 100
@@ -50,6 +52,9 @@ class FinetuneConfig:
         if self.lora_layers is not None and self.lora_layers < 1:
             raise ConfigError(f"--lora-layers must be >= 1 (got {self.lora_layers})")
         self.kinds()  # validates train_only
+        self.depth_losses = check_depth_losses(self.depth_losses, "--depth-losses")
+        if self.depth_losses_from < 0:
+            raise ConfigError(f"--depth-losses-from must be >= 0 (got {self.depth_losses_from})")
 
     def kinds(self) -> Optional[List[str]]:
         if not self.train_only:

@@ -44,7 +44,9 @@ def _probe(
         base = mx.get_active_memory()
         mx.reset_peak_memory()
         t0 = time.perf_counter()
-        out = summed_loss_and_grads(model, inputs, inputs, mask, probe_sleep, plan, memory_bounded)
+        out = summed_loss_and_grads(
+            model, inputs, inputs, mask, [(probe_sleep, 1.0)], plan, memory_bounded
+        )
         mx.eval(out)
         seconds = min(seconds, time.perf_counter() - t0)
         peak = min(peak, mx.get_peak_memory() - base)

@@ -22,22 +22,22 @@ from mlx.utils import tree_flatten, tree_map
 
 from ..config import ConfigError, SleepConfig
 from ..loop import TrainingRun, World
-from ..sleep import plan_chunks, sleep_loss, sleep_value_and_grad
+from ..sleep import depth_loss, depth_value_and_grad, loss_depths, plan_chunks, sleep_loss
 from ..train import make_optimizer
 from .adapters import adapter_config, fuse_model, load_trainable, prepare_model
 from .config import FinetuneConfig
 from .data import batch_indices, load_examples, make_batch
 
 
-def summed_loss_and_grads(
-    model, inputs, targets, mask, sleep: SleepConfig, plan, memory_bounded: bool
-):
-    """(summed cross-entropy over the scored tokens, their count, gradients of that sum)."""
+def summed_loss_and_grads(model, inputs, targets, mask, depths, plan, memory_bounded: bool):
+    """(summed cross-entropy over the scored tokens, their count, gradients of that sum), the
+    cross-entropy taken at each of `depths` (sleep.loss_depths: Algorithm 1's N alone by
+    default) and weighted."""
     x, y, w = mx.array(inputs), mx.array(targets), mx.array(mask)
     if memory_bounded:
-        (loss, n), grads = sleep_value_and_grad(model, x, y, w, sleep, plan=plan)
+        (loss, n), grads = depth_value_and_grad(model, x, y, w, depths, plan=plan)
     else:
-        fn = nn.value_and_grad(model, lambda m, x, y, w: sleep_loss(m, x, y, w, sleep, plan=plan))
+        fn = nn.value_and_grad(model, lambda m, x, y, w: depth_loss(m, x, y, w, depths, plan=plan))
         (loss, n), grads = fn(model, x, y, w)
     scale = mx.maximum(n, 1.0)  # float32: the product is rounded once, to the weights' dtype
     return loss * scale, n, tree_map(lambda g: (g * scale).astype(g.dtype), grads)
@@ -150,6 +150,11 @@ class Finetune(TrainingRun):
         if not dry_run:
             self.open_run(force)
 
+    def saved_settings(self, saved: dict) -> dict:
+        if isinstance(saved.get("finetune"), dict):  # settings added since: their defaults
+            saved["finetune"] = {**asdict(FinetuneConfig()), **saved["finetune"]}
+        return saved
+
     @property
     def trainable_parameters(self) -> int:
         return sum(v.size for _, v in tree_flatten(self.model.trainable_parameters()))
@@ -177,6 +182,8 @@ class Finetune(TrainingRun):
         """One optimizer step over grad_accum micro-batches of the global batch."""
         cfg, world = self.cfg, self.world
         sleep = self.sleep_at(self.step)
+        extra = cfg.depth_losses if self.step >= cfg.depth_losses_from else None
+        depths = loss_depths(sleep, extra)
         # Dropout draws from MLX's generator: seed it per step so a resumed run draws the same.
         mx.random.seed(cfg.seed * 1_000_003 + self.step)
         ce, n, grads, tokens = mx.array(0.0), mx.array(0.0), None, 0
@@ -190,7 +197,13 @@ class Finetune(TrainingRun):
             rows = world.rows(cfg.batch_size)
             plan = plan_chunks(mask[rows], sleep.window)  # each row its own plan
             c, k, g = summed_loss_and_grads(
-                self.model, inputs[rows], targets[rows], mask[rows], sleep, plan, cfg.memory_bounded
+                self.model,
+                inputs[rows],
+                targets[rows],
+                mask[rows],
+                depths,
+                plan,
+                cfg.memory_bounded,
             )
             ce, n = ce + c, n + k
             grads = g if grads is None else tree_map(mx.add, grads, g)

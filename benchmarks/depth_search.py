@@ -1,0 +1,167 @@
+"""Search for a training recipe under which sleep depth is a dial (issue 20): accuracy that rises
+with test-time N up to the trained depth and does not fall past it.
+
+Each recipe trains the demo's model on the demo's Depo (or a deeper one, --task depo-k4) with N
+sleep passes and its own loss over depths, then evaluates at every test-time N of --eval-loops.
+One JSON line per (recipe, seed) is appended to benchmarks/results/depth_search.jsonl;
+`--report` summarises them in benchmarks/results/depth_search.md (docs/training.md quotes it).
+
+    python benchmarks/depth_search.py --recipe fixed --seeds 0 1 2
+    python benchmarks/depth_search.py --recipe beyond --seeds 0 1 2
+    python benchmarks/depth_search.py --report
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import mlx_sleep  # noqa: E402,F401  (BLAS first)
+from mlx_sleep.config import ModelConfig, SleepConfig  # noqa: E402
+from mlx_sleep.demo import DEMO, train_with_curriculum  # noqa: E402
+from mlx_sleep.eval import evaluate  # noqa: E402
+from mlx_sleep.tasks import get_task  # noqa: E402
+from mlx_sleep.train import TrainConfig, Trainer  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results", "depth_search.jsonl")
+
+TASKS = {
+    "depo-k2": DEMO["task"],  # the demo's: 8-node cycle in one window, k in {1, 2}
+    "depo-k4": {**DEMO["task"], "max_hops": 4},
+}
+# name: (N, TrainConfig overrides). The depth losses join after the depth curriculum (step 300
+# of 800), when the N-pass model has begun to compose.
+RECIPES = {
+    "fixed": (3, {}),  # Algorithm 1 at N = 3: the baseline
+    "fixed-6": (6, {}),  # Algorithm 1 at N = 6: what a model trained at 2N reaches there
+    "beyond": (3, {"depth_losses": ((3, 1.0), (6, 0.5)), "depth_losses_from": 300}),
+    "ladder": (
+        3,
+        {"depth_losses": ((1, 0.1), (2, 0.3), (3, 1.0), (6, 0.5)), "depth_losses_from": 300},
+    ),
+    "ladder-0": (3, {"depth_losses": ((1, 0.1), (2, 0.3), (3, 1.0), (6, 0.5))}),
+    "sample-3-6": (6, {"loops_sample": (3, 6)}),  # stochastic depth with a minimum of 3
+}
+
+
+def run(recipe: str, task_name: str, seed: int, eval_loops, samples: int) -> dict:
+    loops, overrides = RECIPES[recipe]
+    task_kw = dict(TASKS[task_name])
+    task = get_task(task_kw.pop("name"), **task_kw)
+    train = {**DEMO["train"], **overrides}
+    with tempfile.TemporaryDirectory(prefix="depth-search-") as out:
+        trainer = Trainer(
+            out,
+            ModelConfig(vocab_size=task.vocab_size, **DEMO["model"]),
+            SleepConfig(loops=loops, window=task.window, eviction=task.eviction),
+            task,
+            TrainConfig(seed=seed, **train),
+            progress=False,
+            echo=lambda *a: None,
+        )
+        t0 = time.time()
+        train_with_curriculum(trainer, DEMO["curriculum"], on_eval=lambda step, r: None)
+        seconds = time.time() - t0
+        by_loops = {}
+        for n in eval_loops:
+            sleep = SleepConfig(loops=n, window=task.window, eviction=task.eviction)
+            r = evaluate(trainer.model, task, sleep, samples, 64, seed=seed + 1)
+            by_loops[str(n)] = {str(k): v["token"] for k, v in r.items()}
+            print(f"  {recipe} seed {seed} test N = {n}: {by_loops[str(n)]}", flush=True)
+        trainer.close()
+    return {
+        "recipe": recipe,
+        "task": task_name,
+        "seed": seed,
+        "loops": loops,
+        "train": {k: v for k, v in train.items()},
+        "curriculum": DEMO["curriculum"],
+        "train_seconds": seconds,
+        "samples": samples,
+        "accuracy": by_loops,
+    }
+
+
+def report(path: str) -> str:
+    rows = [json.loads(line) for line in open(path)]
+    out = [
+        "# Sleep depth as a dial: the recipe search (issue 20)",
+        "",
+        "The demo's model (one GDN block, width 64) and Depo task, 800 steps with its depth "
+        "curriculum; each recipe evaluated at test-time N on 512 sequences x 8 queries per k. "
+        "Per-query accuracy at the deepest k: mean [min, max] over seeds. `python "
+        "benchmarks/depth_search.py --report` writes this from depth_search.jsonl.",
+        "",
+    ]
+    for task_name in sorted({r["task"] for r in rows}):
+        runs = [r for r in rows if r["task"] == task_name]
+        ns = sorted({int(n) for r in runs for n in r["accuracy"]})
+        deepest = max(int(k) for r in runs for k in r["accuracy"][str(ns[0])])
+        out += [
+            f"## {task_name}: k = {deepest}",
+            "",
+            "| recipe | N | seeds | train min (mean) | "
+            + " | ".join(f"test N = {n}" for n in ns)
+            + " | rises to N on every seed | at 2N: worst drop |",
+            "|---|---|---|---|" + "---|" * len(ns) + "---|---|",
+        ]
+        for recipe in RECIPES:
+            mine = [r for r in runs if r["recipe"] == recipe]
+            if not mine:
+                continue
+            N = mine[0]["loops"] if recipe != "sample-3-6" else 3
+            cells = []
+            for n in ns:
+                acc = [r["accuracy"].get(str(n), {}).get(str(deepest)) for r in mine]
+                acc = [a for a in acc if a is not None]
+                cells.append(f"{np.mean(acc):.3f} [{min(acc):.3f}, {max(acc):.3f}]" if acc else "-")
+            rises, drops = [], []
+            for r in mine:
+                a = {int(n): v[str(deepest)] for n, v in r["accuracy"].items()}
+                up = [a[n] for n in ns if n <= N and n in a]
+                rises.append(all(x <= y + 1e-9 for x, y in zip(up, up[1:])))
+                if 2 * N in a:
+                    drops.append(a[N] - a[2 * N])
+            out.append(
+                f"| {recipe} | {mine[0]['loops']} | {len(mine)} | "
+                f"{np.mean([r['train_seconds'] for r in mine]) / 60:.1f} | "
+                + " | ".join(cells)
+                + f" | {sum(rises)}/{len(rises)} | "
+                + (f"{max(drops):+.3f} |" if drops else "- |")
+            )
+        out.append("")
+    out += ["Recipes (TrainConfig overrides; N = the run's sleep passes):", ""]
+    for name, (n, kw) in RECIPES.items():
+        out.append(f"- `{name}`: N = {n}, {kw or 'Algorithm 1'}")
+    return "\n".join(out) + "\n"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--recipe", choices=sorted(RECIPES))
+    p.add_argument("--task", choices=sorted(TASKS), default="depo-k2")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--eval-loops", type=int, nargs="+", default=[1, 2, 3, 4, 6])
+    p.add_argument("--samples", type=int, default=512)
+    p.add_argument("--report", action="store_true", help="Write the markdown summary.")
+    args = p.parse_args()
+    if args.recipe:
+        for seed in args.seeds:
+            record = run(args.recipe, args.task, seed, args.eval_loops, args.samples)
+            with open(RESULTS, "a") as f:
+                f.write(json.dumps(record) + "\n")
+    if args.report or not args.recipe:
+        with open(RESULTS.replace(".jsonl", ".md"), "w") as f:
+            f.write(report(RESULTS))
+
+
+if __name__ == "__main__":
+    main()
