@@ -52,31 +52,42 @@ RECIPES = {
 }
 
 
-def run(recipe: str, task_name: str, seed: int, eval_loops, samples: int) -> dict:
+TOLERANCES = (0.3, 0.1, 0.03)  # the stopping rule, at most 8 passes
+
+
+def run(recipe: str, task_name: str, seed: int, eval_loops, samples: int, models: str) -> dict:
     loops, overrides = RECIPES[recipe]
     task_kw = dict(TASKS[task_name])
     task = get_task(task_kw.pop("name"), **task_kw)
     train = {**DEMO["train"], **overrides}
-    with tempfile.TemporaryDirectory(prefix="depth-search-") as out:
-        trainer = Trainer(
-            out,
-            ModelConfig(vocab_size=task.vocab_size, **DEMO["model"]),
-            SleepConfig(loops=loops, window=task.window, eviction=task.eviction),
-            task,
-            TrainConfig(seed=seed, **train),
-            progress=False,
-            echo=lambda *a: None,
-        )
-        t0 = time.time()
-        train_with_curriculum(trainer, DEMO["curriculum"], on_eval=lambda step, r: None)
-        seconds = time.time() - t0
-        by_loops = {}
-        for n in eval_loops:
-            sleep = SleepConfig(loops=n, window=task.window, eviction=task.eviction)
-            r = evaluate(trainer.model, task, sleep, samples, 64, seed=seed + 1)
-            by_loops[str(n)] = {str(k): v["token"] for k, v in r.items()}
-            print(f"  {recipe} seed {seed} test N = {n}: {by_loops[str(n)]}", flush=True)
-        trainer.close()
+    out = os.path.join(models, task_name, recipe, f"seed{seed}")  # kept: re-run resumes
+    trainer = Trainer(
+        out,
+        ModelConfig(vocab_size=task.vocab_size, **DEMO["model"]),
+        SleepConfig(loops=loops, window=task.window, eviction=task.eviction),
+        task,
+        TrainConfig(seed=seed, **train),
+        progress=False,
+        echo=lambda *a: None,
+    )
+    t0 = time.time()
+    train_with_curriculum(trainer, DEMO["curriculum"], on_eval=lambda step, r: None)
+    seconds = time.time() - t0
+    by_loops = {}
+    for n in eval_loops:
+        sleep = SleepConfig(loops=n, window=task.window, eviction=task.eviction)
+        r = evaluate(trainer.model, task, sleep, samples, 64, seed=seed + 1)
+        by_loops[str(n)] = {str(k): v["token"] for k, v in r.items()}
+        print(f"  {recipe} seed {seed} test N = {n}: {by_loops[str(n)]}", flush=True)
+    stopping = {}
+    for tol in TOLERANCES:
+        sleep = SleepConfig(loops=8, window=task.window, eviction=task.eviction)
+        r = evaluate(trainer.model, task, sleep, samples, 64, seed=seed + 1, tolerance=tol)
+        stopping[str(tol)] = {
+            str(k): {"token": v["token"], "passes": v["passes"]} for k, v in r.items()
+        }
+        print(f"  {recipe} seed {seed} tolerance {tol}: {stopping[str(tol)]}", flush=True)
+    trainer.close()
     return {
         "recipe": recipe,
         "task": task_name,
@@ -87,6 +98,8 @@ def run(recipe: str, task_name: str, seed: int, eval_loops, samples: int) -> dic
         "train_seconds": seconds,
         "samples": samples,
         "accuracy": by_loops,
+        "stopping": stopping,
+        "model": out,
     }
 
 
@@ -137,6 +150,26 @@ def report(path: str) -> str:
                 + f" | {sum(rises)}/{len(rises)} | "
                 + (f"{max(drops):+.3f} |" if drops else "- |")
             )
+        out += [
+            "",
+            f"The stopping rule (at most 8 passes; a window stops once a pass changes the fast "
+            f"weights by less than the tolerance): mean passes per sleeping window and accuracy "
+            f"at k = {deepest}, mean over seeds.",
+            "",
+            "| recipe | " + " | ".join(f"tolerance {t}" for t in TOLERANCES) + " |",
+            "|---|" + "---|" * len(TOLERANCES),
+        ]
+        for recipe in RECIPES:
+            mine = [r for r in runs if r["recipe"] == recipe and "stopping" in r]
+            if mine:
+                cells = []
+                for t in TOLERANCES:
+                    got = [r["stopping"][str(t)][str(deepest)] for r in mine]
+                    cells.append(
+                        f"{np.mean([g['passes'] for g in got]):.1f} passes: "
+                        f"{np.mean([g['token'] for g in got]):.3f}"
+                    )
+                out.append(f"| {recipe} | " + " | ".join(cells) + " |")
         out.append("")
     out += ["Recipes (TrainConfig overrides; N = the run's sleep passes):", ""]
     for name, (n, kw) in RECIPES.items():
@@ -152,10 +185,15 @@ def main():
     p.add_argument("--eval-loops", type=int, nargs="+", default=[1, 2, 3, 4, 6])
     p.add_argument("--samples", type=int, default=512)
     p.add_argument("--report", action="store_true", help="Write the markdown summary.")
+    p.add_argument(
+        "--models",
+        default=os.path.join(tempfile.gettempdir(), "depth-search-models"),
+        help="Where the trained runs are kept (a re-run resumes or reuses them).",
+    )
     args = p.parse_args()
     if args.recipe:
         for seed in args.seeds:
-            record = run(args.recipe, args.task, seed, args.eval_loops, args.samples)
+            record = run(args.recipe, args.task, seed, args.eval_loops, args.samples, args.models)
             with open(RESULTS, "a") as f:
                 f.write(json.dumps(record) + "\n")
     if args.report or not args.recipe:

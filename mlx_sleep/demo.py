@@ -43,6 +43,9 @@ DEMO = dict(
     curriculum=dict(fraction=0.375, hops=[1]),
     loops=(1, 3),
     seeds=5,
+    # N = 1 trained N_max times as many steps: the compute a sleep run spends (its passes), the
+    # baseline the paper lacks, beside the equal-tokens one
+    compute_matched=True,
 )
 MARGIN = 0.10  # the gain on the deepest items the demo is meant to show on every seed
 
@@ -57,12 +60,21 @@ def run_demo(
     settings=None,
     progress: bool = True,
     force: bool = False,
+    compute_matched=None,
 ):
     settings = {k: dict(v) if isinstance(v, dict) else v for k, v in (settings or DEMO).items()}
     curriculum = settings.get("curriculum")
     if steps is not None:
         settings["train"]["steps"] = steps
     loops = tuple(loops or settings["loops"])
+    if compute_matched is None:
+        compute_matched = settings.get("compute_matched", False)
+    # (name, N, steps, directory) of each run per seed
+    base_steps = settings["train"]["steps"]
+    runs = [(f"N = {n}", n, base_steps, f"N{n}") for n in loops]
+    if compute_matched and 1 in loops and max(loops) > 1:
+        x = max(loops)
+        runs.append((f"N = 1, {x}x steps", 1, x * base_steps, f"N1x{x}"))
     seed_list = list(range(seed, seed + (seeds or settings["seeds"])))
     task_kw = dict(settings["task"])
     task = get_task(task_kw.pop("name"), **task_kw)
@@ -75,25 +87,26 @@ def run_demo(
     )
     echo(f"demo: {task.describe()}")
     echo(
-        f"model {settings['model']}, {settings['train']['steps']} steps of batch "
+        f"model {settings['model']}, {base_steps} steps of batch "
         f"{settings['train']['batch_size']} for each N in {list(loops)}, seeds {seed_list}"
+        + (f"; and {runs[-1][0]} (compute-matched)" if len(runs) > len(loops) else "")
     )
     if curriculum:
         echo(
             f"depth curriculum: k in {curriculum['hops']} only for the first "
             f"{round(curriculum['fraction'] * settings['train']['steps'])} steps, then the full mix"
         )
-    by_seed, timing = {f"N = {n}": {} for n in loops}, {}
+    by_seed, timing = {name: {} for name, *_ in runs}, {}
     for s in seed_list:
-        for n in loops:
-            name, t0 = f"N = {n}", time.time()
+        for name, n, run_steps, where in runs:
+            t0 = time.time()
             echo(f"\nseed {s}, training {name}")
             trainer = Trainer(
-                os.path.join(out, f"seed{s}", f"N{n}"),
+                os.path.join(out, f"seed{s}", where),
                 ModelConfig(vocab_size=task.vocab_size, **settings["model"]),
                 SleepConfig(loops=n, window=task.window, eviction=task.eviction),
                 task,
-                TrainConfig(seed=s, **settings["train"]),
+                TrainConfig(seed=s, **{**settings["train"], "steps": run_steps}),
                 progress=progress,
                 force=force,
             )
@@ -225,21 +238,21 @@ def seed_tables(results, by_seed, seed_list, dname) -> str:
 
 
 def conclude(results, seed_list, dname) -> str:
-    """Which way the evidence points: each N > 1 against N = 1 on the deepest and shallowest
-    difficulty, seed by seed."""
-    if "N = 1" not in results or len(results) < 2:
+    """Which way the evidence points: each N > 1 against each N = 1 run (equal tokens, and
+    compute-matched when there is one) on the deepest and shallowest difficulty, seed by seed."""
+    baselines = [r for r in results if r.startswith("N = 1")]
+    sleepers = [r for r in results if r not in baselines]
+    if not baselines or not sleepers:
         return "(no N = 1 and N > 1 pair to compare)"
-    diffs = sorted(results["N = 1"])
+    diffs = sorted(results[baselines[0]])
     deep, shallow, k = diffs[-1], diffs[0], dname.split()[0]
     out = []
-    for run in results:
-        if run == "N = 1":
-            continue
+    for run, base in ((r, b) for r in sleepers for b in baselines):
         gain = np.subtract(
-            results[run][deep]["token_by_seed"], results["N = 1"][deep]["token_by_seed"]
+            results[run][deep]["token_by_seed"], results[base][deep]["token_by_seed"]
         )
         flat = np.subtract(
-            results[run][shallow]["token_by_seed"], results["N = 1"][shallow]["token_by_seed"]
+            results[run][shallow]["token_by_seed"], results[base][shallow]["token_by_seed"]
         )
         ahead = int((gain > 0).sum())
         if gain.min() >= MARGIN - 1e-9:  # accuracies are ratios: 0.5 - 0.4 < 0.1 in floats
@@ -254,7 +267,7 @@ def conclude(results, seed_list, dname) -> str:
                 f"{'towards' if gain.mean() > 0 else 'against'} sleep, not conclusively"
             )
         out.append(
-            f"{run} - N = 1 at {k} = {deep}: mean {_signed(gain.mean())}, min "
+            f"{run} - {base} at {k} = {deep}: mean {_signed(gain.mean())}, min "
             f"{_signed(gain.min())}, max {_signed(gain.max())} ({word}); at {k} = "
             f"{shallow}: mean {_signed(flat.mean())}, min {_signed(flat.min())}"
         )

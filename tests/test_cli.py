@@ -146,14 +146,17 @@ def test_demo_at_a_tiny_size(tmp_path):
     assert r.exit_code == 0, r.output
     assert "| k (hops) | N = 1 | N = 2 |" in r.output and "| 4 |" in r.output  # seed rows 3, 4
     assert "N = 2 - N = 1 at k = 2: mean" in r.output
+    assert "N = 2 - N = 1, 2x steps at k = 2: mean" in r.output  # compute-matched
     results = json.load(open(tmp_path / "results.json"))
     assert results["seeds"] == [3, 4] and {"mlx", "blas", "cpu"} <= set(results["platform"])
-    assert set(results["results"]) == {"N = 1", "N = 2"}
+    assert set(results["results"]) == {"N = 1", "N = 2", "N = 1, 2x steps"}
+    trained = json.load(open(tmp_path / "seed4" / "N1x2" / "config.json"))
+    assert trained["train"]["steps"] == 4 and trained["sleep"]["loops"] == 1
     cell = results["results"]["N = 2"]["2"]
     assert {"token", "exact", "count"} <= set(cell) and len(cell["token_by_seed"]) == 2
     assert_close(cell["token"], sum(cell["token_by_seed"]) / 2, rtol=1e-12, what="mean over seeds")
     assert (tmp_path / "accuracy.png").exists()
-    assert sorted(os.listdir(tmp_path / "seed4")) == ["N1", "N2"]
+    assert sorted(os.listdir(tmp_path / "seed4")) == ["N1", "N1x2", "N2"]
 
 
 def test_doctor():

@@ -28,6 +28,19 @@ def test_combine_and_verdict():
     assert "| 1 | 1.000 | 1.000 | 0.600 | 0.750 |" in table  # seed 1's row
 
 
+def test_verdict_against_the_compute_matched_baseline_too():
+    by_seed = {
+        "N = 1": fake({0: 0.5, 1: 0.6}),
+        "N = 3": fake({0: 0.9, 1: 0.95}),
+        "N = 1, 3x steps": fake({0: 0.85, 1: 0.7}),
+    }
+    verdict = conclude(combine_seeds(by_seed, [0, 1])[0], [0, 1], "k (hops)")
+    assert "N = 3 - N = 1 at k = 2: mean +0.375" in verdict
+    assert "N = 3 - N = 1, 3x steps at k = 2: mean +0.150, min +0.050" in verdict
+    assert "ahead on every seed, but not by the margin everywhere" in verdict
+    assert "N = 1, 3x steps - N = 1" not in verdict  # baselines are not compared to each other
+
+
 def test_verdict_when_mixed_or_behind():
     mixed = {"N = 1": fake({0: 0.5, 1: 0.6}), "N = 2": fake({0: 0.7, 1: 0.5})}
     assert "ahead on 1 of 2 seeds: the evidence points towards sleep" in conclude(

@@ -518,11 +518,16 @@ def eval_cmd(
     help="Number of seeds: SEED, SEED+1, ... (default: the demo's).",
 )
 @click.option(
+    "--compute-matched/--no-compute-matched",
+    default=None,
+    help="Also train N = 1 for N_max times the steps (default: on).",
+)
+@click.option(
     "--force",
     is_flag=True,
     help="Write into a directory holding other files (never replacing them).",
 )
-def demo(out, steps, loops, seed, seeds, force):
+def demo(out, steps, loops, seed, seeds, compute_matched, force):
     """Train N = 1 and N > 1 on a small synthetic task over several seeds, evaluate, print the
     spread over seeds and plot it."""
     from ..demo import run_demo
@@ -536,5 +541,6 @@ def demo(out, steps, loops, seed, seeds, force):
             seeds=seeds,
             echo=click.echo,
             force=force,
+            compute_matched=compute_matched,
         )
     )
