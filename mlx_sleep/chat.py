@@ -308,6 +308,8 @@ class Chat:
             self.session.save()
             what = [f"deepened {plural(deepened, 'pending window')}"] if deepened else []
             what += [f"consolidated {n} tokens"] if done and n else []
+            if done and n and e.last_passes < e.sleep.loops:  # stopped: kept (sleep.partial)
+                what[-1] += f" at {e.last_passes} of {plural(e.sleep.loops, 'pass')}"
             self.note(f"[{' and '.join(what)}; {plural(e.sleeps, 'consolidation')} so far]")
         if not done:
             self.note(

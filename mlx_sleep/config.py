@@ -413,6 +413,10 @@ class SleepConfig:
     loops: int = 1
     window: int = 64
     eviction: str = "hard"
+    # A sleep stopped after pass n < N keeps the memory of pass n, for a model trained to answer
+    # at every depth 1..N (--depth-losses covering them sets it); otherwise a stopped sleep is
+    # undone, since a model trained at N alone is only consistent after all N passes.
+    partial: bool = False
 
     def __post_init__(self):
         for name, what, top in (
@@ -428,6 +432,8 @@ class SleepConfig:
             raise ConfigError(
                 f"eviction must be one of {', '.join(EVICTION_MODES)} (got {self.eviction!r})"
             )
+        if not isinstance(self.partial, bool):
+            raise ConfigError(f"partial must be true or false (got {show(self.partial)})")
 
     @property
     def attention_window(self) -> Optional[int]:
@@ -439,7 +445,10 @@ class SleepConfig:
         return self.window - 1 if self.eviction == "sliding" else 0
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not self.partial:  # as files written before the setting existed have it
+            del d["partial"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "SleepConfig":

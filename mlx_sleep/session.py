@@ -114,6 +114,10 @@ def ListOf(item, most):
     return ("list", item, most)
 
 
+def Bool():
+    return ("bool",)
+
+
 def MayLack(spec):
     """A field that may be absent (one added after sessions were first written)."""
     return ("optional", spec)
@@ -126,6 +130,7 @@ SLEEP = {
     "loops": Int(1, MAX_LOOPS),
     "window": Int(1, MAX_WINDOW),
     "eviction": OneOf(*EVICTION_MODES),
+    "partial": MayLack(Bool()),
 }
 SESSION_JSON = {
     "format": Int(1, FORMAT),
@@ -253,6 +258,8 @@ def conform(spec, value, field: str = ""):
             type(value) in (int, float) and spec[1] <= value <= spec[2],
             f"a number in {spec[1]}..{spec[2]}",
         )
+    elif kind == "bool":
+        ok, want = type(value) is bool, "true or false"
     elif kind == "one of":
         ok, want = type(value) is str and value in spec[1], "one of " + ", ".join(spec[1])
     else:  # text: a string (valid Unicode), matching the regex if any

@@ -409,6 +409,13 @@ def loss_depths(sleep: SleepConfig, depth_losses=None) -> list:
     return [(replace(sleep, loops=d), w) for d, w in depth_losses if w > 0]
 
 
+def trained_at_every_depth(loops: int, depth_losses) -> bool:
+    """Depth losses that weigh every depth 1..N: the model answers from the memory of any pass,
+    so a stopped sleep may keep its passes (SleepConfig.partial)."""
+    weighted = {d for d, w in depth_losses or () if w > 0}
+    return set(range(1, loops + 1)) <= weighted
+
+
 def depth_loss(model, inputs, targets, mask, depths, *, plan=None):
     """sum of weight * sleep_loss over `depths` (loss_depths): (objective, n_scored)."""
     total = None
@@ -419,12 +426,14 @@ def depth_loss(model, inputs, targets, mask, depths, *, plan=None):
     return total, n_scored
 
 
-def depth_value_and_grad(model, inputs, targets, mask, depths, *, plan=None):
+def depth_value_and_grad(model, inputs, targets, mask, depths, *, plan=None, **kw):
     """depth_loss's value and gradients with memory bounded as `sleep_value_and_grad` bounds
-    it: one depth at a time, the weighted sum accumulated."""
+    it (`kw` go to it): one depth at a time, the weighted sum accumulated."""
     total = grads = None
     for sleep, weight in depths:
-        (loss, n_scored), g = sleep_value_and_grad(model, inputs, targets, mask, sleep, plan=plan)
+        (loss, n_scored), g = sleep_value_and_grad(
+            model, inputs, targets, mask, sleep, plan=plan, **kw
+        )
         if weight != 1:
             loss, g = weight * loss, tree_map(lambda a: (weight * a).astype(a.dtype), g)
         total = loss if total is None else total + loss
@@ -606,7 +615,8 @@ class SleepEngine:
         the memory the synchronous schedule would have.
 
         `cancel()` is polled between passes; if it returns True the engine is left as it was
-        (but for pending windows deepened before it) and False is returned. `on_pass(n, N)`
+        (but for pending windows deepened before it) and False is returned; with
+        `sleep.partial` the window keeps the passes run instead (True). `on_pass(n, N)`
         reports progress. Returns True when done. `max_passes` replaces N; `tolerance` stops
         earlier, once a pass changes the fast weights by less than that (relative norm,
         `converged`): sleep as deep as it helps. The passes run are in `self.last_passes`."""
@@ -633,15 +643,16 @@ class SleepEngine:
                 on_pass(n + 1, loops)
             done = stop is not None and stop(n, state)
             if cancel is not None and n + 1 < loops and not done and cancel():
-                raise SleepCancelled
+                return self._stop_partway()
             return done
 
         window = self.sleep.attention_window
         try:
             if loops == 1:
                 state = self.state  # the wake pass was the one pass
+            elif self.window_core and after_pass(0, self.state):  # the wake pass is pass 1
+                state = self.state  # stopped there (partial sleep)
             elif self.window_core:  # the window was fed in one piece
-                after_pass(0, self.state)  # the wake pass is pass 1
                 state = continue_passes(
                     self.model,
                     mx.concatenate(self.window_core, axis=1),
@@ -686,7 +697,8 @@ class SleepEngine:
         piece, within float rounding of one fed in pieces).
 
         `windows`: deepen at most that many. `cancel()` is polled between passes: a window
-        interrupted mid-way is left pending as it was, the ones deepened before it stay deep.
+        interrupted mid-way is left pending as it was (with `sleep.partial`: it keeps the
+        passes run), the ones deepened before it stay deep.
         `on_pass(n, N)` reports each pass, `on_window(i, n)` each window deepened. Returns how
         many were deepened."""
         if not self.pending:
@@ -703,7 +715,7 @@ class SleepEngine:
             if on_pass is not None:
                 on_pass(n + 1, loops)
             if cancel is not None and n + 1 < loops and cancel():
-                raise SleepCancelled
+                return self._stop_partway()
 
         state, deepened = self.pending[0][1], 0
         try:
@@ -754,6 +766,14 @@ class SleepEngine:
         and with it every prompt length (a full last window included) sees the passes in
         inference that it saw in training."""
         self.answering = True
+
+    def _stop_partway(self) -> bool:
+        """A sleep cancelled between passes: with `sleep.partial` (a model trained at every
+        depth) the window keeps the passes run (True stops run_chunk there); otherwise it is
+        undone (SleepCancelled)."""
+        if self.sleep.partial:
+            return True
+        raise SleepCancelled
 
     def _slept(self, start_state: State, start: int):
         """A window that began at `start` with `start_state` has just been consolidated (a hook:

@@ -35,7 +35,13 @@ from .eval import evaluate
 from .io import check_regular_file, read_json_object, recover_dir
 from .loop import TrainingRun
 from .models import HybridLM, SleepModel, model_from_config
-from .sleep import depth_loss, depth_value_and_grad, loss_depths, plan_chunks
+from .sleep import (
+    depth_loss,
+    depth_value_and_grad,
+    loss_depths,
+    plan_chunks,
+    trained_at_every_depth,
+)
 from .tasks import task_from_dict
 from .weights import read_safetensors
 
@@ -192,6 +198,8 @@ class Trainer(TrainingRun):
         echo=print,
         force: bool = False,
     ):
+        if train.depth_losses:  # recorded with the run: its model may keep a partial sleep
+            sleep = replace(sleep, partial=trained_at_every_depth(sleep.loops, train.depth_losses))
         self.out_dir, self.sleep, self.task, self.cfg = out_dir, sleep, task, train
         self.progress, self.echo, self.eval_every = progress, echo, train.eval_every
         if sleep.window > task.seq_len:

@@ -218,6 +218,12 @@ def both(*edits):
 
 
 MORE_JSON_CASES = [
+    ("sleep.partial a string", setting("sleep.partial", "yes"), "sleep.partial must be true or"),
+    (
+        "partial in one sleep only",
+        setting("engine.sleep.partial", True),
+        "engine.sleep must equal sleep",
+    ),
     (
         "pending_starts not whole windows",
         setting("engine.pending_starts", [3]),

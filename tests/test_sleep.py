@@ -751,3 +751,39 @@ def test_sleep_forward_stops_where_the_engine_would():
     assert used == [2, 2, 2, 2]
     for (_, _, x), (_, _, y) in zip(got, want):
         assert_trees_close(x, y)
+
+
+def test_a_partial_sleep_keeps_the_passes_run_when_the_model_was_trained_for_it():
+    """sleep.partial: a consolidation cancelled after pass 2 of 4 keeps the window at 2 passes
+    (what N = 2 reaches), the window fed in one piece or token by token, and in catch_up;
+    without it the engine is left as it was."""
+    model = model_of("gdn,attn")
+    ids = tokens(1, 12)
+    for prompt in (4, 1):  # the window in one piece (the wake pass is pass 1) or in pieces
+        engines = []
+        for sleep in (SleepConfig(loops=4, window=4, partial=True), SleepConfig(loops=2, window=4)):
+            engine = SleepEngine(model, sleep)
+            fed_token_by_token(engine, ids[:, :4], prompt=prompt)
+            engines.append(engine)
+        kept, two = engines
+        passes = []
+        assert kept.consolidate(
+            cancel=lambda: len(passes) >= 2, on_pass=lambda n, N: passes.append(n)
+        )
+        assert two.consolidate()
+        assert kept.last_passes == 2 and kept.window_len == 0 and kept.sleeps == 1
+        assert_trees_close(kept.state, two.state)
+    # catch_up: a pending window stopped after pass 2 keeps it; the later one stays pending
+    deferred = SleepEngine(model, SleepConfig(loops=4, window=4, partial=True), defer=True)
+    fed_token_by_token(deferred, ids, prompt=4)
+    assert len(deferred.pending) == 2
+    passes = []
+    deferred.catch_up(cancel=lambda: len(passes) >= 2, on_pass=lambda n, N: passes.append(n))
+    assert len(deferred.pending) == 1 and deferred.sleeps == 1
+    shallow = SleepEngine(model, SleepConfig(loops=2, window=4))
+    fed_token_by_token(shallow, ids[:, :5], prompt=4)  # its first window slept 2 passes
+    assert_trees_close(deferred.pending[0][1], shallow.window_start_state)
+    paper = SleepEngine(model, SleepConfig(loops=4, window=4))
+    paper.feed(ids[:, :4])
+    before = paper.state
+    assert not paper.consolidate(cancel=lambda: True) and paper.state is before

@@ -248,6 +248,10 @@ def test_depth_losses_take_the_loss_at_each_depth_from_their_step(
         np.testing.assert_array_equal(np.array(a[k]), np.array(b[k]), err_msg=k)
     saved = json.load(open(tmp_path / "b" / "config.json"))
     assert TrainConfig.from_dict(saved["train"]).depth_losses == ((1, 0.5), (3, 1.0))
+    # depth 2 = N is not among them: a stopped sleep of this model is undone, as in the paper
+    assert "partial" not in saved["sleep"] and not load_run(str(tmp_path / "b"))[1].partial
+    every = trainer(tmp_path / "c", steps=1, depth_losses=((1, 0.2), (2, 1.0), (4, 0.5)))
+    assert every.sleep.partial and every.settings["sleep"]["partial"] is True
 
 
 @pytest.mark.parametrize(

@@ -4,10 +4,11 @@ sleep flags, and loading a model for generation."""
 import json
 import os
 import sys
+from dataclasses import replace
 
 import click
 
-from ..config import ConfigError, SleepConfig
+from ..config import ConfigError
 
 
 # -- one validation layer for flag values ---------------------------------------------------------
@@ -273,7 +274,8 @@ def sleep_override(model, window, loops, eviction):
     if window is None and loops is None and eviction is None:
         return None
     base = model.sleep_config
-    return SleepConfig(
+    return replace(
+        base,
         loops=base.loops if loops is None else loops,
         window=base.window if window is None else window,
         eviction=eviction or base.eviction,

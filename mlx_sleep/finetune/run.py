@@ -22,7 +22,14 @@ from mlx.utils import tree_flatten, tree_map
 
 from ..config import ConfigError, SleepConfig
 from ..loop import TrainingRun, World
-from ..sleep import depth_loss, depth_value_and_grad, loss_depths, plan_chunks, sleep_loss
+from ..sleep import (
+    depth_loss,
+    depth_value_and_grad,
+    loss_depths,
+    plan_chunks,
+    sleep_loss,
+    trained_at_every_depth,
+)
 from ..train import make_optimizer
 from .adapters import adapter_config, fuse_model, load_trainable, prepare_model
 from .config import FinetuneConfig
@@ -123,7 +130,9 @@ class Finetune(TrainingRun):
         if not isinstance(sleep, SleepConfig):
             overrides = {k: v for k, v in (sleep or {}).items() if v is not None}
             sleep = SleepConfig(**{**model.sleep_config.to_dict(), **overrides})
-        self.sleep = sleep
+        # what this training makes of the model: a stopped sleep may keep its passes only when
+        # every depth 1..N is trained (recorded in the adapters and the fused model)
+        self.sleep = replace(sleep, partial=trained_at_every_depth(sleep.loops, cfg.depth_losses))
         if core is not None:
             model.config.core = tuple(core)
             model.config.validate()
