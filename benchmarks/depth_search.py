@@ -48,6 +48,13 @@ RECIPES = {
         {"depth_losses": ((1, 0.1), (2, 0.3), (3, 1.0), (6, 0.5)), "depth_losses_from": 300},
     ),
     "ladder-0": (3, {"depth_losses": ((1, 0.1), (2, 0.3), (3, 1.0), (6, 0.5))}),
+    # one depth drawn per step from a range (LO-HI): every depth gets a loss, at a cost of one
+    # extra sleep per range per step
+    "beyond-range": (3, {"depth_losses": ((3, 3, 1.0), (4, 6, 0.5)), "depth_losses_from": 300}),
+    "dial": (
+        3,
+        {"depth_losses": ((1, 2, 0.3), (3, 3, 1.0), (4, 6, 0.5)), "depth_losses_from": 300},
+    ),
     "sample-3-6": (6, {"loops_sample": (3, 6)}),  # stochastic depth with a minimum of 3
 }
 

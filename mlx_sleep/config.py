@@ -95,46 +95,52 @@ def check_type(name: str, value, hint, where: str = ""):
 
 
 def check_depth_losses(value, where: str = "depth_losses") -> Optional[tuple]:
-    """((depth, weight), ...) of a per-depth objective (sleep.loss_depths), checked: depths
-    distinct integers in 1..MAX_LOOPS, weights finite and >= 0, one of them > 0. None: none."""
+    """((lo, hi, weight), ...) of a per-depth objective (sleep.loss_depths): the loss at a depth
+    drawn per step from lo..hi (lo = hi: a fixed depth), weighted. Entries may be given as
+    (depth, weight) or (lo, hi, weight); depths in 1..MAX_LOOPS with lo <= hi, weights finite
+    and >= 0, one > 0. None: none."""
     if value is None:
         return None
     want = (
-        f"{where} must be DEPTH:WEIGHT pairs with distinct depths in 1..{MAX_LOOPS}, weights "
-        "finite and >= 0 and one > 0, e.g. 3:1,6:0.5"
+        f"{where} must be DEPTH:WEIGHT or LO-HI:WEIGHT entries with depths in 1..{MAX_LOOPS}, "
+        "weights finite and >= 0 and one > 0, e.g. 3:1,4-6:0.5"
     )
     if not isinstance(value, (list, tuple)) or not value:
         raise ConfigError(f"{want} (got {show(value)})")
-    pairs = []
-    for pair in value:
+    entries = []
+    for entry in value:
+        if isinstance(entry, (list, tuple)) and len(entry) == 2:
+            entry = (entry[0], entry[0], entry[1])
         if not (
-            isinstance(pair, (list, tuple))
-            and len(pair) == 2
-            and _type_ok(pair[0], int)
-            and 1 <= pair[0] <= MAX_LOOPS
-            and _type_ok(pair[1], float)
-            and pair[1] >= 0
+            isinstance(entry, (list, tuple))
+            and len(entry) == 3
+            and all(_type_ok(d, int) and 1 <= d <= MAX_LOOPS for d in entry[:2])
+            and entry[0] <= entry[1]
+            and _type_ok(entry[2], float)
+            and entry[2] >= 0
         ):
-            raise ConfigError(f"{want} (got {show(pair)})")
-        pairs.append((int(pair[0]), float(pair[1])))
-    depths = [d for d, _ in pairs]
-    if len(set(depths)) != len(depths) or not any(w > 0 for _, w in pairs):
+            raise ConfigError(f"{want} (got {show(entry)})")
+        entries.append((int(entry[0]), int(entry[1]), float(entry[2])))
+    if not any(w > 0 for *_, w in entries):
         raise ConfigError(f"{want} (got {show(value)})")
-    return tuple(pairs)
+    return tuple(entries)
 
 
 def parse_depth_losses(text: str, where: str = "--depth-losses") -> tuple:
-    """'3:1,6:0.5' -> ((3, 1.0), (6, 0.5)), checked (check_depth_losses)."""
-    pairs = []
+    """'3:1,4-6:0.5' -> ((3, 3, 1.0), (4, 6, 0.5)), checked (check_depth_losses)."""
+    entries = []
     for item in str(text).split(","):
-        depth, sep, weight = item.strip().partition(":")
+        depths, sep, weight = item.strip().partition(":")
+        lo, dash, hi = depths.partition("-")
         try:
-            pairs.append((int(depth), float(weight)) if sep else None)
+            entries.append((int(lo), int(hi if dash else lo), float(weight)) if sep else None)
         except ValueError:
-            pairs.append(None)
-    if None in pairs:
-        raise ConfigError(f"{where} takes DEPTH:WEIGHT pairs such as 3:1,6:0.5 (got {text!r})")
-    return check_depth_losses(pairs, where)
+            entries.append(None)
+    if None in entries:
+        raise ConfigError(
+            f"{where} takes DEPTH:WEIGHT or LO-HI:WEIGHT entries such as 3:1,4-6:0.5 (got {text!r})"
+        )
+    return check_depth_losses(entries, where)
 
 
 def json_bool(d: dict, key: str, default: bool = False) -> bool:

@@ -399,20 +399,32 @@ def sleep_value_and_grad(model, inputs, targets, mask, sleep: SleepConfig, *, pl
 # -- the objective over depths ------------------------------------------------------------
 
 
-def loss_depths(sleep: SleepConfig, depth_losses=None) -> list:
+def loss_depths(sleep: SleepConfig, depth_losses=None, draw=None) -> list:
     """[(sleep settings, weight)]: where the training loss is taken. Algorithm 1 takes it at N
-    passes alone; `depth_losses` ((depth, weight), ...) takes it at each depth d (every context
-    window slept d passes), weighted: a model trained to answer at several depths (a depth
-    dial, docs/training.md)."""
+    passes alone; `depth_losses` ((lo, hi, weight), ...) takes it at each depth (every context
+    window slept that many passes), drawn from lo..hi by the seeded generator `draw` where
+    lo < hi, weighted (the weights of a depth drawn twice add): a model trained to answer at
+    several depths (a depth dial, docs/training.md)."""
     if not depth_losses:
         return [(sleep, 1.0)]
-    return [(replace(sleep, loops=d), w) for d, w in depth_losses if w > 0]
+    weights = {}
+    for lo, hi, w in depth_losses:
+        if w > 0:
+            d = lo if lo == hi else int(draw.integers(lo, hi + 1))
+            weights[d] = weights.get(d, 0.0) + w
+    return [(replace(sleep, loops=d), w) for d, w in sorted(weights.items())]
+
+
+def depth_draw(seed: int, step: int) -> np.random.Generator:
+    """The generator of a step's drawn depths: from the run's seed and the step alone, so a
+    resumed run and every data-parallel process draw the same."""
+    return np.random.default_rng([seed, 20, step])
 
 
 def trained_at_every_depth(loops: int, depth_losses) -> bool:
     """Depth losses that weigh every depth 1..N: the model answers from the memory of any pass,
     so a stopped sleep may keep its passes (SleepConfig.partial)."""
-    weighted = {d for d, w in depth_losses or () if w > 0}
+    weighted = {d for lo, hi, w in depth_losses or () if w > 0 for d in range(lo, hi + 1)}
     return set(range(1, loops + 1)) <= weighted
 
 

@@ -36,6 +36,7 @@ from .io import check_regular_file, read_json_object, recover_dir
 from .loop import TrainingRun
 from .models import HybridLM, SleepModel, model_from_config
 from .sleep import (
+    depth_draw,
     depth_loss,
     depth_value_and_grad,
     loss_depths,
@@ -108,10 +109,6 @@ class TrainConfig:
         d = {k: v for k, v in d.items() if k in known}
         if d.get("loops_sample") is not None:
             d["loops_sample"] = tuple(d["loops_sample"])
-        if isinstance(d.get("depth_losses"), list):  # JSON's lists: checked in __post_init__
-            d["depth_losses"] = tuple(
-                tuple(p) if isinstance(p, list) else p for p in d["depth_losses"]
-            )
         return cls(**d)
 
 
@@ -171,7 +168,7 @@ def training_bytes(model: SleepModel, sleep: SleepConfig, seq_len: int, cfg: "Tr
     width = model.embed(mx.zeros((1, 1), dtype=mx.int32)).shape[-1]  # lazy: shapes only
     tokens = cfg.batch_size * (min(sleep.window, seq_len) if cfg.activation_checkpoint else seq_len)
     blocks = len(model.sleep_blocks())
-    depths = [d for d, w in cfg.depth_losses or [(sleep.loops, 1)] if w > 0]
+    depths = [hi for _, hi, w in cfg.depth_losses or [(0, sleep.loops, 1)] if w > 0]
     # one graph holds every depth's passes at once; the memory-bounded step one depth at a time
     passes = max(depths) if cfg.activation_checkpoint else sum(depths)
     return 4 * params + 16 * tokens * width * blocks * passes + 12 * tokens * model.vocab_size
@@ -308,7 +305,8 @@ class Trainer(TrainingRun):
             lo, hi = self.cfg.loops_sample
             sleep = replace(sleep, loops=int(self.loops_rng.integers(lo, hi + 1)))
         extra = self.cfg.depth_losses if self.step >= self.cfg.depth_losses_from else None
-        loss, norm = self._step_fn(plan, loss_depths(sleep, extra))(
+        depths = loss_depths(sleep, extra, depth_draw(self.cfg.seed, self.step))
+        loss, norm = self._step_fn(plan, depths)(
             mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask)
         )
         mx.eval(loss, norm, self.model.parameters(), self.optimizer.state)

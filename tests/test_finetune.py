@@ -629,7 +629,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("depth_losses", [None, ((2, 1.0), (4, 0.5))])
+@pytest.mark.parametrize("depth_losses", [None, ((2, 2, 1.0), (4, 4, 0.5))])
 def test_rank_slices_sum_to_the_global_batch(tmp_path, workdir, depth_losses):
     """The data-parallel step in one process: each rank's slice of the global batch, run under
     its rows' chunk plans, gives summed losses, counts and gradients that add up to the global
@@ -794,4 +794,4 @@ def test_depth_losses_switch_on_at_their_step_and_resume_exactly(tmp_path, workd
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     saved = json.load(open(tmp_path / "b" / "config.json"))
-    assert saved["finetune"]["depth_losses"] == [[1, 0.5], [3, 1.0]], saved
+    assert saved["finetune"]["depth_losses"] == [[1, 1, 0.5], [3, 3, 1.0]], saved

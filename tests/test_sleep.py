@@ -9,9 +9,10 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_sleep import HybridLM, ModelConfig, SleepConfig, SleepEngine, sleep_forward, sleep_loss
-from mlx_sleep.config import ConfigError
+from mlx_sleep.config import ConfigError, check_depth_losses, parse_depth_losses
 from mlx_sleep.sleep import (
     chunk_bounds,
+    depth_draw,
     depth_loss,
     depth_value_and_grad,
     evict,
@@ -19,6 +20,7 @@ from mlx_sleep.sleep import (
     plan_chunks,
     run_chunk,
     sleep_value_and_grad,
+    trained_at_every_depth,
 )
 from tests.numerics import assert_close
 
@@ -460,7 +462,7 @@ def test_depth_losses_are_the_weighted_sum_of_algorithm_1_at_each_depth(eviction
     loss, _ = depth_loss(model, ids, targets, mask, loss_depths(sleep), plan=plan)
     assert np.array_equal(np.array(loss), np.array(sleep_loss(model, ids, targets, mask, sleep)[0]))
 
-    depths = loss_depths(sleep, ((1, 0.25), (3, 1.0), (5, 0.0)))
+    depths = loss_depths(sleep, check_depth_losses(((1, 0.25), (3, 1.0), (5, 0.0))))
     assert [(s.loops, w) for s, w in depths] == [(1, 0.25), (3, 1.0)]
     want_loss, want_grads = 0.0, None
     for d, w in ((1, 0.25), (3, 1.0)):
@@ -476,6 +478,27 @@ def test_depth_losses_are_the_weighted_sum_of_algorithm_1_at_each_depth(eviction
         assert n_.item() == mask.sum()
         assert_close(l_.item(), want_loss, rtol=1e-6, what="objective")
         assert_trees_close(flat(g), want_grads)
+
+
+def test_depth_ranges_are_drawn_per_step_from_the_seed_and_the_step():
+    """LO-HI entries draw one depth per step (the same for a resumed run and every process);
+    a depth drawn twice is taken once with the weights added; every depth 1..N weighted makes
+    a model whose stopped sleep may keep its passes."""
+    sleep = SleepConfig(loops=3, window=4)
+    spec = parse_depth_losses("3:1,2-5:0.5")
+    assert spec == ((3, 3, 1.0), (2, 5, 0.5))
+    drawn = set()
+    for step in range(40):
+        depths = loss_depths(sleep, spec, depth_draw(0, step))
+        again = loss_depths(sleep, spec, depth_draw(0, step))
+        assert [(s.loops, w) for s, w in depths] == [(s.loops, w) for s, w in again]
+        if len(depths) == 1:  # drew 3: one loss at 3, weight 1.5
+            assert [(s.loops, w) for s, w in depths] == [(3, 1.5)]
+        drawn |= {s.loops for s, _ in depths}
+    assert drawn == {2, 3, 4, 5}
+    assert trained_at_every_depth(3, parse_depth_losses("1-2:0.1,3:1"))
+    assert not trained_at_every_depth(3, parse_depth_losses("1:0.1,3-6:1"))
+    assert not trained_at_every_depth(3, parse_depth_losses("1-2:0,3:1"))
 
 
 def test_chunkwise_value_and_grad_prelude_coda_random_chunks_and_no_answers():

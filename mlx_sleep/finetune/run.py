@@ -23,6 +23,7 @@ from mlx.utils import tree_flatten, tree_map
 from ..config import ConfigError, SleepConfig
 from ..loop import TrainingRun, World
 from ..sleep import (
+    depth_draw,
     depth_loss,
     depth_value_and_grad,
     loss_depths,
@@ -192,7 +193,7 @@ class Finetune(TrainingRun):
         cfg, world = self.cfg, self.world
         sleep = self.sleep_at(self.step)
         extra = cfg.depth_losses if self.step >= cfg.depth_losses_from else None
-        depths = loss_depths(sleep, extra)
+        depths = loss_depths(sleep, extra, depth_draw(cfg.seed, self.step))
         # Dropout draws from MLX's generator: seed it per step so a resumed run draws the same.
         mx.random.seed(cfg.seed * 1_000_003 + self.step)
         ce, n, grads, tokens = mx.array(0.0), mx.array(0.0), None, 0
