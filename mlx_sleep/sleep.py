@@ -50,6 +50,11 @@ def chunk_bounds(
     return bounds
 
 
+def call(fn, *args):
+    """Run one step of a chunk (the embedding, a block, the head, an eviction): `fn(*args)`."""
+    return fn(*args)
+
+
 def restart(mixer, chunk_start: dict, current: dict) -> dict:
     """The state a layer starts a sleep pass with: chunk-start state, fast weights carried."""
     return {**chunk_start, **{name: current[name] for name in mixer.carried}}
@@ -64,6 +69,7 @@ def run_chunk(
     window: Optional[int] = None,
     after_pass: Optional[Callable[[int, State], None]] = None,
     core_out: Optional[list] = None,
+    apply: Callable = call,
 ):
     """Run one chunk: prelude blocks once, core blocks `passes` times, coda blocks once.
 
@@ -71,25 +77,27 @@ def run_chunk(
     eviction). `after_pass(n, state)` is called after core pass n (used to evaluate and cancel
     between passes). `core_out`, a list, receives the core's output features after the first
     pass (what `continue_passes` needs). `after_pass` returning True stops the core after that
-    pass (a stopping rule: `converged`); the coda runs on that pass's features. Returns
+    pass (a stopping rule: `converged`); the coda runs on that pass's features. `apply(fn,
+    *args)` runs each step (the embedding, each block): `call` by default, a `_Tape`'s `step`
+    to record them for `sleep_value_and_grad`'s block-by-block backward. Returns
     (features h [B, T, D], new state)."""
     layers = model.sleep_blocks()
     start, stop = model.core
     state = list(state)
-    h = model.embed(ids)
+    h = apply(model.embed, ids)
     for i in range(start):
-        h, state[i] = layers[i](h, state[i], offset, window)
+        h, state[i] = apply(layers[i], h, state[i], offset, window)
     chunk_start = state[start:stop]
     for n in range(passes):
         for i in range(start, stop):
             s = state[i] if n == 0 else restart(layers[i].mixer, chunk_start[i - start], state[i])
-            h, state[i] = layers[i](h, s, offset, window)
+            h, state[i] = apply(layers[i], h, s, offset, window)
         if n == 0 and core_out is not None:
             core_out.append(h)
         if after_pass is not None and after_pass(n, state):
             break
     for i in range(stop, len(layers)):
-        h, state[i] = layers[i](h, state[i], offset, window)
+        h, state[i] = apply(layers[i], h, state[i], offset, window)
     return h, state
 
 
@@ -102,6 +110,7 @@ def continue_passes(
     passes: int,
     window: Optional[int] = None,
     after_pass: Optional[Callable[[int, State], None]] = None,
+    apply: Callable = call,
 ) -> State:
     """`run_chunk(model, ids, chunk_start, offset, passes)`'s state, given its first pass
     already run (the wake pass): `core_h` the core's output features of that pass and
@@ -109,19 +118,18 @@ def continue_passes(
     2..N carrying the fast weights on, the coda runs once from its chunk-start state on the
     last pass's features. It saves one pass of the N + 1 a window otherwise costs (wake, then
     sleep); the result is the recomputed one bit for bit when the wake pass ran the window in
-    one piece (benchmarks/chat.py (e) measures both)."""
+    one piece (benchmarks/chat.py (e) measures both). `apply`: as in `run_chunk`."""
     layers = model.sleep_blocks()
     start, stop = model.core
     state, h = list(first_state), core_h
     for n in range(1, passes):
         for i in range(start, stop):
-            h, state[i] = layers[i](
-                h, restart(layers[i].mixer, chunk_start[i], state[i]), offset, window
-            )
+            s = restart(layers[i].mixer, chunk_start[i], state[i])
+            h, state[i] = apply(layers[i], h, s, offset, window)
         if after_pass is not None and after_pass(n, state):
             break
     for i in range(stop, len(layers)):
-        h, state[i] = layers[i](h, chunk_start[i], offset, window)
+        h, state[i] = apply(layers[i], h, chunk_start[i], offset, window)
     return state
 
 
@@ -203,6 +211,7 @@ def sleep_forward(
     columns=None,
     tolerance: Optional[float] = None,
     passes_used: Optional[list] = None,
+    apply: Callable = call,
 ):
     """Algorithm 1's forward over a batch of sequences.
 
@@ -217,7 +226,8 @@ def sleep_forward(
     chunk is gigabytes, and a loss needs only the scored positions.
     `tolerance`: sleep as deep as it helps, at most `sleep.loops` passes: a chunk's passes stop
     once one changes the fast weights (of the whole batch) by less than that (`converged`);
-    `passes_used`, a list, receives the passes each sleeping chunk ran."""
+    `passes_used`, a list, receives the passes each sleeping chunk ran. `apply` runs every step
+    that makes arrays (embedding, blocks, head, row selection, eviction): see `run_chunk`."""
     B, T = inputs.shape
     bounds, is_answer = plan if plan is not None else plan_chunks(mask, sleep.window)
     if bounds[-1][1] != T:
@@ -234,26 +244,34 @@ def sleep_forward(
             ran[0] = n + 1
             return stop is not None and stop(n, new)
 
+        ids = inputs[:, a:b]
         if rows.all() or not rows.any() or sleep.loops == 1:
             passes = 1 if rows.any() else sleep.loops
             h, state = run_chunk(
-                model, inputs[:, a:b], state, offset + a, passes, window, after_pass
+                model, ids, state, offset + a, passes, window, after_pass, apply=apply
             )
         else:  # some rows answer here (one pass), the others sleep: pass 1 is shared
             core = []
-            h, first = run_chunk(model, inputs[:, a:b], state, offset + a, 1, window, core_out=core)
+            h, first = run_chunk(
+                model, ids, state, offset + a, 1, window, core_out=core, apply=apply
+            )
             after_pass(0, first)
             slept = continue_passes(
-                model, core[0], first, state, offset + a, sleep.loops, window, after_pass
+                model, core[0], first, state, offset + a, sleep.loops, window, after_pass, apply
             )
-            state = select_rows(rows, first, slept)
+            state = apply(select_rows, rows, first, slept)
         if passes_used is not None and not rows.all():
             passes_used.append(ran[0])
         if rows.any():
             cols = None if columns is None else columns[len(answers)]
-            answers.append((a, b, model.head(h if cols is None else h[:, cols])))
-        state = evict(model, state, keep)
+            answers.append((a, b, apply(head_of_columns, model, h, cols)))
+        state = apply(evict, model, state, keep)
     return answers, state
+
+
+def head_of_columns(model, h, columns=None):
+    """Logits of the features at `columns` (chunk-local positions; None: all of them)."""
+    return model.head(h if columns is None else h[:, columns])
 
 
 def _float_mask(mask) -> mx.array:
@@ -297,20 +315,178 @@ def _unflat_state(keys, arrays, n_layers: int) -> State:
     return state
 
 
-def sleep_value_and_grad(model, inputs, targets, mask, sleep: SleepConfig, *, plan=None):
-    """`nn.value_and_grad(model, sleep_loss)` with activation checkpointing per chunk that really
-    bounds memory: returns ((loss, n_scored), grads over model.trainable_parameters()).
+def _random_key() -> int:
+    """MLX's global random key as one integer (dropout draws from it)."""
+    hi, lo = mx.random.state[0].tolist()
+    return (hi << 32) | lo
 
-    Peak memory is about one chunk's activations (all its passes) plus the chunk-boundary states:
+
+def _set_random_key(key: int):
+    """Put the random key back: a recomputation then draws the dropout masks it drew before."""
+    mx.random.seed(key)
+
+
+def _arrays(tree) -> list:
+    """The arrays of a step's arguments or results, in order: inside lists, tuples and dicts
+    (not inside a module: a model passed to a step is a constant)."""
+    if isinstance(tree, mx.array):
+        return [tree]
+    if isinstance(tree, nn.Module):
+        return []
+    if isinstance(tree, (list, tuple)):
+        return [a for x in tree for a in _arrays(x)]
+    if isinstance(tree, dict):
+        return [a for x in tree.values() for a in _arrays(x)]
+    return []
+
+
+def _replace_arrays(tree, new: dict):
+    """`tree` with each array whose id is in `new` replaced by new[id]."""
+    if isinstance(tree, mx.array):
+        return new.get(id(tree), tree)
+    if isinstance(tree, nn.Module):
+        return tree
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_replace_arrays(x, new) for x in tree)
+    if isinstance(tree, dict):
+        return {k: _replace_arrays(x, new) for k, x in tree.items()}
+    return tree
+
+
+def _weight_modules(fn) -> Optional[list]:
+    """The modules whose weights step `fn` reads: a block that is a module, or the modules a
+    block wrapper holds (Ouro's unrolled blocks, the mlx-lm adapters' blocks); [] for the
+    state bookkeeping steps; None for anything else (the embedding, the head): every weight."""
+    if any(fn is f for f in (select_rows, evict, _ce_sum)):
+        return []
+    if isinstance(fn, nn.Module):
+        return [fn]
+    held = [m for m in getattr(fn, "__dict__", {}).values() if isinstance(m, nn.Module)]
+    return held or None
+
+
+class _Tape:
+    """One chunk's forward, recorded step by step (embedding, each block application, head,
+    row selection, eviction, loss), and its backward one step at a time.
+
+    `step(fn, *args)` is the `apply` of run_chunk / continue_passes / sleep_forward: it runs
+    fn(*args), evaluates the result and records (fn, args), so what stays alive is what passes
+    between steps (features [B, T, D] and layer states), never what is inside a block.
+    `backward` walks the steps in reverse, recomputing each under mx.vjp with respect to the
+    weights it reads and the arrays it was given, and evaluates before the next: only one block
+    application's activations are alive at a time.
+
+    Cotangents are kept per array, by identity (id(); the tape keeps every recorded array alive,
+    so ids are not reused). That is all the routing there is: `restart` hands pass n + 1 the
+    very arrays of the chunk-start state (KV, conv) and of pass n's fast weights, evict passes
+    S on unchanged, so each array's cotangent gathers from every step that read it. An argument
+    array the tape did not see made (token ids, targets, the mask, columns) is a constant."""
+
+    def __init__(self, params: list, inputs: list):
+        self.params = params  # the trainable weights, as model.trainable_parameters() flattens
+        self.weight_index = {id(p): k for k, p in enumerate(params)}
+        self.inputs = inputs  # the chunk-start state's arrays
+        self.made = {id(a) for a in inputs}  # ids of the arrays the tape tracks
+        self.steps = []
+
+    def step(self, fn, *args):
+        key = _random_key()
+        out = fn(*args)
+        mx.eval(out)
+        variables = [a for a in _arrays(args) if id(a) in self.made]
+        self.steps.append((fn, args, variables, _arrays(out), key))
+        self.made.update(id(a) for a in _arrays(out))
+        return out
+
+    def weights_of(self, fn) -> List[int]:
+        """Positions in `params` of the weights step `fn` reads."""
+        modules = _weight_modules(fn)
+        if modules is None:
+            return list(range(len(self.params)))
+        ids = {id(a) for m in modules for _, a in tree_flatten(m.trainable_parameters())}
+        return [k for k, p in enumerate(self.params) if id(p) in ids]
+
+    def backward(self, outputs: list, cotangents: list, set_weights: Callable):
+        """(gradients of the weights, cotangents of the inputs), given the cotangents of
+        `outputs` (arrays the steps made). `set_weights(positions, arrays)` puts weights into
+        the model (and back)."""
+        ct = {}
+
+        def add(a, g):
+            ct[id(a)] = g if id(a) not in ct else ct[id(a)] + g
+
+        for a, g in zip(outputs, cotangents):
+            add(a, g)
+        grads = [None] * len(self.params)
+        while self.steps:
+            fn, args, variables, outs, key = self.steps.pop()
+            # An array returned twice takes its cotangent once; one the step passed through
+            # unchanged (evict's S) takes it here and hands it back below.
+            out_ct, taken = [], set()
+            for a in outs:
+                g = ct.pop(id(a), None) if id(a) not in taken else None
+                taken.add(id(a))
+                out_ct.append(g)
+            if all(g is None for g in out_ct):
+                continue  # nothing after this step reaches the loss
+            out_ct = [mx.zeros_like(a) if g is None else g for a, g in zip(outs, out_ct)]
+            weights = self.weights_of(fn)
+            n = len(weights)
+
+            def recompute(*arrays):
+                set_weights(weights, arrays[:n])
+                new = {id(a): x for a, x in zip(variables, arrays[n:])}
+                return _arrays(fn(*_replace_arrays(args, new)))
+
+            _set_random_key(key)
+            try:
+                _, vjps = mx.vjp(recompute, [self.params[k] for k in weights] + variables, out_ct)
+            finally:
+                set_weights(weights, [self.params[k] for k in weights])
+            for k, g in zip(weights, vjps[:n]):
+                grads[k] = g if grads[k] is None else grads[k] + g
+            for a, g in zip(variables, vjps[n:]):
+                add(a, g)
+            mx.eval([g for g in grads if g is not None], list(ct.values()))
+        grads = [mx.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
+        # An input listed twice is one array: its cotangent goes to the first place it has.
+        input_ct = []
+        for a in self.inputs:
+            g = ct.pop(id(a), None)
+            input_ct.append(mx.zeros_like(a) if g is None else g)
+        return grads, input_ct
+
+
+GRANULARITIES = ("chunk", "block")
+
+
+def sleep_value_and_grad(
+    model, inputs, targets, mask, sleep: SleepConfig, *, plan=None, granularity: str = "chunk"
+):
+    """`nn.value_and_grad(model, sleep_loss)` with activation checkpointing that really bounds
+    memory: returns ((loss, n_scored), grads over model.trainable_parameters()).
+
+    granularity "chunk": peak memory is about one chunk's activations (all its passes) plus the
+    chunk-boundary states:
       1. forward, chunk by chunk, evaluating and keeping only the (evicted) state at each chunk
          boundary, up to the last answer chunk (later chunks cannot change the loss);
       2. backward, chunks in reverse: recompute each chunk from its saved start state under
          mx.vjp of (params, state_in) -> (its summed CE if an answer chunk, state_out), with
          cotangents 1/n_scored for the CE and the state cotangent the later chunk handed back;
          accumulate the parameter gradients, pass the state cotangent on, evaluate.
+    granularity "block": the same, one level down: in step 2 each chunk is run forward once more
+    keeping only what enters each block application (features and layer state; `_Tape`), then
+    walked back one block application at a time. Peak memory is then one block application's
+    activations plus those inputs (N x blocks features per chunk) plus the chunk-boundary
+    states, for about one more forward per chunk.
     Each chunk is one call of `sleep_forward` (run_chunk + evict), so this is Algorithm 1 itself.
     It evaluates as it goes, so it cannot run under mx.compile. Token ids, targets and mask are
-    constants; the loss is the same mean over scored positions as `sleep_loss`."""
+    constants; the loss is the same mean over scored positions as `sleep_loss`. Dropout draws
+    the same masks when a chunk or block is recomputed (the random key is put back)."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(
+            f"granularity must be one of {', '.join(GRANULARITIES)} (got {granularity!r})"
+        )
     if plan is None:
         plan = plan_chunks(mask, sleep.window)
     bounds, is_answer = plan
@@ -325,6 +501,9 @@ def sleep_value_and_grad(model, inputs, targets, mask, sleep: SleepConfig, *, pl
     def set_params(arrays):
         model.update(tree_unflatten(list(zip(names, arrays))))
 
+    def set_weights(positions, arrays):
+        model.update(tree_unflatten([(names[k], a) for k, a in zip(positions, arrays)]))
+
     # The positions of each answer chunk that any row scores: only they go through the head.
     scored = np.asarray(mask).any(axis=0)
     columns = {
@@ -333,7 +512,7 @@ def sleep_value_and_grad(model, inputs, targets, mask, sleep: SleepConfig, *, pl
         if answer_rows(is_answer[c], inputs.shape[0]).any()
     }
 
-    def chunk(c, state):
+    def chunk(c, state, apply=call):
         """Chunk c of the plan from `state`: (answers, evicted state), Algorithm 1 as is."""
         (a, b), answer = bounds[c], is_answer[c]
         return sleep_forward(
@@ -345,6 +524,7 @@ def sleep_value_and_grad(model, inputs, targets, mask, sleep: SleepConfig, *, pl
             state=state,
             offset=a,
             columns=[columns.get(c)],
+            apply=apply,
         )
 
     answer_chunks = list(columns)
@@ -354,40 +534,52 @@ def sleep_value_and_grad(model, inputs, targets, mask, sleep: SleepConfig, *, pl
         )
     last = answer_chunks[-1]
 
-    # 1. Forward: the state at the start of every chunk up to the last answer chunk.
-    starts = [model.initial_state(inputs.shape[0])]
+    def chunk_outputs(c, state, apply=call):
+        """What chunk c hands on: its summed CE if it is an answer chunk, then its final state's
+        arrays unless it is the last answer chunk (whose state reaches no loss)."""
+        answers, state = chunk(c, state, apply)
+        out = []
+        if c in columns:
+            ((_, _, logits),) = answers  # chunk-local bounds; bounds[c] are global
+            cols = columns[c] + bounds[c][0]
+            out.append(apply(_ce_sum, logits, targets[:, cols], mask[:, cols]))
+        if c < last:
+            out += _flat_state(state)[1]
+        return out
+
+    # 1. Forward: the state at the start of every chunk up to the last answer chunk, and the
+    # random key there (so a recomputed chunk draws the dropout masks this forward drew).
+    starts, keys = [model.initial_state(inputs.shape[0])], [_random_key()]
     for c in range(last):
         starts.append(chunk(c, starts[-1])[1])
         mx.eval(starts[-1])
+        keys.append(_random_key())
 
-    # 2. Backward, recomputing one chunk at a time.
+    # 2. Backward, recomputing one chunk (or one block application) at a time.
     grads, state_ct, total = None, None, mx.array(0.0)
     try:
         for c in reversed(range(last + 1)):
             keys_in, state_in = _flat_state(starts[c])
             answer = c in columns
-
-            def fn(*arrays, c=c, keys_in=keys_in, answer=answer):
-                set_params(arrays[:n_params])
-                answers, state = chunk(c, _unflat_state(keys_in, arrays[n_params:], n_layers))
-                out = []
-                if answer:
-                    ((_, _, logits),) = answers  # chunk-local bounds; bounds[c] are global
-                    cols = columns[c] + bounds[c][0]
-                    out.append(_ce_sum(logits, targets[:, cols], mask[:, cols]))
-                if c < last:  # the last answer chunk's state reaches no loss
-                    out += _flat_state(state)[1]
-                return out
-
             cotangents = ([(1.0 / denom).astype(mx.float32)] if answer else []) + (
                 state_ct if c < last else []
             )
-            outs, vjps = mx.vjp(fn, params + state_in, cotangents)
+            _set_random_key(keys[c])
+            if granularity == "chunk":
+
+                def fn(*arrays, c=c, keys_in=keys_in):
+                    set_params(arrays[:n_params])
+                    return chunk_outputs(c, _unflat_state(keys_in, arrays[n_params:], n_layers))
+
+                outs, vjps = mx.vjp(fn, params + state_in, cotangents)
+                g, state_ct = vjps[:n_params], vjps[n_params:]
+            else:
+                tape = _Tape(params, state_in)
+                outs = chunk_outputs(c, starts[c], tape.step)
+                g, state_ct = tape.backward(outs, cotangents, set_weights)
             if answer:
                 total = total + outs[0]
-            g = vjps[:n_params]
             grads = g if grads is None else [x + y for x, y in zip(grads, g)]
-            state_ct = vjps[n_params:]
             mx.eval(grads, state_ct, total)
             starts[c] = None
     finally:
