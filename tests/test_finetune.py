@@ -363,10 +363,17 @@ def test_a_run_extends_and_another_starts_from_its_adapters(tmp_path, workdir):
 
     a = finetune(workdir, "jet_nemotron", tmp_path / "a", steps=2)
     a.run()
-    longer = finetune(workdir, "jet_nemotron", tmp_path / "a", steps=3)
+    # as a run from before --memory-bound saved it (memory_bounded: true); the bound may change
+    config_path = tmp_path / "a" / "config.json"
+    config = json.loads(config_path.read_text())
+    del config["finetune"]["memory_bound"]
+    config["finetune"]["memory_bounded"] = True
+    config_path.write_text(json.dumps(config))
+    longer = finetune(workdir, "jet_nemotron", tmp_path / "a", steps=3, memory_bound="block")
     assert longer.step == 2
     longer.run()
     assert longer.step == 3
+    assert json.loads(config_path.read_text())["finetune"]["memory_bound"] == "block"
     saved = read_safetensors(str(tmp_path / "a" / "checkpoint" / "adapters.safetensors"))
     b = finetune(
         workdir,
@@ -649,6 +656,49 @@ def test_rank_slices_sum_to_the_global_batch(tmp_path, workdir):
     # float32 sums over the batch in another order: 1e-4 of each gradient's scale, and at least
     # 1e-6 of the largest gradient (a small gradient can be a sum of large cancelling terms)
     assert_close({k: halves[0][k] + halves[1][k] for k in whole}, whole, rtol=1e-4, floor=1e-6)
+
+
+# (kind, fine-tune type, N): the converted architectures, LoRA (with dropout) and full
+BLOCK_CASES = [("jet_nemotron", "lora", 3), ("ouro_jet", "full", 2), ("qwen3_5", "lora", 3)]
+
+
+@pytest.mark.parametrize("kind,fine_tune_type,loops", BLOCK_CASES)
+def test_block_memory_bound_gives_the_chunkwise_loss_and_gradients(
+    tmp_path, workdir, kind, fine_tune_type, loops
+):
+    """--memory-bound block (one block application's activations) gives the summed loss and
+    the gradients of --memory-bound chunk on every converted architecture (Jet-Nemotron, Ouro
+    with Jet layers: an unrolled loop sharing its layers, Qwen3.5 under the mlx-lm adapter),
+    LoRA and full, rows answering in different windows, sliding eviction. With LoRA dropout
+    0.5 both equal the one-graph backward too: a recomputed chunk or block application draws
+    the masks its forward drew."""
+    dropout = 0.5 if fine_tune_type == "lora" else 0.0
+    ft = finetune(
+        workdir,
+        kind,
+        tmp_path,
+        fine_tune_type,
+        steps=1,
+        dropout=dropout,
+        sleep={"loops": loops, "eviction": "sliding"},
+    )
+    inputs, targets, mask = make_batch(ft.train_examples[:3], ft.pad_id)
+    mask = np.zeros_like(mask)  # rows answering in windows 1, 2 and 3 (L = 16)
+    mask[0, 10:12] = mask[1, 20:24] = mask[2, -4:] = 1
+    plan = plan_chunks(mask, ft.sleep.window)
+    assert len(set(plan[1])) == 3
+    results = {}
+    for bound in ("none", "chunk", "block") if dropout else ("chunk", "block"):
+        mx.random.seed(7)
+        results[bound] = summed_loss_and_grads(
+            ft.model, inputs, targets, mask, ft.sleep, plan, bound
+        )
+    ce, n, grads = results["chunk"]
+    for bound, (ce_b, n_b, grads_b) in results.items():
+        assert n_b.item() == n.item() == mask.sum()
+        assert_close(ce_b.item(), ce.item(), rtol=1e-5, what=f"{bound}: summed loss")
+        assert_close(grads_b, grads, rtol=1e-4, floor=1e-6, what=f"{bound}: gradients")
+    assert max(np.abs(v).max() for _, v in tree_flatten(grads)) > 1e-3
 
 
 # In the default run (15-70 s here, three Python processes on 2 cores): the distributed path is

@@ -7,12 +7,15 @@ from ..config import MAX_LOOPS
 from .common import (
     BATCH,
     GRAD_ACCUM,
+    MEMORY_BOUND,
+    MEMORY_BOUND_HELP,
     SEED,
     STEPS,
     Finite,
     PathArg,
     Text,
     count,
+    memory_bound_flag,
     parse_core,
     refuse_unused,
     run_safely,
@@ -265,10 +268,15 @@ def convert(
     help="Train the first STEPS with hard eviction, then the configured one.",
 )
 @click.option(
+    "--memory-bound",
+    type=MEMORY_BOUND,
+    default=None,
+    help=MEMORY_BOUND_HELP + "  [default: chunk]",
+)
+@click.option(
     "--memory-bounded/--no-memory-bounded",
-    default=True,
-    show_default=True,
-    help="Recompute one chunk at a time on backward (peak memory ~ one chunk).",
+    default=None,
+    help="The older form: --memory-bound chunk / none.",
 )
 @click.option(
     "--valid-every", type=count(0), default=100, show_default=True, help="0: no validation."
@@ -324,6 +332,7 @@ def finetune(
     lora_layers,
     train_only,
     hard_warmup,
+    memory_bound,
     memory_bounded,
     valid_every,
     valid_batches,
@@ -350,6 +359,12 @@ def finetune(
             {"fuse", "valid_every", "valid_batches", "checkpoint_every", "log_every"},
             "with --estimate (it trains nothing)",
         )
+    memory_bound = memory_bound_flag(
+        memory_bound,
+        memory_bounded,
+        "--memory-bounded" if memory_bounded else "--no-memory-bounded",
+        "chunk",
+    )
 
     def go():
         if full and dora:
@@ -372,7 +387,7 @@ def finetune(
             lora_layers=lora_layers,
             train_only=train_only,
             hard_warmup=hard_warmup,
-            memory_bounded=memory_bounded,
+            memory_bound=memory_bound,
             valid_every=valid_every,
             valid_batches=valid_batches,
             checkpoint_every=checkpoint_every,

@@ -23,19 +23,23 @@ from mlx.utils import tree_flatten, tree_map
 from ..config import ConfigError, SleepConfig
 from ..loop import TrainingRun, World
 from ..sleep import plan_chunks, sleep_loss, sleep_value_and_grad
-from ..train import make_optimizer
+from ..train import make_optimizer, memory_bound_of
 from .adapters import adapter_config, fuse_model, load_trainable, prepare_model
 from .config import FinetuneConfig
 from .data import batch_indices, load_examples, make_batch
 
 
-def summed_loss_and_grads(
-    model, inputs, targets, mask, sleep: SleepConfig, plan, memory_bounded: bool
-):
-    """(summed cross-entropy over the scored tokens, their count, gradients of that sum)."""
+def summed_loss_and_grads(model, inputs, targets, mask, sleep: SleepConfig, plan, memory_bound):
+    """(summed cross-entropy over the scored tokens, their count, gradients of that sum).
+    `memory_bound`: "chunk" or "block" (sleep_value_and_grad's granularity), or "none" (one
+    graph over the whole sequence); True and False mean "chunk" and "none" (older callers)."""
     x, y, w = mx.array(inputs), mx.array(targets), mx.array(mask)
-    if memory_bounded:
-        (loss, n), grads = sleep_value_and_grad(model, x, y, w, sleep, plan=plan)
+    if isinstance(memory_bound, bool):
+        memory_bound = memory_bound_of(memory_bound)
+    if memory_bound != "none":
+        (loss, n), grads = sleep_value_and_grad(
+            model, x, y, w, sleep, plan=plan, granularity=memory_bound
+        )
     else:
         fn = nn.value_and_grad(model, lambda m, x, y, w: sleep_loss(m, x, y, w, sleep, plan=plan))
         (loss, n), grads = fn(model, x, y, w)
@@ -88,7 +92,8 @@ class Finetune(TrainingRun):
 
     OWNER, META_FILE, WEIGHTS_FILE = "finetune", "state.json", "adapters.safetensors"
     EVAL_AT_START = True
-    RESUMABLE_CHANGES = ("finetune.steps",)
+    # the memory bound: the same math either way (within float rounding)
+    RESUMABLE_CHANGES = ("finetune.steps", "finetune.memory_bound")
 
     def __init__(
         self,
@@ -150,6 +155,14 @@ class Finetune(TrainingRun):
         if not dry_run:
             self.open_run(force)
 
+    def saved_settings(self, saved: dict) -> dict:
+        finetune = saved.get("finetune")
+        if isinstance(finetune, dict) and "memory_bounded" in finetune:  # before --memory-bound
+            finetune = dict(finetune)
+            finetune["memory_bound"] = memory_bound_of(finetune.pop("memory_bounded"))
+            saved = {**saved, "finetune": finetune}
+        return saved
+
     @property
     def trainable_parameters(self) -> int:
         return sum(v.size for _, v in tree_flatten(self.model.trainable_parameters()))
@@ -190,7 +203,7 @@ class Finetune(TrainingRun):
             rows = world.rows(cfg.batch_size)
             plan = plan_chunks(mask[rows], sleep.window)  # each row its own plan
             c, k, g = summed_loss_and_grads(
-                self.model, inputs[rows], targets[rows], mask[rows], sleep, plan, cfg.memory_bounded
+                self.model, inputs[rows], targets[rows], mask[rows], sleep, plan, cfg.memory_bound
             )
             ce, n = ce + c, n + k
             grads = g if grads is None else tree_map(mx.add, grads, g)
