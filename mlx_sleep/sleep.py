@@ -353,16 +353,45 @@ def _replace_arrays(tree, new: dict):
     return tree
 
 
-def _weight_modules(fn) -> Optional[list]:
-    """The modules whose weights step `fn` reads: a block that is a module, or the modules a
-    block wrapper holds (Ouro's unrolled blocks, the mlx-lm adapters' blocks); [] for the
-    state bookkeeping steps; None for anything else (the embedding, the head): every weight."""
-    if any(fn is f for f in (select_rows, evict, _ce_sum)):
-        return []
-    if isinstance(fn, nn.Module):
-        return [fn]
-    held = [m for m in getattr(fn, "__dict__", {}).values() if isinstance(m, nn.Module)]
-    return held or None
+class _Weights:
+    """The model's trainable weights as one flat list (model.trainable_parameters()), put into
+    the model by position (mx.vjp's tracers, then the arrays back) and found by the step that
+    reads them."""
+
+    def __init__(self, model):
+        self.names, self.arrays = map(list, zip(*tree_flatten(model.trainable_parameters())))
+        self.slots = []  # (module or list holding the weight, its key there)
+        for name in self.names:
+            *path, key = name.split(".")
+            parent = model
+            for part in path:
+                parent = parent[int(part)] if isinstance(parent, list) else parent[part]
+            self.slots.append((parent, int(key) if isinstance(parent, list) else key))
+        self.cache = {}
+
+    def set(self, positions, arrays):
+        for k, a in zip(positions, arrays):
+            parent, key = self.slots[k]
+            parent[key] = a
+
+    def read_by(self, fn) -> List[int]:
+        """Positions of the weights step `fn` reads: a block's own (the block, or the modules a
+        block wrapper holds: Ouro's unrolled blocks, the mlx-lm adapters' blocks), none for the
+        state bookkeeping (select_rows, evict, the loss), all for anything else (the
+        embedding, the head)."""
+        if any(fn is f for f in (select_rows, evict, _ce_sum)):
+            return []
+        if isinstance(fn, nn.Module):
+            modules = [fn]
+        else:
+            modules = [m for m in getattr(fn, "__dict__", {}).values() if isinstance(m, nn.Module)]
+        if not modules:
+            return list(range(len(self.arrays)))
+        key = tuple(id(m) for m in modules)
+        if key not in self.cache:
+            ids = {id(a) for m in modules for _, a in tree_flatten(m.trainable_parameters())}
+            self.cache[key] = [k for k, a in enumerate(self.arrays) if id(a) in ids]
+        return self.cache[key]
 
 
 class _Tape:
@@ -382,9 +411,8 @@ class _Tape:
     S on unchanged, so each array's cotangent gathers from every step that read it. An argument
     array the tape did not see made (token ids, targets, the mask, columns) is a constant."""
 
-    def __init__(self, params: list, inputs: list):
-        self.params = params  # the trainable weights, as model.trainable_parameters() flattens
-        self.weight_index = {id(p): k for k, p in enumerate(params)}
+    def __init__(self, weights: _Weights, inputs: list):
+        self.weights = weights
         self.inputs = inputs  # the chunk-start state's arrays
         self.made = {id(a) for a in inputs}  # ids of the arrays the tape tracks
         self.steps = []
@@ -398,26 +426,17 @@ class _Tape:
         self.made.update(id(a) for a in _arrays(out))
         return out
 
-    def weights_of(self, fn) -> List[int]:
-        """Positions in `params` of the weights step `fn` reads."""
-        modules = _weight_modules(fn)
-        if modules is None:
-            return list(range(len(self.params)))
-        ids = {id(a) for m in modules for _, a in tree_flatten(m.trainable_parameters())}
-        return [k for k, p in enumerate(self.params) if id(p) in ids]
-
-    def backward(self, outputs: list, cotangents: list, set_weights: Callable):
+    def backward(self, outputs: list, cotangents: list):
         """(gradients of the weights, cotangents of the inputs), given the cotangents of
-        `outputs` (arrays the steps made). `set_weights(positions, arrays)` puts weights into
-        the model (and back)."""
-        ct = {}
+        `outputs` (arrays the steps made)."""
+        weights, ct = self.weights, {}
 
         def add(a, g):
             ct[id(a)] = g if id(a) not in ct else ct[id(a)] + g
 
         for a, g in zip(outputs, cotangents):
             add(a, g)
-        grads = [None] * len(self.params)
+        grads = [None] * len(weights.arrays)
         while self.steps:
             fn, args, variables, outs, key = self.steps.pop()
             # An array returned twice takes its cotangent once; one the step passed through
@@ -430,25 +449,25 @@ class _Tape:
             if all(g is None for g in out_ct):
                 continue  # nothing after this step reaches the loss
             out_ct = [mx.zeros_like(a) if g is None else g for a, g in zip(outs, out_ct)]
-            weights = self.weights_of(fn)
-            n = len(weights)
+            read = weights.read_by(fn)
+            n = len(read)
 
             def recompute(*arrays):
-                set_weights(weights, arrays[:n])
+                weights.set(read, arrays[:n])
                 new = {id(a): x for a, x in zip(variables, arrays[n:])}
                 return _arrays(fn(*_replace_arrays(args, new)))
 
             _set_random_key(key)
             try:
-                _, vjps = mx.vjp(recompute, [self.params[k] for k in weights] + variables, out_ct)
+                _, vjps = mx.vjp(recompute, [weights.arrays[k] for k in read] + variables, out_ct)
             finally:
-                set_weights(weights, [self.params[k] for k in weights])
-            for k, g in zip(weights, vjps[:n]):
+                weights.set(read, [weights.arrays[k] for k in read])
+            for k, g in zip(read, vjps[:n]):
                 grads[k] = g if grads[k] is None else grads[k] + g
             for a, g in zip(variables, vjps[n:]):
                 add(a, g)
             mx.eval([g for g in grads if g is not None], list(ct.values()))
-        grads = [mx.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
+        grads = [mx.zeros_like(p) if g is None else g for p, g in zip(weights.arrays, grads)]
         # An input listed twice is one array: its cotangent goes to the first place it has.
         input_ct = []
         for a in self.inputs:
@@ -495,14 +514,12 @@ def sleep_value_and_grad(
     mask = _float_mask(mask)
     n_scored = mask.sum()
     denom = mx.maximum(n_scored, 1.0)
-    names, params = map(list, zip(*tree_flatten(model.trainable_parameters())))
+    weights = _Weights(model)
+    names, params = weights.names, weights.arrays
     n_params, n_layers = len(params), len(model.sleep_blocks())
 
     def set_params(arrays):
-        model.update(tree_unflatten(list(zip(names, arrays))))
-
-    def set_weights(positions, arrays):
-        model.update(tree_unflatten([(names[k], a) for k, a in zip(positions, arrays)]))
+        weights.set(range(n_params), arrays)
 
     # The positions of each answer chunk that any row scores: only they go through the head.
     scored = np.asarray(mask).any(axis=0)
@@ -536,7 +553,8 @@ def sleep_value_and_grad(
 
     def chunk_outputs(c, state, apply=call):
         """What chunk c hands on: its summed CE if it is an answer chunk, then its final state's
-        arrays unless it is the last answer chunk (whose state reaches no loss)."""
+        arrays unless it is the last answer chunk (whose state reaches no loss); and that
+        state."""
         answers, state = chunk(c, state, apply)
         out = []
         if c in columns:
@@ -545,13 +563,21 @@ def sleep_value_and_grad(
             out.append(apply(_ce_sum, logits, targets[:, cols], mask[:, cols]))
         if c < last:
             out += _flat_state(state)[1]
-        return out
+        return out, state
 
     # 1. Forward: the state at the start of every chunk up to the last answer chunk, and the
-    # random key there (so a recomputed chunk draws the dropout masks this forward drew).
-    starts, keys = [model.initial_state(inputs.shape[0])], [_random_key()]
+    # random key there (so a recomputed chunk draws the dropout masks this forward drew). By
+    # blocks, the chunk before the last answer chunk runs on a tape: the backward comes to it
+    # second and takes the tape as it is (one chunk's forward fewer; two tapes alive at most).
+    starts, keys, taped = [model.initial_state(inputs.shape[0])], [_random_key()], {}
     for c in range(last):
-        starts.append(chunk(c, starts[-1])[1])
+        if granularity == "block" and c == last - 1:
+            tape = _Tape(weights, _flat_state(starts[c])[1])
+            outs, state = chunk_outputs(c, starts[c], tape.step)
+            taped[c] = tape, outs
+        else:
+            state = chunk(c, starts[c])[1]
+        starts.append(state)
         mx.eval(starts[-1])
         keys.append(_random_key())
 
@@ -569,14 +595,17 @@ def sleep_value_and_grad(
 
                 def fn(*arrays, c=c, keys_in=keys_in):
                     set_params(arrays[:n_params])
-                    return chunk_outputs(c, _unflat_state(keys_in, arrays[n_params:], n_layers))
+                    state = _unflat_state(keys_in, arrays[n_params:], n_layers)
+                    return chunk_outputs(c, state)[0]
 
                 outs, vjps = mx.vjp(fn, params + state_in, cotangents)
                 g, state_ct = vjps[:n_params], vjps[n_params:]
             else:
-                tape = _Tape(params, state_in)
-                outs = chunk_outputs(c, starts[c], tape.step)
-                g, state_ct = tape.backward(outs, cotangents, set_weights)
+                if c not in taped:
+                    tape = _Tape(weights, state_in)
+                    taped[c] = tape, chunk_outputs(c, starts[c], tape.step)[0]
+                tape, outs = taped.pop(c)
+                g, state_ct = tape.backward(outs, cotangents)
             if answer:
                 total = total + outs[0]
             grads = g if grads is None else [x + y for x, y in zip(grads, g)]
