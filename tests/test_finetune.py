@@ -549,10 +549,10 @@ import gc, json, pathlib, sys
 import mlx.core as mx
 from tests.test_finetune import finetune
 from mlx_sleep.finetune import estimate_step
-workdir, kind, out, fine_tune_type, memory_bounded = sys.argv[1:6]
+workdir, kind, out, fine_tune_type, memory_bound = sys.argv[1:6]
 baseline = mx.get_active_memory()
 ft = finetune(pathlib.Path(workdir), kind, pathlib.Path(out), fine_tune_type, steps=3,
-              batch_size=8, memory_bounded=memory_bounded == "1")
+              batch_size=8, memory_bound=memory_bound)
 est = estimate_step(ft)
 gc.collect()
 mx.clear_cache()
@@ -565,20 +565,21 @@ print(json.dumps({"estimate": est["peak_bytes"], "seconds": est["seconds_per_ste
 
 
 @pytest.mark.parametrize(
-    "kind,fine_tune_type,memory_bounded",
+    "kind,fine_tune_type,memory_bound",
     [
-        ("jet_nemotron", "lora", True),
-        ("jet_nemotron", "full", True),
-        ("jet_nemotron", "lora", False),
+        ("jet_nemotron", "lora", "chunk"),
+        ("jet_nemotron", "full", "block"),
+        ("jet_nemotron", "lora", "none"),
     ],
 )
 def test_estimate_is_within_30_percent_of_the_measured_peak(
-    tmp_path, workdir, kind, fine_tune_type, memory_bounded
+    tmp_path, workdir, kind, fine_tune_type, memory_bound
 ):
-    """The memory-bounded path (the default) within 30%. Without it the estimate adds up every
-    chunk's activations with their backward temporaries, an upper bound (measured 1.4x over
-    here): it must not be under the measured peak, nor more than 1.6x over. Measured in a
-    fresh process, so that no other test's arrays move the peak."""
+    """The memory-bounded paths (chunk, the default, and block) within 30%. Without a bound
+    (none) the estimate adds up every chunk's activations with their backward temporaries, an
+    upper bound (measured 1.4x over here): it must not be under the measured peak, nor more
+    than 1.6x over. Measured in a fresh process, so that no other test's arrays move the
+    peak."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run(
         [
@@ -589,7 +590,7 @@ def test_estimate_is_within_30_percent_of_the_measured_peak(
             kind,
             str(tmp_path / "o"),
             fine_tune_type,
-            str(int(memory_bounded)),
+            memory_bound,
         ],
         cwd=root,
         capture_output=True,
@@ -599,7 +600,7 @@ def test_estimate_is_within_30_percent_of_the_measured_peak(
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
     est, measured = got["estimate"], got["measured"]
-    if memory_bounded:
+    if memory_bound != "none":
         assert abs(est - measured) <= 0.3 * measured, (est, measured)
     else:
         assert measured <= est <= 1.6 * measured, (est, measured)
