@@ -2,8 +2,8 @@
 
 Everything that sleeps goes through `run_chunk` (prelude once, core N times, coda once) and
 `evict`: the training loss (`sleep_loss`, and `sleep_value_and_grad`, its memory-bounded gradient
-that recomputes one chunk at a time), evaluation (`sleep_forward`) and incremental inference
-(`SleepEngine`). That is what makes inference equal training: a consolidated window's state is
+that recomputes one chunk, or one block application, at a time), evaluation (`sleep_forward`)
+and incremental inference (`SleepEngine`). That is what makes inference equal training: a consolidated window's state is
 computed by the same function, from the same chunk-start state, as in training.
 
 Algorithm 1, for a sequence split into chunks of length <= L:
@@ -496,8 +496,9 @@ def sleep_value_and_grad(
     granularity "block": the same, one level down: in step 2 each chunk is run forward once more
     keeping only what enters each block application (features and layer state; `_Tape`), then
     walked back one block application at a time. Peak memory is then one block application's
-    activations plus those inputs (N x blocks features per chunk) plus the chunk-boundary
-    states, for about one more forward per chunk.
+    activations plus those inputs (N x blocks features per chunk, of two chunks at most) plus
+    the chunk-boundary states, for one more forward per chunk except the last two (the chunk
+    before the last answer chunk is recorded in step 1 already).
     Each chunk is one call of `sleep_forward` (run_chunk + evict), so this is Algorithm 1 itself.
     It evaluates as it goes, so it cannot run under mx.compile. Token ids, targets and mask are
     constants; the loss is the same mean over scored positions as `sleep_loss`. Dropout draws
