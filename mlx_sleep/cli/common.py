@@ -29,7 +29,8 @@ GRAD_ACCUM = click.IntRange(1, 1024)
 MEMORY_BOUND = click.Choice(["chunk", "block", "none"])  # train.MEMORY_BOUNDS
 MEMORY_BOUND_HELP = (
     "What backward holds: chunk (recompute one chunk at a time: one chunk's activations), "
-    "block (one block application's; ~1.2x the time), none (the whole sequence's graph)."
+    "block (one block application's, for one more forward per chunk), none (the whole "
+    "sequence's graph)."
 )
 
 
