@@ -2,8 +2,8 @@
 
 Everything that sleeps goes through `run_chunk` (prelude once, core N times, coda once) and
 `evict`: the training loss (`sleep_loss`, and `sleep_value_and_grad`, its memory-bounded gradient
-that recomputes one chunk at a time), evaluation (`sleep_forward`) and incremental inference
-(`SleepEngine`). That is what makes inference equal training: a consolidated window's state is
+that recomputes one chunk, or one block application, at a time), evaluation (`sleep_forward`)
+and incremental inference (`SleepEngine`). That is what makes inference equal training: a consolidated window's state is
 computed by the same function, from the same chunk-start state, as in training.
 
 Algorithm 1, for a sequence split into chunks of length <= L:
@@ -51,6 +51,11 @@ def chunk_bounds(
     return bounds
 
 
+def call(fn, *args):
+    """Run one step of a chunk (the embedding, a block, the head, an eviction): `fn(*args)`."""
+    return fn(*args)
+
+
 def restart(mixer, chunk_start: dict, current: dict) -> dict:
     """The state a layer starts a sleep pass with: chunk-start state, fast weights carried."""
     return {**chunk_start, **{name: current[name] for name in mixer.carried}}
@@ -65,6 +70,7 @@ def run_chunk(
     window: Optional[int] = None,
     after_pass: Optional[Callable[[int, State], None]] = None,
     core_out: Optional[list] = None,
+    apply: Callable = call,
 ):
     """Run one chunk: prelude blocks once, core blocks `passes` times, coda blocks once.
 
@@ -72,25 +78,27 @@ def run_chunk(
     eviction). `after_pass(n, state)` is called after core pass n (used to evaluate and cancel
     between passes). `core_out`, a list, receives the core's output features after the first
     pass (what `continue_passes` needs). `after_pass` returning True stops the core after that
-    pass (a stopping rule: `converged`); the coda runs on that pass's features. Returns
+    pass (a stopping rule: `converged`); the coda runs on that pass's features. `apply(fn,
+    *args)` runs each step (the embedding, each block): `call` by default, a `_Tape`'s `step`
+    to record them for `sleep_value_and_grad`'s block-by-block backward. Returns
     (features h [B, T, D], new state)."""
     layers = model.sleep_blocks()
     start, stop = model.core
     state = list(state)
-    h = model.embed(ids)
+    h = apply(model.embed, ids)
     for i in range(start):
-        h, state[i] = layers[i](h, state[i], offset, window)
+        h, state[i] = apply(layers[i], h, state[i], offset, window)
     chunk_start = state[start:stop]
     for n in range(passes):
         for i in range(start, stop):
             s = state[i] if n == 0 else restart(layers[i].mixer, chunk_start[i - start], state[i])
-            h, state[i] = layers[i](h, s, offset, window)
+            h, state[i] = apply(layers[i], h, s, offset, window)
         if n == 0 and core_out is not None:
             core_out.append(h)
         if after_pass is not None and after_pass(n, state):
             break
     for i in range(stop, len(layers)):
-        h, state[i] = layers[i](h, state[i], offset, window)
+        h, state[i] = apply(layers[i], h, state[i], offset, window)
     return h, state
 
 
@@ -103,6 +111,7 @@ def continue_passes(
     passes: int,
     window: Optional[int] = None,
     after_pass: Optional[Callable[[int, State], None]] = None,
+    apply: Callable = call,
 ) -> State:
     """`run_chunk(model, ids, chunk_start, offset, passes)`'s state, given its first pass
     already run (the wake pass): `core_h` the core's output features of that pass and
@@ -110,19 +119,18 @@ def continue_passes(
     2..N carrying the fast weights on, the coda runs once from its chunk-start state on the
     last pass's features. It saves one pass of the N + 1 a window otherwise costs (wake, then
     sleep); the result is the recomputed one bit for bit when the wake pass ran the window in
-    one piece (benchmarks/chat.py (e) measures both)."""
+    one piece (benchmarks/chat.py (e) measures both). `apply`: as in `run_chunk`."""
     layers = model.sleep_blocks()
     start, stop = model.core
     state, h = list(first_state), core_h
     for n in range(1, passes):
         for i in range(start, stop):
-            h, state[i] = layers[i](
-                h, restart(layers[i].mixer, chunk_start[i], state[i]), offset, window
-            )
+            s = restart(layers[i].mixer, chunk_start[i], state[i])
+            h, state[i] = apply(layers[i], h, s, offset, window)
         if after_pass is not None and after_pass(n, state):
             break
     for i in range(stop, len(layers)):
-        h, state[i] = layers[i](h, chunk_start[i], offset, window)
+        h, state[i] = apply(layers[i], h, chunk_start[i], offset, window)
     return state
 
 
@@ -204,6 +212,7 @@ def sleep_forward(
     columns=None,
     tolerance: Optional[float] = None,
     passes_used: Optional[list] = None,
+    apply: Callable = call,
 ):
     """Algorithm 1's forward over a batch of sequences.
 
@@ -218,7 +227,8 @@ def sleep_forward(
     chunk is gigabytes, and a loss needs only the scored positions.
     `tolerance`: sleep as deep as it helps, at most `sleep.loops` passes: a chunk's passes stop
     once one changes the fast weights (of the whole batch) by less than that (`converged`);
-    `passes_used`, a list, receives the passes each sleeping chunk ran."""
+    `passes_used`, a list, receives the passes each sleeping chunk ran. `apply` runs every step
+    that makes arrays (embedding, blocks, head, row selection, eviction): see `run_chunk`."""
     B, T = inputs.shape
     bounds, is_answer = plan if plan is not None else plan_chunks(mask, sleep.window)
     if bounds[-1][1] != T:
@@ -235,26 +245,34 @@ def sleep_forward(
             ran[0] = n + 1
             return stop is not None and stop(n, new)
 
+        ids = inputs[:, a:b]
         if rows.all() or not rows.any() or sleep.loops == 1:
             passes = 1 if rows.any() else sleep.loops
             h, state = run_chunk(
-                model, inputs[:, a:b], state, offset + a, passes, window, after_pass
+                model, ids, state, offset + a, passes, window, after_pass, apply=apply
             )
         else:  # some rows answer here (one pass), the others sleep: pass 1 is shared
             core = []
-            h, first = run_chunk(model, inputs[:, a:b], state, offset + a, 1, window, core_out=core)
+            h, first = run_chunk(
+                model, ids, state, offset + a, 1, window, core_out=core, apply=apply
+            )
             after_pass(0, first)
             slept = continue_passes(
-                model, core[0], first, state, offset + a, sleep.loops, window, after_pass
+                model, core[0], first, state, offset + a, sleep.loops, window, after_pass, apply
             )
-            state = select_rows(rows, first, slept)
+            state = apply(select_rows, rows, first, slept)
         if passes_used is not None and not rows.all():
             passes_used.append(ran[0])
         if rows.any():
             cols = None if columns is None else columns[len(answers)]
-            answers.append((a, b, model.head(h if cols is None else h[:, cols])))
-        state = evict(model, state, keep)
+            answers.append((a, b, apply(head_of_columns, model, h, cols)))
+        state = apply(evict, model, state, keep)
     return answers, state
+
+
+def head_of_columns(model, h, columns=None):
+    """Logits of the features at `columns` (chunk-local positions; None: all of them)."""
+    return model.head(h if columns is None else h[:, columns])
 
 
 def _float_mask(mask) -> mx.array:
@@ -298,20 +316,198 @@ def _unflat_state(keys, arrays, n_layers: int) -> State:
     return state
 
 
-def sleep_value_and_grad(model, inputs, targets, mask, sleep: SleepConfig, *, plan=None):
-    """`nn.value_and_grad(model, sleep_loss)` with activation checkpointing per chunk that really
-    bounds memory: returns ((loss, n_scored), grads over model.trainable_parameters()).
+def _random_key() -> int:
+    """MLX's global random key as one integer (dropout draws from it)."""
+    hi, lo = mx.random.state[0].tolist()
+    return (hi << 32) | lo
 
-    Peak memory is about one chunk's activations (all its passes) plus the chunk-boundary states:
+
+def _set_random_key(key: int):
+    """Put the random key back: a recomputation then draws the dropout masks it drew before."""
+    mx.random.seed(key)
+
+
+def _arrays(tree) -> list:
+    """The arrays of a step's arguments or results, in order: inside lists, tuples and dicts
+    (not inside a module: a model passed to a step is a constant)."""
+    if isinstance(tree, mx.array):
+        return [tree]
+    if isinstance(tree, nn.Module):
+        return []
+    if isinstance(tree, (list, tuple)):
+        return [a for x in tree for a in _arrays(x)]
+    if isinstance(tree, dict):
+        return [a for x in tree.values() for a in _arrays(x)]
+    return []
+
+
+def _replace_arrays(tree, new: dict):
+    """`tree` with each array whose id is in `new` replaced by new[id]."""
+    if isinstance(tree, mx.array):
+        return new.get(id(tree), tree)
+    if isinstance(tree, nn.Module):
+        return tree
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_replace_arrays(x, new) for x in tree)
+    if isinstance(tree, dict):
+        return {k: _replace_arrays(x, new) for k, x in tree.items()}
+    return tree
+
+
+class _Weights:
+    """The model's trainable weights as one flat list (model.trainable_parameters()), put into
+    the model by position (mx.vjp's tracers, then the arrays back) and found by the step that
+    reads them."""
+
+    def __init__(self, model):
+        self.names, self.arrays = map(list, zip(*tree_flatten(model.trainable_parameters())))
+        self.slots = []  # (module or list holding the weight, its key there)
+        for name in self.names:
+            *path, key = name.split(".")
+            parent = model
+            for part in path:
+                parent = parent[int(part)] if isinstance(parent, list) else parent[part]
+            self.slots.append((parent, int(key) if isinstance(parent, list) else key))
+        self.cache = {}
+
+    def set(self, positions, arrays):
+        for k, a in zip(positions, arrays):
+            parent, key = self.slots[k]
+            parent[key] = a
+
+    def read_by(self, fn) -> List[int]:
+        """Positions of the weights step `fn` reads: a block's own (the block, or the modules a
+        block wrapper holds: Ouro's unrolled blocks, the mlx-lm adapters' blocks), none for the
+        state bookkeeping (select_rows, evict, the loss), all for anything else (the
+        embedding, the head)."""
+        if any(fn is f for f in (select_rows, evict, _ce_sum)):
+            return []
+        if isinstance(fn, nn.Module):
+            modules = [fn]
+        else:
+            modules = [m for m in getattr(fn, "__dict__", {}).values() if isinstance(m, nn.Module)]
+        if not modules:
+            return list(range(len(self.arrays)))
+        key = tuple(id(m) for m in modules)
+        if key not in self.cache:
+            ids = {id(a) for m in modules for _, a in tree_flatten(m.trainable_parameters())}
+            self.cache[key] = [k for k, a in enumerate(self.arrays) if id(a) in ids]
+        return self.cache[key]
+
+
+class _Tape:
+    """One chunk's forward, recorded step by step (embedding, each block application, head,
+    row selection, eviction, loss), and its backward one step at a time.
+
+    `step(fn, *args)` is the `apply` of run_chunk / continue_passes / sleep_forward: it runs
+    fn(*args), evaluates the result and records (fn, args), so what stays alive is what passes
+    between steps (features [B, T, D] and layer states), never what is inside a block.
+    `backward` walks the steps in reverse, recomputing each under mx.vjp with respect to the
+    weights it reads and the arrays it was given, and evaluates before the next: only one block
+    application's activations are alive at a time.
+
+    Cotangents are kept per array, by identity (id(); the tape keeps every recorded array alive,
+    so ids are not reused). That is all the routing there is: `restart` hands pass n + 1 the
+    very arrays of the chunk-start state (KV, conv) and of pass n's fast weights, evict passes
+    S on unchanged, so each array's cotangent gathers from every step that read it. An argument
+    array the tape did not see made (token ids, targets, the mask, columns) is a constant."""
+
+    def __init__(self, weights: _Weights, inputs: list):
+        self.weights = weights
+        self.inputs = inputs  # the chunk-start state's arrays
+        self.made = {id(a) for a in inputs}  # ids of the arrays the tape tracks
+        self.steps = []
+
+    def step(self, fn, *args):
+        key = _random_key()
+        out = fn(*args)
+        mx.eval(out)
+        variables = [a for a in _arrays(args) if id(a) in self.made]
+        self.steps.append((fn, args, variables, _arrays(out), key))
+        self.made.update(id(a) for a in _arrays(out))
+        return out
+
+    def backward(self, outputs: list, cotangents: list):
+        """(gradients of the weights, cotangents of the inputs), given the cotangents of
+        `outputs` (arrays the steps made)."""
+        weights, ct = self.weights, {}
+
+        def add(a, g):
+            ct[id(a)] = g if id(a) not in ct else ct[id(a)] + g
+
+        for a, g in zip(outputs, cotangents):
+            add(a, g)
+        grads = [None] * len(weights.arrays)
+        while self.steps:
+            fn, args, variables, outs, key = self.steps.pop()
+            # An array returned twice takes its cotangent once; one the step passed through
+            # unchanged (evict's S) takes it here and hands it back below.
+            out_ct, taken = [], set()
+            for a in outs:
+                g = ct.pop(id(a), None) if id(a) not in taken else None
+                taken.add(id(a))
+                out_ct.append(g)
+            if all(g is None for g in out_ct):
+                continue  # nothing after this step reaches the loss
+            out_ct = [mx.zeros_like(a) if g is None else g for a, g in zip(outs, out_ct)]
+            read = weights.read_by(fn)
+            n = len(read)
+
+            def recompute(*arrays):
+                weights.set(read, arrays[:n])
+                new = {id(a): x for a, x in zip(variables, arrays[n:])}
+                return _arrays(fn(*_replace_arrays(args, new)))
+
+            _set_random_key(key)
+            try:
+                _, vjps = mx.vjp(recompute, [weights.arrays[k] for k in read] + variables, out_ct)
+            finally:
+                weights.set(read, [weights.arrays[k] for k in read])
+            for k, g in zip(read, vjps[:n]):
+                grads[k] = g if grads[k] is None else grads[k] + g
+            for a, g in zip(variables, vjps[n:]):
+                add(a, g)
+            mx.eval([g for g in grads if g is not None], list(ct.values()))
+        grads = [mx.zeros_like(p) if g is None else g for p, g in zip(weights.arrays, grads)]
+        # An input listed twice is one array: its cotangent goes to the first place it has.
+        input_ct = []
+        for a in self.inputs:
+            g = ct.pop(id(a), None)
+            input_ct.append(mx.zeros_like(a) if g is None else g)
+        return grads, input_ct
+
+
+GRANULARITIES = ("chunk", "block")
+
+
+def sleep_value_and_grad(
+    model, inputs, targets, mask, sleep: SleepConfig, *, plan=None, granularity: str = "chunk"
+):
+    """`nn.value_and_grad(model, sleep_loss)` with activation checkpointing that really bounds
+    memory: returns ((loss, n_scored), grads over model.trainable_parameters()).
+
+    granularity "chunk": peak memory is about one chunk's activations (all its passes) plus the
+    chunk-boundary states:
       1. forward, chunk by chunk, evaluating and keeping only the (evicted) state at each chunk
          boundary, up to the last answer chunk (later chunks cannot change the loss);
       2. backward, chunks in reverse: recompute each chunk from its saved start state under
          mx.vjp of (params, state_in) -> (its summed CE if an answer chunk, state_out), with
          cotangents 1/n_scored for the CE and the state cotangent the later chunk handed back;
          accumulate the parameter gradients, pass the state cotangent on, evaluate.
+    granularity "block": the same, one level down: in step 2 each chunk is run forward once more
+    keeping only what enters each block application (features and layer state; `_Tape`), then
+    walked back one block application at a time. Peak memory is then one block application's
+    activations plus those inputs (N x blocks features per chunk, of two chunks at most) plus
+    the chunk-boundary states, for one more forward per chunk except the last two (the chunk
+    before the last answer chunk is recorded in step 1 already).
     Each chunk is one call of `sleep_forward` (run_chunk + evict), so this is Algorithm 1 itself.
     It evaluates as it goes, so it cannot run under mx.compile. Token ids, targets and mask are
-    constants; the loss is the same mean over scored positions as `sleep_loss`."""
+    constants; the loss is the same mean over scored positions as `sleep_loss`. Dropout draws
+    the same masks when a chunk or block is recomputed (the random key is put back)."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(
+            f"granularity must be one of {', '.join(GRANULARITIES)} (got {granularity!r})"
+        )
     if plan is None:
         plan = plan_chunks(mask, sleep.window)
     bounds, is_answer = plan
@@ -320,11 +516,12 @@ def sleep_value_and_grad(model, inputs, targets, mask, sleep: SleepConfig, *, pl
     mask = _float_mask(mask)
     n_scored = mask.sum()
     denom = mx.maximum(n_scored, 1.0)
-    names, params = map(list, zip(*tree_flatten(model.trainable_parameters())))
+    weights = _Weights(model)
+    names, params = weights.names, weights.arrays
     n_params, n_layers = len(params), len(model.sleep_blocks())
 
     def set_params(arrays):
-        model.update(tree_unflatten(list(zip(names, arrays))))
+        weights.set(range(n_params), arrays)
 
     # The positions of each answer chunk that any row scores: only they go through the head.
     scored = np.asarray(mask).any(axis=0)
@@ -334,7 +531,7 @@ def sleep_value_and_grad(model, inputs, targets, mask, sleep: SleepConfig, *, pl
         if answer_rows(is_answer[c], inputs.shape[0]).any()
     }
 
-    def chunk(c, state):
+    def chunk(c, state, apply=call):
         """Chunk c of the plan from `state`: (answers, evicted state), Algorithm 1 as is."""
         (a, b), answer = bounds[c], is_answer[c]
         return sleep_forward(
@@ -346,6 +543,7 @@ def sleep_value_and_grad(model, inputs, targets, mask, sleep: SleepConfig, *, pl
             state=state,
             offset=a,
             columns=[columns.get(c)],
+            apply=apply,
         )
 
     answer_chunks = list(columns)
@@ -355,40 +553,64 @@ def sleep_value_and_grad(model, inputs, targets, mask, sleep: SleepConfig, *, pl
         )
     last = answer_chunks[-1]
 
-    # 1. Forward: the state at the start of every chunk up to the last answer chunk.
-    starts = [model.initial_state(inputs.shape[0])]
-    for c in range(last):
-        starts.append(chunk(c, starts[-1])[1])
-        mx.eval(starts[-1])
+    def chunk_outputs(c, state, apply=call):
+        """What chunk c hands on: its summed CE if it is an answer chunk, then its final state's
+        arrays unless it is the last answer chunk (whose state reaches no loss); and that
+        state."""
+        answers, state = chunk(c, state, apply)
+        out = []
+        if c in columns:
+            ((_, _, logits),) = answers  # chunk-local bounds; bounds[c] are global
+            cols = columns[c] + bounds[c][0]
+            out.append(apply(_ce_sum, logits, targets[:, cols], mask[:, cols]))
+        if c < last:
+            out += _flat_state(state)[1]
+        return out, state
 
-    # 2. Backward, recomputing one chunk at a time.
+    # 1. Forward: the state at the start of every chunk up to the last answer chunk, and the
+    # random key there (so a recomputed chunk draws the dropout masks this forward drew). By
+    # blocks, the chunk before the last answer chunk runs on a tape: the backward comes to it
+    # second and takes the tape as it is (one chunk's forward fewer; two tapes alive at most).
+    starts, keys, taped = [model.initial_state(inputs.shape[0])], [_random_key()], {}
+    for c in range(last):
+        if granularity == "block" and c == last - 1:
+            tape = _Tape(weights, _flat_state(starts[c])[1])
+            outs, state = chunk_outputs(c, starts[c], tape.step)
+            taped[c] = tape, outs
+        else:
+            state = chunk(c, starts[c])[1]
+        starts.append(state)
+        mx.eval(starts[-1])
+        keys.append(_random_key())
+
+    # 2. Backward, recomputing one chunk (or one block application) at a time.
     grads, state_ct, total = None, None, mx.array(0.0)
     try:
         for c in reversed(range(last + 1)):
             keys_in, state_in = _flat_state(starts[c])
             answer = c in columns
-
-            def fn(*arrays, c=c, keys_in=keys_in, answer=answer):
-                set_params(arrays[:n_params])
-                answers, state = chunk(c, _unflat_state(keys_in, arrays[n_params:], n_layers))
-                out = []
-                if answer:
-                    ((_, _, logits),) = answers  # chunk-local bounds; bounds[c] are global
-                    cols = columns[c] + bounds[c][0]
-                    out.append(_ce_sum(logits, targets[:, cols], mask[:, cols]))
-                if c < last:  # the last answer chunk's state reaches no loss
-                    out += _flat_state(state)[1]
-                return out
-
             cotangents = ([(1.0 / denom).astype(mx.float32)] if answer else []) + (
                 state_ct if c < last else []
             )
-            outs, vjps = mx.vjp(fn, params + state_in, cotangents)
+            _set_random_key(keys[c])
+            if granularity == "chunk":
+
+                def fn(*arrays, c=c, keys_in=keys_in):
+                    set_params(arrays[:n_params])
+                    state = _unflat_state(keys_in, arrays[n_params:], n_layers)
+                    return chunk_outputs(c, state)[0]
+
+                outs, vjps = mx.vjp(fn, params + state_in, cotangents)
+                g, state_ct = vjps[:n_params], vjps[n_params:]
+            else:
+                if c not in taped:
+                    tape = _Tape(weights, state_in)
+                    taped[c] = tape, chunk_outputs(c, starts[c], tape.step)[0]
+                tape, outs = taped.pop(c)
+                g, state_ct = tape.backward(outs, cotangents)
             if answer:
                 total = total + outs[0]
-            g = vjps[:n_params]
             grads = g if grads is None else [x + y for x, y in zip(grads, g)]
-            state_ct = vjps[n_params:]
             mx.eval(grads, state_ct, total)
             starts[c] = None
     finally:

@@ -13,7 +13,7 @@ metrics.jsonl.
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import InitVar, asdict, dataclass, fields, replace
 from typing import Optional, Tuple
 
 import mlx.core as mx
@@ -47,6 +47,18 @@ from .tasks import task_from_dict
 from .weights import read_safetensors
 
 
+# What a step's backward holds in memory (--memory-bound; sleep.sleep_value_and_grad): the
+# activations of one chunk (all its passes) or of one block application, the rest recomputed;
+# or, with none, the graph of the whole sequence.
+MEMORY_BOUNDS = ("chunk", "block", "none")
+
+
+def memory_bound_of(bounded: bool) -> str:
+    """The memory bound of the older boolean settings (`activation_checkpoint` of train,
+    `memory_bounded` of finetune), for runs saved with them and scripts that pass them."""
+    return "chunk" if bounded else "none"
+
+
 @dataclass
 class TrainConfig:
     steps: int = 1000
@@ -62,24 +74,32 @@ class TrainConfig:
     eval_samples: int = 256  # per difficulty
     checkpoint_every: int = 200
     log_every: int = 10
-    compile: bool = False  # see default_compile(); ignored with activation_checkpoint
-    # Recompute each chunk on backward (sleep.sleep_value_and_grad): peak memory ~ one chunk's
-    # activations + the chunk-boundary states. It evaluates chunk by chunk, so the step is not
+    compile: bool = False  # see default_compile(); ignored with a memory bound
+    # MEMORY_BOUNDS. chunk: recompute each chunk on backward (sleep.sleep_value_and_grad): peak
+    # memory ~ one chunk's activations + the chunk-boundary states; block: one block
+    # application's + the block inputs of a chunk. Both evaluate as they go, so the step is not
     # mx.compile'd then.
-    activation_checkpoint: bool = False
+    memory_bound: str = "none"
     random_chunks: bool = False  # sample chunk lengths in [1, L] (see sleep.chunk_bounds)
     # (lo, hi): draw the sleep passes N per batch uniformly in [lo, hi] (a model whose depth is a
     # dial at test time). From its own seeded generator, so the data stream is the same as a
     # fixed-N run's. Evaluation during training uses the run's SleepConfig.loops.
     loops_sample: Optional[Tuple[int, int]] = None
-    # ((depth, weight), ...): take the loss at each depth (every context window slept that many
-    # passes), weighted (sleep.loss_depths), from step depth_losses_from on; before it, and by
-    # default, Algorithm 1 at N alone.
+    # ((lo, hi, weight), ...): take the loss at each depth (every context window slept that many
+    # passes, one drawn per step from lo..hi), weighted (sleep.loss_depths), from step
+    # depth_losses_from on; before it, and by default, Algorithm 1 at N alone.
     depth_losses: Optional[tuple] = None
     depth_losses_from: int = 0
+    activation_checkpoint: InitVar[Optional[bool]] = None  # the older setting: True is "chunk"
 
-    def __post_init__(self):
+    def __post_init__(self, activation_checkpoint: Optional[bool]):
+        if activation_checkpoint is not None:
+            self.memory_bound = memory_bound_of(activation_checkpoint)
         check_types(self)
+        if self.memory_bound not in MEMORY_BOUNDS:
+            raise ConfigError(
+                f"memory_bound must be one of {', '.join(MEMORY_BOUNDS)} (got {self.memory_bound!r})"
+            )
         for name, lo, hi in LIMITS:
             value = getattr(self, name)
             if not lo <= value <= hi:
@@ -105,7 +125,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d):
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)} | {"activation_checkpoint"}
         d = {k: v for k, v in d.items() if k in known}
         if d.get("loops_sample") is not None:
             d["loops_sample"] = tuple(d["loops_sample"])
@@ -163,15 +183,22 @@ def build_model(model_cfg: ModelConfig, seed: int, evaluate: bool = True) -> Hyb
 def training_bytes(model: SleepModel, sleep: SleepConfig, seq_len: int, cfg: "TrainConfig") -> int:
     """A rough upper estimate of a training step's memory: weights, gradients and optimizer
     state (4 copies of the parameters) plus the activations kept for backward (a few
-    vectors per block, pass and token; per chunk with activation checkpointing) and logits."""
+    vectors per block, pass and token; per chunk with a memory bound, and with the block bound
+    one vector per block and pass (its input) plus one block's few) and logits."""
     params = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     width = model.embed(mx.zeros((1, 1), dtype=mx.int32)).shape[-1]  # lazy: shapes only
-    tokens = cfg.batch_size * (min(sleep.window, seq_len) if cfg.activation_checkpoint else seq_len)
-    blocks = len(model.sleep_blocks())
+    tokens = cfg.batch_size * (
+        min(sleep.window, seq_len) if cfg.memory_bound != "none" else seq_len
+    )
+    # one graph holds every depth's passes at once; a memory-bounded step one depth at a time
     depths = [hi for _, hi, w in cfg.depth_losses or [(0, sleep.loops, 1)] if w > 0]
-    # one graph holds every depth's passes at once; the memory-bounded step one depth at a time
-    passes = max(depths) if cfg.activation_checkpoint else sum(depths)
-    return 4 * params + 16 * tokens * width * blocks * passes + 12 * tokens * model.vocab_size
+    passes = max(depths) if cfg.memory_bound != "none" else sum(depths)
+    applications = len(model.sleep_blocks()) * passes
+    if cfg.memory_bound == "block":
+        activations = 4 * tokens * width * applications + 16 * tokens * width
+    else:
+        activations = 16 * tokens * width * applications
+    return 4 * params + activations + 12 * tokens * model.vocab_size
 
 
 class Trainer(TrainingRun):
@@ -182,7 +209,8 @@ class Trainer(TrainingRun):
     HybridLM trained from scratch (initialised from `train.seed`)."""
 
     OWNER, META_FILE, WEIGHTS_FILE = "run", "trainer.json", "model.safetensors"
-    RESUMABLE_CHANGES = ("train.steps", "train.compile")  # compile: the same math either way
+    # compile and the memory bound: the same math either way (within float rounding)
+    RESUMABLE_CHANGES = ("train.steps", "train.compile", "train.memory_bound")
 
     def __init__(
         self,
@@ -238,7 +266,10 @@ class Trainer(TrainingRun):
     def saved_settings(self, saved: dict) -> dict:
         saved.setdefault("model_type", "hybrid")  # runs from before model types were recorded
         if isinstance(saved.get("train"), dict):  # settings added since: their defaults
-            saved["train"] = {**asdict(TrainConfig()), **saved["train"]}
+            train = dict(saved["train"])
+            if "activation_checkpoint" in train:  # runs from before --memory-bound
+                train["memory_bound"] = memory_bound_of(train.pop("activation_checkpoint"))
+            saved["train"] = {**asdict(TrainConfig()), **train}
         return saved
 
     def checkpoint_meta(self) -> dict:
@@ -260,10 +291,12 @@ class Trainer(TrainingRun):
             return self._steps[key]
         model, optimizer, cfg = self.model, self.optimizer, self.cfg
 
-        if cfg.activation_checkpoint:
+        if cfg.memory_bound != "none":
 
             def value_and_grad(x, y, w):
-                return depth_value_and_grad(model, x, y, w, depths, plan=plan)
+                return depth_value_and_grad(
+                    model, x, y, w, depths, plan=plan, granularity=cfg.memory_bound
+                )
         else:
             grad_fn = nn.value_and_grad(
                 model, lambda m, x, y, w: depth_loss(m, x, y, w, depths, plan=plan)
@@ -279,7 +312,7 @@ class Trainer(TrainingRun):
             return loss, norm
 
         # sleep_value_and_grad evaluates chunk by chunk: it cannot be traced by mx.compile.
-        if cfg.compile and not cfg.random_chunks and not cfg.activation_checkpoint:
+        if cfg.compile and not cfg.random_chunks and cfg.memory_bound == "none":
             state = [model.state, optimizer.state]
             step = mx.compile(step, inputs=state, outputs=state)
         self._steps[key] = step

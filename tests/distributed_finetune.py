@@ -21,8 +21,10 @@ FINE_TUNE_TYPES = ("lora", "full")
 def config(fine_tune_type: str, steps: int) -> FinetuneConfig:
     """Global batch 4 (2 per process), 2 micro-batches per step. Small learning rates: Adam
     turns a gradient's rounding noise into an update of up to lr, and the processes sum in
-    another order than one process."""
+    another order than one process. LoRA takes the chunkwise backward, full the block-by-block
+    one (--memory-bound), so the data-parallel step runs through both."""
     return FinetuneConfig(
+        memory_bound="chunk" if fine_tune_type == "lora" else "block",
         steps=steps,
         batch_size=4,
         grad_accum=2,

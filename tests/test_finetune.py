@@ -363,10 +363,17 @@ def test_a_run_extends_and_another_starts_from_its_adapters(tmp_path, workdir):
 
     a = finetune(workdir, "jet_nemotron", tmp_path / "a", steps=2)
     a.run()
-    longer = finetune(workdir, "jet_nemotron", tmp_path / "a", steps=3)
+    # as a run from before --memory-bound saved it (memory_bounded: true); the bound may change
+    config_path = tmp_path / "a" / "config.json"
+    config = json.loads(config_path.read_text())
+    del config["finetune"]["memory_bound"]
+    config["finetune"]["memory_bounded"] = True
+    config_path.write_text(json.dumps(config))
+    longer = finetune(workdir, "jet_nemotron", tmp_path / "a", steps=3, memory_bound="block")
     assert longer.step == 2
     longer.run()
     assert longer.step == 3
+    assert json.loads(config_path.read_text())["finetune"]["memory_bound"] == "block"
     saved = read_safetensors(str(tmp_path / "a" / "checkpoint" / "adapters.safetensors"))
     b = finetune(
         workdir,
@@ -542,10 +549,10 @@ import gc, json, pathlib, sys
 import mlx.core as mx
 from tests.test_finetune import finetune
 from mlx_sleep.finetune import estimate_step
-workdir, kind, out, fine_tune_type, memory_bounded = sys.argv[1:6]
+workdir, kind, out, fine_tune_type, memory_bound = sys.argv[1:6]
 baseline = mx.get_active_memory()
 ft = finetune(pathlib.Path(workdir), kind, pathlib.Path(out), fine_tune_type, steps=3,
-              batch_size=8, memory_bounded=memory_bounded == "1")
+              batch_size=8, memory_bound=memory_bound)
 est = estimate_step(ft)
 gc.collect()
 mx.clear_cache()
@@ -558,20 +565,21 @@ print(json.dumps({"estimate": est["peak_bytes"], "seconds": est["seconds_per_ste
 
 
 @pytest.mark.parametrize(
-    "kind,fine_tune_type,memory_bounded",
+    "kind,fine_tune_type,memory_bound",
     [
-        ("jet_nemotron", "lora", True),
-        ("jet_nemotron", "full", True),
-        ("jet_nemotron", "lora", False),
+        ("jet_nemotron", "lora", "chunk"),
+        ("jet_nemotron", "full", "block"),
+        ("jet_nemotron", "lora", "none"),
     ],
 )
 def test_estimate_is_within_30_percent_of_the_measured_peak(
-    tmp_path, workdir, kind, fine_tune_type, memory_bounded
+    tmp_path, workdir, kind, fine_tune_type, memory_bound
 ):
-    """The memory-bounded path (the default) within 30%. Without it the estimate adds up every
-    chunk's activations with their backward temporaries, an upper bound (measured 1.4x over
-    here): it must not be under the measured peak, nor more than 1.6x over. Measured in a
-    fresh process, so that no other test's arrays move the peak."""
+    """The memory-bounded paths (chunk, the default, and block) within 30%. Without a bound
+    (none) the estimate adds up every chunk's activations with their backward temporaries, an
+    upper bound (measured 1.4x over here): it must not be under the measured peak, nor more
+    than 1.6x over. Measured in a fresh process, so that no other test's arrays move the
+    peak."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run(
         [
@@ -582,7 +590,7 @@ def test_estimate_is_within_30_percent_of_the_measured_peak(
             kind,
             str(tmp_path / "o"),
             fine_tune_type,
-            str(int(memory_bounded)),
+            memory_bound,
         ],
         cwd=root,
         capture_output=True,
@@ -592,7 +600,7 @@ def test_estimate_is_within_30_percent_of_the_measured_peak(
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
     est, measured = got["estimate"], got["measured"]
-    if memory_bounded:
+    if memory_bound != "none":
         assert abs(est - measured) <= 0.3 * measured, (est, measured)
     else:
         assert measured <= est <= 1.6 * measured, (est, measured)
@@ -651,6 +659,49 @@ def test_rank_slices_sum_to_the_global_batch(tmp_path, workdir, depth_losses):
     # float32 sums over the batch in another order: 1e-4 of each gradient's scale, and at least
     # 1e-6 of the largest gradient (a small gradient can be a sum of large cancelling terms)
     assert_close({k: halves[0][k] + halves[1][k] for k in whole}, whole, rtol=1e-4, floor=1e-6)
+
+
+# (kind, fine-tune type, N): the converted architectures, LoRA (with dropout) and full
+BLOCK_CASES = [("jet_nemotron", "lora", 3), ("ouro_jet", "full", 2), ("qwen3_5", "lora", 3)]
+
+
+@pytest.mark.parametrize("kind,fine_tune_type,loops", BLOCK_CASES)
+def test_block_memory_bound_gives_the_chunkwise_loss_and_gradients(
+    tmp_path, workdir, kind, fine_tune_type, loops
+):
+    """--memory-bound block (one block application's activations) gives the summed loss and
+    the gradients of --memory-bound chunk on every converted architecture (Jet-Nemotron, Ouro
+    with Jet layers: an unrolled loop sharing its layers, Qwen3.5 under the mlx-lm adapter),
+    LoRA and full, rows answering in different windows, sliding eviction. With LoRA dropout
+    0.5 both equal the one-graph backward too: a recomputed chunk or block application draws
+    the masks its forward drew."""
+    dropout = 0.5 if fine_tune_type == "lora" else 0.0
+    ft = finetune(
+        workdir,
+        kind,
+        tmp_path,
+        fine_tune_type,
+        steps=1,
+        dropout=dropout,
+        sleep={"loops": loops, "eviction": "sliding"},
+    )
+    inputs, targets, mask = make_batch(ft.train_examples[:3], ft.pad_id)
+    mask = np.zeros_like(mask)  # rows answering in windows 1, 2 and 3 (L = 16)
+    mask[0, 10:12] = mask[1, 20:24] = mask[2, -4:] = 1
+    plan = plan_chunks(mask, ft.sleep.window)
+    assert len(set(plan[1])) == 3
+    results = {}
+    for bound in ("none", "chunk", "block") if dropout else ("chunk", "block"):
+        mx.random.seed(7)
+        results[bound] = summed_loss_and_grads(
+            ft.model, inputs, targets, mask, ft.sleep, plan, bound
+        )
+    ce, n, grads = results["chunk"]
+    for bound, (ce_b, n_b, grads_b) in results.items():
+        assert n_b.item() == n.item() == mask.sum()
+        assert_close(ce_b.item(), ce.item(), rtol=1e-5, what=f"{bound}: summed loss")
+        assert_close(grads_b, grads, rtol=1e-4, floor=1e-6, what=f"{bound}: gradients")
+    assert max(np.abs(v).max() for _, v in tree_flatten(grads)) > 1e-3
 
 
 # In the default run (15-70 s here, three Python processes on 2 cores): the distributed path is

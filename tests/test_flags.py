@@ -171,6 +171,18 @@ BAD_VALUES = [  # the issue's list, then the rest of each kind
     (FT, ["--dropout", "1"], "'--dropout': 1 is not in [0, 0.999]"),
     (FT, ["--lr", "0"], "'--lr': 0 is not > 0"),
     (FT, ["--lora-layers", "0"], "'--lora-layers': 0 is not in the range x>=1"),
+    (FT, ["--memory-bound", "layer"], "'--memory-bound': 'layer' is not one of 'chunk', 'block'"),
+    (
+        FT,
+        ["--memory-bounded", "--memory-bound", "block"],
+        "--memory-bounded is --memory-bound chunk",
+    ),
+    (FT, ["--no-memory-bounded", "--memory-bound", "chunk"], "--no-memory-bounded is --memory-"),
+    (
+        ["train", "--task", "rule110", "--out", "r"],
+        ["--activation-checkpoint", "--memory-bound", "block"],
+        "--activation-checkpoint is --memory-bound chunk, not block",
+    ),
     (
         ["train", "--task", "rule110", "--out", "r"],
         ["--checkpoint-every", "0"],

@@ -72,6 +72,11 @@ def test_resume_is_exact(tmp_path, activation_checkpoint):
     half = trainer(tmp_path / "b", activation_checkpoint=activation_checkpoint)
     half.cfg.steps = 3
     half.run()
+    # as a run from before --memory-bound saved it: activation_checkpoint true / false
+    config = json.loads((tmp_path / "b" / "config.json").read_text())
+    del config["train"]["memory_bound"]
+    config["train"]["activation_checkpoint"] = activation_checkpoint
+    (tmp_path / "b" / "config.json").write_text(json.dumps(config))
     resumed = trainer(tmp_path / "b", activation_checkpoint=activation_checkpoint)
     assert resumed.step == 3
     resumed.run()
@@ -83,26 +88,29 @@ def test_resume_is_exact(tmp_path, activation_checkpoint):
         np.testing.assert_array_equal(np.array(a[k]), np.array(b[k]), err_msg=k)
 
 
-@pytest.mark.parametrize("compile", [False, True])
-def test_activation_checkpoint_trains_like_plain_backprop(tmp_path, monkeypatch, compile):
-    """--activation-checkpoint routes the step through sleep_value_and_grad (chunk by chunk, so
-    never under mx.compile, even when compile is asked for) and takes the same steps."""
+@pytest.mark.parametrize("memory_bound,compile", [("chunk", False), ("block", True)])
+def test_a_memory_bound_trains_like_plain_backprop(tmp_path, monkeypatch, memory_bound, compile):
+    """--memory-bound chunk / block routes the step through sleep_value_and_grad (chunk by
+    chunk, so never under mx.compile, even when compile is asked for) and takes the same
+    steps."""
     import mlx_sleep.sleep as sleep_mod
 
     calls = []
     real = sleep_mod.sleep_value_and_grad
     monkeypatch.setattr(
-        sleep_mod, "sleep_value_and_grad", lambda *a, **k: calls.append(1) or real(*a, **k)
+        sleep_mod,
+        "sleep_value_and_grad",
+        lambda *a, **k: calls.append(k["granularity"]) or real(*a, **k),
     )
     plain = trainer(tmp_path / "a", steps=3, loops=3)
-    chunked = trainer(tmp_path / "b", steps=3, loops=3, activation_checkpoint=True, compile=compile)
+    chunked = trainer(tmp_path / "b", steps=3, loops=3, memory_bound=memory_bound, compile=compile)
     batches = [TASK.sample(np.random.default_rng(i), 16) for i in range(3)]
     for batch in batches:
         l0, n0 = plain.train_step(batch)
         l1, n1 = chunked.train_step(batch)
         assert_close(l1, l0, rtol=1e-5, what="loss")  # measured <= 2e-7 of it
         assert_close(n1, n0, rtol=1e-5, what="gradient norm")
-    assert len(calls) == 3
+    assert calls == [memory_bound] * 3
     a, b = (
         dict(tree_flatten(plain.model.parameters())),
         dict(tree_flatten(chunked.model.parameters())),
@@ -201,9 +209,9 @@ def test_loops_sample_resume_is_exact(tmp_path):
         TrainConfig(loops_sample=(3, 1))
 
 
-@pytest.mark.parametrize("activation_checkpoint", [False, True])
+@pytest.mark.parametrize("memory_bound", ["none", "block"])
 def test_depth_losses_take_the_loss_at_each_depth_from_their_step(
-    tmp_path, monkeypatch, activation_checkpoint
+    tmp_path, monkeypatch, memory_bound
 ):
     """--depth-losses 1:0.5,3-4:1 --depth-losses-from 2: steps 0-1 take Algorithm 1's loss at
     N = 2 alone, later steps at depth 1 and at a depth drawn from 3..4 (the objective is their
@@ -221,9 +229,9 @@ def test_depth_losses_take_the_loss_at_each_depth_from_their_step(
     kw = dict(
         depth_losses=((1, 0.5), (3, 4, 1.0)),
         depth_losses_from=2,
-        activation_checkpoint=activation_checkpoint,
+        memory_bound=memory_bound,
     )
-    if activation_checkpoint:  # the memory-bounded path computes its loss chunk by chunk
+    if memory_bound != "none":  # the memory-bounded path computes its loss chunk by chunk
         real_vg = sleep_mod.sleep_value_and_grad
         monkeypatch.setattr(
             sleep_mod,

@@ -27,6 +27,25 @@ SEED = click.IntRange(0, SEED_MAX)
 STEPS = click.IntRange(1, 10**9)  # train.LIMITS: a typo must not run for years
 BATCH = click.IntRange(1, 1 << 20)
 GRAD_ACCUM = click.IntRange(1, 1024)
+MEMORY_BOUND = click.Choice(["chunk", "block", "none"])  # train.MEMORY_BOUNDS
+MEMORY_BOUND_HELP = (
+    "What backward holds: chunk (recompute one chunk at a time: one chunk's activations), "
+    "block (one block application's, for one more forward per chunk), none (the whole "
+    "sequence's graph)."
+)
+
+
+def memory_bound_flag(memory_bound, older, older_flag: str, default: str) -> str:
+    """--memory-bound, or what an older boolean flag says (given: True is chunk, False none);
+    the two disagreeing is refused in one line."""
+    if older is None:
+        return memory_bound or default
+    implied = "chunk" if older else "none"
+    if memory_bound is not None and memory_bound != implied:
+        raise click.UsageError(
+            f"{older_flag} is --memory-bound {implied}, not {memory_bound}: pass one of them"
+        )
+    return implied
 
 
 class Finite(click.ParamType):

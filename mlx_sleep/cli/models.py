@@ -7,6 +7,8 @@ from ..config import MAX_LOOPS, parse_depth_losses
 from .common import (
     BATCH,
     GRAD_ACCUM,
+    MEMORY_BOUND,
+    MEMORY_BOUND_HELP,
     SEED,
     STEPS,
     Finite,
@@ -14,6 +16,7 @@ from .common import (
     Text,
     count,
     depth_loss_options,
+    memory_bound_flag,
     parse_core,
     refuse_unused,
     run_safely,
@@ -266,10 +269,15 @@ def convert(
     help="Train the first STEPS with hard eviction, then the configured one.",
 )
 @click.option(
+    "--memory-bound",
+    type=MEMORY_BOUND,
+    default=None,
+    help=MEMORY_BOUND_HELP + "  [default: chunk]",
+)
+@click.option(
     "--memory-bounded/--no-memory-bounded",
-    default=True,
-    show_default=True,
-    help="Recompute one chunk at a time on backward (peak memory ~ one chunk).",
+    default=None,
+    help="The older form: --memory-bound chunk / none.",
 )
 @depth_loss_options
 @click.option(
@@ -326,6 +334,7 @@ def finetune(
     lora_layers,
     train_only,
     hard_warmup,
+    memory_bound,
     memory_bounded,
     depth_losses,
     depth_losses_from,
@@ -354,6 +363,12 @@ def finetune(
             {"fuse", "valid_every", "valid_batches", "checkpoint_every", "log_every"},
             "with --estimate (it trains nothing)",
         )
+    memory_bound = memory_bound_flag(
+        memory_bound,
+        memory_bounded,
+        "--memory-bounded" if memory_bounded else "--no-memory-bounded",
+        "chunk",
+    )
 
     def go():
         if full and dora:
@@ -376,7 +391,7 @@ def finetune(
             lora_layers=lora_layers,
             train_only=train_only,
             hard_warmup=hard_warmup,
-            memory_bounded=memory_bounded,
+            memory_bound=memory_bound,
             depth_losses=parse_depth_losses(depth_losses) if depth_losses else None,
             depth_losses_from=depth_losses_from,
             valid_every=valid_every,

@@ -9,11 +9,14 @@ from .common import (
     SEED,
     STEPS,
     Failure,
+    MEMORY_BOUND,
+    MEMORY_BOUND_HELP,
     Finite,
     PathArg,
     Text,
     count,
     depth_loss_options,
+    memory_bound_flag,
     parse_core,
     parse_loops_list,
     parse_options,
@@ -125,7 +128,10 @@ PAPER_PRESETS = {
 @click.option("--eval-samples", type=count(1), default=256, show_default=True)
 @click.option("--checkpoint-every", type=count(1), default=200, show_default=True)
 @click.option(
-    "--activation-checkpoint", is_flag=True, help="Recompute activations per chunk on backward."
+    "--memory-bound", type=MEMORY_BOUND, default=None, help=MEMORY_BOUND_HELP + "  [default: none]"
+)
+@click.option(
+    "--activation-checkpoint", is_flag=True, help="The older form of --memory-bound chunk."
 )
 @click.option("--random-chunks", is_flag=True, help="Train with random chunk lengths <= L.")
 @depth_loss_options
@@ -165,6 +171,7 @@ def train(
     eval_every,
     eval_samples,
     checkpoint_every,
+    memory_bound,
     activation_checkpoint,
     random_chunks,
     depth_losses,
@@ -182,6 +189,9 @@ def train(
             {"hidden_size", "layers", "heads", "batch_size", "lr", "adam_lr"},
             "with --paper (it sets the paper's model and batch)",
         )
+    memory_bound = memory_bound_flag(
+        memory_bound, activation_checkpoint or None, "--activation-checkpoint", "none"
+    )
 
     def go():
         model_kw = dict(
@@ -217,7 +227,7 @@ def train(
             eval_every=eval_every,
             eval_samples=eval_samples,
             checkpoint_every=checkpoint_every,
-            activation_checkpoint=activation_checkpoint,
+            memory_bound=memory_bound,
             random_chunks=random_chunks,
             loops_sample=sample,
             depth_losses=parse_depth_losses(depth_losses) if depth_losses else None,

@@ -1,10 +1,10 @@
 """The settings of a fine-tuning run (`mlx-sleep finetune`'s flags)."""
 
-from dataclasses import dataclass, fields
+from dataclasses import InitVar, dataclass, fields
 from typing import List, Optional
 
 from ..config import ConfigError, check_depth_losses
-from ..train import TrainConfig
+from ..train import MEMORY_BOUNDS, TrainConfig, memory_bound_of
 
 LAYER_KINDS = ("jet", "gdn", "attn", "mlp")
 FINE_TUNE_TYPES = ("lora", "dora", "full")
@@ -29,15 +29,22 @@ class FinetuneConfig:
     lora_layers: Optional[int] = None  # LoRA on the last K decoder layers (None: all)
     train_only: Optional[str] = None  # e.g. "jet" or "gdn,attn": freeze every other layer kind
     hard_warmup: int = 0  # steps trained with hard eviction before the configured eviction
-    memory_bounded: bool = True  # sleep_value_and_grad (recompute per chunk) vs one graph
+    memory_bound: str = "chunk"  # train.MEMORY_BOUNDS: recompute per chunk or block; none
     depth_losses: Optional[tuple] = None  # as TrainConfig's: the loss at several depths
     depth_losses_from: int = 0
     valid_every: int = 100
     valid_batches: int = 0  # 0: the whole validation file
     checkpoint_every: int = 100
     log_every: int = 10
+    memory_bounded: InitVar[Optional[bool]] = None  # the older setting: True "chunk", False "none"
 
-    def __post_init__(self):
+    def __post_init__(self, memory_bounded: Optional[bool]):
+        if memory_bounded is not None:
+            self.memory_bound = memory_bound_of(memory_bounded)
+        if self.memory_bound not in MEMORY_BOUNDS:
+            raise ConfigError(
+                f"memory_bound must be one of {', '.join(MEMORY_BOUNDS)} (got {self.memory_bound!r})"
+            )
         for name in ("steps", "batch_size", "grad_accum", "rank", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1 (got {getattr(self, name)})")
@@ -86,5 +93,5 @@ class FinetuneConfig:
 
     @classmethod
     def from_dict(cls, d):
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)} | {"memory_bounded"}
         return cls(**{k: v for k, v in d.items() if k in known})

@@ -19,7 +19,7 @@ def _probe(
     length: int,
     passes: int,
     scored: int,
-    memory_bounded: bool,
+    memory_bound: str,
 ):
     """(peak bytes above what was live, seconds) of one chunk's gradient at this size: an
     answer chunk (one pass) whose last `scored` positions are scored (only they reach the head),
@@ -45,7 +45,7 @@ def _probe(
         mx.reset_peak_memory()
         t0 = time.perf_counter()
         out = summed_loss_and_grads(
-            model, inputs, inputs, mask, [(probe_sleep, 1.0)], plan, memory_bounded
+            model, inputs, inputs, mask, [(probe_sleep, 1.0)], plan, memory_bound
         )
         mx.eval(out)
         seconds = min(seconds, time.perf_counter() - t0)
@@ -98,14 +98,14 @@ def estimate_step(ft: Finetune) -> dict:
     fixed = sum(a.nbytes for s in state for k, a in s.items() if k not in ("keys", "values"))
     kept = min(sleep.keep_after_eviction, t2)
     per_state = B * (fixed + (kv / kept * sleep.keep_after_eviction if kept else 0))
-    boundary = n_chunks * per_state if cfg.memory_bounded else 0
+    boundary = n_chunks * per_state if cfg.memory_bound != "none" else 0
     del state
 
     # Probes at the run's own batch: a peak is the larger of what grows with the tokens
     # (activations) and what does not (gradients, temporaries), so a peak measured at another
     # batch does not scale to this one. Each part is fitted as fixed + a t + b t^2 (attention's
     # scores grow as t^2) through probes at three lengths, then read at L.
-    mb = cfg.memory_bounded
+    mb = cfg.memory_bound
     ts = (max(1, t2 // 4), t1, t2)
     ctx = [_probe(model, sleep, B, t, 1, 0, mb) for t in ts]
     m_two, s_two = _probe(model, sleep, B, t2, 2, 0, mb)
@@ -119,7 +119,7 @@ def estimate_step(ft: Finetune) -> dict:
     pass_frac = max(m_two - ctx[-1][0], 0) / max(one_pass, 1)  # each extra pass, per pass
     context = (ca * L + cb * L * L) * (1 + pass_frac * (N - 1))
     answer = aa * L + ab * L * L
-    if mb:
+    if mb != "none":
         activations = max(c_fixed + context, a_fixed + answer)
     else:  # one graph over every chunk
         activations = max(c_fixed, a_fixed) + (n_chunks - 1) * context + answer
@@ -148,7 +148,7 @@ def estimate_step(ft: Finetune) -> dict:
             "longest": T_max,
             "mean_length": T_mean,
             "chunks": n_chunks,
-            "memory_bounded": mb,
+            "memory_bound": mb,
             "fine_tune_type": cfg.fine_tune_type,
             "trainable_parameters": int(sum(v.size for v in trainable.values())),
         },

@@ -31,19 +31,27 @@ from ..sleep import (
     sleep_loss,
     trained_at_every_depth,
 )
-from ..train import make_optimizer
+from ..train import make_optimizer, memory_bound_of
 from .adapters import adapter_config, fuse_model, load_trainable, prepare_model
 from .config import FinetuneConfig
 from .data import batch_indices, load_examples, make_batch
 
 
-def summed_loss_and_grads(model, inputs, targets, mask, depths, plan, memory_bounded: bool):
+def summed_loss_and_grads(model, inputs, targets, mask, depths, plan, memory_bound):
     """(summed cross-entropy over the scored tokens, their count, gradients of that sum), the
     cross-entropy taken at each of `depths` (sleep.loss_depths: Algorithm 1's N alone by
-    default) and weighted."""
+    default) and weighted; a SleepConfig means Algorithm 1 at its N. `memory_bound`: "chunk" or
+    "block" (sleep_value_and_grad's granularity), or "none" (one graph over the whole
+    sequence); True and False mean "chunk" and "none" (older callers)."""
     x, y, w = mx.array(inputs), mx.array(targets), mx.array(mask)
-    if memory_bounded:
-        (loss, n), grads = depth_value_and_grad(model, x, y, w, depths, plan=plan)
+    if isinstance(depths, SleepConfig):
+        depths = loss_depths(depths)
+    if isinstance(memory_bound, bool):
+        memory_bound = memory_bound_of(memory_bound)
+    if memory_bound != "none":
+        (loss, n), grads = depth_value_and_grad(
+            model, x, y, w, depths, plan=plan, granularity=memory_bound
+        )
     else:
         fn = nn.value_and_grad(model, lambda m, x, y, w: depth_loss(m, x, y, w, depths, plan=plan))
         (loss, n), grads = fn(model, x, y, w)
@@ -96,7 +104,8 @@ class Finetune(TrainingRun):
 
     OWNER, META_FILE, WEIGHTS_FILE = "finetune", "state.json", "adapters.safetensors"
     EVAL_AT_START = True
-    RESUMABLE_CHANGES = ("finetune.steps",)
+    # the memory bound: the same math either way (within float rounding)
+    RESUMABLE_CHANGES = ("finetune.steps", "finetune.memory_bound")
 
     def __init__(
         self,
@@ -161,8 +170,12 @@ class Finetune(TrainingRun):
             self.open_run(force)
 
     def saved_settings(self, saved: dict) -> dict:
-        if isinstance(saved.get("finetune"), dict):  # settings added since: their defaults
-            saved["finetune"] = {**asdict(FinetuneConfig()), **saved["finetune"]}
+        finetune = saved.get("finetune")
+        if isinstance(finetune, dict) and "memory_bounded" in finetune:  # before --memory-bound
+            finetune = dict(finetune)
+            finetune["memory_bound"] = memory_bound_of(finetune.pop("memory_bounded"))
+        if isinstance(finetune, dict):  # settings added since: their defaults
+            saved = {**saved, "finetune": {**asdict(FinetuneConfig()), **finetune}}
         return saved
 
     @property
@@ -213,7 +226,7 @@ class Finetune(TrainingRun):
                 mask[rows],
                 depths,
                 plan,
-                cfg.memory_bounded,
+                cfg.memory_bound,
             )
             ce, n = ce + c, n + k
             grads = g if grads is None else tree_map(mx.add, grads, g)
