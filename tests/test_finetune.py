@@ -65,6 +65,28 @@ def workdir(tmp_path_factory):
     return root
 
 
+class Killed(Exception):
+    pass
+
+
+def assert_killed_run_resumes_to(straight, run_of, out, killed_at, checkpoint):
+    """`run_of(out)` killed at step `killed_at` resumes from its step-`checkpoint` checkpoint
+    and ends with the finished `straight` run's weights bit for bit."""
+
+    def die(step):
+        if step == killed_at:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_of(out).run(on_step=die)
+    resumed = run_of(out)
+    assert resumed.step == checkpoint
+    resumed.run()
+    a, b = params(straight.model), params(resumed.model)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
 def finetune(
     workdir, kind, out, fine_tune_type="lora", steps=8, sleep=None, resume_adapters=None, **kw
 ):
@@ -215,21 +237,7 @@ def test_finetune_learns_resumes_exactly_and_fuses(tmp_path, workdir, kind, fine
     after = straight.validate()
     assert after < before - 0.3, (before, after)
 
-    class Killed(Exception):
-        pass
-
-    def die_at_4(step):
-        if step == 4:
-            raise Killed
-
-    with pytest.raises(Killed):
-        run_of(tmp_path / "b").run(on_step=die_at_4)
-    resumed = run_of(tmp_path / "b")
-    assert resumed.step == 3
-    resumed.run()
-    a, b = params(straight.model), params(resumed.model)
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert_killed_run_resumes_to(straight, run_of, tmp_path / "b", killed_at=4, checkpoint=3)
 
     ids = mx.array([[ord(c) for c in "keep 123 first:"]])
     trained_logits = straight.model(ids)
@@ -829,20 +837,6 @@ def test_depth_losses_switch_on_at_their_step_and_resume_exactly(tmp_path, workd
     straight.run()
     assert seen == [2, 2, 1, 3, 1, 3], seen
 
-    class Killed(Exception):
-        pass
-
-    def die_at_3(step):
-        if step == 3:
-            raise Killed
-
-    with pytest.raises(Killed):
-        run_of(tmp_path / "b").run(on_step=die_at_3)
-    resumed = run_of(tmp_path / "b")
-    assert resumed.step == 2
-    resumed.run()
-    a, b = params(straight.model), params(resumed.model)
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert_killed_run_resumes_to(straight, run_of, tmp_path / "b", killed_at=3, checkpoint=2)
     saved = json.load(open(tmp_path / "b" / "config.json"))
     assert saved["finetune"]["depth_losses"] == [[1, 1, 0.5], [3, 3, 1.0]], saved

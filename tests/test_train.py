@@ -36,6 +36,26 @@ def trainer(out, steps=6, loops=2, **kw):
     )
 
 
+def assert_resumes_exactly(tmp_path, steps=6, between=None, **kw):
+    """The run straight through, and stopped after step 3 then resumed (`between(dir)` edits
+    what the stopped run left): the same weights bit for bit. Returns the resumed trainer."""
+    straight = trainer(tmp_path / "a", steps=steps, **kw)
+    straight.run()
+    half = trainer(tmp_path / "b", steps=steps, **kw)
+    half.cfg.steps = 3
+    half.run()
+    if between is not None:
+        between(tmp_path / "b")
+    resumed = trainer(tmp_path / "b", steps=steps, **kw)
+    assert resumed.step == 3
+    resumed.run()
+    a = dict(tree_flatten(straight.model.parameters()))
+    b = dict(tree_flatten(resumed.model.parameters()))
+    for k in a:
+        np.testing.assert_array_equal(np.array(a[k]), np.array(b[k]), err_msg=k)
+    return resumed
+
+
 def test_muon_takes_block_matrices_and_adamw_the_rest():
     model = build_model(
         ModelConfig(
@@ -67,25 +87,15 @@ def test_training_lowers_the_loss(tmp_path):
 
 @pytest.mark.parametrize("activation_checkpoint", [False, True])
 def test_resume_is_exact(tmp_path, activation_checkpoint):
-    straight = trainer(tmp_path / "a", activation_checkpoint=activation_checkpoint)
-    straight.run()
-    half = trainer(tmp_path / "b", activation_checkpoint=activation_checkpoint)
-    half.cfg.steps = 3
-    half.run()
-    # as a run from before --memory-bound saved it: activation_checkpoint true / false
-    config = json.loads((tmp_path / "b" / "config.json").read_text())
-    del config["train"]["memory_bound"]
-    config["train"]["activation_checkpoint"] = activation_checkpoint
-    (tmp_path / "b" / "config.json").write_text(json.dumps(config))
-    resumed = trainer(tmp_path / "b", activation_checkpoint=activation_checkpoint)
-    assert resumed.step == 3
-    resumed.run()
-    a, b = (
-        dict(tree_flatten(straight.model.parameters())),
-        dict(tree_flatten(resumed.model.parameters())),
+    def as_before_memory_bound(run):  # activation_checkpoint true / false, as runs saved it
+        config = json.loads((run / "config.json").read_text())
+        del config["train"]["memory_bound"]
+        config["train"]["activation_checkpoint"] = activation_checkpoint
+        (run / "config.json").write_text(json.dumps(config))
+
+    assert_resumes_exactly(
+        tmp_path, between=as_before_memory_bound, activation_checkpoint=activation_checkpoint
     )
-    for k in a:
-        np.testing.assert_array_equal(np.array(a[k]), np.array(b[k]), err_msg=k)
 
 
 @pytest.mark.parametrize("memory_bound,compile", [("chunk", False), ("block", True)])
@@ -159,18 +169,26 @@ def test_load_run_on_a_non_run_says_so(tmp_path):
         load_run(str(tmp_path / "missing"))
 
 
-def test_loops_sample_draws_n_per_batch_seeded(tmp_path, monkeypatch):
-    """--loops-sample A:B: each step runs with N drawn from its own seeded generator (the data
-    stream stays the fixed-N run's); (2, 2) is exactly the fixed N = 2 run."""
+def record_depths(monkeypatch) -> list:
+    """The N of every loss the training steps take, in order (one-graph and memory-bounded)."""
     import mlx_sleep.sleep as sleep_mod
 
     seen = []
-    real = sleep_mod.sleep_loss
-    monkeypatch.setattr(
-        sleep_mod,
-        "sleep_loss",
-        lambda m, x, y, w, sleep, **k: seen.append(sleep.loops) or real(m, x, y, w, sleep, **k),
-    )
+    for name in ("sleep_loss", "sleep_value_and_grad"):
+        real = getattr(sleep_mod, name)
+
+        def recording(m, x, y, w, sleep, real=real, **k):
+            seen.append(sleep.loops)
+            return real(m, x, y, w, sleep, **k)
+
+        monkeypatch.setattr(sleep_mod, name, recording)
+    return seen
+
+
+def test_loops_sample_draws_n_per_batch_seeded(tmp_path, monkeypatch):
+    """--loops-sample A:B: each step runs with N drawn from its own seeded generator (the data
+    stream stays the fixed-N run's); (2, 2) is exactly the fixed N = 2 run."""
+    seen = record_depths(monkeypatch)
     sampled = trainer(tmp_path / "s", steps=8, loops=3, loops_sample=(1, 3))
     sampled.run()
     drawn = seen[:]
@@ -189,20 +207,7 @@ def test_loops_sample_draws_n_per_batch_seeded(tmp_path, monkeypatch):
 
 
 def test_loops_sample_resume_is_exact(tmp_path):
-    straight = trainer(tmp_path / "a", loops_sample=(1, 3))
-    straight.run()
-    half = trainer(tmp_path / "b", loops_sample=(1, 3))
-    half.cfg.steps = 3
-    half.run()
-    resumed = trainer(tmp_path / "b", loops_sample=(1, 3))
-    assert resumed.step == 3
-    resumed.run()
-    a, b = (
-        dict(tree_flatten(straight.model.parameters())),
-        dict(tree_flatten(resumed.model.parameters())),
-    )
-    for k in a:
-        np.testing.assert_array_equal(np.array(a[k]), np.array(b[k]), err_msg=k)
+    assert_resumes_exactly(tmp_path, loops_sample=(1, 3))
     saved = json.load(open(tmp_path / "b" / "config.json"))
     assert TrainConfig.from_dict(saved["train"]).loops_sample == (1, 3)
     with pytest.raises(ConfigError, match="loops_sample must be LO:HI"):
@@ -217,45 +222,15 @@ def test_depth_losses_take_the_loss_at_each_depth_from_their_step(
     N = 2 alone, later steps at depth 1 and at a depth drawn from 3..4 (the objective is their
     weighted sum, tests/test_sleep.py); a resumed run across the switch ends where the straight
     one does (the draw comes from the seed and the step)."""
-    import mlx_sleep.sleep as sleep_mod
-
-    seen = []
-    real = sleep_mod.sleep_loss
-    monkeypatch.setattr(
-        sleep_mod,
-        "sleep_loss",
-        lambda m, x, y, w, sleep, **k: seen.append(sleep.loops) or real(m, x, y, w, sleep, **k),
-    )
+    seen = record_depths(monkeypatch)
     kw = dict(
         depth_losses=((1, 0.5), (3, 4, 1.0)),
         depth_losses_from=2,
         memory_bound=memory_bound,
     )
-    if memory_bound != "none":  # the memory-bounded path computes its loss chunk by chunk
-        real_vg = sleep_mod.sleep_value_and_grad
-        monkeypatch.setattr(
-            sleep_mod,
-            "sleep_value_and_grad",
-            lambda m, x, y, w, sleep, **k: (
-                seen.append(sleep.loops) or real_vg(m, x, y, w, sleep, **k)
-            ),
-        )
-    straight = trainer(tmp_path / "a", steps=4, **kw)
-    straight.run()
-    drawn = [s for s in seen[2:] if s != 1]
+    assert_resumes_exactly(tmp_path, steps=4, **kw)
+    drawn = [s for s in seen[2:6] if s != 1]  # the straight run's steps 2 and 3
     assert seen[:3] == [2, 2, 1] and set(drawn) <= {3, 4} and len(drawn) == 2, seen
-    half = trainer(tmp_path / "b", steps=4, **kw)
-    half.cfg.steps = 3
-    half.run()
-    resumed = trainer(tmp_path / "b", steps=4, **kw)
-    assert resumed.step == 3
-    resumed.run()
-    a, b = (
-        dict(tree_flatten(straight.model.parameters())),
-        dict(tree_flatten(resumed.model.parameters())),
-    )
-    for k in a:
-        np.testing.assert_array_equal(np.array(a[k]), np.array(b[k]), err_msg=k)
     saved = json.load(open(tmp_path / "b" / "config.json"))
     assert TrainConfig.from_dict(saved["train"]).depth_losses == ((1, 1, 0.5), (3, 4, 1.0))
     # depth 2 = N is not among them: a stopped sleep of this model is undone, as in the paper

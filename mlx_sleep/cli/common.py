@@ -226,7 +226,8 @@ def depth_loss_options(fn):
             default=None,
             metavar="D:W,...",
             help="Take the loss at each depth D (every context window slept D passes), "
-            "weighted W, e.g. 3:1,6:0.5 (default: at N alone, Algorithm 1).",
+            "weighted W; LO-HI:W draws the depth per step, e.g. 3:1,4-6:0.5 (default: at N "
+            "alone, Algorithm 1).",
         ),
         click.option(
             "--depth-losses-from",
