@@ -143,6 +143,7 @@ def report(path: str) -> str:
                 acc = [r["accuracy"].get(str(n), {}).get(str(deepest)) for r in mine]
                 acc = [a for a in acc if a is not None]
                 cells.append(f"{np.mean(acc):.3f} [{min(acc):.3f}, {max(acc):.3f}]" if acc else "-")
+            trained = [r for r in mine if r["train_seconds"] > 1]  # not a finished run reused
             rises, drops = [], []
             for r in mine:
                 a = {int(n): v[str(deepest)] for n, v in r["accuracy"].items()}
@@ -150,13 +151,29 @@ def report(path: str) -> str:
                 rises.append(all(x <= y + 1e-9 for x, y in zip(up, up[1:])))
                 if 2 * N in a:
                     drops.append(a[N] - a[2 * N])
+            minutes = np.mean([r["train_seconds"] for r in trained]) / 60 if trained else None
             out.append(
                 f"| {recipe} | {mine[0]['loops']} | {len(mine)} | "
-                f"{np.mean([r['train_seconds'] for r in mine]) / 60:.1f} | "
+                + (f"{minutes:.1f}" if trained else "-")
+                + " | "
                 + " | ".join(cells)
                 + f" | {sum(rises)}/{len(rises)} | "
                 + (f"{max(drops):+.3f} |" if drops else "- |")
             )
+        fixed = {r["seed"]: r for r in runs if r["recipe"] == "fixed"}
+        out.append("")
+        for recipe in RECIPES:
+            pairs = [
+                (r["accuracy"][str(r["loops"])][str(deepest)], fixed[r["seed"]])
+                for r in runs
+                if r["recipe"] == recipe and recipe != "fixed" and r["seed"] in fixed
+            ]
+            gaps = [a - f["accuracy"][str(f["loops"])][str(deepest)] for a, f in pairs]
+            if gaps:
+                out.append(
+                    f"- `{recipe}` at its N against `fixed` at its N, same seeds "
+                    f"({len(gaps)}): {min(gaps):+.3f} to {max(gaps):+.3f}"
+                )
         out += [
             "",
             f"The stopping rule (at most 8 passes; a window stops once a pass changes the fast "
@@ -176,7 +193,7 @@ def report(path: str) -> str:
                         f"{np.mean([g['passes'] for g in got]):.1f} passes: "
                         f"{np.mean([g['token'] for g in got]):.3f}"
                     )
-                out.append(f"| {recipe} | " + " | ".join(cells) + " |")
+                out.append(f"| {recipe} ({len(mine)} seeds) | " + " | ".join(cells) + " |")
         out.append("")
     out += ["Recipes (TrainConfig overrides; N = the run's sleep passes):", ""]
     for name, (n, kw) in RECIPES.items():

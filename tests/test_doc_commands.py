@@ -30,8 +30,8 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 # Commands the docs show that cannot run here, each with why (and what covers it instead).
 SKIPPED = {
-    "pip install -e . && mlx-sleep demo": "the README's set-up command (14 minutes; test_demo)",
-    "mlx-sleep demo --seed 5": "five seeds of the demo, 14 minutes (test_demo runs it shortened)",
+    "pip install -e . && mlx-sleep demo": "the README's set-up command (about 26 minutes; test_demo)",
+    "mlx-sleep demo --seed 5": "five seeds of the demo, about 26 minutes (test_demo runs it shortened)",
     "mlx-sleep demo [--steps K] [-N 1 -N 4]": "a synopsis, not a command",
     "mlx-sleep convert -N -L --eviction --core": "a list of flags, not a command",
     "mlx-sleep eval --task gsm-infinite": "names the task, not a command",
