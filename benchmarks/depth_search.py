@@ -55,6 +55,7 @@ RECIPES = {
         3,
         {"depth_losses": ((1, 2, 0.3), (3, 3, 1.0), (4, 6, 0.5)), "depth_losses_from": 300},
     ),
+    "dial-0": (3, {"depth_losses": ((1, 2, 0.3), (3, 3, 1.0), (4, 6, 0.5))}),  # from step 0
     "sample-3-6": (6, {"loops_sample": (3, 6)}),  # stochastic depth with a minimum of 3
 }
 
