@@ -393,8 +393,10 @@ def bench_deferred_quality(run_dir, samples):
         sync = SleepEngine(model, sleep, batch_size=samples)
         after = sync.feed(ids)
         deferred.catch_up()
-        for x, y in zip(tree_flatten(deferred.state), tree_flatten(sync.state)):
-            np.testing.assert_allclose(np.array(x[1]), np.array(y[1]), rtol=1e-4, atol=1e-5)
+        for (name, x), (_, y) in zip(tree_flatten(deferred.state), tree_flatten(sync.state)):
+            scale = float(mx.abs(y).max()) or 1.0  # float rounding, relative to the tensor
+            if float(mx.abs(x - y).max()) > 1e-4 * scale:
+                raise SystemExit(f"catch-up differs from the synchronous schedule at {name}")
 
         def accuracy(logits):
             preds = np.where(batch.mask > 0, np.array(mx.argmax(logits, axis=-1)), -1)

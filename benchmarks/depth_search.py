@@ -27,6 +27,7 @@ import mlx_sleep  # noqa: E402,F401  (BLAS first)
 from mlx_sleep.config import ModelConfig, SleepConfig  # noqa: E402
 from mlx_sleep.demo import DEMO, train_with_curriculum  # noqa: E402
 from mlx_sleep.eval import evaluate  # noqa: E402
+from mlx_sleep.io import write_text  # noqa: E402
 from mlx_sleep.tasks import get_task  # noqa: E402
 from mlx_sleep.train import TrainConfig, Trainer  # noqa: E402
 
@@ -222,8 +223,7 @@ def main():
             with open(RESULTS, "a") as f:
                 f.write(json.dumps(record) + "\n")
     if args.report or not args.recipe:
-        with open(RESULTS.replace(".jsonl", ".md"), "w") as f:
-            f.write(report(RESULTS))
+        write_text(RESULTS.replace(".jsonl", ".md"), report(RESULTS))
 
 
 if __name__ == "__main__":

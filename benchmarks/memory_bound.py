@@ -23,7 +23,6 @@ import gc
 import json
 import os
 import platform
-import random
 import sys
 import tempfile
 import time
@@ -42,21 +41,11 @@ from mlx_sleep.finetune.data import batch_indices, make_batch  # noqa: E402
 from mlx_sleep.finetune.run import summed_loss_and_grads  # noqa: E402
 from mlx_sleep.report import markdown_table  # noqa: E402
 from mlx_sleep.sleep import plan_chunks  # noqa: E402
+from row_plans import write_records  # noqa: E402  (this script's directory: benchmarks/)
 from tests.tiny_models import make_model_dir  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BOUNDS = ("chunk", "block")
-
-
-def write_records(path, n, lo, hi, seed=0):
-    """{"prompt", "answer"} records with prompts of lo..hi digits (byte tokens)."""
-    rng = random.Random(seed)
-    with open(path, "w") as f:
-        for _ in range(n):
-            digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(lo, hi)))
-            f.write(json.dumps({"prompt": f"Q: first four? {digits}", "answer": digits[:4]}))
-            f.write("\n")
-    return path
 
 
 def one_step(model, batch, sleep, bound):
