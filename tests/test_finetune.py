@@ -633,7 +633,30 @@ def test_estimate_cli_prints_and_writes_nothing(tmp_path, workdir):
     )
     assert result.exit_code == 0, result.output
     assert "expected peak memory" in result.output and "N = 4" in result.output
+    # both bounds estimated, and one named for this machine (a tiny model fits either)
+    assert "--memory-bound chunk: " in result.output
+    assert "--memory-bound block: " in result.output
+    assert re.search(r"usable here: run with --memory-bound (chunk|block)", result.output)
     assert not (tmp_path / "o").exists()
+
+
+def test_estimate_chooses_the_bound_that_fits(tmp_path, workdir):
+    """--estimate's choice: the faster bound when both fit, the one that fits when one does
+    (the block bound's peak is lower), none when neither; the run's own bound is left as it
+    was."""
+    from mlx_sleep.finetune import choose_memory_bound, format_choice
+    from mlx_sleep.finetune.estimate import pick_bound
+
+    ft = finetune(workdir, "jet_nemotron", tmp_path / "o", batch_size=8, sleep={"loops": 4})
+    got = choose_memory_bound(ft, usable=10**15)
+    chunk, block = (got["estimates"][b] for b in ("chunk", "block"))
+    assert block["peak_bytes"] < chunk["peak_bytes"]
+    faster = min(("chunk", "block"), key=lambda b: got["estimates"][b]["seconds_per_step"])
+    assert got["choice"] == faster and ft.cfg.memory_bound == "chunk"
+    between = (block["peak_bytes"] + chunk["peak_bytes"]) // 2
+    assert pick_bound(got["estimates"], between)["choice"] == "block"
+    neither = pick_bound(got["estimates"], block["peak_bytes"] // 2)
+    assert neither["choice"] is None and "neither fits" in format_choice(neither)
 
 
 # -- several processes ------------------------------------------------------------------------

@@ -301,7 +301,10 @@ def convert(
     help="Start from another run's adapters (its OUT/checkpoint), with a fresh optimizer.",
 )
 @click.option(
-    "--estimate", is_flag=True, help="Print the expected peak memory and time per step, then exit."
+    "--estimate",
+    is_flag=True,
+    help="Print the expected peak memory and time per step, with each --memory-bound and the "
+    "one to run on this machine, then exit.",
 )
 @click.option(
     "--force",
@@ -349,7 +352,14 @@ def finetune(
 ):
     """Fine-tune a converted model to sleep (LoRA/DoRA or full), on one Mac or several
     (launch with `mlx.launch`; see docs/finetune.md)."""
-    from ..finetune import Finetune, FinetuneConfig, estimate_step, format_estimate
+    from ..finetune import (
+        Finetune,
+        FinetuneConfig,
+        choose_memory_bound,
+        estimate_step,
+        format_choice,
+        format_estimate,
+    )
 
     if full:
         refuse_unused(
@@ -414,7 +424,11 @@ def finetune(
             resume_adapters=resume_adapters,
         )
         if estimate:
-            click.echo(format_estimate(estimate_step(ft)))
+            choice = choose_memory_bound(ft)
+            click.echo(
+                format_estimate(choice["estimates"].get(cfg.memory_bound) or estimate_step(ft))
+            )
+            click.echo(format_choice(choice))
             return
         if ft.step and ft.step < cfg.steps and ft.is_writer:
             click.echo(f"resuming {out} at step {ft.step}")

@@ -22,7 +22,7 @@ from .adapters import (
 )
 from .config import FINE_TUNE_TYPES, LAYER_KINDS, FinetuneConfig
 from .data import DataError, batch_indices, load_examples, make_batch, read_records, tokenize_record
-from .estimate import estimate_step, format_estimate
+from .estimate import choose_memory_bound, estimate_step, format_choice, format_estimate
 from .run import Finetune, summed_loss_and_grads, validation_loss
 
 __all__ = [
@@ -33,7 +33,9 @@ __all__ = [
     "LAYER_KINDS",
     "adapter_config",
     "batch_indices",
+    "choose_memory_bound",
     "estimate_step",
+    "format_choice",
     "format_estimate",
     "fuse_model",
     "layer_parts",

@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ..config import SleepConfig
+from ..config import SleepConfig, machine_memory
 from .run import Finetune, summed_loss_and_grads
 
 
@@ -155,12 +155,64 @@ def estimate_step(ft: Finetune) -> dict:
     }
 
 
+# Where Metal does not say how much a process may wire, three quarters of the memory (macOS's
+# recommended working set is about that; the rest is the system's and other programs')
+USABLE_FRACTION = 0.75
+
+
+def usable_memory() -> int:
+    """Bytes one training step may take here (0 when unknown): Metal's recommended working set,
+    else USABLE_FRACTION of the physical memory."""
+    info = mx.device_info()
+    if "max_recommended_working_set_size" in info:
+        return int(info["max_recommended_working_set_size"])
+    return int(USABLE_FRACTION * machine_memory())
+
+
+def choose_memory_bound(ft: Finetune, usable=None) -> dict:
+    """--estimate's choice of --memory-bound: the estimate with each bound that keeps memory to
+    a chunk or a block pass, and the faster of those that fit this machine (pick_bound)."""
+    keep, estimates = ft.cfg.memory_bound, {}
+    try:
+        for bound in ("chunk", "block"):
+            ft.cfg.memory_bound = bound
+            estimates[bound] = estimate_step(ft)
+    finally:
+        ft.cfg.memory_bound = keep
+    return pick_bound(estimates, usable_memory() if usable is None else usable)
+
+
+def pick_bound(estimates: dict, usable: int) -> dict:
+    """The faster of the bounds whose estimated peak fits `usable` bytes (0: unknown, all fit);
+    choice None when none does."""
+    fits = [b for b, e in estimates.items() if not usable or e["peak_bytes"] <= usable]
+    choice = min(fits, key=lambda b: estimates[b]["seconds_per_step"]) if fits else None
+    return {"estimates": estimates, "usable": usable, "choice": choice}
+
+
+def _gb(x):
+    return f"{x / 1e9:.2f} GB" if x >= 1e8 else f"{x / 1e6:.1f} MB"
+
+
+def format_choice(choice: dict) -> str:
+    lines = [
+        f"--memory-bound {b}: {_gb(e['peak_bytes'])}, {e['seconds_per_step']:.2f} s per step"
+        for b, e in choice["estimates"].items()
+    ]
+    room = f"{_gb(choice['usable'])} usable here" if choice["usable"] else "memory unknown"
+    if choice["choice"]:
+        lines.append(f"{room}: run with --memory-bound {choice['choice']}")
+    else:
+        lines.append(
+            f"{room}: neither fits; shorten the window (-L), take fewer passes (-N), "
+            "a smaller batch (--batch-size with --grad-accum) or a 4-bit base (convert -q)"
+        )
+    return "\n".join(lines)
+
+
 def format_estimate(est: dict) -> str:
     s, p = est["settings"], est["parts"]
-
-    def gb(x):
-        return f"{x / 1e9:.2f} GB" if x >= 1e8 else f"{x / 1e6:.1f} MB"
-
+    gb = _gb
     lines = [
         f"{s['fine_tune_type']}, {s['trainable_parameters']:,} trainable parameters; "
         f"L = {s['L']}, N = {s['N']}, batch {s['batch_per_process']} per process, "

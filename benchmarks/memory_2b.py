@@ -1,0 +1,235 @@
+"""Peak memory of one LoRA fine-tuning step at the full Jet-Nemotron 2B shape (issue 22):
+28 blocks (Jet, attention at 14 and 19, SWA at 20-21; the middle 14 looped), hidden 1536, the
+151,936-word vocabulary, random weights in bf16 (or quantized to 4 bits as `convert -q` does),
+LoRA rank 8 on every layer, batch 1, one GSM-shaped record: a context window of L tokens slept
+N passes (hard eviction), then a scored answer. One step = the gradient of that record
+(`summed_loss_and_grads`, the path `mlx-sleep finetune` takes) and an AdamW update. The peak is
+MLX's own count (mx.get_peak_memory: every array, weights included) from just before the step.
+
+On the CPU backend MLX multiplies bf16 matrices about 35x slower than float32 (5 against 174
+GFLOP/s on this 2-core x86), which puts one step at the full shape out of reach (hours).
+`--f32-matmul` (the default on the CPU) therefore multiplies in float32: each matmul upcasts its
+two operands and rounds the product back to the input's dtype (all but the vocabulary head's),
+and a quantized matmul dequantizes its weight first. Everything stored stays bf16 (weights, activations, the tape); the
+upcast copies are the one thing added, and autograd keeps them for the block being
+differentiated, so the peak measured this way is an upper bound on the same step's in bf16
+(about one block's weights in float32, ~0.2 GB, on top). On a Mac (Metal) run it with
+`--no-f32-matmul`.
+
+    python benchmarks/memory_2b.py --loops 6 --length 2000              # ~40 min on 2 cores
+    python benchmarks/memory_2b.py --loops 6 --length 2000 --quantize   # the 4-bit base
+    python benchmarks/memory_2b.py --length 128 --loops 2 --blocks 4    # a quick check
+
+Appends one JSON line per run to benchmarks/results/memory_2b.jsonl and rewrites
+benchmarks/results/memory_2b.md from all of them.
+"""
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import mlx_sleep  # noqa: E402,F401  (BLAS first)
+import mlx.core as mx  # noqa: E402
+import mlx.optimizers as optim  # noqa: E402
+import numpy as np  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
+
+from mlx_sleep import HybridLM, ModelConfig, SleepConfig  # noqa: E402
+from mlx_sleep.convert.common import quantize  # noqa: E402
+from mlx_sleep.finetune import FinetuneConfig  # noqa: E402
+from mlx_sleep.finetune.adapters import prepare_model  # noqa: E402
+from mlx_sleep.finetune.run import summed_loss_and_grads  # noqa: E402
+from mlx_sleep.io import write_text  # noqa: E402
+from mlx_sleep.report import markdown_table  # noqa: E402
+from mlx_sleep.sleep import plan_chunks  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results", "memory_2b.jsonl")
+# The vocabulary head (151,936 x 1536) stays in bf16: its float32 copy would add 0.9 GB to the
+# peak, and it multiplies only the answer's positions. Every block matrix is far below this.
+BIGGEST_UPCAST = 2**26
+
+
+def jet_2b_config(blocks: int = 28) -> ModelConfig:
+    """Jet-Nemotron 2B as the converter builds it (docs/finetune.md); `blocks` < 28 keeps the
+    prelude/core/coda proportions (a quick check of this script, not the measurement)."""
+    layers = ["jet"] * 28
+    layers[14] = layers[19] = "attn"
+    layers[20] = layers[21] = "swa"
+    if blocks != 28:
+        keep = sorted({round(i * 27 / (blocks - 1)) for i in range(blocks)})
+        layers = [layers[i] for i in keep]
+    n = len(layers)
+    return ModelConfig(
+        vocab_size=151936,
+        hidden_size=1536,
+        layers=",".join(layers),
+        intermediate_size=8960,
+        num_heads=12,
+        num_kv_heads=2,
+        head_dim=128,
+        attention_bias=True,
+        rope_theta=1e6,
+        swa_window=1152,
+        gdn_k_heads=12,
+        gdn_v_heads=12,
+        gdn_head_k_dim=96,
+        gdn_head_v_dim=192,
+        gdn_norm_eps=1e-5,
+        core=(n // 4, n - n // 4),
+        tie_embeddings=True,
+    )
+
+
+def multiply_in_float32():
+    """bf16/fp16 matmuls computed in float32, results rounded back (see the module docstring)."""
+    low = (mx.bfloat16, mx.float16)
+    matmul, addmm, qmm = mx.matmul, mx.addmm, mx.quantized_matmul
+    array_matmul = mx.array.__matmul__
+
+    def up(*xs):
+        return [x.astype(mx.float32) for x in xs]
+
+    def mm(a, b, _f=matmul):
+        if (a.dtype in low or b.dtype in low) and max(a.size, b.size) <= BIGGEST_UPCAST:
+            return _f(*up(a, b)).astype(a.dtype if a.dtype in low else b.dtype)
+        return _f(a, b)
+
+    def am(c, a, b, *args, **kw):
+        if (a.dtype in low or b.dtype in low) and max(a.size, b.size) <= BIGGEST_UPCAST:
+            return addmm(*up(c, a, b), *args, **kw).astype(a.dtype if a.dtype in low else b.dtype)
+        return addmm(c, a, b, *args, **kw)
+
+    def qm(x, w, scales, biases=None, transpose=True, group_size=None, bits=None, **kw):
+        if w.size * 32 // (bits or 4) > BIGGEST_UPCAST:
+            return qmm(x, w, scales, biases, transpose, group_size, bits, **kw)
+        dense = mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, **kw)
+        dense = dense.astype(mx.float32)
+        y = matmul(x.astype(mx.float32), dense.T if transpose else dense)
+        return y.astype(x.dtype)
+
+    mx.matmul, mx.addmm, mx.quantized_matmul = mm, am, qm
+    mx.array.__matmul__ = lambda a, b: mm(a, b, _f=array_matmul)
+
+
+def measure(a) -> dict:
+    mx.random.seed(0)
+    config = jet_2b_config(a.blocks)
+    model = HybridLM(config)
+    model.set_dtype(mx.bfloat16)
+    mx.eval(model.parameters())
+    if a.quantize:
+        quantize(model, {}, 4, 64, model.keep_unquantized)
+        mx.eval(model.parameters())
+    prepare_model(model, FinetuneConfig(batch_size=1, rank=8))
+    mx.eval(model.parameters())
+    gc.collect()
+    mx.clear_cache()
+    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+
+    rng = np.random.default_rng(0)
+    T = a.length + a.answer
+    inputs = rng.integers(0, config.vocab_size, (1, T)).astype(np.int32)
+    mask = np.zeros((1, T), np.float32)
+    mask[:, a.length :] = 1
+    sleep = SleepConfig(loops=a.loops, window=a.length, eviction="hard")
+    plan = plan_chunks(mask, a.length)
+    optimizer = optim.AdamW(1e-4)
+
+    active = mx.get_active_memory()
+    mx.reset_peak_memory()
+    t0 = time.perf_counter()
+    loss, n, grads = summed_loss_and_grads(model, inputs, inputs, mask, sleep, plan, a.memory_bound)
+    mx.eval(loss, grads)
+    optimizer.update(model, grads)
+    mx.eval(model.trainable_parameters(), optimizer.state)
+    seconds = time.perf_counter() - t0
+    peak = mx.get_peak_memory()
+    return {
+        "shape": "jet-nemotron-2b" if a.blocks == 28 else f"jet-nemotron-2b, {a.blocks} blocks",
+        "base": "4-bit" if a.quantize else "bf16",
+        "fine_tune": "lora rank 8",
+        "L": a.length,
+        "N": a.loops,
+        "answer": a.answer,
+        "eviction": "hard",
+        "batch": 1,
+        "memory_bound": a.memory_bound,
+        "f32_matmul": a.f32_matmul,
+        "parameters": int(sum(v.size for _, v in tree_flatten(model.parameters()))),
+        "trainable": int(trainable),
+        "weights_gb": weights / 1e9,
+        "before_step_gb": active / 1e9,
+        "peak_gb": peak / 1e9,
+        "loss": float(loss) / max(float(n), 1.0),
+        "seconds": seconds,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {mx.default_device()}",
+        "mlx": mx.__version__,
+        "command": " ".join(["python benchmarks/memory_2b.py"] + sys.argv[1:]),
+    }
+
+
+def report(rows) -> str:
+    table = markdown_table(
+        ["shape", "base", "L", "N", "bound", "weights GB", "peak GB", "minutes", "command"],
+        [
+            [
+                r["shape"],
+                r["base"],
+                r["L"],
+                r["N"],
+                r["memory_bound"],
+                f"{r['weights_gb']:.2f}",
+                f"{r['peak_gb']:.2f}",
+                f"{r['seconds'] / 60:.1f}",
+                f"`{r['command']}`",
+            ]
+            for r in rows
+        ],
+    )
+    return (
+        "# One LoRA fine-tuning step at the Jet-Nemotron 2B shape: measured peak memory\n\n"
+        "Random weights, LoRA rank 8, batch 1, one record of a context window of L tokens slept N "
+        "passes (hard eviction) and a 100-token scored answer; gradient + AdamW update. Peak = "
+        "MLX's count of every live array (weights included) during the step, on this machine's "
+        "CPU backend with float32 matmuls (an upper bound on the bf16 step: see "
+        "benchmarks/memory_2b.py).\n\n" + table + "\n"
+    )
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--length", type=int, default=2000, help="L: the context window")
+    p.add_argument("--loops", type=int, default=6, help="N: sleep passes")
+    p.add_argument("--answer", type=int, default=100, help="scored answer tokens")
+    p.add_argument("--blocks", type=int, default=28, help="fewer: a quick check only")
+    p.add_argument("--quantize", action="store_true", help="a 4-bit base (group 64)")
+    p.add_argument("--memory-bound", choices=["block", "chunk", "none"], default="block")
+    p.add_argument(
+        "--f32-matmul",
+        action=argparse.BooleanOptionalAction,
+        default=mx.default_device() == mx.cpu,
+        help="multiply bf16 in float32 (the CPU's bf16 matmul is ~35x slower)",
+    )
+    p.add_argument("--out", default=RESULTS)
+    a = p.parse_args()
+    if a.f32_matmul:
+        multiply_in_float32()
+    row = measure(a)
+    print(json.dumps(row), flush=True)
+    with open(a.out, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    rows = [json.loads(line) for line in open(a.out)]
+    write_text(a.out.replace(".jsonl", ".md"), report(rows))
+
+
+if __name__ == "__main__":
+    main()
