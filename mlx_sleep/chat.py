@@ -151,26 +151,27 @@ def consumed_text(tokenizer, ids, delta: str, reply, fed: int) -> str:
     return delta + tokenizer.decode(reply.tokens[: fed - len(ids)])
 
 
-def record_turn(conv, tokenizer, start: int, common: str, delta: str, ids, reply, replay=()):
+def record_turn(conv, tokenizer, start: int, common: str, delta: str, ids, reply, replay=None):
     """Record in `conv` (a session.Conversation) what a turn consumed: from position `start`,
-    the ids `replay` re-fed after a rewind (a branch: `common` is then the text of the mark they
-    lead to), then the prompt `ids` (the text `delta` after `common`), then the reply, as far
-    as the engine took them. Marks are added only where the engine's tokens are exactly the
-    text before them: not after a turn whose held text was not a prefix of its prompt."""
-    engine, replay = conv.engine, list(replay)
+    the ids `replay` re-fed after a rewind (a branch, None otherwise: `common` is then the text
+    of the mark they lead to), then the prompt `ids` (the text `delta` after `common`), then
+    the reply, as far as the engine took them. Marks are added only where the engine's tokens
+    are exactly the text before them: not after a turn whose held text was not a prefix of its
+    prompt."""
+    engine, rewound, replay = conv.engine, replay is not None, list(replay or [])
     prompt = replay + list(ids)
     fed = engine.offset - start
     consumed = prompt[:fed] + list(reply.tokens[: max(0, fed - len(prompt))])
     text = common + consumed_text(tokenizer, ids, delta, reply, fed - len(replay))
     anchor = (start + len(replay), len(common))
-    aligned = bool(replay) or common == conv.fed_text
+    aligned = rewound or common == conv.fed_text
     marks = []
     if aligned:
         marks.append(anchor)
         if fed >= len(prompt):  # the prompt was fed whole: its end and the turn's are marks
             marks += [(start + len(prompt), len(common) + len(delta)), (engine.offset, len(text))]
     kept = anchor if aligned else (start, len(common))
-    conv.record_turn(start, consumed, text, kept, marks, rewound=bool(replay))
+    conv.record_turn(start, consumed, text, kept, marks, rewound)
 
 
 def live_window_due(engine, idle_fill: float) -> bool:

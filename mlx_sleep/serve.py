@@ -10,8 +10,10 @@ Clients resend the whole conversation every turn. The server holds conversations
 request that names a session (`X-Session` header or the `user` field) gets that on-disk session,
 the same one `chat --session` opens; any other request continues the held conversation whose
 messages are the longest prefix of its own. Only what is new is fed (turn k costs its own
-tokens); a history that does not continue the held one starts a fresh memory, so no request is
-ever answered from another conversation's memory.
+tokens). A history that does not continue the held one (a regenerated reply, an edited message)
+branches from the latest point held whose text is a prefix of its own, or else starts a fresh
+memory, so no request is ever answered from memory of text it does not hold; the response's
+X-History header says which (continued, branched, new, reset).
 
 One model, one worker thread: every request and every idle sleep runs on it, one at a time, so
 the event loop never waits on the model. At most `queue` requests wait behind the running one;
@@ -752,7 +754,7 @@ class Server:
                 job.emit("piece", piece)
         finally:
             engine.on_forced_sleep = None
-        record_turn(conv, tokenizer, start, common, delta, ids, reply, replay)
+        record_turn(conv, tokenizer, start, common, delta, ids, reply, replay if branch else None)
         if job.kind == "chat":
             conv.messages = job.messages + [{"role": "assistant", "content": reply.text}]
         else:
@@ -971,7 +973,7 @@ def create_app(server: Server):
             allow_origins=list(server.settings.cors),
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type", "X-Session"],
-            expose_headers=["X-Session"],
+            expose_headers=["X-Session", "X-History"],
         )
 
     @app.exception_handler(ApiError)

@@ -530,6 +530,32 @@ def test_a_deferred_conversation_branches_from_a_pending_window(loaded, home):
         on_worker(server, same_memory, branched.engine, reference_engine)
 
 
+def test_an_edit_at_an_idle_sleeps_boundary_feeds_only_the_new_text(loaded, home):
+    """An idle sleep between turns leaves a boundary exactly at a turn's start: an edit of that
+    turn rewinds there and feeds its new text alone, and the record before it is kept."""
+    with running(loaded, idle_delay=0.2, idle_fill=0.0, history=4) as (server, url):
+        c = client(url)
+        tokenizer = loaded[2]
+        messages = []
+        for line in LINES[:3]:
+            messages.append(user(line))
+            text, _, _ = exchange(c, messages, max_tokens=3, user="idle-edit")
+            messages.append({"role": "assistant", "content": text})
+            conv = server.held[("session", "idle-edit")].conv
+            wait_for(lambda: conv.engine.window_len == 0, "the idle sleep")
+        # the last turn began where the text held after the turn before it ends
+        held_text = len(chat_prompt(tokenizer, messages[:3])) + len(messages[3]["content"])
+        turn_start = dict((c, p) for p, c in conv.marks)[held_text]
+        assert turn_start in conv.engine.boundaries()  # the idle sleep's
+        marks_before = [m for m in conv.marks if m[0] < turn_start]
+        edited = messages[:-2] + [user("I write databases.")]
+        _, usage, how = exchange(c, edited, max_tokens=3, user="idle-edit")
+        assert how == "branched" and usage.prompt_tokens_details.cached_tokens == turn_start
+        new_text = chat_prompt(tokenizer, edited)[held_text:]
+        assert fed(usage) == len(tokenizer.encode(new_text))
+        assert marks_before and conv.marks[: len(marks_before)] == marks_before
+
+
 def test_another_keys_conversation_is_never_branched_from(loaded, home):
     with running(loaded, api_keys=("key-one", "key-two")) as (server, url):
         one, two = client(url, "key-one"), client(url, "key-two")
