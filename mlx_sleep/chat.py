@@ -151,6 +151,29 @@ def consumed_text(tokenizer, ids, delta: str, reply, fed: int) -> str:
     return delta + tokenizer.decode(reply.tokens[: fed - len(ids)])
 
 
+def record_turn(conv, tokenizer, start: int, common: str, delta: str, ids, reply, replay=None):
+    """Record in `conv` (a session.Conversation) what a turn consumed: from position `start`,
+    the ids `replay` re-fed after a rewind (a branch, None otherwise: `common` is then the text
+    of the mark they lead to), then the prompt `ids` (the text `delta` after `common`), then
+    the reply, as far as the engine took them. Marks are added only where the engine's tokens
+    are exactly the text before them: not after a turn whose held text was not a prefix of its
+    prompt."""
+    engine, rewound, replay = conv.engine, replay is not None, list(replay or [])
+    prompt = replay + list(ids)
+    fed = engine.offset - start
+    consumed = prompt[:fed] + list(reply.tokens[: max(0, fed - len(prompt))])
+    text = common + consumed_text(tokenizer, ids, delta, reply, fed - len(replay))
+    anchor = (start + len(replay), len(common))
+    aligned = rewound or common == conv.fed_text
+    marks = []
+    if aligned:
+        marks.append(anchor)
+        if fed >= len(prompt):  # the prompt was fed whole: its end and the turn's are marks
+            marks += [(start + len(prompt), len(common) + len(delta)), (engine.offset, len(text))]
+    kept = anchor if aligned else (start, len(common))
+    conv.record_turn(start, consumed, text, kept, marks, rewound)
+
+
 def live_window_due(engine, idle_fill: float) -> bool:
     """The live window is not empty and is at least `idle_fill` of L."""
     return engine.window_len > 0 and engine.window_len >= idle_fill * engine.sleep.window
@@ -260,9 +283,8 @@ class Chat:
                 "sleep): memory is shallow until the next idle moment or /sleep]"
             )
         self.note(f"[{reply.speed(len(ids))}]")
-        consumed = consumed_text(self.tokenizer, ids, delta, reply, self.engine.offset - start)
+        record_turn(self.session, self.tokenizer, start, common, delta, ids, reply)
         self.session.messages = messages + [{"role": "assistant", "content": reply.text}]
-        self.session.fed_text = common + consumed
         self.session.save()
 
     # -- commands ------------------------------------------------------------------------------
@@ -335,9 +357,8 @@ class Chat:
             size = self.session.save()
             self.say(f"[saved session {self.session.name} ({mib(size)}) in {self.session.path}]")
         elif cmd == "/reset":
-            self.engine.reset()
             system = [m for m in self.session.messages[:1] if m["role"] == "system"]
-            self.session.messages, self.session.fed_text = system, ""
+            self.session.clear(system)
             self.session.save()
             self.say("[memory cleared: fast weights, window and conversation]")
         elif cmd == "/forget":

@@ -10,8 +10,10 @@ Clients resend the whole conversation every turn. The server holds conversations
 request that names a session (`X-Session` header or the `user` field) gets that on-disk session,
 the same one `chat --session` opens; any other request continues the held conversation whose
 messages are the longest prefix of its own. Only what is new is fed (turn k costs its own
-tokens); a history that does not continue the held one starts a fresh memory, so no request is
-ever answered from another conversation's memory.
+tokens). A history that does not continue the held one (a regenerated reply, an edited message)
+branches from the latest point held whose text is a prefix of its own, or else starts a fresh
+memory, so no request is ever answered from memory of text it does not hold; the response's
+X-History header says which (continued, branched, new, reset).
 
 One model, one worker thread: every request and every idle sleep runs on it, one at a time, so
 the event loop never waits on the model. At most `queue` requests wait behind the running one;
@@ -21,6 +23,7 @@ more get 429. A request arriving during an idle sleep cancels it between two pas
 import asyncio
 import concurrent.futures
 import contextlib
+import copy
 import hashlib
 import hmac
 import json
@@ -37,11 +40,12 @@ from typing import Optional
 
 import mlx.core as mx
 
-from .chat import consumed_text, idle_sleep_due, live_window_due, sleep_when_idle
+from .chat import idle_sleep_due, live_window_due, record_turn, sleep_when_idle
 from .config import ConfigError, SleepConfig, show
 from .generate import Reply, chat_prompt, make_sampling, stream_reply
 from .io import parse_json
 from .session import (
+    Conversation,
     SessionEngine,
     SessionError,
     SessionInUse,
@@ -250,6 +254,7 @@ class Job:
         self.created = int(time.time())
         self.loop, self.events = None, None
         self.checked = time.monotonic()  # when the client was last seen connected
+        self.history = None  # what its history did to the memory: "continued", "branched", ...
 
     def emit(self, kind, value=None):
         with contextlib.suppress(RuntimeError):  # the loop is gone: the server stopped
@@ -333,14 +338,22 @@ def namespace_of(key: str) -> str:
 # -- conversations held in memory -------------------------------------------------------------
 
 
-class Unnamed:
+class Unnamed(Conversation):
     """A conversation held only in memory (no name, nothing on disk): what a Session has."""
 
     name = None
 
     def __init__(self, engine):
-        self.engine, self.messages, self.fed_text = engine, [], ""
+        super().__init__(engine)
         self.shown = ""  # a completion's prompt and reply as the client saw them
+
+    def fork(self) -> "Unnamed":
+        """Another conversation holding the same memory (nothing is copied until one of them
+        is fed)."""
+        other = copy.copy(self)
+        other.engine, other.messages = self.engine.fork(), list(self.messages)
+        other.replay_ids, other.marks = list(self.replay_ids), list(self.marks)
+        return other
 
     def save(self):
         pass
@@ -390,6 +403,7 @@ class Server:
                 "cached_tokens",
                 "generated_tokens",
                 "interrupted",
+                "branched",
                 "idle_sleeps",
                 "idle_cancelled",
             ),
@@ -443,7 +457,9 @@ class Server:
             raise
         if kind == "error":
             raise value
-        headers = {"X-Session": job.session} if job.session else {}
+        headers = {"X-History": job.history}
+        if job.session:
+            headers["X-Session"] = job.session
         if job.stream:
             headers["Cache-Control"] = "no-cache"
             return StreamingResponse(
@@ -554,13 +570,13 @@ class Server:
             return
         try:
             rendered = self.render(job)
-            held, how = self.conversation(job)
+            held, job.history, branch = self.conversation(job, rendered)
         except ApiError as e:
             job.emit("error", e)
             return
         conv = held.conv
         try:
-            self.generate(job, held, how, rendered)
+            self.generate(job, held, rendered, branch)
         except Exception as e:  # the engine may be half-way: drop the conversation
             self.drop(held)
             self.note(f"[error: {type(e).__name__}: {e}]")
@@ -582,35 +598,60 @@ class Server:
                 400, f"the model's chat template refused these messages ({e})", "template_error"
             )
 
-    def conversation(self, job: Job):
-        """(the Held conversation `job` continues or starts, "continued", "new" or "reset")."""
+    def conversation(self, job: Job, rendered: str):
+        """(the Held conversation `job` continues or starts, how: "continued", "branched",
+        "new" or "reset", the branch point or None).
+
+        A history that does not continue what a conversation holds (a regenerated reply, an
+        edited message) branches from the latest point whose text is a prefix of `rendered`
+        (conv.branch_point): the engine rewinds to a boundary and re-feeds from there. A named
+        session branches in place (or is reset when no point matches); an unnamed conversation
+        is forked, so the one it came from keeps its memory (two chats that begin alike never
+        take each other's). Only conversations of the request's own key are looked at."""
         if job.session is not None:
             held = self.open_named(job.session, job.namespace, create=True)
+            conv = held.conv
             if continues(held, job):
-                return held, "continued" if held.conv.messages else "new"
+                return held, "continued" if conv.messages else "new", None
+            branch = conv.branch_point(rendered)
+            if branch is not None:
+                conv.engine.rewind(branch[0])
+                return held, "branched", branch
             # Another history under this name: its memory is not this conversation's.
-            held.conv.engine.reset()
-            held.conv.messages, held.conv.fed_text = [], ""
-            return held, "reset"
+            conv.clear()
+            return held, "reset", None
+        mine = [
+            (i, key, h)
+            for i, (key, h) in enumerate(self.held.items())
+            if h.conv.name is None and h.kind == job.kind and h.namespace == job.namespace
+        ]
         matches = [  # (how much of the request it holds, recency, key)
             (len(h.conv.messages) if job.kind == "chat" else len(h.conv.shown), i, key)
-            for i, (key, h) in enumerate(self.held.items())
-            if h.conv.name is None
-            and h.kind == job.kind
-            and h.namespace == job.namespace
-            and continues(h, job)
+            for i, key, h in mine
+            if continues(h, job)
         ]
         if matches:
             key = max(matches)[2]  # the longest prefix; of equals, the most recently used
             self.held.move_to_end(key)
-            return self.held[key], "continued"
+            return self.held[key], "continued", None
+        branches = [  # (tokens kept, recency, the point, the conversation)
+            (point[0], i, point, h.conv)
+            for i, _, h in mine
+            for point in [h.conv.branch_point(rendered)]
+            if point is not None
+        ]
+        self.unnamed += 1
+        key = ("memory", self.unnamed)
+        if branches:  # the fewest tokens to feed again; of equals, the most recently used
+            _, _, branch, conv = max(branches, key=lambda b: b[:2])
+            fork = conv.fork()
+            fork.engine.rewind(branch[0])
+            return self.hold(key, Held(job.kind, job.namespace, fork)), "branched", branch
         s = self.settings
         engine = SessionEngine(
             self.model, s.sleep or self.model.sleep_config, 0, s.defer, s.max_pending
         )
-        self.unnamed += 1
-        held = Held(job.kind, job.namespace, Unnamed(engine))
-        return self.hold(("memory", self.unnamed), held), "new"
+        return self.hold(key, Held(job.kind, job.namespace, Unnamed(engine))), "new", None
 
     def hold(self, key, held):
         self.held[key] = held
@@ -668,20 +709,28 @@ class Server:
     def stop_now(self, job):
         return job.cancelled.is_set() or self.closing.is_set()
 
-    def generate(self, job: Job, held: Held, how: str, rendered: str):
+    def generate(self, job: Job, held: Held, rendered: str, branch=None):
         conv, tokenizer = held.conv, self.tokenizer
         engine = conv.engine
-        # Feed what the engine has not seen (as chat does): with a template that renders
-        # earlier turns the same way, what it consumed is a prefix of the new prompt.
-        common = os.path.commonprefix([rendered, conv.fed_text])
+        if branch is not None:  # rewound: the recorded ids up to the mark, then the text after it
+            _, replay, _, chars = branch
+            common = rendered[:chars]
+        else:
+            # Feed what the engine has not seen (as chat does): with a template that renders
+            # earlier turns the same way, what it consumed is a prefix of the new prompt.
+            replay, common = [], os.path.commonprefix([rendered, conv.fed_text])
         delta = rendered[len(common) :]
-        ids = tokenizer.encode(delta, add_special_tokens=False)
-        if not ids:
+        ids = tokenizer.encode(delta, add_special_tokens=False) if delta else []
+        if not replay and not ids:
             job.emit("error", bad("messages", "holds nothing new to answer"))
             return
         job.emit("start")
         start, sleeps = engine.offset, engine.sleeps
-        engine.on_forced_sleep = lambda: {"cancel": lambda: self.stop_now(job)}
+        # A client that leaves stops a forced sleep, but not one inside the replayed ids: the
+        # turn then ends at a mark or after it, where its text is known.
+        engine.on_forced_sleep = lambda: {
+            "cancel": lambda: engine.offset >= start + len(replay) and self.stop_now(job)
+        }
         if job.seed is not None:
             mx.random.seed(job.seed)
         s = self.settings
@@ -694,7 +743,7 @@ class Server:
             for piece in stream_reply(
                 engine,
                 tokenizer,
-                ids,
+                replay + ids,
                 job.max_tokens,
                 job.stop,
                 lambda: self.stop_now(job),
@@ -705,34 +754,38 @@ class Server:
                 job.emit("piece", piece)
         finally:
             engine.on_forced_sleep = None
-        conv.fed_text = common + consumed_text(tokenizer, ids, delta, reply, engine.offset - start)
+        record_turn(conv, tokenizer, start, common, delta, ids, reply, replay if branch else None)
         if job.kind == "chat":
             conv.messages = job.messages + [{"role": "assistant", "content": reply.text}]
         else:
             conv.shown = rendered + reply.text
         conv.save()
+        prompt = len(replay) + len(ids)
         usage = {
-            "prompt_tokens": start + len(ids),
+            "prompt_tokens": start + prompt,
             "completion_tokens": len(reply.tokens),
-            "total_tokens": start + len(ids) + len(reply.tokens),
+            "total_tokens": start + prompt + len(reply.tokens),
             "prompt_tokens_details": {"cached_tokens": start},
         }
         for k, v in (
             ("requests", 1),
-            ("prompt_tokens", len(ids)),
+            ("prompt_tokens", prompt),
             ("cached_tokens", start),
             ("generated_tokens", len(reply.tokens)),
             ("interrupted", reply.stopped == "interrupted"),
+            ("branched", job.history == "branched"),
         ):
             self.stats[k] += int(v)
         finish = "length" if reply.stopped == "max_tokens" else "stop"
         job.emit("done", {"finish_reason": finish, "usage": usage})
         where = f"session {conv.name}" if conv.name else job.kind
-        if how == "reset":
-            how = "another history: memory reset"
+        how = {
+            "reset": "another history: memory reset",
+            "branched": f"another history: branched, {len(replay)} tokens fed again",
+        }.get(job.history, job.history)
         slept = engine.sleeps - sleeps
         self.note(
-            f"[{where} ({how}, {start} tokens held): {reply.speed(len(ids))}"
+            f"[{where} ({how}, {start} tokens held): {reply.speed(prompt)}"
             f"{f', slept {slept}x' if slept else ''}, stopped: {reply.stopped}]"
         )
 
@@ -920,7 +973,7 @@ def create_app(server: Server):
             allow_origins=list(server.settings.cors),
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type", "X-Session"],
-            expose_headers=["X-Session"],
+            expose_headers=["X-Session", "X-History"],
         )
 
     @app.exception_handler(ApiError)

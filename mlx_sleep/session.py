@@ -30,6 +30,7 @@ field, and the files stay as they were.
 """
 
 import contextlib
+import copy
 import glob
 import hashlib
 import io
@@ -73,6 +74,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # fullmatch: no '/', n
 STATE_FILE_RE = re.compile(r"state-[0-9]{6,10}\.safetensors")
 MAX_HISTORY = 64  # /forget snapshots: each is a full copy of the fast weights
 MAX_META_BYTES = 256 << 20
+MAX_MARKS = 1 << 20  # (position, chars) points a branch can resume at: a few per turn
 MAX_JSON_DEPTH = 8  # session.json nests 4 deep (transcript.messages[i].role)
 
 
@@ -163,6 +165,9 @@ SESSION_JSON = {
             {"role": OneOf("system", "user", "assistant"), "content": Text()}, 1 << 20
         ),
         "fed_text": Text(),
+        # what a diverging history can branch from (absent in sessions saved before branching)
+        "replay_start": MayLack(POS),
+        "marks": MayLack(ListOf({"offset": POS, "chars": POS}, MAX_MARKS)),
     },
 }
 # What the fields of a conforming session.json must agree on.
@@ -209,10 +214,39 @@ CONSISTENT = [
         "engine.snapshot_starts must come before the first of engine.pending_starts",
     ),
     (
+        lambda m: replay_start(m) <= m["engine"]["offset"],
+        "transcript.replay_start must be <= engine.offset",
+    ),
+    (
+        lambda m: marks_fit(m),
+        "transcript.marks must ascend, from transcript.replay_start up to engine.offset, and "
+        "their chars up to the length of transcript.fed_text",
+    ),
+    (
         lambda m: m["state_file"] == state_file_name(m["generation"]),
         "state_file must be state-<generation>.safetensors",
     ),
 ]
+
+
+def replay_start(meta) -> int:
+    """Where the recorded ids of a branch begin (sessions saved before branching: nothing
+    recorded, so at engine.offset)."""
+    return meta["transcript"].get("replay_start", meta["engine"]["offset"])
+
+
+def marks(meta) -> list:
+    return meta["transcript"].get("marks", [])
+
+
+def marks_fit(meta) -> bool:
+    """The marks ascend (positions strictly) inside the recorded ids, their chars inside
+    fed_text."""
+    points = [(a["offset"], a["chars"]) for a in marks(meta)]
+    end, chars = meta["engine"]["offset"], len(meta["transcript"]["fed_text"])
+    return all(replay_start(meta) <= p <= end and c <= chars for p, c in points) and all(
+        p < q and c <= d for (p, c), (q, d) in zip(points, points[1:])
+    )
 
 
 def pending_starts(meta) -> list:
@@ -495,6 +529,42 @@ class SessionEngine(SleepEngine):
         self.sleeps -= 1
         return True
 
+    def boundaries(self) -> List[int]:
+        """The positions `rewind` can return to, ascending: the first position of each
+        /forget snapshot's window, of each pending window, and of the live window."""
+        return (
+            [s for _, s in self.snapshots] + [s for _, _, s in self.pending] + [self.window_start]
+        )
+
+    def rewind(self, position: int):
+        """Return to what the engine held at `position` (one of `boundaries()`), as if nothing
+        after it had been fed: the live window's start state, a pending window's start state
+        (the windows before it stay pending), or a snapshot (the consolidations since are
+        undone). The next feed continues at `position`."""
+        starts = [s for _, _, s in self.pending]
+        if position == self.window_start:
+            state = self.window_start_state
+        elif position in starts:
+            j = starts.index(position)
+            state, self.pending = self.pending[j][1], self.pending[:j]
+        else:
+            k = [s for _, s in self.snapshots].index(position)  # ValueError: not a boundary
+            state, undone = self.snapshots[k][0], len(self.snapshots) - k
+            self.snapshots, self.pending = self.snapshots[:k], []
+            self.sleeps -= undone
+        self.state = self.window_start_state = state
+        self.window_start = self.offset = position
+        self.window_ids, self.window_core = [], []
+
+    def fork(self) -> "SessionEngine":
+        """A second engine holding the same memory (arrays are immutable: nothing is copied);
+        feeding one leaves the other as it was."""
+        other = copy.copy(self)
+        other.window_ids, other.window_core = list(self.window_ids), list(self.window_core)
+        other.pending, other.snapshots = list(self.pending), list(self.snapshots)
+        other.on_forced_sleep = None
+        return other
+
     def arrays_and_meta(self):
         d = self.state_dict()
         arrays = dict(d["arrays"])
@@ -571,6 +641,8 @@ def state_schema(model, meta: dict) -> dict:
     for j, start in enumerate(pending_starts(meta)):
         spec[f"pending.{j}.ids"] = (TOKEN_DTYPES, (1, L), True)
         spec.update(layers(f"pending.{j}.start", start))
+    if e["offset"] > replay_start(meta):
+        spec["replay_ids"] = (TOKEN_DTYPES, (1, e["offset"] - replay_start(meta)), True)
     live = e["offset"] - e["window_start"]
     if live:
         spec["window_ids"] = (TOKEN_DTYPES, (1, live), True)
@@ -699,7 +771,7 @@ def read_state(path: str, meta: dict, model) -> dict:
         if mx.issubdtype(a.dtype, mx.floating) and not mx.all(mx.isfinite(a)).item():
             raise SchemaError(f"{name} {key} holds NaN or infinite values")
     for key in sorted(arrays):
-        if key == "window_ids" or key.endswith(".ids"):  # the live and the pending windows
+        if key in ("window_ids", "replay_ids") or key.endswith(".ids"):  # and pending windows'
             model.check_ids(arrays[key])
     return arrays
 
@@ -761,15 +833,88 @@ def read_meta(name: str) -> dict:
     return meta
 
 
-class Session:
-    """One named session: `engine` (a SessionEngine), `messages` (the chat so far), `fed_text`
-    (the text the engine has consumed), saved with `save()`. Open it with `open_session`."""
+class Conversation:
+    """What a conversation holds: `engine` (a SessionEngine), `messages` (the chat so far),
+    `fed_text` (the text the engine has consumed), and what lets a history that diverges from
+    it resume from an earlier point instead of from nothing (`branch_point`):
+
+    - `replay_ids`: the token ids fed since position `replay_start`, the oldest point the
+      engine can still rewind to (its boundaries: snapshots, pending windows, the live window);
+      bounded by those windows, not by the conversation.
+    - `marks`: [(position, chars)], ascending: the tokens fed before `position` are exactly
+      the text `fed_text[:chars]` (turn starts, prompt ends, turn ends). A window boundary
+      usually falls inside a turn, where no text position matches a token position (the
+      tokenization of a prefix is not a prefix of the tokenization), so a branch rewinds to a
+      boundary and re-feeds the recorded ids up to a mark: the tokens are the ones first fed."""
+
+    def __init__(self, engine, messages=None, fed_text=""):
+        self.engine, self.messages, self.fed_text = engine, list(messages or []), fed_text
+        offset = engine.offset if engine is not None else 0
+        self.replay_start, self.replay_ids = offset, []
+        self.marks = [(0, 0)] if offset == 0 and not fed_text else []
+
+    def clear(self, messages=()):
+        """Forget everything (the engine too): a fresh memory for `messages`."""
+        self.engine.reset()
+        self.messages, self.fed_text = list(messages), ""
+        self.replay_start, self.replay_ids, self.marks = 0, [], [(0, 0)]
+
+    def recorded(self, offset: Optional[int] = None) -> bool:
+        """The replay record describes the engine at `offset` (default: where it is): every
+        token since replay_start, marks inside it (false when the engine or fed_text was
+        changed without `record_turn`)."""
+        end = self.replay_start + len(self.replay_ids)
+        offset = self.engine.offset if offset is None else offset
+        return end == offset and all(
+            self.replay_start <= p <= end and c <= len(self.fed_text) for p, c in self.marks
+        )
+
+    def record_turn(self, start: int, fed, fed_text: str, kept, marks, rewound=False):
+        """A turn fed the token ids `fed` from position `start` (the engine is now past them)
+        and the conversation's text is `fed_text`. `kept` (position, chars): the marks up to it
+        still hold (the text before it is unchanged); `marks`: the turn's new ones. `rewound`:
+        the engine was rewound to `start` (a branch_point, taken while the record held)."""
+        if not (rewound or self.recorded(start)) or start < self.replay_start:
+            self.replay_start, self.replay_ids, self.marks = start, [], []
+        self.replay_ids = self.replay_ids[: start - self.replay_start] + [int(t) for t in fed]
+        p, c = kept
+        self.marks = [m for m in self.marks if m[0] <= p and m[1] <= c]
+        for m in marks:
+            if not self.marks or (m[0] > self.marks[-1][0] and m[1] >= self.marks[-1][1]):
+                self.marks.append(m)
+        self.fed_text = fed_text
+        oldest = self.engine.boundaries()[0]  # what nothing can rewind to any more: dropped
+        if oldest > self.replay_start:
+            self.replay_ids = self.replay_ids[oldest - self.replay_start :]
+            self.replay_start = oldest
+            self.marks = [m for m in self.marks if m[0] >= oldest]
+
+    def branch_point(self, text: str):
+        """Where a history whose text is `text` can resume in this conversation: (boundary,
+        the ids to re-feed from it, mark position, mark chars) for the latest mark whose text is
+        a prefix of `text`, at the latest boundary before it that leaves something to feed
+        (generation needs the last token's logits); None when nothing but position 0 is."""
+        if not self.recorded():
+            return None
+        common = len(os.path.commonprefix([text, self.fed_text]))
+        bounds = [b for b in self.engine.boundaries() if 0 < b and b >= self.replay_start]
+        for p, c in reversed(self.marks):
+            usable = [b for b in bounds if b < p or (b == p and c < len(text))]
+            if c <= common and usable:
+                b = usable[-1]
+                ids = self.replay_ids[b - self.replay_start : p - self.replay_start]
+                return b, ids, p, c
+        return None
+
+
+class Session(Conversation):
+    """One named session: a Conversation on disk, saved with `save()`. Open it with
+    `open_session`."""
 
     def __init__(self, name, engine, identity, messages=None, fed_text="", meta=None):
-        self.name, self.engine, self.identity = name, engine, identity
+        super().__init__(engine, messages, fed_text)
+        self.name, self.identity = name, identity
         self.path = session_path(name)
-        self.messages = messages or []
-        self.fed_text = fed_text
         self.meta = meta or {"created": time.time(), "generation": 0}
         self._lock = None
 
@@ -815,6 +960,12 @@ class Session:
     def save(self) -> int:
         """Write the session (see the module docstring for why this order); returns bytes."""
         arrays, engine_meta = self.engine.arrays_and_meta()
+        if (
+            not self.recorded()
+        ):  # fed outside record_turn: nothing to branch from until the next turn
+            self.replay_start, self.replay_ids, self.marks = self.engine.offset, [], []
+        if self.replay_ids:
+            arrays["replay_ids"] = mx.array([self.replay_ids], dtype=mx.int32)
         generation = self.meta.get("generation", 0) + 1
         state_file = state_file_name(generation)
         path = session_dir(self.name, create=True)  # still a real directory in the store
@@ -833,7 +984,12 @@ class Session:
             state_file=state_file,
             state_sha256=_sha256_file(state_path),
             state_bytes=os.lstat(state_path).st_size,
-            transcript={"messages": self.messages, "fed_text": self.fed_text},
+            transcript={
+                "messages": self.messages,
+                "fed_text": self.fed_text,
+                "replay_start": self.replay_start,
+                "marks": [{"offset": p, "chars": c} for p, c in self.marks],
+            },
         )
         write_json(os.path.join(path, "session.json"), meta, mode=0o600)
         self.meta = meta
@@ -921,6 +1077,7 @@ def open_session(
             )
         try:
             arrays = read_state(os.path.join(path, meta["state_file"]), meta, model)
+            replay = arrays.pop("replay_ids", None)
             engine = SessionEngine(model, saved_sleep, meta["history"], defer, max_pending)
             engine.load_arrays_and_meta(arrays, meta["engine"])
         except (SchemaError, ValueError, RuntimeError, KeyError, TypeError) as e:
@@ -931,6 +1088,9 @@ def open_session(
     transcript = meta["transcript"]
     session.engine, session.meta = engine, meta
     session.messages, session.fed_text = list(transcript["messages"]), transcript["fed_text"]
+    session.replay_start = replay_start(meta)
+    session.replay_ids = [] if replay is None else replay[0].tolist()
+    session.marks = [(m["offset"], m["chars"]) for m in marks(meta)]
     return session
 
 

@@ -16,9 +16,11 @@ import threading
 import time
 
 import httpx
+import mlx.core as mx
 import openai
 import pytest
 from click.testing import CliRunner
+from mlx.utils import tree_flatten
 
 from mlx_sleep.cli import main
 from mlx_sleep.cli.common import load_for_chat
@@ -131,7 +133,7 @@ def test_the_openai_client_gets_chat_completions_models_and_health(plain, loaded
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
 
     # The same request streamed: it does not continue the first (whose memory holds the reply),
-    # so it starts from a fresh memory, and greedy decoding gives the same reply.
+    # so it branches from it (a "regenerate") and greedy decoding gives the same reply.
     stream = c.chat.completions.create(
         model=MODEL,
         messages=messages,
@@ -143,7 +145,8 @@ def test_the_openai_client_gets_chat_completions_models_and_health(plain, loaded
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == text
     assert chunks[-2].choices[0].finish_reason == r.choices[0].finish_reason
-    assert chunks[-1].choices == [] and chunks[-1].usage == usage
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == usage.total_tokens
+    assert chunks[-1].usage.completion_tokens == usage.completion_tokens
     assert all(ch.usage is None for ch in chunks[:-1])
 
     p = c.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=7)
@@ -373,10 +376,196 @@ def test_a_named_session_is_chats_session_and_back(plain, loaded, home):
     finally:
         other.close()
 
-    # another history under the same name: a fresh memory (the request is what counts)
-    _, usage, _ = turn(c, [user("A new topic.")], extra_headers={"X-Session": "trip"})
-    assert usage.prompt_tokens_details.cached_tokens == 0
+    # another history under the same name, matching no point it can branch from: a fresh
+    # memory (the request is what counts)
+    _, usage, how = exchange(c, [user("A new topic.")], extra_headers={"X-Session": "trip"})
+    assert usage.prompt_tokens_details.cached_tokens == 0 and how == "reset"
     assert read_meta("trip")["transcript"]["messages"][0] == user("A new topic.")
+
+
+# -- a diverged history branches from the last point that matches -------------------------------
+
+
+def exchange(c, messages, **kw):
+    """One chat turn: (the reply's text, usage, what the history did: the X-History header)."""
+    raw = c.chat.completions.with_raw_response.create(model=MODEL, messages=messages, **kw)
+    r = raw.parse()
+    return r.choices[0].message.content, r.usage, raw.headers["x-history"]
+
+
+def play(c, lines, **kw):
+    """A conversation of one turn per user line: (its messages, replies included, the last
+    turn's usage)."""
+    messages = []
+    for line in lines:
+        messages.append(user(line))
+        text, usage, _ = exchange(c, messages, **kw)
+        messages.append({"role": "assistant", "content": text})
+    return messages, usage
+
+
+def unnamed(server, messages):
+    """The held unnamed conversation whose messages are `messages` (the most recent of those)."""
+    return [h.conv for h in server.held.values() if h.conv.messages == messages][-1]
+
+
+def on_worker(server, fn, *args):
+    """Run fn on the server's worker thread (its arrays live on that thread's stream)."""
+    return server.worker.submit(fn, *args).result()
+
+
+def same_memory(a, b):
+    """Two engines hold the same memory, bit for bit: positions, the tokens of the live and
+    pending windows, the state the live window began with, and the fast weights once each has
+    consolidated all of it. A window's wake pass fed in one piece and in several differs within
+    float rounding, so the states it leads to before a sleep are compared only where a sleep
+    recomputed them from the tokens: not the start states of pending windows (deferred sleep),
+    and every state after consolidating. Forks: the server's engines stay as they are."""
+    assert (a.offset, a.window_start, a.sleeps) == (b.offset, b.window_start, b.sleeps)
+    ids = lambda e: mx.concatenate(e.window_ids, axis=1).tolist() if e.window_ids else []  # noqa: E731
+    assert ids(a) == ids(b)
+    assert [(i.tolist(), s) for i, _, s in a.pending] == [(i.tolist(), s) for i, _, s in b.pending]
+    if not a.pending:
+        assert_same_state(a.window_start_state, b.window_start_state)
+    a, b = a.fork(), b.fork()
+    assert a.consolidate() and b.consolidate()
+    assert_same_state(a.state, b.state)
+
+
+def assert_same_state(x, y):
+    fx, fy = dict(tree_flatten(x)), dict(tree_flatten(y))
+    assert sorted(fx) == sorted(fy)
+    for k in fx:
+        assert mx.array_equal(fx[k], fy[k]).item(), k
+
+
+LINES = ["Hello, I am Ada.", "I write compilers.", "Mostly for DSP chips.", "Any advice?"]
+
+
+def test_a_regenerated_reply_branches_from_the_live_window_start(plain, loaded):
+    server, url = plain
+    tokenizer = loaded[2]
+    c = client(url)
+    messages, _ = play(c, LINES, max_tokens=3)
+    conv = unnamed(server, messages)
+    held, window_start = conv.engine.offset, conv.engine.window_start
+    regenerate = messages[:-1]  # what a chat app sends for "regenerate"
+    prompt_end = dict((c, p) for p, c in conv.marks)[len(chat_prompt(tokenizer, regenerate))]
+    assert window_start <= prompt_end < held  # the texts are chosen for this
+    text, usage, how = exchange(c, regenerate, max_tokens=3)
+    # rewound to the live window's start; the prompt's tokens since then are fed again
+    assert how == "branched" and usage.prompt_tokens_details.cached_tokens == window_start
+    assert usage.prompt_tokens == prompt_end
+    branched = unnamed(server, regenerate + [{"role": "assistant", "content": text}])
+    assert branched.fed_text == chat_prompt(tokenizer, regenerate) + text
+    # the conversation it came from is still held as it was
+    assert conv.engine.offset == held and conv.messages == messages
+
+    # a fresh conversation fed the same history, turn by turn (named: nothing to branch from)
+    reference, _ = play(c, LINES, max_tokens=3, user="regenerate-reference")
+    assert reference == branched.messages
+    reference_engine = server.held[("session", "regenerate-reference")].conv.engine
+    on_worker(server, same_memory, branched.engine, reference_engine)
+    # and it goes on like any conversation
+    assert exchange(c, reference + [user("Thanks.")], max_tokens=3)[2] == "continued"
+
+
+def test_an_edit_two_windows_back_branches_from_a_snapshot_and_is_saved(plain, loaded, home):
+    server, url = plain
+    c = client(url)
+    lines = LINES + ["Which language?", "Rust, then.", "Good night."]
+    messages, _ = play(c, lines, max_tokens=3, user="edited")
+    session = server.held[("session", "edited")].conv
+    L, window_start = session.engine.sleep.window, session.engine.window_start
+    starts = [s for _, s in session.engine.snapshots]
+    edited = messages[:-2] + [user("Good morning, then.")]  # "edit my last message"
+    text, usage, how = exchange(c, edited, max_tokens=3, user="edited")
+    point = usage.prompt_tokens_details.cached_tokens
+    assert how == "branched" and point in starts and point <= window_start - 2 * L
+
+    lines = lines[:-1] + [edited[-1]["content"]]
+    reference, last = play(c, lines, max_tokens=3, user="edited-reference")
+    assert reference == edited + [{"role": "assistant", "content": text}]
+    assert usage.prompt_tokens == last.prompt_tokens
+    ref = server.held[("session", "edited-reference")].conv
+    on_worker(server, same_memory, session.engine, ref.engine)
+    assert session.fed_text == ref.fed_text
+    assert session.replay_ids == ref.replay_ids[len(ref.replay_ids) - len(session.replay_ids) :]
+
+    # saved as it is held: reopened, the same memory and the same record to branch from
+    meta = read_meta("edited")
+    assert meta["transcript"]["messages"] == reference
+    reopened = on_worker(server, open_session, "edited", loaded[1], loaded[0])
+    try:
+        on_worker(server, same_memory, reopened.engine, session.engine)
+        assert reopened.recorded() and reopened.replay_start == session.replay_start
+        assert (reopened.replay_ids, reopened.marks) == (session.replay_ids, session.marks)
+    finally:
+        reopened.close()
+    # and the server goes on with it
+    _, usage, how = exchange(c, reference + [user("Bye.")], max_tokens=3, user="edited")
+    assert how == "continued"
+    assert usage.prompt_tokens_details.cached_tokens == meta["engine"]["offset"]
+
+
+def test_a_deferred_conversation_branches_from_a_pending_window(loaded, home):
+    """--defer-sleep: an edit inside a pending window rewinds to its start, the windows before
+    it still pending; the memory is what a fresh conversation fed the same text holds."""
+    with running(loaded, defer=True, max_pending=16) as (server, url):
+        c = client(url)
+        lines = ["Notes: " + "alpha beta " * 4, "More: " + "gamma delta " * 4, "Last line."]
+        messages, _ = play(c, lines, max_tokens=3)
+        engine = unnamed(server, messages).engine
+        assert len(engine.pending) >= 3 and engine.sleeps == 0
+        edited = messages[:2] + [user("More: something else entirely.")]
+        text, usage, how = exchange(c, edited, max_tokens=3)
+        starts = [s for _, _, s in engine.pending]
+        assert how == "branched" and usage.prompt_tokens_details.cached_tokens in starts
+        branched = unnamed(server, edited + [{"role": "assistant", "content": text}])
+        assert branched.engine.pending and branched.engine.sleeps == 0
+        lines = [lines[0], edited[-1]["content"]]
+        reference, _ = play(c, lines, max_tokens=3, user="deferred-ref")
+        assert reference == branched.messages
+        reference_engine = server.held[("session", "deferred-ref")].conv.engine
+        on_worker(server, same_memory, branched.engine, reference_engine)
+
+
+def test_an_edit_at_an_idle_sleeps_boundary_feeds_only_the_new_text(loaded, home):
+    """An idle sleep between turns leaves a boundary exactly at a turn's start: an edit of that
+    turn rewinds there and feeds its new text alone, and the record before it is kept."""
+    with running(loaded, idle_delay=0.2, idle_fill=0.0, history=4) as (server, url):
+        c = client(url)
+        tokenizer = loaded[2]
+        messages = []
+        for line in LINES[:3]:
+            messages.append(user(line))
+            text, _, _ = exchange(c, messages, max_tokens=3, user="idle-edit")
+            messages.append({"role": "assistant", "content": text})
+            conv = server.held[("session", "idle-edit")].conv
+            wait_for(lambda: conv.engine.window_len == 0, "the idle sleep")
+        # the last turn began where the text held after the turn before it ends
+        held_text = len(chat_prompt(tokenizer, messages[:3])) + len(messages[3]["content"])
+        turn_start = dict((c, p) for p, c in conv.marks)[held_text]
+        assert turn_start in conv.engine.boundaries()  # the idle sleep's
+        marks_before = [m for m in conv.marks if m[0] < turn_start]
+        edited = messages[:-2] + [user("I write databases.")]
+        _, usage, how = exchange(c, edited, max_tokens=3, user="idle-edit")
+        assert how == "branched" and usage.prompt_tokens_details.cached_tokens == turn_start
+        new_text = chat_prompt(tokenizer, edited)[held_text:]
+        assert fed(usage) == len(tokenizer.encode(new_text))
+        assert marks_before and conv.marks[: len(marks_before)] == marks_before
+
+
+def test_another_keys_conversation_is_never_branched_from(loaded, home):
+    with running(loaded, api_keys=("key-one", "key-two")) as (server, url):
+        one, two = client(url, "key-one"), client(url, "key-two")
+        messages, _ = play(one, LINES[:3], max_tokens=3)
+        regenerate = messages[:-1]
+        # key two sends key one's history: a fresh memory, never key one's
+        _, usage, how = exchange(two, regenerate, max_tokens=3)
+        assert how == "new" and usage.prompt_tokens_details.cached_tokens == 0
+        _, usage, how = exchange(one, regenerate, max_tokens=3)
+        assert how == "branched" and usage.prompt_tokens_details.cached_tokens > 0
 
 
 def test_api_keys_namespace_sessions_and_cors(loaded, home, plain):

@@ -218,6 +218,31 @@ def both(*edits):
 
 
 MORE_JSON_CASES = [
+    (
+        "replay_start after offset",
+        setting("transcript.replay_start", 25),
+        "transcript.replay_start must be <= engine.offset",
+    ),
+    (
+        "a mark past offset",
+        setting("transcript.marks", [{"offset": 30, "chars": 0}]),
+        "transcript.marks must ascend",
+    ),
+    (
+        "marks descending",
+        setting("transcript.marks", [{"offset": 24, "chars": 3}, {"offset": 24, "chars": 1}]),
+        "transcript.marks must ascend",
+    ),
+    (
+        "a mark's chars past fed_text",
+        setting("transcript.marks", [{"offset": 24, "chars": 10**6}]),
+        "transcript.marks must ascend",
+    ),
+    (
+        "a mark a list",
+        setting("transcript.marks", [[24, 0]]),
+        "transcript.marks[0] must be an object",
+    ),
     ("sleep.partial a string", setting("sleep.partial", "yes"), "sleep.partial must be true or"),
     (
         "partial in one sleep only",
