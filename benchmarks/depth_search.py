@@ -246,8 +246,8 @@ def main():
                 args.models,
                 stopping=not args.no_stopping,
             )
-            with open(RESULTS, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            kept = open(RESULTS).read() if os.path.exists(RESULTS) else ""
+            write_text(RESULTS, kept + json.dumps(record) + "\n")  # io.py's atomic write
     if args.report or not args.recipe:
         write_text(RESULTS.replace(".jsonl", ".md"), report(RESULTS))
 

@@ -225,9 +225,9 @@ def main():
         multiply_in_float32()
     row = measure(a)
     print(json.dumps(row), flush=True)
-    with open(a.out, "a") as f:
-        f.write(json.dumps(row) + "\n")
-    rows = [json.loads(line) for line in open(a.out)]
+    rows = [json.loads(line) for line in open(a.out)] if os.path.exists(a.out) else []
+    rows.append(row)
+    write_text(a.out, "".join(json.dumps(r) + "\n" for r in rows))  # io.py's atomic write
     write_text(a.out.replace(".jsonl", ".md"), report(rows))
 
 
