@@ -760,6 +760,7 @@ class Server:
         else:
             conv.shown = rendered + reply.text
         conv.save()
+        conv.close()  # unlocked before the client has its reply: it may open the session at once
         prompt = len(replay) + len(ids)
         usage = {
             "prompt_tokens": start + prompt,

@@ -189,8 +189,10 @@ def test_chat_commands_forced_sleep_ctrl_c_idle_sleep_and_sigkill_in_a_reply(mod
         "100000",
         "--idle-delay",
         "3",
+        # any token in the window makes it due: where the Ctrl-C below lands (in a forced sleep,
+        # or after it, a few tokens into the next window) depends on the machine's speed
         "--idle-fill",
-        "0.25",
+        "0.05",
     )
     chat.expect_exact(f"model {os.path.abspath(models['small'])}: N = 2, L = 16, hard eviction")
     chat.expect("/help for commands")
@@ -225,7 +227,7 @@ def test_chat_commands_forced_sleep_ctrl_c_idle_sleep_and_sigkill_in_a_reply(mod
     chat.expect_exact("[memory cleared")
     chat.sendline("/status")
     chat.expect_exact("session a: 0 tokens seen, window 0/16 (0%), 0 consolidations")
-    # idle sleep: the window is >= 25% full and nothing is typed for 3 s
+    # idle sleep: the window is not empty and nothing is typed for 3 s
     chat.sendline("again")
     chat.expect_exact("[window full")
     chat.sendintr()

@@ -618,6 +618,30 @@ STATE_CASES = [
 ]
 
 
+def test_a_state_file_is_read_from_its_bytes_as_mx_load_reads_it(tmp_path):
+    """The session loader builds a state file's arrays from its checked bytes (not mx.load on a
+    file object, whose unread arrays can abort the process at exit): every safetensors dtype,
+    0-d and empty arrays, bit for bit what mx.load reads from the file."""
+    from mlx_sleep.session import ST_DTYPES, arrays_from_safetensors, safetensors_header
+
+    rng = np.random.default_rng(0)
+    arrays = {
+        name: mx.array(rng.normal(size=(3, 5)) * 100).astype(dtype)
+        for name, (dtype, _) in ST_DTYPES.items()
+        if dtype != mx.float64  # mx.save_safetensors writes no float64 on every build
+    }
+    arrays.update(scalar=mx.array(7, mx.int32), empty=mx.zeros((0, 4), mx.bfloat16))
+    path = str(tmp_path / "s.safetensors")
+    mx.save_safetensors(path, arrays)
+    data = open(path, "rb").read()
+    got, want = arrays_from_safetensors(data, safetensors_header(data, "s")), mx.load(path)
+    assert sorted(got) == sorted(want) == sorted(arrays)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
+        bits = [np.array(a.reshape(-1).view(mx.uint8)) for a in (got[k], want[k])]
+        assert np.array_equal(*bits), k
+
+
 @pytest.mark.parametrize("case", STATE_CASES, ids=[c[0] for c in STATE_CASES])
 def test_an_edited_state_file_is_refused_when_opened(golden, tmp_path, case):
     name, edit, expect = case
