@@ -94,10 +94,11 @@ def run_demo(
         + (f"; and {runs[-1][0]} (compute-matched)" if len(runs) > len(loops) else "")
     )
     if curriculum:
-        echo(
-            f"depth curriculum: k in {curriculum['hops']} only for the first "
-            f"{round(curriculum['fraction'] * settings['train']['steps'])} steps, then the full mix"
+        stages = ", then ".join(
+            f"k in {p['hops']} to step {round(p['fraction'] * base_steps)}"
+            for p in curriculum_phases(curriculum)
         )
+        echo(f"depth curriculum: {stages}, then the full mix")
     by_seed, timing = {name: {} for name, *_ in runs}, {}
     for s in seed_list:
         for name, n, run_steps, where in runs:
@@ -166,18 +167,28 @@ def run_demo(
     return results
 
 
+def curriculum_phases(curriculum) -> list:
+    """A depth curriculum as its phases: one {"fraction": f, "hops": [...]} or a list of them
+    (staged: k = 1 -> 2 -> ...; each fraction is where its phase ends, ascending)."""
+    if not curriculum:
+        return []
+    return [curriculum] if isinstance(curriculum, dict) else list(curriculum)
+
+
 def train_with_curriculum(trainer, curriculum, on_eval):
-    """Depth curriculum {"fraction": f, "hops": [1]}: the first f * steps draw only those hop
-    counts (same data generator, same schedule), then the task's own mix. Resumes either phase."""
-    switch = round(curriculum["fraction"] * trainer.cfg.steps) if curriculum else 0
-    if trainer.step < switch:
-        full, total = trainer.task, trainer.cfg.steps
+    """Depth curriculum: until each phase's fraction of the steps, draw only its hop counts
+    (same data generator, same schedule), then the task's own mix. Resumes in any phase."""
+    full, total = trainer.task, trainer.cfg.steps
+    for phase in curriculum_phases(curriculum):
+        switch = round(phase["fraction"] * total)
+        if trainer.step >= switch:
+            continue
         trainer.task = task_from_dict(
-            {**full.to_dict(), "hops": list(curriculum["hops"]), "hop_weights": None}
+            {**full.to_dict(), "hops": list(phase["hops"]), "hop_weights": None}
         )
         trainer.cfg.steps = switch  # the learning-rate schedule was built for `total`
         try:
-            trainer.run()  # checkpoints (and evaluates k = 1) at the switch
+            trainer.run()  # checkpoints (and evaluates the phase's task) at the switch
         finally:
             trainer.task, trainer.cfg.steps = full, total
     trainer.run(on_eval=on_eval)

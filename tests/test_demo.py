@@ -75,3 +75,23 @@ def test_depth_curriculum_switches_hop_mix(tmp_path):
     ]
     # k = 1 only up to the switch (its checkpoint evaluates that task), then the full mix
     assert [(e["step"], sorted(e["eval"])) for e in evals] == [(2, ["1"]), (4, ["1", "2"])]
+
+    # staged (k = 1, then 1-2, then the full 1-3), each phase ending at its own fraction
+    settings["task"] = {**DEMO["task"], "max_hops": 3}
+    settings["curriculum"] = [{"fraction": 0.25, "hops": [1]}, {"fraction": 0.5, "hops": [1, 2]}]
+    run_demo(
+        str(tmp_path / "staged"),
+        steps=4,
+        loops=(1,),
+        seeds=1,
+        settings=settings,
+        echo=lambda *a: None,
+        progress=False,
+    )
+    metrics = tmp_path / "staged" / "seed0" / "N1" / "metrics.jsonl"
+    evals = [json.loads(l) for l in open(metrics) if '"eval"' in l]
+    assert [(e["step"], sorted(e["eval"])) for e in evals] == [
+        (1, ["1"]),
+        (2, ["1", "2"]),
+        (4, ["1", "2", "3"]),
+    ]
