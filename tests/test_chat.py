@@ -259,7 +259,7 @@ def test_idle_sleep_cancelled_by_typing_then_completed_and_sigkill_in_a_sleep(mo
         "-m",
         "6",
         "-N",
-        "1024",
+        "256",
         "-L",
         "1024",
         "--idle-delay",
@@ -270,7 +270,7 @@ def test_idle_sleep_cancelled_by_typing_then_completed_and_sigkill_in_a_sleep(mo
     chat.expect_exact(">>>")
     chat.sendline("hi " * 200)
     chat.expect_exact(">>>")
-    chat.expect_exact("[idle sleep: pass 1/1024]", timeout=60)
+    chat.expect_exact("[idle sleep: pass 1/256]", timeout=60)
     # typed during the sleep (which is long, so that a loaded machine still types into it):
     # it cancels the sleep between passes and then runs
     chat.sendline("/status")
@@ -280,11 +280,11 @@ def test_idle_sleep_cancelled_by_typing_then_completed_and_sigkill_in_a_sleep(mo
     chat.expect(r"(\d+) tokens seen, window (\d+)/1024 \(\d+%\), 0 consolidations")
     seen = int(chat.match.group(1))
     assert int(chat.match.group(2)) == seen
-    chat.expect_exact("[idle sleep: pass 1024/1024]", timeout=900)  # quiet again: it completes
+    chat.expect_exact("[idle sleep: pass 256/256]", timeout=900)  # quiet again: it completes
     chat.expect_exact(f"[consolidated {seen} tokens; 1 consolidation so far]")
     chat.sendline("yo " * 50)  # over --idle-fill (10% of L) again
     chat.expect_exact(">>>")
-    chat.expect_exact("[idle sleep: pass 1/1024]", timeout=60)
+    chat.expect_exact("[idle sleep: pass 1/256]", timeout=60)
     os.kill(chat.pid, signal.SIGKILL)  # during a sleep
     chat.expect(pexpect.EOF)
     session = load(models, "b")
