@@ -2,23 +2,27 @@
 28 blocks (Jet, attention at 14 and 19, SWA at 20-21; the middle 14 looped), hidden 1536, the
 151,936-word vocabulary, random weights in bf16 (or quantized to 4 bits as `convert -q` does),
 LoRA rank 8 on every layer, batch 1, one GSM-shaped record: a context window of L tokens slept
-N passes (hard eviction), then a scored answer. One step = the gradient of that record
-(`summed_loss_and_grads`, the path `mlx-sleep finetune` takes) and an AdamW update. The peak is
+N passes (hard eviction, or `--eviction sliding`), then a scored answer. `--shape ouro-jet` is
+Ouro 1.4B with the paper's 6 inserted Jet layers instead (24 + 6 blocks run 4 times per pass,
+all looped: one sleep pass is one Ouro forward, 120 block applications). One step = the
+gradient of that record (`summed_loss_and_grads`, the path `mlx-sleep finetune` takes) and an
+AdamW update. The peak is
 MLX's own count (mx.get_peak_memory: every array, weights included) from just before the step.
 
 On the CPU backend MLX multiplies bf16 matrices about 35x slower than float32 (5 against 174
 GFLOP/s on this 2-core x86), which puts one step at the full shape out of reach (hours).
 `--f32-matmul` (the default on the CPU) therefore multiplies in float32: each matmul upcasts its
 two operands and rounds the product back to the input's dtype (all but the vocabulary head's),
-and a quantized matmul dequantizes its weight first. Everything stored stays bf16 (weights, activations, the tape); the
-upcast copies are the one thing added, and autograd keeps them for the block being
-differentiated, so the peak measured this way is an upper bound on the same step's in bf16
-(about one block's weights in float32, ~0.2 GB, on top). On a Mac (Metal) run it with
+and a quantized matmul dequantizes its weight first. Everything stored stays bf16 (weights,
+activations, the tape); the upcast copies are the one thing added, and autograd keeps them for
+the block being differentiated, so the peak measured this way is an upper bound on the same
+step's in bf16 (about one block's weights in float32, ~0.2 GB, on top). On a Mac (Metal) run it with
 `--no-f32-matmul`.
 
     python benchmarks/memory_2b.py --loops 6 --length 2000              # ~40 min on 2 cores
     python benchmarks/memory_2b.py --loops 6 --length 2000 --quantize   # the 4-bit base
     python benchmarks/memory_2b.py --length 128 --loops 2 --blocks 4    # a quick check
+    python benchmarks/memory_2b.py --shape ouro-jet --loops 4 --length 512 --eviction sliding
 
 Appends one JSON line per run to benchmarks/results/memory_2b.jsonl and rewrites
 benchmarks/results/memory_2b.md from all of them.
@@ -42,6 +46,8 @@ import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
 from mlx_sleep import HybridLM, ModelConfig, SleepConfig  # noqa: E402
+from mlx_sleep.models.ouro import Model as OuroModel  # noqa: E402
+from mlx_sleep.models.ouro import OuroConfig  # noqa: E402
 from mlx_sleep.convert.common import quantize  # noqa: E402
 from mlx_sleep.finetune import FinetuneConfig  # noqa: E402
 from mlx_sleep.finetune.adapters import prepare_model  # noqa: E402
@@ -88,6 +94,25 @@ def jet_2b_config(blocks: int = 28) -> ModelConfig:
     )
 
 
+def ouro_jet_config() -> OuroConfig:
+    """Ouro 1.4B (ByteDance/Ouro-1.4B's config.json) with the paper's 6 Jet layers inserted
+    where `convert --insert-jet-layers 6` puts them (after blocks 3, 7, ..., 23)."""
+    return OuroConfig(
+        vocab_size=49152,
+        hidden_size=2048,
+        num_layers=24,
+        num_heads=16,
+        intermediate_size=5632,
+        rope_theta=1e6,
+        total_ut_steps=4,
+        jet_after=[3, 7, 11, 15, 19, 23],
+    )
+
+
+def build(shape: str, blocks: int = 28):
+    return OuroModel(ouro_jet_config()) if shape == "ouro-jet" else HybridLM(jet_2b_config(blocks))
+
+
 def multiply_in_float32():
     """bf16/fp16 matmuls computed in float32, results rounded back (see the module docstring)."""
     low = (mx.bfloat16, mx.float16)
@@ -121,8 +146,7 @@ def multiply_in_float32():
 
 def measure(a) -> dict:
     mx.random.seed(0)
-    config = jet_2b_config(a.blocks)
-    model = HybridLM(config)
+    model = build(a.shape, a.blocks)
     model.set_dtype(mx.bfloat16)
     mx.eval(model.parameters())
     if a.quantize:
@@ -137,10 +161,10 @@ def measure(a) -> dict:
 
     rng = np.random.default_rng(0)
     T = a.length + a.answer
-    inputs = rng.integers(0, config.vocab_size, (1, T)).astype(np.int32)
+    inputs = rng.integers(0, model.config.vocab_size, (1, T)).astype(np.int32)
     mask = np.zeros((1, T), np.float32)
     mask[:, a.length :] = 1
-    sleep = SleepConfig(loops=a.loops, window=a.length, eviction="hard")
+    sleep = SleepConfig(loops=a.loops, window=a.length, eviction=a.eviction)
     plan = plan_chunks(mask, a.length)
     optimizer = optim.AdamW(1e-4)
 
@@ -154,13 +178,15 @@ def measure(a) -> dict:
     seconds = time.perf_counter() - t0
     peak = mx.get_peak_memory()
     return {
-        "shape": "jet-nemotron-2b" if a.blocks == 28 else f"jet-nemotron-2b, {a.blocks} blocks",
+        "shape": a.shape
+        if a.shape == "ouro-jet" or a.blocks == 28
+        else f"{a.shape}, {a.blocks} blocks",
         "base": "4-bit" if a.quantize else "bf16",
         "fine_tune": "lora rank 8",
         "L": a.length,
         "N": a.loops,
         "answer": a.answer,
-        "eviction": "hard",
+        "eviction": a.eviction,
         "batch": 1,
         "memory_bound": a.memory_bound,
         "f32_matmul": a.f32_matmul,
@@ -179,11 +205,23 @@ def measure(a) -> dict:
 
 def report(rows) -> str:
     table = markdown_table(
-        ["shape", "base", "L", "N", "bound", "weights GB", "peak GB", "minutes", "command"],
+        [
+            "shape",
+            "base",
+            "eviction",
+            "L",
+            "N",
+            "bound",
+            "weights GB",
+            "peak GB",
+            "minutes",
+            "command",
+        ],
         [
             [
                 r["shape"],
                 r["base"],
+                r.get("eviction", "hard"),
                 r["L"],
                 r["N"],
                 r["memory_bound"],
@@ -196,9 +234,10 @@ def report(rows) -> str:
         ],
     )
     return (
-        "# One LoRA fine-tuning step at the Jet-Nemotron 2B shape: measured peak memory\n\n"
+        "# One LoRA fine-tuning step at the paper's model shapes: measured peak memory\n\n"
+        "Jet-Nemotron 2B, or Ouro 1.4B with 6 inserted Jet layers (`--shape ouro-jet`). "
         "Random weights, LoRA rank 8, batch 1, one record of a context window of L tokens slept N "
-        "passes (hard eviction) and a 100-token scored answer; gradient + AdamW update. Peak = "
+        "passes and a 100-token scored answer; gradient + AdamW update. Peak = "
         "MLX's count of every live array (weights included) during the step, on this machine's "
         "CPU backend with float32 matmuls (an upper bound on the bf16 step: see "
         "benchmarks/memory_2b.py).\n\n" + table + "\n"
@@ -207,6 +246,8 @@ def report(rows) -> str:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", choices=["jet-nemotron-2b", "ouro-jet"], default="jet-nemotron-2b")
+    p.add_argument("--eviction", choices=["hard", "sliding"], default="hard")
     p.add_argument("--length", type=int, default=2000, help="L: the context window")
     p.add_argument("--loops", type=int, default=6, help="N: sleep passes")
     p.add_argument("--answer", type=int, default=100, help="scored answer tokens")
