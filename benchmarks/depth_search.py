@@ -41,6 +41,11 @@ TASKS = {
 # The demo's curriculum when these recipes were searched (k = 1 alone for 300 of 800 steps); a
 # recipe may set its own ("curriculum"). The demo's is 160 steps now (the k1-160 rows).
 CURRICULUM = {"fraction": 0.375, "hops": [1]}
+STAGED_K4 = [
+    {"fraction": 0.1, "hops": [1]},
+    {"fraction": 0.25, "hops": [1, 2]},
+    {"fraction": 0.4, "hops": [1, 2, 3]},
+]
 # name: (N, TrainConfig overrides). The depth losses join after the depth curriculum (step 300
 # of 800), when the N-pass model has begun to compose.
 RECIPES = {
@@ -68,7 +73,29 @@ RECIPES = {
     "one-k1-160": (1, {"curriculum": {"fraction": 0.2, "hops": [1]}}),
     "fixed-k1-100": (3, {"curriculum": {"fraction": 0.125, "hops": [1]}}),
     "one-k1-100": (1, {"curriculum": {"fraction": 0.125, "hops": [1]}}),
+    # `dial` on the demo's curriculum: the depth losses join when the two-hop phase begins
+    "dial-k1-160": (
+        3,
+        {
+            "curriculum": {"fraction": 0.2, "hops": [1]},
+            "depth_losses": ((1, 2, 0.3), (3, 3, 1.0), (4, 6, 0.5)),
+            "depth_losses_from": 160,
+        },
+    ),
+    # the deeper Depo (--task depo-k4): one hop more per stage, twice the demo's steps
+    "fixed-k4-staged": (5, {"steps": 1600, "curriculum": STAGED_K4}),
+    "one-k4-staged": (1, {"steps": 1600, "curriculum": STAGED_K4}),
 }
+
+
+def baseline(recipe: str) -> str:
+    """The Algorithm 1 recipe a recipe is compared with: `fixed` on the same curriculum and
+    steps (`fixed-k1-160` for `dial-k1-160`), else `fixed`."""
+    own = {k: v for k, v in RECIPES[recipe][1].items() if k in ("curriculum", "steps")}
+    for name, (_, kw) in RECIPES.items():
+        if name.startswith("fixed") and name != "fixed-6" and kw == own:
+            return name
+    return "fixed"
 
 
 TOLERANCES = (0.3, 0.1, 0.03)  # the stopping rule, at most 8 passes
@@ -177,18 +204,19 @@ def report(path: str) -> str:
                 + f" | {sum(rises)}/{len(rises)} | "
                 + (f"{max(drops):+.3f} |" if drops else "- |")
             )
-        fixed = {r["seed"]: r for r in runs if r["recipe"] == "fixed"}
         out.append("")
         for recipe in RECIPES:
+            base = baseline(recipe)
+            fixed = {r["seed"]: r for r in runs if r["recipe"] == base}
             pairs = [
                 (r["accuracy"][str(r["loops"])][str(deepest)], fixed[r["seed"]])
                 for r in runs
-                if r["recipe"] == recipe and recipe != "fixed" and r["seed"] in fixed
+                if r["recipe"] == recipe and recipe != base and r["seed"] in fixed
             ]
             gaps = [a - f["accuracy"][str(f["loops"])][str(deepest)] for a, f in pairs]
             if gaps:
                 out.append(
-                    f"- `{recipe}` at its N against `fixed` at its N, same seeds "
+                    f"- `{recipe}` at its N against `{base}` at its N, same seeds "
                     f"({len(gaps)}): {min(gaps):+.3f} to {max(gaps):+.3f}"
                 )
         out += [

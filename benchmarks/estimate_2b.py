@@ -13,7 +13,7 @@ extrapolation; docs/finetune.md quotes both.
     python benchmarks/estimate_2b.py --probes benchmarks/results/estimate_2b_bf16.jsonl
     python benchmarks/estimate_2b.py --table    # the markdown table from both files
 
-(~15 minutes per base on 2 CPU cores, with memory_2b.py's float32 matmuls.)
+(25-40 minutes per base on 2 shared CPU cores, with memory_2b.py's float32 matmuls.)
 """
 
 import argparse
