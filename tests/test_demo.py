@@ -55,43 +55,28 @@ def test_depth_curriculum_switches_hop_mix(tmp_path):
 
     from mlx_sleep.demo import DEMO, run_demo
 
-    settings = {
-        **DEMO,
-        "train": {**DEMO["train"], "eval_samples": 16, "batch_size": 8},
-        "model": {**DEMO["model"], "hidden_size": 16},
-        "curriculum": {"fraction": 0.5, "hops": [1]},
-    }
-    run_demo(
-        str(tmp_path),
-        steps=4,
-        loops=(1,),
-        seeds=1,
-        settings=settings,
-        echo=lambda *a: None,
-        progress=False,
-    )
-    evals = [
-        json.loads(l) for l in open(tmp_path / "seed0" / "N1" / "metrics.jsonl") if '"eval"' in l
-    ]
-    # k = 1 only up to the switch (its checkpoint evaluates that task), then the full mix
-    assert [(e["step"], sorted(e["eval"])) for e in evals] == [(2, ["1"]), (4, ["1", "2"])]
+    def evaluated(out, **changes):
+        """(step, hop counts evaluated) of a 4-step N = 1 demo run with these settings."""
+        settings = {
+            **DEMO,
+            "train": {**DEMO["train"], "eval_samples": 16, "batch_size": 8},
+            "model": {**DEMO["model"], "hidden_size": 16},
+            **changes,
+        }
+        run_demo(
+            str(out), steps=4, loops=(1,), seeds=1, settings=settings, echo=lambda *a: None,
+            progress=False,
+        )  # fmt: skip
+        metrics = [json.loads(l) for l in open(out / "seed0" / "N1" / "metrics.jsonl")]
+        return [(m["step"], sorted(m["eval"])) for m in metrics if "eval" in m]
 
+    # k = 1 only up to the switch (its checkpoint evaluates that task), then the full mix
+    one = evaluated(tmp_path / "one", curriculum={"fraction": 0.5, "hops": [1]})
+    assert one == [(2, ["1"]), (4, ["1", "2"])]
     # staged (k = 1, then 1-2, then the full 1-3), each phase ending at its own fraction
-    settings["task"] = {**DEMO["task"], "max_hops": 3}
-    settings["curriculum"] = [{"fraction": 0.25, "hops": [1]}, {"fraction": 0.5, "hops": [1, 2]}]
-    run_demo(
-        str(tmp_path / "staged"),
-        steps=4,
-        loops=(1,),
-        seeds=1,
-        settings=settings,
-        echo=lambda *a: None,
-        progress=False,
+    staged = evaluated(
+        tmp_path / "staged",
+        task={**DEMO["task"], "max_hops": 3},
+        curriculum=[{"fraction": 0.25, "hops": [1]}, {"fraction": 0.5, "hops": [1, 2]}],
     )
-    metrics = tmp_path / "staged" / "seed0" / "N1" / "metrics.jsonl"
-    evals = [json.loads(l) for l in open(metrics) if '"eval"' in l]
-    assert [(e["step"], sorted(e["eval"])) for e in evals] == [
-        (1, ["1"]),
-        (2, ["1", "2"]),
-        (4, ["1", "2", "3"]),
-    ]
+    assert staged == [(1, ["1"]), (2, ["1", "2"]), (4, ["1", "2", "3"])]
