@@ -30,8 +30,8 @@ import mlx_sleep  # noqa: E402,F401  (BLAS first)
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from memory_2b import jet_2b_config, multiply_in_float32  # noqa: E402
-from mlx_sleep import HybridLM, SleepConfig  # noqa: E402
+from memory_2b import build, multiply_in_float32  # noqa: E402
+from mlx_sleep import SleepConfig  # noqa: E402
 from mlx_sleep.convert.common import quantize  # noqa: E402
 from mlx_sleep.finetune import FinetuneConfig, estimate_step  # noqa: E402
 from mlx_sleep.finetune import estimate as F  # noqa: E402
@@ -51,7 +51,7 @@ RESULTS = {b: os.path.join(HERE, "results", f"estimate_2b_{b}.jsonl") for b in (
 
 def estimates(a):
     mx.random.seed(0)
-    model = HybridLM(jet_2b_config(a.blocks))
+    model = build(a.shape, a.blocks)
     model.set_dtype(mx.bfloat16)
     if a.quantize:
         quantize(model, {}, 4, 64, model.keep_unquantized)
@@ -86,6 +86,7 @@ def estimates(a):
             sleep = SleepConfig(loops=n, window=L, eviction="hard")
             e = estimate_step(ft)
             row = {
+                "shape": a.shape,
                 "base": "q4" if a.quantize else "bf16",
                 "memory_bound": a.memory_bound,
                 "L": L,
@@ -127,6 +128,12 @@ def main():
     p.add_argument("--quantize", action="store_true", help="a 4-bit base (group 64)")
     p.add_argument("--memory-bound", choices=["block", "chunk"], default="block")
     p.add_argument("--blocks", type=int, default=28, help="fewer: a quick check only")
+    p.add_argument(
+        "--shape",
+        choices=["jet-nemotron-2b", "ouro-jet"],
+        default="jet-nemotron-2b",
+        help="ouro-jet: Ouro 1.4B + 6 Jet layers (memory_2b.py); its rows are not in --table",
+    )
     p.add_argument("--probes", help="a file of probes printed by an earlier run")
     p.add_argument("--table", action="store_true", help="print the markdown table and exit")
     p.add_argument("--f32-matmul", action=argparse.BooleanOptionalAction, default=True)
