@@ -27,7 +27,7 @@ import mlx_sleep  # noqa: E402,F401  (BLAS first)
 from mlx_sleep.config import ModelConfig, SleepConfig  # noqa: E402
 from mlx_sleep.demo import DEMO, train_with_curriculum  # noqa: E402
 from mlx_sleep.eval import evaluate  # noqa: E402
-from mlx_sleep.io import write_text  # noqa: E402
+from mlx_sleep.io import read_jsonl, write_text  # noqa: E402
 from mlx_sleep.tasks import get_task  # noqa: E402
 from mlx_sleep.train import TrainConfig, Trainer  # noqa: E402
 
@@ -93,7 +93,7 @@ def baseline(recipe: str) -> str:
     steps (`fixed-k1-160` for `dial-k1-160`), else `fixed`."""
     own = {k: v for k, v in RECIPES[recipe][1].items() if k in ("curriculum", "steps")}
     for name, (_, kw) in RECIPES.items():
-        if name.startswith("fixed") and name != "fixed-6" and kw == own:
+        if name.startswith("fixed") and kw == own:  # `fixed` comes first: it wins over fixed-6
             return name
     return "fixed"
 
@@ -155,7 +155,7 @@ def run(
 
 
 def report(path: str) -> str:
-    rows = [json.loads(line) for line in open(path)]
+    rows = [r for _, r in read_jsonl(path)]
     out = [
         "# Sleep depth as a dial: the recipe search (issue 20)",
         "",

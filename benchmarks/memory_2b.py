@@ -52,7 +52,7 @@ from mlx_sleep.convert.common import quantize  # noqa: E402
 from mlx_sleep.finetune import FinetuneConfig  # noqa: E402
 from mlx_sleep.finetune.adapters import prepare_model  # noqa: E402
 from mlx_sleep.finetune.run import summed_loss_and_grads  # noqa: E402
-from mlx_sleep.io import write_text  # noqa: E402
+from mlx_sleep.io import read_jsonl, write_text  # noqa: E402
 from mlx_sleep.report import markdown_table  # noqa: E402
 from mlx_sleep.sleep import plan_chunks  # noqa: E402
 
@@ -266,7 +266,7 @@ def main():
         multiply_in_float32()
     row = measure(a)
     print(json.dumps(row), flush=True)
-    rows = [json.loads(line) for line in open(a.out)] if os.path.exists(a.out) else []
+    rows = [r for _, r in read_jsonl(a.out)] if os.path.exists(a.out) else []
     rows.append(row)
     write_text(a.out, "".join(json.dumps(r) + "\n" for r in rows))  # io.py's atomic write
     write_text(a.out.replace(".jsonl", ".md"), report(rows))
