@@ -36,7 +36,7 @@ from mlx_sleep.convert.common import quantize  # noqa: E402
 from mlx_sleep.finetune import FinetuneConfig, estimate_step  # noqa: E402
 from mlx_sleep.finetune import estimate as F  # noqa: E402
 from mlx_sleep.finetune.adapters import prepare_model  # noqa: E402
-from mlx_sleep.io import write_text  # noqa: E402
+from mlx_sleep.io import read_jsonl, write_text  # noqa: E402
 from mlx_sleep.loop import World  # noqa: E402
 from mlx_sleep.report import markdown_table  # noqa: E402
 
@@ -62,8 +62,7 @@ def estimates(a):
     ft = types.SimpleNamespace(model=model, cfg=cfg, sleep_at=lambda s: sleep, world=World())
     cache, probe = {}, F._probe
     if a.probes:  # the probes an earlier run printed
-        for line in open(a.probes):
-            r = json.loads(line)
+        for _, r in read_jsonl(a.probes):
             if "probe" in r:
                 cache[tuple(r["probe"])] = (r["peak_bytes"], r["seconds"])
 
@@ -105,8 +104,7 @@ def smallest_mac(peak: float) -> str:
 def table() -> str:
     rows = {}
     for base, path in RESULTS.items():
-        for line in open(path) if os.path.exists(path) else ():
-            r = json.loads(line)
+        for _, r in read_jsonl(path) if os.path.exists(path) else ():
             if "L" in r:
                 rows[(r["L"], r["N"], base)] = r["peak"]
     cells = [
