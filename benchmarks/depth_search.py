@@ -85,6 +85,16 @@ RECIPES = {
     # the deeper Depo (--task depo-k4): one hop more per stage, twice the demo's steps
     "fixed-k4-staged": (5, {"steps": 1600, "curriculum": STAGED_K4}),
     "one-k4-staged": (1, {"steps": 1600, "curriculum": STAGED_K4}),
+    # `dial-k1-160` scaled to N = 5: the depth losses join when the last phase (k up to 4) begins
+    "dial-k4-staged": (
+        5,
+        {
+            "steps": 1600,
+            "curriculum": STAGED_K4,
+            "depth_losses": ((1, 4, 0.3), (5, 5, 1.0), (6, 10, 0.5)),
+            "depth_losses_from": 640,
+        },
+    ),
 }
 
 
@@ -98,7 +108,7 @@ def baseline(recipe: str) -> str:
     return "fixed"
 
 
-TOLERANCES = (0.3, 0.1, 0.03)  # the stopping rule, at most 8 passes
+TOLERANCES = (0.3, 0.1, 0.03)  # the stopping rule, at most max(8, 2N) passes
 
 
 def run(
@@ -130,9 +140,10 @@ def run(
         by_loops[str(n)] = {str(k): v["token"] for k, v in r.items()}
         print(f"  {recipe} seed {seed} test N = {n}: {by_loops[str(n)]}", flush=True)
     tolerances = TOLERANCES if stopping else ()
+    max_passes = max(8, 2 * loops)
     stopping = {}
     for tol in tolerances:
-        sleep = SleepConfig(loops=8, window=task.window, eviction=task.eviction)
+        sleep = SleepConfig(loops=max_passes, window=task.window, eviction=task.eviction)
         r = evaluate(trainer.model, task, sleep, samples, 64, seed=seed + 1, tolerance=tol)
         stopping[str(tol)] = {
             str(k): {"token": v["token"], "passes": v["passes"]} for k, v in r.items()
@@ -159,8 +170,8 @@ def report(path: str) -> str:
     out = [
         "# Sleep depth as a dial: the recipe search (issue 20)",
         "",
-        "The demo's model (one GDN block, width 64) and Depo task, 800 steps with its depth "
-        "curriculum; each recipe evaluated at test-time N on 512 sequences x 8 queries per k. "
+        "The demo's model (one GDN block, width 64) and Depo task (depo-k2: 800 steps with its "
+        "depth curriculum; depo-k4: k up to 4, 1,600 steps, a staged curriculum); each recipe evaluated at test-time N on 512 sequences x 8 queries per k. "
         "Per-query accuracy at the deepest k: mean [min, max] over seeds. `python "
         "benchmarks/depth_search.py --report` writes this from depth_search.jsonl.",
         "",
@@ -221,7 +232,7 @@ def report(path: str) -> str:
                 )
         out += [
             "",
-            f"The stopping rule (at most 8 passes; a window stops once a pass changes the fast "
+            f"The stopping rule (at most max(8, 2N) passes; a window stops once a pass changes the fast "
             f"weights by less than the tolerance): mean passes per sleeping window and accuracy "
             f"at k = {deepest}, mean over seeds.",
             "",

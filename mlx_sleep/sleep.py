@@ -20,6 +20,7 @@ Within the N passes over a chunk, pass n+1 takes pass n's output features; the f
 KV and the short-conv state restart from their chunk-start values (same tokens, same positions).
 """
 
+import weakref
 from dataclasses import replace
 from typing import Callable, List, Optional, Tuple
 
@@ -406,16 +407,21 @@ class _Tape:
     weights it reads and the arrays it was given, and evaluates before the next: only one block
     application's activations are alive at a time.
 
-    Cotangents are kept per array, by identity (id(); the tape keeps every recorded array alive,
-    so ids are not reused). That is all the routing there is: `restart` hands pass n + 1 the
-    very arrays of the chunk-start state (KV, conv) and of pass n's fast weights, evict passes
-    S on unchanged, so each array's cotangent gathers from every step that read it. An argument
-    array the tape did not see made (token ids, targets, the mask, columns) is a constant."""
+    Cotangents are kept per array, by identity (id(); an array the tape tracks is alive, so its
+    id is not reused). That is all the routing there is: `restart` hands pass n + 1 the very
+    arrays of the chunk-start state (KV, conv) and of pass n's fast weights, evict passes S on
+    unchanged, so each array's cotangent gathers from every step that read it. An argument
+    array the tape did not see made (token ids, targets, the mask, columns) is a constant.
+
+    A step's outputs are held weakly until the backward: one that nothing reads any more (an
+    attention block's KV of a pass the next pass restarts from the chunk-start state, of a
+    hard-evicted window) is freed during the forward, and takes a zero cotangent. Held
+    strongly, those KVs were most of what an attention-heavy model (Ouro) kept per pass."""
 
     def __init__(self, weights: _Weights, inputs: list):
         self.weights = weights
         self.inputs = inputs  # the chunk-start state's arrays
-        self.made = {id(a) for a in inputs}  # ids of the arrays the tape tracks
+        self.made = {id(a) for a in inputs}  # ids of the live arrays the tape tracks
         self.steps = []
 
     def step(self, fn, *args):
@@ -423,7 +429,12 @@ class _Tape:
         out = fn(*args)
         mx.eval(out)
         variables = [a for a in _arrays(args) if id(a) in self.made]
-        self.steps.append((fn, args, variables, _arrays(out), key))
+        made = self.made  # the callback holds the set, not the tape (no reference cycle)
+        outs = [
+            (weakref.ref(a, lambda _, i=id(a): made.discard(i)), a.shape, a.dtype)
+            for a in _arrays(out)
+        ]
+        self.steps.append((fn, args, variables, outs, key))
         self.made.update(id(a) for a in _arrays(out))
         return out
 
@@ -438,18 +449,30 @@ class _Tape:
         for a, g in zip(outputs, cotangents):
             add(a, g)
         grads = [None] * len(weights.arrays)
+        # From here on the tape holds what is left strongly: a cotangent is keyed by its
+        # array's id, which must not be reused while the cotangent waits.
+        self.steps = [
+            (fn, args, variables, [(ref(), shape, dtype) for ref, shape, dtype in outs], key)
+            for fn, args, variables, outs, key in self.steps
+        ]
         while self.steps:
             fn, args, variables, outs, key = self.steps.pop()
             # An array returned twice takes its cotangent once; one the step passed through
             # unchanged (evict's S) takes it here and hands it back below.
+            # (A freed output, None here, was read by nothing.)
             out_ct, taken = [], set()
-            for a in outs:
-                g = ct.pop(id(a), None) if id(a) not in taken else None
-                taken.add(id(a))
+            for a, _, _ in outs:
+                g = None
+                if a is not None and id(a) not in taken:
+                    g = ct.pop(id(a), None)
+                    taken.add(id(a))
                 out_ct.append(g)
             if all(g is None for g in out_ct):
                 continue  # nothing after this step reaches the loss
-            out_ct = [mx.zeros_like(a) if g is None else g for a, g in zip(outs, out_ct)]
+            out_ct = [
+                mx.zeros(shape, dtype) if g is None else g
+                for g, (_, shape, dtype) in zip(out_ct, outs)
+            ]
             read = weights.read_by(fn)
             n = len(read)
 
