@@ -162,9 +162,17 @@ def converged(model, start: State, tolerance: float) -> Callable[[int, State], b
     return stop
 
 
-def evict(model, state: State, keep: int) -> State:
-    """Clear the KV of everything but the last `keep` tokens; fast weights stay."""
-    return [block.mixer.evict(s, keep) for block, s in zip(model.sleep_blocks(), state)]
+def evict_layer(mixer, state: dict, keep: int) -> dict:
+    return mixer.evict(state, keep)
+
+
+def evict(model, state: State, keep: int, apply: Callable = call) -> State:
+    """Clear the KV of everything but the last `keep` tokens; fast weights stay. One step per
+    layer (see `run_chunk`): a layer that keeps nothing (attention under hard eviction) is a
+    step without results, which a tape need not keep its KV for."""
+    return [
+        apply(evict_layer, block.mixer, s, keep) for block, s in zip(model.sleep_blocks(), state)
+    ]
 
 
 def plan_chunks(mask, window: int, rng: Optional[np.random.Generator] = None, min_len: int = 1):
@@ -267,7 +275,7 @@ def sleep_forward(
         if rows.any():
             cols = None if columns is None else columns[len(answers)]
             answers.append((a, b, apply(head_of_columns, model, h, cols)))
-        state = apply(evict, model, state, keep)
+        state = evict(model, state, keep, apply)
     return answers, state
 
 
@@ -379,9 +387,9 @@ class _Weights:
     def read_by(self, fn) -> List[int]:
         """Positions of the weights step `fn` reads: a block's own (the block, or the modules a
         block wrapper holds: Ouro's unrolled blocks, the mlx-lm adapters' blocks), none for the
-        state bookkeeping (select_rows, evict, the loss), all for anything else (the
+        state bookkeeping (select_rows, a layer's eviction, the loss), all for anything else (the
         embedding, the head)."""
-        if any(fn is f for f in (select_rows, evict, _ce_sum)):
+        if any(fn is f for f in (select_rows, evict_layer, _ce_sum)):
             return []
         if isinstance(fn, nn.Module):
             modules = [fn]
@@ -428,6 +436,8 @@ class _Tape:
         key = _random_key()
         out = fn(*args)
         mx.eval(out)
+        if not _arrays(out):  # nothing to differentiate (a layer's hard eviction)
+            return out
         variables = [a for a in _arrays(args) if id(a) in self.made]
         made = self.made  # the callback holds the set, not the tape (no reference cycle)
         outs = [

@@ -115,9 +115,14 @@ def estimate_step(ft: Finetune) -> dict:
     ans = [_probe(model, sleep, B, t, 1, S, mb)[0] for t in ts]
     c_fixed, ca, cb = _fit_with_intercept(ts, [m for m, _ in ctx])
     a_fixed, aa, ab = _fit_with_intercept(ts, ans)
-    one_pass = ca * t2 + cb * t2 * t2
-    pass_frac = max(m_two - ctx[-1][0], 0) / max(one_pass, 1)  # each extra pass, per pass
-    context = (ca * L + cb * L * L) * (1 + pass_frac * (N - 1))
+    extra_pass = max(m_two - ctx[-1][0], 0)  # what a second pass adds at t2 tokens
+    if mb == "block":
+        # an extra pass keeps its block applications' inputs (linear in L); attention's t^2
+        # belongs to the one block application being differentiated, held once
+        context = ca * L + cb * L * L + extra_pass / t2 * L * (N - 1)
+    else:  # the chunk's graph holds every pass's activations, attention's scores included
+        pass_frac = extra_pass / max(ca * t2 + cb * t2 * t2, 1)
+        context = (ca * L + cb * L * L) * (1 + pass_frac * (N - 1))
     answer = aa * L + ab * L * L
     if mb != "none":
         activations = max(c_fixed + context, a_fixed + answer)
