@@ -10,6 +10,7 @@ extrapolation; docs/finetune.md quotes both.
 
     python benchmarks/estimate_2b.py > benchmarks/results/estimate_2b_bf16.jsonl
     python benchmarks/estimate_2b.py --quantize > benchmarks/results/estimate_2b_q4.jsonl
+    python benchmarks/estimate_2b.py --shape ouro-jet > benchmarks/results/estimate_ouro_jet_bf16.jsonl
     python benchmarks/estimate_2b.py --probes benchmarks/results/estimate_2b_bf16.jsonl
     python benchmarks/estimate_2b.py --table    # the markdown table from both files
 
@@ -46,7 +47,11 @@ MACS = (8, 16, 24, 32)
 # macOS lets the GPU wire about three quarters of the memory (the recommended working set is
 # ~0.67-0.75 of RAM, the rest is the system's): a run fits a Mac when its peak is below that
 USABLE = 0.75
-RESULTS = {b: os.path.join(HERE, "results", f"estimate_2b_{b}.jsonl") for b in ("bf16", "q4")}
+RESULTS = {  # the table's columns
+    "Jet-Nemotron 2B, bf16": os.path.join(HERE, "results", "estimate_2b_bf16.jsonl"),
+    "Jet-Nemotron 2B, 4-bit": os.path.join(HERE, "results", "estimate_2b_q4.jsonl"),
+    "Ouro 1.4B + 6 Jet, bf16": os.path.join(HERE, "results", "estimate_ouro_jet_bf16.jsonl"),
+}
 
 
 def estimates(a):
@@ -118,7 +123,7 @@ def table() -> str:
         for L in LENGTHS
         for n in LOOPS
     ]
-    return markdown_table(["L", "N", "bf16 base", "4-bit base"], cells)
+    return markdown_table(["L", "N", *RESULTS], cells)
 
 
 def main():
@@ -130,7 +135,7 @@ def main():
         "--shape",
         choices=["jet-nemotron-2b", "ouro-jet"],
         default="jet-nemotron-2b",
-        help="ouro-jet: Ouro 1.4B + 6 Jet layers (memory_2b.py); its rows are not in --table",
+        help="ouro-jet: Ouro 1.4B + 6 Jet layers (memory_2b.py)",
     )
     p.add_argument("--probes", help="a file of probes printed by an earlier run")
     p.add_argument("--table", action="store_true", help="print the markdown table and exit")
