@@ -12,7 +12,7 @@ extrapolation; docs/finetune.md quotes both.
     python benchmarks/estimate_2b.py --quantize > benchmarks/results/estimate_2b_q4.jsonl
     python benchmarks/estimate_2b.py --shape ouro-jet > benchmarks/results/estimate_ouro_jet_bf16.jsonl
     python benchmarks/estimate_2b.py --probes benchmarks/results/estimate_2b_bf16.jsonl
-    python benchmarks/estimate_2b.py --table    # the markdown table from both files
+    python benchmarks/estimate_2b.py --table    # the markdown table from the three files
 
 (25-40 minutes per base on 2 shared CPU cores, with memory_2b.py's float32 matmuls.)
 """
