@@ -171,7 +171,8 @@ def report(path: str) -> str:
         "# Sleep depth as a dial: the recipe search (issue 20)",
         "",
         "The demo's model (one GDN block, width 64) and Depo task (depo-k2: 800 steps with its "
-        "depth curriculum; depo-k4: k up to 4, 1,600 steps, a staged curriculum); each recipe evaluated at test-time N on 512 sequences x 8 queries per k. "
+        "depth curriculum; depo-k4: k up to 4, 1,600 steps, a staged curriculum); each recipe "
+        "evaluated at test-time N on 512 sequences x 8 queries per k. "
         "Per-query accuracy at the deepest k: mean [min, max] over seeds. `python "
         "benchmarks/depth_search.py --report` writes this from depth_search.jsonl.",
         "",
@@ -232,8 +233,9 @@ def report(path: str) -> str:
                 )
         out += [
             "",
-            f"The stopping rule (at most max(8, 2N) passes; a window stops once a pass changes the fast "
-            f"weights by less than the tolerance): mean passes per sleeping window and accuracy "
+            "The stopping rule (at most max(8, 2N) passes; a window stops once a pass changes "
+            "the fast weights by less than the tolerance): mean passes per sleeping window and "
+            "accuracy "
             f"at k = {deepest}, mean over seeds.",
             "",
             "| recipe | " + " | ".join(f"tolerance {t}" for t in TOLERANCES) + " |",
