@@ -668,6 +668,24 @@ def test_block_by_block_value_and_grad_keeps_only_what_a_later_step_reads():
     assert 0 < per_pass < 2 * features_per_pass, per_pass / features_per_pass
 
 
+def test_block_tape_holds_no_kv_under_hard_eviction():
+    """After a hard-evicted window's passes are recorded, the tape holds no attention KV
+    ([B, Hkv, T, D]): not the passes' (each restarts from the chunk-start state), not the last
+    pass's (eviction drops it, a step without results). It holds features and fast weights."""
+    from mlx_sleep.sleep import _Tape, _Weights
+
+    model = model_of("attn,gdn")
+    T = 12  # not a head dimension (8): the fast weights S are [B, H, 8, 8]
+    tape = _Tape(_Weights(model), [])
+    sleep = SleepConfig(loops=3, window=T, eviction="hard")
+    sleep_forward(model, tokens(2, T), None, sleep, plan=([(0, T)], [False]), apply=tape.step)
+    held = [a for _, _, variables, _, _ in tape.steps for a in variables]
+    held += [ref() for *_, outs, _ in tape.steps for ref, _, _ in outs if ref() is not None]
+    assert any(a.ndim == 3 and a.shape[1] == T for a in held)  # the features are there
+    kv = [a.shape for a in held if a.ndim == 4 and a.shape[2] == T]
+    assert not kv, kv
+
+
 def test_value_and_grad_refuses_an_unknown_granularity():
     model = model_of("gdn,attn")
     with pytest.raises(ValueError, match="granularity must be one of chunk, block"):
