@@ -26,6 +26,7 @@ sys.path.insert(0, ROOT)
 import mlx_sleep  # noqa: E402,F401  (BLAS first)
 from mlx_sleep.config import ModelConfig, SleepConfig  # noqa: E402
 from mlx_sleep.demo import DEMO, train_with_curriculum  # noqa: E402
+from mlx_sleep.doctor import platform_summary  # noqa: E402
 from mlx_sleep.eval import evaluate  # noqa: E402
 from mlx_sleep.io import read_jsonl, write_text  # noqa: E402
 from mlx_sleep.tasks import get_task  # noqa: E402
@@ -46,8 +47,14 @@ STAGED_K4 = [
     {"fraction": 0.25, "hops": [1, 2]},
     {"fraction": 0.4, "hops": [1, 2, 3]},
 ]
-# name: (N, TrainConfig overrides). The depth losses join after the depth curriculum (step 300
-# of 800), when the N-pass model has begun to compose.
+QUICK_K4 = [
+    {"fraction": 0.05, "hops": [1]},
+    {"fraction": 0.15, "hops": [1, 2]},
+    {"fraction": 0.3, "hops": [1, 2, 3]},
+]
+# name: (N, TrainConfig overrides, and "curriculum" and "model": ModelConfig overrides). The
+# depth losses join after the depth curriculum (step 300 of 800), when the N-pass model has
+# begun to compose.
 RECIPES = {
     "fixed": (3, {}),  # Algorithm 1 at N = 3: the baseline
     "fixed-6": (6, {}),  # Algorithm 1 at N = 6: what a model trained at 2N reaches there
@@ -95,13 +102,45 @@ RECIPES = {
             "depth_losses_from": 640,
         },
     ),
+    # The k = 4 race: seed 3 never learns k = 3 in its phase (loss 2.2 at step 480 against 0.9
+    # for seed 4). Phases that end sooner (80 / 240 / 480 steps) leave the deep hops more steps
+    # at a high learning rate, as the 160-step one-hop phase did for k = 2.
+    "fixed-k4-quick": (5, {"steps": 1600, "curriculum": QUICK_K4}),
+    # The shock at a phase switch (loss 0.06 -> 3.97 on seed 3 when "+3" arrives): with tied
+    # embeddings a hop token's row was trained only as an output never to predict before its
+    # phase, so as an input it first arrives as a vector the model learned to answer away from.
+    "fixed-k4-untied": (
+        5,
+        {"steps": 1600, "curriculum": STAGED_K4, "model": {"tie_embeddings": False}},
+    ),
+    "dial-k4-untied": (
+        5,
+        {
+            "steps": 1600,
+            "curriculum": STAGED_K4,
+            "model": {"tie_embeddings": False},
+            "depth_losses": ((1, 4, 0.3), (5, 5, 1.0), (6, 10, 0.5)),
+            "depth_losses_from": 640,
+        },
+    ),
+    # The dip below N: the shallow depths answer a four-hop query with a confident wrong node.
+    # Their loss at full weight (`dial-k4-staged` has 0.3) should make them hedge instead.
+    "dial-k4-shallow": (
+        5,
+        {
+            "steps": 1600,
+            "curriculum": STAGED_K4,
+            "depth_losses": ((1, 4, 1.0), (5, 5, 1.0), (6, 10, 0.5)),
+            "depth_losses_from": 640,
+        },
+    ),
 }
 
 
 def baseline(recipe: str) -> str:
-    """The Algorithm 1 recipe a recipe is compared with: `fixed` on the same curriculum and
-    steps (`fixed-k1-160` for `dial-k1-160`), else `fixed`."""
-    own = {k: v for k, v in RECIPES[recipe][1].items() if k in ("curriculum", "steps")}
+    """The Algorithm 1 recipe a recipe is compared with: `fixed` on the same curriculum, steps
+    and model (`fixed-k1-160` for `dial-k1-160`), else `fixed`."""
+    own = {k: v for k, v in RECIPES[recipe][1].items() if k in ("curriculum", "steps", "model")}
     for name, (_, kw) in RECIPES.items():
         if name.startswith("fixed") and kw == own:  # `fixed` comes first: it wins over fixed-6
             return name
@@ -117,13 +156,14 @@ def run(
     loops, overrides = RECIPES[recipe]
     overrides = dict(overrides)
     curriculum = overrides.pop("curriculum", CURRICULUM)
+    model = {**DEMO["model"], **overrides.pop("model", {})}
     task_kw = dict(TASKS[task_name])
     task = get_task(task_kw.pop("name"), **task_kw)
     train = {**DEMO["train"], **overrides}
     out = os.path.join(models, task_name, recipe, f"seed{seed}")  # kept: re-run resumes
     trainer = Trainer(
         out,
-        ModelConfig(vocab_size=task.vocab_size, **DEMO["model"]),
+        ModelConfig(vocab_size=task.vocab_size, **model),
         SleepConfig(loops=loops, window=task.window, eviction=task.eviction),
         task,
         TrainConfig(seed=seed, **train),
@@ -157,11 +197,15 @@ def run(
         "loops": loops,
         "train": {k: v for k, v in train.items()},
         "curriculum": curriculum,
+        "model_config": model,
         "train_seconds": seconds,
         "samples": samples,
         "accuracy": by_loops,
         **({"stopping": stopping} if stopping else {}),
         "model": out,
+        # float-level differences between CPUs decide races (an AMD and an Intel 2-core x86
+        # train the demo's seed 0 differently), so a record names its machine
+        "platform": platform_summary(),
     }
 
 
