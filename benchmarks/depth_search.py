@@ -52,6 +52,14 @@ QUICK_K4 = [
     {"fraction": 0.15, "hops": [1, 2]},
     {"fraction": 0.3, "hops": [1, 2, 3]},
 ]
+# the deeper Depo (--task depo-k4): one hop more per stage, twice the demo's steps
+K4 = {"steps": 1600, "curriculum": STAGED_K4}
+DIAL_K4 = {
+    **K4,
+    "depth_losses": ((1, 4, 0.3), (5, 5, 1.0), (6, 10, 0.5)),
+    "depth_losses_from": 640,
+}
+UNTIED = {"tie_embeddings": False}
 # name: (N, TrainConfig overrides, and "curriculum" and "model": ModelConfig overrides). The
 # depth losses join after the depth curriculum (step 300 of 800), when the N-pass model has
 # begun to compose.
@@ -89,50 +97,24 @@ RECIPES = {
             "depth_losses_from": 160,
         },
     ),
-    # the deeper Depo (--task depo-k4): one hop more per stage, twice the demo's steps
-    "fixed-k4-staged": (5, {"steps": 1600, "curriculum": STAGED_K4}),
-    "one-k4-staged": (1, {"steps": 1600, "curriculum": STAGED_K4}),
+    "fixed-k4-staged": (5, K4),
+    "one-k4-staged": (1, K4),
     # `dial-k1-160` scaled to N = 5: the depth losses join when the last phase (k up to 4) begins
-    "dial-k4-staged": (
-        5,
-        {
-            "steps": 1600,
-            "curriculum": STAGED_K4,
-            "depth_losses": ((1, 4, 0.3), (5, 5, 1.0), (6, 10, 0.5)),
-            "depth_losses_from": 640,
-        },
-    ),
+    "dial-k4-staged": (5, DIAL_K4),
     # The k = 4 race: seed 3 never learns k = 3 in its phase (loss 2.2 at step 480 against 0.9
     # for seed 4). Phases that end sooner (80 / 240 / 480 steps) leave the deep hops more steps
     # at a high learning rate, as the 160-step one-hop phase did for k = 2.
-    "fixed-k4-quick": (5, {"steps": 1600, "curriculum": QUICK_K4}),
+    "fixed-k4-quick": (5, {**K4, "curriculum": QUICK_K4}),
     # The shock at a phase switch (loss 0.06 -> 3.97 on seed 3 when "+3" arrives): with tied
     # embeddings a hop token's row was trained only as an output never to predict before its
     # phase, so as an input it first arrives as a vector the model learned to answer away from.
-    "fixed-k4-untied": (
-        5,
-        {"steps": 1600, "curriculum": STAGED_K4, "model": {"tie_embeddings": False}},
-    ),
-    "dial-k4-untied": (
-        5,
-        {
-            "steps": 1600,
-            "curriculum": STAGED_K4,
-            "model": {"tie_embeddings": False},
-            "depth_losses": ((1, 4, 0.3), (5, 5, 1.0), (6, 10, 0.5)),
-            "depth_losses_from": 640,
-        },
-    ),
+    "fixed-k4-untied": (5, {**K4, "model": UNTIED}),
+    "dial-k4-untied": (5, {**DIAL_K4, "model": UNTIED}),
     # The dip below N: the shallow depths answer a four-hop query with a confident wrong node.
     # Their loss at full weight (`dial-k4-staged` has 0.3) should make them hedge instead.
     "dial-k4-shallow": (
         5,
-        {
-            "steps": 1600,
-            "curriculum": STAGED_K4,
-            "depth_losses": ((1, 4, 1.0), (5, 5, 1.0), (6, 10, 0.5)),
-            "depth_losses_from": 640,
-        },
+        {**DIAL_K4, "depth_losses": ((1, 4, 1.0), (5, 5, 1.0), (6, 10, 0.5))},
     ),
 }
 
