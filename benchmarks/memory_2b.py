@@ -13,7 +13,9 @@ On the CPU backend MLX multiplies bf16 matrices about 35x slower than float32 (5
 GFLOP/s on this 2-core x86), which puts one step at the full shape out of reach (hours).
 `--f32-matmul` (the default on the CPU) therefore multiplies in float32: each matmul upcasts its
 two operands and rounds the product back to the input's dtype (all but the vocabulary head's),
-and a quantized matmul dequantizes its weight first. Everything stored stays bf16 (weights,
+a quantized matmul dequantizes its weight first, and attention takes float32 queries, keys and
+values (its bf16 fallback took 5.8 s per Ouro block at L = 2000, float32 1.1 s; before this,
+rows have no "f32_attention"). Everything stored stays bf16 (weights,
 activations, the tape); the upcast copies are the one thing added, and autograd keeps them for
 the block being differentiated, so the peak measured this way is an upper bound on the same
 step's in bf16 (about one block's weights in float32, ~0.2 GB, on top). On a Mac (Metal) run it with
@@ -54,6 +56,7 @@ from mlx_sleep.finetune.adapters import prepare_model  # noqa: E402
 from mlx_sleep.finetune.run import summed_loss_and_grads  # noqa: E402
 from mlx_sleep.io import read_jsonl, write_text  # noqa: E402
 from mlx_sleep.report import markdown_table  # noqa: E402
+from mlx_sleep import sleep as sleep_module  # noqa: E402
 from mlx_sleep.sleep import plan_chunks  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -140,8 +143,45 @@ def multiply_in_float32():
         y = matmul(x.astype(mx.float32), dense.T if transpose else dense)
         return y.astype(x.dtype)
 
+    def attend(q, k, v, *args, _f=mx.fast.scaled_dot_product_attention, **kw):
+        if q.dtype in low:
+            return _f(*up(q, k, v), *args, **kw).astype(q.dtype)
+        return _f(q, k, v, *args, **kw)
+
     mx.matmul, mx.addmm, mx.quantized_matmul = mm, am, qm
     mx.array.__matmul__ = lambda a, b: mm(a, b, _f=array_matmul)
+    mx.fast.scaled_dot_product_attention = attend
+
+
+def log_progress(every: int = 20):
+    """A line on stderr every `every` recorded block applications of the forward and every
+    `every` recomputed ones of the backward: elapsed minutes and MLX's peak so far. One Ouro
+    step at L = 2000 takes hours on 2 cores; the peak is reached as the backward starts."""
+    t0, counts = time.perf_counter(), {"forward": 0, "backward": 0}
+
+    def tick(phase):
+        counts[phase] += 1
+        if counts[phase] % every == 0:
+            print(
+                f"{phase} step {counts[phase]}: {(time.perf_counter() - t0) / 60:.1f} min, "
+                f"peak so far {mx.get_peak_memory() / 1e9:.2f} GB",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    step, vjp = sleep_module._Tape.step, mx.vjp
+
+    def counted_step(self, fn, *args):
+        out = step(self, fn, *args)
+        tick("forward")
+        return out
+
+    def counted_vjp(*args, **kw):
+        out = vjp(*args, **kw)
+        tick("backward")
+        return out
+
+    sleep_module._Tape.step, mx.vjp = counted_step, counted_vjp
 
 
 def measure(a) -> dict:
@@ -190,6 +230,7 @@ def measure(a) -> dict:
         "batch": 1,
         "memory_bound": a.memory_bound,
         "f32_matmul": a.f32_matmul,
+        "f32_attention": a.f32_matmul,
         "parameters": int(sum(v.size for _, v in tree_flatten(model.parameters()))),
         "trainable": int(trainable),
         "weights_gb": weights / 1e9,
@@ -260,10 +301,13 @@ def main():
         default=mx.default_device() == mx.cpu,
         help="multiply bf16 in float32 (the CPU's bf16 matmul is ~35x slower)",
     )
+    p.add_argument("--progress", action="store_true", help="log block applications to stderr")
     p.add_argument("--out", default=RESULTS)
     a = p.parse_args()
     if a.f32_matmul:
         multiply_in_float32()
+    if a.progress:
+        log_progress()
     row = measure(a)
     print(json.dumps(row), flush=True)
     rows = [r for _, r in read_jsonl(a.out)] if os.path.exists(a.out) else []
