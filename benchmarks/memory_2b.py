@@ -14,17 +14,18 @@ GFLOP/s on this 2-core x86), which puts one step at the full shape out of reach 
 `--f32-matmul` (the default on the CPU) therefore multiplies in float32: each matmul upcasts its
 two operands and rounds the product back to the input's dtype (all but the vocabulary head's),
 a quantized matmul dequantizes its weight first, and attention takes float32 queries, keys and
-values (its bf16 fallback took 5.8 s per Ouro block at L = 2000, float32 1.1 s; before this,
-rows have no "f32_attention"). Everything stored stays bf16 (weights,
-activations, the tape); the upcast copies are the one thing added, and autograd keeps them for
-the block being differentiated, so the peak measured this way is an upper bound on the same
-step's in bf16 (about one block's weights in float32, ~0.2 GB, on top). On a Mac (Metal) run it with
+values (its bf16 fallback took 5.8 s per Ouro block at L = 2000, float32 1.1 s; rows from before
+this have no "f32_attention"). Everything stored stays bf16 (weights, activations, the tape); the
+upcast copies are the one thing added, and autograd keeps them for the block being
+differentiated, so the peak measured this way is an upper bound on the same step's in bf16
+(about one block's weights in float32, ~0.2 GB, on top). On a Mac (Metal) run it with
 `--no-f32-matmul`.
 
     python benchmarks/memory_2b.py --loops 6 --length 2000              # ~40 min on 2 cores
     python benchmarks/memory_2b.py --loops 6 --length 2000 --quantize   # the 4-bit base
     python benchmarks/memory_2b.py --length 128 --loops 2 --blocks 4    # a quick check
     python benchmarks/memory_2b.py --shape ouro-jet --loops 4 --length 512 --eviction sliding
+    python benchmarks/memory_2b.py --shape ouro-jet --loops 4 --length 2000 --progress  # ~65 min
 
 Appends one JSON line per run to benchmarks/results/memory_2b.jsonl and rewrites
 benchmarks/results/memory_2b.md from all of them.
@@ -156,7 +157,7 @@ def multiply_in_float32():
 def log_progress(every: int = 20):
     """A line on stderr every `every` recorded block applications of the forward and every
     `every` recomputed ones of the backward: elapsed minutes and MLX's peak so far. One Ouro
-    step at L = 2000 takes hours on 2 cores; the peak is reached as the backward starts."""
+    step at L = 2000 takes an hour on 2 cores; its peak is reached as the window's forward ends."""
     t0, counts = time.perf_counter(), {"forward": 0, "backward": 0}
 
     def tick(phase):
