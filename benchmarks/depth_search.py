@@ -59,6 +59,7 @@ DIAL_K4 = {
     "depth_losses": ((1, 4, 0.3), (5, 5, 1.0), (6, 10, 0.5)),
     "depth_losses_from": 640,
 }
+SHALLOW_K4 = ((1, 4, 1.0), (5, 5, 1.0), (6, 10, 0.5))
 UNTIED = {"tie_embeddings": False}
 # name: (N, TrainConfig overrides, and "curriculum" and "model": ModelConfig overrides). The
 # depth losses join after the depth curriculum (step 300 of 800), when the N-pass model has
@@ -112,10 +113,9 @@ RECIPES = {
     "dial-k4-untied": (5, {**DIAL_K4, "model": UNTIED}),
     # The dip below N: the shallow depths answer a four-hop query with a confident wrong node.
     # Their loss at full weight (`dial-k4-staged` has 0.3) should make them hedge instead.
-    "dial-k4-shallow": (
-        5,
-        {**DIAL_K4, "depth_losses": ((1, 4, 1.0), (5, 5, 1.0), (6, 10, 0.5))},
-    ),
+    "dial-k4-shallow": (5, {**DIAL_K4, "depth_losses": SHALLOW_K4}),
+    # the two levers together: untied embeddings (the race), shallow depths at full weight (the dip)
+    "dial-k4-shallow-untied": (5, {**DIAL_K4, "depth_losses": SHALLOW_K4, "model": UNTIED}),
 }
 
 
