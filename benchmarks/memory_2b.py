@@ -155,9 +155,10 @@ def multiply_in_float32():
 
 
 def log_progress(every: int = 20):
-    """A line on stderr every `every` recorded block applications of the forward and every
-    `every` recomputed ones of the backward: elapsed minutes and MLX's peak so far. One Ouro
-    step at L = 2000 takes an hour on 2 cores; its peak is reached as the window's forward ends."""
+    """A line on stderr every `every` steps the tape records (block applications, and the
+    embedding, head and evictions between them) and every `every` it differentiates: elapsed
+    minutes and MLX's peak so far. One Ouro step at L = 2000 takes an hour on 2 cores; its peak
+    is reached as the window's forward ends."""
     t0, counts = time.perf_counter(), {"forward": 0, "backward": 0}
 
     def tick(phase):
@@ -302,7 +303,7 @@ def main():
         default=mx.default_device() == mx.cpu,
         help="multiply bf16 in float32 (the CPU's bf16 matmul is ~35x slower)",
     )
-    p.add_argument("--progress", action="store_true", help="log block applications to stderr")
+    p.add_argument("--progress", action="store_true", help="log the tape's progress to stderr")
     p.add_argument("--out", default=RESULTS)
     a = p.parse_args()
     if a.f32_matmul:
