@@ -9,6 +9,10 @@ One JSON line per (recipe, seed) is appended to benchmarks/results/depth_search.
     python benchmarks/depth_search.py --recipe fixed --seeds 0 1 2
     python benchmarks/depth_search.py --recipe beyond --seeds 0 1 2
     python benchmarks/depth_search.py --report
+    python benchmarks/depth_search.py --answers --recipe dial-k4-untied --task depo-k4 --seeds 0
+
+`--answers` trains nothing: it reads a recipe's trained runs back (--models) and records which
+node they answer to the deepest queries at each test-time N (depth_search_answers.jsonl).
 """
 
 import argparse
@@ -17,6 +21,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -24,16 +29,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import mlx_sleep  # noqa: E402,F401  (BLAS first)
+import mlx.core as mx  # noqa: E402
 from mlx_sleep.config import ModelConfig, SleepConfig  # noqa: E402
 from mlx_sleep.demo import DEMO, train_with_curriculum  # noqa: E402
 from mlx_sleep.doctor import platform_summary  # noqa: E402
 from mlx_sleep.eval import evaluate  # noqa: E402
 from mlx_sleep.io import read_jsonl, write_text  # noqa: E402
 from mlx_sleep.tasks import get_task  # noqa: E402
-from mlx_sleep.train import TrainConfig, Trainer  # noqa: E402
+from mlx_sleep.sleep import sleep_forward  # noqa: E402
+from mlx_sleep.train import TrainConfig, Trainer, load_run  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "depth_search.jsonl")
+ANSWERS = os.path.join(HERE, "results", "depth_search_answers.jsonl")
 
 TASKS = {
     "depo-k2": DEMO["task"],  # the demo's: 8-node cycle in one window, k in {1, 2}
@@ -97,6 +105,12 @@ RECIPES = {
             "depth_losses": ((1, 2, 0.3), (3, 3, 1.0), (4, 6, 0.5)),
             "depth_losses_from": 160,
         },
+    ),
+    # stochastic depth with a minimum N (the issue's third direction) on the same curriculum:
+    # N drawn in 3..6 per batch, so every depth from N to 2N gets a loss and none below N does
+    "sample-3-6-k1-160": (
+        3,
+        {"curriculum": {"fraction": 0.2, "hops": [1]}, "loops_sample": (3, 6)},
     ),
     "fixed-k4-staged": (5, K4),
     "one-k4-staged": (1, K4),
@@ -191,6 +205,74 @@ def run(
     }
 
 
+def answer_offsets(recipe: str, task_name: str, seed: int, eval_loops, samples: int, models: str):
+    """Which node a trained run answers to its deepest queries after n passes: the share of
+    answers j steps on from the query node (j = k is right; 0..n_nodes - 1, the last entry: not
+    a node of the cycle), the mean probability of the answer chosen and that of the right one.
+    Below N a dial's answers are near-uniform hedges and accuracy is their argmax: this shows
+    where the argmax goes."""
+    model, sleep, task, _ = load_run(os.path.join(models, task_name, recipe, f"seed{seed}"))
+    k, n_nodes = task.max_hops, task.max_nodes
+    batch = task.sample(np.random.default_rng([seed, 30]), samples, difficulty=k)
+    rows, cols = np.nonzero(batch.mask)
+    by_loops = {}
+    for n in eval_loops:
+        answers, _ = sleep_forward(
+            model, mx.array(batch.inputs), batch.mask, replace(sleep, loops=n)
+        )
+        ((a, _, logits),) = answers  # the queries are one answer chunk
+        probs = np.array(mx.softmax(logits.astype(mx.float32), axis=-1))
+        counts, p_top = np.zeros(n_nodes + 1), []
+        p_right = probs[rows, cols - a, batch.targets[rows, cols]]
+        for r, c in zip(rows, cols):
+            edges = batch.inputs[r, : task.context_len]
+            edges = edges[edges != 0].reshape(-1, 3)
+            successor = dict(zip(edges[:, 0].tolist(), edges[:, 1].tolist()))
+            guess = int(probs[r, c - a].argmax())
+            node, j = int(batch.inputs[r, c - 1]), 0
+            while node != guess and j < n_nodes:
+                node, j = successor[node], j + 1
+            counts[j] += 1  # j == n_nodes: not a node of this cycle
+            p_top.append(float(probs[r, c - a, guess]))
+        by_loops[str(n)] = {
+            "offsets": (counts / counts.sum()).round(4).tolist(),
+            "p_answer": round(float(np.mean(p_top)), 4),
+            "p_right": round(float(np.mean(p_right)), 4),
+        }
+        print(f"  {recipe} seed {seed} k = {k}, {n} passes: {by_loops[str(n)]}", flush=True)
+    return {"recipe": recipe, "task": task_name, "seed": seed, "k": k, "answers": by_loops}
+
+
+def answers_report(path: str) -> list:
+    rows = [r for _, r in read_jsonl(path)]
+    if not rows:
+        return []
+    out = [
+        "## Which node a sleep shorter than k passes answers",
+        "",
+        "`--answers`: the deepest queries (k = max) of a trained run, share of answers j steps on "
+        "from the query node after n passes (j = k is right), the mean probability the model "
+        "gave the answer it chose and the mean probability of the right answer (chance over the "
+        "cycle's 8 nodes: 0.125).",
+        "",
+    ]
+    width = max(len(a["offsets"]) for r in rows for a in r["answers"].values()) - 1
+    out.append(
+        "| task | recipe | seed | passes | "
+        + " | ".join(f"j = {j}" for j in range(width))
+        + " | not a node | p(answer) | p(right) |"
+    )
+    out.append("|" + "---|" * (width + 7))
+    for r in rows:
+        for n, a in r["answers"].items():
+            cells = " | ".join(f"{x:.3f}" for x in a["offsets"])
+            out.append(
+                f"| {r['task']} | {r['recipe']} | {r['seed']} | {n} | {cells} | "
+                f"{a['p_answer']:.2f} | {a['p_right']:.2f} |"
+            )
+    return out + [""]
+
+
 def report(path: str) -> str:
     rows = [r for _, r in read_jsonl(path)]
     out = [
@@ -282,6 +364,8 @@ def report(path: str) -> str:
     out += ["Recipes (TrainConfig overrides; N = the run's sleep passes):", ""]
     for name, (n, kw) in RECIPES.items():
         out.append(f"- `{name}`: N = {n}, {kw or 'Algorithm 1'}")
+    if os.path.exists(ANSWERS):
+        out += [""] + answers_report(ANSWERS)
     return "\n".join(out) + "\n"
 
 
@@ -294,6 +378,12 @@ def main():
     p.add_argument("--samples", type=int, default=512)
     p.add_argument("--report", action="store_true", help="Write the markdown summary.")
     p.add_argument(
+        "--answers",
+        action="store_true",
+        help="Instead of training: which node the recipe's trained runs answer to the deepest "
+        "queries at each --eval-loops (depth_search_answers.jsonl).",
+    )
+    p.add_argument(
         "--no-stopping", action="store_true", help="Skip the stopping rule's evaluations."
     )
     p.add_argument(
@@ -302,7 +392,14 @@ def main():
         help="Where the trained runs are kept (a re-run resumes or reuses them).",
     )
     args = p.parse_args()
-    if args.recipe:
+    if args.recipe and args.answers:
+        for seed in args.seeds:
+            record = answer_offsets(
+                args.recipe, args.task, seed, args.eval_loops, args.samples, args.models
+            )
+            kept = open(ANSWERS).read() if os.path.exists(ANSWERS) else ""
+            write_text(ANSWERS, kept + json.dumps(record) + "\n")
+    elif args.recipe:
         for seed in args.seeds:
             record = run(
                 args.recipe,
