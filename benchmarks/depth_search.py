@@ -16,6 +16,7 @@ node they answer to the deepest queries at each test-time N (depth_search_answer
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -30,6 +31,8 @@ sys.path.insert(0, ROOT)
 
 import mlx_sleep  # noqa: E402,F401  (BLAS first)
 import mlx.core as mx  # noqa: E402
+import mlx_sleep.sleep as sleep_module  # noqa: E402
+import mlx_sleep.train as train_module  # noqa: E402
 from mlx_sleep.config import ModelConfig, SleepConfig  # noqa: E402
 from mlx_sleep.demo import DEMO, train_with_curriculum  # noqa: E402
 from mlx_sleep.doctor import platform_summary  # noqa: E402
@@ -130,6 +133,10 @@ RECIPES = {
     "dial-k4-shallow": (5, {**DIAL_K4, "depth_losses": SHALLOW_K4}),
     # the two levers together: untied embeddings (the race), shallow depths at full weight (the dip)
     "dial-k4-shallow-untied": (5, {**DIAL_K4, "depth_losses": SHALLOW_K4, "model": UNTIED}),
+    # The dip is a ranking, not a certainty: below N the dial hedges, but the hedge's top is the
+    # node two steps on (--answers). A hinge on the depths below N pushes a hedge's top wrong
+    # answer below the right one (a prototype, `hinge_below_n`: not a train option).
+    "dial-k4-untied-hinge": (5, {**DIAL_K4, "model": UNTIED, "hinge": 1.0}),
 }
 
 
@@ -146,6 +153,43 @@ def baseline(recipe: str) -> str:
 TOLERANCES = (0.3, 0.1, 0.03)  # the stopping rule, at most max(8, 2N) passes
 
 
+@contextlib.contextmanager
+def hinge_below_n(loops: int, weight: float):
+    """Training's loss over depths with `weight` x a multi-class hinge (margin 1: the right
+    answer's logit above every other's by 1) added to the cross-entropy of each depth below
+    `loops` (mlx_sleep.train.depth_loss patched while the block runs; the plain loss path only,
+    no memory bound)."""
+    ce_sum, depth_loss = sleep_module._ce_sum, train_module.depth_loss
+
+    def ce_and_hinge(logits, targets, mask):
+        z = logits.astype(mx.float32)
+        right = mx.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
+        wrong = mx.max(mx.where(mx.arange(z.shape[-1]) == targets[..., None], -1e9, z), axis=-1)
+        return (
+            ce_sum(logits, targets, mask)
+            + weight * (mx.maximum(0.0, 1 + wrong - right) * mask).sum()
+        )
+
+    def with_hinge(model, inputs, targets, mask, depths, *, plan=None):
+        total = None
+        for sleep, w in depths:
+            sleep_module._ce_sum = ce_and_hinge if sleep.loops < loops else ce_sum
+            try:
+                loss, n_scored = sleep_module.sleep_loss(
+                    model, inputs, targets, mask, sleep, plan=plan
+                )
+            finally:
+                sleep_module._ce_sum = ce_sum
+            total = w * loss if total is None else total + w * loss
+        return total, n_scored
+
+    train_module.depth_loss = with_hinge
+    try:
+        yield
+    finally:
+        train_module.depth_loss = depth_loss
+
+
 def run(
     recipe: str, task_name: str, seed: int, eval_loops, samples: int, models: str, stopping=True
 ) -> dict:
@@ -153,6 +197,7 @@ def run(
     overrides = dict(overrides)
     curriculum = overrides.pop("curriculum", CURRICULUM)
     model = {**DEMO["model"], **overrides.pop("model", {})}
+    hinge = overrides.pop("hinge", None)
     task_kw = dict(TASKS[task_name])
     task = get_task(task_kw.pop("name"), **task_kw)
     train = {**DEMO["train"], **overrides}
@@ -167,7 +212,8 @@ def run(
         echo=lambda *a: None,
     )
     t0 = time.time()
-    train_with_curriculum(trainer, curriculum, on_eval=lambda step, r: None)
+    with hinge_below_n(loops, hinge) if hinge else contextlib.nullcontext():
+        train_with_curriculum(trainer, curriculum, on_eval=lambda step, r: None)
     seconds = time.time() - t0
     by_loops = {}
     for n in eval_loops:
@@ -194,6 +240,7 @@ def run(
         "train": {k: v for k, v in train.items()},
         "curriculum": curriculum,
         "model_config": model,
+        **({"hinge_below_n": hinge} if hinge else {}),
         "train_seconds": seconds,
         "samples": samples,
         "accuracy": by_loops,
