@@ -128,6 +128,8 @@ RECIPES = {
     # phase, so as an input it first arrives as a vector the model learned to answer away from.
     "fixed-k4-untied": (5, {**K4, "model": UNTIED}),
     "dial-k4-untied": (5, {**DIAL_K4, "model": UNTIED}),
+    # stochastic depth with a minimum N on the deeper Depo: N drawn in 5..10 per batch
+    "sample-5-10-k4-untied": (5, {**K4, "model": UNTIED, "loops_sample": (5, 10)}),
     # The dip below N: the shallow depths answer a four-hop query with a confident wrong node.
     # Their loss at full weight (`dial-k4-staged` has 0.3) should make them hedge instead.
     "dial-k4-shallow": (5, {**DIAL_K4, "depth_losses": SHALLOW_K4}),
