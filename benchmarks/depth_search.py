@@ -32,13 +32,13 @@ sys.path.insert(0, ROOT)
 import mlx_sleep  # noqa: E402,F401  (BLAS first)
 import mlx.core as mx  # noqa: E402
 import mlx_sleep.sleep as sleep_module  # noqa: E402
-import mlx_sleep.train as train_module  # noqa: E402
 from mlx_sleep.config import ModelConfig, SleepConfig  # noqa: E402
 from mlx_sleep.demo import DEMO, train_with_curriculum  # noqa: E402
 from mlx_sleep.doctor import platform_summary  # noqa: E402
 from mlx_sleep.eval import evaluate  # noqa: E402
 from mlx_sleep.io import read_jsonl, write_text  # noqa: E402
 from mlx_sleep.tasks import get_task  # noqa: E402
+from mlx_sleep.tasks.depo import PAD  # noqa: E402
 from mlx_sleep.sleep import sleep_forward  # noqa: E402
 from mlx_sleep.train import TrainConfig, Trainer, load_run  # noqa: E402
 
@@ -159,37 +159,29 @@ TOLERANCES = (0.3, 0.1, 0.03)  # the stopping rule, at most max(8, 2N) passes
 def hinge_below_n(loops: int, weight: float):
     """Training's loss over depths with `weight` x a multi-class hinge (margin 1: the right
     answer's logit above every other's by 1) added to the cross-entropy of each depth below
-    `loops` (mlx_sleep.train.depth_loss patched while the block runs; the plain loss path only,
-    no memory bound)."""
-    ce_sum, depth_loss = sleep_module._ce_sum, train_module.depth_loss
+    `loops`: mlx_sleep.sleep's sleep_loss, which depth_loss calls per depth, is wrapped while the
+    block runs (the plain loss path: run() refuses a memory bound with it)."""
+    ce_sum, sleep_loss = sleep_module._ce_sum, sleep_module.sleep_loss
 
     def ce_and_hinge(logits, targets, mask):
         z = logits.astype(mx.float32)
         right = mx.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
         wrong = mx.max(mx.where(mx.arange(z.shape[-1]) == targets[..., None], -1e9, z), axis=-1)
-        return (
-            ce_sum(logits, targets, mask)
-            + weight * (mx.maximum(0.0, 1 + wrong - right) * mask).sum()
-        )
+        hinge = mx.maximum(0.0, 1 + wrong - right)
+        return ce_sum(logits, targets, mask) + weight * (hinge * mask).sum()
 
-    def with_hinge(model, inputs, targets, mask, depths, *, plan=None):
-        total = None
-        for sleep, w in depths:
-            sleep_module._ce_sum = ce_and_hinge if sleep.loops < loops else ce_sum
-            try:
-                loss, n_scored = sleep_module.sleep_loss(
-                    model, inputs, targets, mask, sleep, plan=plan
-                )
-            finally:
-                sleep_module._ce_sum = ce_sum
-            total = w * loss if total is None else total + w * loss
-        return total, n_scored
+    def with_hinge(model, inputs, targets, mask, sleep, *, plan=None):
+        sleep_module._ce_sum = ce_and_hinge if sleep.loops < loops else ce_sum
+        try:
+            return sleep_loss(model, inputs, targets, mask, sleep, plan=plan)
+        finally:
+            sleep_module._ce_sum = ce_sum
 
-    train_module.depth_loss = with_hinge
+    sleep_module.sleep_loss = with_hinge
     try:
         yield
     finally:
-        train_module.depth_loss = depth_loss
+        sleep_module.sleep_loss = sleep_loss
 
 
 def run(
@@ -203,6 +195,8 @@ def run(
     task_kw = dict(TASKS[task_name])
     task = get_task(task_kw.pop("name"), **task_kw)
     train = {**DEMO["train"], **overrides}
+    if hinge and train.get("memory_bound", "none") != "none":
+        raise SystemExit(f"{recipe}: the hinge prototype wraps the plain loss path only")
     out = os.path.join(models, task_name, recipe, f"seed{seed}")  # kept: re-run resumes
     trainer = Trainer(
         out,
@@ -261,7 +255,7 @@ def answer_offsets(recipe: str, task_name: str, seed: int, eval_loops, samples: 
     Below N a dial's answers are near-uniform hedges and accuracy is their argmax: this shows
     where the argmax goes."""
     model, sleep, task, _ = load_run(os.path.join(models, task_name, recipe, f"seed{seed}"))
-    k, n_nodes = task.max_hops, task.max_nodes
+    k, n_nodes = task.max_hops, task.max_nodes  # both tasks: one cycle size (min = max nodes)
     batch = task.sample(np.random.default_rng([seed, 30]), samples, difficulty=k)
     rows, cols = np.nonzero(batch.mask)
     by_loops = {}
@@ -275,7 +269,7 @@ def answer_offsets(recipe: str, task_name: str, seed: int, eval_loops, samples: 
         p_right = probs[rows, cols - a, batch.targets[rows, cols]]
         for r, c in zip(rows, cols):
             edges = batch.inputs[r, : task.context_len]
-            edges = edges[edges != 0].reshape(-1, 3)
+            edges = edges[edges != PAD].reshape(-1, 3)
             successor = dict(zip(edges[:, 0].tolist(), edges[:, 1].tolist()))
             guess = int(probs[r, c - a].argmax())
             node, j = int(batch.inputs[r, c - 1]), 0
@@ -418,6 +412,12 @@ def report(path: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def append_record(path: str, record: dict):
+    """One JSON line more in `path`, rewritten whole through io.py's atomic write."""
+    kept = open(path).read() if os.path.exists(path) else ""
+    write_text(path, kept + json.dumps(record) + "\n")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--recipe", choices=sorted(RECIPES))
@@ -446,8 +446,7 @@ def main():
             record = answer_offsets(
                 args.recipe, args.task, seed, args.eval_loops, args.samples, args.models
             )
-            kept = open(ANSWERS).read() if os.path.exists(ANSWERS) else ""
-            write_text(ANSWERS, kept + json.dumps(record) + "\n")
+            append_record(ANSWERS, record)
     elif args.recipe:
         for seed in args.seeds:
             record = run(
@@ -459,8 +458,7 @@ def main():
                 args.models,
                 stopping=not args.no_stopping,
             )
-            kept = open(RESULTS).read() if os.path.exists(RESULTS) else ""
-            write_text(RESULTS, kept + json.dumps(record) + "\n")  # io.py's atomic write
+            append_record(RESULTS, record)
     if args.report or not args.recipe:
         write_text(RESULTS.replace(".jsonl", ".md"), report(RESULTS))
 
